@@ -1,0 +1,1 @@
+"""The streaming client: SSE parsing, one request -> RequestRecord, calibration."""

@@ -1,0 +1,1 @@
+"""Micro-benchmark workloads as plain functions; bench/*.py wrap them in pyperf Runners."""

@@ -1,0 +1,1 @@
+"""Servers to measure: the embedded local target, the calibration stub, metrics scraping."""

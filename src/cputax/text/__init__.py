@@ -1,0 +1,1 @@
+"""Text a request carries: tokenizers, the agent-shaped corpus, agent conversations."""

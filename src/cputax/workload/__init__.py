@@ -1,0 +1,1 @@
+"""Load profiles (TOML -> Scenario) and the prompts each request sends."""
