@@ -1,0 +1,176 @@
+"""Server-sent events from an OpenAI-compatible server, turned into RequestRecord fields.
+
+Everything here is synchronous and does no I/O, so the client can time its CPU
+with `thread_time_ns` between two awaits without counting other requests' work.
+`SSEDecoder` cuts bytes into lines whatever the network split; `StreamParser`
+reads chat.completion.chunk / text_completion chunks the way vLLM sends them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from cputax.records import RequestRecord
+
+_NEWLINES = (b"\n", b"\r")
+_OTHER_FIELDS = frozenset((b"event", b"id", b"retry"))  # legal SSE fields OpenAI servers never need
+_DONE = b"[DONE]"
+_SHOWN = 120  # bytes of a bad line quoted in an error
+
+
+class StreamError(Exception):
+    """The stream broke the protocol or carried an error; the message goes into RequestRecord.error."""
+
+
+def _quote(raw: bytes) -> str:
+    text = raw[:_SHOWN].decode("utf-8", "replace")
+    return repr(text + "...") if len(raw) > _SHOWN else repr(text)
+
+
+class SSEDecoder:
+    """Split a byte stream into complete lines (LF, CRLF or CR endings), keeping a partial last line.
+
+    A line that spans many reads is collected as a list and joined once, so a
+    100k-token line costs O(n), not O(n^2).
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[bytes] = []
+
+    def feed(self, data: bytes) -> list[bytes]:
+        end = max(data.rfind(b"\n"), data.rfind(b"\r"))
+        if end < 0:
+            if data:
+                self._pending.append(data)
+            return []
+        head = data[: end + 1]
+        if self._pending:
+            self._pending.append(head)
+            head = b"".join(self._pending)
+        rest = data[end + 1 :]
+        self._pending = [rest] if rest else []
+        # A CRLF cut between two reads leaves an empty line: harmless, blank lines are skipped.
+        return head.splitlines()
+
+    def flush(self) -> list[bytes]:
+        """At end of stream: the last line, if it had no newline."""
+        rest = b"".join(self._pending)
+        self._pending = []
+        return rest.splitlines()
+
+
+def data_payload(line: bytes) -> bytes | None:
+    """The payload of a `data:` line; None for blank lines, comments (`: keep-alive`) and other fields."""
+    if not line or line[0] == 0x3A:  # ":" starts a comment
+        return None
+    if line.startswith(b"data:"):
+        return line[6:] if line[5:6] == b" " else line[5:]
+    if line.partition(b":")[0] in _OTHER_FIELDS:
+        return None
+    raise StreamError(f"malformed SSE line {_quote(line)}")
+
+
+def error_message(obj: Any) -> str | None:
+    """The message of an OpenAI/vLLM/FastAPI error object, or None if `obj` is not one."""
+    if not isinstance(obj, dict):
+        return None
+    err = obj.get("error")
+    if isinstance(err, dict):
+        return str(err.get("message") or err)
+    if err:
+        return str(err)
+    if obj.get("object") == "error":  # vLLM before 0.6 sent the ErrorResponse bare
+        return str(obj.get("message"))
+    if "detail" in obj:
+        return str(obj["detail"])
+    return None
+
+
+def _chat_token(choice: dict[str, Any]) -> bool:
+    """A delta carrying text: content, reasoning, or tool-call name/arguments. A role-only or empty delta is not."""
+    delta = choice.get("delta")
+    if not delta:
+        return False
+    if delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning"):
+        return True
+    for call in delta.get("tool_calls") or ():
+        function = call.get("function") or {}
+        if function.get("arguments") or function.get("name"):
+            return True
+    return False
+
+
+def _text_token(choice: dict[str, Any]) -> bool:
+    return bool(choice.get("text"))
+
+
+class StreamParser:
+    """Fill `record` from a chat (api="chat") or completions stream as its bytes arrive.
+
+    Sets t_first_data, t_first_token, t_last_token, chunks (data lines with
+    choices), prompt/output tokens from the usage chunk, or output tokens
+    counted from token-carrying chunks when there is no usage. Raises
+    StreamError on a malformed line, a non-JSON data line or an error object.
+    """
+
+    def __init__(self, record: RequestRecord, api: str = "chat") -> None:
+        self.record = record
+        self.done = False
+        self._decoder = SSEDecoder()
+        self._is_token = _chat_token if api == "chat" else _text_token
+        self._token_chunks = 0
+
+    def feed(self, data: bytes, t: int) -> None:
+        """Handle the bytes of one read, received at monotonic time `t` (ns)."""
+        self._lines(self._decoder.feed(data), t)
+
+    def eof(self, t: int) -> None:
+        """The server closed the stream: take a last unterminated line, then require [DONE]."""
+        self._lines(self._decoder.flush(), t)
+        if not self.done:
+            raise StreamError("stream ended before [DONE]")
+
+    def _lines(self, lines: list[bytes], t: int) -> None:
+        for line in lines:
+            if self.done:
+                return  # vLLM sends nothing after [DONE]; ignore anything that comes
+            payload = data_payload(line)
+            if payload is not None:
+                self._data(payload, t)
+
+    def _data(self, payload: bytes, t: int) -> None:
+        record = self.record
+        if payload == _DONE:
+            self.done = True
+            return
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise StreamError(f"non-JSON data line {_quote(payload)}") from None
+        if not isinstance(obj, dict):
+            raise StreamError(f"data line is not a JSON object: {_quote(payload)}")
+        message = error_message(obj)
+        if message is not None:
+            raise StreamError(f"server error in stream: {message}")
+        if record.t_first_data is None:
+            record.t_first_data = t
+            if "id" in obj:
+                record.extra["response_id"] = obj["id"]
+        choices = obj.get("choices")
+        if choices:
+            record.chunks += 1
+            if any(self._is_token(choice) for choice in choices):
+                if record.t_first_token is None:
+                    record.t_first_token = t
+                record.t_last_token = t
+                self._token_chunks += 1
+                if record.output_tokens_source != "usage":
+                    record.output_tokens = self._token_chunks
+                    record.output_tokens_source = "chunks"
+        usage = obj.get("usage")
+        if usage:
+            record.prompt_tokens = usage.get("prompt_tokens")
+            record.output_tokens = usage.get("completion_tokens")
+            record.output_tokens_source = "usage"

@@ -1,0 +1,197 @@
+"""One streamed request -> one RequestRecord, on aiohttp.
+
+One `StreamingClient` owns one ClientSession (and so one connection pool) per
+event loop, opened in `__aenter__`: a session per request would pay a TCP
+connect each time and be blamed on the server. Timestamps are
+`time.monotonic_ns()`, the clock every process on the host shares, so the
+server's own timestamps (the stub's truth, py-spy, telemetry) line up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+import orjson
+
+from cputax.client.sse import StreamError, StreamParser, error_message
+from cputax.errors import CputaxError
+from cputax.records import RequestRecord
+
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+# aiohttp's defaults (256 KiB read buffer, 8 KiB header lines) are sized for web
+# pages; a 100k-token prompt echoed in an error or a long SSE line needs more.
+READ_BUFSIZE = 4 << 20
+MAX_HEADER_LINE = 64 << 10
+JSON_HEADERS = {"Content-Type": "application/json"}
+ERROR_SHOWN = 300  # characters of a server's error message kept in the record
+
+
+def _truncate(text: str, limit: int = ERROR_SHOWN) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+async def _mark_sent(session: Any, ctx: SimpleNamespace, params: Any) -> None:
+    """Trace hook: headers or a body chunk is being handed to the socket; the last one is t_sent.
+
+    aiohttp calls it just before the write, and a body within the kernel's
+    socket buffer is written synchronously, so this is when the body left us.
+    """
+    record = ctx.trace_request_ctx
+    if isinstance(record, RequestRecord):
+        record.t_sent = time.monotonic_ns()
+
+
+def _connect_reason(exc: aiohttp.ClientConnectorError) -> str:
+    errno = exc.os_error.errno
+    return os.strerror(errno) if errno else str(exc.os_error) or type(exc.os_error).__name__
+
+
+def _error_text(raw: bytes) -> str:
+    """The message of an HTTP error body: the JSON error's message if there is one, else the text."""
+    try:
+        message = error_message(orjson.loads(raw))
+    except orjson.JSONDecodeError:
+        message = None
+    return _truncate(message if message is not None else raw.decode("utf-8", "replace"))
+
+
+class StreamingClient:
+    """Streams chat or completions requests to an OpenAI-compatible server and times each one."""
+
+    def __init__(self, endpoint: str, *, api: str = "chat", api_key: str | None = None,
+                 timeout_s: float = 600.0, max_connections: int = 1024):
+        if api not in PATHS:
+            raise CputaxError(f"api must be one of {', '.join(PATHS)}, got {api!r}")
+        self.endpoint = endpoint.rstrip("/")
+        self.api = api
+        self.timeout_s = timeout_s
+        self._url = self.endpoint + PATHS[api]
+        # The key lives in the session's default headers only: never in a record or a URL.
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> StreamingClient:
+        trace = aiohttp.TraceConfig()
+        trace.on_request_headers_sent.append(_mark_sent)
+        trace.on_request_chunk_sent.append(_mark_sent)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0),
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            trace_configs=[trace],
+            headers=self._auth,
+            read_bufsize=READ_BUFSIZE,
+            max_line_size=MAX_HEADER_LINE,
+            max_field_size=MAX_HEADER_LINE,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("use StreamingClient as `async with StreamingClient(...) as client`")
+        return self._session
+
+    async def send(self, record: RequestRecord, build: Callable[[], dict]) -> RequestRecord:
+        """Fill `record` by building the payload with build() (timed), forcing stream=True and
+        stream_options.include_usage=True, posting it and reading the stream.
+
+        Never raises for HTTP, stream or timeout errors: it sets ok=False and a
+        clear `error`; the record always comes back with t_end set.
+        """
+        record.ok = False
+        record.t_start = time.monotonic_ns()
+        cpu = time.thread_time_ns()
+        payload = build()
+        payload = {**payload, "stream": True,
+                   "stream_options": {**(payload.get("stream_options") or {}), "include_usage": True}}
+        body = orjson.dumps(payload)
+        record.build_s = (time.thread_time_ns() - cpu) / 1e9
+        try:
+            await self._stream(record, body)
+        except StreamError as exc:
+            record.error = str(exc)
+        except asyncio.TimeoutError:
+            record.error = f"timed out after {self.timeout_s:g} s (per-request timeout)"
+        except aiohttp.ClientConnectorError as exc:
+            record.error = f"cannot connect to {self.endpoint}: {_connect_reason(exc)}"
+        except aiohttp.ClientPayloadError as exc:
+            record.error = f"connection broken mid-stream: {_truncate(str(exc))}"
+        except (aiohttp.ClientError, OSError) as exc:
+            record.error = f"connection error: {type(exc).__name__}: {_truncate(str(exc))}"
+        except asyncio.CancelledError:
+            record.error = "cancelled"
+            raise
+        finally:
+            record.t_end = time.monotonic_ns()
+            if record.error is not None:
+                record.ok = False
+        return record
+
+    async def _stream(self, record: RequestRecord, body: bytes) -> None:
+        async with self.session.post(self._url, data=body, headers=JSON_HEADERS,
+                                     trace_request_ctx=record) as resp:
+            record.t_headers = time.monotonic_ns()
+            record.status = resp.status
+            if resp.status >= 400:
+                raise StreamError(f"HTTP {resp.status}: {_error_text(await resp.read())}")
+            content_type = resp.headers.get("Content-Type", "")
+            if not content_type.startswith("text/event-stream"):
+                raise StreamError(f"expected a text/event-stream response, got {content_type or 'no content type'!r}")
+            parser = StreamParser(record, self.api)
+            async for data in resp.content.iter_any():
+                t = time.monotonic_ns()
+                cpu = time.thread_time_ns()
+                try:
+                    parser.feed(data, t)
+                finally:
+                    record.parse_s += (time.thread_time_ns() - cpu) / 1e9
+            parser.eof(time.monotonic_ns())
+            record.ok = True
+
+    async def get_json(self, path: str) -> Any:
+        """GET a JSON document (e.g. /v1/models); CputaxError if the server fails or answers non-2xx."""
+        status, raw = await self._request("GET", path)
+        if status >= 300:
+            raise CputaxError(f"GET {self.endpoint}{path}: HTTP {status}: {_error_text(raw)}")
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise CputaxError(f"GET {self.endpoint}{path}: not JSON ({exc})") from exc
+
+    async def post_json(self, path: str, obj: Any) -> tuple[int, Any]:
+        """POST JSON (e.g. /tokenize); returns (status, parsed JSON, or the text if not JSON)."""
+        status, raw = await self._request("POST", path, orjson.dumps(obj))
+        try:
+            return status, orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return status, raw.decode("utf-8", "replace")
+
+    async def get_text(self, path: str) -> tuple[int, str]:
+        """GET a text document (e.g. /metrics)."""
+        status, raw = await self._request("GET", path)
+        return status, raw.decode("utf-8", "replace")
+
+    async def _request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        url = self.endpoint + path
+        try:
+            async with self.session.request(method, url, data=body, headers=JSON_HEADERS) as resp:
+                return resp.status, await resp.read()
+        except aiohttp.ClientConnectorError as exc:
+            raise CputaxError(f"cannot connect to {self.endpoint}: {_connect_reason(exc)}") from exc
+        except asyncio.TimeoutError as exc:
+            raise CputaxError(f"{method} {url}: timed out after {self.timeout_s:g} s") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise CputaxError(f"{method} {url}: {type(exc).__name__}: {_truncate(str(exc))}") from exc

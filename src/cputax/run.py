@@ -1,0 +1,293 @@
+"""`cputax run` and `cputax report`: drive a server through a profile, then analyse.
+
+A run directory holds everything needed to rebuild the report after a crash:
+run.json (what was asked, where), requests.jsonl (one line per finished request,
+flushed as it finishes), windows.jsonl (when each scenario ran), metrics/
+(Prometheus text before and after each scenario, gauge polls). No secrets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from cputax import __version__
+from cputax.analysis.decompose import summarize_scenario
+from cputax.analysis.server_metrics import parse_metrics, scenario_server_metrics
+from cputax.errors import CputaxError
+from cputax.records import (
+    JsonlWriter,
+    RequestRecord,
+    read_json,
+    read_jsonl,
+    read_requests,
+    write_json,
+)
+from cputax.report.markdown import render_report, summary_table
+from cputax.text.tokenizer import LoadedTokenizer, load_tokenizer
+from cputax.workload.profiles import Scenario, load_profile, select
+from cputax.workload.prompts import CountFn, ScenarioPrompts, local_counter
+
+DEFAULT_PROFILE = "smoke"
+GAUGE_POLL_S = 2.0  # /metrics costs the API server CPU: poll gauges sparingly
+PREFLIGHT_TIMEOUT_S = 10.0
+
+
+@dataclass
+class RunOptions:
+    endpoint: str | None = None
+    model: str | None = None
+    profile: Path | None = None
+    out: Path | None = None
+    tokenizer: str | None = None
+    api_key_env: str | None = None
+    api: str = "chat"
+    timeout_s: float = 600.0
+    scenarios: list[str] | None = None
+    seed: int = 0
+
+
+def resolve_profile(profile: Path | None) -> Path:
+    """A path, or a bare name looked up in ./profiles and in the project's profiles/."""
+    if profile is not None and (profile.exists() or profile.suffix or len(profile.parts) > 1):
+        return profile
+    name = f"{profile or DEFAULT_PROFILE}.toml"
+    for root in (Path.cwd() / "profiles", Path(__file__).resolve().parents[2] / "profiles"):
+        if (root / name).is_file():
+            return root / name
+    raise CputaxError(f"profile {name!r} not found in ./profiles; pass --profile PATH")
+
+
+def _api_key(var: str | None) -> str | None:
+    if var is None:
+        return None
+    key = os.environ.get(var)
+    if not key:
+        raise CputaxError(f"--api-key-env {var}: that environment variable is not set")
+    return key
+
+
+def _new_run_dir(out: Path | None) -> Path:
+    out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if (out / "requests.jsonl").exists():
+        raise CputaxError(f"{out} already holds a run; choose another --out (nothing was overwritten)")
+    (out / "metrics").mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@contextlib.contextmanager
+def _target(opts: RunOptions, out: Path) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
+    """The endpoint to measure: the user's, or the embedded target started for this run."""
+    if opts.endpoint:
+        yield opts.endpoint.rstrip("/"), opts.model, {"kind": "external"}
+        return
+    from cputax.targets.local import LocalServer
+
+    console = Console(stderr=True)
+    console.print("[bold]starting the embedded target[/] (transformers serve on this CPU)...")
+    with LocalServer(log_path=out / "server.log") as server:
+        console.print(f"embedded target up at {server.endpoint} (pid {server.pid})")
+        yield server.endpoint, opts.model or server.model, {"kind": "embedded", "pid": server.pid}
+
+
+def run(opts: RunOptions) -> int:
+    profile = resolve_profile(opts.profile)
+    scenarios = select(load_profile(profile), opts.scenarios, profile)
+    api_key = _api_key(opts.api_key_env)
+    tokenizer = load_tokenizer(opts.tokenizer)
+    out = _new_run_dir(opts.out)
+    console = Console(stderr=True)
+    console.print(f"run directory: {out}")
+    try:
+        with _target(opts, out) as (endpoint, model, target):
+            asyncio.run(_run(opts, scenarios, profile, endpoint, model, target, api_key, tokenizer, out))
+    finally:
+        if (out / "run.json").exists():
+            rebuild_report(out)
+    return 0
+
+
+async def _preflight(client: Any, endpoint: str, model: str | None) -> str:
+    """Fail within seconds on an unreachable endpoint; pick the model if not given."""
+    try:
+        models = await asyncio.wait_for(client.get_json("/v1/models"), PREFLIGHT_TIMEOUT_S)
+    except Exception as exc:
+        raise CputaxError(
+            f"cannot reach {endpoint}/v1/models ({type(exc).__name__}: {exc}); "
+            "is the server up and is --endpoint its base URL (e.g. http://127.0.0.1:8000)?"
+        ) from exc
+    if model:
+        return model
+    ids = [m.get("id") for m in (models or {}).get("data", []) if isinstance(m, dict)]
+    if not ids:
+        raise CputaxError(f"{endpoint}/v1/models lists no model; pass --model NAME")
+    return ids[0]
+
+
+async def _server_counter(client: Any, model: str, api: str, tokenizer: LoadedTokenizer) -> tuple[CountFn, str]:
+    """The server's /tokenize when it answers (vLLM does), else the local tokenizer."""
+    from cputax.text.conversation import render_chat
+
+    try:
+        status, body = await client.post_json("/tokenize", {"model": model, "prompt": "hello"})
+    except Exception:
+        status, body = 0, None
+    if status != 200 or not isinstance(body, dict) or "count" not in body:
+        return local_counter(tokenizer), f"local ({tokenizer.name})"
+
+    async def count(messages: list[dict], tools: list[dict] | None) -> int:
+        if api == "chat":
+            req: dict[str, Any] = {"model": model, "messages": messages, "add_generation_prompt": True}
+            if tools:
+                req["tools"] = tools
+        else:
+            req = {"model": model, "prompt": render_chat(messages, tools)}
+        status, answer = await client.post_json("/tokenize", req)
+        if status != 200 or "count" not in answer:
+            raise CputaxError(f"/tokenize answered {status}: {str(answer)[:200]}")
+        return int(answer["count"])
+
+    return count, "server /tokenize"
+
+
+async def _scrape(client: Any, has_metrics: bool) -> str | None:
+    if not has_metrics:
+        return None
+    with contextlib.suppress(Exception):
+        status, text = await client.get_text("/metrics")
+        if status == 200:
+            return text
+    return None
+
+
+async def _poll_gauges(client: Any, path: Path, stop: asyncio.Event) -> None:
+    with JsonlWriter(path) as writer:
+        while not stop.is_set():
+            text = await _scrape(client, True)
+            if text is not None:
+                values = parse_metrics(text)
+                writer.write({"t_ns": time.monotonic_ns(), **{k: v for k, v in values.items() if not k.endswith(("_sum", "_count", "_total"))}})
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), GAUGE_POLL_S)
+
+
+def _host_info() -> dict[str, Any]:
+    import psutil
+
+    cpu_model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        cpu_model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
+    return {"cpu_model": cpu_model, "cpus": psutil.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+async def _run(opts: RunOptions, scenarios: list[Scenario], profile: Path, endpoint: str,
+               model: str | None, target: dict[str, Any], api_key: str | None,
+               tokenizer: LoadedTokenizer, out: Path) -> None:
+    from cputax.client.stream import StreamingClient
+
+    console = Console(stderr=True)
+    max_conc = max(s.concurrency if s.arrival == "closed" else max(s.concurrency, s.burst_size or 0) for s in scenarios)
+    async with StreamingClient(endpoint, api=opts.api, api_key=api_key, timeout_s=opts.timeout_s,
+                               max_connections=max(64, 2 * max_conc)) as client:
+        model = await _preflight(client, endpoint, model)
+        count, counter_name = await _server_counter(client, model, opts.api, tokenizer)
+        has_metrics = await _scrape(client, True) is not None
+        write_json(out / "run.json", {
+            "cputax_version": __version__, "argv": sys.argv[1:], "endpoint": endpoint, "model": model,
+            "api": opts.api, "profile": str(profile), "target": target, "tokenizer": tokenizer.source,
+            "prompt_counter": counter_name, "server_metrics": has_metrics, "host": _host_info(),
+            "clock": {"monotonic_ns": time.monotonic_ns(), "time_ns": time.time_ns()},
+            "scenarios": [asdict(s) for s in scenarios],
+        })
+        console.print(f"model {model}; prompts sized by {counter_name}; server metrics: "
+                      f"{'yes' if has_metrics else 'none (server-side columns will be absent)'}")
+        with JsonlWriter(out / "requests.jsonl") as records, JsonlWriter(out / "windows.jsonl") as windows:
+            for scenario in scenarios:
+                await _one_scenario(client, scenario, tokenizer, model, opts, count, has_metrics,
+                                    records, windows, out, console)
+
+
+async def _one_scenario(client: Any, scenario: Scenario, tokenizer: LoadedTokenizer, model: str,
+                        opts: RunOptions, count: CountFn, has_metrics: bool, records: JsonlWriter,
+                        windows: JsonlWriter, out: Path, console: Console) -> None:
+    from cputax.client.loadgen import run_scenario, warm_up
+
+    prompts = ScenarioPrompts(scenario, tokenizer, model, api=opts.api, run_seed=opts.seed)
+    console.print(f"[bold]{scenario.name}[/]: {scenario.describe()}, {scenario.context_tokens} tokens, "
+                  f"max_tokens {scenario.max_tokens}; building prompts...")
+    await prompts.prepare(count)
+    for r in await warm_up(client, prompts, scenario.warmup):
+        if not r.ok:
+            console.print(f"[yellow]warm-up request failed: {r.error}[/]")
+    before = await _scrape(client, has_metrics)
+    stop = asyncio.Event()
+    poller = asyncio.create_task(_poll_gauges(client, out / "metrics" / f"{scenario.name}.gauges.jsonl", stop)) if has_metrics else None
+    errors = 0
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("errors {task.fields[errors]}"), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        task = progress.add_task(scenario.name, total=scenario.planned_requests, errors=0)
+
+        def on_record(record: RequestRecord) -> None:
+            nonlocal errors
+            records.write(record)
+            errors += not record.ok
+            progress.update(task, advance=1, errors=errors)
+
+        window = await run_scenario(client, prompts, on_record, seed=opts.seed)
+    stop.set()
+    if poller:
+        await poller
+    after = await _scrape(client, has_metrics)
+    for name, text in (("before", before), ("after", after)):
+        if text is not None:
+            (out / "metrics" / f"{scenario.name}.{name}.prom").write_text(text)
+    windows.write({"scenario": scenario.name, "start_ns": window.start_ns, "end_ns": window.end_ns,
+                   "sent": window.sent, "user_tokens": prompts.user_tokens,
+                   "tools": len(prompts.tools or [])})
+
+
+def _server_side(out: Path, name: str, requests: int) -> dict[str, Any] | None:
+    before, after = (out / "metrics" / f"{name}.{w}.prom" for w in ("before", "after"))
+    if not (before.exists() and after.exists()):
+        return None
+    gauges_path = out / "metrics" / f"{name}.gauges.jsonl"
+    polls = list(read_jsonl(gauges_path)) if gauges_path.exists() else []
+    return scenario_server_metrics(parse_metrics(before.read_text()), parse_metrics(after.read_text()), requests, polls)
+
+
+def rebuild_report(out: Path) -> int:
+    """Rebuild summary.json and report.md from a run directory's files."""
+    if not out.is_dir():
+        raise CputaxError(f"{out}: no such run directory")
+    info = read_json(out / "run.json")
+    requests_path = out / "requests.jsonl"
+    records = read_requests(requests_path) if requests_path.exists() else []
+    windows = {w["scenario"]: w for w in read_jsonl(out / "windows.jsonl")} if (out / "windows.jsonl").exists() else {}
+    summaries = []
+    for scenario in info["scenarios"]:
+        mine = [r for r in records if r.scenario == scenario["name"]]
+        if not mine:
+            continue
+        server = _server_side(out, scenario["name"], sum(r.ok for r in mine))
+        summaries.append(summarize_scenario(scenario, mine, windows.get(scenario["name"]), server))
+    summary = {"run": {k: info[k] for k in ("endpoint", "model", "profile", "prompt_counter", "host") if k in info},
+               "scenarios": summaries}
+    write_json(out / "summary.json", summary)
+    (out / "report.md").write_text(render_report(summary, info))
+    console = Console()
+    console.print(summary_table(summaries))
+    console.print(f"wrote {out / 'summary.json'} and {out / 'report.md'}")
+    return 0
