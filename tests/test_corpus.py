@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -63,7 +64,7 @@ def test_tokenizer_spec_errors(tmp_path):
 
 
 def test_tokenizer_from_file_and_directory(tmp_path, tok):
-    (tmp_path / "tokenizer.json").write_bytes(open(tok.source, "rb").read())
+    (tmp_path / "tokenizer.json").write_bytes(Path(tok.source).read_bytes())
     assert load_tokenizer(str(tmp_path)).vocab_size == tok.vocab_size
     assert load_tokenizer(str(tmp_path / "tokenizer.json")).count("def f(): pass") == tok.count("def f(): pass")
 

@@ -288,6 +288,8 @@ def rebuild_report(out: Path) -> int:
     write_json(out / "summary.json", summary)
     (out / "report.md").write_text(render_report(summary, info))
     console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 160)  # a log file or pipe: don't squeeze the table
     console.print(summary_table(summaries))
     console.print(f"wrote {out / 'summary.json'} and {out / 'report.md'}")
     return 0

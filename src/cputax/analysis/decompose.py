@@ -138,6 +138,8 @@ def http_overhead_growth(scenarios: list[dict[str, Any]]) -> list[dict[str, Any]
             by_ctx.setdefault(s["context_tokens"], []).append(s)
     rows = []
     for ctx, group in sorted(by_ctx.items()):
+        if len({s["concurrency"] for s in group}) < 2:
+            continue  # growth needs two concurrency levels at one context size
         group.sort(key=lambda s: s["concurrency"])
         base = group[0]["mean_ms"]["http_overhead"]
         for s in group:

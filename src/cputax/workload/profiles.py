@@ -166,7 +166,12 @@ def load_profile(path: Path) -> list[Scenario]:
     for number, table in enumerate(scenarios, 1):
         name = table.get("name", f"#{number}")
         where = _Where(path, str(name))
-        scenario = _validate({**defaults, **table}, where)
+        merged = {**defaults, **table}
+        # A scenario's own batches / duration_s replaces the other one set in [defaults].
+        for own, other in (("duration_s", "batches"), ("batches", "duration_s")):
+            if own in table and other not in table:
+                merged.pop(other, None)
+        scenario = _validate(merged, where)
         if scenario.name in seen:
             raise where.fail("name", "duplicate scenario name")
         seen.add(scenario.name)

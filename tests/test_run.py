@@ -1,0 +1,149 @@
+"""`cputax run` end to end over real HTTP against the calibration stub, and `cputax report`."""
+
+import os
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+from cputax.errors import CputaxError
+from cputax.records import read_requests
+from cputax.run import RunOptions, rebuild_report, run
+from cputax.targets.stub import StubConfig, StubServer
+
+PROFILE = """
+[defaults]
+max_tokens = 8
+batches = 2
+warmup = 1
+[[scenario]]
+name = "single_2k"
+concurrency = 1
+context_tokens = 2000
+[[scenario]]
+name = "conc4_1k"
+concurrency = 4
+context_tokens = 1000
+[[scenario]]
+name = "open"
+concurrency = 4
+context_tokens = 600
+duration_s = 1.0
+arrival = "burst"
+burst_size = 3
+burst_every_s = 0.5
+"""
+HEADERS_MS, FIRST_MS, INTER_MS = 60.0, 80.0, 5.0
+
+
+@pytest.fixture(scope="module")
+def stub():
+    config = StubConfig(headers_delay_ms=HEADERS_MS, first_token_delay_ms=FIRST_MS, inter_token_delay_ms=INTER_MS)
+    with StubServer(config, process=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def run_dir(stub, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    profile = tmp / "p.toml"
+    profile.write_text(PROFILE)
+    os.environ["CPUTAX_TEST_KEY"] = "sk-secret-do-not-write-1234"
+    out = tmp / "out"
+    assert run(RunOptions(endpoint=stub.url, profile=profile, out=out, api_key_env="CPUTAX_TEST_KEY")) == 0
+    return out
+
+
+def test_every_request_recorded_with_its_scenario(run_dir):
+    records = read_requests(run_dir / "requests.jsonl")
+    by = {}
+    for r in records:
+        by.setdefault(r.scenario, []).append(r)
+    assert len(by["single_2k"]) == 2 and len(by["conc4_1k"]) == 8
+    assert len(by["open"]) == 6  # bursts of 3 at 0 s and 0.5 s within 1 s
+    assert all(r.ok and r.error is None for r in records)
+    assert {r.batch for r in by["conc4_1k"]} == {0, 1}
+    assert all(r.index >= 0 for r in records)  # warm-up requests are not recorded
+
+
+def test_summary_matches_the_stubs_injected_delays(run_dir):
+    summary = orjson.loads((run_dir / "summary.json").read_bytes())
+    names = [s["name"] for s in summary["scenarios"]]
+    assert names == ["single_2k", "conc4_1k", "open"]
+    single = summary["scenarios"][0]
+    for key in ("name", "concurrency", "context_tokens", "requests", "errors", "prompt_tokens_mean",
+                "mean_ms", "p50_ms", "p99_ms", "cpu_pct", "gpu_pct", "server"):
+        assert key in single
+    mean = single["mean_ms"]
+    # a late client timestamp at one end of a phase shortens it a little: allow 10 ms below
+    assert HEADERS_MS - 10 <= mean["http_overhead"] <= HEADERS_MS + 60
+    assert FIRST_MS - 10 <= mean["prefill"] <= FIRST_MS + 60
+    assert 7 * INTER_MS - 10 <= mean["decode"] <= 7 * INTER_MS + 60
+    # the stub counts prompts with the same tokenizer and template: sized on target
+    assert abs(single["prompt_tokens_mean"] - 2000) <= 20 and not single["prompt_tokens_flagged"]
+    assert single["server"]["mean_ms"]["e2e"] is not None
+    assert abs(single["server"]["mean_ms"]["prefill"] - FIRST_MS) < 10  # the stub's own truth
+    # what the stub does not export is absent, never zero
+    assert single["server"]["mean_ms"]["inference"] is None
+    assert single["server"]["prefix_cache_hit_rate"] is None
+    assert 0 < single["cpu_pct"] < 100 and abs(single["cpu_pct"] + single["gpu_pct"] - 100) < 5
+
+
+def test_report_and_metrics_files(run_dir):
+    report = (run_dir / "report.md").read_text()
+    assert "| single_2k | 1 |" in report and "HTTP OH" in report and "How to read this" in report
+    for name in ("single_2k", "conc4_1k", "open"):
+        assert (run_dir / "metrics" / f"{name}.before.prom").exists()
+        assert (run_dir / "metrics" / f"{name}.after.prom").exists()
+
+
+def test_api_key_never_written(run_dir):
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert b"sk-secret-do-not-write" not in path.read_bytes(), path
+
+
+def test_report_rebuilds_from_the_files(run_dir):
+    before = orjson.loads((run_dir / "summary.json").read_bytes())
+    (run_dir / "summary.json").unlink()
+    (run_dir / "report.md").unlink()
+    assert rebuild_report(run_dir) == 0
+    assert orjson.loads((run_dir / "summary.json").read_bytes()) == before
+    assert (run_dir / "report.md").exists()
+
+
+def test_refuses_to_overwrite_a_run(stub, run_dir):
+    with pytest.raises(CputaxError, match="already holds a run"):
+        run(RunOptions(endpoint=stub.url, profile=run_dir.parent / "p.toml", out=run_dir))
+
+
+def test_errors_are_recorded_and_the_run_goes_on(tmp_path):
+    profile = tmp_path / "p.toml"
+    profile.write_text('[[scenario]]\nname = "x"\nconcurrency = 2\ncontext_tokens = 300\nbatches = 1\nwarmup = 0\n')
+    with StubServer(StubConfig(fault="http_500")) as server:
+        assert run(RunOptions(endpoint=server.url, profile=profile, out=tmp_path / "o")) == 0
+    summary = orjson.loads((tmp_path / "o" / "summary.json").read_bytes())
+    (scenario,) = summary["scenarios"]
+    assert scenario["errors"] == 2 and scenario["requests"] == 2
+    assert all(r.status == 500 and "HTTP 500" in r.error for r in read_requests(tmp_path / "o" / "requests.jsonl"))
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "cputax.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_unreachable_endpoint_fails_fast_with_one_line(tmp_path):
+    proc = cli("run", "--endpoint", "http://127.0.0.1:9", "--profile", "smoke", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert "cannot reach http://127.0.0.1:9" in lines[-1]
+
+
+def test_bad_profile_is_one_line_naming_file_scenario_key(tmp_path):
+    profile = tmp_path / "bad.toml"
+    profile.write_text('[[scenario]]\nname = "s"\nconcurrency = 1\ncontext_tokens = 100\nwarmpu = 1\n')
+    proc = cli("run", "--endpoint", "http://127.0.0.1:9", "--profile", str(profile))
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert str(profile) in line and "'s'" in line and "'warmpu'" in line
