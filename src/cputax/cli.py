@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--debug-single-value", dest="mode", action="store_const", const="debug",
                       help="one value per benchmark: checks that suites run, measures nothing")
     p.set_defaults(mode="fast")
-    p.add_argument("-o", "--output", help="pyperf JSON file (default results/micro-<time>.json)")
+    p.add_argument("-o", "--output", help="pyperf JSON file (default results/bench-<time>.json)")
     p.add_argument("--tokenizer", help=TOKENIZER_HELP)
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
                    help="show pyperf compare_to for two result files and exit")

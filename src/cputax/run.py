@@ -161,6 +161,22 @@ async def _server_counter(client: Any, model: str, api: str, tokenizer: LoadedTo
     return count, "server /tokenize"
 
 
+async def _accepts_ignore_eos(client: Any, model: str, api: str) -> bool:
+    """vLLM and SGLang take `ignore_eos` (fixed output lengths); strict servers answer 400/422."""
+    from cputax.records import RequestRecord
+
+    def build() -> dict[str, Any]:
+        body: dict[str, Any] = {"model": model, "max_tokens": 1, "ignore_eos": True}
+        if api == "chat":
+            body["messages"] = [{"role": "user", "content": "hi"}]
+        else:
+            body["prompt"] = "hi"
+        return body
+
+    record = await client.send(RequestRecord(scenario="probe"), build)
+    return record.status not in (400, 422)
+
+
 async def _scrape(client: Any, has_metrics: bool) -> str | None:
     if not has_metrics:
         return None
@@ -204,33 +220,41 @@ async def _run(opts: RunOptions, scenarios: list[Scenario], profile: Path, endpo
         model = await _preflight(client, endpoint, model)
         count, counter_name = await _server_counter(client, model, opts.api, tokenizer)
         has_metrics = await _scrape(client, True) is not None
+        ignore_eos = await _accepts_ignore_eos(client, model, opts.api)
         write_json(out / "run.json", {
             "cputax_version": __version__, "argv": sys.argv[1:], "endpoint": endpoint, "model": model,
             "api": opts.api, "profile": str(profile), "target": target, "tokenizer": tokenizer.source,
-            "prompt_counter": counter_name, "server_metrics": has_metrics, "host": _host_info(),
+            "prompt_counter": counter_name, "server_metrics": has_metrics, "ignore_eos": ignore_eos, "host": _host_info(),
             "clock": {"monotonic_ns": time.monotonic_ns(), "time_ns": time.time_ns()},
             "scenarios": [asdict(s) for s in scenarios],
         })
         console.print(f"model {model}; prompts sized by {counter_name}; server metrics: "
-                      f"{'yes' if has_metrics else 'none (server-side columns will be absent)'}")
+                      f"{'yes' if has_metrics else 'none (server-side columns will be absent)'}; "
+                      f"ignore_eos {'sent' if ignore_eos else 'refused by the server: output may stop early'}")
         with JsonlWriter(out / "requests.jsonl") as records, JsonlWriter(out / "windows.jsonl") as windows:
             for scenario in scenarios:
-                await _one_scenario(client, scenario, tokenizer, model, opts, count, has_metrics,
-                                    records, windows, out, console)
+                prompts = ScenarioPrompts(scenario, tokenizer, model, api=opts.api, run_seed=opts.seed,
+                                          ignore_eos=ignore_eos)
+                await _one_scenario(client, prompts, count, counter_name.startswith("local"),
+                                    has_metrics, records, windows, out, console)
 
 
-async def _one_scenario(client: Any, scenario: Scenario, tokenizer: LoadedTokenizer, model: str,
-                        opts: RunOptions, count: CountFn, has_metrics: bool, records: JsonlWriter,
-                        windows: JsonlWriter, out: Path, console: Console) -> None:
+async def _one_scenario(client: Any, prompts: ScenarioPrompts, count: CountFn, local_count: bool,
+                        has_metrics: bool, records: JsonlWriter, windows: JsonlWriter, out: Path,
+                        console: Console) -> None:
     from cputax.client.loadgen import run_scenario, warm_up
 
-    prompts = ScenarioPrompts(scenario, tokenizer, model, api=opts.api, run_seed=opts.seed)
+    scenario = prompts.scenario
     console.print(f"[bold]{scenario.name}[/]: {scenario.describe()}, {scenario.context_tokens} tokens, "
                   f"max_tokens {scenario.max_tokens}; building prompts...")
     await prompts.prepare(count)
-    for r in await warm_up(client, prompts, scenario.warmup):
+    warm = await warm_up(client, prompts, scenario.warmup)
+    for r in warm:
         if not r.ok:
             console.print(f"[yellow]warm-up request failed: {r.error}[/]")
+    counted = [r.prompt_tokens for r in warm if r.ok and r.prompt_tokens and r.output_tokens_source == "usage"]
+    if local_count and counted:
+        prompts.correct(counted[0])  # the server's own count beats our local estimate
     before = await _scrape(client, has_metrics)
     stop = asyncio.Event()
     poller = asyncio.create_task(_poll_gauges(client, out / "metrics" / f"{scenario.name}.gauges.jsonl", stop)) if has_metrics else None
@@ -246,7 +270,7 @@ async def _one_scenario(client: Any, scenario: Scenario, tokenizer: LoadedTokeni
             errors += not record.ok
             progress.update(task, advance=1, errors=errors)
 
-        window = await run_scenario(client, prompts, on_record, seed=opts.seed)
+        window = await run_scenario(client, prompts, on_record, seed=prompts.seed)
     stop.set()
     if poller:
         await poller

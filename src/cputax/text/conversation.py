@@ -9,6 +9,7 @@ load scenarios use the length they claim.
 from __future__ import annotations
 
 import functools
+import json
 import random
 from importlib import resources
 from typing import Any
@@ -70,11 +71,17 @@ def chat_template() -> str:
     return resources.files("cputax.data").joinpath("chat_template.jinja").read_text()
 
 
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    """transformers' tojson filter (spaced separators), so our counts match its servers'."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 @functools.lru_cache(maxsize=4)
 def _compiled(template: str):
     # The same environment transformers' apply_chat_template uses.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.filters["tojson"] = lambda x, indent=None: orjson.dumps(x).decode() if indent is None else x
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
     return env.from_string(template)
 
 

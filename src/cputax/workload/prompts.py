@@ -60,8 +60,9 @@ class ScenarioPrompts:
     """Builds request i's messages (untimed) and payload (timed: the client's serialize)."""
 
     def __init__(self, scenario: Scenario, tokenizer: LoadedTokenizer, model: str,
-                 api: str = "chat", run_seed: int = 0):
+                 api: str = "chat", run_seed: int = 0, ignore_eos: bool = True):
         self.scenario = scenario
+        self.ignore_eos = ignore_eos and scenario.ignore_eos
         self.tokenizer = tokenizer
         self.model = model
         self.api = api
@@ -96,6 +97,14 @@ class ScenarioPrompts:
         self._body = _Text.make(self.user_tokens, self.tokenizer, seed=self.seed + 2)
         # One correction from a full prompt: joins at the seams can add or merge a token.
         error = await count(self.messages(0), self.tools) - sc.context_tokens
+        self.user_tokens = max(UNIQUE_HEAD_TOKENS + 1, self.user_tokens - error)
+
+    def correct(self, measured_prompt_tokens: int) -> None:
+        """Shift the per-request part by the server's usage count of a warm-up prompt.
+
+        For servers without /tokenize whose template or tokenizer differ from ours.
+        """
+        error = measured_prompt_tokens - self.scenario.context_tokens
         self.user_tokens = max(UNIQUE_HEAD_TOKENS + 1, self.user_tokens - error)
 
     def _messages(self, user: str) -> list[Message]:
@@ -138,7 +147,7 @@ class ScenarioPrompts:
         sc = self.scenario
         body: dict[str, Any] = {"model": self.model, "max_tokens": sc.max_tokens, "stream": True,
                                 "stream_options": {"include_usage": True}, "temperature": 0.0}
-        if sc.ignore_eos:
+        if self.ignore_eos:
             body["ignore_eos"] = True
         if self.api == "chat":
             body["messages"] = messages

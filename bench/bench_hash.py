@@ -1,0 +1,9 @@
+"""pyperf suite "hash" (workloads in cputax.micro.hash).
+
+    python bench/bench_hash.py --fast -o hash.json [--tokenizer PATH]
+"""
+
+from cputax.micro.harness import run_suite
+
+if __name__ == "__main__":
+    run_suite("hash")

@@ -1,0 +1,9 @@
+"""pyperf suite "json" (workloads in cputax.micro.json).
+
+    python bench/bench_json.py --fast -o json.json [--tokenizer PATH]
+"""
+
+from cputax.micro.harness import run_suite
+
+if __name__ == "__main__":
+    run_suite("json")

@@ -1,0 +1,9 @@
+"""pyperf suite "tokenize" (workloads in cputax.micro.tokenize).
+
+    python bench/bench_tokenize.py --fast -o tokenize.json [--tokenizer PATH]
+"""
+
+from cputax.micro.harness import run_suite
+
+if __name__ == "__main__":
+    run_suite("tokenize")
