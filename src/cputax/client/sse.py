@@ -117,7 +117,8 @@ class StreamParser:
 
     def __init__(self, record: RequestRecord, api: str = "chat") -> None:
         self.record = record
-        self.done = False
+        self.done = False  # [DONE] seen
+        self.finished = False  # a choice with a finish_reason seen
         self._decoder = SSEDecoder()
         self._is_token = _chat_token if api == "chat" else _text_token
         self._token_chunks = 0
@@ -127,9 +128,13 @@ class StreamParser:
         self._lines(self._decoder.feed(data), t)
 
     def eof(self, t: int) -> None:
-        """The server closed the stream: take a last unterminated line, then require [DONE]."""
+        """The server closed the stream: take a last unterminated line, then require an end.
+
+        vLLM ends with `data: [DONE]`; `transformers serve` never sends it and
+        ends with a finish_reason chunk. A stream with neither was cut short.
+        """
         self._lines(self._decoder.flush(), t)
-        if not self.done:
+        if not (self.done or self.finished):
             raise StreamError("stream ended before [DONE]")
 
     def _lines(self, lines: list[bytes], t: int) -> None:
@@ -161,7 +166,12 @@ class StreamParser:
         choices = obj.get("choices")
         if choices:
             record.chunks += 1
-            if any(self._is_token(choice) for choice in choices):
+            token = False
+            for choice in choices:  # almost always one (n=1)
+                token = token or self._is_token(choice)
+                if choice.get("finish_reason"):
+                    self.finished = True
+            if token:
                 if record.t_first_token is None:
                     record.t_first_token = t
                 record.t_last_token = t
