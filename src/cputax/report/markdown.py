@@ -127,8 +127,13 @@ def growth_table(scenarios: list[dict[str, Any]]) -> str | None:
     )
 
 
-def _notes(scenarios: list[dict[str, Any]]) -> list[str]:
+def _notes(scenarios: list[dict[str, Any]], info: dict[str, Any]) -> list[str]:
     notes = []
+    if info.get("target", {}).get("kind") == "embedded":
+        cpus = info.get("host", {}).get("cpus", "?")
+        notes.append(f"- The embedded target ran on this machine's {cpus} CPUs beside the client: its \"GPU\" "
+                     "phases are CPU work, and Serialize / Parse include waiting for a core. It shows the "
+                     "shape of the decomposition, not a GPU server's numbers.")
     for s in scenarios:
         if s.get("prompt_tokens_flagged"):
             notes.append(f"- **{s['name']}**: prompts averaged {_fmt(s['prompt_tokens_mean'])} tokens, "
@@ -182,7 +187,7 @@ def render_report(summary: dict[str, Any], info: dict[str, Any]) -> str:
     growth = growth_table(scenarios)
     if growth:
         parts += ["## HTTP overhead growth with concurrency", "", growth, ""]
-    notes = _notes(scenarios)
+    notes = _notes(scenarios, info)
     parts += ["## Notes", ""] + (notes or ["- nothing unusual: every request finished and prompts were on size."]) + [""]
     parts += ["## How to read this", "", PHASE_NOTES]
     return "\n".join(parts)
