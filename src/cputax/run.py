@@ -14,7 +14,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from cputax import __version__
 from cputax.analysis.decompose import summarize_scenario
 from cputax.analysis.server_metrics import parse_metrics, scenario_server_metrics
 from cputax.errors import CputaxError
+from cputax.monitor import Monitor
 from cputax.records import (
     JsonlWriter,
     RequestRecord,
@@ -56,6 +57,17 @@ class RunOptions:
     timeout_s: float = 600.0
     scenarios: list[str] | None = None
     seed: int = 0
+
+
+# Extra report sections: each reads what its monitor left in the run directory and
+# returns markdown (or None when that monitor did not run).
+ReportSection = Callable[[Path, dict[str, Any], dict[str, Any]], "str | None"]
+REPORT_SECTIONS: list[ReportSection] = []
+
+
+def build_monitors(opts: RunOptions) -> list[Monitor]:
+    """The monitors this run's options ask for (py-spy sampling, telemetry)."""
+    return []
 
 
 def resolve_profile(profile: Path | None) -> Path:
@@ -231,17 +243,33 @@ async def _run(opts: RunOptions, scenarios: list[Scenario], profile: Path, endpo
         console.print(f"model {model}; prompts sized by {counter_name}; server metrics: "
                       f"{'yes' if has_metrics else 'none (server-side columns will be absent)'}; "
                       f"ignore_eos {'sent' if ignore_eos else 'refused by the server: output may stop early'}")
-        with JsonlWriter(out / "requests.jsonl") as records, JsonlWriter(out / "windows.jsonl") as windows:
-            for scenario in scenarios:
-                prompts = ScenarioPrompts(scenario, tokenizer, model, api=opts.api, run_seed=opts.seed,
-                                          ignore_eos=ignore_eos)
-                await _one_scenario(client, prompts, count, counter_name.startswith("local"),
-                                    has_metrics, records, windows, out, console)
+        monitors = build_monitors(opts)
+        for monitor in monitors:
+            monitor.start(out, {**target, "endpoint": endpoint})
+        try:
+            await _scenarios(client, scenarios, tokenizer, model, opts, count, counter_name, has_metrics,
+                             ignore_eos, monitors, out, console)
+        finally:
+            meta = {m.name: m.stop() for m in monitors}
+            if meta:
+                info = read_json(out / "run.json")
+                write_json(out / "run.json", {**info, "monitors": meta})
+
+
+async def _scenarios(client: Any, scenarios: list[Scenario], tokenizer: LoadedTokenizer, model: str,
+                     opts: RunOptions, count: CountFn, counter_name: str, has_metrics: bool,
+                     ignore_eos: bool, monitors: list[Monitor], out: Path, console: Console) -> None:
+    with JsonlWriter(out / "requests.jsonl") as records, JsonlWriter(out / "windows.jsonl") as windows:
+        for scenario in scenarios:
+            prompts = ScenarioPrompts(scenario, tokenizer, model, api=opts.api, run_seed=opts.seed,
+                                      ignore_eos=ignore_eos)
+            await _one_scenario(client, prompts, count, counter_name.startswith("local"),
+                                has_metrics, records, windows, monitors, out, console)
 
 
 async def _one_scenario(client: Any, prompts: ScenarioPrompts, count: CountFn, local_count: bool,
-                        has_metrics: bool, records: JsonlWriter, windows: JsonlWriter, out: Path,
-                        console: Console) -> None:
+                        has_metrics: bool, records: JsonlWriter, windows: JsonlWriter,
+                        monitors: list[Monitor], out: Path, console: Console) -> None:
     from cputax.client.loadgen import run_scenario, warm_up
 
     scenario = prompts.scenario
@@ -270,7 +298,13 @@ async def _one_scenario(client: Any, prompts: ScenarioPrompts, count: CountFn, l
             errors += not record.ok
             progress.update(task, advance=1, errors=errors)
 
-        window = await run_scenario(client, prompts, on_record, seed=prompts.seed)
+        for monitor in monitors:
+            monitor.scenario_start(scenario.name, time.monotonic_ns())
+        try:
+            window = await run_scenario(client, prompts, on_record, seed=prompts.seed)
+        finally:
+            for monitor in monitors:
+                monitor.scenario_end(scenario.name, time.monotonic_ns())
     stop.set()
     if poller:
         await poller
@@ -310,7 +344,8 @@ def rebuild_report(out: Path) -> int:
     summary = {"run": {k: info[k] for k in ("endpoint", "model", "profile", "prompt_counter", "host") if k in info},
                "scenarios": summaries}
     write_json(out / "summary.json", summary)
-    (out / "report.md").write_text(render_report(summary, info))
+    sections = [text for build in REPORT_SECTIONS if (text := build(out, summary, info))]
+    (out / "report.md").write_text(render_report(summary, info, sections))
     console = Console()
     if not console.is_terminal:
         console.width = max(console.width, 160)  # a log file or pipe: don't squeeze the table

@@ -161,7 +161,8 @@ def _notes(scenarios: list[dict[str, Any]], info: dict[str, Any]) -> list[str]:
     return notes
 
 
-def render_report(summary: dict[str, Any], info: dict[str, Any]) -> str:
+def render_report(summary: dict[str, Any], info: dict[str, Any], sections: list[str] | None = None) -> str:
+    """The report; `sections` are extra markdown sections (profiling, telemetry...) placed before the notes."""
     scenarios = summary["scenarios"]
     host = info.get("host", {})
     parts = [
@@ -187,6 +188,8 @@ def render_report(summary: dict[str, Any], info: dict[str, Any]) -> str:
     growth = growth_table(scenarios)
     if growth:
         parts += ["## HTTP overhead growth with concurrency", "", growth, ""]
+    for section in sections or []:
+        parts += [section.rstrip(), ""]
     notes = _notes(scenarios, info)
     parts += ["## Notes", ""] + (notes or ["- nothing unusual: every request finished and prompts were on size."]) + [""]
     parts += ["## How to read this", "", PHASE_NOTES]
