@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cputax import __version__
 from cputax.errors import CputaxError
+
+if TYPE_CHECKING:
+    from cputax.run import RunOptions
 
 SUITES = ("tokenize", "json", "hash", "sse", "detok")
 TOKENIZER_HELP = (
@@ -16,14 +21,22 @@ TOKENIZER_HELP = (
 )
 
 
-def _csv_ints(text: str) -> list[int]:
+def _int_list(text: str, minimum: int) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if not values or any(v < minimum for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {text!r}")
     return values
+
+
+def _csv_ints(text: str) -> list[int]:
+    return _int_list(text, 1)
+
+
+def _csv_counts(text: str) -> list[int]:
+    return _int_list(text, 0)
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:
@@ -83,27 +96,147 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cputax.run import RunOptions, run
+    from cputax.run import run
 
-    return run(
-        RunOptions(
-            endpoint=args.endpoint,
-            model=args.model,
-            profile=Path(args.profile) if args.profile else None,
-            out=Path(args.out) if args.out else None,
-            tokenizer=args.tokenizer,
-            api_key_env=args.api_key_env,
-            api=args.api,
-            timeout_s=args.timeout,
-            scenarios=args.scenario,
-        )
-    )
+    opts = _run_options(args)
+    opts.profile = Path(args.profile) if args.profile else None
+    opts.scenarios = args.scenario
+    return run(opts)
+
+
+def _run_options(args: argparse.Namespace) -> RunOptions:
+    from cputax.run import RunOptions
+    from cputax.telemetry.runner import TelemetryConfig
+
+    return RunOptions(endpoint=args.endpoint, model=args.model, out=Path(args.out) if args.out else None,
+                      tokenizer=args.tokenizer, api_key_env=args.api_key_env, api=args.api, timeout_s=args.timeout,
+                      telemetry=TelemetryConfig(gpu=args.gpu, gpu_interval_ms=args.gpu_interval_ms,
+                                                host_interval_ms=args.host_interval_ms),
+                      pyspy=_pyspy_options(args) if _wants_pyspy(args) else None)
+
+
+def _wants_pyspy(args: argparse.Namespace) -> bool:
+    extras = [flag for flag, on in (("--pyspy-overhead", getattr(args, "pyspy_overhead", False)),
+                                    ("--pyspy-gil", args.pyspy_gil), ("--pyspy-native", args.pyspy_native)) if on]
+    if extras and not args.pyspy:
+        raise CputaxError(f"{', '.join(extras)}: needs --pyspy")
+    return args.pyspy
+
+
+def _sampler_config(args: argparse.Namespace, prefix: str = ""):
+    from cputax.sampling.pyspy import SamplerConfig
+
+    return SamplerConfig(rate=getattr(args, f"{prefix}rate"), gil=getattr(args, f"{prefix}gil"),
+                         native=getattr(args, f"{prefix}native"))
+
+
+def _discovery(args: argparse.Namespace):
+    from cputax.sampling.monitor import Discovery
+
+    return Discovery(server=args.target, pid=args.pid, port=args.port)
+
+
+def _pyspy_options(args: argparse.Namespace):
+    from cputax.sampling.monitor import PyspyOptions
+
+    return PyspyOptions(_sampler_config(args, "pyspy_"), _discovery(args), getattr(args, "pyspy_overhead", False))
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from cputax.replay import ReplayOptions, replay
+
+    return replay(ReplayOptions(
+        paths=[Path(t) for t in args.traces], run=_run_options(args), users=args.users,
+        time_scale=args.time_scale, max_context=args.max_context, limit_requests=args.limit_requests,
+        max_output=args.max_output,
+    ))
+
+
+def cmd_extrapolate(args: argparse.Namespace) -> int:
+    from cputax.analysis.extrapolate import extrapolate_command
+
+    return extrapolate_command(Path(args.run_dir), args.users, args.subagents, args.context, as_json=args.json)
+
+
+def _target_args(p: argparse.ArgumentParser, tokenizer_help: str) -> None:
+    """What `run` and `replay` share: where the server is and how to talk to it."""
+    p.add_argument("--endpoint", help="base URL, e.g. http://127.0.0.1:8000 (default: embedded target)")
+    p.add_argument("--model", help="model name (default: the first of /v1/models)")
+    p.add_argument("--out", help="run directory (default runs/<time>)")
+    p.add_argument("--tokenizer", help=tokenizer_help)
+    p.add_argument("--api-key-env", help="environment variable holding the API key (never written to disk)")
+    p.add_argument("--api", choices=("chat", "completions"), default="chat",
+                   help="endpoint: /v1/chat/completions (default) or /v1/completions")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds (default 600)")
+    p.add_argument("--gpu", choices=("auto", "amd", "nvidia", "none"), default="auto",
+                   help="GPU telemetry backend (default auto: NVML, else amdsmi, else none); host telemetry is always on")
+    p.add_argument("--gpu-interval-ms", type=float, default=20.0,
+                   help="GPU utilization poll interval (default 20; GPM windows are never under 100 ms)")
+    p.add_argument("--host-interval-ms", type=float, default=100.0,
+                   help="server process and thread CPU poll interval (default 100)")
+    g = p.add_argument_group("py-spy", "sample the server's processes during every scenario (needs ptrace: root "
+                             "or CAP_SYS_PTRACE); report.md says where the server's CPU time went")
+    g.add_argument("--pyspy", action="store_true", help="turn py-spy sampling on")
+    _sampler_args(g, "--pyspy-")
+    _server_args(g, "which server to sample (default: the embedded target, or the endpoint's local listener)")
+
+
+def _sampler_args(p, prefix: str) -> None:
+    from cputax.sampling.pyspy import DEFAULT_RATE
+
+    p.add_argument(f"{prefix}rate", type=int, default=DEFAULT_RATE, help="samples per second (default %(default)s)")
+    p.add_argument(f"{prefix}gil", action="store_true", help="also measure each thread's GIL-holding share")
+    p.add_argument(f"{prefix}native", action="store_true",
+                   help="C/C++ frames too (py-spy then pauses the process at every sample: slower)")
+
+
+def _server_args(p, what: str) -> None:
+    p.add_argument("--target", choices=("auto", *_server_names()), default="auto",
+                   help=f"server type: its process titles and frame rules (default auto); {what}")
+    p.add_argument("--pid", type=int, help="the server's process (its children come with it)")
+    p.add_argument("--port", type=int, help="the server's listening port on this host (the listener and its children)")
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from cputax.sampling.command import profile
+
+    if args.target == "auto" and args.pid is None and args.port is None:
+        raise CputaxError("say which server: --target vllm|sglang|transformers|auto with --pid or --port, "
+                          "or --target NAME to find it by process title")
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("profile-%Y%m%d-%H%M%S")
+    return profile(_discovery(args), args.duration, out, _sampler_config(args))
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    from cputax.sampling.command import attribute
+
+    return attribute(Path(args.file), args.server, args.rate, as_json=args.json)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from cputax.run import rebuild_report
 
     return rebuild_report(Path(args.run_dir))
+
+
+def cmd_gpu(args: argparse.Namespace) -> int:
+    from cputax.telemetry.command import gpu_monitor
+
+    return gpu_monitor(args.backend, args.interval_ms, Path(args.output) if args.output else None,
+                       args.duration, args.pid)
+
+
+def _names(text: str) -> tuple[str, str]:
+    names = [n.strip() for n in text.split(",")]
+    if len(names) != 2 or not all(names):
+        raise argparse.ArgumentTypeError(f"expected two names like A,B, got {text!r}")
+    return names[0], names[1]
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from cputax.report.compare import compare
+
+    return compare(Path(args.run_a), Path(args.run_b), args.names, as_json=args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,22 +307,94 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="drive a server through scenarios and decompose every request",
                        description="Run a load profile against an OpenAI-compatible endpoint (default: "
                        "start the embedded target) and write requests.jsonl, summary.json and report.md.")
-    p.add_argument("--endpoint", help="base URL, e.g. http://127.0.0.1:8000 (default: embedded target)")
-    p.add_argument("--model", help="model name (default: the first of /v1/models)")
+    _target_args(p, TOKENIZER_HELP + " (used when the server has no /tokenize)")
     p.add_argument("--profile", help="load profile TOML (default: profiles/smoke.toml)")
     p.add_argument("--scenario", action="append", help="run only this scenario (repeatable)")
-    p.add_argument("--out", help="run directory (default runs/<time>)")
-    p.add_argument("--tokenizer", help=TOKENIZER_HELP + " (used when the server has no /tokenize)")
-    p.add_argument("--api-key-env", help="environment variable holding the API key (never written to disk)")
-    p.add_argument("--api", choices=("chat", "completions"), default="chat",
-                   help="endpoint: /v1/chat/completions (default) or /v1/completions")
-    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds (default 600)")
+    p.add_argument("--pyspy-overhead", action="store_true",
+                   help="with --pyspy: also run every scenario unsampled (NAME-nopyspy) and report the difference")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("report", help="rebuild summary.json and report.md from a run directory")
+    p = sub.add_parser("replay", help="replay agent traces as user sessions and decompose every request",
+                       description="Replay kv-cache-tester traces (JSON, gzipped or not; a file or a folder) or "
+                       "JSONL of OpenAI message lists: each conversation is a user session, sub-agents run "
+                       "beside their parent, prompts share prefixes as the trace's block ids say. Writes the "
+                       "files of `cputax run` plus agentic metrics.")
+    p.add_argument("traces", nargs="+", help="trace file(s) or folder(s)")
+    _target_args(p, TOKENIZER_HELP + " (makes the prompt text: use the served model's for exact sizes)")
+    p.add_argument("--users", type=int, help="sessions at once (default: every conversation at once)")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="multiply think times and sub-agent delays (0.1 = ten times faster; default 1)")
+    p.add_argument("--max-context", type=int, help="skip requests with more input tokens than this")
+    p.add_argument("--limit-requests", type=int, help="replay at most this many requests per conversation")
+    p.add_argument("--max-output", type=int, help="cap each request's output tokens (default: the trace's)")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("extrapolate", help="fit HTTP overhead and CPU%% to concurrency; the sub-agent table",
+                       description="Fit how the front end's time to headers and CPU%% grow with concurrency over a "
+                       "run's measured scenarios, and estimate users x sub-agents from it (the study's sub-agent "
+                       "table, from your own measurements).")
+    p.add_argument("run_dir")
+    p.add_argument("--users", type=_csv_ints, default=[4, 8], help="comma-separated (default 4,8)")
+    p.add_argument("--subagents", type=_csv_counts, default=[0, 3, 12],
+                   help="sub-agents per user, comma-separated (default 0,3,12)")
+    p.add_argument("--context", type=int, help="prompt tokens to estimate for (default: the largest measured "
+                   "at concurrency > 1)")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.set_defaults(func=cmd_extrapolate)
+
+    p = sub.add_parser("report", help="rebuild summary.json, report.md and report.html from a run directory")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("gpu", help="watch GPU (and host) telemetry: JSONL out, a live table on a terminal",
+                       description="Poll NVML or amdsmi (and optionally one process's CPU) like nvidia-smi dmon / "
+                       "amd-smi monitor, with the driver's own timestamps. On a terminal: a live table (and JSONL "
+                       "to -o); piped: JSONL on stdout. Stops on Ctrl-C or after --duration; then prints each "
+                       "series' measured resolution.")
+    p.add_argument("--backend", choices=("auto", "nvidia", "amd", "host"), default="auto",
+                   help="auto (NVML, else amdsmi), nvidia, amd, or host (CPU only)")
+    p.add_argument("--interval-ms", type=float, default=20.0, help="poll interval (default 20)")
+    p.add_argument("-o", "--output", help="JSONL file to write")
+    p.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
+    p.add_argument("--pid", type=int, help="also record this process's (and its children's) CPU per thread")
+    p.set_defaults(func=cmd_gpu)
+
+    p = sub.add_parser("compare", help="compare two run directories: CPU%% and every component, with spread",
+                       description="The study's comparison table (per scenario CPU%% of A and B, delta) and every "
+                       "component's delta, with a note where a difference is inside the run-to-run spread. "
+                       "Markdown on stdout, or JSON.")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p.add_argument("--names", type=_names, default=("A", "B"), help="labels for the two runs, e.g. HBM,LMCache")
+    p.add_argument("--json", action="store_true", help="JSON instead of markdown")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("profile", help="sample a running server with py-spy while your own load runs",
+                       description="Attach one py-spy per server process for --duration seconds, then write "
+                       "flamegraphs, speedscope files, timelines and pyspy/attribution.json under --out and print "
+                       "where each thread's time went. Needs ptrace (root, or CAP_SYS_PTRACE).")
+    _server_args(p, "with auto, --pid or --port is needed")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds to sample (default 30; Ctrl-C stops early)")
+    p.add_argument("--out", help="directory to write (default runs/profile-<time>)")
+    _sampler_args(p, "--")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("attribute", help="classify an existing py-spy raw or chrometrace file",
+                       description="Say where the time of a py-spy recording went, per thread, by the server's "
+                       "frame rules (categories http, chat_template, tokenize, ... idle, other).")
+    p.add_argument("file", help="py-spy raw (collapsed, best with --threads) or chrometrace file")
+    p.add_argument("--server", choices=("auto", *_server_names()), default="auto",
+                   help="rule table (default auto: recognised from the stacks)")
+    p.add_argument("--rate", type=float, help="chrometrace only: the rate it was recorded at (default: py-spy's 100)")
+    p.add_argument("--json", action="store_true", help="JSON: categories, threads, other_top")
+    p.set_defaults(func=cmd_attribute)
     return parser
+
+
+def _server_names() -> tuple[str, ...]:
+    from cputax.sampling.servers import SERVER_NAMES
+
+    return SERVER_NAMES
 
 
 def main(argv: list[str] | None = None) -> int:

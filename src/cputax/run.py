@@ -14,8 +14,8 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cputax import __version__
+from cputax.analysis.agentic import agentic_summary
 from cputax.analysis.decompose import summarize_scenario
 from cputax.analysis.server_metrics import parse_metrics, scenario_server_metrics
 from cputax.errors import CputaxError
@@ -35,7 +36,13 @@ from cputax.records import (
     read_requests,
     write_json,
 )
+from cputax.report.agentic import agentic_section
+from cputax.report.html import write_html_report
 from cputax.report.markdown import render_report, summary_table
+from cputax.report.profiling import profiling_section
+from cputax.report.telemetry import telemetry_section
+from cputax.sampling.monitor import PyspyMonitor, PyspyOptions, with_controls
+from cputax.telemetry.runner import TelemetryConfig, TelemetryMonitor
 from cputax.text.tokenizer import LoadedTokenizer, load_tokenizer
 from cputax.workload.profiles import Scenario, load_profile, select
 from cputax.workload.prompts import CountFn, ScenarioPrompts, local_counter
@@ -57,17 +64,22 @@ class RunOptions:
     timeout_s: float = 600.0
     scenarios: list[str] | None = None
     seed: int = 0
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)  # host always; GPU per telemetry.gpu
+    pyspy: PyspyOptions | None = None  # --pyspy: sample the server's processes
 
 
 # Extra report sections: each reads what its monitor left in the run directory and
 # returns markdown (or None when that monitor did not run).
 ReportSection = Callable[[Path, dict[str, Any], dict[str, Any]], "str | None"]
-REPORT_SECTIONS: list[ReportSection] = []
+REPORT_SECTIONS: list[ReportSection] = [agentic_section, telemetry_section, profiling_section]
 
 
 def build_monitors(opts: RunOptions) -> list[Monitor]:
     """The monitors this run's options ask for (py-spy sampling, telemetry)."""
-    return []
+    monitors: list[Monitor] = [TelemetryMonitor(opts.telemetry)]
+    if opts.pyspy:
+        monitors.append(PyspyMonitor(opts.pyspy.config, opts.pyspy.discovery))
+    return monitors
 
 
 def resolve_profile(profile: Path | None) -> Path:
@@ -116,18 +128,54 @@ def _target(opts: RunOptions, out: Path) -> Iterator[tuple[str, str | None, dict
 def run(opts: RunOptions) -> int:
     profile = resolve_profile(opts.profile)
     scenarios = select(load_profile(profile), opts.scenarios, profile)
+    if opts.pyspy and opts.pyspy.overhead:
+        scenarios = with_controls(scenarios)  # each scenario also unsampled: py-spy's overhead
     api_key = _api_key(opts.api_key_env)
     tokenizer = load_tokenizer(opts.tokenizer)
     out = _new_run_dir(opts.out)
-    console = Console(stderr=True)
-    console.print(f"run directory: {out}")
+    Console(stderr=True).print(f"run directory: {out}")
+    max_conc = max(s.concurrency if s.arrival == "closed" else max(s.concurrency, s.burst_size or 0) for s in scenarios)
+    info = {"profile": str(profile), "scenarios": [asdict(s) for s in scenarios]}
+
+    async def body(conn: Connection) -> None:
+        await _scenarios(conn, scenarios, tokenizer, opts)
+
+    drive(opts, api_key, tokenizer, out, info, body, max_connections=max(64, 2 * max_conc))
+    return 0
+
+
+@dataclass
+class Connection:
+    """An endpoint reached and probed, ready for load: what `run` and `replay` drive."""
+
+    client: Any  # StreamingClient
+    endpoint: str
+    model: str
+    target: dict[str, Any]
+    count: CountFn
+    counter_name: str
+    has_metrics: bool
+    ignore_eos: bool
+    monitors: list[Monitor]
+    out: Path
+    console: Console
+
+    @property
+    def local_count(self) -> bool:
+        return self.counter_name.startswith("local")
+
+
+def drive(opts: RunOptions, api_key: str | None, tokenizer: LoadedTokenizer, out: Path, info: dict[str, Any],
+          body: Callable[[Connection], Awaitable[None]], max_connections: int = 64) -> None:
+    """Reach the endpoint (or start the embedded target), probe it, write run.json (what every
+    run records, plus `info`), run `body` with the monitors watching, and rebuild the report
+    from whatever was written, also after an error or Ctrl-C."""
     try:
         with _target(opts, out) as (endpoint, model, target):
-            asyncio.run(_run(opts, scenarios, profile, endpoint, model, target, api_key, tokenizer, out))
+            asyncio.run(_drive(opts, endpoint, model, target, api_key, tokenizer, out, info, body, max_connections))
     finally:
         if (out / "run.json").exists():
             rebuild_report(out)
-    return 0
 
 
 async def _preflight(client: Any, endpoint: str, model: str | None) -> str:
@@ -220,25 +268,24 @@ def _host_info() -> dict[str, Any]:
             "platform": platform.platform()}
 
 
-async def _run(opts: RunOptions, scenarios: list[Scenario], profile: Path, endpoint: str,
-               model: str | None, target: dict[str, Any], api_key: str | None,
-               tokenizer: LoadedTokenizer, out: Path) -> None:
+async def _drive(opts: RunOptions, endpoint: str, model: str | None, target: dict[str, Any],
+                 api_key: str | None, tokenizer: LoadedTokenizer, out: Path, info: dict[str, Any],
+                 body: Callable[[Connection], Awaitable[None]], max_connections: int) -> None:
     from cputax.client.stream import StreamingClient
 
     console = Console(stderr=True)
-    max_conc = max(s.concurrency if s.arrival == "closed" else max(s.concurrency, s.burst_size or 0) for s in scenarios)
     async with StreamingClient(endpoint, api=opts.api, api_key=api_key, timeout_s=opts.timeout_s,
-                               max_connections=max(64, 2 * max_conc)) as client:
+                               max_connections=max_connections) as client:
         model = await _preflight(client, endpoint, model)
         count, counter_name = await _server_counter(client, model, opts.api, tokenizer)
         has_metrics = await _scrape(client, True) is not None
         ignore_eos = await _accepts_ignore_eos(client, model, opts.api)
         write_json(out / "run.json", {
             "cputax_version": __version__, "argv": sys.argv[1:], "endpoint": endpoint, "model": model,
-            "api": opts.api, "profile": str(profile), "target": target, "tokenizer": tokenizer.source,
+            "api": opts.api, "target": target, "tokenizer": tokenizer.source,
             "prompt_counter": counter_name, "server_metrics": has_metrics, "ignore_eos": ignore_eos, "host": _host_info(),
             "clock": {"monotonic_ns": time.monotonic_ns(), "time_ns": time.time_ns()},
-            "scenarios": [asdict(s) for s in scenarios],
+            **info,
         })
         console.print(f"model {model}; prompts sized by {counter_name}; server metrics: "
                       f"{'yes' if has_metrics else 'none (server-side columns will be absent)'}; "
@@ -247,8 +294,8 @@ async def _run(opts: RunOptions, scenarios: list[Scenario], profile: Path, endpo
         for monitor in monitors:
             monitor.start(out, {**target, "endpoint": endpoint})
         try:
-            await _scenarios(client, scenarios, tokenizer, model, opts, count, counter_name, has_metrics,
-                             ignore_eos, monitors, out, console)
+            await body(Connection(client, endpoint, model, target, count, counter_name, has_metrics,
+                                  ignore_eos, monitors, out, console))
         finally:
             meta = {m.name: m.stop() for m in monitors}
             if meta:
@@ -256,41 +303,40 @@ async def _run(opts: RunOptions, scenarios: list[Scenario], profile: Path, endpo
                 write_json(out / "run.json", {**info, "monitors": meta})
 
 
-async def _scenarios(client: Any, scenarios: list[Scenario], tokenizer: LoadedTokenizer, model: str,
-                     opts: RunOptions, count: CountFn, counter_name: str, has_metrics: bool,
-                     ignore_eos: bool, monitors: list[Monitor], out: Path, console: Console) -> None:
-    with JsonlWriter(out / "requests.jsonl") as records, JsonlWriter(out / "windows.jsonl") as windows:
-        for scenario in scenarios:
-            prompts = ScenarioPrompts(scenario, tokenizer, model, api=opts.api, run_seed=opts.seed,
-                                      ignore_eos=ignore_eos)
-            await _one_scenario(client, prompts, count, counter_name.startswith("local"),
-                                has_metrics, records, windows, monitors, out, console)
-
-
-async def _one_scenario(client: Any, prompts: ScenarioPrompts, count: CountFn, local_count: bool,
-                        has_metrics: bool, records: JsonlWriter, windows: JsonlWriter,
-                        monitors: list[Monitor], out: Path, console: Console) -> None:
-    from cputax.client.loadgen import run_scenario, warm_up
-
-    scenario = prompts.scenario
-    console.print(f"[bold]{scenario.name}[/]: {scenario.describe()}, {scenario.context_tokens} tokens, "
-                  f"max_tokens {scenario.max_tokens}; building prompts...")
-    await prompts.prepare(count)
-    warm = await warm_up(client, prompts, scenario.warmup)
-    for r in warm:
-        if not r.ok:
-            console.print(f"[yellow]warm-up request failed: {r.error}[/]")
-    counted = [r.prompt_tokens for r in warm if r.ok and r.prompt_tokens and r.output_tokens_source == "usage"]
-    if local_count and counted:
-        prompts.correct(counted[0])  # the server's own count beats our local estimate
-    before = await _scrape(client, has_metrics)
+@contextlib.asynccontextmanager
+async def measured(conn: Connection, name: str) -> AsyncIterator[None]:
+    """One scenario's measured window: /metrics scraped before and after, gauges polled
+    between, the monitors told when it starts and ends."""
+    metrics = conn.out / "metrics"
+    before = await _scrape(conn.client, conn.has_metrics)
     stop = asyncio.Event()
-    poller = asyncio.create_task(_poll_gauges(client, out / "metrics" / f"{scenario.name}.gauges.jsonl", stop)) if has_metrics else None
-    errors = 0
+    poller = (asyncio.create_task(_poll_gauges(conn.client, metrics / f"{name}.gauges.jsonl", stop))
+              if conn.has_metrics else None)
+    for monitor in conn.monitors:
+        monitor.scenario_start(name, time.monotonic_ns())
+    try:
+        yield
+    finally:
+        for monitor in conn.monitors:
+            monitor.scenario_end(name, time.monotonic_ns())
+        stop.set()
+        if poller:
+            await poller
+    after = await _scrape(conn.client, conn.has_metrics)
+    for label, text in (("before", before), ("after", after)):
+        if text is not None:
+            (metrics / f"{name}.{label}.prom").write_text(text)
+
+
+@contextlib.contextmanager
+def recording(records: JsonlWriter, name: str, total: int | None,
+              console: Console) -> Iterator[Callable[[RequestRecord], None]]:
+    """A callback that writes each finished record at once and advances a progress bar."""
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("errors {task.fields[errors]}"), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
-        task = progress.add_task(scenario.name, total=scenario.planned_requests, errors=0)
+        task = progress.add_task(name, total=total, errors=0)
+        errors = 0
 
         def on_record(record: RequestRecord) -> None:
             nonlocal errors
@@ -298,20 +344,36 @@ async def _one_scenario(client: Any, prompts: ScenarioPrompts, count: CountFn, l
             errors += not record.ok
             progress.update(task, advance=1, errors=errors)
 
-        for monitor in monitors:
-            monitor.scenario_start(scenario.name, time.monotonic_ns())
-        try:
-            window = await run_scenario(client, prompts, on_record, seed=prompts.seed)
-        finally:
-            for monitor in monitors:
-                monitor.scenario_end(scenario.name, time.monotonic_ns())
-    stop.set()
-    if poller:
-        await poller
-    after = await _scrape(client, has_metrics)
-    for name, text in (("before", before), ("after", after)):
-        if text is not None:
-            (out / "metrics" / f"{scenario.name}.{name}.prom").write_text(text)
+        yield on_record
+
+
+async def _scenarios(conn: Connection, scenarios: list[Scenario], tokenizer: LoadedTokenizer,
+                     opts: RunOptions) -> None:
+    with JsonlWriter(conn.out / "requests.jsonl") as records, JsonlWriter(conn.out / "windows.jsonl") as windows:
+        for scenario in scenarios:
+            prompts = ScenarioPrompts(scenario, tokenizer, conn.model, api=opts.api, run_seed=opts.seed,
+                                      ignore_eos=conn.ignore_eos)
+            await _one_scenario(conn, prompts, records, windows)
+
+
+async def _one_scenario(conn: Connection, prompts: ScenarioPrompts, records: JsonlWriter,
+                        windows: JsonlWriter) -> None:
+    from cputax.client.loadgen import run_scenario, warm_up
+
+    scenario = prompts.scenario
+    conn.console.print(f"[bold]{scenario.name}[/]: {scenario.describe()}, {scenario.context_tokens} tokens, "
+                       f"max_tokens {scenario.max_tokens}; building prompts...")
+    await prompts.prepare(conn.count)
+    warm = await warm_up(conn.client, prompts, scenario.warmup)
+    for r in warm:
+        if not r.ok:
+            conn.console.print(f"[yellow]warm-up request failed: {r.error}[/]")
+    counted = [r.prompt_tokens for r in warm if r.ok and r.prompt_tokens and r.output_tokens_source == "usage"]
+    if conn.local_count and counted:
+        prompts.correct(counted[0])  # the server's own count beats our local estimate
+    async with measured(conn, scenario.name):
+        with recording(records, scenario.name, scenario.planned_requests, conn.console) as on_record:
+            window = await run_scenario(conn.client, prompts, on_record, seed=prompts.seed)
     windows.write({"scenario": scenario.name, "start_ns": window.start_ns, "end_ns": window.end_ns,
                    "sent": window.sent, "user_tokens": prompts.user_tokens,
                    "tools": len(prompts.tools or [])})
@@ -343,12 +405,17 @@ def rebuild_report(out: Path) -> int:
         summaries.append(summarize_scenario(scenario, mine, windows.get(scenario["name"]), server))
     summary = {"run": {k: info[k] for k in ("endpoint", "model", "profile", "prompt_counter", "host") if k in info},
                "scenarios": summaries}
+    if "replay" in info:
+        server = (summaries[0].get("server") or {}) if summaries else {}
+        summary["agentic"] = agentic_summary(records, info["replay"], server.get("prefix_cache_hit_rate"))
     write_json(out / "summary.json", summary)
     sections = [text for build in REPORT_SECTIONS if (text := build(out, summary, info))]
-    (out / "report.md").write_text(render_report(summary, info, sections))
+    markdown = render_report(summary, info, sections)
+    (out / "report.md").write_text(markdown)
+    html = write_html_report(out, summary, info, markdown)
     console = Console()
     if not console.is_terminal:
         console.width = max(console.width, 160)  # a log file or pipe: don't squeeze the table
     console.print(summary_table(summaries))
-    console.print(f"wrote {out / 'summary.json'} and {out / 'report.md'}")
+    console.print(f"wrote {out / 'summary.json'}, {out / 'report.md'} and {html}")
     return 0

@@ -258,7 +258,7 @@ class LocalServer:
             log.flush()
             self._proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, **SERVE_ENV}, start_new_session=True, preexec_fn=_die_with_parent,
+                env={**os.environ, **SERVE_ENV}, start_new_session=True, preexec_fn=die_with_parent,
             )
         try:
             self._wait_ready()
@@ -411,11 +411,11 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") el
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG).
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """In the child before exec: `sig` when the parent dies (Linux prctl PR_SET_PDEATHSIG).
 
     Covers a parent killed with SIGKILL, where __exit__ never runs. The "parent" is the
-    thread that started the server, so start it from a thread that outlives it.
+    thread that started the child, so start it from a thread that outlives it.
     """
     if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        _LIBC.prctl(_PR_SET_PDEATHSIG, sig)

@@ -37,6 +37,22 @@ def local_counter(tokenizer: LoadedTokenizer) -> CountFn:
     return count
 
 
+def chat_payload(model: str, messages: list[Message], tools: list[dict[str, Any]] | None,
+                 max_tokens: int, api: str = "chat", ignore_eos: bool = False) -> dict[str, Any]:
+    """One streamed request's body: chat messages, or for /v1/completions the rendered prompt."""
+    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "stream": True,
+                            "stream_options": {"include_usage": True}, "temperature": 0.0}
+    if ignore_eos:
+        body["ignore_eos"] = True
+    if api == "chat":
+        body["messages"] = messages
+        if tools:
+            body["tools"] = tools
+    else:
+        body["prompt"] = render_chat(messages, tools)
+    return body
+
+
 @dataclass
 class _Text:
     """A corpus text with token offsets, so any token-length prefix is a cheap slice."""
@@ -144,18 +160,7 @@ class ScenarioPrompts:
 
     # --- the timed part: what the client does per request --------------------
     def payload(self, messages: list[Message]) -> dict[str, Any]:
-        sc = self.scenario
-        body: dict[str, Any] = {"model": self.model, "max_tokens": sc.max_tokens, "stream": True,
-                                "stream_options": {"include_usage": True}, "temperature": 0.0}
-        if self.ignore_eos:
-            body["ignore_eos"] = True
-        if self.api == "chat":
-            body["messages"] = messages
-            if self.tools:
-                body["tools"] = self.tools
-        else:
-            body["prompt"] = render_chat(messages, self.tools)
-        return body
+        return chat_payload(self.model, messages, self.tools, self.scenario.max_tokens, self.api, self.ignore_eos)
 
     def record(self, index: int, batch: int | None) -> RequestRecord:
         user, role = self.session_of(index)

@@ -1,0 +1,256 @@
+"""Where the server's CPU time went: py-spy samples classified by the server's rule table,
+per scenario window (the client's timestamps), per process and per thread.
+
+Shares are of wall time per thread: a thread's `categories` sum to 1 over the window, idle
+included, so "the event loop spent 24% in tokenize" reads straight off. Samples are
+estimated from the timeline (seconds x rate, see sampling.stacks); `active` = not idle.
+
+Clock: py-spy's chrometrace counts from its own start; each sampler's timeline is placed
+on the run's monotonic clock at the instant its process was exec'd (`t_launched_ns`,
+stamped when Popen returns). py-spy builds its recorder, the real origin, a little after
+that. Against a target that switches functions at a known monotonic time, sampled at
+1000 Hz on the 2-core development machine, the switch appeared between 13 ms early and
+3 ms late (ALIGNMENT_MS), plus up to one sampling interval (a span starts at the first
+sample that saw it). tests/test_sampling.py::test_timeline_is_on_the_run_clock checks it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+from cputax.records import read_json, read_jsonl, write_json
+from cputax.sampling.rules import CATEGORIES, IDLE, OTHER, Classifier, Rule, Stack
+from cputax.sampling.servers import COMMON_RULES, SERVERS, rules_for
+from cputax.sampling.stacks import ThreadId, Timeline, clip, collapse, read_chrometrace, read_raw
+
+ALIGNMENT_MS = 15.0  # py-spy timestamps vs the run's clock, worst case seen (see the docstring)
+PYSPY_DEFAULT_RATE = 100  # py-spy's own default: assumed for a chrometrace cputax did not record
+BEHIND_RATIO = 0.8  # fewer than 80% of the asked samples: py-spy fell behind
+OTHER_TOP = 10
+NO_FRAME = "(no Python frame: native code, or a thread between Python calls)"
+
+CategorySpan = tuple[int, int, str]
+
+
+def detect_server(stacks: Iterable[Mapping[Stack, float]]) -> str | None:
+    """The server whose code the stacks run (most samples in its marker paths), or None."""
+    classifiers = {name: Classifier([Rule(OTHER, glob) for glob in table.markers]) for name, table in SERVERS.items()}
+    scores: Counter[str] = Counter()
+    for counter in stacks:
+        for stack, weight in counter.items():
+            for name, c in classifiers.items():
+                if any(c.frame_category(f) for f in stack):
+                    scores[name] += weight
+    return scores.most_common(1)[0][0] if scores else None
+
+
+def classifier_for(server: str | None) -> Classifier:
+    return Classifier(rules_for(server) if server else COMMON_RULES)
+
+
+def fractions(counter: Mapping[str, float]) -> dict[str, float]:
+    """Category -> share, in CATEGORIES order, zeros left out."""
+    total = sum(counter.values())
+    if total <= 0:
+        return {}
+    return {c: counter[c] / total for c in CATEGORIES if counter.get(c, 0) > 0}
+
+
+def _breakdown(stacks: Mapping[Stack, float], classifier: Classifier, other: Counter[str]) -> Counter[str]:
+    cats: Counter[str] = Counter()
+    for stack, weight in stacks.items():
+        cat = classifier.category(stack)
+        cats[cat] += weight
+        if cat == OTHER:
+            other[stack[-1].text() if stack else NO_FRAME] += weight
+    return cats
+
+
+def summarize(threads: Mapping[tuple[str, ThreadId], Mapping[Stack, float]], classifier: Classifier,
+              roles: Mapping[tuple[str, ThreadId], str] | None = None) -> dict[str, Any]:
+    """The `cputax attribute --json` shape: overall and per-thread shares, top `other` frames."""
+    other: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    rows = []
+    for (process, thread), stacks in sorted(threads.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        cats = _breakdown(stacks, classifier, other)
+        total.update(cats)
+        samples = sum(cats.values())
+        row = {"process": process, "pid": thread.pid, "thread": thread.label, "tid": thread.tid,
+               "samples": round(samples), "categories": fractions(cats),
+               "active": 1.0 - cats[IDLE] / samples if samples else None}
+        if roles and (role := roles.get((process, thread))):
+            row["role"] = role
+        rows.append(row)
+    return {"categories": fractions(total), "threads": rows,
+            "other_top": [[frame, round(n)] for frame, n in other.most_common(OTHER_TOP) if n >= 0.5]}
+
+
+def thread_role(server: str | None, process_role: str, thread: str) -> str | None:
+    """What a thread does, from the server's table (None when unknown)."""
+    if server is None:
+        return None
+    for proc_glob, thread_glob, role in SERVERS[server].threads:
+        if fnmatchcase(process_role, proc_glob) and fnmatchcase(thread, thread_glob):
+            return role
+    return None
+
+
+# --- a file given to `cputax attribute` --------------------------------------------------------
+def attribute_file(path: Path, server: str = "auto", rate: float | None = None) -> dict[str, Any]:
+    """Classify a py-spy raw (collapsed) or chrometrace file."""
+    head = path.read_bytes()[:64].lstrip()
+    if head.startswith((b"[", b"{")):
+        rate = rate or PYSPY_DEFAULT_RATE
+        per_thread = {t: collapse(spans, rate) for t, spans in read_chrometrace(path).items()}
+        source = f"chrometrace, samples = seconds x {rate:g} Hz"
+    else:
+        per_thread = read_raw(path)
+        source = "raw (collapsed) stacks"
+    name = detect_server(per_thread.values()) if server == "auto" else server
+    threads = {(str(t.pid) if t.pid is not None else "", t): s for t, s in per_thread.items()}
+    return {"server": name, "source": source, **summarize(threads, classifier_for(name))}
+
+
+# --- a run (or profile) directory ----------------------------------------------------------------
+def manifest(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "pyspy" / "manifest.jsonl"
+    return list(read_jsonl(path)) if path.exists() else []
+
+
+def _timeline(run_dir: Path, entry: dict[str, Any]) -> Timeline | None:
+    path = run_dir / entry["files"]["chrometrace"]
+    if not path.exists():
+        return None
+    return read_chrometrace(path)
+
+
+def _ns(entry: dict[str, Any], ts_us: float) -> int:
+    return entry["t_launched_ns"] + int(ts_us * 1000)
+
+
+def category_timeline(run_dir: Path) -> dict[tuple[int, str], list[CategorySpan]]:
+    """Per (pid, thread name): [(t0_ns, t1_ns, category)] on the run's monotonic clock
+    (time.monotonic_ns(), the clock of requests.jsonl and windows.jsonl), in time order,
+    adjacent spans of one category merged. Covers the sampled windows (each scenario,
+    controls excluded); empty when the run has no py-spy data. Times are good to
+    ALIGNMENT_MS plus one sampling interval (1/rate): a span starts at the first sample
+    that saw its stack."""
+    entries = manifest(run_dir)
+    out: dict[tuple[int, str], list[CategorySpan]] = {}
+    classifiers: dict[str | None, Classifier] = {}
+    for entry in entries:
+        timeline = _timeline(run_dir, entry)
+        if timeline is None:
+            continue
+        server = entry.get("server")
+        classifier = classifiers.setdefault(server, classifier_for(server))
+        for thread, spans in timeline.items():
+            merged = out.setdefault((entry["pid"], thread.label), [])
+            for t0, t1, stack in spans:
+                cat, a, b = classifier.category(stack), _ns(entry, t0), _ns(entry, t1)
+                if merged and merged[-1][2] == cat and merged[-1][1] == a:
+                    merged[-1] = (merged[-1][0], b, cat)
+                else:
+                    merged.append((a, b, cat))
+    for spans in out.values():
+        spans.sort()
+    return out
+
+
+def _client_windows(run_dir: Path) -> dict[str, tuple[int, int]]:
+    path = run_dir / "windows.jsonl"
+    if not path.exists():
+        return {}
+    return {w["scenario"]: (w["start_ns"], w["end_ns"]) for w in read_jsonl(path)}
+
+
+def _gil_shares(run_dir: Path, entry: dict[str, Any]) -> dict[int | None, float] | None:
+    """Share of samples in which each thread (by tid) held the GIL, from the --gil sampler
+    (samples / (its duration x rate)); None without one."""
+    sampler = entry.get("gil_sampler") or {}
+    if "gil" not in entry["files"] or not sampler.get("t_stop_ns"):
+        return None
+    ticks = (sampler["t_stop_ns"] - sampler["t_launched_ns"]) / 1e9 * entry["rate"]
+    if ticks <= 0:
+        return None
+    return {t.tid: sum(c.values()) / ticks for t, c in read_raw(run_dir / entry["files"]["gil"]).items()}
+
+
+def _process_view(run_dir: Path, entry: dict[str, Any], window: tuple[int, int] | None,
+                  timeline: Timeline | None) -> tuple[dict[str, Any], dict[ThreadId, Counter[Stack]]]:
+    """One sampled process in one window: its per-thread stacks and what py-spy reported."""
+    label = f"{entry['role']} {entry['pid']}"
+    view: dict[str, Any] = {"process": label, "pid": entry["pid"], "role": entry["role"],
+                            "status": entry["status"], "message": entry.get("message"),
+                            "files": entry["files"], "behind_s": entry.get("behind_s", 0.0),
+                            "pyspy_cpu_s": entry.get("cpu_s")}
+    if not timeline:
+        return view, {}
+    first = min(spans[0][0] for spans in timeline.values() if spans)
+    last = max(spans[-1][1] for spans in timeline.values() if spans)
+    seen_s = sum((b - a) for spans in timeline.values() for a, b, _ in spans) / 1e6
+    if entry.get("samples") and seen_s > 0:
+        view["effective_rate"] = entry["samples"] / seen_s
+        view["fell_behind"] = view["effective_rate"] < BEHIND_RATIO * entry["rate"] or entry.get("behind_warnings", 0) > 0
+    lo, hi = (_ns(entry, first), _ns(entry, last)) if window is None else window
+    t0, t1 = (lo - entry["t_launched_ns"]) / 1000, (hi - entry["t_launched_ns"]) / 1000
+    if hi > lo:
+        covered = max(0.0, min(t1, last) - max(t0, first))
+        view["coverage"] = covered / (t1 - t0)
+    stacks = {thread: collapse(clip(spans, t0, t1), entry["rate"]) for thread, spans in timeline.items()}
+    return view, {t: s for t, s in stacks.items() if s}
+
+
+def attribute_run(run_dir: Path, write: bool = True) -> dict[str, Any] | None:
+    """Per window and per process/thread shares of a run (or profile) directory; written to
+    pyspy/attribution.json. None when nothing was sampled."""
+    entries = manifest(run_dir)
+    if not entries:
+        return None
+    client = _client_windows(run_dir)
+    server = next((e["server"] for e in entries if e.get("server")), None)
+    timelines = {i: _timeline(run_dir, e) for i, e in enumerate(entries)}
+    if server is None:
+        server = detect_server(collapse(spans, 1.0) for tl in timelines.values() if tl for spans in tl.values())
+    classifier = classifier_for(server)
+    names = list(dict.fromkeys(e["window"] for e in entries))
+    windows, other = [], Counter()
+    for name in names:
+        mine = [(i, e) for i, e in enumerate(entries) if e["window"] == name]
+        span = client.get(name)
+        processes, threads, roles = [], {}, {}
+        for i, entry in mine:
+            view, stacks = _process_view(run_dir, entry, span, timelines[i])
+            gil = _gil_shares(run_dir, entry)
+            for thread, counter in stacks.items():
+                key = (view["process"], thread)
+                threads[key] = counter
+                roles[key] = thread_role(server, entry["role"], thread.label)
+            processes.append(view)
+            if gil is not None:
+                view["gil"] = sum(gil.values())
+                view["gil_threads"] = {str(tid): share for tid, share in gil.items()}
+        summary = summarize(threads, classifier, roles)
+        for row in summary["threads"]:
+            proc = next(p for p in processes if p["process"] == row["process"])
+            if "gil_threads" in proc:
+                row["gil"] = proc["gil_threads"].get(str(row["tid"]), 0.0)
+        other.update({frame: n for frame, n in summary["other_top"]})
+        start, end = span or (None, None)
+        windows.append({"name": name, "start_ns": start, "end_ns": end,
+                        "wall_s": None if span is None else (end - start) / 1e9,
+                        "processes": processes, **summary})
+    result = {"server": server, "rules": server or "common only", "alignment_ms": ALIGNMENT_MS,
+              "rate": entries[0]["rate"], "windows": windows,
+              "other_top": [[f, n] for f, n in other.most_common(OTHER_TOP)]}
+    info_path = run_dir / "run.json"
+    if info_path.exists():
+        result["config"] = ((read_json(info_path).get("monitors") or {}).get("pyspy") or {}).get("config")
+    if write:
+        write_json(run_dir / "pyspy" / "attribution.json", result)
+    return result

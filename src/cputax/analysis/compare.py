@@ -1,0 +1,102 @@
+"""Two runs side by side: the study's CPU% comparison (e.g. HBM prefix cache vs LMCache)
+and every component's delta, with the run-to-run spread next to it.
+
+Spread: each run's requests of a scenario are cut into groups (its closed-loop batches,
+else GROUPS consecutive slices in arrival order) and each component is computed per
+group; the range of the group values is that run's spread. A difference no larger than
+the larger of the two spreads is reported as inside the spread, not as a difference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cputax.analysis.decompose import PHASES, phases_ms, summarize_scenario
+from cputax.errors import CputaxError
+from cputax.records import RequestRecord, read_json, read_requests
+
+GROUPS = 4  # slices of an open-loop scenario (or one batch) for the spread
+RATIOS = ("cpu_pct", "gpu_pct")
+TELEMETRY = ("busy_pct", "stall_pct")  # from correlation.json, when both runs have GPU telemetry
+
+
+def load_run(run_dir: Path) -> dict[str, Any]:
+    if not (run_dir / "summary.json").exists():
+        raise CputaxError(f"{run_dir}: no summary.json; is it a run directory? (`cputax report {run_dir}` rebuilds it)")
+    records = read_requests(run_dir / "requests.jsonl") if (run_dir / "requests.jsonl").exists() else []
+    corr_path = run_dir / "correlation.json"
+    return {"dir": run_dir, "summary": read_json(run_dir / "summary.json"), "records": records,
+            "correlation": read_json(corr_path) if corr_path.exists() else None}
+
+
+def groups(records: list[RequestRecord]) -> list[list[RequestRecord]]:
+    """The batches of a closed-loop scenario, else GROUPS consecutive slices by start time."""
+    done = sorted((r for r in records if phases_ms(r) is not None), key=lambda r: r.t_start)
+    batches = sorted({r.batch for r in done if r.batch is not None})
+    if len(batches) >= 2 and all(r.batch is not None for r in done):
+        return [[r for r in done if r.batch == b] for b in batches]
+    if len(done) < GROUPS:
+        return []
+    n = len(done)
+    return [done[i * n // GROUPS:(i + 1) * n // GROUPS] for i in range(GROUPS)]
+
+
+def _value(s: dict[str, Any], component: str) -> float | None:
+    return s[component] if component in RATIOS else s["mean_ms"][component]
+
+
+def spreads(scenario: dict[str, Any], records: list[RequestRecord]) -> dict[str, float | None]:
+    """Per component, the range of its per-group values (None: too few groups to say)."""
+    per_group = [summarize_scenario(scenario, g) for g in groups(records)]
+    out = {}
+    for component in (*PHASES, *RATIOS):
+        values = [v for s in per_group if (v := _value(s, component)) is not None]
+        out[component] = max(values) - min(values) if len(values) >= 2 else None
+    return out
+
+
+def _row(component: str, a: float | None, b: float | None, spread_a: float | None, spread_b: float | None,
+         extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    delta = None if a is None or b is None else b - a
+    noise = max((s for s in (spread_a, spread_b) if s is not None), default=None)
+    return {"component": component, "a": a, "b": b, "delta": delta,
+            "delta_pct": None if delta is None or not a else 100.0 * delta / a,
+            "spread_a": spread_a, "spread_b": spread_b,
+            "within_spread": None if delta is None or noise is None else abs(delta) <= noise, **(extra or {})}
+
+
+def _gpu(run: dict[str, Any], name: str) -> dict[str, Any] | None:
+    corr = run["correlation"] or {}
+    return next((s.get("gpu") for s in corr.get("scenarios", []) if s["name"] == name), None)
+
+
+def compare_scenario(a: dict[str, Any], b: dict[str, Any], sa: dict[str, Any], sb: dict[str, Any]) -> dict[str, Any]:
+    name = sa["name"]
+    spread_a = spreads(sa, [r for r in a["records"] if r.scenario == name])
+    spread_b = spreads(sb, [r for r in b["records"] if r.scenario == name])
+    rows = []
+    for component in (*PHASES, *RATIOS):
+        extra = None
+        if component not in RATIOS:
+            extra = {f"{q}_{side}": s[f"{q}_ms"][component] for q in ("p50", "p99") for side, s in (("a", sa), ("b", sb))}
+        rows.append(_row(component, _value(sa, component), _value(sb, component),
+                         spread_a[component], spread_b[component], extra))
+    ga, gb = _gpu(a, name), _gpu(b, name)
+    if ga and gb:
+        rows += [_row(f"gpu_{k}", ga[k], gb[k], None, None) for k in TELEMETRY]
+    return {"name": name, "concurrency": sa.get("concurrency"), "context_tokens": sa.get("context_tokens"),
+            "requests": [sa["requests"], sb["requests"]], "components": rows}
+
+
+def compare_runs(dir_a: Path, dir_b: Path, names: tuple[str, str] = ("A", "B")) -> dict[str, Any]:
+    a, b = load_run(dir_a), load_run(dir_b)
+    by_name_b = {s["name"]: s for s in b["summary"]["scenarios"]}
+    names_a = [s["name"] for s in a["summary"]["scenarios"]]
+    scenarios = [compare_scenario(a, b, s, by_name_b[s["name"]])
+                 for s in a["summary"]["scenarios"] if s["name"] in by_name_b]
+    return {"names": list(names), "runs": [str(dir_a), str(dir_b)],
+            "run_info": [a["summary"].get("run", {}), b["summary"].get("run", {})],
+            "scenarios": scenarios,
+            "only_in_a": [n for n in names_a if n not in by_name_b],
+            "only_in_b": [n for n in by_name_b if n not in names_a]}

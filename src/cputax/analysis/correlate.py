@@ -1,0 +1,284 @@
+"""GPU-idle correlation: when did the GPU sit idle while work was pending, and what were
+the server's threads doing then?
+
+The inputs are small shapes, so it runs with whatever a run recorded:
+- request phases: (t0_ns, t1_ns, phase) spans, from requests.jsonl (request_phases)
+- GPU busy %: timeline.GpuBusy, from telemetry.jsonl
+- server CPU by category: {(pid, thread): [(t0_ns, t1_ns, category), ...]}, the shape of
+  the py-spy timelines (category_spans); empty without py-spy
+- host CPU: timeline.HostSeries, from telemetry.jsonl
+
+A stall is GPU idle (busy below IDLE_BELOW_PCT in a bin) while at least one request is in
+flight. GPU idleness is judged per bin of the GPU source's measured resolution, so no
+stall is shorter than one bin and its ends are uncertain by up to one bin. Stall time is
+split by where the pending requests were (at the engine, in the front end, or all on
+the client side) and the server's part by what the server's threads were doing.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from cputax.analysis.attribution import ALIGNMENT_MS as PYSPY_ALIGNMENT_MS
+from cputax.analysis.attribution import category_timeline
+from cputax.analysis.timeline import (
+    SOURCE_NAMES,
+    GpuBusy,
+    Grid,
+    HostSeries,
+    gpu_busy,
+    host_series,
+    read_telemetry,
+)
+from cputax.records import RequestRecord, read_json, read_jsonl, read_requests
+from cputax.sampling.rules import IDLE
+
+IDLE_BELOW_PCT = 10.0
+IDLE_CATEGORIES = frozenset({IDLE})
+PHASES = ("client", "front_end", "prefill", "decode")
+PLOT_BINS = 400  # timeline plots: at most this many bins, and never finer than the sources
+TOP_THREADS = 5
+Span = tuple[int, int, str]
+CategorySpans = Mapping[tuple[int, Any], Sequence[Span]]
+NO_PYSPY = "unattributed (no py-spy data)"
+NO_THREAD_BUSY = "no server thread busy"
+
+
+def request_phases(records: Iterable[RequestRecord]) -> list[Span]:
+    """Each request's life as spans: client (build + write, and after the last token until
+    the stream closed), front_end (written -> headers), prefill (headers -> first token),
+    decode (first -> last token). A request that failed early ends in the phase it was in."""
+    spans = []
+    for r in records:
+        marks = [(t, p) for t, p in ((r.t_start, "client"), (r.t_sent, "front_end"), (r.t_headers, "prefill"),
+                                     (r.t_first_token, "decode"), (r.t_last_token, "client"), (r.t_end, ""))
+                 if t is not None]
+        spans += [(t0, t1, p) for (t0, p), (t1, _) in zip(marks, marks[1:], strict=False) if t1 > t0]
+    return spans
+
+
+def _state(counts: dict[str, int]) -> str | None:
+    if counts["prefill"] or counts["decode"]:
+        return "engine"
+    if counts["front_end"]:
+        return "front_end"
+    return "client" if counts["client"] else None
+
+
+def pending_states(phases: Iterable[Span]) -> list[Span]:
+    """Where the work was at each moment: "engine" while a request is in prefill or decode,
+    else "front_end" while one awaits its headers, else "client" while one is being built
+    or its stream closes. Times with nothing in flight are left out."""
+    events = sorted([(t0, 1, p) for t0, _, p in phases] + [(t1, -1, p) for _, t1, p in phases])
+    counts = dict.fromkeys(PHASES, 0)
+    out: list[Span] = []
+    prev = None
+    for t, delta, phase in events:
+        if prev is not None and t > prev and (state := _state(counts)):
+            if out and out[-1][1] == prev and out[-1][2] == state:
+                out[-1] = (out[-1][0], t, state)
+            else:
+                out.append((prev, t, state))
+        counts[phase] += delta
+        prev = t
+    return out
+
+
+def merge(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def overlap_ns(merged: list[tuple[int, int]], starts: list[int], a: int, b: int) -> int:
+    """Length of [a, b) inside the merged, sorted intervals (starts = their start times)."""
+    total = 0
+    i = max(0, bisect_right(starts, a) - 1)
+    while i < len(merged) and merged[i][0] < b:
+        total += max(0, min(b, merged[i][1]) - max(a, merged[i][0]))
+        i += 1
+    return total
+
+
+def _device_busy(grid: Grid, gpu: GpuBusy) -> tuple[list[float | None], list[str]]:
+    """Busy % per bin, the mean over devices; each device uses its best source and fills
+    bins that source left uncovered from the next (NVML samples can stop while idle)."""
+    per_device, used = [], set()
+    for dev in gpu.devices:
+        row: list[float | None] = [None] * grid.n
+        for (d, kind), intervals in gpu.intervals.items():  # in GPU_SOURCES order, best first
+            if d != dev:
+                continue
+            for i, v in enumerate(grid.averages(intervals)):
+                if row[i] is None and v is not None:
+                    row[i] = v
+                    used.add(kind)
+        per_device.append(row)
+    busy = []
+    for values in zip(*per_device, strict=True):
+        known = [v for v in values if v is not None]
+        busy.append(sum(known) / len(known) if known else None)
+    return busy, [k for k in SOURCE_NAMES if k in used]
+
+
+def gpu_resolution(gpu: GpuBusy) -> tuple[float, str]:
+    """The bin width, the coarsest of the devices' best sources, and how it was established."""
+    best = {}
+    for key in gpu.intervals:  # best source first
+        best.setdefault(key[0], (gpu.resolution_ms[key], gpu.basis.get(key, "")))
+    return max(best.values())
+
+
+def category_split(server_stalls: list[tuple[int, int]], categories: CategorySpans) -> tuple[dict[str, float], dict[str, float]]:
+    """Server-side stall seconds split by the categories the server's threads were busy in
+    (in proportion to their thread time during the stalls), and that thread time itself."""
+    stall_s = sum(b - a for a, b in server_stalls) / 1e9
+    if not categories:
+        return ({NO_PYSPY: stall_s} if stall_s else {}), {}
+    starts = [a for a, _ in server_stalls]
+    thread_ns: dict[str, int] = {}
+    for spans in categories.values():
+        for t0, t1, category in spans:
+            if category not in IDLE_CATEGORIES and (ov := overlap_ns(server_stalls, starts, t0, t1)):
+                thread_ns[category] = thread_ns.get(category, 0) + ov
+    total = sum(thread_ns.values())
+    thread_s = {c: ns / 1e9 for c, ns in sorted(thread_ns.items(), key=lambda kv: -kv[1])}
+    if not total:
+        return ({NO_THREAD_BUSY: stall_s} if stall_s else {}), thread_s
+    return {c: stall_s * ns / total for c, ns in thread_ns.items()}, thread_s
+
+
+def gpu_stalls(window: tuple[int, int], states: list[Span], gpu: GpuBusy, categories: CategorySpans,
+               idle_below: float = IDLE_BELOW_PCT) -> dict[str, Any]:
+    """GPU busy %, idle time and stalls over one window."""
+    w0, w1 = window
+    res_ms, basis = gpu_resolution(gpu)
+    grid = Grid(w0, w1, max(1, int(res_ms * 1e6)))
+    busy, sources = _device_busy(grid, gpu)
+    lengths = [hi - lo for lo, hi in map(grid.bounds, range(grid.n))]
+    covered = sum(n for n, b in zip(lengths, busy, strict=True) if b is not None)
+    idle = [b is not None and b < idle_below for b in busy]
+    pieces = [(lo, hi, state) for a, b, state in states for i, lo, hi in grid.overlaps(a, b) if idle[i]]
+    by_state = {s: sum(hi - lo for lo, hi, st in pieces if st == s) / 1e9 for s in ("engine", "front_end", "client")}
+    stalls = merge((lo, hi) for lo, hi, _ in pieces)
+    stall_s = sum(b - a for a, b in stalls) / 1e9
+    idle_s = sum(n for n, i in zip(lengths, idle, strict=True) if i) / 1e9
+    split, thread_s = category_split(merge((lo, hi) for lo, hi, st in pieces if st != "client"), categories)
+    if by_state["client"]:
+        split["client-side gap"] = by_state["client"]
+    wall = (w1 - w0) / 1e9
+    return {
+        "source": " + ".join(SOURCE_NAMES[s] for s in sources), "backend": gpu.backend,
+        "resolution_ms": res_ms, "resolution_basis": basis, "alignment_ms": gpu.alignment_ms, "idle_below_pct": idle_below,
+        "coverage_pct": 100.0 * covered / (w1 - w0) if w1 > w0 else None,
+        "busy_pct": (sum(b * n for n, b in zip(lengths, busy, strict=True) if b is not None) / covered) if covered else None,
+        "idle_pct": 100.0 * idle_s / wall if wall else None,
+        "idle_nothing_pending_pct": 100.0 * (idle_s - stall_s) / wall if wall else None,
+        "stall_s": stall_s, "stall_pct": 100.0 * stall_s / wall if wall else None,
+        "stalls": len(stalls), "longest_stall_ms": max((b - a for a, b in stalls), default=0) / 1e6,
+        "stall_by_state": by_state, "stall_split": split, "stall_thread_s": thread_s,
+        "stall_spans": stalls,
+    }
+
+
+def _label(host: HostSeries, pid: int) -> str:
+    return f"{host.names.get(pid, '?')} ({pid})"
+
+
+def host_usage(host: HostSeries, window: tuple[int, int]) -> dict[str, Any]:
+    """Server (and client) CPU over one window: per process % of one core, run-queue wait,
+    times scheduled in per second, the busiest threads; and the whole machine's CPU."""
+    w0, w1 = window
+    whole = Grid(w0, w1, max(1, w1 - w0))
+    wall = (w1 - w0) / 1e9
+    processes = []
+    for pid, intervals in host.cpu.items():
+        cpu_s = whole.sums(intervals)[0] / 1e9
+        threads = sorted(((tid, whole.sums(iv)[0] / 1e9) for (p, tid), iv in host.thread_cpu.items() if p == pid),
+                         key=lambda x: -x[1])[:TOP_THREADS]
+        processes.append({
+            "pid": pid, "name": host.names.get(pid, "?"), "role": host.roles.get(pid, "?"),
+            "cpu_pct": 100.0 * cpu_s / wall,
+            "wait_pct": 100.0 * whole.sums(host.wait.get(pid, []))[0] / 1e9 / wall,
+            "switches_per_s": whole.sums(host.switches.get(pid, []))[0] / wall,
+            "threads": [{"tid": tid, "name": host.thread_names.get((pid, tid), "?"), "cpu_pct": 100.0 * s / wall}
+                        for tid, s in threads if s > 0],
+        })
+    processes.sort(key=lambda p: (p["role"] != "server", -p["cpu_pct"]))
+    system = whole.averages(host.system)[0]
+    return {"system_busy_pct": None if system is None else 100.0 * system, "cpus": host.cpus, "processes": processes}
+
+
+def timeline(window: tuple[int, int], phases: list[Span], gpu: GpuBusy | None, categories: CategorySpans,
+             host: HostSeries | None, stalls: list[tuple[int, int]]) -> dict[str, Any]:
+    """Binned series for the timeline plot: GPU busy, server CPU (by category with py-spy,
+    else by process), requests in flight by phase, stall spans."""
+    w0, w1 = window
+    floor_ms = gpu_resolution(gpu)[0] if gpu else 100.0
+    grid = Grid(w0, w1, max(int(floor_ms * 1e6), (w1 - w0) // PLOT_BINS + 1))
+    width = [hi - lo for lo, hi in map(grid.bounds, range(grid.n))]
+    out: dict[str, Any] = {"t_s": [(grid.bounds(i)[0] - w0) / 1e9 for i in range(grid.n)], "end_s": (w1 - w0) / 1e9,
+                           "width_s": grid.width_ns / 1e9,
+                           "inflight": grid.occupancy(phases), "stalls": [((a - w0) / 1e9, (b - w0) / 1e9) for a, b in stalls]}
+    if gpu:
+        out["gpu"] = _device_busy(grid, gpu)[0]
+    if categories:
+        busy = [s for spans in categories.values() for s in spans if s[2] not in IDLE_CATEGORIES]
+        out["cpu"], out["cpu_by"] = grid.occupancy(busy), "category"
+    elif host:
+        out["cpu"] = {_label(host, pid): [ns / w for ns, w in zip(grid.sums(iv), width, strict=True)]
+                      for pid, iv in host.cpu.items() if host.roles.get(pid) == "server"}
+        out["cpu_by"] = "process"
+    return out
+
+
+def category_spans(run_dir: Path) -> CategorySpans:
+    """The one place py-spy data enters: server CPU by category per (pid, thread) on the
+    run's monotonic clock (good to PYSPY_ALIGNMENT_MS), or {} when the run has none."""
+    return category_timeline(run_dir)
+
+
+def correlate_scenario(window: tuple[int, int], records: list[RequestRecord], gpu: GpuBusy | None,
+                       categories: CategorySpans, host: HostSeries | None,
+                       idle_below: float = IDLE_BELOW_PCT) -> dict[str, Any]:
+    phases = [(max(a, window[0]), min(b, window[1]), p) for a, b, p in request_phases(records)
+              if b > window[0] and a < window[1]]
+    result: dict[str, Any] = {"wall_s": (window[1] - window[0]) / 1e9}
+    stalls: list[tuple[int, int]] = []
+    if gpu:
+        result["gpu"] = gpu_stalls(window, pending_states(phases), gpu, categories, idle_below)
+        stalls = result["gpu"].pop("stall_spans")
+    if host:
+        result["host"] = host_usage(host, window)
+    result["timeline"] = timeline(window, phases, gpu, categories, host, stalls)
+    return result
+
+
+def correlate_run(run_dir: Path, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per scenario: GPU busy, stalls and their split, server CPU; plus the timeline series."""
+    info = info or read_json(run_dir / "run.json")
+    meta = (info.get("monitors") or {}).get("telemetry") or {}
+    path = run_dir / "telemetry.jsonl"
+    by_kind = read_telemetry(read_jsonl(path)) if path.exists() else {}
+    gpu = gpu_busy(by_kind, meta)
+    host = host_series(by_kind)
+    categories = category_spans(run_dir)
+    stopped = [f"{name} telemetry stopped early: {m['cost']['error']}" for name, m in meta.items()
+               if isinstance(m, dict) and (m.get("cost") or {}).get("error")]
+    records = read_requests(run_dir / "requests.jsonl") if (run_dir / "requests.jsonl").exists() else []
+    windows = list(read_jsonl(run_dir / "windows.jsonl")) if (run_dir / "windows.jsonl").exists() else []
+    scenarios = []
+    for w in windows:
+        mine = [r for r in records if r.scenario == w["scenario"]]
+        scenarios.append({"name": w["scenario"],
+                          **correlate_scenario((w["start_ns"], w["end_ns"]), mine, gpu, categories, host)})
+    return {"telemetry": path.exists(), "gpu_backend": gpu.backend if gpu else None, "pyspy": bool(categories),
+            "pyspy_alignment_ms": PYSPY_ALIGNMENT_MS if categories else None,
+            "notes": meta.get("notes", []) + stopped, "host_meta": meta.get("host", {}), "scenarios": scenarios}

@@ -1,0 +1,123 @@
+"""`cputax replay`: agent traces as user sessions against a server, decomposed like `cputax run`.
+
+The run directory has the files of `cputax run` (the whole replay is one scenario,
+"replay", so `cputax report DIR` rebuilds it), plus in run.json what was replayed
+and in summary.json / report.md the agentic metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from cputax.client.replay import SCENARIO, Pacing, Replay
+from cputax.errors import CputaxError
+from cputax.records import JsonlWriter, read_json, write_json
+from cputax.run import Connection, RunOptions, _api_key, _new_run_dir, drive, measured, recording
+from cputax.text.tokenizer import LoadedTokenizer, load_tokenizer
+from cputax.workload.traces import (
+    Conversation,
+    ReplayPrompts,
+    load_conversations,
+    trace_hit_rate,
+    trim,
+)
+
+
+@dataclass
+class ReplayOptions:
+    paths: list[Path]
+    run: RunOptions = field(default_factory=RunOptions)  # endpoint, model, out, tokenizer, api...
+    users: int | None = None  # sessions at once (default: every conversation at once)
+    time_scale: float = 1.0
+    max_context: int | None = None
+    limit_requests: int | None = None  # per conversation, in trace time
+    max_output: int | None = None  # cap on each request's output tokens
+
+
+def _check(opts: ReplayOptions) -> None:
+    for name, value in (("--users", opts.users), ("--max-context", opts.max_context),
+                        ("--limit-requests", opts.limit_requests), ("--max-output", opts.max_output)):
+        if value is not None and value < 1:
+            raise CputaxError(f"{name} must be a positive integer, got {value}")
+    if opts.time_scale < 0:
+        raise CputaxError(f"--time-scale must be >= 0, got {opts.time_scale:g}")
+
+
+def _conversation_info(conv: Conversation, own_rate: float | None, in_tokens: int) -> dict:
+    return {"id": conv.id, "source": conv.source, "requests": conv.count_requests(),
+            "subagents": conv.count_subagents(), "skipped_over_context": conv.skipped,
+            "dropped_by_limit": conv.dropped, "trace_hit_rate": own_rate, "in_tokens": in_tokens}
+
+
+def replay(opts: ReplayOptions) -> int:
+    _check(opts)
+    console = Console(stderr=True)
+    api_key = _api_key(opts.run.api_key_env)
+    tokenizer = load_tokenizer(opts.run.tokenizer)
+    loaded, errors = load_conversations(opts.paths, tokenizer)
+    for error in errors:
+        console.print(f"[yellow]not replayed: {error}[/]")
+    conversations, described = [], []
+    for conv in loaded:
+        own_rate = trace_hit_rate(conv)  # the file's own, before trimming
+        in_tokens = sum(r.in_tokens for _, _, r in conv.timeline())
+        trim(conv, opts.max_context, opts.limit_requests)
+        described.append(_conversation_info(conv, own_rate, in_tokens))
+        if conv.count_requests():
+            conversations.append(conv)
+        else:
+            console.print(f"[yellow]{conv.source}: no request left under --max-context {opts.max_context}[/]")
+    if not conversations:
+        raise CputaxError("nothing to replay" + (f": {errors[0]}" if errors else ""))
+    planned = sum(c.count_requests() for c in conversations)
+    users = min(opts.users or len(conversations), len(conversations))
+    contexts = [r.in_tokens for c in conversations for _, _, r in c.timeline()]
+    out = _new_run_dir(opts.run.out)
+    console.print(f"run directory: {out}; {len(conversations)} conversations, {planned} requests, "
+                  f"{sum(c.count_subagents() for c in conversations)} sub-agents, {users} users at once")
+    info = {
+        "profile": "replay of " + ", ".join(map(str, opts.paths)),
+        "scenarios": [{"name": SCENARIO, "kind": "replay", "concurrency": users,
+                       "context_tokens": round(sum(contexts) / len(contexts)), "planned_requests": planned}],
+        "replay": {"inputs": [str(p) for p in opts.paths], "users": users, "time_scale": opts.time_scale,
+                   "max_context": opts.max_context, "limit_requests": opts.limit_requests,
+                   "max_output": opts.max_output, "trace_errors": errors, "conversations": described,
+                   "block_sizes": sorted({c.block_size for c in conversations})},
+    }
+
+    async def body(conn: Connection) -> None:
+        await _replay(conn, opts, tokenizer, conversations, users, planned)
+
+    agents = sum(1 + c.count_subagents() for c in conversations)
+    drive(opts.run, api_key, tokenizer, out, info, body, max_connections=max(64, 2 * agents))
+    return 0
+
+
+async def _replay(conn: Connection, opts: ReplayOptions, tokenizer: LoadedTokenizer, conversations: list[Conversation],
+                  users: int, planned: int) -> None:
+    prompts = ReplayPrompts(tokenizer, conn.model, api=opts.run.api, ignore_eos=conn.ignore_eos,
+                            max_output=opts.max_output, seed=opts.run.seed)
+    conn.console.print(f"building the prompt text of {planned} requests ...")
+    started = time.perf_counter()
+    await prompts.prepare(conn.count, conversations)
+    prepare_s = time.perf_counter() - started
+    sizes = {c.block_size for c in conversations}
+    if prompts.server_block_tokens is not None and prompts.server_block_tokens not in sizes:
+        conn.console.print(f"[yellow]the server counts a {min(sizes)}-token block as {prompts.server_block_tokens} "
+                           "tokens: pass --tokenizer with the served model's tokenizer for exact sizes[/]")
+    info = read_json(conn.out / "run.json")
+    info["replay"].update({"prepare_s": prepare_s, "blocks": prompts.blocks_made, "template_tokens": prompts.overhead,
+                           "server_block_tokens": prompts.server_block_tokens})
+    write_json(conn.out / "run.json", info)
+    conn.console.print(f"{prompts.blocks_made} blocks made in {prepare_s:.1f} s; replaying")
+    pacing = Pacing(users=users, time_scale=opts.time_scale)
+    with JsonlWriter(conn.out / "requests.jsonl") as records, JsonlWriter(conn.out / "windows.jsonl") as windows:
+        async with measured(conn, SCENARIO):
+            with recording(records, SCENARIO, planned, conn.console) as on_record:
+                window = await Replay(conn.client, prompts, pacing, on_record, conn.local_count).run(conversations)
+        windows.write({"scenario": SCENARIO, "start_ns": window.start_ns, "end_ns": window.end_ns,
+                       "sent": window.sent})

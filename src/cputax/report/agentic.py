@@ -1,0 +1,94 @@
+"""The replay's agentic section of report.md: turns, sessions, concurrency, prefix cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cputax.analysis.agentic import PARTS
+from cputax.report.markdown import _fmt, _ms, _pct, _table
+
+PART_LABELS = {"think": "Think", "client": "Client build", "front_end": "Server front end", "engine": "Server engine"}
+
+HOW_TO_READ = """\
+A turn runs from the agent's previous response to this response: **Think** is the
+trace's wait (times --time-scale) plus timer lag; **Client build** synthesizes the
+messages, builds and encodes the payload (client CPU); **Server front end** is sent ->
+headers (template, tokenization, event-loop waits); **Server engine** is headers ->
+stream closed (queue, prefill, decode, streaming). The critical path is the chain of
+turns that ended the session last, through the sub-agent that finished last and its
+parent's turns before the spawn; a sub-agent's spawn wait counts as Think. Agents
+active at once are the study's "effective concurrency"; requests in flight are what
+the server saw."""
+
+
+def _rate(value: float | None) -> str:
+    return "absent" if value is None else f"{100 * value:.1f}%"
+
+
+def agentic_section(out: Path, summary: dict[str, Any], info: dict[str, Any]) -> str | None:
+    agentic = summary.get("agentic")
+    if not agentic:
+        return None
+    replay = info.get("replay", {})
+    turns = agentic["turns"]
+    cycle = turns["cycle_ms"]["mean"] or 0.0
+    turn_rows = [[PART_LABELS[k], _ms(turns["ms"][k]["mean"]), _ms(turns["ms"][k]["p50"]), _ms(turns["ms"][k]["p99"]),
+                  _pct(100 * turns["ms"][k]["mean"] / cycle if cycle else None)] for k in PARTS]
+    turn_rows.append(["Turn cycle", _ms(cycle), _ms(turns["cycle_ms"]["p50"]), _ms(turns["cycle_ms"]["p99"]), "100%"])
+    session_rows = []
+    for s in agentic["sessions"]:
+        path = s["critical_path"]
+        wall_ms = 1000 * path["wall_s"]
+        session_rows.append(
+            [s["session"], f"{s['requests'] - s['errors']}/{s['requests']}", str(s["subagents"]),
+             f"{path['wall_s']:,.1f}", " > ".join(path["chain"]), str(path["turns"])]
+            + [_pct(100 * path["ms"][k] / wall_ms if wall_ms else None) for k in PARTS])
+    conc = agentic["concurrency"]
+    digits = 2 if conc["timeline"][-1]["t_s"] < 10 else 0
+    timeline_rows = [[f"{b['t_s']:,.{digits}f}", _fmt(b["agents"], 1), _fmt(b["requests"], 1), _fmt(b["subagent_requests"], 1)]
+                     for b in conc["timeline"]]
+    cache = agentic["prefix_cache"]
+    skipped = sum(c.get("skipped_over_context", 0) for c in replay.get("conversations", []))
+    dropped = sum(c.get("dropped_by_limit", 0) for c in replay.get("conversations", []))
+    lines = [
+        "## Agentic replay",
+        "",
+        f"- conversations: {len(replay.get('conversations', []))}, at most {replay.get('users')} at once, "
+        f"time scale {replay.get('time_scale')}; {turns['count']} requests sent"
+        + (f", {skipped} skipped over --max-context {replay.get('max_context')}" if skipped else "")
+        + (f", {dropped} past --limit-requests {replay.get('limit_requests')}" if dropped else ""),
+        f"- prompt text: {replay.get('blocks', 0):,} blocks of {'/'.join(map(str, replay.get('block_sizes', [])))} "
+        "tokens made in "
+        f"{replay.get('prepare_s', 0):.1f} s before the clock started; a block is "
+        f"{_fmt(replay.get('server_block_tokens'))} tokens to the server's counter",
+    ]
+    for error in replay.get("trace_errors", []):
+        lines.append(f"- not replayed: {error}")
+    lines += [
+        "",
+        "### Where a turn's time goes (ms)",
+        "",
+        _table(["Part", "mean", "p50", "p99", "share of mean cycle"], turn_rows),
+        "",
+        "### Sessions: critical path",
+        "",
+        _table(["Session", "OK/requests", "Sub-agents", "Wall s", "Critical path", "Turns on it"]
+               + [f"{PART_LABELS[k]} %" for k in PARTS], session_rows),
+        "",
+        "### Effective concurrency over time",
+        "",
+        f"Agents active: mean {conc['agents_mean']:.1f}, max {conc['agents_max']}; requests in flight: "
+        f"mean {conc['requests_mean']:.1f}, max {conc['requests_max']} (sub-agents' requests: max "
+        f"{conc['subagent_requests_max']}).",
+        "",
+        _table(["from s", "agents active", "requests in flight", "of them sub-agents'"], timeline_rows),
+        "",
+        "### Prefix-cache hit rate",
+        "",
+        _table(["trace file (all its requests)", "requests replayed (ideal cache)", "server (its counters)"],
+               [[_rate(cache["trace_file"]), _rate(cache["replayed_ideal"]), _rate(cache["server"])]]),
+        "",
+        HOW_TO_READ,
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""The report's figures as PNG bytes (matplotlib, no display needed).
+
+Figures are built on matplotlib.figure.Figure directly, not pyplot: no global backend
+or figure state, so rendering inside `cputax run` cannot open a window or leak memory.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from cputax.analysis.decompose import http_overhead_growth
+
+WALL_PHASES = (("serialize", "Serialize (client)", "#9ecae1"), ("http_overhead", "HTTP OH (front end)", "#fd8d3c"),
+               ("prefill", "Prefill (queue + prefill)", "#74c476"), ("decode", "Decode", "#31a354"))
+INFLIGHT = (("client", "client side", "#9ecae1"), ("front_end", "front end", "#fd8d3c"),
+            ("prefill", "prefill / queue", "#74c476"), ("decode", "decode", "#31a354"))
+STALL_COLOR = "#d62728"
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def decomposition_bars(scenarios: list[dict[str, Any]]) -> bytes | None:
+    """The study's stacked bars: each scenario's mean request split into its wall-time
+    phases (share of the mean total), with CPU% and the total on top."""
+    rows = [s for s in scenarios if s["mean_ms"]["total"]]
+    if not rows:
+        return None
+    fig = Figure(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.5))
+    ax = fig.subplots()
+    x = range(len(rows))
+    bottom = [0.0] * len(rows)
+    for key, label, color in WALL_PHASES:
+        share = [100.0 * (s["mean_ms"][key] or 0.0) / s["mean_ms"]["total"] for s in rows]
+        ax.bar(x, share, bottom=bottom, label=label, color=color, width=0.7)
+        bottom = [b + v for b, v in zip(bottom, share, strict=True)]
+    for i, s in enumerate(rows):
+        cpu = "" if s["cpu_pct"] is None else f"CPU {s['cpu_pct']:.1f}%\n"
+        ax.text(i, min(bottom[i], 100.0) + 1, f"{cpu}{s['mean_ms']['total']:,.0f} ms", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x), [s["name"] for s in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 125)
+    ax.set_ylabel("% of mean request time")
+    ax.set_title("Where a request's time goes (means per scenario)")
+    ax.legend(fontsize=8, loc="upper left", ncols=4, frameon=False)
+    return _png(fig)
+
+
+def http_overhead_plot(scenarios: list[dict[str, Any]]) -> bytes | None:
+    """HTTP overhead (mean, p99 dashed) against concurrency, one line per context size."""
+    rows = [s for s in scenarios if s["mean_ms"]["http_overhead"] is not None and s.get("concurrency")]
+    if not rows:
+        return None
+    growth = {r["scenario"]: r["growth"] for r in http_overhead_growth(scenarios)}
+    fig = Figure(figsize=(6.5, 4.0))
+    ax = fig.subplots()
+    for ctx in sorted({s["context_tokens"] for s in rows}):
+        group = sorted((s for s in rows if s["context_tokens"] == ctx), key=lambda s: s["concurrency"])
+        conc = [s["concurrency"] for s in group]
+        line = ax.plot(conc, [s["mean_ms"]["http_overhead"] for s in group], marker="o", label=f"{ctx:,} tokens")[0]
+        ax.plot(conc, [s["p99_ms"]["http_overhead"] for s in group], linestyle="--", color=line.get_color(), alpha=0.6)
+        for s in group:
+            if growth.get(s["name"]):
+                ax.annotate(f"{growth[s['name']]:.1f}x", (s["concurrency"], s["mean_ms"]["http_overhead"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log", base=2)
+    levels = sorted({s["concurrency"] for s in rows})
+    ax.set_xticks(levels, [str(c) for c in levels])
+    ax.minorticks_off()
+    ax.set_xlabel("concurrency")
+    ax.set_ylabel("HTTP overhead ms (solid mean, dashed p99)")
+    ax.set_title("Time to response headers vs concurrency")
+    ax.legend(fontsize=8, frameon=False)
+    return _png(fig)
+
+
+def timeline_plot(name: str, t: dict[str, Any]) -> bytes:
+    """GPU busy, server CPU, requests in flight by phase, on one time axis; stalls shaded."""
+    fig = Figure(figsize=(10.0, 6.5))
+    axes = fig.subplots(3, 1, sharex=True)
+    x = t["t_s"] + [t["end_s"]]  # bin edges: each series repeats its last value to the end
+
+    def edges(values: list[Any]) -> list[Any]:
+        return values + values[-1:]
+
+    ax = axes[0]
+    if "gpu" in t:
+        ax.step(x, edges([float("nan") if v is None else v for v in t["gpu"]]), where="post", color="#3182bd")
+        ax.set_ylim(-5, 105)
+        ax.set_ylabel("GPU busy %")
+    else:
+        ax.text(0.5, 0.5, "no GPU telemetry", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.set_yticks([])
+    ax = axes[1]
+    if t.get("cpu"):
+        labels = sorted(t["cpu"], key=lambda k: -sum(t["cpu"][k]))
+        top, rest = labels[:8], labels[8:]
+        series = [edges(t["cpu"][k]) for k in top]
+        if rest:
+            series.append(edges([sum(vals) for vals in zip(*(t["cpu"][k] for k in rest), strict=True)]))
+            top.append("other")
+        ax.stackplot(x, series, labels=top, step="post", alpha=0.85)
+        ax.legend(fontsize=7, loc="upper right", ncols=2, frameon=False)
+        ax.set_ylabel(f"server CPU (cores)\nby {t['cpu_by']}")
+    else:
+        ax.text(0.5, 0.5, "no server CPU data (remote server, no py-spy)", ha="center", va="center",
+                transform=ax.transAxes, color="grey")
+        ax.set_yticks([])
+    ax = axes[2]
+    present = [(k, label, color) for k, label, color in INFLIGHT if k in t["inflight"]]
+    ax.stackplot(x, [edges(t["inflight"][k]) for k, _, _ in present], labels=[label for _, label, _ in present],
+                 colors=[c for _, _, c in present], step="post")
+    ax.set_ylabel("requests in flight")
+    ax.set_xlabel("seconds since the scenario started")
+    ax.legend(fontsize=7, loc="upper right", ncols=4, frameon=False)
+    for ax in axes:
+        for a, b in t["stalls"]:
+            ax.axvspan(a, b, color=STALL_COLOR, alpha=0.15, linewidth=0)
+    stalled = " (red: GPU idle while requests were in flight)" if t["stalls"] else ""
+    fig.suptitle(f"{name}: {t['width_s'] * 1000:.0f} ms bins{stalled}", fontsize=10)
+    return _png(fig)

@@ -1,0 +1,224 @@
+"""The report's "Where the server's CPU time went" section, the sampling-overhead table, and
+the same tables for `cputax profile` and `cputax attribute` in a terminal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cputax.analysis.attribution import attribute_run
+from cputax.report.markdown import _fmt, _ms, _table
+from cputax.sampling.monitor import CONTROL_SUFFIX
+from cputax.sampling.pyspy import SamplerConfig
+from cputax.sampling.rules import IDLE, OTHER
+
+MIN_SHARE = 0.01  # a category gets a column when some thread spends 1% of its time there
+OVERHEAD_BUDGET_PCT = 3.0
+
+HOW = """\
+{version} sampled every server process during each scenario ({config}). Every sample
+is classified by the `{rules}` rule table (src/cputax/sampling/servers.py), innermost
+frame first: the most specific code wins, so tokenization called from a route is
+`tokenize`, not `http`. Shares are of each thread's wall time over the scenario's window
+(the client's timestamps), idle included; **Busy** = not idle. Idle means the thread's
+innermost Python frame is a known wait (a select, a queue or condition wait, a zmq
+poll); a thread whose wait has returned but which is still waiting for the GIL shows
+the wait too (`--pyspy-gil` shows who holds it), and a blocking C call with no Python
+wrapper (time.sleep) counts under its caller. Samples are estimated from the timeline
+(seconds x rate). Timelines sit on the run's clock within ~{alignment:g} ms."""
+
+
+def _share(value: float | None, zero: str = "") -> str:
+    if value is None:
+        return ""
+    if value < 0.005:
+        return zero
+    return f"{100 * value:.0f}%" if value >= 0.1 else f"{100 * value:.1f}%"
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    seen: dict[str, float] = {}
+    for row in rows:
+        for cat, share in row["categories"].items():
+            seen[cat] = max(seen.get(cat, 0.0), share)
+    cols = [c for c, share in sorted(seen.items(), key=lambda kv: -kv[1])
+            if share >= MIN_SHARE and c not in (IDLE, OTHER)]
+    return cols + [c for c in (OTHER, IDLE) if c in seen]
+
+
+def thread_table(rows: list[dict[str, Any]], views: dict[str, str] | None = None) -> str:
+    """One row per thread: samples, busy share, a column per category that matters."""
+    cols = _columns(rows)
+    gil = any("gil" in r for r in rows)
+    header = ["Process", "Thread", "Samples", "Busy", *cols] + (["GIL"] if gil else []) + (["Views"] if views else [])
+    body, shown = [], set()
+    for r in rows:
+        thread = r["thread"] + (f" ({r['role']})" if r.get("role") else "")
+        cells = [r["process"], thread, f"{r['samples']:,}", _share(r.get("active"), "0%"),
+                 *(_share(r["categories"].get(c)) for c in cols)]
+        if gil:
+            cells.append(_share(r.get("gil"), "0%"))
+        if views:
+            cells.append("" if r["process"] in shown else views.get(r["process"], ""))
+            shown.add(r["process"])
+        body.append(cells)
+    return _table(header, body)
+
+
+def _views(window: dict[str, Any]) -> dict[str, str]:
+    links = {}
+    for p in window["processes"]:
+        f = p["files"]
+        parts = [f"[{label}]({f[key]})" for key, label in (("svg", "flamegraph"), ("speedscope", "speedscope"),
+                                                            ("chrometrace", "trace")) if key in f]
+        links[p["process"]] = " · ".join(parts)
+    return links
+
+
+def _headline(window: dict[str, Any]) -> str | None:
+    """The busiest (thread, category) pair, as a sentence."""
+    best = max(((cat, share, r) for r in window["threads"] for cat, share in r["categories"].items()
+                if cat not in (IDLE, OTHER)), key=lambda x: x[1], default=None)
+    if best is None or best[1] < MIN_SHARE:
+        return None
+    cat, share, r = best
+    role = f" ({r['role'].split(':')[0]})" if r.get("role") else ""
+    return (f"During {window['name']}, the {r['process']} thread {r['thread']}{role} spent "
+            f"{100 * share:.0f}% of its time in {cat}.")
+
+
+def _warnings(window: dict[str, Any], rate: float) -> list[str]:
+    out = []
+    for p in window["processes"]:
+        if p["status"] != "ok":
+            out.append(f"- {p['process']}: {p['message']}")
+        if p.get("fell_behind"):
+            late = f", up to {p['behind_s']:.1f} s late" if p.get("behind_s") else ""
+            out.append(f"- {p['process']}: py-spy took {_fmt(p.get('effective_rate'), 0)} samples/s per thread "
+                       f"of the {rate} asked{late} (CPU saturated, or too high a rate): shares are still "
+                       "estimates of time, with fewer samples")
+        if p.get("coverage") is not None and p["coverage"] < 0.9:
+            out.append(f"- {p['process']}: sampled {100 * p['coverage']:.0f}% of the window "
+                       "(py-spy attaches after the scenario starts)")
+    return out
+
+
+def window_text(window: dict[str, Any], rate: float, links: bool = True) -> str:
+    parts = [f"### {window['name']}", ""]
+    if headline := _headline(window):
+        parts += [headline, ""]
+    parts += [thread_table(window["threads"], _views(window) if links else None) if window["threads"]
+              else "_no samples in this window_", ""]
+    parts += _warnings(window, rate)
+    return "\n".join(parts).rstrip()
+
+
+def other_text(other_top: list[list[Any]]) -> str | None:
+    if not other_top:
+        return None
+    frames = "\n".join(f"- `{frame}`: {n:,} samples" for frame, n in other_top[:5])
+    return f"Innermost frames of samples no rule matched (`other`; extend the table to place them):\n\n{frames}"
+
+
+def _pct_change(a: float | None, b: float | None) -> float | None:
+    return None if not a or not b else 100.0 * (a - b) / b
+
+
+def _signed(value: float | None) -> str:
+    return "absent" if value is None else f"{value:+.1f}%"
+
+
+def _tps(s: dict[str, Any]) -> float | None:
+    return (s.get("throughput") or {}).get("output_tokens_per_s")
+
+
+def _ttft(s: dict[str, Any]) -> float | None:
+    m = s["mean_ms"]
+    return None if m["prefill"] is None else m["serialize"] + m["http_overhead"] + m["prefill"]
+
+
+def overhead_table(scenarios: list[dict[str, Any]], result: dict[str, Any] | None, cpus: int | None = None) -> str | None:
+    """Sampled vs unsampled runs of the same scenarios (`--pyspy-overhead`). The verdict is the
+    mean of the per-pair differences: with the order alternating, drift and order effects
+    cancel in it, not in a total weighted by the longest scenarios."""
+    by_name = {s["name"]: s for s in scenarios}
+    pairs = [(s, by_name[s["name"] + CONTROL_SUFFIX]) for s in scenarios if s["name"] + CONTROL_SUFFIX in by_name]
+    if not pairs:
+        return None
+    cpu = {w["name"]: (sum(p.get("pyspy_cpu_s") or 0.0 for p in w["processes"]), w.get("wall_s"))
+           for w in (result or {}).get("windows", [])}
+    rows, d_tps, d_ttft, shares = [], [], [], []
+    for on, off in pairs:
+        cpu_s, wall = cpu.get(on["name"], (None, None))
+        share = 100 * cpu_s / wall if cpu_s and wall else None
+        dt, dl = _pct_change(_tps(on), _tps(off)), _pct_change(_ttft(on), _ttft(off))
+        d_tps += [dt] if dt is not None else []
+        d_ttft += [dl] if dl is not None else []
+        shares += [share] if share is not None else []
+        rows.append([on["name"], f"{_fmt(_tps(on), 1)} / {_fmt(_tps(off), 1)}", _signed(dt),
+                     f"{_ms(_ttft(on))} / {_ms(_ttft(off))}", _signed(dl),
+                     "absent" if share is None else f"{share:.1f}%" + (f" ({share / cpus:.1f}% of {cpus})" if cpus else "")])
+    table = _table(["Scenario", "output tok/s sampled / not", "Δ", "TTFT ms sampled / not", "Δ",
+                    "py-spy CPU: % of one core (of all cores)"], rows)
+    parts = ["### Sampling overhead", "",
+             f"Each scenario ran twice, with and without py-spy (`NAME{CONTROL_SUFFIX}`, the order alternating). "
+             "TTFT = serialize + HTTP OH + prefill, means.", "", table, ""]
+    if d_tps:
+        mean = sum(d_tps) / len(d_tps)
+        ttft = f", TTFT {sum(d_ttft) / len(d_ttft):+.1f}%" if d_ttft else ""
+        cost = (f"; py-spy itself used {sum(shares) / len(shares):.1f}% of one core" if shares else "")
+        parts.append(f"Mean over {len(d_tps)} pairs: throughput {mean:+.1f}% (pairs from {min(d_tps):+.1f}% to "
+                     f"{max(d_tps):+.1f}%){ttft}{cost}. The budget is {OVERHEAD_BUDGET_PCT:g}%; a mean inside the "
+                     "spread of the pairs is noise, not overhead: repeat the scenarios (or lengthen them) to "
+                     "narrow it.")
+    return "\n".join(parts).rstrip()
+
+
+def profiling_section(run_dir: Path, summary: dict[str, Any], info: dict[str, Any]) -> str | None:
+    """REPORT_SECTIONS entry: None when the run did not ask for py-spy."""
+    monitor = (info.get("monitors") or {}).get("pyspy")
+    result = attribute_run(run_dir)
+    if monitor is None and result is None:
+        return None
+    parts = ["## Where the server's CPU time went (py-spy)", ""]
+    if result is None:
+        why = (monitor or {}).get("problem") or "nothing was sampled"
+        return "\n".join(parts + [f"_No profiles: {why}._"])
+    config = (monitor or {}).get("config") or {}
+    described = SamplerConfig(**config).describe() if config else f"{result['rate']} Hz"
+    parts += [HOW.format(version=(monitor or {}).get("pyspy") or "", config=described, rules=result["rules"],
+                         alignment=result["alignment_ms"]), ""]
+    for window in result["windows"]:
+        parts += [window_text(window, result["rate"]), ""]
+    if other := other_text(result["other_top"]):
+        parts += [other, ""]
+    notes = (monitor or {}).get("notes") or []
+    if notes or (monitor or {}).get("problem"):
+        parts += ["Sampling notes:", ""] + [f"- {n}" for n in notes]
+        if (monitor or {}).get("problem"):
+            parts.append(f"- stopped sampling: {monitor['problem']}")
+        parts.append("")
+    if overhead := overhead_table(summary.get("scenarios", []), result, (info.get("host") or {}).get("cpus")):
+        parts += [overhead, ""]
+    return "\n".join(parts).rstrip()
+
+
+def attribution_text(result: dict[str, Any], out: Path) -> str:
+    """`cputax profile`'s terminal output (markdown)."""
+    parts = [f"server: {result['server'] or 'not recognised (common rules only)'}; files under {out / 'pyspy'}", ""]
+    for window in result["windows"]:
+        parts += [window_text(window, result["rate"], links=False), ""]
+    if other := other_text(result["other_top"]):
+        parts.append(other)
+    return "\n".join(parts).rstrip()
+
+
+def file_text(result: dict[str, Any]) -> str:
+    """`cputax attribute`'s terminal output (markdown)."""
+    overall = ", ".join(f"{c} {_share(v)}" for c, v in sorted(result["categories"].items(), key=lambda kv: -kv[1])
+                        if _share(v))
+    parts = [f"server: {result['server'] or 'not recognised (common rules only)'}; {result['source']}",
+             f"all threads: {overall}", "", thread_table(result["threads"])]
+    if other := other_text(result["other_top"]):
+        parts += ["", other]
+    return "\n".join(parts)

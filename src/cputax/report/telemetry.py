@@ -1,0 +1,114 @@
+"""The report's telemetry section: GPU stalls and their split, server CPU per process.
+
+It also writes DIR/correlation.json (the correlation with the timeline series), which
+report.html draws from; `cputax report DIR` rebuilds both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cputax.analysis.correlate import correlate_run
+from cputax.records import read_json, write_json
+from cputax.report.markdown import _fmt, _pct, _table
+
+CORRELATION_FILE = "correlation.json"
+STATE_LABELS = (("engine", "at the engine"), ("front_end", "in the front end"), ("client", "client side"))
+
+
+def load_correlation(run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """correlation.json as the report section left it, or computed now."""
+    path = run_dir / CORRELATION_FILE
+    return read_json(path) if path.exists() else correlate_run(run_dir, info)
+
+
+def _s(value: float | None) -> str:
+    return "absent" if value is None else f"{value:,.2f}"
+
+
+def _split(split: dict[str, float], stall_s: float, top: int = 4) -> str:
+    if not stall_s:
+        return "-"
+    items = sorted(split.items(), key=lambda kv: -kv[1])[:top]
+    return ", ".join(f"{name} {100 * s / stall_s:.0f}%" for name, s in items)
+
+
+def stall_table(scenarios: list[dict[str, Any]]) -> str | None:
+    rows = []
+    for s in scenarios:
+        g = s.get("gpu")
+        if not g:
+            continue
+        rows.append([
+            s["name"], f"{s['wall_s']:.1f}", _pct(g["busy_pct"]), _pct(g["idle_nothing_pending_pct"]),
+            _pct(g["stall_pct"]), f"{g['stalls']} ({_fmt(g['longest_stall_ms'])})",
+            *[_s(g["stall_by_state"][k]) for k, _ in STATE_LABELS],
+            _split(g["stall_split"], g["stall_s"]),
+            f"{g['resolution_ms']:.0f} ms / ±{g['alignment_ms'] or 0:.1f} ms",
+        ])
+    if not rows:
+        return None
+    header = ["Scenario", "Wall s", "GPU busy", "Idle, nothing in flight", "Stall % of wall", "Stalls (longest ms)"]
+    header += [f"Stall s {label}" for _, label in STATE_LABELS] + ["Stall split (what the server did)", "Bin / clock ±"]
+    return _table(header, rows)
+
+
+def host_table(scenarios: list[dict[str, Any]]) -> str | None:
+    rows = []
+    for s in scenarios:
+        h = s.get("host")
+        if not h:
+            continue
+        for p in h["processes"]:
+            threads = ", ".join(f"{t['name']}:{t['tid']} {t['cpu_pct']:.0f}%" for t in p["threads"][:3]) or "-"
+            rows.append([s["name"], f"{p['name']} ({p['pid']})", p["role"], f"{p['cpu_pct']:.1f}%",
+                         f"{p['wait_pct']:.1f}%", f"{p['switches_per_s']:,.0f}", threads, _pct(h["system_busy_pct"])])
+    if not rows:
+        return None
+    return _table(["Scenario", "Process", "Role", "CPU (% of one core)", "Run-queue wait", "Scheduled in /s",
+                   "Busiest threads", "Machine CPU busy"], rows)
+
+
+def _sources(corr: dict[str, Any]) -> list[str]:
+    lines = []
+    gpu = next((s["gpu"] for s in corr["scenarios"] if s.get("gpu")), None)
+    if gpu:
+        lines.append(f"- GPU ({gpu['backend']}): busy = {gpu['source']}; idle = busy below {gpu['idle_below_pct']:.0f}% "
+                     f"in a {gpu['resolution_ms']:.0f} ms bin, the source's resolution ({gpu['resolution_basis']}): "
+                     "no stall is shorter than one bin and each end is uncertain by up to one bin. Clock alignment ±"
+                     f"{gpu['alignment_ms'] or 0:.2f} ms (NVML stamps are wall clock; polled sources are on the "
+                     "run's monotonic clock).")
+    for note in corr.get("notes", []):
+        lines.append(f"- {note}")
+    host = corr.get("host_meta") or {}
+    if host:
+        lines.append(f"- Host: every {host.get('interval_ms', 0):.0f} ms (median gap {host.get('poll_gap_ms_p50') or 0:.0f} ms), "
+                     f"thread CPU from {host.get('thread_cpu', '?')}; CPU % is of one core, so a process can exceed "
+                     "100%; run-queue wait is the time its threads were ready to run but had no core, summed over threads.")
+    lines.append("- Server CPU by category: " + (
+        f"from the py-spy timelines (on the run clock to ±{corr['pyspy_alignment_ms']:.0f} ms plus one sampling "
+        "interval); a stall's server time is split in proportion to the busy thread time of each category "
+        "during it." if corr.get("pyspy")
+        else "no py-spy data in this run, so the server's share of stall time is unattributed."))
+    return lines
+
+
+def render_telemetry(corr: dict[str, Any]) -> str | None:
+    stalls = stall_table(corr["scenarios"])
+    host = host_table(corr["scenarios"])
+    if not stalls and not host and not corr.get("notes"):
+        return None
+    parts = ["## GPU and host telemetry", "", *_sources(corr), ""]
+    parts += ["### GPU stalls: GPU idle while requests were in flight", ""]
+    parts += [stalls if stalls else "_no GPU telemetry in this run: GPU busy and stall times are absent_", ""]
+    if host:
+        parts += ["### Server CPU per process (host telemetry)", "", host, ""]
+    return "\n".join(parts)
+
+
+def telemetry_section(run_dir: Path, summary: dict[str, Any], info: dict[str, Any]) -> str | None:
+    """REPORT_SECTIONS entry: correlate, keep the result for report.html, render markdown."""
+    corr = correlate_run(run_dir, info)
+    write_json(run_dir / CORRELATION_FILE, corr)
+    return render_telemetry(corr)

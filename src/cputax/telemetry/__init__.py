@@ -1,0 +1,1 @@
+"""GPU (NVML, amdsmi) and host (psutil) telemetry behind one poller interface."""
