@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="drive a server through scenarios and decompose every request",
                        description="Run a load profile against an OpenAI-compatible endpoint (default: "
-                       "start the embedded target) and write requests.jsonl, summary.json and report.md.")
+                       "start the embedded target) and write requests.jsonl, summary.json, report.md and report.html.")
     _target_args(p, TOKENIZER_HELP + " (used when the server has no /tokenize)")
     p.add_argument("--profile", help="load profile TOML (default: profiles/smoke.toml)")
     p.add_argument("--scenario", action="append", help="run only this scenario (repeatable)")
