@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from cputax.analysis.decompose import percentile
 from cputax.client.stream import StreamingClient
 from cputax.records import RequestRecord
 from cputax.targets.stub import StubConfig, StubServer
@@ -48,14 +49,8 @@ def _payload() -> dict[str, Any]:
 
 
 def _percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default), None for no data."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+    """None for no data, else the shared percentile (q in 0..1 here)."""
+    return percentile(values, 100 * q) if values else None
 
 
 def _rounded(value: float | None, digits: int = 3) -> float | None:
