@@ -1,4 +1,4 @@
-"""pyperf suite "detok" (workloads in cputax.micro.detok).
+"""pyperf suite "detok" (workloads in cputax.micro.detokenization).
 
     python bench/bench_detok.py --fast -o detok.json [--tokenizer PATH]
 """

@@ -1,4 +1,4 @@
-"""pyperf suite "hash" (workloads in cputax.micro.hash).
+"""pyperf suite "hash" (workloads in cputax.micro.hashing).
 
     python bench/bench_hash.py --fast -o hash.json [--tokenizer PATH]
 """

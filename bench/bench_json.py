@@ -1,4 +1,4 @@
-"""pyperf suite "json" (workloads in cputax.micro.json).
+"""pyperf suite "json" (workloads in cputax.micro.payloads).
 
     python bench/bench_json.py --fast -o json.json [--tokenizer PATH]
 """

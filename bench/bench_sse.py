@@ -1,4 +1,4 @@
-"""pyperf suite "sse" (workloads in cputax.micro.sse).
+"""pyperf suite "sse" (workloads in cputax.micro.chunks).
 
     python bench/bench_sse.py --fast -o sse.json [--tokenizer PATH]
 """

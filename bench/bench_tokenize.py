@@ -1,4 +1,4 @@
-"""pyperf suite "tokenize" (workloads in cputax.micro.tokenize).
+"""pyperf suite "tokenize" (workloads in cputax.micro.tokenization).
 
     python bench/bench_tokenize.py --fast -o tokenize.json [--tokenizer PATH]
 """

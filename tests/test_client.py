@@ -232,7 +232,8 @@ def test_api_key_goes_in_the_header_only():
 
 @pytest.mark.slow
 def test_calibrate_json_has_the_documented_keys(capsys):
-    from cputax.client.calibrate import KEYS, calibrate
+    from cputax.client.calibrate import KEYS
+    from cputax.commands.calibrate import calibrate
 
     assert calibrate([1, 4], as_json=True, requests_per_level=8) == 0
     result = orjson.loads(capsys.readouterr().out)

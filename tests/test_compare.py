@@ -6,7 +6,7 @@ import sys
 import orjson
 import pytest
 
-from cputax.analysis.compare import compare_runs, groups
+from cputax.analysis.compare import GROUPS, compare_runs, groups
 from cputax.analysis.decompose import summarize_scenario
 from cputax.errors import CputaxError
 from cputax.records import JsonlWriter, RequestRecord, write_json
@@ -68,7 +68,7 @@ def test_known_differences_and_spread(runs):
 
 
 def test_markdown_has_the_studys_table_and_notes(runs):
-    md = render_compare(compare_runs(*runs, names=("HBM", "LMCache")))
+    md = render_compare(compare_runs(*runs, names=("HBM", "LMCache")), GROUPS)
     assert "| Scenario | HBM CPU% | LMCache CPU% | Delta | Note |" in md
     assert "| conc4 | HTTP OH | 50.0 (50.0 / 50.0) | 80.0 (80.0 / 80.0) | +30.0 ms | +60.0% | beyond the run-to-run spread" in md
     assert "| conc4 | Prefill |" in md and "inside the run-to-run spread (20.0 ms)" in md

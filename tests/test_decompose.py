@@ -8,7 +8,8 @@ from cputax.analysis.decompose import (
     phases_ms,
     summarize_scenario,
 )
-from cputax.analysis.server_metrics import parse_metrics, scenario_server_metrics
+from cputax.analysis.server_metrics import scenario_server_metrics
+from cputax.prometheus import parse_metrics
 from cputax.records import RequestRecord
 
 MS = 1_000_000

@@ -9,15 +9,11 @@ import sys
 import orjson
 import pytest
 
-from cputax.analysis.extrapolate import (
-    FrontEnd,
-    Point,
-    extrapolate,
-    extrapolate_command,
-    points_from_run,
-)
+from cputax.analysis.extrapolate import FrontEnd, Point, extrapolate, points_from_run
+from cputax.commands.extrapolate import extrapolate as extrapolate_command
 from cputax.errors import CputaxError
 from cputax.records import write_json
+from cputax.rundir import RunDir
 
 SHAPE = [(1, 1000), (1, 8000), (1, 32000), (4, 8000), (8, 4000), (16, 32000), (32, 32000), (32, 8000)]
 
@@ -44,7 +40,7 @@ def write_run(path, model: FrontEnd, shape=SHAPE, extra=()):
     path.mkdir(parents=True, exist_ok=True)
     write_json(path / "run.json", {"scenarios": asked})
     write_json(path / "summary.json", {"scenarios": summaries})
-    return path
+    return RunDir(path)
 
 
 def test_recovers_a_queue_with_contention(tmp_path):
@@ -115,7 +111,7 @@ def test_reproduces_the_studys_subagent_table_from_its_own_numbers():
 
 
 def test_command_writes_files_and_prints_the_table(tmp_path):
-    run_dir = write_run(tmp_path / "r", FrontEnd(2.0, 1.0, 0.001, 0.2, False))
+    run_dir = write_run(tmp_path / "r", FrontEnd(2.0, 1.0, 0.001, 0.2, False)).path
     assert extrapolate_command(run_dir, [4], [0, 12]) == 0
     saved = orjson.loads((run_dir / "extrapolation.json").read_bytes())
     assert [r["concurrency"] for r in saved["table"]] == [4, 52]

@@ -11,11 +11,11 @@ import orjson
 import pyperf
 import pytest
 
-from cputax.cli import SUITES as CLI_SUITES
 from cputax.cli import main
-from cputax.micro import hash as hash_suite
-from cputax.micro import sse
-from cputax.micro.command import compare_files, suite_command
+from cputax.commands.micro import compare_files, suite_command
+from cputax.micro import SUITES as CLI_SUITES
+from cputax.micro import chunks as sse
+from cputax.micro import hashing as hash_suite
 from cputax.micro.harness import SUITES, Report, suite_cases
 from cputax.micro.inputs import Inputs
 from cputax.micro.summary import STUDY_SECONDS, convert, display

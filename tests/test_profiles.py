@@ -16,10 +16,11 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["smoke", "study-matrix", "subagent-burst"])
-def test_shipped_profiles_load(name):
+@pytest.mark.parametrize(("name", "count"), [("smoke", 5), ("study-matrix", 8), ("subagent-burst", 2),
+                                             ("pyspy-overhead", 4)])
+def test_shipped_profiles_load(name, count):
     scenarios = load_profile(PROFILES / f"{name}.toml")
-    assert scenarios
+    assert len(scenarios) == count
     assert len({s.name for s in scenarios}) == len(scenarios)
 
 

@@ -12,8 +12,9 @@ import matplotlib.image
 import orjson
 import pytest
 
-from cputax.report.html import flamegraphs
-from cputax.run import RunOptions, rebuild_report, run
+from cputax.commands.run import run
+from cputax.rundir import RunDir
+from cputax.session import RunOptions, rebuild_report
 from cputax.targets.stub import StubConfig, StubServer
 from cputax.telemetry.runner import TelemetryConfig
 
@@ -98,10 +99,10 @@ def test_report_rebuilds_html_and_links_flamegraphs(run_dir):
     (run_dir / "pyspy" / "server.svg").write_text("<svg/>")
     (run_dir / "report.html").unlink()
     (run_dir / "correlation.json").unlink()
-    assert rebuild_report(run_dir) == 0
+    results = rebuild_report(RunDir(run_dir))
     html = (run_dir / "report.html").read_text()
     assert 'href="pyspy/server.svg"' in html
-    assert flamegraphs(run_dir) == [Path("pyspy/server.svg")]
+    assert results.views == ["pyspy/server.svg"]
     assert (run_dir / "correlation.json").exists()
 
 
@@ -113,7 +114,7 @@ def test_report_of_a_run_without_telemetry(run_dir, tmp_path):
     info = orjson.loads((bare / "run.json").read_bytes())
     info.pop("monitors")
     (bare / "run.json").write_bytes(orjson.dumps(info))
-    assert rebuild_report(bare) == 0
+    rebuild_report(RunDir(bare))
     html = (bare / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 + len(SCENARIOS)  # timelines still show requests in flight
     assert "GPU stalls" not in html and "none in this run" in html

@@ -7,9 +7,10 @@ import sys
 import orjson
 import pytest
 
+from cputax.commands.run import run
 from cputax.errors import CputaxError
 from cputax.records import read_requests
-from cputax.run import RunOptions, rebuild_report, run
+from cputax.session import RunOptions
 from cputax.targets.stub import StubConfig, StubServer
 
 PROFILE = """
@@ -104,25 +105,17 @@ def test_api_key_never_written(run_dir):
             assert b"sk-secret-do-not-write" not in path.read_bytes(), path
 
 
-def test_report_rebuilds_from_the_files(run_dir):
-    before = orjson.loads((run_dir / "summary.json").read_bytes())
-    (run_dir / "summary.json").unlink()
-    (run_dir / "report.md").unlink()
-    assert rebuild_report(run_dir) == 0
-    assert orjson.loads((run_dir / "summary.json").read_bytes()) == before
-    assert (run_dir / "report.md").exists()
-
-
 def test_refuses_to_overwrite_a_run(stub, run_dir):
     with pytest.raises(CputaxError, match="already holds a run"):
         run(RunOptions(endpoint=stub.url, profile=run_dir.parent / "p.toml", out=run_dir))
 
 
-def test_errors_are_recorded_and_the_run_goes_on(tmp_path):
+def test_errors_are_recorded_and_the_run_fails(tmp_path, capsys):
     profile = tmp_path / "p.toml"
     profile.write_text('[[scenario]]\nname = "x"\nconcurrency = 2\ncontext_tokens = 300\nbatches = 1\nwarmup = 0\n')
     with StubServer(StubConfig(fault="http_500")) as server:
-        assert run(RunOptions(endpoint=server.url, profile=profile, out=tmp_path / "o")) == 0
+        assert run(RunOptions(endpoint=server.url, profile=profile, out=tmp_path / "o")) == 1
+    assert "x: 2 of 2 requests failed: HTTP 500 (2)" in capsys.readouterr().err
     summary = orjson.loads((tmp_path / "o" / "summary.json").read_bytes())
     (scenario,) = summary["scenarios"]
     assert scenario["errors"] == 2 and scenario["requests"] == 2

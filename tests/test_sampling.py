@@ -17,17 +17,12 @@ from pathlib import Path
 import orjson
 import pytest
 
+from cputax.rundir import RunDir
 from cputax.sampling import pyspy
+from cputax.sampling.classify import Frame, parse_frame
 from cputax.sampling.flamegraph import render_svg
-from cputax.sampling.monitor import (
-    CONTROL_SUFFIX,
-    Discovery,
-    PyspyMonitor,
-    is_control,
-    with_controls,
-)
 from cputax.sampling.pyspy import PyspyProcess, SamplerConfig, ptrace_problem, read_log
-from cputax.sampling.rules import Frame, parse_frame
+from cputax.sampling.pyspy_monitor import Discovery, PyspyMonitor
 from cputax.sampling.stacks import (
     ThreadId,
     clip,
@@ -38,7 +33,7 @@ from cputax.sampling.stacks import (
     write_speedscope,
 )
 from cputax.targets.processes import find_server
-from cputax.workload.profiles import Scenario
+from cputax.workload.profiles import CONTROL_SUFFIX, Scenario, is_control, with_controls
 
 HAVE_PYSPY = shutil.which("py-spy") is not None or (Path(sys.executable).parent / "py-spy").exists()
 needs_pyspy = pytest.mark.skipif(not HAVE_PYSPY, reason=f"needs py-spy: {pyspy.INSTALL_HINT}")
@@ -139,12 +134,12 @@ def test_ptrace_problem_names_the_fix(monkeypatch):
 
 
 def test_monitor_without_permission_continues_without_profiles(tmp_path, monkeypatch):
-    from cputax.sampling import monitor as monitor_module
+    from cputax.sampling import pyspy_monitor as monitor_module
 
     monkeypatch.setattr(monitor_module, "ptrace_problem", lambda pids: "no permission to ptrace process 1: run as root")
     monkeypatch.setattr(monitor_module, "find_pyspy", lambda: "/bin/true")
     m = PyspyMonitor(SamplerConfig(), Discovery(pid=os.getpid()))
-    m.start(tmp_path, {"kind": "external"})
+    m.start(RunDir(tmp_path), {"kind": "external"})
     m.scenario_start("s", 0)
     m.scenario_end("s", 1)
     meta = m.stop()

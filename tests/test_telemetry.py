@@ -21,11 +21,13 @@ import pytest
 from cputax.analysis.correlate import host_usage
 from cputax.analysis.timeline import host_series, read_telemetry
 from cputax.records import read_jsonl
+from cputax.rundir import RunDir
 from cputax.telemetry.amd import AmdPoller, import_amdsmi, value
 from cputax.telemetry.base import ChangeTracker, TelemetryUnavailable, run_pollers
-from cputax.telemetry.host import HostPoller, redact
+from cputax.telemetry.host import HostPoller
 from cputax.telemetry.nvidia import NvidiaPoller, import_nvml
 from cputax.telemetry.runner import TelemetryConfig, TelemetryMonitor, gpu_poller
+from cputax.util import redact
 
 FAKES = Path(__file__).parent / "fakegpu"
 
@@ -317,7 +319,7 @@ def test_host_poller_sees_child_processes_and_threads(busy_family):
 
 def test_telemetry_monitor_runs_beside_the_run(busy_family, tmp_path):
     monitor = TelemetryMonitor(TelemetryConfig(gpu="none", host_interval_ms=50))
-    monitor.start(tmp_path, {"kind": "embedded", "pid": busy_family.pid})
+    monitor.start(RunDir(tmp_path), {"kind": "embedded", "pid": busy_family.pid})
     time.sleep(0.6)
     meta = monitor.stop()
     assert meta["host"]["roots"][str(busy_family.pid)] == "server" and meta["notes"] == []
@@ -331,7 +333,7 @@ def test_telemetry_monitor_with_a_gpu_backend(tmp_path, monkeypatch):
     """The child process imports `pynvml`: the stand-in, through PYTHONPATH."""
     monkeypatch.setenv("PYTHONPATH", str(FAKES))
     monitor = TelemetryMonitor(TelemetryConfig(gpu="nvidia", gpu_interval_ms=20, slow_interval_ms=100))
-    monitor.start(tmp_path, {"kind": "external", "endpoint": "http://10.255.255.1:8000"})
+    monitor.start(RunDir(tmp_path), {"kind": "external", "endpoint": "http://10.255.255.1:8000"})
     time.sleep(1.2)
     meta = monitor.stop()
     assert meta["nvidia"]["devices"][0]["name"] == "NVIDIA H200"

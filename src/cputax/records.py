@@ -117,3 +117,21 @@ def read_json(path: Path) -> Any:
         raise CputaxError(f"{path}: no such file") from exc
     except orjson.JSONDecodeError as exc:
         raise CputaxError(f"{path}: not valid JSON ({exc})") from exc
+
+
+@dataclass
+class Results:
+    """What analysis derives from one run directory: everything the report renders.
+
+    `info` is run.json; `summary`, `attribution` and `correlation` are what
+    summary.json, pyspy/attribution.json and correlation.json hold; `views` are the
+    flamegraph and speedscope files, relative to the run directory.
+    """
+
+    info: dict[str, Any]
+    summary: dict[str, Any]
+    attribution: dict[str, Any] | None = None
+    correlation: dict[str, Any] | None = None
+    views: list[str] = field(default_factory=list)
+    growth: list[dict[str, Any]] = field(default_factory=list)  # HTTP overhead vs concurrency per context
+    name: str = ""  # the run directory's name, for titles

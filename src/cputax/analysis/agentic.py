@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from cputax.analysis.decompose import percentile
 from cputax.records import RequestRecord
+from cputax.util import percentile
 
 PARTS = ("think", "client", "front_end", "engine")
 TIMELINE_BUCKETS = 12

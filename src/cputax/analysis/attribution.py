@@ -17,15 +17,15 @@ sample that saw it). tests/test_sampling.py::test_timeline_is_on_the_run_clock c
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from cputax.records import read_json, read_jsonl, write_json
-from cputax.sampling.rules import CATEGORIES, IDLE, OTHER, Classifier, Rule, Stack
-from cputax.sampling.servers import COMMON_RULES, SERVERS, rules_for
+from cputax.rundir import RunDir
+from cputax.sampling.classify import Classifier, Stack, classifier_for, detect_server
 from cputax.sampling.stacks import ThreadId, Timeline, clip, collapse, read_chrometrace, read_raw
+from cputax.servers import CATEGORIES, IDLE, OTHER, get
 
 ALIGNMENT_MS = 15.0  # py-spy timestamps vs the run's clock, worst case seen (see the docstring)
 PYSPY_DEFAULT_RATE = 100  # py-spy's own default: assumed for a chrometrace cputax did not record
@@ -34,22 +34,6 @@ OTHER_TOP = 10
 NO_FRAME = "(no Python frame: native code, or a thread between Python calls)"
 
 CategorySpan = tuple[int, int, str]
-
-
-def detect_server(stacks: Iterable[Mapping[Stack, float]]) -> str | None:
-    """The server whose code the stacks run (most samples in its marker paths), or None."""
-    classifiers = {name: Classifier([Rule(OTHER, glob) for glob in table.markers]) for name, table in SERVERS.items()}
-    scores: Counter[str] = Counter()
-    for counter in stacks:
-        for stack, weight in counter.items():
-            for name, c in classifiers.items():
-                if any(c.frame_category(f) for f in stack):
-                    scores[name] += weight
-    return scores.most_common(1)[0][0] if scores else None
-
-
-def classifier_for(server: str | None) -> Classifier:
-    return Classifier(rules_for(server) if server else COMMON_RULES)
 
 
 def fractions(counter: Mapping[str, float]) -> dict[str, float]:
@@ -94,7 +78,7 @@ def thread_role(server: str | None, process_role: str, thread: str) -> str | Non
     """What a thread does, from the server's table (None when unknown)."""
     if server is None:
         return None
-    for proc_glob, thread_glob, role in SERVERS[server].threads:
+    for proc_glob, thread_glob, role in get(server).threads:
         if fnmatchcase(process_role, proc_glob) and fnmatchcase(thread, thread_glob):
             return role
     return None
@@ -117,13 +101,8 @@ def attribute_file(path: Path, server: str = "auto", rate: float | None = None) 
 
 
 # --- a run (or profile) directory ----------------------------------------------------------------
-def manifest(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "pyspy" / "manifest.jsonl"
-    return list(read_jsonl(path)) if path.exists() else []
-
-
-def _timeline(run_dir: Path, entry: dict[str, Any]) -> Timeline | None:
-    path = run_dir / entry["files"]["chrometrace"]
+def _timeline(run: RunDir, entry: dict[str, Any]) -> Timeline | None:
+    path = run.path / entry["files"]["chrometrace"]
     if not path.exists():
         return None
     return read_chrometrace(path)
@@ -133,18 +112,18 @@ def _ns(entry: dict[str, Any], ts_us: float) -> int:
     return entry["t_launched_ns"] + int(ts_us * 1000)
 
 
-def category_timeline(run_dir: Path) -> dict[tuple[int, str], list[CategorySpan]]:
+def category_timeline(run: RunDir) -> dict[tuple[int, str], list[CategorySpan]]:
     """Per (pid, thread name): [(t0_ns, t1_ns, category)] on the run's monotonic clock
     (time.monotonic_ns(), the clock of requests.jsonl and windows.jsonl), in time order,
     adjacent spans of one category merged. Covers the sampled windows (each scenario,
     controls excluded); empty when the run has no py-spy data. Times are good to
     ALIGNMENT_MS plus one sampling interval (1/rate): a span starts at the first sample
     that saw its stack."""
-    entries = manifest(run_dir)
+    entries = run.read_manifest()
     out: dict[tuple[int, str], list[CategorySpan]] = {}
     classifiers: dict[str | None, Classifier] = {}
     for entry in entries:
-        timeline = _timeline(run_dir, entry)
+        timeline = _timeline(run, entry)
         if timeline is None:
             continue
         server = entry.get("server")
@@ -162,14 +141,11 @@ def category_timeline(run_dir: Path) -> dict[tuple[int, str], list[CategorySpan]
     return out
 
 
-def _client_windows(run_dir: Path) -> dict[str, tuple[int, int]]:
-    path = run_dir / "windows.jsonl"
-    if not path.exists():
-        return {}
-    return {w["scenario"]: (w["start_ns"], w["end_ns"]) for w in read_jsonl(path)}
+def _client_windows(run: RunDir) -> dict[str, tuple[int, int]]:
+    return {w["scenario"]: (w["start_ns"], w["end_ns"]) for w in run.read_windows()}
 
 
-def _gil_shares(run_dir: Path, entry: dict[str, Any]) -> dict[int | None, float] | None:
+def _gil_shares(run: RunDir, entry: dict[str, Any]) -> dict[int | None, float] | None:
     """Share of samples in which each thread (by tid) held the GIL, from the --gil sampler
     (samples / (its duration x rate)); None without one."""
     sampler = entry.get("gil_sampler") or {}
@@ -178,10 +154,10 @@ def _gil_shares(run_dir: Path, entry: dict[str, Any]) -> dict[int | None, float]
     ticks = (sampler["t_stop_ns"] - sampler["t_launched_ns"]) / 1e9 * entry["rate"]
     if ticks <= 0:
         return None
-    return {t.tid: sum(c.values()) / ticks for t, c in read_raw(run_dir / entry["files"]["gil"]).items()}
+    return {t.tid: sum(c.values()) / ticks for t, c in read_raw(run.path / entry["files"]["gil"]).items()}
 
 
-def _process_view(run_dir: Path, entry: dict[str, Any], window: tuple[int, int] | None,
+def _process_view(entry: dict[str, Any], window: tuple[int, int] | None,
                   timeline: Timeline | None) -> tuple[dict[str, Any], dict[ThreadId, Counter[Stack]]]:
     """One sampled process in one window: its per-thread stacks and what py-spy reported."""
     label = f"{entry['role']} {entry['pid']}"
@@ -206,15 +182,15 @@ def _process_view(run_dir: Path, entry: dict[str, Any], window: tuple[int, int] 
     return view, {t: s for t, s in stacks.items() if s}
 
 
-def attribute_run(run_dir: Path, write: bool = True) -> dict[str, Any] | None:
-    """Per window and per process/thread shares of a run (or profile) directory; written to
-    pyspy/attribution.json. None when nothing was sampled."""
-    entries = manifest(run_dir)
+def attribute_run(run: RunDir) -> dict[str, Any] | None:
+    """Per window and per process/thread shares of a run (or profile) directory (what
+    pyspy/attribution.json holds). None when nothing was sampled."""
+    entries = run.read_manifest()
     if not entries:
         return None
-    client = _client_windows(run_dir)
+    client = _client_windows(run)
     server = next((e["server"] for e in entries if e.get("server")), None)
-    timelines = {i: _timeline(run_dir, e) for i, e in enumerate(entries)}
+    timelines = {i: _timeline(run, e) for i, e in enumerate(entries)}
     if server is None:
         server = detect_server(collapse(spans, 1.0) for tl in timelines.values() if tl for spans in tl.values())
     classifier = classifier_for(server)
@@ -225,8 +201,8 @@ def attribute_run(run_dir: Path, write: bool = True) -> dict[str, Any] | None:
         span = client.get(name)
         processes, threads, roles = [], {}, {}
         for i, entry in mine:
-            view, stacks = _process_view(run_dir, entry, span, timelines[i])
-            gil = _gil_shares(run_dir, entry)
+            view, stacks = _process_view(entry, span, timelines[i])
+            gil = _gil_shares(run, entry)
             for thread, counter in stacks.items():
                 key = (view["process"], thread)
                 threads[key] = counter
@@ -248,9 +224,6 @@ def attribute_run(run_dir: Path, write: bool = True) -> dict[str, Any] | None:
     result = {"server": server, "rules": server or "common only", "alignment_ms": ALIGNMENT_MS,
               "rate": entries[0]["rate"], "windows": windows,
               "other_top": [[f, n] for f, n in other.most_common(OTHER_TOP)]}
-    info_path = run_dir / "run.json"
-    if info_path.exists():
-        result["config"] = ((read_json(info_path).get("monitors") or {}).get("pyspy") or {}).get("config")
-    if write:
-        write_json(run_dir / "pyspy" / "attribution.json", result)
+    if run.has_info():
+        result["config"] = ((run.info().get("monitors") or {}).get("pyspy") or {}).get("config")
     return result

@@ -14,7 +14,8 @@ from typing import Any
 
 from cputax.analysis.decompose import PHASES, phases_ms, summarize_scenario
 from cputax.errors import CputaxError
-from cputax.records import RequestRecord, read_json, read_requests
+from cputax.records import RequestRecord, read_json
+from cputax.rundir import RunDir
 
 GROUPS = 4  # slices of an open-loop scenario (or one batch) for the spread
 RATIOS = ("cpu_pct", "gpu_pct")
@@ -22,12 +23,11 @@ TELEMETRY = ("busy_pct", "stall_pct")  # from correlation.json, when both runs h
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
-    if not (run_dir / "summary.json").exists():
+    run = RunDir(run_dir)
+    if not run.summary.exists():
         raise CputaxError(f"{run_dir}: no summary.json; is it a run directory? (`cputax report {run_dir}` rebuilds it)")
-    records = read_requests(run_dir / "requests.jsonl") if (run_dir / "requests.jsonl").exists() else []
-    corr_path = run_dir / "correlation.json"
-    return {"dir": run_dir, "summary": read_json(run_dir / "summary.json"), "records": records,
-            "correlation": read_json(corr_path) if corr_path.exists() else None}
+    return {"dir": run_dir, "summary": read_json(run.summary), "records": run.read_requests(),
+            "correlation": run.read_optional(run.correlation)}
 
 
 def groups(records: list[RequestRecord]) -> list[list[RequestRecord]]:

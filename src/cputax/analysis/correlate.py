@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from cputax.analysis.attribution import ALIGNMENT_MS as PYSPY_ALIGNMENT_MS
@@ -33,8 +32,9 @@ from cputax.analysis.timeline import (
     host_series,
     read_telemetry,
 )
-from cputax.records import RequestRecord, read_json, read_jsonl, read_requests
-from cputax.sampling.rules import IDLE
+from cputax.records import RequestRecord
+from cputax.rundir import RunDir
+from cputax.servers import IDLE
 
 IDLE_BELOW_PCT = 10.0
 IDLE_CATEGORIES = frozenset({IDLE})
@@ -200,6 +200,8 @@ def host_usage(host: HostSeries, window: tuple[int, int]) -> dict[str, Any]:
     wall = (w1 - w0) / 1e9
     processes = []
     for pid, intervals in host.cpu.items():
+        if not any(iv.t0_ns < w1 and iv.t1_ns > w0 for iv in intervals):
+            continue  # did not live in this window (a py-spy of another scenario, a restarted child)
         cpu_s = whole.sums(intervals)[0] / 1e9
         threads = sorted(((tid, whole.sums(iv)[0] / 1e9) for (p, tid), iv in host.thread_cpu.items() if p == pid),
                          key=lambda x: -x[1])[:TOP_THREADS]
@@ -239,10 +241,10 @@ def timeline(window: tuple[int, int], phases: list[Span], gpu: GpuBusy | None, c
     return out
 
 
-def category_spans(run_dir: Path) -> CategorySpans:
+def category_spans(run: RunDir) -> CategorySpans:
     """The one place py-spy data enters: server CPU by category per (pid, thread) on the
     run's monotonic clock (good to PYSPY_ALIGNMENT_MS), or {} when the run has none."""
-    return category_timeline(run_dir)
+    return category_timeline(run)
 
 
 def correlate_scenario(window: tuple[int, int], records: list[RequestRecord], gpu: GpuBusy | None,
@@ -261,24 +263,26 @@ def correlate_scenario(window: tuple[int, int], records: list[RequestRecord], gp
     return result
 
 
-def correlate_run(run_dir: Path, info: dict[str, Any] | None = None) -> dict[str, Any]:
+def correlate_run(run: RunDir, info: dict[str, Any] | None = None,
+                  records: list[RequestRecord] | None = None) -> dict[str, Any]:
     """Per scenario: GPU busy, stalls and their split, server CPU; plus the timeline series."""
-    info = info or read_json(run_dir / "run.json")
+    info = info or run.info()
     meta = (info.get("monitors") or {}).get("telemetry") or {}
-    path = run_dir / "telemetry.jsonl"
-    by_kind = read_telemetry(read_jsonl(path)) if path.exists() else {}
+    by_kind = read_telemetry(run.iter_telemetry())
     gpu = gpu_busy(by_kind, meta)
     host = host_series(by_kind)
-    categories = category_spans(run_dir)
+    categories = category_spans(run)
     stopped = [f"{name} telemetry stopped early: {m['cost']['error']}" for name, m in meta.items()
                if isinstance(m, dict) and (m.get("cost") or {}).get("error")]
-    records = read_requests(run_dir / "requests.jsonl") if (run_dir / "requests.jsonl").exists() else []
-    windows = list(read_jsonl(run_dir / "windows.jsonl")) if (run_dir / "windows.jsonl").exists() else []
+    records = run.read_requests() if records is None else records
+    windows = run.read_windows()
     scenarios = []
     for w in windows:
+        if w.get("skipped"):
+            continue  # never measured: no window to correlate
         mine = [r for r in records if r.scenario == w["scenario"]]
         scenarios.append({"name": w["scenario"],
                           **correlate_scenario((w["start_ns"], w["end_ns"]), mine, gpu, categories, host)})
-    return {"telemetry": path.exists(), "gpu_backend": gpu.backend if gpu else None, "pyspy": bool(categories),
+    return {"telemetry": run.telemetry.exists(), "gpu_backend": gpu.backend if gpu else None, "pyspy": bool(categories),
             "pyspy_alignment_ms": PYSPY_ALIGNMENT_MS if categories else None,
             "notes": meta.get("notes", []) + stopped, "host_meta": meta.get("host", {}), "scenarios": scenarios}

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from cputax.records import RequestRecord
+from cputax.util import percentile
 
 PHASES = ("serialize", "http_overhead", "prefill", "decode", "response_parse", "total")
 CPU_PHASES = ("serialize", "http_overhead", "response_parse")
@@ -37,17 +38,6 @@ def phases_ms(r: RequestRecord) -> dict[str, float] | None:
         "response_parse": r.parse_s * 1000.0,
         "total": (r.t_end - r.t_start) * ms,
     }
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100) of a non-empty list."""
-    data = sorted(values)
-    if len(data) == 1:
-        return data[0]
-    pos = (len(data) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(data) - 1)
-    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
 def _mean(values: list[float]) -> float | None:

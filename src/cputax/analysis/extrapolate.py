@@ -25,11 +25,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cputax.errors import CputaxError
-from cputax.records import read_json, write_json
+from cputax.records import read_json
+from cputax.rundir import RunDir
 
 Q_GRID = [i / 100 for i in range(0, 151)]
 BEYOND = 2.0  # warn past this multiple of the largest measured concurrency
@@ -49,13 +49,12 @@ class Point:
     cpu_pct: float
 
 
-def points_from_run(run_dir: Path) -> tuple[list[Point], list[str]]:
+def points_from_run(run: RunDir) -> tuple[list[Point], list[str]]:
     """The scenarios that fit the batch model, and one line per scenario left out."""
-    summary_path = run_dir / "summary.json"
-    if not summary_path.exists():
-        raise CputaxError(f"{run_dir}: no summary.json; run `cputax report {run_dir}` first")
-    summary = read_json(summary_path)
-    info = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
+    if not run.summary.exists():
+        raise CputaxError(f"{run.path}: no summary.json; run `cputax report {run.path}` first")
+    summary = read_json(run.summary)
+    info = run.info() if run.has_info() else {}
     asked = {s["name"]: s for s in info.get("scenarios", [])}
     points, left_out = [], []
     for s in summary.get("scenarios", []):
@@ -265,70 +264,3 @@ def extrapolate(points: list[Point], users: list[int], subagents: list[int],
         "table": rows,
         "warnings": warnings,
     }
-
-
-def _n(value: float | None, digits: int = 1) -> str:
-    return "absent" if value is None else f"{value:,.{digits}f}"
-
-
-def render(result: dict[str, Any], run_dir: Path, left_out: list[str]) -> str:
-    m, p = result["model"], result["model"]["params"]
-    ctx = result["context_tokens"]
-    shape = "S = s1*n (one prompt size measured)" if p["proportional_to_tokens"] else "S = s0 + s1*n"
-    lines = [
-        f"# cputax extrapolation from `{run_dir}`",
-        "",
-        f"Model of the front end (time to headers): a batch of c requests queued on one thread, "
-        f"`{m['formula']}`, {shape}. Chosen: **{m['name']}** (leave-one-out error: queue "
-        f"{_n(m['loo_rms_pct']['queue'])}%, with contention {_n(m['loo_rms_pct']['queue_contention'])}% "
-        f"at q = {m['alternative_q']:.2f}; absent = too few scenarios).",
-        "",
-        f"- L = {p['L_ms']:.2f} ms, s0 = {p['s0_ms']:.2f} ms, s1 = {p['s1_us_per_token']:.3f} µs/token, "
-        f"q = {p['q']:.2f}: the front end spends {p['service_ms_at_context']:.1f} ms per {ctx:,}-token request",
-        f"- fit error over the measured scenarios: RMS {m['fit_rms_pct']:.1f}%, max {m['fit_max_pct']:.1f}% (HTTP OH); "
-        f"CPU% off by {_n(result['cpu_fit_rms_points'], 2)} points RMS",
-        f"- client CPU (serialize + parse) ms = {result['client_ms']}; the rest of a request (prefill, decode, "
-        f"stream end) ms = {result['rest_ms']} (n = prompt tokens, c = concurrency)",
-        "",
-        "| Scenario | Conc | Prompt tok | HTTP OH ms | fitted | CPU% | fitted |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    lines += [f"| {q['name']} | {q['concurrency']} | {q['prompt_tokens']:,.0f} | {q['http_overhead_ms']:,.1f} | "
-              f"{q['fitted_ms']:,.1f} | {q['cpu_pct']:.1f}% | {q['fitted_cpu_pct']:.1f}% |" for q in result["points"]]
-    lines += [
-        "",
-        f"## Users x sub-agents at {ctx:,} prompt tokens (largest measured concurrency: "
-        f"{result['max_measured_concurrency']})",
-        "",
-        f"| Users | Sub-agents/user | Effective conc | Est. CPU% | Est. HTTP OH ({ctx // 1000}K) |",
-        "|---|---|---|---|---|",
-    ]
-    for r in result["table"]:
-        mark = " ⚠" if r["beyond"] else ("" if not r["measured_range"] else " (within measured)")
-        lines.append(f"| {r['users']} | {r['subagents']} | {r['concurrency']}{mark} | {r['cpu_pct']:.1f}% | "
-                     f"{r['http_overhead_ms']:,.0f} ms |")
-    lines += [""] + [f"- {w}" for w in result["warnings"]] + [f"- left out: {x}" for x in left_out]
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def extrapolate_command(run_dir: Path, users: list[int], subagents: list[int], context: int | None = None,
-                        as_json: bool = False) -> int:
-    """`cputax extrapolate DIR`: print the table, keep extrapolation.json / .md in the run directory."""
-    if not run_dir.is_dir():
-        raise CputaxError(f"{run_dir}: no such run directory")
-    points, left_out = points_from_run(run_dir)
-    if len({p.concurrency for p in points}) < 2 and left_out:
-        raise CputaxError(f"{run_dir}: extrapolation needs batch scenarios at two or more concurrency levels; "
-                          f"left out: {'; '.join(left_out)}")
-    result = extrapolate(points, users, subagents, context)
-    result["left_out"] = left_out
-    text = render(result, run_dir, left_out)
-    write_json(run_dir / "extrapolation.json", result)
-    (run_dir / "extrapolation.md").write_text(text)
-    if as_json:
-        import orjson
-
-        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
-    else:
-        print(text, end="")
-    return 0

@@ -1,7 +1,7 @@
 """A scenario's server-side numbers from two Prometheus scrapes (before, after).
 
-Metric names are data: one row per quantity, listing the names it has had across
-server versions and servers. Means are delta(_sum) / delta(_count). A metric the
+Metric names are data, in each server's table (cputax.servers): per quantity, the
+names it has had across server versions. Means are delta(_sum) / delta(_count). A metric the
 server does not export is None (absent), never zero.
 """
 
@@ -9,41 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
+from cputax.prometheus import parse_metrics
+from cputax.rundir import RunDir
+from cputax.servers import metric_names
 
-# quantity -> names to try, first found wins (vLLM current, vLLM older, SGLang)
-HISTOGRAMS: dict[str, tuple[str, ...]] = {
-    "queue": ("vllm:request_queue_time_seconds", "sglang:queue_time_seconds"),
-    "prefill": ("vllm:request_prefill_time_seconds",),
-    "decode": ("vllm:request_decode_time_seconds",),
-    "inference": ("vllm:request_inference_time_seconds",),
-    "ttft": ("vllm:time_to_first_token_seconds", "sglang:time_to_first_token_seconds"),
-    "e2e": ("vllm:e2e_request_latency_seconds", "sglang:e2e_request_latency_seconds"),
-}
-COUNTERS: dict[str, tuple[str, ...]] = {
-    "prefix_cache_queries": ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total"),
-    "prefix_cache_hits": ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total"),
-    "prompt_tokens": ("vllm:prompt_tokens_total", "sglang:prompt_tokens_total"),
-    "generation_tokens": ("vllm:generation_tokens_total", "sglang:generation_tokens_total"),
-    "preemptions": ("vllm:num_preemptions_total",),
-    "process_cpu_seconds": ("process_cpu_seconds_total",),
-}
-GAUGES: dict[str, tuple[str, ...]] = {
-    "running": ("vllm:num_requests_running", "sglang:num_running_reqs"),
-    "waiting": ("vllm:num_requests_waiting", "sglang:num_queue_reqs"),
-    "kv_cache_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
-}
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Sample name -> value, summed over label sets (engines, models); buckets dropped."""
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name.endswith(("_bucket", "_created")):
-                continue
-            values[sample.name] = values.get(sample.name, 0.0) + float(sample.value)
-    return values
+_NAMES = metric_names()  # every server's, vLLM first: a scrape is read with whichever it has
+HISTOGRAMS = _NAMES.histograms
+COUNTERS = _NAMES.counters
+GAUGES = _NAMES.gauges
 
 
 def _first(values: dict[str, float], names: tuple[str, ...], suffix: str = "") -> float | None:
@@ -58,6 +31,14 @@ def _delta(before: dict[str, float], after: dict[str, float], names: tuple[str, 
     if a is None:
         return None
     return a - (_first(before, names, suffix) or 0.0)
+
+
+def in_flight(polls: list[dict[str, Any]], busy: list[tuple[int, int]] | None) -> list[dict[str, Any]]:
+    """The gauge polls taken while at least one request was in flight (`busy`: the requests'
+    sent -> end spans); all of them when the spans are unknown."""
+    if busy is None:
+        return polls
+    return [p for p in polls if any(a <= p.get("t_ns", -1) <= b for a, b in busy)]
 
 
 def scenario_server_metrics(
@@ -83,5 +64,19 @@ def scenario_server_metrics(
         "prefix_cache_hit_rate": (hits / queries) if queries and hits is not None else None,
         "counters": deltas,
         "gauges": gauges,
+        "gauge_polls": len(gauge_polls),
         "api_server_cpu_s_per_request": (cpu / requests) if cpu is not None and requests else None,
     }
+
+
+def run_scenario_metrics(run: RunDir, name: str, requests: int,
+                         busy: list[tuple[int, int]] | None = None) -> dict[str, Any] | None:
+    """A scenario's server-side numbers from the scrapes a run directory holds; None without
+    them. Gauges count only polls taken while requests were in flight (`busy`)."""
+    before, after = run.read_scrape(name, "before"), run.read_scrape(name, "after")
+    if before is None or after is None:
+        return None
+    every = run.read_gauges(name)
+    metrics = scenario_server_metrics(parse_metrics(before), parse_metrics(after), requests, in_flight(every, busy))
+    metrics["gauge_polls_total"] = len(every)  # scrapes the server answered during the scenario
+    return metrics

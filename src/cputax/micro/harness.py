@@ -1,6 +1,7 @@
 """The pyperf side of every suite: one Runner, lazy per-benchmark setup, metadata.
 
-A suite module (cputax.micro.tokenize, .json, .hash, .sse, .detok) only lists
+A suite module (cputax.micro.tokenization, .payloads, .hashing, .chunks,
+.detokenization, one per suite in SUITES) only lists
 `Case`s: a name, the timed step, and a `prepare` that builds the step's
 arguments. `run_suite` registers every case with pyperf in the same order in
 every process, but builds inputs only in the worker that times that case, so a
@@ -19,9 +20,8 @@ from typing import Any
 
 import pyperf
 
+from cputax.micro import SUITES
 from cputax.micro.inputs import Inputs
-
-SUITES = ("tokenize", "json", "hash", "sse", "detok")
 
 # pyperf's default is 20 worker processes (--fast: 10, --rigorous: 40). Each of
 # ours loads Python, cputax and often a 100k-token input, so half that keeps a
@@ -68,7 +68,7 @@ def suite_cases(suite: str) -> list[Case]:
     """The cases of `suite`, in registration order (cheap: builds no inputs)."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
-    return importlib.import_module(f"cputax.micro.{suite}").cases()
+    return importlib.import_module(f"cputax.micro.{SUITES[suite]}").cases()
 
 
 def library_metadata() -> Metadata:

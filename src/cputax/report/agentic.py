@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from cputax.analysis.agentic import PARTS
-from cputax.report.markdown import _fmt, _ms, _pct, _table
+from cputax.report.format import fraction, ms, number, pct, table
 
 PART_LABELS = {"think": "Think", "client": "Client build", "front_end": "Server front end", "engine": "Server engine"}
 
@@ -22,20 +20,17 @@ active at once are the study's "effective concurrency"; requests in flight are w
 the server saw."""
 
 
-def _rate(value: float | None) -> str:
-    return "absent" if value is None else f"{100 * value:.1f}%"
-
-
-def agentic_section(out: Path, summary: dict[str, Any], info: dict[str, Any]) -> str | None:
+def agentic_section(summary: dict[str, Any], info: dict[str, Any]) -> str | None:
     agentic = summary.get("agentic")
     if not agentic:
         return None
     replay = info.get("replay", {})
     turns = agentic["turns"]
+    part_names = list(turns["ms"])  # the parts of a turn, in the analysis's order
     cycle = turns["cycle_ms"]["mean"] or 0.0
-    turn_rows = [[PART_LABELS[k], _ms(turns["ms"][k]["mean"]), _ms(turns["ms"][k]["p50"]), _ms(turns["ms"][k]["p99"]),
-                  _pct(100 * turns["ms"][k]["mean"] / cycle if cycle else None)] for k in PARTS]
-    turn_rows.append(["Turn cycle", _ms(cycle), _ms(turns["cycle_ms"]["p50"]), _ms(turns["cycle_ms"]["p99"]), "100%"])
+    turn_rows = [[PART_LABELS[k], ms(turns["ms"][k]["mean"]), ms(turns["ms"][k]["p50"]), ms(turns["ms"][k]["p99"]),
+                  pct(100 * turns["ms"][k]["mean"] / cycle if cycle else None)] for k in part_names]
+    turn_rows.append(["Turn cycle", ms(cycle), ms(turns["cycle_ms"]["p50"]), ms(turns["cycle_ms"]["p99"]), "100%"])
     session_rows = []
     for s in agentic["sessions"]:
         path = s["critical_path"]
@@ -43,10 +38,10 @@ def agentic_section(out: Path, summary: dict[str, Any], info: dict[str, Any]) ->
         session_rows.append(
             [s["session"], f"{s['requests'] - s['errors']}/{s['requests']}", str(s["subagents"]),
              f"{path['wall_s']:,.1f}", " > ".join(path["chain"]), str(path["turns"])]
-            + [_pct(100 * path["ms"][k] / wall_ms if wall_ms else None) for k in PARTS])
+            + [pct(100 * path["ms"][k] / wall_ms if wall_ms else None) for k in part_names])
     conc = agentic["concurrency"]
     digits = 2 if conc["timeline"][-1]["t_s"] < 10 else 0
-    timeline_rows = [[f"{b['t_s']:,.{digits}f}", _fmt(b["agents"], 1), _fmt(b["requests"], 1), _fmt(b["subagent_requests"], 1)]
+    timeline_rows = [[f"{b['t_s']:,.{digits}f}", number(b["agents"], 1), number(b["requests"], 1), number(b["subagent_requests"], 1)]
                      for b in conc["timeline"]]
     cache = agentic["prefix_cache"]
     skipped = sum(c.get("skipped_over_context", 0) for c in replay.get("conversations", []))
@@ -61,7 +56,7 @@ def agentic_section(out: Path, summary: dict[str, Any], info: dict[str, Any]) ->
         f"- prompt text: {replay.get('blocks', 0):,} blocks of {'/'.join(map(str, replay.get('block_sizes', [])))} "
         "tokens made in "
         f"{replay.get('prepare_s', 0):.1f} s before the clock started; a block is "
-        f"{_fmt(replay.get('server_block_tokens'))} tokens to the server's counter",
+        f"{number(replay.get('server_block_tokens'))} tokens to the server's counter",
     ]
     for error in replay.get("trace_errors", []):
         lines.append(f"- not replayed: {error}")
@@ -69,12 +64,12 @@ def agentic_section(out: Path, summary: dict[str, Any], info: dict[str, Any]) ->
         "",
         "### Where a turn's time goes (ms)",
         "",
-        _table(["Part", "mean", "p50", "p99", "share of mean cycle"], turn_rows),
+        table(["Part", "mean", "p50", "p99", "share of mean cycle"], turn_rows),
         "",
         "### Sessions: critical path",
         "",
-        _table(["Session", "OK/requests", "Sub-agents", "Wall s", "Critical path", "Turns on it"]
-               + [f"{PART_LABELS[k]} %" for k in PARTS], session_rows),
+        table(["Session", "OK/requests", "Sub-agents", "Wall s", "Critical path", "Turns on it"]
+               + [f"{PART_LABELS[k]} %" for k in part_names], session_rows),
         "",
         "### Effective concurrency over time",
         "",
@@ -82,12 +77,12 @@ def agentic_section(out: Path, summary: dict[str, Any], info: dict[str, Any]) ->
         f"mean {conc['requests_mean']:.1f}, max {conc['requests_max']} (sub-agents' requests: max "
         f"{conc['subagent_requests_max']}).",
         "",
-        _table(["from s", "agents active", "requests in flight", "of them sub-agents'"], timeline_rows),
+        table(["from s", "agents active", "requests in flight", "of them sub-agents'"], timeline_rows),
         "",
         "### Prefix-cache hit rate",
         "",
-        _table(["trace file (all its requests)", "requests replayed (ideal cache)", "server (its counters)"],
-               [[_rate(cache["trace_file"]), _rate(cache["replayed_ideal"]), _rate(cache["server"])]]),
+        table(["trace file (all its requests)", "requests replayed (ideal cache)", "server (its counters)"],
+               [[fraction(cache["trace_file"]), fraction(cache["replayed_ideal"]), fraction(cache["server"])]]),
         "",
         HOW_TO_READ,
     ]

@@ -1,15 +1,10 @@
-"""`cputax compare RUN_A RUN_B`: the comparison as markdown (or JSON) on stdout."""
+"""`cputax compare RUN_A RUN_B` rendered: the comparison (analysis.compare) as markdown."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
-import orjson
-
-from cputax.analysis.compare import GROUPS, compare_runs
-from cputax.report.markdown import _ms, _pct, _table
+from cputax.report.format import ms, pct, table
 
 LABELS = {"serialize": "Serialize", "http_overhead": "HTTP OH", "prefill": "Prefill", "decode": "Decode",
           "response_parse": "Parse", "total": "Total", "cpu_pct": "CPU%", "gpu_pct": "GPU%",
@@ -21,7 +16,7 @@ def _is_pct(component: str) -> bool:
 
 
 def _value(component: str, v: float | None) -> str:
-    return _pct(v) if _is_pct(component) else _ms(v)
+    return pct(v) if _is_pct(component) else ms(v)
 
 
 def _delta(component: str, d: float | None) -> str:
@@ -39,7 +34,8 @@ def _note(row: dict[str, Any]) -> str:
     return f"{side} the run-to-run spread ({spread:,.1f}{unit})"
 
 
-def render_compare(result: dict[str, Any]) -> str:
+def render_compare(result: dict[str, Any], groups: int) -> str:
+    """`groups`: how many slices an open-loop scenario was cut into for the spread."""
     a, b = result["names"]
     parts = [f"# cputax comparison: {a} vs {b}", ""]
     for name, path, run in zip(result["names"], result["runs"], result["run_info"], strict=True):
@@ -49,33 +45,23 @@ def render_compare(result: dict[str, Any]) -> str:
     rows = []
     for s in result["scenarios"]:
         cpu = next(r for r in s["components"] if r["component"] == "cpu_pct")
-        rows.append([s["name"], _pct(cpu["a"]), _pct(cpu["b"]), _delta("cpu_pct", cpu["delta"]), _note(cpu)])
-    parts += [_table(["Scenario", f"{a} CPU%", f"{b} CPU%", "Delta", "Note"], rows), ""]
+        rows.append([s["name"], pct(cpu["a"]), pct(cpu["b"]), _delta("cpu_pct", cpu["delta"]), _note(cpu)])
+    parts += [table(["Scenario", f"{a} CPU%", f"{b} CPU%", "Delta", "Note"], rows), ""]
     parts += [f"## Every component ({b} − {a}; ms are means, p50 / p99 in brackets)", ""]
     rows = []
     for s in result["scenarios"]:
         for r in s["components"]:
             c = r["component"]
-            qa = f" ({_ms(r['p50_a'])} / {_ms(r['p99_a'])})" if "p50_a" in r else ""
-            qb = f" ({_ms(r['p50_b'])} / {_ms(r['p99_b'])})" if "p50_b" in r else ""
-            pct = "" if r["delta_pct"] is None or _is_pct(c) else f"{r['delta_pct']:+.1f}%"
+            qa = f" ({ms(r['p50_a'])} / {ms(r['p99_a'])})" if "p50_a" in r else ""
+            qb = f" ({ms(r['p50_b'])} / {ms(r['p99_b'])})" if "p50_b" in r else ""
+            relative = "" if r["delta_pct"] is None or _is_pct(c) else f"{r['delta_pct']:+.1f}%"
             rows.append([s["name"], LABELS.get(c, c), _value(c, r["a"]) + qa, _value(c, r["b"]) + qb,
-                         _delta(c, r["delta"]), pct, _note(r)])
-    parts += [_table(["Scenario", "Component", a, b, "Delta", "Delta %", "Note"], rows), ""]
+                         _delta(c, r["delta"]), relative, _note(r)])
+    parts += [table(["Scenario", "Component", a, b, "Delta", "Delta %", "Note"], rows), ""]
     for key, label in (("only_in_a", a), ("only_in_b", b)):
         if result[key]:
             parts.append(f"- only in {label}: {', '.join(result[key])}")
-    parts += ["", f"Spread: the range of a component over each run's closed-loop batches (or {GROUPS} consecutive "
+    parts += ["", f"Spread: the range of a component over each run's closed-loop batches (or {groups} consecutive "
               "slices of an open-loop scenario); a delta no larger than the larger of the two runs' spreads is "
               "inside it and is not a measured difference. CPU% and GPU% are the study's wall-time ratios.", ""]
     return "\n".join(parts)
-
-
-def compare(run_a: Path, run_b: Path, names: tuple[str, str] = ("A", "B"), as_json: bool = False) -> int:
-    result = compare_runs(run_a, run_b, names)
-    if as_json:
-        sys.stdout.buffer.write(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
-    else:
-        sys.stdout.write(render_compare(result))
-    sys.stdout.flush()
-    return 0

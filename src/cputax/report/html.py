@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import base64
 import html
-from pathlib import Path
 from typing import Any
 
 from markdown_it import MarkdownIt
 
 from cputax.report import plots
-from cputax.report.telemetry import load_correlation
 
-PLOTS_DIR = "plots"
-FLAMEGRAPH_PATTERNS = ("*.svg", "*speedscope*.json", "*flamegraph*.html")
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
@@ -35,23 +31,17 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def flamegraphs(run_dir: Path) -> list[Path]:
-    """Profiles a run holds (py-spy flamegraphs, speedscope files), relative to the run dir."""
-    found = {p for pattern in FLAMEGRAPH_PATTERNS for p in run_dir.rglob(pattern) if PLOTS_DIR not in p.parts}
-    return sorted(p.relative_to(run_dir) for p in found)
-
-
-def render_figures(summary: dict[str, Any], corr: dict[str, Any]) -> dict[str, bytes]:
+def render_figures(summary: dict[str, Any], corr: dict[str, Any], growth: list[dict[str, Any]]) -> dict[str, bytes]:
     """Every figure of the report, by file stem."""
     scenarios = summary["scenarios"]
     figures = {"decomposition": plots.decomposition_bars(scenarios),
-               "http_overhead_vs_concurrency": plots.http_overhead_plot(scenarios)}
+               "http_overhead_vs_concurrency": plots.http_overhead_plot(scenarios, growth)}
     for s in corr.get("scenarios", []):
         figures[f"timeline_{_slug(s['name'])}"] = plots.timeline_plot(s["name"], s["timeline"])
     return {name: png for name, png in figures.items() if png}
 
 
-def render_html(markdown_text: str, figures: dict[str, bytes], profiles: list[Path], title: str) -> str:
+def render_html(markdown_text: str, figures: dict[str, bytes], profiles: list[str], title: str) -> str:
     body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown_text)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{STYLE}</style></head><body>"]
@@ -66,20 +56,9 @@ def render_html(markdown_text: str, figures: dict[str, bytes], profiles: list[Pa
         parts += [_img(figures[n], n) for n in timelines]
     parts.append("<h2>Flamegraphs</h2>")
     if profiles:
-        parts.append("<ul>" + "".join(f'<li><a href="{html.escape(p.as_posix())}">{html.escape(p.as_posix())}</a></li>'
+        parts.append("<ul>" + "".join(f'<li><a href="{html.escape(p)}">{html.escape(p)}</a></li>'
                                       for p in profiles) + "</ul>")
     else:
         parts.append("<p>none in this run (run with py-spy sampling to get them)</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
-
-
-def write_html_report(run_dir: Path, summary: dict[str, Any], info: dict[str, Any], markdown_text: str) -> Path:
-    """Write report.html and plots/*.png; returns the HTML's path."""
-    figures = render_figures(summary, load_correlation(run_dir, info))
-    (run_dir / PLOTS_DIR).mkdir(exist_ok=True)
-    for name, png in figures.items():
-        (run_dir / PLOTS_DIR / f"{name}.png").write_bytes(png)
-    path = run_dir / "report.html"
-    path.write_text(render_html(markdown_text, figures, flamegraphs(run_dir), f"cputax report: {run_dir.name}"))
-    return path

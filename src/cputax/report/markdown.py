@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.table import Table
-
-from cputax.analysis.decompose import http_overhead_growth
+from cputax.report.format import ms, number, pct, table
 
 STUDY_COLUMNS = (("http_overhead", "HTTP OH"), ("prefill", "Prefill"), ("decode", "Decode"), ("total", "Total"))
 CLIENT_COLUMNS = (("serialize", "Serialize"), ("response_parse", "Parse"))
@@ -35,37 +33,15 @@ What each phase contains (boundaries as vLLM really has them):
 """
 
 
-def _fmt(value: float | None, digits: int = 0) -> str:
-    if value is None:
-        return "absent"
-    return f"{value:,.{digits}f}"
-
-
-def _ms(value: float | None) -> str:
-    if value is None:
-        return "absent"
-    return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
-
-
-def _pct(value: float | None) -> str:
-    return "absent" if value is None else f"{value:.1f}%"
-
-
 def _phase(s: dict[str, Any], key: str) -> str:
     """mean (p50 / p99)."""
-    return f"{_ms(s['mean_ms'][key])} ({_ms(s['p50_ms'][key])} / {_ms(s['p99_ms'][key])})"
+    return f"{ms(s['mean_ms'][key])} ({ms(s['p50_ms'][key])} / {ms(s['p99_ms'][key])})"
 
 
 def _ctx(s: dict[str, Any]) -> str:
     actual = s["prompt_tokens_mean"]
     flag = " ⚠" if s.get("prompt_tokens_flagged") else ""
-    return f"{s['context_tokens']:,} → {_fmt(actual)}{flag}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+    return f"{s['context_tokens']:,} → {number(actual)}{flag}"
 
 
 def study_table(scenarios: list[dict[str, Any]]) -> str:
@@ -74,10 +50,10 @@ def study_table(scenarios: list[dict[str, Any]]) -> str:
     rows = [
         [s["name"], str(s["concurrency"]), _ctx(s)]
         + [_phase(s, key) for key, _ in STUDY_COLUMNS]
-        + [_pct(s["cpu_pct"]), _pct(s["gpu_pct"]), f"{s['errors']}/{s['requests']}"]
+        + [pct(s["cpu_pct"]), pct(s["gpu_pct"]), f"{s['errors']}/{s['requests']}"]
         for s in scenarios
     ]
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def client_table(scenarios: list[dict[str, Any]]) -> str:
@@ -88,11 +64,11 @@ def client_table(scenarios: list[dict[str, Any]]) -> str:
         thr = s.get("throughput") or {}
         rows.append(
             [s["name"]] + [_phase(s, key) for key, _ in CLIENT_COLUMNS]
-            + [_fmt(s["client_cpu_ms"]["build"], 2), _fmt(s["client_cpu_ms"]["parse_per_chunk_us"], 1),
-               _fmt(s.get("achieved_concurrency"), 1), _fmt(thr.get("requests_per_s"), 2),
-               _fmt(thr.get("output_tokens_per_s"), 0)]
+            + [number(s["client_cpu_ms"]["build"], 2), number(s["client_cpu_ms"]["parse_per_chunk_us"], 1),
+               number(s.get("achieved_concurrency"), 1), number(thr.get("requests_per_s"), 2),
+               number(thr.get("output_tokens_per_s"), 0)]
         )
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def server_table(scenarios: list[dict[str, Any]]) -> str | None:
@@ -107,36 +83,39 @@ def server_table(scenarios: list[dict[str, Any]]) -> str | None:
         gauges = srv["gauges"]
         hit = srv["prefix_cache_hit_rate"]
         rows.append(
-            [s["name"], _ms(s["mean_ms"]["http_overhead"])]
-            + [_ms(srv["mean_ms"][key]) for key, _ in SERVER_COLUMNS]
-            + [_ms(s["mean_ms"]["prefill"]), "absent" if hit is None else f"{100 * hit:.1f}%"]
+            [s["name"], ms(s["mean_ms"]["http_overhead"])]
+            + [ms(srv["mean_ms"][key]) for key, _ in SERVER_COLUMNS]
+            + [ms(s["mean_ms"]["prefill"]), "absent" if hit is None else f"{100 * hit:.1f}%"]
             + ["absent" if gauges[g] is None else f"{gauges[g]['mean']:.1f} / {gauges[g]['max']:.0f}" for g in ("running", "waiting")]
-            + [_fmt(srv["api_server_cpu_s_per_request"], 3)]
+            + [number(srv["api_server_cpu_s_per_request"], 3)]
         )
-    return _table(header, rows)
+    return table(header, rows)
 
 
-def growth_table(scenarios: list[dict[str, Any]]) -> str | None:
-    rows = http_overhead_growth(scenarios)
+def growth_table(rows: list[dict[str, Any]]) -> str | None:
+    """HTTP overhead against concurrency per context size (analysis.decompose.http_overhead_growth)."""
     if len({r["concurrency"] for r in rows}) < 2:
         return None
-    return _table(
+    return table(
         ["Ctx", "Conc", "Scenario", "HTTP OH ms", "p99 ms", "Growth"],
-        [[f"{r['context_tokens']:,}", str(r["concurrency"]), r["scenario"], _ms(r["http_overhead_ms"]),
-          _ms(r["p99_ms"]), "absent" if r["growth"] is None else f"{r['growth']:.1f}x"] for r in rows],
+        [[f"{r['context_tokens']:,}", str(r["concurrency"]), r["scenario"], ms(r["http_overhead_ms"]),
+          ms(r["p99_ms"]), "absent" if r["growth"] is None else f"{r['growth']:.1f}x"] for r in rows],
     )
 
 
-def _notes(scenarios: list[dict[str, Any]], info: dict[str, Any]) -> list[str]:
+def _notes(scenarios: list[dict[str, Any]], info: dict[str, Any],
+           skipped_scenarios: list[dict[str, Any]] = ()) -> list[str]:
     notes = []
     if info.get("target", {}).get("kind") == "embedded":
         cpus = info.get("host", {}).get("cpus", "?")
         notes.append(f"- The embedded target ran on this machine's {cpus} CPUs beside the client: its \"GPU\" "
                      "phases are CPU work, and Serialize / Parse include waiting for a core. It shows the "
                      "shape of the decomposition, not a GPU server's numbers.")
+    for skipped in skipped_scenarios:
+        notes.append(f"- **{skipped['name']}**: not measured: {skipped['reason']}.")
     for s in scenarios:
         if s.get("prompt_tokens_flagged"):
-            notes.append(f"- **{s['name']}**: prompts averaged {_fmt(s['prompt_tokens_mean'])} tokens, "
+            notes.append(f"- **{s['name']}**: prompts averaged {number(s['prompt_tokens_mean'])} tokens, "
                          f"{s['prompt_tokens_off_pct']:+.1f}% off the {s['context_tokens']:,} asked for.")
         if s["errors"]:
             kinds = ", ".join(f"{k} ({n})" for k, n in s["error_kinds"].items())
@@ -149,19 +128,44 @@ def _notes(scenarios: list[dict[str, Any]], info: dict[str, Any]) -> list[str]:
         queue = (srv.get("mean_ms") or {}).get("queue")
         oh = s["mean_ms"]["http_overhead"]
         if queue is not None and oh is not None and oh > 10 * max(queue, 1.0):
-            notes.append(f"- **{s['name']}**: HTTP OH ({_ms(oh)} ms) is far above the engine's own queue time "
-                         f"({_ms(queue)} ms): the wait is in the front end (template, tokenization, event loop), "
+            notes.append(f"- **{s['name']}**: HTTP OH ({ms(oh)} ms) is far above the engine's own queue time "
+                         f"({ms(queue)} ms): the wait is in the front end (template, tokenization, event loop), "
                          "not in the scheduler.")
         ttft = (srv.get("mean_ms") or {}).get("ttft")
         client_ttft = None if oh is None else oh + s["mean_ms"]["prefill"]
         if ttft is not None and client_ttft and abs(client_ttft - ttft) > 0.25 * client_ttft:
-            notes.append(f"- **{s['name']}**: the client saw TTFT {_ms(client_ttft)} ms (send -> first token), "
-                         f"the server reports {_ms(ttft)} ms; the difference is time outside the server's "
+            notes.append(f"- **{s['name']}**: the client saw TTFT {ms(client_ttft)} ms (send -> first token), "
+                         f"the server reports {ms(ttft)} ms; the difference is time outside the server's "
                          "clock (front end before arrival is stamped, transit, client).")
     return notes
 
 
-def render_report(summary: dict[str, Any], info: dict[str, Any], sections: list[str] | None = None) -> str:
+TOOL_MODES = {"auto": "sent as `tools`",
+              "none": "sent with `tool_choice: \"none\"`: the server refused them as \"auto\" (the tools are still rendered into the prompt)",
+              "in_prompt": "written into the system prompt as text: the server took no `tools` field"}
+
+
+def _server_lines(info: dict[str, Any]) -> list[str]:
+    """What server it was, with which flags, and how the requests carried their tools."""
+    lines = []
+    server = info.get("server") or {}
+    target = info.get("target") or {}
+    name = server.get("name") or target.get("server")
+    if server.get("version") or name:
+        version = f" {server['version']}" if server.get("version") else ""
+        lines.append(f"- server: {name or 'unknown type'}{version}"
+                     + (f", started in {target['startup_s']:.0f} s" if target.get("startup_s") else ""))
+    if server.get("command"):
+        lines.append(f"- server command ({server.get('source', '?')}): `{' '.join(server['command'])}`")
+    tools = info.get("tools") or {}
+    if tools.get("mode"):
+        lines.append(f"- tool definitions: {TOOL_MODES.get(tools['mode'], tools['mode'])}"
+                     + (f"; the probe saw: {tools['refused']}" if tools.get("refused") else ""))
+    return lines
+
+
+def render_report(summary: dict[str, Any], info: dict[str, Any], sections: list[str] | None = None,
+                  growth: list[dict[str, Any]] | None = None) -> str:
     """The report; `sections` are extra markdown sections (profiling, telemetry...) placed before the notes."""
     scenarios = summary["scenarios"]
     host = info.get("host", {})
@@ -172,6 +176,7 @@ def render_report(summary: dict[str, Any], info: dict[str, Any], sections: list[
         f"- profile: `{info.get('profile')}`; prompts sized by {info.get('prompt_counter')}",
         f"- client host: {host.get('cpu_model', '?')}, {host.get('cpus', '?')} CPUs, Python {host.get('python', '?')}",
         f"- server metrics: {'scraped from /metrics' if info.get('server_metrics') else 'none exported (server-side columns absent)'}",
+        *_server_lines(info),
         "",
         "## Decomposition (the study's table, measured at vLLM's real boundaries)",
         "",
@@ -185,23 +190,12 @@ def render_report(summary: dict[str, Any], info: dict[str, Any], sections: list[
     server = server_table(scenarios)
     parts += ["## Server side (its own Prometheus metrics, per-scenario deltas)", ""]
     parts += [server if server else "_the server exported no metrics: nothing to show here (absent, not zero)_", ""]
-    growth = growth_table(scenarios)
-    if growth:
-        parts += ["## HTTP overhead growth with concurrency", "", growth, ""]
+    grown = growth_table(growth or [])
+    if grown:
+        parts += ["## HTTP overhead growth with concurrency", "", grown, ""]
     for section in sections or []:
         parts += [section.rstrip(), ""]
-    notes = _notes(scenarios, info)
+    notes = _notes(scenarios, info, summary.get("skipped", []))
     parts += ["## Notes", ""] + (notes or ["- nothing unusual: every request finished and prompts were on size."]) + [""]
     parts += ["## How to read this", "", PHASE_NOTES]
     return "\n".join(parts)
-
-
-def summary_table(scenarios: list[dict[str, Any]]) -> Table:
-    table = Table(title="cputax: per-request decomposition (ms, mean; p99 in brackets)")
-    for col in ("Scenario", "Conc", "Prompt tok", "Serialize", "HTTP OH", "Prefill", "Decode", "Total", "CPU%", "GPU%", "Err"):
-        table.add_column(col, justify="left" if col == "Scenario" else "right")
-    for s in scenarios:
-        cells = [f"{_ms(s['mean_ms'][k])} [{_ms(s['p99_ms'][k])}]" for k in ("serialize", "http_overhead", "prefill", "decode", "total")]
-        table.add_row(s["name"], str(s["concurrency"]), _fmt(s["prompt_tokens_mean"]), *cells,
-                      _pct(s["cpu_pct"]), _pct(s["gpu_pct"]), str(s["errors"]))
-    return table

@@ -11,8 +11,6 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from cputax.analysis.decompose import http_overhead_growth
-
 WALL_PHASES = (("serialize", "Serialize (client)", "#9ecae1"), ("http_overhead", "HTTP OH (front end)", "#fd8d3c"),
                ("prefill", "Prefill (queue + prefill)", "#74c476"), ("decode", "Decode", "#31a354"))
 INFLIGHT = (("client", "client side", "#9ecae1"), ("front_end", "front end", "#fd8d3c"),
@@ -51,12 +49,13 @@ def decomposition_bars(scenarios: list[dict[str, Any]]) -> bytes | None:
     return _png(fig)
 
 
-def http_overhead_plot(scenarios: list[dict[str, Any]]) -> bytes | None:
-    """HTTP overhead (mean, p99 dashed) against concurrency, one line per context size."""
+def http_overhead_plot(scenarios: list[dict[str, Any]], growth_rows: list[dict[str, Any]]) -> bytes | None:
+    """HTTP overhead (mean, p99 dashed) against concurrency, one line per context size
+    (`growth_rows`: analysis.decompose.http_overhead_growth)."""
     rows = [s for s in scenarios if s["mean_ms"]["http_overhead"] is not None and s.get("concurrency")]
     if not rows:
         return None
-    growth = {r["scenario"]: r["growth"] for r in http_overhead_growth(scenarios)}
+    growth = {r["scenario"]: r["growth"] for r in growth_rows}
     fig = Figure(figsize=(6.5, 4.0))
     ax = fig.subplots()
     for ctx in sorted({s["context_tokens"] for s in rows}):

@@ -6,18 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cputax.analysis.attribution import attribute_run
-from cputax.report.markdown import _fmt, _ms, _table
-from cputax.sampling.monitor import CONTROL_SUFFIX
+from cputax.records import Results
+from cputax.report.format import ms, number, share, signed_pct, table
 from cputax.sampling.pyspy import SamplerConfig
-from cputax.sampling.rules import IDLE, OTHER
+from cputax.servers import CATEGORIES, IDLE, MEANINGS, OTHER
+from cputax.workload.profiles import CONTROL_SUFFIX
 
 MIN_SHARE = 0.01  # a category gets a column when some thread spends 1% of its time there
 OVERHEAD_BUDGET_PCT = 3.0
 
 HOW = """\
 {version} sampled every server process during each scenario ({config}). Every sample
-is classified by the `{rules}` rule table (src/cputax/sampling/servers.py), innermost
+is classified by the `{rules}` rule table (src/cputax/servers/), innermost
 frame first: the most specific code wins, so tokenization called from a route is
 `tokenize`, not `http`. Shares are of each thread's wall time over the scenario's window
 (the client's timestamps), idle included; **Busy** = not idle. Idle means the thread's
@@ -28,21 +28,13 @@ wrapper (time.sleep) counts under its caller. Samples are estimated from the tim
 (seconds x rate). Timelines sit on the run's clock within ~{alignment:g} ms."""
 
 
-def _share(value: float | None, zero: str = "") -> str:
-    if value is None:
-        return ""
-    if value < 0.005:
-        return zero
-    return f"{100 * value:.0f}%" if value >= 0.1 else f"{100 * value:.1f}%"
-
-
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
     seen: dict[str, float] = {}
     for row in rows:
-        for cat, share in row["categories"].items():
-            seen[cat] = max(seen.get(cat, 0.0), share)
-    cols = [c for c, share in sorted(seen.items(), key=lambda kv: -kv[1])
-            if share >= MIN_SHARE and c not in (IDLE, OTHER)]
+        for cat, value in row["categories"].items():
+            seen[cat] = max(seen.get(cat, 0.0), value)
+    cols = [c for c, value in sorted(seen.items(), key=lambda kv: -kv[1])
+            if value >= MIN_SHARE and c not in (IDLE, OTHER)]
     return cols + [c for c in (OTHER, IDLE) if c in seen]
 
 
@@ -54,15 +46,15 @@ def thread_table(rows: list[dict[str, Any]], views: dict[str, str] | None = None
     body, shown = [], set()
     for r in rows:
         thread = r["thread"] + (f" ({r['role']})" if r.get("role") else "")
-        cells = [r["process"], thread, f"{r['samples']:,}", _share(r.get("active"), "0%"),
-                 *(_share(r["categories"].get(c)) for c in cols)]
+        cells = [r["process"], thread, f"{r['samples']:,}", share(r.get("active"), "0%"),
+                 *(share(r["categories"].get(c)) for c in cols)]
         if gil:
-            cells.append(_share(r.get("gil"), "0%"))
+            cells.append(share(r.get("gil"), "0%"))
         if views:
             cells.append("" if r["process"] in shown else views.get(r["process"], ""))
             shown.add(r["process"])
         body.append(cells)
-    return _table(header, body)
+    return table(header, body)
 
 
 def _views(window: dict[str, Any]) -> dict[str, str]:
@@ -77,14 +69,14 @@ def _views(window: dict[str, Any]) -> dict[str, str]:
 
 def _headline(window: dict[str, Any]) -> str | None:
     """The busiest (thread, category) pair, as a sentence."""
-    best = max(((cat, share, r) for r in window["threads"] for cat, share in r["categories"].items()
+    best = max(((cat, value, r) for r in window["threads"] for cat, value in r["categories"].items()
                 if cat not in (IDLE, OTHER)), key=lambda x: x[1], default=None)
     if best is None or best[1] < MIN_SHARE:
         return None
-    cat, share, r = best
+    cat, value, r = best
     role = f" ({r['role'].split(':')[0]})" if r.get("role") else ""
     return (f"During {window['name']}, the {r['process']} thread {r['thread']}{role} spent "
-            f"{100 * share:.0f}% of its time in {cat}.")
+            f"{100 * value:.0f}% of its time in {cat}.")
 
 
 def _warnings(window: dict[str, Any], rate: float) -> list[str]:
@@ -94,7 +86,7 @@ def _warnings(window: dict[str, Any], rate: float) -> list[str]:
             out.append(f"- {p['process']}: {p['message']}")
         if p.get("fell_behind"):
             late = f", up to {p['behind_s']:.1f} s late" if p.get("behind_s") else ""
-            out.append(f"- {p['process']}: py-spy took {_fmt(p.get('effective_rate'), 0)} samples/s per thread "
+            out.append(f"- {p['process']}: py-spy took {number(p.get('effective_rate'), 0)} samples/s per thread "
                        f"of the {rate} asked{late} (CPU saturated, or too high a rate): shares are still "
                        "estimates of time, with fewer samples")
         if p.get("coverage") is not None and p["coverage"] < 0.9:
@@ -103,14 +95,67 @@ def _warnings(window: dict[str, Any], rate: float) -> list[str]:
     return out
 
 
-def window_text(window: dict[str, Any], rate: float, links: bool = True) -> str:
+WAIT_SHARE = 0.2  # a loop thread waiting this much of its time gets its own sentence
+
+
+def _sum(row: dict[str, Any], *categories: str) -> float:
+    return sum(row["categories"].get(c, 0.0) for c in categories)
+
+
+def engine_findings(window: dict[str, Any], scenario: dict[str, Any] | None) -> list[str]:
+    """Plain sentences for what the numbers mean: the engine loop's wait for its workers (a
+    spin on vLLM, so CPU busy) against its real scheduling and the engine's own queue time;
+    the workers' wait for the next step; the server's own instrumentation against answering
+    cputax's scrapes of /metrics."""
+    out = []
+    queue = ((scenario or {}).get("server") or {}).get("mean_ms", {}).get("queue")
+    for row in window["threads"]:
+        wait, sched = _sum(row, "worker_wait"), _sum(row, "schedule", "kv_cache", "prefix_hash")
+        if wait >= WAIT_SHARE:
+            queued = (f", while the engine's own queue time averaged {ms(queue)} ms: requests waited for "
+                      "batch capacity (the running batch's model steps), not for scheduler CPU"
+                      if queue is not None and queue >= 1.0 else "")
+            out.append(f"- **{row['process']} {row['thread']}**: {100 * wait:.0f}% of its time waiting for its "
+                       f"workers' model step (`worker_wait`; vLLM waits by spinning on shared memory, so this "
+                       f"is CPU busy, not idle), {100 * sched:.1f}% scheduling and managing the KV cache"
+                       f"{queued}.")
+        step = _sum(row, "step_wait")
+        if step >= 0.05:
+            out.append(f"- **{row['process']} {row['thread']}**: {100 * step:.0f}% of its time waiting for the "
+                       "engine's next step (`step_wait`, also a spin): the model had nothing to run then.")
+    own = [(row, _sum(row, "metrics")) for row in window["threads"] if _sum(row, "metrics") >= 0.005]
+    scrape_s = sum(_sum(row, "metrics_scrape") for row in window["threads"]) * (window.get("wall_s") or 0.0)
+    if own:
+        shares = ", ".join(f"{100 * v:.1f}% of {row['process']} {row['thread']}" for row, v in own)
+        out.append(f"- The server's own request instrumentation (`metrics`: Prometheus middleware, stat loggers) "
+                   f"took {shares}.")
+    polls = ((scenario or {}).get("server") or {}).get("gauge_polls_total")
+    if scrape_s > 0 and polls:
+        out.append(f"- Answering cputax's {polls} gauge polls of /metrics (`metrics_scrape`) took "
+                   f"{1000 * scrape_s:,.0f} ms of server thread time, {1000 * scrape_s / polls:,.1f} ms a scrape.")
+    return out
+
+
+def window_text(window: dict[str, Any], rate: float, links: bool = True,
+                scenario: dict[str, Any] | None = None) -> str:
     parts = [f"### {window['name']}", ""]
     if headline := _headline(window):
         parts += [headline, ""]
+    if findings := engine_findings(window, scenario):
+        parts += [*findings, ""]
     parts += [thread_table(window["threads"], _views(window) if links else None) if window["threads"]
               else "_no samples in this window_", ""]
     parts += _warnings(window, rate)
     return "\n".join(parts).rstrip()
+
+
+def categories_text(windows: list[dict[str, Any]]) -> str | None:
+    """What each category that appears in these windows means, in one line each."""
+    seen = {c for w in windows for row in w["threads"] for c, v in row["categories"].items() if v >= MIN_SHARE}
+    if not seen:
+        return None
+    lines = [f"- `{c}`: {MEANINGS[c]}" for c in CATEGORIES if c in seen]
+    return "What the categories mean:\n\n" + "\n".join(lines)
 
 
 def other_text(other_top: list[list[Any]]) -> str | None:
@@ -122,10 +167,6 @@ def other_text(other_top: list[list[Any]]) -> str | None:
 
 def _pct_change(a: float | None, b: float | None) -> float | None:
     return None if not a or not b else 100.0 * (a - b) / b
-
-
-def _signed(value: float | None) -> str:
-    return "absent" if value is None else f"{value:+.1f}%"
 
 
 def _tps(s: dict[str, Any]) -> float | None:
@@ -150,19 +191,19 @@ def overhead_table(scenarios: list[dict[str, Any]], result: dict[str, Any] | Non
     rows, d_tps, d_ttft, shares = [], [], [], []
     for on, off in pairs:
         cpu_s, wall = cpu.get(on["name"], (None, None))
-        share = 100 * cpu_s / wall if cpu_s and wall else None
+        core = 100 * cpu_s / wall if cpu_s and wall else None
         dt, dl = _pct_change(_tps(on), _tps(off)), _pct_change(_ttft(on), _ttft(off))
         d_tps += [dt] if dt is not None else []
         d_ttft += [dl] if dl is not None else []
-        shares += [share] if share is not None else []
-        rows.append([on["name"], f"{_fmt(_tps(on), 1)} / {_fmt(_tps(off), 1)}", _signed(dt),
-                     f"{_ms(_ttft(on))} / {_ms(_ttft(off))}", _signed(dl),
-                     "absent" if share is None else f"{share:.1f}%" + (f" ({share / cpus:.1f}% of {cpus})" if cpus else "")])
-    table = _table(["Scenario", "output tok/s sampled / not", "Δ", "TTFT ms sampled / not", "Δ",
+        shares += [core] if core is not None else []
+        rows.append([on["name"], f"{number(_tps(on), 1)} / {number(_tps(off), 1)}", signed_pct(dt),
+                     f"{ms(_ttft(on))} / {ms(_ttft(off))}", signed_pct(dl),
+                     "absent" if core is None else f"{core:.1f}%" + (f" ({core / cpus:.1f}% of {cpus})" if cpus else "")])
+    text = table(["Scenario", "output tok/s sampled / not", "Δ", "TTFT ms sampled / not", "Δ",
                     "py-spy CPU: % of one core (of all cores)"], rows)
     parts = ["### Sampling overhead", "",
              f"Each scenario ran twice, with and without py-spy (`NAME{CONTROL_SUFFIX}`, the order alternating). "
-             "TTFT = serialize + HTTP OH + prefill, means.", "", table, ""]
+             "TTFT = serialize + HTTP OH + prefill, means.", "", text, ""]
     if d_tps:
         mean = sum(d_tps) / len(d_tps)
         ttft = f", TTFT {sum(d_ttft) / len(d_ttft):+.1f}%" if d_ttft else ""
@@ -174,10 +215,11 @@ def overhead_table(scenarios: list[dict[str, Any]], result: dict[str, Any] | Non
     return "\n".join(parts).rstrip()
 
 
-def profiling_section(run_dir: Path, summary: dict[str, Any], info: dict[str, Any]) -> str | None:
-    """REPORT_SECTIONS entry: None when the run did not ask for py-spy."""
+def profiling_section(results: Results) -> str | None:
+    """The report's py-spy section; None when the run did not ask for py-spy."""
+    summary, info = results.summary, results.info
     monitor = (info.get("monitors") or {}).get("pyspy")
-    result = attribute_run(run_dir)
+    result = results.attribution
     if monitor is None and result is None:
         return None
     parts = ["## Where the server's CPU time went (py-spy)", ""]
@@ -188,10 +230,13 @@ def profiling_section(run_dir: Path, summary: dict[str, Any], info: dict[str, An
     described = SamplerConfig(**config).describe() if config else f"{result['rate']} Hz"
     parts += [HOW.format(version=(monitor or {}).get("pyspy") or "", config=described, rules=result["rules"],
                          alignment=result["alignment_ms"]), ""]
+    by_name = {sc["name"]: sc for sc in summary.get("scenarios", [])}
     for window in result["windows"]:
-        parts += [window_text(window, result["rate"]), ""]
+        parts += [window_text(window, result["rate"], scenario=by_name.get(window["name"])), ""]
     if other := other_text(result["other_top"]):
         parts += [other, ""]
+    if meanings := categories_text(result["windows"]):
+        parts += [meanings, ""]
     notes = (monitor or {}).get("notes") or []
     if notes or (monitor or {}).get("problem"):
         parts += ["Sampling notes:", ""] + [f"- {n}" for n in notes]
@@ -215,8 +260,8 @@ def attribution_text(result: dict[str, Any], out: Path) -> str:
 
 def file_text(result: dict[str, Any]) -> str:
     """`cputax attribute`'s terminal output (markdown)."""
-    overall = ", ".join(f"{c} {_share(v)}" for c, v in sorted(result["categories"].items(), key=lambda kv: -kv[1])
-                        if _share(v))
+    overall = ", ".join(f"{c} {share(v)}" for c, v in sorted(result["categories"].items(), key=lambda kv: -kv[1])
+                        if share(v))
     parts = [f"server: {result['server'] or 'not recognised (common rules only)'}; {result['source']}",
              f"all threads: {overall}", "", thread_table(result["threads"])]
     if other := other_text(result["other_top"]):

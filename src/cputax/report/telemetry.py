@@ -1,30 +1,13 @@
-"""The report's telemetry section: GPU stalls and their split, server CPU per process.
-
-It also writes DIR/correlation.json (the correlation with the timeline series), which
-report.html draws from; `cputax report DIR` rebuilds both.
-"""
+"""The report's telemetry section: GPU stalls and their split, server CPU per process,
+rendered from correlation.json's content (analysis.correlate)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from cputax.analysis.correlate import correlate_run
-from cputax.records import read_json, write_json
-from cputax.report.markdown import _fmt, _pct, _table
+from cputax.report.format import number, pct, table
 
-CORRELATION_FILE = "correlation.json"
 STATE_LABELS = (("engine", "at the engine"), ("front_end", "in the front end"), ("client", "client side"))
-
-
-def load_correlation(run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
-    """correlation.json as the report section left it, or computed now."""
-    path = run_dir / CORRELATION_FILE
-    return read_json(path) if path.exists() else correlate_run(run_dir, info)
-
-
-def _s(value: float | None) -> str:
-    return "absent" if value is None else f"{value:,.2f}"
 
 
 def _split(split: dict[str, float], stall_s: float, top: int = 4) -> str:
@@ -41,9 +24,9 @@ def stall_table(scenarios: list[dict[str, Any]]) -> str | None:
         if not g:
             continue
         rows.append([
-            s["name"], f"{s['wall_s']:.1f}", _pct(g["busy_pct"]), _pct(g["idle_nothing_pending_pct"]),
-            _pct(g["stall_pct"]), f"{g['stalls']} ({_fmt(g['longest_stall_ms'])})",
-            *[_s(g["stall_by_state"][k]) for k, _ in STATE_LABELS],
+            s["name"], f"{s['wall_s']:.1f}", pct(g["busy_pct"]), pct(g["idle_nothing_pending_pct"]),
+            pct(g["stall_pct"]), f"{g['stalls']} ({number(g['longest_stall_ms'])})",
+            *[number(g["stall_by_state"][k], 2) for k, _ in STATE_LABELS],
             _split(g["stall_split"], g["stall_s"]),
             f"{g['resolution_ms']:.0f} ms / ±{g['alignment_ms'] or 0:.1f} ms",
         ])
@@ -51,7 +34,7 @@ def stall_table(scenarios: list[dict[str, Any]]) -> str | None:
         return None
     header = ["Scenario", "Wall s", "GPU busy", "Idle, nothing in flight", "Stall % of wall", "Stalls (longest ms)"]
     header += [f"Stall s {label}" for _, label in STATE_LABELS] + ["Stall split (what the server did)", "Bin / clock ±"]
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def host_table(scenarios: list[dict[str, Any]]) -> str | None:
@@ -63,10 +46,10 @@ def host_table(scenarios: list[dict[str, Any]]) -> str | None:
         for p in h["processes"]:
             threads = ", ".join(f"{t['name']}:{t['tid']} {t['cpu_pct']:.0f}%" for t in p["threads"][:3]) or "-"
             rows.append([s["name"], f"{p['name']} ({p['pid']})", p["role"], f"{p['cpu_pct']:.1f}%",
-                         f"{p['wait_pct']:.1f}%", f"{p['switches_per_s']:,.0f}", threads, _pct(h["system_busy_pct"])])
+                         f"{p['wait_pct']:.1f}%", f"{p['switches_per_s']:,.0f}", threads, pct(h["system_busy_pct"])])
     if not rows:
         return None
-    return _table(["Scenario", "Process", "Role", "CPU (% of one core)", "Run-queue wait", "Scheduled in /s",
+    return table(["Scenario", "Process", "Role", "CPU (% of one core)", "Run-queue wait", "Scheduled in /s",
                    "Busiest threads", "Machine CPU busy"], rows)
 
 
@@ -105,10 +88,3 @@ def render_telemetry(corr: dict[str, Any]) -> str | None:
     if host:
         parts += ["### Server CPU per process (host telemetry)", "", host, ""]
     return "\n".join(parts)
-
-
-def telemetry_section(run_dir: Path, summary: dict[str, Any], info: dict[str, Any]) -> str | None:
-    """REPORT_SECTIONS entry: correlate, keep the result for report.html, render markdown."""
-    corr = correlate_run(run_dir, info)
-    write_json(run_dir / CORRELATION_FILE, corr)
-    return render_telemetry(corr)

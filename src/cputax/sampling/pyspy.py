@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cputax.errors import CputaxError
-from cputax.targets.local import die_with_parent
+from cputax.util import die_with_parent
 
 # py-spy costs ~0.75 ms of CPU per sample of a 5-thread process here, mostly system time
 # (process_vm_readv), whatever the format: 100 Hz is ~7.5% of a core, 25 Hz ~2%. On a

@@ -19,7 +19,7 @@ from pathlib import Path
 import orjson
 
 from cputax.errors import CputaxError
-from cputax.sampling.rules import Frame, Stack, parse_frame, short_path
+from cputax.sampling.classify import Frame, Stack, parse_frame, short_path
 
 _THREAD = re.compile(r"^thread \((?P<tid>0x[0-9a-fA-F]+|\d+)\)(?::\s?(?P<name>.*))?$")
 _PROCESS = re.compile(r'^process (?P<pid>\d+):"?(?P<cmd>.*?)"?$')

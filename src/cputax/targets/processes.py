@@ -1,5 +1,14 @@
 """Finding the server's processes: the embedded target's pid, the local listener of an endpoint,
-or (for py-spy) every process of a server type, matched on /proc/PID/cmdline."""
+or (for py-spy) every process of a server type, matched on /proc/PID/cmdline.
+
+Two shapes seen live on vLLM decide the rules here:
+- servers are often started under a wrapper (`timeout`, tini, `bash -c`, `uv run`,
+  supervisors) whose cmdline also names the server: only Python processes are the
+  server's, a wrapper is walked through, never sampled;
+- with `--api-server-count N`, a launcher process has children VLLM::APIServer_0..N-1
+  (all listening on the port), VLLM::EngineCore and under it VLLM::Worker: from any
+  listener, walk up to the launcher and take its whole tree.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +25,8 @@ from urllib.parse import urlsplit
 import psutil
 
 from cputax.errors import CputaxError
-from cputax.sampling.servers import SERVERS, ServerTable
+from cputax.servers import SERVERS, ServerTable, get
+from cputax.util import redact
 
 
 def is_local_host(host: str) -> bool:
@@ -39,8 +49,9 @@ def listener_pids(port: int) -> list[int]:
 
 
 def server_pids(target: dict[str, Any]) -> list[int]:
-    """The server's root processes: the embedded target's pid, or whoever listens on the
-    endpoint's port when the endpoint is on this host. Empty when unknown (remote server)."""
+    """The server's root processes: the embedded target's pid, or the top of the server tree
+    above whoever listens on the endpoint's port when the endpoint is on this host. Empty
+    when unknown (remote server)."""
     if target.get("pid"):
         return [int(target["pid"])]
     endpoint = target.get("endpoint")
@@ -50,7 +61,15 @@ def server_pids(target: dict[str, Any]) -> list[int]:
     if not url.hostname or not is_local_host(url.hostname):
         return []
     port = url.port or (443 if url.scheme == "https" else 80)
-    return listener_pids(port)
+    return server_roots(listener_pids(port))
+
+
+def server_command(target: dict[str, Any]) -> list[str] | None:
+    """The command line of the server's root process on this host (credentials hidden)."""
+    for pid in server_pids(target):
+        with contextlib.suppress(psutil.Error):
+            return redact(psutil.Process(pid).cmdline(), keep=64)
+    return None
 
 
 # --- a server's processes by type, pid or port (py-spy sampling) ------------------------------
@@ -93,17 +112,38 @@ def role_in(cmd: str, table: ServerTable) -> str | None:
     return next((role for role, pattern in table.processes if re.search(pattern, cmd)), None)
 
 
-def _by_title(tables: list[ServerTable]) -> list[int]:
-    """Root processes whose cmdline a table knows (their children come with them)."""
-    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    found = {pid for pid in psutil.pids()
-             if pid not in mine and (cmd := cmdline(pid)) and any(role_in(cmd, t) for t in tables)}
+def _ppid(pid: int) -> int | None:
+    with contextlib.suppress(psutil.Error):
+        return psutil.Process(pid).ppid()
+    return None
+
+
+def _known(pid: int, tables: list[ServerTable]) -> bool:
+    """A Python process whose cmdline one of the tables knows: part of a server, not a wrapper."""
+    cmd = cmdline(pid)
+    return bool(cmd) and _is_python(pid) and any(role_in(cmd, t) for t in tables)
+
+
+def server_roots(pids: list[int], tables: list[ServerTable] | None = None) -> list[int]:
+    """For each pid, the top of its server's own process tree: walk up through parents that
+    are server processes themselves (vLLM's launcher above its API servers); a wrapper or the
+    shell stops the walk. Each root once, in order."""
+    tables = tables if tables is not None else list(SERVERS.values())
     roots = []
-    for pid in sorted(found):
-        with contextlib.suppress(psutil.Error):
-            if psutil.Process(pid).ppid() not in found:
-                roots.append(pid)
-    return roots
+    for pid in pids:
+        current = pid
+        while (parent := _ppid(current)) and parent > 1 and _known(parent, tables):
+            current = parent
+        roots.append(current)
+    return list(dict.fromkeys(roots))
+
+
+def _by_title(tables: list[ServerTable]) -> list[int]:
+    """Root processes whose cmdline a table knows (their children come with them); wrappers
+    whose cmdline names the server are passed over for the Python process they run."""
+    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    found = {pid for pid in psutil.pids() if pid not in mine and _known(pid, tables)}
+    return sorted(pid for pid in found if _ppid(pid) not in found)
 
 
 def find_server(server: str = "auto", pid: int | None = None, port: int | None = None,
@@ -112,13 +152,13 @@ def find_server(server: str = "auto", pid: int | None = None, port: int | None =
     them) every process whose cmdline matches the server's titles; each with all its
     descendants. The type is `server`, else the first table that knows a process's title,
     else None (the attribution then recognises the server from its stacks)."""
-    tables = list(SERVERS.values()) if server == "auto" else [SERVERS[server]]
+    tables = list(SERVERS.values()) if server == "auto" else [get(server)]
     if pid is not None:
         if not psutil.pid_exists(pid):
             raise CputaxError(f"--pid {pid}: no such process")
         roots = [pid]
     elif port is not None:
-        roots = listener_pids(port)
+        roots = server_roots(listener_pids(port), tables)
         if not roots:
             raise CputaxError(f"--port {port}: no process on this host listens there "
                               "(or it belongs to another user: run as root)")
@@ -135,8 +175,24 @@ def find_server(server: str = "auto", pid: int | None = None, port: int | None =
         table = tables[0]
     found = []
     for p, cmd in cmds.items():
+        if IGNORED_CMDLINES.search(cmd) or not _is_python(p):
+            continue  # a tracker, a compile worker, or a wrapper (timeout, tini, bash -c): not the server
         role = role_in(cmd, table) if table else None
-        if role is None and (IGNORED_CMDLINES.search(cmd) or not _is_python(p)):
-            continue
         found.append(ServerProcess(p, role or ("process" if p in roots else "child"), cmd))
-    return (table.name if table else None), found
+    return (table.name if table else None), _launchers(found, table)
+
+
+def _launchers(found: list[ServerProcess], table: ServerTable | None) -> list[ServerProcess]:
+    """A front-end process with front ends below it is their launcher (vLLM's `vllm serve`
+    with --api-server-count > 1): it serves no requests itself."""
+    if table is None or not table.front_end_roles:
+        return found
+    front = {p.pid for p in found if p.role in table.front_end_roles}
+    above: set[int] = set()
+    for pid in front:
+        current = pid
+        while (parent := _ppid(current)) and parent > 1:
+            if parent in front:
+                above.add(parent)
+            current = parent
+    return [ServerProcess(p.pid, "launcher", p.cmdline) if p.pid in above else p for p in found]

@@ -45,7 +45,9 @@ from prometheus_client import (
     generate_latest,
 )
 
+from cputax import __version__
 from cputax.errors import CputaxError
+from cputax.servers import STUB
 from cputax.text.conversation import render_chat
 from cputax.text.tokenizer import load_tokenizer
 
@@ -65,6 +67,8 @@ _BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.
 _INLINE_COUNT_BYTES = 16 << 10  # smaller prompts are counted on the event loop, larger in a thread
 _MS = 1_000_000
 _TRUTH_KEPT = 100_000  # requests whose truth /stub/truth can still return
+# vLLM 0.32's answer to `tools` with tool_choice "auto" (the default) on default flags
+TOOL_CHOICE_REFUSED = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
 
 
 @dataclass
@@ -79,6 +83,9 @@ class StubConfig:
     max_model_len: int = 131072
     api_key: str | None = None  # when set, requests without `Authorization: Bearer KEY` get 401
     fault: str | None = None
+    # vLLM without --enable-auto-tool-choice refuses `tools` unless tool_choice is "none"
+    # (servers.stub.TABLE copies this from vLLM's table; tests check it against the real one)
+    auto_tool_choice: bool = STUB.capabilities.auto_tool_choice
 
     def __post_init__(self) -> None:
         if self.fault is not None and self.fault not in FAULTS:
@@ -109,30 +116,36 @@ def _chunk_tail(choice: dict[str, Any]) -> bytes:
 
 
 class _Metrics:
-    """A few vllm:* metrics with the stub's true timings, in a registry of its own."""
+    """vLLM's metrics (names from its table in cputax.servers) with the stub's true timings,
+    in a registry of its own."""
 
     def __init__(self, model: str):
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, as vLLM's API server
         names = ["model_name", "engine"]
         labels = {"model_name": model, "engine": "0"}
+        table = STUB.metrics
 
-        def histogram(name: str, doc: str) -> Any:
-            return Histogram(f"vllm:{name}", doc, names, buckets=_BUCKETS, registry=self.registry).labels(**labels)
+        def histogram(quantity: str, doc: str) -> Any:
+            return Histogram(table.histograms[quantity][0], doc, names, buckets=_BUCKETS,
+                             registry=self.registry).labels(**labels)
 
-        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last byte.")
-        self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token sent.")
-        self.queue = histogram("request_queue_time_seconds", "Always 0: the stub has no queue.")
-        self.prefill = histogram("request_prefill_time_seconds", "Headers to first token (the B delay).")
-        self.decode = histogram("request_decode_time_seconds", "First token to last token.")
-        self.running = Gauge("vllm:num_requests_running", "Streams in progress.", names,
-                             registry=self.registry).labels(**labels)
-        self.waiting = Gauge("vllm:num_requests_waiting", "Always 0.", names,
-                             registry=self.registry).labels(**labels)
-        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens.", names,
-                                     registry=self.registry).labels(**labels)
-        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens sent.", names,
-                                         registry=self.registry).labels(**labels)
+        def gauge(quantity: str, doc: str) -> Any:
+            return Gauge(table.gauges[quantity][0], doc, names, registry=self.registry).labels(**labels)
+
+        def counter(quantity: str, doc: str) -> Any:
+            name = table.counters[quantity][0].removesuffix("_total")  # prometheus_client adds it
+            return Counter(name, doc, names, registry=self.registry).labels(**labels)
+
+        self.e2e = histogram("e2e", "Arrival to last byte.")
+        self.ttft = histogram("ttft", "Arrival to first token sent.")
+        self.queue = histogram("queue", "Always 0: the stub has no queue.")
+        self.prefill = histogram("prefill", "Headers to first token (the B delay).")
+        self.decode = histogram("decode", "First token to last token.")
+        self.running = gauge("running", "Streams in progress.")
+        self.waiting = gauge("waiting", "Always 0.")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens.")
+        self.generation_tokens = counter("generation_tokens", "Tokens sent.")
 
     def observe(self, truth: dict[str, int], prompt_tokens: int, tokens: int) -> None:
         arrival, first, last, end = (truth.get(k) for k in ("arrival_ns", "first_token_ns", "last_token_ns", "end_ns"))
@@ -177,6 +190,7 @@ class _Stub:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/version", self.version)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get("/stub/truth", self.pop_truth)
@@ -186,6 +200,10 @@ class _Stub:
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response()
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps({"version": f"cputax-stub {__version__}"}),
+                            content_type="application/json")
 
     async def models(self, request: web.Request) -> web.Response:
         card = {"id": self.config.model, "object": "model", "created": int(time.time()),
@@ -279,6 +297,8 @@ class _Stub:
         field = "messages" if chat else "prompt"
         if not body.get(field):
             return _error(400, f"`{field}` is required")
+        if chat and body.get("tools") and not self.config.auto_tool_choice and body.get("tool_choice", "auto") == "auto":
+            return _error(400, TOOL_CHOICE_REFUSED)
         try:
             prompt_tokens = await self._prompt_tokens(body, raw, chat)
         except Exception as exc:  # a template or tokenizer failure is the client's bad input, as in vLLM

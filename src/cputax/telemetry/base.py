@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any, Protocol
 
-from cputax.analysis.decompose import percentile
+from cputax.util import percentile
 
 Sample = dict[str, Any]
 MIN_CHANGES = 5  # fewer value changes than this: the resolution was not measured

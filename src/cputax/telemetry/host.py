@@ -12,36 +12,16 @@ a thread absent from a sample did not run.
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from cputax.analysis.decompose import percentile
 from cputax.telemetry.base import Sample
+from cputax.util import percentile, redact
 
 REFRESH_NS = 1_000_000_000  # look for new child processes (EngineCore, workers) this often
-_SECRET = re.compile(r"key|token|secret|passw|auth", re.I)
-
-
-def redact(argv: list[str], keep: int = 12) -> list[str]:
-    """A command line safe to store: the values of flags that look like credentials, and any
-    other argument that mentions one (a JSON config with an api_key), are hidden."""
-    out: list[str] = []
-    hide = False
-    for arg in argv[:keep]:
-        if arg.startswith("-") and _SECRET.search(arg):
-            flag, eq, _ = arg.partition("=")
-            out.append(f"{flag}=***" if eq else arg)
-            hide = not eq
-        elif hide or _SECRET.search(arg):
-            out.append("***")
-            hide = False
-        else:
-            out.append(arg[:120])
-    return out
 
 
 def _read_schedstat(path: str) -> tuple[int, int, int] | None:

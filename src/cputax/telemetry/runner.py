@@ -23,11 +23,11 @@ from typing import Any
 from rich.console import Console
 
 from cputax.records import JsonlWriter
+from cputax.rundir import RunDir
 from cputax.telemetry.base import Poller, TelemetryUnavailable, run_pollers
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
-TELEMETRY_FILE = "telemetry.jsonl"
 
 
 @dataclass
@@ -106,7 +106,7 @@ def child_main(argv: list[str]) -> int:
 
 
 class TelemetryMonitor:
-    """The run's monitor (cputax.monitor.Monitor): starts the child, stops it, keeps its metadata."""
+    """The run's monitor (session.Monitor): starts the child, stops it, keeps its metadata."""
 
     name = "telemetry"
 
@@ -116,14 +116,14 @@ class TelemetryMonitor:
         self.ready: dict[str, Any] = {}
         self.console = Console(stderr=True)
 
-    def start(self, out: Path, target: dict[str, Any]) -> None:
+    def start(self, run: RunDir, target: dict[str, Any]) -> None:
         from cputax.targets.processes import server_pids
 
         pids = {pid: "server" for pid in server_pids(target)}
         pids.setdefault(os.getpid(), "client")
         args = {"config": asdict(self.config), "pids": {str(k): v for k, v in pids.items()}}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cputax.telemetry", json.dumps(args), str(out / TELEMETRY_FILE)],
+            [sys.executable, "-m", "cputax.telemetry", json.dumps(args), str(run.telemetry)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
         self.ready = self._read_line("ready", READY_TIMEOUT_S) or {}
         if not self.ready:

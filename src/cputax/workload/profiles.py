@@ -23,6 +23,7 @@ else:  # pragma: no cover
 # traces (2,770 + 11,910 tokens): what every request of an agent shares.
 AGENT_SHARED_PREFIX_TOKENS = 14_680
 ARRIVALS = ("closed", "poisson", "burst")
+DEFAULT_PROFILE = "smoke"
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,17 @@ def load_profile(path: Path) -> list[Scenario]:
     return result
 
 
+def resolve_profile(profile: Path | None) -> Path:
+    """A path, or a bare name looked up in ./profiles and in the project's profiles/."""
+    if profile is not None and (profile.exists() or profile.suffix or len(profile.parts) > 1):
+        return profile
+    name = f"{profile or DEFAULT_PROFILE}.toml"
+    for root in (Path.cwd() / "profiles", Path(__file__).resolve().parents[3] / "profiles"):
+        if (root / name).is_file():
+            return root / name
+    raise CputaxError(f"profile {name!r} not found in ./profiles; pass --profile PATH")
+
+
 def select(scenarios: list[Scenario], names: list[str] | None, path: Path) -> list[Scenario]:
     if not names:
         return scenarios
@@ -187,3 +199,20 @@ def select(scenarios: list[Scenario], names: list[str] | None, path: Path) -> li
     if missing:
         raise CputaxError(f"{path}: no scenario named {', '.join(missing)} (has: {', '.join(sorted(known))})")
     return [s for s in scenarios if s.name in names]
+
+
+# --- py-spy's overhead: each scenario also unsampled ----------------------------------------
+CONTROL_SUFFIX = "-nopyspy"
+
+
+def with_controls(scenarios: list[Scenario]) -> list[Scenario]:
+    """Each scenario twice, sampled and unsampled (NAME-nopyspy), the order alternating."""
+    out: list[Scenario] = []
+    for i, s in enumerate(scenarios):
+        control = dataclasses.replace(s, name=s.name + CONTROL_SUFFIX)
+        out += [s, control] if i % 2 == 0 else [control, s]
+    return out
+
+
+def is_control(name: str) -> bool:
+    return name.endswith(CONTROL_SUFFIX)

@@ -1,4 +1,6 @@
-"""Prompts of a scenario: a shared agent prefix plus a unique suffix, sized in server tokens.
+"""Prompts of a scenario (ScenarioPrompts) and of a replayed trace (ReplayPrompts), sized in server tokens.
+
+A scenario's prompts are a shared agent prefix plus a unique suffix.
 
 Every request of a run shares the system prompt and tool definitions (what an
 agent deployment's prefix cache really sees); with `users`, a parent and its
@@ -18,13 +20,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from cputax.records import RequestRecord
 from cputax.text.conversation import Message, agent_tools, render_chat
 from cputax.text.corpus import make_corpus
 from cputax.text.tokenizer import LoadedTokenizer
+from cputax.workload.blocks import TraceText
 from cputax.workload.profiles import Scenario
+from cputax.workload.traces import Agent, Conversation, TraceRequest, iter_requests
 
 UNIQUE_HEAD_TOKENS = 24
+# How a request carries its tool definitions (client.probes.tool_mode finds the server's):
+# "auto" = `tools` alone; "none" = `tools` with tool_choice "none" (a server without a tool
+# parser refuses "auto"; the tools are still rendered into the prompt); "in_prompt" = the
+# server takes neither, so the definitions go into the system prompt as text.
+TOOL_MODES = ("auto", "none", "in_prompt")
 CountFn = Callable[[list[Message], list[dict[str, Any]] | None], Awaitable[int]]
 
 
@@ -37,19 +48,29 @@ def local_counter(tokenizer: LoadedTokenizer) -> CountFn:
     return count
 
 
+def tools_text(tools: list[dict[str, Any]]) -> str:
+    """Tool definitions as system-prompt text, for a server that takes no `tools` field."""
+    return "You can call these tools (OpenAI function format):\n" + "\n".join(
+        orjson.dumps(t).decode() for t in tools) + "\n\n"
+
+
 def chat_payload(model: str, messages: list[Message], tools: list[dict[str, Any]] | None,
-                 max_tokens: int, api: str = "chat", ignore_eos: bool = False) -> dict[str, Any]:
-    """One streamed request's body: chat messages, or for /v1/completions the rendered prompt."""
+                 max_tokens: int, api: str = "chat", ignore_eos: bool = False,
+                 tool_mode: str = "auto") -> dict[str, Any]:
+    """One streamed request's body: chat messages, or for /v1/completions the rendered prompt.
+    In "in_prompt" tool mode the caller has put the tools into the messages already."""
     body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "stream": True,
                             "stream_options": {"include_usage": True}, "temperature": 0.0}
     if ignore_eos:
         body["ignore_eos"] = True
     if api == "chat":
         body["messages"] = messages
-        if tools:
+        if tools and tool_mode != "in_prompt":
             body["tools"] = tools
+            if tool_mode == "none":
+                body["tool_choice"] = "none"
     else:
-        body["prompt"] = render_chat(messages, tools)
+        body["prompt"] = render_chat(messages, None if tool_mode == "in_prompt" else tools)
     return body
 
 
@@ -76,8 +97,11 @@ class ScenarioPrompts:
     """Builds request i's messages (untimed) and payload (timed: the client's serialize)."""
 
     def __init__(self, scenario: Scenario, tokenizer: LoadedTokenizer, model: str,
-                 api: str = "chat", run_seed: int = 0, ignore_eos: bool = True):
+                 api: str = "chat", run_seed: int = 0, ignore_eos: bool = True, tool_mode: str = "auto"):
+        if tool_mode not in TOOL_MODES:
+            raise ValueError(f"tool_mode must be one of {TOOL_MODES}, got {tool_mode!r}")
         self.scenario = scenario
+        self.tool_mode = tool_mode
         self.ignore_eos = ignore_eos and scenario.ignore_eos
         self.tokenizer = tokenizer
         self.model = model
@@ -97,22 +121,25 @@ class ScenarioPrompts:
         tools = agent_tools(self.seed)
         empty = [{"role": "system", "content": ""}, {"role": "user", "content": ""}]
         base = await count(empty, None)
-        # Keep only the tool definitions that fit in 80% of the shared prefix.
+        # Keep only the tool definitions that fit in 80% of the shared prefix, counted as sent.
         chosen: list[dict[str, Any]] = []
         tools_tokens = 0
         for tool in tools:
-            n = await count(empty, [*chosen, tool]) - base
+            if self.tool_mode == "in_prompt":
+                n = await count([{"role": "system", "content": tools_text([*chosen, tool])}, empty[1]], None) - base
+            else:
+                n = await count(empty, [*chosen, tool]) - base
             if n > 0.8 * shared:
                 break
             chosen, tools_tokens = [*chosen, tool], n
         self.tools = chosen or None
         system_tokens = max(0, shared - tools_tokens)
         self.system = make_corpus(system_tokens, self.tokenizer, seed=self.seed + 1) if system_tokens else ""
-        skeleton = await count(self._messages(""), self.tools)
+        skeleton = await count(self._messages(""), self.sent_tools)
         self.user_tokens = max(UNIQUE_HEAD_TOKENS + 1, sc.context_tokens - skeleton)
         self._body = _Text.make(self.user_tokens, self.tokenizer, seed=self.seed + 2)
         # One correction from a full prompt: joins at the seams can add or merge a token.
-        error = await count(self.messages(0), self.tools) - sc.context_tokens
+        error = await count(self.messages(0), self.sent_tools) - sc.context_tokens
         self.user_tokens = max(UNIQUE_HEAD_TOKENS + 1, self.user_tokens - error)
 
     def correct(self, measured_prompt_tokens: int) -> None:
@@ -123,10 +150,18 @@ class ScenarioPrompts:
         error = measured_prompt_tokens - self.scenario.context_tokens
         self.user_tokens = max(UNIQUE_HEAD_TOKENS + 1, self.user_tokens - error)
 
+    @property
+    def sent_tools(self) -> list[dict[str, Any]] | None:
+        """The tools in the request's `tools` field (None when they ride in the system prompt)."""
+        return None if self.tool_mode == "in_prompt" else self.tools
+
     def _messages(self, user: str) -> list[Message]:
         messages: list[Message] = []
         if self.system or self.tools:
-            messages.append({"role": "system", "content": self.system})
+            system = self.system
+            if self.tools and self.tool_mode == "in_prompt":
+                system = tools_text(self.tools) + system
+            messages.append({"role": "system", "content": system})
         messages.append({"role": "user", "content": user})
         return messages
 
@@ -160,7 +195,8 @@ class ScenarioPrompts:
 
     # --- the timed part: what the client does per request --------------------
     def payload(self, messages: list[Message]) -> dict[str, Any]:
-        return chat_payload(self.model, messages, self.tools, self.scenario.max_tokens, self.api, self.ignore_eos)
+        return chat_payload(self.model, messages, self.tools, self.scenario.max_tokens, self.api, self.ignore_eos,
+                            self.tool_mode)
 
     def record(self, index: int, batch: int | None) -> RequestRecord:
         user, role = self.session_of(index)
@@ -170,3 +206,77 @@ class ScenarioPrompts:
             session=None if user is None else f"user{user}",
             subagent=None if not role else f"sub{role}",
         )
+
+
+# --- replayed traces ---------------------------------------------------------------------------
+def _user(text: str) -> list[Message]:
+    return [{"role": "user", "content": text}]
+
+
+class ReplayPrompts:
+    """Messages and payloads of replayed requests: synthesized for traces, as given for JSONL.
+
+    A synthesized prompt is one user message; its text is made before the replay's clock
+    starts (`prepare`), so a request's client-side building is a join and a JSON encode.
+    """
+
+    def __init__(self, tokenizer: LoadedTokenizer, model: str, api: str = "chat",
+                 ignore_eos: bool = True, max_output: int | None = None, seed: int = 0, tool_mode: str = "auto"):
+        self.tokenizer = tokenizer
+        self.tool_mode = tool_mode
+        self.model = model
+        self.api = api
+        self.ignore_eos = ignore_eos
+        self.max_output = max_output
+        self.seed = seed
+        self.overhead = 0  # prompt tokens of the template around one user message
+        self.server_block_tokens: int | None = None  # a block as the server's tokenizer counts it
+        self.corrected = False
+        self._texts: dict[int, TraceText] = {}
+
+    def _text(self, block_size: int) -> TraceText:
+        if block_size not in self._texts:
+            self._texts[block_size] = TraceText(self.tokenizer, block_size, self.seed)
+        return self._texts[block_size]
+
+    @property
+    def blocks_made(self) -> int:
+        return sum(len(t.blocks) for t in self._texts.values())
+
+    async def prepare(self, count: CountFn, conversations: list[Conversation]) -> None:
+        """Count the template around a user message and a block as the server does, then
+        make the text of every block and tail."""
+        synthesized = [c for c in conversations if any(r.messages is None for _, _, r in c.timeline())]
+        if not synthesized:
+            return
+        text = self._text(synthesized[0].block_size)
+        one, two = (text.blocks.block("probe", i) for i in (0, 1))
+        single = await count(_user(one), None)
+        self.server_block_tokens = await count(_user(one + two), None) - single
+        self.overhead = single - text.blocks.size
+        for conv, agent, request in iter_requests(synthesized):
+            if request.messages is None:
+                self._text(conv.block_size).text(conv, agent, request, self.overhead)
+
+    def correct(self, target: int, measured: int) -> None:
+        """Once, from the server's usage count: shift the template estimate (servers without
+        /tokenize whose template differs from cputax's)."""
+        if not self.corrected:
+            self.overhead += measured - target
+            self.corrected = True
+
+    def messages(self, conv: Conversation, agent: Agent, request: TraceRequest) -> list[Message]:
+        if request.messages is not None:
+            if request.tools and self.tool_mode == "in_prompt":
+                return [{"role": "system", "content": tools_text(request.tools)}, *request.messages]
+            return request.messages
+        return _user(self._text(conv.block_size).text(conv, agent, request, self.overhead))
+
+    def max_tokens(self, request: TraceRequest) -> int:
+        out = max(1, request.out_tokens)
+        return out if self.max_output is None else min(out, self.max_output)
+
+    def payload(self, messages: list[Message], request: TraceRequest) -> dict[str, Any]:
+        # A recorded conversation's own tools: sent as the server takes them (in_prompt: left out).
+        return chat_payload(self.model, messages, request.tools, self.max_tokens(request),
+                            self.api, self.ignore_eos, self.tool_mode)

@@ -13,18 +13,16 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cputax.client.replay import SCENARIO, Pacing, Replay
+from cputax.client.sessions import SCENARIO, Pacing, Replay
 from cputax.errors import CputaxError
-from cputax.records import JsonlWriter, read_json, write_json
-from cputax.run import Connection, RunOptions, _api_key, _new_run_dir, drive, measured, recording
+from cputax.records import JsonlWriter
+from cputax.rundir import RunDir
+from cputax.session import RunOptions, Session, api_key, drive, exit_status, measured, recording
 from cputax.text.tokenizer import LoadedTokenizer, load_tokenizer
-from cputax.workload.traces import (
-    Conversation,
-    ReplayPrompts,
-    load_conversations,
-    trace_hit_rate,
-    trim,
-)
+from cputax.workload.prompts import ReplayPrompts
+from cputax.workload.traces import Conversation, load_conversations, trace_hit_rate, trim
+
+__all__ = ["ReplayOptions", "replay"]
 
 
 @dataclass
@@ -56,7 +54,7 @@ def _conversation_info(conv: Conversation, own_rate: float | None, in_tokens: in
 def replay(opts: ReplayOptions) -> int:
     _check(opts)
     console = Console(stderr=True)
-    api_key = _api_key(opts.run.api_key_env)
+    key = api_key(opts.run.api_key_env)
     tokenizer = load_tokenizer(opts.run.tokenizer)
     loaded, errors = load_conversations(opts.paths, tokenizer)
     for error in errors:
@@ -76,7 +74,7 @@ def replay(opts: ReplayOptions) -> int:
     planned = sum(c.count_requests() for c in conversations)
     users = min(opts.users or len(conversations), len(conversations))
     contexts = [r.in_tokens for c in conversations for _, _, r in c.timeline()]
-    out = _new_run_dir(opts.run.out)
+    out = RunDir.create(opts.run.out)
     console.print(f"run directory: {out}; {len(conversations)} conversations, {planned} requests, "
                   f"{sum(c.count_subagents() for c in conversations)} sub-agents, {users} users at once")
     info = {
@@ -89,35 +87,34 @@ def replay(opts: ReplayOptions) -> int:
                    "block_sizes": sorted({c.block_size for c in conversations})},
     }
 
-    async def body(conn: Connection) -> None:
-        await _replay(conn, opts, tokenizer, conversations, users, planned)
+    async def body(session: Session) -> None:
+        await _replay(session, opts, tokenizer, conversations, users, planned)
 
     agents = sum(1 + c.count_subagents() for c in conversations)
-    drive(opts.run, api_key, tokenizer, out, info, body, max_connections=max(64, 2 * agents))
-    return 0
+    return exit_status(drive(opts.run, key, tokenizer, out, info, body, max_connections=max(64, 2 * agents)))
 
 
-async def _replay(conn: Connection, opts: ReplayOptions, tokenizer: LoadedTokenizer, conversations: list[Conversation],
+async def _replay(session: Session, opts: ReplayOptions, tokenizer: LoadedTokenizer, conversations: list[Conversation],
                   users: int, planned: int) -> None:
-    prompts = ReplayPrompts(tokenizer, conn.model, api=opts.run.api, ignore_eos=conn.ignore_eos,
-                            max_output=opts.max_output, seed=opts.run.seed)
-    conn.console.print(f"building the prompt text of {planned} requests ...")
+    prompts = ReplayPrompts(tokenizer, session.model, api=opts.run.api, ignore_eos=session.ignore_eos,
+                            max_output=opts.max_output, seed=opts.run.seed, tool_mode=session.tool_mode)
+    session.console.print(f"building the prompt text of {planned} requests ...")
     started = time.perf_counter()
-    await prompts.prepare(conn.count, conversations)
+    await prompts.prepare(session.count, conversations)
     prepare_s = time.perf_counter() - started
     sizes = {c.block_size for c in conversations}
     if prompts.server_block_tokens is not None and prompts.server_block_tokens not in sizes:
-        conn.console.print(f"[yellow]the server counts a {min(sizes)}-token block as {prompts.server_block_tokens} "
+        session.console.print(f"[yellow]the server counts a {min(sizes)}-token block as {prompts.server_block_tokens} "
                            "tokens: pass --tokenizer with the served model's tokenizer for exact sizes[/]")
-    info = read_json(conn.out / "run.json")
-    info["replay"].update({"prepare_s": prepare_s, "blocks": prompts.blocks_made, "template_tokens": prompts.overhead,
-                           "server_block_tokens": prompts.server_block_tokens})
-    write_json(conn.out / "run.json", info)
-    conn.console.print(f"{prompts.blocks_made} blocks made in {prepare_s:.1f} s; replaying")
+    replayed = session.run.info()["replay"]
+    session.run.update_info(replay={**replayed, "prepare_s": prepare_s, "blocks": prompts.blocks_made,
+                                 "template_tokens": prompts.overhead,
+                                 "server_block_tokens": prompts.server_block_tokens})
+    session.console.print(f"{prompts.blocks_made} blocks made in {prepare_s:.1f} s; replaying")
     pacing = Pacing(users=users, time_scale=opts.time_scale)
-    with JsonlWriter(conn.out / "requests.jsonl") as records, JsonlWriter(conn.out / "windows.jsonl") as windows:
-        async with measured(conn, SCENARIO):
-            with recording(records, SCENARIO, planned, conn.console) as on_record:
-                window = await Replay(conn.client, prompts, pacing, on_record, conn.local_count).run(conversations)
+    with JsonlWriter(session.run.requests) as records, JsonlWriter(session.run.windows) as windows:
+        async with measured(session, SCENARIO):
+            with recording(records, SCENARIO, planned, session.console) as on_record:
+                window = await Replay(session.client, prompts, pacing, on_record, session.local_count).run(conversations)
         windows.write({"scenario": SCENARIO, "start_ns": window.start_ns, "end_ns": window.end_ns,
                        "sent": window.sent})

@@ -19,14 +19,8 @@ from dataclasses import dataclass
 
 from cputax.client.loadgen import Client, Window
 from cputax.records import RequestRecord
-from cputax.workload.traces import (
-    Agent,
-    Conversation,
-    ReplayPrompts,
-    SubAgent,
-    TraceRequest,
-    ideal_hits,
-)
+from cputax.workload.prompts import ReplayPrompts
+from cputax.workload.traces import Agent, Conversation, SubAgent, TraceRequest, ideal_hits
 
 SCENARIO = "replay"
 

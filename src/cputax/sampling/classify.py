@@ -17,17 +17,13 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
-CATEGORIES = (
-    "http", "chat_template", "tokenize", "preprocess", "ipc", "schedule", "kv_cache",
-    "prefix_hash", "model_execute", "gpu_wait", "sample", "output_process", "detokenize",
-    "sse", "metrics", "kv_connector", "gc", "idle", "other",
-)
-IDLE = "idle"
-OTHER = "other"
+from cputax.servers import COMMON_RULES, OTHER, SERVERS, Rule, rules_for
+
+__all__ = ["Classifier", "Frame", "Stack", "classifier_for", "detect_server", "parse_frame", "short_path"]
 
 _SITE = re.compile(r".*/(?:site|dist)-packages/")
 _STDLIB = re.compile(r".*/lib/python\d+(?:\.\d+)?t?/")
@@ -59,26 +55,6 @@ def parse_frame(text: str) -> Frame:
     if m is None:
         return Frame(text, "")
     return Frame(m["func"], short_path(m["path"]))
-
-
-@dataclass(frozen=True)
-class Rule:
-    """Frames of `path` (glob) and `func` (glob on py-spy's function name) are `category`.
-
-    `leaf`: only when the frame is the innermost one (a wait: the thread is blocked
-    there, not in something it called). `within`: only below a frame matching
-    (path, func): the same wait means something else inside that caller.
-    """
-
-    category: str
-    path: str = "*"
-    func: str = "*"
-    leaf: bool = False
-    within: tuple[str, str] | None = None
-
-    def __post_init__(self) -> None:
-        if self.category not in CATEGORIES:
-            raise ValueError(f"unknown category {self.category!r} in {self}")
 
 
 class _Pattern:
@@ -139,3 +115,20 @@ class Classifier:
         """The category of the first rule naming this frame, ignoring leaf/within (for colours)."""
         found = self._candidates(frame)
         return self.rules[found[0]].category if found else None
+
+
+def classifier_for(server: str | None) -> Classifier:
+    """The rule table of a server type (its own rules, then the shared ones); shared only when unknown."""
+    return Classifier(rules_for(server) if server else COMMON_RULES)
+
+
+def detect_server(stacks: Iterable[Mapping[Stack, float]]) -> str | None:
+    """The server whose code the stacks run (most samples in its marker paths), or None."""
+    markers = {name: Classifier([Rule(OTHER, glob) for glob in table.markers]) for name, table in SERVERS.items()}
+    scores: Counter[str] = Counter()
+    for counter in stacks:
+        for stack, weight in counter.items():
+            for name, c in markers.items():
+                if any(c.frame_category(f) for f in stack):
+                    scores[name] += weight
+    return scores.most_common(1)[0][0] if scores else None

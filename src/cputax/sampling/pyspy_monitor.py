@@ -7,15 +7,13 @@ chrometrace (the timeline), collapsed stacks, a flamegraph SVG, a speedscope fil
 py-spy's log. Samplers start at each scenario's start and stop at its end, so files of
 finished scenarios survive a crash and py-spy costs nothing between scenarios.
 
-Overhead: with `with_controls`, every scenario also runs once unsampled under the name
-NAME-nopyspy (sampled first for even positions, unsampled first for odd ones, to cancel
-drift), and the report compares throughput and TTFT of the pairs.
+Overhead: with `workload.profiles.with_controls`, every scenario also runs once unsampled
+(NAME-nopyspy) and is not sampled here; the report compares the pairs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,8 @@ from rich.console import Console
 
 from cputax.errors import CputaxError
 from cputax.records import JsonlWriter
+from cputax.rundir import RunDir
+from cputax.sampling.classify import classifier_for
 from cputax.sampling.flamegraph import render_svg
 from cputax.sampling.pyspy import (
     PyspyProcess,
@@ -34,8 +34,6 @@ from cputax.sampling.pyspy import (
     pyspy_version,
     stop_all,
 )
-from cputax.sampling.rules import Classifier
-from cputax.sampling.servers import COMMON_RULES, rules_for
 from cputax.sampling.stacks import (
     collapse,
     read_chrometrace,
@@ -44,27 +42,10 @@ from cputax.sampling.stacks import (
     write_speedscope,
 )
 from cputax.targets.processes import ServerProcess, find_server, server_pids
-from cputax.workload.profiles import Scenario
+from cputax.workload.profiles import is_control
 
-CONTROL_SUFFIX = "-nopyspy"
 PROFILE_WINDOW = "profile"
-
-
-def with_controls(scenarios: list[Scenario]) -> list[Scenario]:
-    """Each scenario twice, sampled and unsampled (NAME-nopyspy), the order alternating."""
-    out: list[Scenario] = []
-    for i, s in enumerate(scenarios):
-        control = dataclasses.replace(s, name=s.name + CONTROL_SUFFIX)
-        out += [s, control] if i % 2 == 0 else [control, s]
-    return out
-
-
-def is_control(name: str) -> bool:
-    return name.endswith(CONTROL_SUFFIX)
-
-
-def safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "_"
+SETTLE_S = 1.0
 
 
 @dataclasses.dataclass
@@ -106,7 +87,7 @@ class PyspyMonitor:
         self.problem: str | None = None
         self.server: str | None = None
         self.notes: list[str] = []
-        self._out: Path | None = None
+        self._run: RunDir | None = None
         self._target: dict[str, Any] = {}
         self._exe = ""
         self._version = ""
@@ -115,8 +96,8 @@ class PyspyMonitor:
         self._manifest: JsonlWriter | None = None
 
     # --- Monitor protocol ------------------------------------------------------------------
-    def start(self, out: Path, target: dict[str, Any]) -> None:
-        self._out, self._target = out, target
+    def start(self, run: RunDir, target: dict[str, Any]) -> None:
+        self._run, self._target = run, target
         try:
             self._exe = find_pyspy()
             self.server, procs = self._find()
@@ -130,13 +111,13 @@ class PyspyMonitor:
             self._disable(problem)
             return
         self._version = pyspy_version(self._exe)
-        self._manifest = JsonlWriter(out / "pyspy" / "manifest.jsonl")
+        self._manifest = JsonlWriter(run.pyspy_manifest)
         roles = ", ".join(f"{p.role} {p.pid}" for p in procs)
         self.console.print(f"py-spy: sampling {self.server or 'unrecognised server'} ({roles}) "
                            f"during every scenario, {self.config.describe()}")
 
     def scenario_start(self, scenario: str, t_ns: int) -> None:
-        if self.problem or self._out is None or is_control(scenario):
+        if self.problem or self._run is None or is_control(scenario):
             return
         if self._window is not None:
             self.scenario_end(self._window, t_ns)
@@ -146,9 +127,8 @@ class PyspyMonitor:
             self._note(f"{scenario}: not sampled: {exc}")
             return
         self._window = scenario
-        folder = Path("pyspy") / safe_name(scenario)
         for proc in procs:
-            stem = folder / f"{safe_name(proc.role)}-{proc.pid}"
+            stem = self._run.pyspy_stem(scenario, proc.role, proc.pid)
             main = self._sampler(proc.pid, stem, "chrometrace.json", "log", "chrometrace", False)
             gil = self._sampler(proc.pid, stem, "gil.txt", "gil.log", "raw", True) if self.config.gil else None
             self._sampled.append(_Sampled(proc, stem, main, gil))
@@ -156,6 +136,11 @@ class PyspyMonitor:
             for sampler in (s.main, s.gil):
                 if sampler:
                     sampler.start()
+        if self._sampled:
+            # py-spy reads the target's symbols and memory maps as it attaches: a burst of
+            # CPU that, on a small machine, delayed the first requests of a scenario by
+            # hundreds of ms. Let it finish before the scenario's clock starts.
+            time.sleep(SETTLE_S)
 
     def scenario_end(self, scenario: str, t_ns: int) -> None:
         if self._window != scenario or not self._sampled:
@@ -180,7 +165,7 @@ class PyspyMonitor:
         if d.pid is not None or d.port is not None:
             return find_server(d.server, pid=d.pid, port=d.port)
         if target.get("kind") == "embedded" and target.get("pid"):
-            return find_server("transformers", roots=[int(target["pid"])])
+            return find_server(target.get("server") or d.server, roots=[int(target["pid"])])
         if roots := server_pids(target):
             return find_server(d.server, roots=roots)
         if d.server != "auto":
@@ -190,13 +175,13 @@ class PyspyMonitor:
                           "`cputax profile` there, or pass --pid, --port or --target")
 
     def _sampler(self, pid: int, stem: Path, suffix: str, log: str, fmt: str, gil: bool) -> PyspyProcess:
-        assert self._out is not None
-        base = self._out / stem
+        assert self._run is not None
+        base = self._run.path / stem
         return PyspyProcess(self._exe, pid, Path(f"{base}.{suffix}"), Path(f"{base}.{log}"), self.config,
                             fmt=fmt, gil_only=gil)
 
     def _record(self, window: str, s: _Sampled) -> None:
-        assert self._out is not None
+        assert self._run is not None
         name = s.stem.name
         files = {"chrometrace": f"{s.stem}.chrometrace.json", "log": f"{s.stem}.log"}
         if s.gil and s.gil.output.exists():
@@ -208,7 +193,7 @@ class PyspyMonitor:
             entry["gil_sampler"] = meta(s.gil)
         if s.main.output.exists():
             try:
-                files.update(write_views(self._out, s.stem, self.server, f"{window}: {s.process.role} {s.process.pid}",
+                files.update(write_views(self._run.path, s.stem, self.server, f"{window}: {s.process.role} {s.process.pid}",
                                          self.config.rate))
             except CputaxError as exc:
                 entry["status"], entry["message"] = "failed", str(exc)
@@ -239,7 +224,7 @@ def write_views(run_dir: Path, stem: Path, server: str | None, title: str, rate:
     stacks = {thread: collapse(spans, rate) for thread, spans in timeline.items()}
     files = {"collapsed": f"{stem}.collapsed.txt", "svg": f"{stem}.svg", "speedscope": f"{stem}.speedscope.json"}
     write_collapsed(run_dir / files["collapsed"], stacks)
-    classifier = Classifier(rules_for(server) if server else COMMON_RULES)
+    classifier = classifier_for(server)
     labels: dict[str, str | None] = {}
     weights: dict[tuple[str, ...], float] = {}
     for thread, counter in stacks.items():

@@ -1,0 +1,70 @@
+"""analyse(run): everything derived from a run directory, computed once and written through RunDir.
+
+Every stage reads only what the one before it wrote, so this rebuilds summary.json,
+pyspy/attribution.json and correlation.json after a crash from the recorded files
+(requests.jsonl, windows.jsonl, metrics/, telemetry.jsonl, pyspy/); the report then
+renders the Results it returns and computes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cputax.analysis.agentic import agentic_summary
+from cputax.analysis.attribution import attribute_run
+from cputax.analysis.correlate import correlate_run
+from cputax.analysis.decompose import http_overhead_growth, summarize_scenario
+from cputax.analysis.server_metrics import run_scenario_metrics
+from cputax.records import RequestRecord, Results
+from cputax.rundir import RunDir
+
+SUMMARY_RUN_KEYS = ("endpoint", "model", "profile", "prompt_counter", "host")
+
+
+def summarize_run(run: RunDir, info: dict[str, Any], records: list[RequestRecord]) -> dict[str, Any]:
+    """summary.json: per scenario the decomposition and the server's own metrics; with a
+    replay, the agentic metrics."""
+    windows = {w["scenario"]: w for w in run.read_windows()}
+    skipped = [{"name": name, "reason": w["skipped"]} for name, w in windows.items() if w.get("skipped")]
+    summaries = []
+    for scenario in info["scenarios"]:
+        mine = [r for r in records if r.scenario == scenario["name"]]
+        if not mine:
+            continue
+        busy = [(r.t_sent or r.t_start, r.t_end) for r in mine if r.t_end is not None]
+        server = run_scenario_metrics(run, scenario["name"], sum(r.ok for r in mine), busy)
+        summaries.append(summarize_scenario(scenario, mine, windows.get(scenario["name"]), server))
+    summary: dict[str, Any] = {"run": {k: info[k] for k in SUMMARY_RUN_KEYS if k in info}, "scenarios": summaries}
+    if skipped:
+        summary["skipped"] = skipped
+    if "replay" in info:
+        server = (summaries[0].get("server") or {}) if summaries else {}
+        summary["agentic"] = agentic_summary(records, info["replay"], server.get("prefix_cache_hit_rate"))
+    return summary
+
+
+def failures(summary: dict[str, Any]) -> list[str]:
+    """One line per scenario that was skipped or had failed requests (empty: a clean run)."""
+    lines = [f"{s['name']}: skipped ({s['reason']})" for s in summary.get("skipped", [])]
+    for s in summary["scenarios"]:
+        if s["errors"]:
+            kinds = ", ".join(f"{k} ({n})" for k, n in s["error_kinds"].items())
+            lines.append(f"{s['name']}: {s['errors']} of {s['requests']} requests failed: {kinds}")
+    return lines
+
+
+def analyse(run: RunDir) -> Results:
+    """Summary, CPU attribution (py-spy) and GPU-idle correlation of a run directory, written
+    to summary.json, pyspy/attribution.json and correlation.json and returned together."""
+    info = run.info()
+    records = run.read_requests()
+    summary = summarize_run(run, info, records)
+    run.write(run.summary, summary)
+    attribution = attribute_run(run)
+    if attribution is not None:
+        run.write(run.attribution, attribution)
+    correlation = correlate_run(run, info, records)
+    run.write(run.correlation, correlation)
+    return Results(info=info, summary=summary, attribution=attribution, correlation=correlation,
+                   views=[p.as_posix() for p in run.views()],
+                   growth=http_overhead_growth(summary["scenarios"]), name=run.path.name)

@@ -1,0 +1,49 @@
+"""How every report writes a number: one place, so that a missing value reads the same
+everywhere ("absent", never zero) and a table is a markdown table."""
+
+from __future__ import annotations
+
+__all__ = ["ABSENT", "fraction", "ms", "number", "pct", "share", "signed_pct", "table"]
+
+ABSENT = "absent"
+
+
+def number(value: float | None, digits: int = 0) -> str:
+    """1,234 (digits after the point as asked), or absent."""
+    return ABSENT if value is None else f"{value:,.{digits}f}"
+
+
+def ms(value: float | None) -> str:
+    """Milliseconds: one decimal under 100, none above."""
+    if value is None:
+        return ABSENT
+    return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
+
+
+def pct(value: float | None) -> str:
+    """A percentage already in 0..100."""
+    return ABSENT if value is None else f"{value:.1f}%"
+
+
+def fraction(value: float | None) -> str:
+    """A fraction in 0..1 as a percentage."""
+    return ABSENT if value is None else f"{100 * value:.1f}%"
+
+
+def signed_pct(value: float | None) -> str:
+    return ABSENT if value is None else f"{value:+.1f}%"
+
+
+def share(value: float | None, zero: str = "") -> str:
+    """A share (0..1) of a thread's time for a table cell: blank when None, `zero` when under 0.5%."""
+    if value is None:
+        return ""
+    if value < 0.005:
+        return zero
+    return f"{100 * value:.0f}%" if value >= 0.1 else f"{100 * value:.1f}%"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

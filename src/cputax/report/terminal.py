@@ -1,0 +1,22 @@
+"""What `cputax run` and `cputax report` print on the terminal: the decomposition as a rich table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from cputax.report.format import ms, number, pct
+
+__all__ = ["summary_table"]
+
+
+def summary_table(scenarios: list[dict[str, Any]]) -> Table:
+    table = Table(title="cputax: per-request decomposition (ms, mean; p99 in brackets)")
+    for col in ("Scenario", "Conc", "Prompt tok", "Serialize", "HTTP OH", "Prefill", "Decode", "Total", "CPU%", "GPU%", "Err"):
+        table.add_column(col, justify="left" if col == "Scenario" else "right")
+    for s in scenarios:
+        cells = [f"{ms(s['mean_ms'][k])} [{ms(s['p99_ms'][k])}]" for k in ("serialize", "http_overhead", "prefill", "decode", "total")]
+        table.add_row(s["name"], str(s["concurrency"]), number(s["prompt_tokens_mean"]), *cells,
+                      pct(s["cpu_pct"]), pct(s["gpu_pct"]), str(s["errors"]))
+    return table

@@ -1,0 +1,193 @@
+"""The one owner of a run directory's layout, and of run.json's read-modify-write.
+
+A run directory is a complete, shareable record of one run (no secrets):
+
+    run.json            what was asked, where, the server's flags; monitors' metadata
+    requests.jsonl      one line per finished request, flushed as it finishes
+    windows.jsonl       when each scenario's measured part ran
+    metrics/            Prometheus text before and after each scenario, gauge polls
+    telemetry.jsonl     host and GPU samples on the run's clock
+    pyspy/              py-spy per server process and window (pyspy/manifest.jsonl)
+    server.log          the embedded server's output
+    summary.json, correlation.json, pyspy/attribution.json   derived (analysis)
+    report.md, report.html, plots/                           rendered (report)
+
+Every other module asks a RunDir for a path; none spells a file name. As pyperf's
+BenchmarkSuite owns its JSON, RunDir owns this layout (the formats inside the files
+belong to the modules that write them).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cputax.errors import CputaxError
+from cputax.records import RequestRecord, read_json, read_jsonl, read_requests, write_json
+
+__all__ = ["RunDir", "safe_name"]
+
+
+def safe_name(name: str) -> str:
+    """A scenario or role name as a file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "_"
+
+
+class RunDir:
+    """Paths of one run (or profile) directory, and run.json."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # --- making one ------------------------------------------------------------------------
+    @classmethod
+    def create(cls, out: Path | None, default_parent: Path = Path("runs"), prefix: str = "") -> RunDir:
+        """A new run directory (default runs/<prefix><time>); refuses one that holds a run."""
+        run = cls(out or default_parent / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}")
+        if run.requests.exists() or run.pyspy_manifest.exists():
+            raise CputaxError(f"{run.path} already holds a run; choose another --out (nothing was overwritten)")
+        run.metrics.mkdir(parents=True, exist_ok=True)
+        return run
+
+    @classmethod
+    def existing(cls, path: Path | str) -> RunDir:
+        run = cls(path)
+        if not run.path.is_dir():
+            raise CputaxError(f"{run.path}: no such run directory")
+        return run
+
+    # --- what the run records --------------------------------------------------------------
+    @property
+    def info_path(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def requests(self) -> Path:
+        return self.path / "requests.jsonl"
+
+    @property
+    def windows(self) -> Path:
+        return self.path / "windows.jsonl"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics"
+
+    def scrape(self, scenario: str, when: str) -> Path:
+        """Prometheus text scraped before or after a scenario (`when`: "before", "after")."""
+        return self.metrics / f"{scenario}.{when}.prom"
+
+    def gauges(self, scenario: str) -> Path:
+        return self.metrics / f"{scenario}.gauges.jsonl"
+
+    @property
+    def telemetry(self) -> Path:
+        return self.path / "telemetry.jsonl"
+
+    @property
+    def server_log(self) -> Path:
+        return self.path / "server.log"
+
+    @property
+    def pyspy(self) -> Path:
+        return self.path / "pyspy"
+
+    @property
+    def pyspy_manifest(self) -> Path:
+        return self.pyspy / "manifest.jsonl"
+
+    @property
+    def profile_info(self) -> Path:
+        """`cputax profile`'s own record (a profile directory has no run.json)."""
+        return self.pyspy / "profile.json"
+
+    def pyspy_stem(self, window: str, role: str, pid: int) -> Path:
+        """pyspy/<window>/<role>-<pid>, relative to the run directory: the files of one sampler."""
+        return Path("pyspy") / safe_name(window) / f"{safe_name(role)}-{pid}"
+
+    # --- what analysis derives and report renders -----------------------------------------
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def attribution(self) -> Path:
+        return self.pyspy / "attribution.json"
+
+    @property
+    def correlation(self) -> Path:
+        return self.path / "correlation.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.path / "report.md"
+
+    @property
+    def report_html(self) -> Path:
+        return self.path / "report.html"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+    def extrapolation(self, suffix: str) -> Path:
+        return self.path / f"extrapolation.{suffix}"
+
+    def views(self) -> list[Path]:
+        """Profiles a run holds (flamegraphs, speedscope files), relative to the run directory."""
+        patterns = ("*.svg", "*speedscope*.json", "*flamegraph*.html")
+        found = {p for pattern in patterns for p in self.path.rglob(pattern) if "plots" not in p.relative_to(self.path).parts}
+        return sorted(p.relative_to(self.path) for p in found)
+
+    # --- run.json: written once, then updated in one place ----------------------------------
+    def has_info(self) -> bool:
+        return self.info_path.exists()
+
+    def info(self) -> dict[str, Any]:
+        return read_json(self.info_path)
+
+    def write_info(self, info: dict[str, Any]) -> None:
+        write_json(self.info_path, info)
+
+    def update_info(self, **changes: Any) -> dict[str, Any]:
+        """Merge top-level keys into run.json (read, merge, write atomically); the new content."""
+        info = {**self.info(), **changes}
+        write_json(self.info_path, info)
+        return info
+
+    # --- reading the records ----------------------------------------------------------------
+    def read_requests(self) -> list[RequestRecord]:
+        return read_requests(self.requests) if self.requests.exists() else []
+
+    def read_windows(self) -> list[dict[str, Any]]:
+        return list(read_jsonl(self.windows)) if self.windows.exists() else []
+
+    def read_manifest(self) -> list[dict[str, Any]]:
+        return list(read_jsonl(self.pyspy_manifest)) if self.pyspy_manifest.exists() else []
+
+    def read_gauges(self, scenario: str) -> list[dict[str, Any]]:
+        path = self.gauges(scenario)
+        return list(read_jsonl(path)) if path.exists() else []
+
+    def read_scrape(self, scenario: str, when: str) -> str | None:
+        path = self.scrape(scenario, when)
+        return path.read_text() if path.exists() else None
+
+    def iter_telemetry(self) -> Iterator[dict[str, Any]]:
+        return read_jsonl(self.telemetry) if self.telemetry.exists() else iter(())
+
+    def read_optional(self, path: Path) -> Any:
+        """A JSON file of this directory, or None when it is not there."""
+        return read_json(path) if path.exists() else None
+
+    def write(self, path: Path, obj: Any) -> None:
+        write_json(path, obj)

@@ -1,0 +1,360 @@
+"""The driver shared by `cputax run`, `replay` and `sweep`: the target up, the probes, the
+monitors, each scenario's measured window, and the run directory kept up to date.
+
+    with the target (the user's endpoint, or an embedded server started here):
+        probe it (model, token counter, metrics, ignore_eos) -> run.json
+        start the monitors (telemetry; py-spy with --pyspy)
+        body(session): scenarios, each inside `measured` (scrapes, gauge polls) and
+                       `recording` (requests.jsonl as they finish)
+        stop the monitors -> run.json
+    analyse + render, also after an error or Ctrl-C: nothing measured is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from cputax import __version__
+from cputax.analysis import analyse, failures
+from cputax.client.probes import (
+    accepts_ignore_eos,
+    preflight,
+    server_counter,
+    server_version,
+    tool_mode,
+)
+from cputax.client.scrape import poll_gauges, scrape
+from cputax.errors import CputaxError
+from cputax.records import JsonlWriter, RequestRecord, Results
+from cputax.report import write_report
+from cputax.report.terminal import summary_table
+from cputax.rundir import RunDir
+from cputax.sampling.pyspy_monitor import PyspyMonitor, PyspyOptions
+from cputax.telemetry.runner import TelemetryConfig, TelemetryMonitor
+from cputax.text.tokenizer import LoadedTokenizer
+from cputax.workload.profiles import Scenario
+from cputax.workload.prompts import CountFn, ScenarioPrompts
+
+__all__ = ["Monitor", "RunOptions", "Session", "api_key", "drive", "exit_status", "measured", "rebuild_report",
+           "recording", "run_scenarios", "scenario_dicts"]
+
+DEFAULT_TARGET = "vllm"  # the embedded server when --target is auto
+
+
+class Monitor(Protocol):
+    """What runs beside the load (py-spy, telemetry): called at the same points every run.
+
+    A monitor writes its own files under the run directory as it goes (results survive a
+    crash) and returns a small dict of metadata at stop, stored in run.json under its name.
+    """
+
+    name: str
+
+    def start(self, run: RunDir, target: dict[str, Any]) -> None:
+        """Before the first scenario. `target` has `kind` ("embedded"/"external") and, when
+        known, `pid` of the server process, `server` (its type) and `endpoint`."""
+
+    def scenario_start(self, scenario: str, t_ns: int) -> None:
+        """A scenario's measured part begins (monotonic ns)."""
+
+    def scenario_end(self, scenario: str, t_ns: int) -> None:
+        """A scenario's measured part ended (monotonic ns)."""
+
+    def stop(self) -> dict[str, Any]:
+        """After the last scenario (also on error or Ctrl-C): flush, stop, return metadata."""
+
+
+@dataclass
+class RunOptions:
+    endpoint: str | None = None
+    model: str | None = None
+    profile: Any = None  # Path of the load profile (run)
+    out: Any = None  # Path of the run directory
+    tokenizer: str | None = None
+    api_key_env: str | None = None
+    api: str = "chat"
+    timeout_s: float = 600.0
+    scenarios: list[str] | None = None
+    seed: int = 0
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)  # host always; GPU per telemetry.gpu
+    pyspy: PyspyOptions | None = None  # --pyspy: sample the server's processes
+    target: str = "auto"  # the server type; without an endpoint, the embedded server to start
+    server_args: tuple[str, ...] = ()  # extra flags for the embedded server (sweep)
+
+
+@dataclass
+class Session:
+    """An endpoint reached and probed, ready for load: what `run` and `replay` drive."""
+
+    client: Any  # StreamingClient
+    endpoint: str
+    model: str
+    target: dict[str, Any]
+    count: CountFn
+    counter_name: str
+    has_metrics: bool
+    ignore_eos: bool
+    monitors: list[Monitor]
+    run: RunDir
+    console: Console
+    tool_mode: str = "auto"
+
+    @property
+    def local_count(self) -> bool:
+        return self.counter_name.startswith("local")
+
+
+def api_key(var: str | None) -> str | None:
+    """The API key from the environment variable the user named (never from an argument)."""
+    if var is None:
+        return None
+    key = os.environ.get(var)
+    if not key:
+        raise CputaxError(f"--api-key-env {var}: that environment variable is not set")
+    return key
+
+
+def build_monitors(opts: RunOptions) -> list[Monitor]:
+    """The monitors this run's options ask for (py-spy sampling, telemetry)."""
+    monitors: list[Monitor] = [TelemetryMonitor(opts.telemetry)]
+    if opts.pyspy:
+        monitors.append(PyspyMonitor(opts.pyspy.config, opts.pyspy.discovery))
+    return monitors
+
+
+def host_info() -> dict[str, Any]:
+    import psutil
+
+    cpu_model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        cpu_model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
+    return {"cpu_model": cpu_model, "cpus": psutil.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+@contextlib.contextmanager
+def _target(opts: RunOptions, run: RunDir) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
+    """The endpoint to measure: the user's, or the embedded target started for this run."""
+    if opts.endpoint:
+        yield opts.endpoint.rstrip("/"), opts.model, {"kind": "external"}
+        return
+    from cputax.servers import get
+    from cputax.targets.embedded import EmbeddedServer
+
+    console = Console(stderr=True)
+    table = get(DEFAULT_TARGET if opts.target == "auto" else opts.target)
+    if table.launch is None:
+        raise CputaxError(f"cputax cannot start {table.name} itself: start it and pass --endpoint URL")
+    console.print(f"[bold]starting the embedded target[/]: {table.launch.description} (log {run.server_log})")
+
+    def progress(waited_s: float) -> None:
+        console.print(f"  ... {table.name} starting, {waited_s:.0f} s")
+
+    with EmbeddedServer(table, log_path=run.server_log, extra_args=opts.server_args, progress=progress) as server:
+        console.print(f"embedded target up at {server.endpoint} (pid {server.pid}) in {server.startup_s:.0f} s")
+        yield server.endpoint, opts.model or server.model, {
+            "kind": "embedded", "pid": server.pid, "server": table.name, "command": server.command,
+            "startup_s": round(server.startup_s, 2)}
+
+
+def drive(opts: RunOptions, key: str | None, tokenizer: LoadedTokenizer, run: RunDir, info: dict[str, Any],
+          body: Callable[[Session], Awaitable[None]], max_connections: int = 64) -> Results | None:
+    """Reach the endpoint (or start the embedded target), probe it, write run.json (what every
+    run records, plus `info`), run `body` with the monitors watching, and rebuild the report
+    from whatever was written, also after an error or Ctrl-C. The Results (None when the
+    run never got as far as run.json)."""
+    results = None
+    try:
+        with _target(opts, run) as (endpoint, model, target):
+            asyncio.run(_drive(opts, endpoint, model, target, key, tokenizer, run, info, body, max_connections))
+    finally:
+        if run.has_info():
+            results = rebuild_report(run)
+    return results
+
+
+async def _drive(opts: RunOptions, endpoint: str, model: str | None, target: dict[str, Any],
+                 key: str | None, tokenizer: LoadedTokenizer, run: RunDir, info: dict[str, Any],
+                 body: Callable[[Session], Awaitable[None]], max_connections: int) -> None:
+    from cputax.client.stream import StreamingClient
+
+    console = Console(stderr=True)
+    async with StreamingClient(endpoint, api=opts.api, api_key=key, timeout_s=opts.timeout_s,
+                               max_connections=max_connections) as client:
+        model = await preflight(client, endpoint, model)
+        count, counter_name = await server_counter(client, model, opts.api, tokenizer)
+        has_metrics = await scrape(client, True) is not None
+        ignore_eos = await accepts_ignore_eos(client, model, opts.api)
+        tools, refused = await tool_mode(client, model, opts.api)
+        version = await server_version(client)
+        run.write_info({
+            "cputax_version": __version__, "argv": sys.argv[1:], "endpoint": endpoint, "model": model,
+            "api": opts.api, "target": target,
+            "server": {"version": version, **_server_identity(target, endpoint, opts.target)},
+            "tokenizer": tokenizer.source, "prompt_counter": counter_name, "server_metrics": has_metrics,
+            "ignore_eos": ignore_eos, "tools": {"mode": tools, "refused": refused}, "host": host_info(),
+            "clock": {"monotonic_ns": time.monotonic_ns(), "time_ns": time.time_ns()},
+            **info,
+        })
+        console.print(f"model {model}; prompts sized by {counter_name}; server metrics: "
+                      f"{'yes' if has_metrics else 'none (server-side columns will be absent)'}; "
+                      f"ignore_eos {'sent' if ignore_eos else 'refused by the server: output may stop early'}; "
+                      f"tools {TOOL_WORDS[tools]}")
+        monitors = build_monitors(opts)
+        for monitor in monitors:
+            monitor.start(run, {**target, "endpoint": endpoint})
+        try:
+            await body(Session(client, endpoint, model, target, count, counter_name, has_metrics,
+                               ignore_eos, monitors, run, console, tools))
+        finally:
+            meta = {m.name: m.stop() for m in monitors}
+            if meta:
+                run.update_info(monitors=meta)
+
+
+TOOL_WORDS = {"auto": "sent as `tools`", "none": "sent with tool_choice \"none\" (the server refuses \"auto\")",
+              "in_prompt": "written into the system prompt (the server takes no `tools`)"}
+
+
+def _server_identity(target: dict[str, Any], endpoint: str, asked: str) -> dict[str, Any]:
+    """The server's type and command line: the embedded one's, else the local listener's
+    (credentials hidden) and the type its process titles say; a remote server's type is
+    what --target said, if anything."""
+    if target.get("command"):
+        return {"name": target.get("server"), "command": target["command"], "source": "started by cputax"}
+    from cputax.targets.processes import find_server, server_command, server_pids
+
+    where = {**target, "endpoint": endpoint}
+    name = None if asked == "auto" else asked
+    roots = server_pids(where)
+    if roots and name is None:
+        with contextlib.suppress(CputaxError):
+            name = find_server("auto", roots=roots)[0]
+    command = server_command(where)
+    found = {"command": command, "source": "/proc of the local listener"} if command else {}
+    return {"name": name, **found}
+
+
+@contextlib.asynccontextmanager
+async def measured(session: Session, name: str) -> AsyncIterator[None]:
+    """One scenario's measured window: /metrics scraped before and after, gauges polled
+    between, the monitors told when it starts and ends."""
+    run = session.run
+    before = await scrape(session.client, session.has_metrics)
+    stop = asyncio.Event()
+    poller = (asyncio.create_task(poll_gauges(session.client, run.gauges(name), stop))
+              if session.has_metrics else None)
+    for monitor in session.monitors:
+        monitor.scenario_start(name, time.monotonic_ns())
+    try:
+        yield
+    finally:
+        for monitor in session.monitors:
+            monitor.scenario_end(name, time.monotonic_ns())
+        stop.set()
+        if poller:
+            await poller
+    after = await scrape(session.client, session.has_metrics)
+    for label, text in (("before", before), ("after", after)):
+        if text is not None:
+            run.scrape(name, label).write_text(text)
+
+
+@contextlib.contextmanager
+def recording(records: JsonlWriter, name: str, total: int | None,
+              console: Console) -> Iterator[Callable[[RequestRecord], None]]:
+    """A callback that writes each finished record at once and advances a progress bar."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("errors {task.fields[errors]}"), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        task = progress.add_task(name, total=total, errors=0)
+        errors = 0
+
+        def on_record(record: RequestRecord) -> None:
+            nonlocal errors
+            records.write(record)
+            errors += not record.ok
+            progress.update(task, advance=1, errors=errors)
+
+        yield on_record
+
+
+async def run_scenarios(session: Session, scenarios: list[Scenario], tokenizer: LoadedTokenizer,
+                        opts: RunOptions) -> None:
+    """Every scenario in order: prompts sized, warm-up, the measured part."""
+    run = session.run
+    with JsonlWriter(run.requests) as records, JsonlWriter(run.windows) as windows:
+        for scenario in scenarios:
+            prompts = ScenarioPrompts(scenario, tokenizer, session.model, api=opts.api, run_seed=opts.seed,
+                                      ignore_eos=session.ignore_eos, tool_mode=session.tool_mode)
+            await _one_scenario(session, prompts, records, windows)
+
+
+async def _one_scenario(session: Session, prompts: ScenarioPrompts, records: JsonlWriter,
+                        windows: JsonlWriter) -> None:
+    from cputax.client.loadgen import run_scenario, warm_up
+
+    scenario = prompts.scenario
+    session.console.print(f"[bold]{scenario.name}[/]: {scenario.describe()}, {scenario.context_tokens} tokens, "
+                          f"max_tokens {scenario.max_tokens}; building prompts...")
+    await prompts.prepare(session.count)
+    warm = await warm_up(session.client, prompts, scenario.warmup)
+    failed = next((r for r in warm if not r.ok), None)
+    if failed is not None:
+        # The server refuses these requests: measuring them would only count errors.
+        session.console.print(f"[red]{scenario.name}: skipped, its warm-up request failed: {failed.error}[/]")
+        now = time.monotonic_ns()
+        windows.write({"scenario": scenario.name, "start_ns": now, "end_ns": now, "sent": 0,
+                       "skipped": f"warm-up request failed: {failed.error}"})
+        return
+    counted = [r.prompt_tokens for r in warm if r.ok and r.prompt_tokens and r.output_tokens_source == "usage"]
+    if session.local_count and counted:
+        prompts.correct(counted[0])  # the server's own count beats our local estimate
+    async with measured(session, scenario.name):
+        with recording(records, scenario.name, scenario.planned_requests, session.console) as on_record:
+            window = await run_scenario(session.client, prompts, on_record, seed=prompts.seed)
+    windows.write({"scenario": scenario.name, "start_ns": window.start_ns, "end_ns": window.end_ns,
+                   "sent": window.sent, "user_tokens": prompts.user_tokens,
+                   "tools": len(prompts.tools or [])})
+
+
+def rebuild_report(run: RunDir) -> Results:
+    """Analyse the run directory, render its report, print the decomposition table."""
+    results = analyse(run)
+    html = write_report(run, results)
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 160)  # a log file or pipe: don't squeeze the table
+    console.print(summary_table(results.summary["scenarios"]))
+    console.print(f"wrote {run.summary}, {run.report_md} and {html}")
+    return results
+
+
+def exit_status(results: Results | None, console: Console | None = None) -> int:
+    """0 for a clean run; 1 (after one line per problem) when a scenario was skipped or had
+    failed requests: a run that measured errors must not pass for a measurement."""
+    if results is None:
+        return 1
+    problems = failures(results.summary)
+    if not problems:
+        return 0
+    console = console or Console(stderr=True)
+    console.print(f"[red]{len(problems)} scenario(s) had errors; everything measured is in the run directory:[/]")
+    for line in problems:
+        console.print(f"  {line}", markup=False)
+    return 1
+
+
+def scenario_dicts(scenarios: list[Scenario]) -> list[dict[str, Any]]:
+    return [asdict(s) for s in scenarios]

@@ -1,0 +1,231 @@
+"""An embedded target: a real server started by cputax on this machine, from its table's
+launch recipe (cputax.servers: vllm, transformers), with the tiny model (targets.model).
+
+Why it exists: a real OpenAI-compatible server that anyone can start without a GPU, a
+download or a hub account, so `cputax run` has something honest to measure. The server
+runs as a child in its own process group; `__exit__` stops the whole group, and the
+server also gets SIGTERM if cputax dies first (Linux).
+"""
+
+from __future__ import annotations
+
+import http.client
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+from cputax.errors import CputaxError
+from cputax.servers import ServerTable
+from cputax.targets.model import default_cache_dir, ensure_model
+from cputax.util import client_host, die_with_parent, free_port, port_is_free, url_host
+
+__all__ = ["EmbeddedServer"]
+
+CHAT_PATH = "/v1/chat/completions"
+MODELS_PATH = "/v1/models"
+# The first request may start a batching worker or compile kernels: done at start-up.
+WARMUP_TIMEOUT_S = 180.0
+LOG_TAIL_LINES = 25
+POLL_S = 0.25
+
+
+class EmbeddedServer:
+    """A server of `table` on the CPU as a context manager: started, warmed up, stopped.
+
+    `__enter__` returns once the server answers its ready path and one tiny completion
+    has run; `progress(seconds_waited)` is called while it starts. `extra_args` go on
+    the server's command line after cputax's own flags.
+    """
+
+    def __init__(self, table: ServerTable, host: str = "127.0.0.1", port: int | None = None,
+                 log_path: Path | None = None, cache_dir: Path | None = None,
+                 extra_args: tuple[str, ...] = (), progress: Callable[[float], None] | None = None) -> None:
+        if table.launch is None:
+            raise CputaxError(f"cputax cannot start {table.name} itself; start it and pass --endpoint")
+        self.table = table
+        self.launch = table.launch
+        self.host = host
+        self.port = port
+        self.log_path = log_path
+        self.cache_dir = cache_dir
+        self.extra_args = tuple(extra_args)
+        self.progress = progress
+        self.model = ""
+        self.model_dir: Path | None = None
+        self.command: list[str] = []
+        self.startup_s = 0.0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stopped = False
+
+    @property
+    def name(self) -> str:
+        return self.table.name
+
+    @property
+    def endpoint(self) -> str:
+        """Base URL without /v1, as `cputax run --endpoint` takes it."""
+        return f"http://{url_host(client_host(self.host))}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def check_installed(self) -> None:
+        """A CputaxError naming the fix when what the server needs is not importable."""
+        missing = [m for m in self.launch.modules if importlib.util.find_spec(m) is None]
+        if missing:
+            raise CputaxError(f"the embedded {self.name} target needs {', '.join(missing)}: {self.launch.install_hint}")
+
+    def __enter__(self) -> EmbeddedServer:
+        self.check_installed()
+        # A busy port must fail here: the ready check would otherwise find the other server.
+        if self.port is None:
+            self.port = free_port(self.host)
+        elif not port_is_free(self.host, self.port):
+            raise CputaxError(f"port {self.port} on {self.host} is in use: stop what holds it or pick another port")
+        self.model_dir = ensure_model(self.cache_dir)
+        if self.log_path is None:
+            self.log_path = (self.cache_dir or default_cache_dir()) / "logs" / f"{self.name}-{self.port}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.command = self.launch.command(self.model_dir, self.host, self.port, self.extra_args)
+        started = time.monotonic()
+        with open(self.log_path, "wb") as log:
+            log.write(("$ " + " ".join(self.command) + "\n").encode())
+            log.flush()
+            self._proc = subprocess.Popen(
+                self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, **self.launch.env}, start_new_session=True, preexec_fn=die_with_parent,
+            )
+        try:
+            self._wait_ready(started)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = time.monotonic() - started
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """SIGTERM to the process group, SIGKILL after the grace period; idempotent."""
+        proc = self._proc
+        if proc is None or self._stopped:
+            return
+        for sig, wait_s in ((signal.SIGTERM, self.launch.stop_grace_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)  # start_new_session: the group id is the server's pid
+            except ProcessLookupError:
+                break  # the whole group is gone
+            try:
+                proc.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                continue
+            if not _group_alive(proc.pid):
+                break
+        proc.wait()
+        self._stopped = True  # the pid may be reused from now on: never signal it again
+
+    def wait(self) -> int:
+        """Block until the server exits; its exit status."""
+        if self._proc is None:
+            raise CputaxError(f"the embedded {self.name} server was not started")
+        return self._proc.wait()
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        if self.log_path is None or not self.log_path.is_file():
+            return ""
+        with open(self.log_path, errors="replace") as f:
+            return "".join(deque(f, maxlen=lines))
+
+    def failure(self, what: str) -> CputaxError:
+        return CputaxError(f"{self.name} {what} (log {self.log_path}); last lines:\n{self.log_tail()}")
+
+    def _request(self, method: str, path: str, body: dict | None = None,
+                 timeout: float = 5.0) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection(client_host(self.host), self.port, timeout=timeout)
+        try:
+            payload = None if body is None else json.dumps(body).encode()
+            conn.request(method, path, body=payload, headers={"content-type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        try:
+            return resp.status, json.loads(data or b"{}")
+        except ValueError:
+            return resp.status, {"raw": data.decode(errors="replace")}
+
+    def _wait_ready(self, started: float) -> None:
+        """The ready path first (the model loads before the server listens), then one tiny completion."""
+        assert self._proc is not None
+        deadline = started + self.launch.ready_timeout_s
+        next_report = started + 5.0
+        while True:
+            if self._proc.poll() is not None:
+                raise self.failure(f"exited with status {self._proc.returncode} while starting")
+            try:
+                if self._request("GET", self.launch.ready_path, timeout=2.0)[0] == 200:
+                    break
+            except OSError:
+                pass
+            now = time.monotonic()
+            if now > deadline:
+                raise self.failure(f"did not answer {self.launch.ready_path} within {self.launch.ready_timeout_s:.0f} s")
+            if self.progress and now >= next_report:
+                self.progress(now - started)
+                next_report = now + 5.0
+            time.sleep(POLL_S)
+        self.model = self.launch.model_name or self._listed_model()
+        self._first_completion()
+
+    def _listed_model(self) -> str:
+        status, models = self._request("GET", MODELS_PATH)
+        names = [m.get("id") for m in models.get("data", [])] if status == 200 else []
+        if names:
+            return names[0]
+        if not self.table.capabilities.lists_models and self.model_dir is not None:
+            return str(self.model_dir)  # served under the folder's path
+        raise self.failure(f"listed no model at {MODELS_PATH} (HTTP {status})")
+
+    def _first_completion(self) -> None:
+        probe = {"model": self.model, "messages": [{"role": "user", "content": "Ready?"}], "max_tokens": 2}
+        result: list[tuple[int, dict]] = []
+        errors: list[OSError] = []
+
+        def ask() -> None:
+            try:
+                result.append(self._request("POST", CHAT_PATH, probe, timeout=WARMUP_TIMEOUT_S))
+            except OSError as exc:
+                errors.append(exc)
+
+        asker = threading.Thread(target=ask, daemon=True)
+        asker.start()
+        while asker.is_alive():
+            asker.join(POLL_S)
+            if self._proc is not None and self._proc.poll() is not None:
+                raise self.failure(f"exited with status {self._proc.returncode} on its first completion")
+        if errors:
+            raise self.failure(f"did not answer its first completion ({errors[0]})") from errors[0]
+        status, answer = result[0]
+        if status != 200 or answer.get("usage", {}).get("completion_tokens") != 2:
+            raise self.failure(f"failed its first completion (HTTP {status}: {json.dumps(answer)[:300]})")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
