@@ -107,6 +107,17 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
                       pyspy=_pyspy_options(args) if _wants_pyspy(args) else None)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cputax.commands.sweep import SweepOptions, sweep
+
+    opts = _run_options(args)
+    opts.out = None
+    opts.profile = Path(args.profile) if args.profile else None
+    opts.scenarios = args.scenario
+    return sweep(SweepOptions(run=opts, varies=args.vary, repeat=args.repeat,
+                              out=Path(args.out) if args.out else None, serve_cmd=args.serve_cmd))
+
+
 def _wants_pyspy(args: argparse.Namespace) -> bool:
     extras = [flag for flag, on in (("--pyspy-overhead", getattr(args, "pyspy_overhead", False)),
                                     ("--pyspy-gil", args.pyspy_gil), ("--pyspy-native", args.pyspy_native)) if on]
@@ -307,6 +318,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --pyspy: also run every scenario unsampled (NAME-nopyspy) and report the difference")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("sweep", help="the same profile on each server configuration; the study's claims tested",
+                       description="Start the server once per configuration (every combination of the --vary "
+                       "knobs), run the same profile with the same prompts, py-spy and telemetry, stop it. Each "
+                       "configuration is a normal run directory under --out; sweep.md and sweep.html compare them "
+                       "(each delta inside or beyond the run-to-run spread) and say what the data shows about the "
+                       "study's claims. Presets: " + ", ".join(_presets()) + ".")
+    _target_args(p, TOKENIZER_HELP + " (used when the server has no /tokenize)")
+    p.set_defaults(pyspy=True)
+    p.add_argument("--no-pyspy", dest="pyspy", action="store_false", help="do not sample the server (on by default)")
+    p.add_argument("--vary", action="append", required=True, metavar="KNOB=V1,V2|PRESET",
+                   help="a server flag (without --) and its values, e.g. api-server-count=1,2 or "
+                   "async-scheduling=on,off (on/off: --flag / --no-flag), or a preset name; repeatable")
+    p.add_argument("--repeat", type=int, default=1, help="runs per configuration, the order alternating (default 1)")
+    p.add_argument("--serve-cmd", help="your own server command on this host instead of the embedded vLLM, with "
+                   "{args} (the configuration's flags) and {port} (or --port N), e.g. "
+                   "'vllm serve MODEL --port {port} {args}'")
+    p.add_argument("--profile", help="load profile TOML (default: profiles/smoke.toml)")
+    p.add_argument("--scenario", action="append", help="run only this scenario (repeatable)")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("replay", help="replay agent traces as user sessions and decompose every request",
                        description="Replay kv-cache-tester traces (JSON, gzipped or not; a file or a folder) or "
                        "JSONL of OpenAI message lists: each conversation is a user session, sub-agents run "
@@ -382,6 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON: categories, threads, other_top")
     p.set_defaults(func=cmd_attribute)
     return parser
+
+
+def _presets() -> tuple[str, ...]:
+    from cputax.servers import get
+
+    return tuple(get("vllm").presets)
 
 
 def _embedded_names() -> tuple[str, ...]:

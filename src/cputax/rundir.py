@@ -28,7 +28,7 @@ from typing import Any
 from cputax.errors import CputaxError
 from cputax.records import RequestRecord, read_json, read_jsonl, read_requests, write_json
 
-__all__ = ["RunDir", "safe_name"]
+__all__ = ["RunDir", "SweepDir", "safe_name"]
 
 
 def safe_name(name: str) -> str:
@@ -191,3 +191,58 @@ class RunDir:
 
     def write(self, path: Path, obj: Any) -> None:
         write_json(path, obj)
+
+
+class SweepDir:
+    """A sweep: one run directory per configuration (and repeat), plus the comparison.
+
+        sweep.json            the plan, each step's outcome, then the comparison (analysis)
+        <configuration>/      a run directory (RunDir); <configuration>-r1/ ... for repeats
+        sweep.md, sweep.html, plots/   rendered (report)
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @classmethod
+    def create(cls, out: Path | None) -> SweepDir:
+        sweep = cls(out or Path("runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+        if sweep.info_path.exists():
+            raise CputaxError(f"{sweep.path} already holds a sweep; choose another --out (nothing was overwritten)")
+        sweep.path.mkdir(parents=True, exist_ok=True)
+        return sweep
+
+    @classmethod
+    def existing(cls, path: Path | str) -> SweepDir:
+        sweep = cls(path)
+        if not sweep.info_path.exists():
+            raise CputaxError(f"{sweep.path}: no sweep.json; is it a sweep directory?")
+        return sweep
+
+    @property
+    def info_path(self) -> Path:
+        return self.path / "sweep.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.path / "sweep.md"
+
+    @property
+    def report_html(self) -> Path:
+        return self.path / "sweep.html"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+    def run(self, folder: str) -> RunDir:
+        return RunDir(self.path / folder)
+
+    def info(self) -> dict[str, Any]:
+        return read_json(self.info_path)
+
+    def write_info(self, info: dict[str, Any]) -> None:
+        write_json(self.info_path, info)

@@ -42,12 +42,13 @@ from cputax.report.terminal import summary_table
 from cputax.rundir import RunDir
 from cputax.sampling.pyspy_monitor import PyspyMonitor, PyspyOptions
 from cputax.telemetry.runner import TelemetryConfig, TelemetryMonitor
-from cputax.text.tokenizer import LoadedTokenizer
-from cputax.workload.profiles import Scenario
+from cputax.text.tokenizer import LoadedTokenizer, load_tokenizer
+from cputax.workload.profiles import Scenario, load_profile, resolve_profile, select, with_controls
 from cputax.workload.prompts import CountFn, ScenarioPrompts
 
-__all__ = ["Monitor", "RunOptions", "Session", "api_key", "drive", "exit_status", "measured", "rebuild_report",
-           "recording", "run_scenarios", "scenario_dicts"]
+__all__ = ["Monitor", "RunOptions", "Session", "api_key", "drive", "exit_status", "failures_of", "measured",
+           "rebuild_report",
+           "recording", "run_profile", "run_scenarios", "scenario_dicts"]
 
 DEFAULT_TARGET = "vllm"  # the embedded server when --target is auto
 
@@ -91,6 +92,7 @@ class RunOptions:
     pyspy: PyspyOptions | None = None  # --pyspy: sample the server's processes
     target: str = "auto"  # the server type; without an endpoint, the embedded server to start
     server_args: tuple[str, ...] = ()  # extra flags for the embedded server (sweep)
+    serve_cmd: str | None = None  # the user's own command for the server, with {port} and {args} (sweep)
 
 
 @dataclass
@@ -150,10 +152,12 @@ def _target(opts: RunOptions, run: RunDir) -> Iterator[tuple[str, str | None, di
         yield opts.endpoint.rstrip("/"), opts.model, {"kind": "external"}
         return
     from cputax.servers import get
-    from cputax.targets.embedded import EmbeddedServer
+    from cputax.targets.embedded import EmbeddedServer, command_table
 
     console = Console(stderr=True)
     table = get(DEFAULT_TARGET if opts.target == "auto" else opts.target)
+    if opts.serve_cmd is not None:
+        table = command_table(table, opts.serve_cmd)
     if table.launch is None:
         raise CputaxError(f"cputax cannot start {table.name} itself: start it and pass --endpoint URL")
     console.print(f"[bold]starting the embedded target[/]: {table.launch.description} (log {run.server_log})")
@@ -341,12 +345,37 @@ def rebuild_report(run: RunDir) -> Results:
     return results
 
 
+def run_profile(opts: RunOptions) -> Results | None:
+    """The whole of `cputax run`: the profile's scenarios against the target, into opts.out
+    (a new run directory); the Results (None when it never got as far as run.json)."""
+    profile = resolve_profile(opts.profile)
+    scenarios = select(load_profile(profile), opts.scenarios, profile)
+    if opts.pyspy and opts.pyspy.overhead:
+        scenarios = with_controls(scenarios)  # each scenario also unsampled: py-spy's overhead
+    key = api_key(opts.api_key_env)
+    tokenizer = load_tokenizer(opts.tokenizer)
+    out = RunDir.create(opts.out)
+    Console(stderr=True).print(f"run directory: {out}")
+    max_conc = max(s.concurrency if s.arrival == "closed" else max(s.concurrency, s.burst_size or 0) for s in scenarios)
+    info = {"profile": str(profile), "scenarios": scenario_dicts(scenarios)}
+
+    async def body(session: Session) -> None:
+        await run_scenarios(session, scenarios, tokenizer, opts)
+
+    return drive(opts, key, tokenizer, out, info, body, max_connections=max(64, 2 * max_conc))
+
+
+def failures_of(results: Results | None) -> list[str]:
+    """One line per problem of a finished run (analysis.failures), or why it has no results."""
+    if results is None:
+        return ["the run stopped before it wrote run.json"]
+    return failures(results.summary)
+
+
 def exit_status(results: Results | None, console: Console | None = None) -> int:
     """0 for a clean run; 1 (after one line per problem) when a scenario was skipped or had
     failed requests: a run that measured errors must not pass for a measurement."""
-    if results is None:
-        return 1
-    problems = failures(results.summary)
+    problems = failures_of(results)
     if not problems:
         return 0
     console = console or Console(stderr=True)

@@ -15,6 +15,7 @@ from cputax.analysis.attribution import attribute_run
 from cputax.analysis.correlate import correlate_run
 from cputax.analysis.decompose import http_overhead_growth, summarize_scenario
 from cputax.analysis.server_metrics import run_scenario_metrics
+from cputax.analysis.timeline import host_series, read_telemetry
 from cputax.records import RequestRecord, Results
 from cputax.rundir import RunDir
 
@@ -60,10 +61,11 @@ def analyse(run: RunDir) -> Results:
     records = run.read_requests()
     summary = summarize_run(run, info, records)
     run.write(run.summary, summary)
-    attribution = attribute_run(run)
+    telemetry = read_telemetry(run.iter_telemetry())
+    attribution = attribute_run(run, host_series(telemetry))
     if attribution is not None:
         run.write(run.attribution, attribution)
-    correlation = correlate_run(run, info, records)
+    correlation = correlate_run(run, info, records, telemetry)
     run.write(run.correlation, correlation)
     return Results(info=info, summary=summary, attribution=attribution, correlation=correlation,
                    views=[p.as_posix() for p in run.views()],

@@ -22,6 +22,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from cputax.analysis.timeline import Grid, HostSeries
 from cputax.rundir import RunDir
 from cputax.sampling.classify import Classifier, Stack, classifier_for, detect_server
 from cputax.sampling.stacks import ThreadId, Timeline, clip, collapse, read_chrometrace, read_raw
@@ -145,16 +146,39 @@ def _client_windows(run: RunDir) -> dict[str, tuple[int, int]]:
     return {w["scenario"]: (w["start_ns"], w["end_ns"]) for w in run.read_windows()}
 
 
-def _gil_shares(run: RunDir, entry: dict[str, Any]) -> dict[int | None, float] | None:
-    """Share of samples in which each thread (by tid) held the GIL, from the --gil sampler
-    (samples / (its duration x rate)); None without one."""
+def _gil_shares(run: RunDir, entry: dict[str, Any], classifier: Classifier) -> dict[int | None, dict[str, Any]] | None:
+    """Per thread (by tid), from the --gil sampler (which records only the GIL holder): the
+    share of samples in which it held the GIL (samples / (its duration x rate)), the part of
+    those spent in frames the rules call idle (a loop written in C that holds the GIL while it
+    dispatches, say) and those frames; None without a GIL sampler."""
     sampler = entry.get("gil_sampler") or {}
     if "gil" not in entry["files"] or not sampler.get("t_stop_ns"):
         return None
     ticks = (sampler["t_stop_ns"] - sampler["t_launched_ns"]) / 1e9 * entry["rate"]
     if ticks <= 0:
         return None
-    return {t.tid: sum(c.values()) / ticks for t, c in read_raw(run.path / entry["files"]["gil"]).items()}
+    out: dict[int | None, dict[str, Any]] = {}
+    for thread, counter in read_raw(run.path / entry["files"]["gil"]).items():
+        held = sum(counter.values())
+        idle = Counter({(stack[-1].text() if stack else NO_FRAME): w for stack, w in counter.items()
+                        if classifier.category(stack) == IDLE})
+        out[thread.tid] = {"share": held / ticks, "in_idle_frames": sum(idle.values()) / held if held else 0.0,
+                           "idle_frames": [[f, round(n)] for f, n in idle.most_common(3)]}
+    return out
+
+
+def _host_shares(host: HostSeries | None, pid: int, tid: int | None,
+                 window: tuple[int, int] | None) -> tuple[float, float] | None:
+    """A thread's share of the window on a CPU and ready but waiting for one (schedstat)."""
+    if host is None or tid is None or window is None or (pid, tid) not in host.thread_cpu:
+        return None
+    w0, w1 = window
+    whole = Grid(w0, w1, max(1, w1 - w0))
+    wall = w1 - w0
+    if wall <= 0:
+        return None
+    return (whole.sums(host.thread_cpu[(pid, tid)])[0] / wall,
+            whole.sums(host.thread_wait.get((pid, tid), []))[0] / wall)
 
 
 def _process_view(entry: dict[str, Any], window: tuple[int, int] | None,
@@ -182,9 +206,15 @@ def _process_view(entry: dict[str, Any], window: tuple[int, int] | None,
     return view, {t: s for t, s in stacks.items() if s}
 
 
-def attribute_run(run: RunDir) -> dict[str, Any] | None:
+def attribute_run(run: RunDir, host: HostSeries | None = None) -> dict[str, Any] | None:
     """Per window and per process/thread shares of a run (or profile) directory (what
-    pyspy/attribution.json holds). None when nothing was sampled."""
+    pyspy/attribution.json holds). None when nothing was sampled.
+
+    With host telemetry (`host`), each thread also gets its share of the window on a CPU
+    and in the run queue (schedstat), and with --pyspy-gil an estimate of the time it
+    waited for the GIL: busy by its stack (not at a known wait) minus on a CPU minus
+    ready for one. A thread blocked on the GIL sleeps, so it is in neither; a thread
+    blocked in a C call the rules do not know as a wait is counted too."""
     entries = run.read_manifest()
     if not entries:
         return None
@@ -202,20 +232,27 @@ def attribute_run(run: RunDir) -> dict[str, Any] | None:
         processes, threads, roles = [], {}, {}
         for i, entry in mine:
             view, stacks = _process_view(entry, span, timelines[i])
-            gil = _gil_shares(run, entry)
+            gil = _gil_shares(run, entry, classifier)
             for thread, counter in stacks.items():
                 key = (view["process"], thread)
                 threads[key] = counter
                 roles[key] = thread_role(server, entry["role"], thread.label)
             processes.append(view)
             if gil is not None:
-                view["gil"] = sum(gil.values())
-                view["gil_threads"] = {str(tid): share for tid, share in gil.items()}
+                view["gil"] = sum(g["share"] for g in gil.values())
+                view["gil_threads"] = {str(tid): g for tid, g in gil.items()}
         summary = summarize(threads, classifier, roles)
         for row in summary["threads"]:
             proc = next(p for p in processes if p["process"] == row["process"])
+            if (cpu := _host_shares(host, proc["pid"], row["tid"], span)) is not None:
+                row["on_cpu"], row["runqueue"] = cpu
             if "gil_threads" in proc:
-                row["gil"] = proc["gil_threads"].get(str(row["tid"]), 0.0)
+                held = proc["gil_threads"].get(str(row["tid"])) or {"share": 0.0, "in_idle_frames": 0.0,
+                                                                     "idle_frames": []}
+                row["gil"] = held["share"]
+                row["gil_in_idle_frames"], row["gil_idle_frames"] = held["in_idle_frames"], held["idle_frames"]
+                if "on_cpu" in row and row["active"] is not None:
+                    row["gil_wait"] = max(0.0, row["active"] - row["on_cpu"] - row["runqueue"])
         other.update({frame: n for frame, n in summary["other_top"]})
         start, end = span or (None, None)
         windows.append({"name": name, "start_ns": start, "end_ns": end,

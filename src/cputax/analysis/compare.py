@@ -56,8 +56,10 @@ def spreads(scenario: dict[str, Any], records: list[RequestRecord]) -> dict[str,
     return out
 
 
-def _row(component: str, a: float | None, b: float | None, spread_a: float | None, spread_b: float | None,
-         extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def delta_row(component: str, a: float | None, b: float | None, spread_a: float | None, spread_b: float | None,
+              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """B - A for one component, marked inside the run-to-run spread when no larger than the
+    larger of the two runs' spreads (None: no spread measure)."""
     delta = None if a is None or b is None else b - a
     noise = max((s for s in (spread_a, spread_b) if s is not None), default=None)
     return {"component": component, "a": a, "b": b, "delta": delta,
@@ -80,11 +82,11 @@ def compare_scenario(a: dict[str, Any], b: dict[str, Any], sa: dict[str, Any], s
         extra = None
         if component not in RATIOS:
             extra = {f"{q}_{side}": s[f"{q}_ms"][component] for q in ("p50", "p99") for side, s in (("a", sa), ("b", sb))}
-        rows.append(_row(component, _value(sa, component), _value(sb, component),
+        rows.append(delta_row(component, _value(sa, component), _value(sb, component),
                          spread_a[component], spread_b[component], extra))
     ga, gb = _gpu(a, name), _gpu(b, name)
     if ga and gb:
-        rows += [_row(f"gpu_{k}", ga[k], gb[k], None, None) for k in TELEMETRY]
+        rows += [delta_row(f"gpu_{k}", ga[k], gb[k], None, None) for k in TELEMETRY]
     return {"name": name, "concurrency": sa.get("concurrency"), "context_tokens": sa.get("context_tokens"),
             "requests": [sa["requests"], sb["requests"]], "components": rows}
 

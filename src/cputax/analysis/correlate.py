@@ -34,7 +34,7 @@ from cputax.analysis.timeline import (
 )
 from cputax.records import RequestRecord
 from cputax.rundir import RunDir
-from cputax.servers import IDLE
+from cputax.servers import IDLE, process_role
 
 IDLE_BELOW_PCT = 10.0
 IDLE_CATEGORIES = frozenset({IDLE})
@@ -205,8 +205,10 @@ def host_usage(host: HostSeries, window: tuple[int, int]) -> dict[str, Any]:
         cpu_s = whole.sums(intervals)[0] / 1e9
         threads = sorted(((tid, whole.sums(iv)[0] / 1e9) for (p, tid), iv in host.thread_cpu.items() if p == pid),
                          key=lambda x: -x[1])[:TOP_THREADS]
+        found = process_role(" ".join(host.cmdlines.get(pid, [])))
         processes.append({
             "pid": pid, "name": host.names.get(pid, "?"), "role": host.roles.get(pid, "?"),
+            "server_role": found[1] if found and host.roles.get(pid) == "server" else None,
             "cpu_pct": 100.0 * cpu_s / wall,
             "wait_pct": 100.0 * whole.sums(host.wait.get(pid, []))[0] / 1e9 / wall,
             "switches_per_s": whole.sums(host.switches.get(pid, []))[0] / wall,
@@ -263,12 +265,13 @@ def correlate_scenario(window: tuple[int, int], records: list[RequestRecord], gp
     return result
 
 
-def correlate_run(run: RunDir, info: dict[str, Any] | None = None,
-                  records: list[RequestRecord] | None = None) -> dict[str, Any]:
-    """Per scenario: GPU busy, stalls and their split, server CPU; plus the timeline series."""
+def correlate_run(run: RunDir, info: dict[str, Any] | None = None, records: list[RequestRecord] | None = None,
+                  by_kind: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Per scenario: GPU busy, stalls and their split, server CPU; plus the timeline series.
+    `records` and `by_kind` (telemetry.jsonl by kind) are read from the run when not given."""
     info = info or run.info()
     meta = (info.get("monitors") or {}).get("telemetry") or {}
-    by_kind = read_telemetry(run.iter_telemetry())
+    by_kind = read_telemetry(run.iter_telemetry()) if by_kind is None else by_kind
     gpu = gpu_busy(by_kind, meta)
     host = host_series(by_kind)
     categories = category_spans(run)

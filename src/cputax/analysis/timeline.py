@@ -169,6 +169,7 @@ class HostSeries:
     wait: dict[int, list[Interval]] = field(default_factory=dict)  # pid -> run-queue wait ns
     switches: dict[int, list[Interval]] = field(default_factory=dict)  # pid -> times scheduled in
     thread_cpu: dict[tuple[int, int], list[Interval]] = field(default_factory=dict)
+    thread_wait: dict[tuple[int, int], list[Interval]] = field(default_factory=dict)  # run-queue wait ns
     system: list[Interval] = field(default_factory=list)  # busy fraction of all CPUs
     cpus: int = 0
 
@@ -200,10 +201,12 @@ def host_series(by_kind: dict[str, list[dict[str, Any]]]) -> HostSeries | None:
             for tid_s, (run_ns, wait_ns, n) in r["threads"].items():
                 old = known.get(int(tid_s), [0, 0, 0])
                 d_run = run_ns - (old[0] or 0)
+                d_wait = (wait_ns or 0) - (old[1] or 0)
                 run += d_run
-                wait += (wait_ns or 0) - (old[1] or 0)
+                wait += d_wait
                 slices += (n or 0) - (old[2] or 0)
                 host.thread_cpu.setdefault((pid, int(tid_s)), []).append(Interval(t0, t1, d_run))
+                host.thread_wait.setdefault((pid, int(tid_s)), []).append(Interval(t0, t1, d_wait))
             if not r["threads"] and not known:  # no per-thread data: process cpu_times (10 ms ticks)
                 run = int((r["cpu_s"] - prev["cpu_s"]) * 1e9)
             host.cpu.setdefault(pid, []).append(Interval(t0, t1, run))

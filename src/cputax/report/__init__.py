@@ -11,7 +11,7 @@ from pathlib import Path
 from cputax.records import Results
 from cputax.report.agentic import agentic_section
 from cputax.report.html import render_figures, render_html
-from cputax.report.markdown import render_report
+from cputax.report.markdown import in_short, render_report
 from cputax.report.profiling import profiling_section
 from cputax.report.telemetry import render_telemetry
 from cputax.rundir import RunDir
@@ -24,7 +24,8 @@ def render(results: Results) -> str:
     sections = [agentic_section(results.summary, results.info),
                 render_telemetry(results.correlation) if results.correlation else None,
                 profiling_section(results)]
-    return render_report(results.summary, results.info, [s for s in sections if s], results.growth)
+    short = in_short(results.summary, results.info, results.correlation, results.attribution)
+    return render_report(results.summary, results.info, [s for s in sections if s], results.growth, short)
 
 
 def write_report(run: RunDir, results: Results) -> Path:

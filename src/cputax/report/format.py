@@ -3,6 +3,8 @@ everywhere ("absent", never zero) and a table is a markdown table."""
 
 from __future__ import annotations
 
+import re
+
 __all__ = ["ABSENT", "fraction", "ms", "number", "pct", "share", "signed_pct", "table"]
 
 ABSENT = "absent"
@@ -43,7 +45,17 @@ def share(value: float | None, zero: str = "") -> str:
     return f"{100 * value:.0f}%" if value >= 0.1 else f"{100 * value:.1f}%"
 
 
+_NUMERIC = re.compile(r"^(?:[-+~]?[\d.,]+\S*(?:\s+\S+)?|absent|-|)$")
+
+
+def _numeric(rows: list[list[str]], column: int) -> bool:
+    cells = [row[column].strip() for row in rows if column < len(row)]
+    return bool(cells) and all(_NUMERIC.match(c) for c in cells) and any(c[:1].isdigit() for c in cells)
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    """A markdown table; columns of numbers are right-aligned (`---:`), text stays left."""
+    marks = ["---:" if i and _numeric(rows, i) else "---" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(marks) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)

@@ -125,6 +125,10 @@ def _notes(scenarios: list[dict[str, Any]], info: dict[str, Any],
             notes.append(f"- **{s['name']}**: the server sent no usage chunk for some requests; their "
                          "output tokens are counted from chunks.")
         srv = s.get("server") or {}
+        if srv and srv.get("api_server_cpu_s_per_request") is None:
+            notes.append(f"- **{s['name']}**: the server exported no process_cpu_seconds_total (vLLM drops it with "
+                         "more than one API server): API CPU per request is absent; the host telemetry table has "
+                         "every API server process's CPU.")
         queue = (srv.get("mean_ms") or {}).get("queue")
         oh = s["mean_ms"]["http_overhead"]
         if queue is not None and oh is not None and oh > 10 * max(queue, 1.0):
@@ -164,14 +168,53 @@ def _server_lines(info: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _share(part: float | None, total: float) -> str:
+    return f"{100 * (part or 0.0) / total:.0f}%"
+
+
+def in_short(summary: dict[str, Any], info: dict[str, Any], correlation: dict[str, Any] | None,
+             attribution: dict[str, Any] | None) -> str | None:
+    """Two lines for the top of the report: where the heaviest scenario's time went, and what
+    held the GPU (or, without GPU telemetry, the engine) back."""
+    rows = [s for s in summary["scenarios"] if s["mean_ms"]["total"]]
+    if not rows:
+        return None
+    s = max(rows, key=lambda r: (r.get("concurrency") or 0, r.get("context_tokens") or 0))
+    m, total = s["mean_ms"], s["mean_ms"]["total"]
+    first = (f"At {s['name']} ({s['concurrency']} at once, {s['context_tokens']:,}-token prompts) a request took "
+             f"{ms(total)} ms: {_share(m['decode'], total)} decode, {_share(m['prefill'], total)} engine queue + "
+             f"prefill, {_share(m['http_overhead'], total)} in the server's front end before the headers, "
+             f"{_share(m['serialize'], total)} building it on the client.")
+    gpu = next((c.get("gpu") for c in (correlation or {}).get("scenarios", []) if c["name"] == s["name"]), None)
+    if gpu and gpu.get("busy_pct") is not None:
+        split = sorted(gpu["stall_split"].items(), key=lambda kv: -kv[1])[:2]
+        where = ", mostly " + " and ".join(name for name, _ in split) if split and gpu["stall_s"] else ""
+        second = (f"The GPU was busy {gpu['busy_pct']:.0f}% of that scenario and idle while requests were in flight "
+                  f"{gpu['stall_pct']:.1f}% of it{where}.")
+    else:
+        second = "No GPU telemetry in this run, so GPU idle time is not measured"
+        if info.get("target", {}).get("kind") == "embedded":
+            second += " (the embedded target computes on this CPU: its engine time is CPU work)"
+        second += "."
+    window = next((w for w in (attribution or {}).get("windows", []) if w["name"] == s["name"]), None)
+    loop = next((r for r in (window or {}).get("threads", []) if r["process"].startswith("engine_core")
+                 and r["thread"] == "MainThread"), None)
+    if loop and loop["categories"].get("worker_wait", 0) >= 0.2:
+        cats = loop["categories"]
+        second += (f" The EngineCore's loop spent {100 * cats['worker_wait']:.0f}% of it waiting for the model step "
+                   f"and {100 * (cats.get('schedule', 0) + cats.get('kv_cache', 0)):.1f}% scheduling.")
+    return f"**In short**: {first}  \n{second}"
+
+
 def render_report(summary: dict[str, Any], info: dict[str, Any], sections: list[str] | None = None,
-                  growth: list[dict[str, Any]] | None = None) -> str:
+                  growth: list[dict[str, Any]] | None = None, short: str | None = None) -> str:
     """The report; `sections` are extra markdown sections (profiling, telemetry...) placed before the notes."""
     scenarios = summary["scenarios"]
     host = info.get("host", {})
     parts = [
         "# cputax run report",
         "",
+        *([short, ""] if short else []),
         f"- endpoint: `{info.get('endpoint')}` ({info.get('target', {}).get('kind', 'external')}), model `{info.get('model')}`, API `{info.get('api')}`",
         f"- profile: `{info.get('profile')}`; prompts sized by {info.get('prompt_counter')}",
         f"- client host: {host.get('cpu_model', '?')}, {host.get('cpus', '?')} CPUs, Python {host.get('python', '?')}",

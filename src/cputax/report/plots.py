@@ -42,10 +42,11 @@ def decomposition_bars(scenarios: list[dict[str, Any]]) -> bytes | None:
         cpu = "" if s["cpu_pct"] is None else f"CPU {s['cpu_pct']:.1f}%\n"
         ax.text(i, min(bottom[i], 100.0) + 1, f"{cpu}{s['mean_ms']['total']:,.0f} ms", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(x), [s["name"] for s in rows], rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 125)
+    ax.set_ylim(0, 118)
     ax.set_ylabel("% of mean request time")
     ax.set_title("Where a request's time goes (means per scenario)")
-    ax.legend(fontsize=8, loc="upper left", ncols=4, frameon=False)
+    # below the axes: a legend inside would sit on the bars
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncols=4, frameon=False)
     return _png(fig)
 
 
@@ -122,4 +123,26 @@ def timeline_plot(name: str, t: dict[str, Any]) -> bytes:
             ax.axvspan(a, b, color=STALL_COLOR, alpha=0.15, linewidth=0)
     stalled = " (red: GPU idle while requests were in flight)" if t["stalls"] else ""
     fig.suptitle(f"{name}: {t['width_s'] * 1000:.0f} ms bins{stalled}", fontsize=10)
+    return _png(fig)
+
+
+def sweep_bars(title: str, unit: str, scenarios: list[str],
+               series: list[tuple[str, list[float | None], list[float | None]]]) -> bytes | None:
+    """One measurement per scenario, the configurations side by side; the whiskers span each
+    configuration's run-to-run spread (centred on its mean). `series`: (configuration,
+    values per scenario, spreads per scenario)."""
+    if not scenarios or not series or all(v is None for _, values, _ in series for v in values):
+        return None
+    fig = Figure(figsize=(max(6.0, 1.4 * len(scenarios) * max(1, len(series)) / 2 + 2), 4.0))
+    ax = fig.subplots()
+    width = 0.8 / len(series)
+    for k, (name, values, spread) in enumerate(series):
+        xs = [i - 0.4 + width * (k + 0.5) for i in range(len(scenarios))]
+        heights = [v or 0.0 for v in values]
+        errors = [(s or 0.0) / 2 for s in spread]
+        ax.bar(xs, heights, width=width * 0.95, label=name, yerr=errors, capsize=3)
+    ax.set_xticks(list(range(len(scenarios))), scenarios, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(unit)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncols=min(3, len(series)), frameon=False)
     return _png(fig)

@@ -25,7 +25,12 @@ innermost Python frame is a known wait (a select, a queue or condition wait, a z
 poll); a thread whose wait has returned but which is still waiting for the GIL shows
 the wait too (`--pyspy-gil` shows who holds it), and a blocking C call with no Python
 wrapper (time.sleep) counts under its caller. Samples are estimated from the timeline
-(seconds x rate). Timelines sit on the run's clock within ~{alignment:g} ms."""
+(seconds x rate). Timelines sit on the run's clock within ~{alignment:g} ms. With
+`--pyspy-gil`, **GIL held** is the share of samples in which the thread held the GIL (a
+second py-spy with `--gil`), and **GIL wait (est.)** estimates the share it waited for
+it: busy by its stack, minus on a CPU, minus ready for one (host telemetry's schedstat);
+a thread blocked on the GIL sleeps, so it is in neither (nor is one blocked in a C call
+the rules do not know as a wait, which the estimate also counts)."""
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -42,7 +47,9 @@ def thread_table(rows: list[dict[str, Any]], views: dict[str, str] | None = None
     """One row per thread: samples, busy share, a column per category that matters."""
     cols = _columns(rows)
     gil = any("gil" in r for r in rows)
-    header = ["Process", "Thread", "Samples", "Busy", *cols] + (["GIL"] if gil else []) + (["Views"] if views else [])
+    waits = any("gil_wait" in r for r in rows)
+    header = ["Process", "Thread", "Samples", "Busy", *cols] + (["GIL held"] if gil else []) \
+        + (["GIL wait (est.)"] if waits else []) + (["Views"] if views else [])
     body, shown = [], set()
     for r in rows:
         thread = r["thread"] + (f" ({r['role']})" if r.get("role") else "")
@@ -50,6 +57,8 @@ def thread_table(rows: list[dict[str, Any]], views: dict[str, str] | None = None
                  *(share(r["categories"].get(c)) for c in cols)]
         if gil:
             cells.append(share(r.get("gil"), "0%"))
+        if waits:
+            cells.append(share(r.get("gil_wait"), "0%") if "gil_wait" in r else "")
         if views:
             cells.append("" if r["process"] in shown else views.get(r["process"], ""))
             shown.add(r["process"])
@@ -129,6 +138,13 @@ def engine_findings(window: dict[str, Any], scenario: dict[str, Any] | None) -> 
         shares = ", ".join(f"{100 * v:.1f}% of {row['process']} {row['thread']}" for row, v in own)
         out.append(f"- The server's own request instrumentation (`metrics`: Prometheus middleware, stat loggers) "
                    f"took {shares}.")
+    for row in window["threads"]:
+        idle_held = (row.get("gil") or 0.0) * (row.get("gil_in_idle_frames") or 0.0)
+        if idle_held >= 0.02 and row.get("gil_idle_frames"):
+            frames = ", ".join(f"`{f}`" for f, _ in row["gil_idle_frames"][:2])
+            out.append(f"- **{row['process']} {row['thread']}** held the GIL {100 * row['gil']:.0f}% of the time, "
+                       f"{100 * idle_held:.0f} points of it in frames the rules call idle ({frames}): the event loop's "
+                       "own C code holds the GIL while it dispatches callbacks, so GIL held can exceed Busy.")
     polls = ((scenario or {}).get("server") or {}).get("gauge_polls_total")
     if scrape_s > 0 and polls:
         out.append(f"- Answering cputax's {polls} gauge polls of /metrics (`metrics_scrape`) took "

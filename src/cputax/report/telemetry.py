@@ -37,16 +37,26 @@ def stall_table(scenarios: list[dict[str, Any]]) -> str | None:
     return table(header, rows)
 
 
+QUIET_PCT = 0.5  # processes below this CPU (% of one core) are counted, not listed
+
+
 def host_table(scenarios: list[dict[str, Any]]) -> str | None:
     rows = []
     for s in scenarios:
         h = s.get("host")
         if not h:
             continue
+        quiet = [p for p in h["processes"] if p["cpu_pct"] < QUIET_PCT]
         for p in h["processes"]:
+            if p["cpu_pct"] < QUIET_PCT:
+                continue
             threads = ", ".join(f"{t['name']}:{t['tid']} {t['cpu_pct']:.0f}%" for t in p["threads"][:3]) or "-"
-            rows.append([s["name"], f"{p['name']} ({p['pid']})", p["role"], f"{p['cpu_pct']:.1f}%",
+            role = p["role"] + (f": {p['server_role']}" if p.get("server_role") else "")
+            rows.append([s["name"], f"{p['name']} ({p['pid']})", role, f"{p['cpu_pct']:.1f}%",
                          f"{p['wait_pct']:.1f}%", f"{p['switches_per_s']:,.0f}", threads, pct(h["system_busy_pct"])])
+        if quiet:
+            rows.append([s["name"], f"{len(quiet)} more, each under {QUIET_PCT:g}% of a core", "", "", "", "", "",
+                         pct(h["system_busy_pct"])])
     if not rows:
         return None
     return table(["Scenario", "Process", "Role", "CPU (% of one core)", "Run-queue wait", "Scheduled in /s",

@@ -6,6 +6,8 @@ tables and nothing here imports them back. See `base.ServerTable` for what a tab
 
 from __future__ import annotations
 
+import re
+
 from cputax.servers import sglang, stub, transformers, vllm
 from cputax.servers.base import (
     CATEGORIES,
@@ -16,6 +18,7 @@ from cputax.servers.base import (
     Capabilities,
     Launch,
     MetricNames,
+    Preset,
     Rule,
     ServerTable,
 )
@@ -23,14 +26,27 @@ from cputax.servers.common import COMMON_RULES
 
 __all__ = [
     "CATEGORIES", "COMMON_RULES", "IDLE", "MEANINGS", "OTHER", "SERVERS", "SERVER_NAMES", "WAITS",
-    "Capabilities", "Launch", "MetricNames", "Rule", "ServerTable", "embedded_names", "get",
-    "metric_names", "rules_for",
+    "Capabilities", "Launch", "MetricNames", "Preset", "Rule", "ServerTable", "embedded_names", "get",
+    "metric_names", "process_role", "role_in", "rules_for",
 ]
 
 # Real servers first: `auto` discovery and metric lookup try them in this order.
 SERVERS: dict[str, ServerTable] = {t.name: t for t in (vllm.TABLE, sglang.TABLE, transformers.TABLE)}
 SERVER_NAMES = tuple(SERVERS)
 STUB = stub.TABLE
+
+
+def role_in(cmdline: str, table: ServerTable) -> str | None:
+    """The role a process plays in `table`'s server, from its /proc cmdline (NULs as spaces)."""
+    return next((role for role, pattern in table.processes if re.search(pattern, cmdline)), None)
+
+
+def process_role(cmdline: str) -> tuple[str, str] | None:
+    """(server, role) of a process by its cmdline, the first real server whose titles match."""
+    for table in SERVERS.values():
+        if role := role_in(cmdline, table):
+            return table.name, role
+    return None
 
 
 def get(name: str) -> ServerTable:

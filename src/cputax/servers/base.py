@@ -120,6 +120,22 @@ class Launch:
     stop_grace_s: float = 15.0
     model_name: str | None = None  # the served model's name; None: whatever /v1/models lists
     model_dtype: str = "float32"  # the embedded model's weights
+    needs_model: bool = True  # False for a user's own command (`cputax sweep --serve-cmd`)
+    # argv that prints the server's flags (`vllm serve --help=all`): what a sweep may vary
+    help_command: Callable[[], list[str]] | None = None
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named server knob for `cputax sweep`: the flag (without --), the values it compares,
+    and which measurement it should move (what its plot shows)."""
+
+    flag: str
+    values: tuple[str, ...]  # "on"/"off" mean --flag / --no-flag
+    moves: str  # a key of analysis.sweep.METRICS
+    note: str | None = None  # where the server ignores it, say
+    # take the values from the server's --help choices where it lists them (keep these, in order)
+    from_help: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,3 +158,5 @@ class ServerTable:
     child_roles: tuple[str, ...] = ()
     # what the report says about this server's categories beyond MEANINGS
     notes: Mapping[str, str] = field(default_factory=dict)
+    presets: Mapping[str, Preset] = field(default_factory=dict)  # `cputax sweep --vary NAME`
+    fixed_port: int | None = None  # a user's command that names its own port (`--serve-cmd ... --port N`)

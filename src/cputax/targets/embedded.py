@@ -9,10 +9,13 @@ server also gets SIGTERM if cputax dies first (Linux).
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import importlib.util
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import threading
@@ -23,11 +26,11 @@ from pathlib import Path
 from types import TracebackType
 
 from cputax.errors import CputaxError
-from cputax.servers import ServerTable
+from cputax.servers import Launch, ServerTable
 from cputax.targets.model import default_cache_dir, ensure_model
 from cputax.util import client_host, die_with_parent, free_port, port_is_free, url_host
 
-__all__ = ["EmbeddedServer"]
+__all__ = ["EmbeddedServer", "command_table", "server_help"]
 
 CHAT_PATH = "/v1/chat/completions"
 MODELS_PATH = "/v1/models"
@@ -87,15 +90,17 @@ class EmbeddedServer:
     def __enter__(self) -> EmbeddedServer:
         self.check_installed()
         # A busy port must fail here: the ready check would otherwise find the other server.
+        if self.port is None and self.table.fixed_port is not None:
+            self.port = self.table.fixed_port
         if self.port is None:
             self.port = free_port(self.host)
         elif not port_is_free(self.host, self.port):
             raise CputaxError(f"port {self.port} on {self.host} is in use: stop what holds it or pick another port")
-        self.model_dir = ensure_model(self.cache_dir)
+        self.model_dir = ensure_model(self.cache_dir) if self.launch.needs_model else None
         if self.log_path is None:
             self.log_path = (self.cache_dir or default_cache_dir()) / "logs" / f"{self.name}-{self.port}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.command = self.launch.command(self.model_dir, self.host, self.port, self.extra_args)
+        self.command = self.launch.command(self.model_dir or Path(), self.host, self.port, self.extra_args)
         started = time.monotonic()
         with open(self.log_path, "wb") as log:
             log.write(("$ " + " ".join(self.command) + "\n").encode())
@@ -219,6 +224,52 @@ class EmbeddedServer:
         status, answer = result[0]
         if status != 200 or answer.get("usage", {}).get("completion_tokens") != 2:
             raise self.failure(f"failed its first completion (HTTP {status}: {json.dumps(answer)[:300]})")
+
+
+def command_table(table: ServerTable, template: str) -> ServerTable:
+    """`table` with the user's own command as its launch recipe (`cputax sweep --serve-cmd`):
+    `{args}` becomes the configuration's flags and `{port}` a free port (or the command's
+    own `--port N`); the server's type, rules and metrics stay the table's."""
+    if "{args}" not in template:
+        raise CputaxError("--serve-cmd must contain {args}, where each configuration's flags go, e.g. "
+                          "'vllm serve MODEL --port {port} {args}'")
+    fixed = re.search(r"--port[= ](\d+)", template)
+    if "{port}" not in template and fixed is None:
+        raise CputaxError("--serve-cmd must contain {port} (cputax picks a free one) or --port N")
+
+    def command(model_dir: Path, host: str, port: int, extra: tuple[str, ...]) -> list[str]:
+        text = template.replace("{args}", shlex.join(extra)).replace("{port}", str(port)).replace("{host}", host)
+        return shlex.split(text)
+
+    base = table.launch
+    launch = Launch(command=command, env={"PYTHONUNBUFFERED": "1"}, modules=(), install_hint="",
+                    description=f"your command: {template}", ready_path="/v1/models",
+                    ready_timeout_s=base.ready_timeout_s if base else 600.0,
+                    stop_grace_s=base.stop_grace_s if base else 20.0, needs_model=False)
+    return dataclasses.replace(table, launch=launch, fixed_port=int(fixed[1]) if fixed else None)
+
+
+HELP_TIMEOUT_S = 300.0
+
+
+def server_help(table: ServerTable) -> str:
+    """What the server's own --help prints (every flag it takes), for checking a sweep's knobs
+    before any server starts; a CputaxError when it cannot be had."""
+    launch = table.launch
+    if launch is None or launch.help_command is None:
+        raise CputaxError(f"cputax cannot ask {table.name} for its flags")
+    missing = [m for m in launch.modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CputaxError(f"the embedded {table.name} target needs {', '.join(missing)}: {launch.install_hint}")
+    try:
+        proc = subprocess.run(launch.help_command(), capture_output=True, text=True, timeout=HELP_TIMEOUT_S,
+                              env={**os.environ, **launch.env}, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CputaxError(f"{table.name} --help failed: {exc}") from exc
+    if proc.returncode != 0 or "--" not in proc.stdout:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise CputaxError(f"{table.name} --help exited with {proc.returncode}: {' / '.join(tail)}")
+    return proc.stdout
 
 
 def _group_alive(pgid: int) -> bool:

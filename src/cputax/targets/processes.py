@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import psutil
 
 from cputax.errors import CputaxError
-from cputax.servers import SERVERS, ServerTable, get
+from cputax.servers import SERVERS, ServerTable, get, role_in
 from cputax.util import redact
 
 
@@ -106,10 +106,6 @@ def _descendants(pid: int) -> list[int]:
     with contextlib.suppress(psutil.Error):
         return [c.pid for c in psutil.Process(pid).children(recursive=True)]
     return []
-
-
-def role_in(cmd: str, table: ServerTable) -> str | None:
-    return next((role for role, pattern in table.processes if re.search(pattern, cmd)), None)
 
 
 def _ppid(pid: int) -> int | None:
