@@ -89,7 +89,8 @@ def test_decomposition_of_the_hand_made_run(run):
     assert s["gpu_pct"] == pytest.approx(100 * (60 + 150) / 230)
     assert s["prompt_tokens_mean"] == 1005 and s["prompt_tokens_off_pct"] == pytest.approx(0.5)
     assert s["client_cpu_ms"] == pytest.approx({"build": 1.0, "parse_per_chunk_us": (100 + 300) / 2})
-    assert s["throughput"] == pytest.approx({"requests_per_s": 2 / 0.4, "output_tokens_per_s": 20 / 0.4})
+    assert s["throughput"] == pytest.approx({"requests_per_s": 2 / 0.4, "output_tokens_per_s": 20 / 0.4,
+                                             "chunks_per_s": 20 / 0.4})
     assert s["achieved_concurrency"] == pytest.approx((154 + 306) / 400)
 
 
@@ -149,3 +150,14 @@ def test_a_clean_run_exits_zero(run):
         for window in windows:
             w.write(window)
     assert exit_status(analyse(run)) == 0
+
+
+def test_a_scenario_past_the_calibrated_ceiling_is_noted(run):
+    # 20 chunks in the 400 ms window: 50 chunks/s; the stored ceiling says 40, 80% of it is 32
+    run.update_info(client_ceiling={"max_chunks_per_s": 40, "share": 0.8, "cpus": 2, "cpu_model": "x"})
+    results = analyse(run)
+    s = results.summary["scenarios"][0]
+    assert s["throughput"]["chunks_per_s"] == pytest.approx(20 / 0.4) and s["past_client_ceiling"] is True
+    assert "- **s**: 50 chunks/s, past 80% of what this machine's client took in" in render(results)
+    run.update_info(client_ceiling={"max_chunks_per_s": 1000, "share": 0.8, "cpus": 2, "cpu_model": "x"})
+    assert analyse(run).summary["scenarios"][0]["past_client_ceiling"] is False

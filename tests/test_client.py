@@ -231,12 +231,15 @@ def test_api_key_goes_in_the_header_only():
 
 
 @pytest.mark.slow
-def test_calibrate_json_has_the_documented_keys(capsys):
-    from cputax.client.calibrate import KEYS
+def test_calibrate_json_has_the_documented_keys(capsys, tmp_path, monkeypatch):
+    from cputax.client.calibrate import KEYS, load_ceiling
     from cputax.commands.calibrate import calibrate
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert calibrate([1, 4], as_json=True, requests_per_level=8) == 0
     result = orjson.loads(capsys.readouterr().out)
+    kept = load_ceiling()  # for `cputax run`: the most chunks/s this machine's client took in
+    assert kept["max_chunks_per_s"] == max(level["max_chunks_per_s"] for level in result["levels"])
     assert "same" in result["note"] and result["cpus"] >= 1
     assert [level["concurrency"] for level in result["levels"]] == [1, 4]
     for level in result["levels"]:
@@ -245,3 +248,5 @@ def test_calibrate_json_has_the_documented_keys(capsys):
         assert level["max_chunks_per_s"] > 0
         assert 0 <= level["ttft_error_ms_p50"] <= level["ttft_error_ms_p99"] < 1000
         assert 0 <= level["headers_error_ms_p50"] <= level["headers_error_ms_p99"] < 1000
+        assert 0 <= level["ttft_error_kernel_ms_p50"] <= level["ttft_error_kernel_ms_p99"] < 1000
+        assert level["itl_error_kernel_ms_p99"] >= 0 and level["client_lag_ms_p99"] >= 0

@@ -9,7 +9,7 @@ import pytest
 from cputax.analysis.compare import GROUPS, compare_runs, groups
 from cputax.analysis.decompose import summarize_scenario
 from cputax.errors import CputaxError
-from cputax.records import JsonlWriter, RequestRecord, write_json
+from cputax.records import JsonlWriter, RequestRecord, RequestTable, write_json
 from cputax.report.compare import render_compare
 
 MS = 1_000_000
@@ -35,7 +35,7 @@ def make_run(path, http_ms, prefill_jitter, gpu=None, batches=3, conc=4):
             w.write(r)
     scenario = {"name": "conc4", "concurrency": conc, "context_tokens": 8000}
     write_json(path / "summary.json", {"run": {"model": "m", "endpoint": "http://x"},
-                                      "scenarios": [summarize_scenario(scenario, records)]})
+                                      "scenarios": [summarize_scenario(scenario, RequestTable.from_records(records))]})
     if gpu:
         write_json(path / "correlation.json", {"scenarios": [{"name": "conc4", "gpu": gpu}]})
     return path
@@ -79,9 +79,14 @@ def test_groups_for_the_spread():
     def rec(i, batch):
         return RequestRecord(scenario="s", ok=True, batch=batch, t_start=i, t_sent=i + 1, t_headers=i + 2,
                              t_first_token=i + 3, t_last_token=i + 4, t_end=i + 5)
-    assert [len(g) for g in groups([rec(i, i % 3) for i in range(9)])] == [3, 3, 3]
-    assert [len(g) for g in groups([rec(i, None) for i in range(10)])] == [2, 3, 2, 3]  # open loop: 4 slices
-    assert groups([rec(i, None) for i in range(3)]) == []  # too few to measure a spread
+    def table(records):
+        return RequestTable.from_records(records)
+
+    batched = groups(table([rec(i, i % 3) for i in range(9)]))
+    assert [len(g) for g in batched] == [3, 3, 3]
+    assert [g["t_start"].tolist() for g in batched][1] == [1, 4, 7]  # batch 1, in start order
+    assert [len(g) for g in groups(table([rec(i, None) for i in range(10)]))] == [2, 3, 2, 3]  # open loop: 4 slices
+    assert groups(table([rec(i, None) for i in range(3)])) == []  # too few to measure a spread
 
 
 def test_scenarios_present_in_one_run_only(runs, tmp_path):

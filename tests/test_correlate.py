@@ -9,7 +9,7 @@ from cputax.analysis.correlate import (
     request_phases,
 )
 from cputax.analysis.timeline import GpuBusy, Grid, Interval, gpu_busy, host_series, read_telemetry
-from cputax.records import RequestRecord
+from cputax.records import RequestRecord, RequestTable
 
 S = 1_000_000_000
 MS = 1_000_000
@@ -42,16 +42,17 @@ def steps(*pieces, dev=0, kind="gpm", res_ms=100.0):
 # Two requests; the GPU is busy for the first, idle 4-6 s, busy for the second's decode.
 # Request B: built 4.5-4.6 s (client), front end 4.6-5.5 s, prefill 5.5-6.0 s.
 RECORDS = [req(0.0, 0.1, 0.2, 0.5, 3.9, 4.0), req(4.5, 4.6, 5.5, 6.0, 9.5, 9.6)]
+TABLE = RequestTable.from_records(RECORDS)
 GPU = steps((0, 4, 100.0), (4, 6, 0.0), (6, 10, 100.0))
 WINDOW = (0, 10 * S)
 
 
 def test_request_phases_and_pending_states():
-    phases = request_phases(RECORDS[:1])
+    phases = request_phases(RequestTable.from_records(RECORDS[:1])).spans()
     assert phases == [(0, int(0.1 * S), "client"), (int(0.1 * S), int(0.2 * S), "front_end"),
                       (int(0.2 * S), int(0.5 * S), "prefill"), (int(0.5 * S), int(3.9 * S), "decode"),
                       (int(3.9 * S), int(4.0 * S), "client")]
-    states = pending_states(request_phases(RECORDS))
+    states = pending_states(request_phases(RequestTable.from_records(RECORDS)))
     assert seconds(states) == [
         (0.0, 0.1, "client"), (0.1, 0.2, "front_end"), (0.2, 3.9, "engine"), (3.9, 4.0, "client"),
         (4.5, 4.6, "client"), (4.6, 5.5, "front_end"), (5.5, 9.5, "engine"), (9.5, 9.6, "client")]
@@ -59,7 +60,7 @@ def test_request_phases_and_pending_states():
 
 def test_overlapping_requests_take_the_most_advanced_state():
     # A at the engine while B waits for headers: the state is "engine", not "front_end"
-    states = pending_states(request_phases([req(0, 0.1, 0.2, 0.3, 2.0, 2.1), req(1.0, 1.1, 1.5, 1.6, 1.8, 1.9)]))
+    states = pending_states(request_phases(RequestTable.from_records([req(0, 0.1, 0.2, 0.3, 2.0, 2.1), req(1.0, 1.1, 1.5, 1.6, 1.8, 1.9)])))
     assert seconds(states) == [
         (0.0, 0.1, "client"), (0.1, 0.2, "front_end"), (0.2, 2.0, "engine"), (2.0, 2.1, "client")]
 
@@ -67,7 +68,7 @@ def test_overlapping_requests_take_the_most_advanced_state():
 def test_stalls_split_by_state_and_category():
     categories = {(1, 1): [(int(4.6 * S), int(5.5 * S), "tokenize"), (int(5.5 * S), int(6.0 * S), "schedule")],
                   (1, 2): [(0, 10 * S, "idle")]}
-    g = correlate_scenario(WINDOW, RECORDS, GPU, categories, None)["gpu"]
+    g = correlate_scenario(WINDOW, TABLE, GPU, categories, None)["gpu"]
     assert g["busy_pct"] == pytest.approx(80.0)
     assert g["idle_pct"] == pytest.approx(20.0)
     assert g["stall_s"] == pytest.approx(1.5)  # 4.5-6.0 s: B pending, GPU idle
@@ -80,7 +81,7 @@ def test_stalls_split_by_state_and_category():
 
 
 def test_without_pyspy_the_server_part_is_unattributed():
-    g = correlate_scenario(WINDOW, RECORDS, GPU, {}, None)["gpu"]
+    g = correlate_scenario(WINDOW, TABLE, GPU, {}, None)["gpu"]
     assert g["stall_split"] == pytest.approx({NO_PYSPY: 1.4, "client-side gap": 0.1})
 
 
@@ -88,7 +89,7 @@ def test_category_time_is_shared_in_proportion_to_thread_time():
     # two threads busy in the whole server-side stall: 2 thread-seconds of tokenize per 1 of schedule
     categories = {(1, 1): [(int(4.6 * S), int(6.0 * S), "tokenize")],
                   (1, 2): [(int(4.6 * S), int(5.3 * S), "schedule"), (int(5.3 * S), int(6.0 * S), "idle")]}
-    g = correlate_scenario(WINDOW, RECORDS, GPU, categories, None)["gpu"]
+    g = correlate_scenario(WINDOW, TABLE, GPU, categories, None)["gpu"]
     assert g["stall_thread_s"] == pytest.approx({"tokenize": 1.4, "schedule": 0.7})
     assert g["stall_split"]["tokenize"] == pytest.approx(1.4 * 2 / 3)
     assert g["stall_split"]["schedule"] == pytest.approx(1.4 / 3)
@@ -98,12 +99,12 @@ def test_no_structure_finer_than_the_resolution():
     # 50 ms of idle inside each 200 ms window of a 200 ms-resolution source: the windows read 75%
     # busy, so nothing is idle, however the idle time is placed inside them
     gpu = steps((0, 10, 75.0), res_ms=200.0)
-    g = correlate_scenario(WINDOW, RECORDS, gpu, {}, None)["gpu"]
+    g = correlate_scenario(WINDOW, TABLE, gpu, {}, None)["gpu"]
     assert g["stall_s"] == 0 and g["idle_pct"] == 0 and g["busy_pct"] == pytest.approx(75.0)
     # a source sampled every 10 ms but measured to change only every 100 ms is binned at 100 ms
     fine = steps((0, 4.05, 100.0), (4.05, 10, 0.0), res_ms=10.0)
     fine.resolution_ms[(0, "gpm")] = 100.0
-    g = correlate_scenario(WINDOW, RECORDS, fine, {}, None)["gpu"]
+    g = correlate_scenario(WINDOW, TABLE, fine, {}, None)["gpu"]
     assert g["resolution_ms"] == 100.0
     assert g["idle_pct"] == pytest.approx(59.0)  # the 4.0-4.1 s bin reads 50%: not idle
 
@@ -112,13 +113,13 @@ def test_devices_are_averaged_and_gaps_filled_from_the_next_source():
     gpu = steps((0, 10, 100.0))
     gpu.intervals[(1, "gpm")] = [Interval(0, 10 * S, 0.0)]  # a second GPU never busy
     gpu.resolution_ms[(1, "gpm")] = 100.0
-    g = correlate_scenario(WINDOW, RECORDS, gpu, {}, None)["gpu"]
+    g = correlate_scenario(WINDOW, TABLE, gpu, {}, None)["gpu"]
     assert g["busy_pct"] == pytest.approx(50.0) and g["stall_s"] == 0
     # NVML samples stop while the GPU idles; the rates fill the hole
     gpu = steps((0, 4, 100.0), (6, 10, 100.0), kind="util")
     gpu.intervals[(0, "rates")] = [Interval(0, 10 * S, 0.0)]
     gpu.resolution_ms[(0, "rates")] = 167.0
-    g = correlate_scenario(WINDOW, RECORDS, gpu, {}, None)["gpu"]
+    g = correlate_scenario(WINDOW, TABLE, gpu, {}, None)["gpu"]
     assert g["stall_s"] == pytest.approx(1.5) and "rates" in g["source"]
 
 
@@ -145,6 +146,17 @@ def test_grid_bins():
     assert grid.sums([Interval(50, 250, 200.0)]) == [50.0, 100.0, 50.0]
     assert grid.occupancy([(0, 250, "a"), (0, 50, "a")])["a"] == [1.5, 1.0, 1.0]
     assert grid.averages([Interval(300, 400, 1.0)]) == [None, None, None]
+
+
+def test_occupancy_of_columns_matches_the_span_by_span_loop():
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    t0 = rng.integers(-50, 900, 500)
+    t1 = t0 + rng.integers(1, 400, 500)  # some start before the grid, some end after it
+    grid = Grid(0, 1000, 70)
+    loop = grid.occupancy([(int(a), int(b), "x") for a, b in zip(t0, t1, strict=True)])["x"]
+    assert grid.occupancy_of(t0.astype(float), t1.astype(float)) == pytest.approx(loop, rel=1e-9)
 
 
 def test_host_series_and_usage_from_cumulative_counters():
@@ -176,7 +188,7 @@ def test_host_series_and_usage_from_cumulative_counters():
 
 
 def test_timeline_series_for_the_plot():
-    t = correlate_scenario(WINDOW, RECORDS, GPU, {}, None)["timeline"]
+    t = correlate_scenario(WINDOW, TABLE, GPU, {}, None)["timeline"]
     assert t["width_s"] == pytest.approx(0.1) and len(t["t_s"]) == 100
     assert t["gpu"][0] == 100.0 and t["gpu"][45] == 0.0
     assert t["inflight"]["decode"][10] == pytest.approx(1.0)

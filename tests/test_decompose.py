@@ -5,12 +5,12 @@ import pytest
 from cputax.analysis.decompose import (
     http_overhead_growth,
     percentile,
-    phases_ms,
+    phases,
     summarize_scenario,
 )
 from cputax.analysis.server_metrics import scenario_server_metrics
 from cputax.prometheus import parse_metrics
-from cputax.records import RequestRecord
+from cputax.records import RequestRecord, RequestTable
 
 MS = 1_000_000
 
@@ -26,6 +26,11 @@ def record(start_ms: float, send=1.0, headers=10.0, first=40.0, last=100.0, end=
     )
 
 
+def phases_ms(r: RequestRecord) -> dict[str, float] | None:
+    p = phases(RequestTable.from_records([r]))
+    return {k: float(v[0]) for k, v in p.items()} if len(p["total"]) else None
+
+
 def test_phases_of_one_request():
     p = phases_ms(record(5.0))
     assert p == pytest.approx({"serialize": 1.0, "http_overhead": 9.0, "prefill": 30.0, "decode": 60.0,
@@ -39,6 +44,19 @@ def test_failed_or_incomplete_requests_have_no_phases():
     assert phases_ms(r) is None
 
 
+def test_received_moments_are_the_kernels_where_stamped():
+    # the loop saw headers 3 ms and the first token 5 ms after the kernel had them
+    r = record(0)
+    r.t_headers_kernel, r.t_first_token_kernel = r.t_headers - 3 * MS, r.t_first_token - 5 * MS
+    p = phases_ms(r)
+    assert p["http_overhead"] == pytest.approx(9.0 - 3.0)
+    assert p["prefill"] == pytest.approx(30.0 - 5.0 + 3.0)
+    assert p["decode"] == pytest.approx(60.0 + 5.0)  # no kernel stamp for the last token: the loop's
+    s = summarize_scenario({"name": "s", "concurrency": 1, "context_tokens": 1000}, RequestTable.from_records([r]))
+    assert s["clock"] == "kernel"
+    assert s["client_lag_ms"]["first_token_p99"] == pytest.approx(5.0)
+
+
 def test_percentile_interpolates():
     assert percentile([1.0], 99) == 1.0
     assert percentile([0.0, 10.0], 50) == 5.0
@@ -47,7 +65,7 @@ def test_percentile_interpolates():
 
 def test_summary_means_ratios_and_errors():
     recs = [record(0), record(0, headers=20.0, first=50.0), record(0, ok=False, error="HTTP 500: boom")]
-    s = summarize_scenario({"name": "s", "concurrency": 2, "context_tokens": 1000}, recs,
+    s = summarize_scenario({"name": "s", "concurrency": 2, "context_tokens": 1000}, RequestTable.from_records(recs),
                            window={"start_ns": 0, "end_ns": 200 * MS})
     assert (s["requests"], s["errors"], s["error_kinds"]) == (3, 1, {"HTTP 500": 1})
     assert s["mean_ms"]["http_overhead"] == pytest.approx(14.0)
@@ -62,9 +80,9 @@ def test_summary_means_ratios_and_errors():
 
 
 def test_prompt_size_flag_beyond_two_percent():
-    s = summarize_scenario({"name": "s", "concurrency": 1, "context_tokens": 1000}, [record(0, prompt_tokens=1030)])
+    s = summarize_scenario({"name": "s", "concurrency": 1, "context_tokens": 1000}, RequestTable.from_records([record(0, prompt_tokens=1030)]))
     assert s["prompt_tokens_flagged"] and s["prompt_tokens_off_pct"] == pytest.approx(3.0)
-    s = summarize_scenario({"name": "s", "concurrency": 1, "context_tokens": 1000}, [record(0, prompt_tokens=1015)])
+    s = summarize_scenario({"name": "s", "concurrency": 1, "context_tokens": 1000}, RequestTable.from_records([record(0, prompt_tokens=1015)]))
     assert not s["prompt_tokens_flagged"]
 
 

@@ -83,7 +83,8 @@ def cmd_stub(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from cputax.commands.calibrate import calibrate
 
-    return calibrate(args.concurrency, as_json=args.json, requests_per_level=args.requests)
+    levels = args.concurrency or ([32, 256] if args.peers else [1, 32, 256])
+    return calibrate(levels, as_json=args.json, requests_per_level=args.requests, with_peers=args.peers)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -300,10 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stub)
 
     p = sub.add_parser("calibrate", help="measure the client's own floor against the stub",
-                       description="Run the client against the stub and report its CPU per chunk, "
-                       "its maximum chunk rate and its TTFT error, per concurrency.")
-    p.add_argument("--concurrency", type=_csv_ints, default=[1, 32, 256],
-                   help="comma-separated levels (default 1,32,256)")
+                       description="Run the client against the stub and report, per concurrency, its CPU per "
+                       "chunk (the whole process), the most chunks/s client and stub can do here (the ceiling), "
+                       "and the error of its first-token and inter-token times against the stub's own, on the "
+                       "event loop's clock and on the kernel's receive stamps.")
+    p.add_argument("--concurrency", type=_csv_ints, default=None,
+                   help="comma-separated levels (default 1,32,256; with --peers 32,256)")
+    p.add_argument("--peers", action="store_true",
+                   help="also run vLLM's own benchmark client (and AIPerf, guidellm where installed) against the "
+                   "same stub, each in its own process, the order alternating: CPU per chunk, TTFT and ITL error, "
+                   "the most chunks/s, as ratios to cputax")
     p.add_argument("--requests", type=int, default=None, help="requests per level (default 4 x concurrency, at least 32)")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(func=cmd_calibrate)

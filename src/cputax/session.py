@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cputax import __version__
 from cputax.analysis import analyse, failures
+from cputax.client.calibrate import load_ceiling
 from cputax.client.probes import (
     accepts_ignore_eos,
     preflight,
@@ -43,6 +44,7 @@ from cputax.rundir import RunDir
 from cputax.sampling.pyspy_monitor import PyspyMonitor, PyspyOptions
 from cputax.telemetry.runner import TelemetryConfig, TelemetryMonitor
 from cputax.text.tokenizer import LoadedTokenizer, load_tokenizer
+from cputax.util import cpu_model
 from cputax.workload.profiles import Scenario, load_profile, resolve_profile, select, with_controls
 from cputax.workload.prompts import CountFn, ScenarioPrompts
 
@@ -138,10 +140,7 @@ def build_monitors(opts: RunOptions) -> list[Monitor]:
 def host_info() -> dict[str, Any]:
     import psutil
 
-    cpu_model = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        cpu_model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
-    return {"cpu_model": cpu_model, "cpus": psutil.cpu_count(), "python": platform.python_version(),
+    return {"cpu_model": cpu_model(), "cpus": psutil.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform()}
 
 
@@ -208,6 +207,7 @@ async def _drive(opts: RunOptions, endpoint: str, model: str | None, target: dic
             "server": {"version": version, **_server_identity(target, endpoint, opts.target)},
             "tokenizer": tokenizer.source, "prompt_counter": counter_name, "server_metrics": has_metrics,
             "ignore_eos": ignore_eos, "tools": {"mode": tools, "refused": refused}, "host": host_info(),
+            "client_ceiling": load_ceiling(),
             "clock": {"monotonic_ns": time.monotonic_ns(), "time_ns": time.time_ns()},
             **info,
         })
@@ -225,6 +225,10 @@ async def _drive(opts: RunOptions, endpoint: str, model: str | None, target: dic
             meta = {m.name: m.stop() for m in monitors}
             if meta:
                 run.update_info(monitors=meta)
+            # how the received moments were stamped (client.wire): the kernel's clock is
+            # CLOCK_REALTIME, converted once to the monotonic one, good to conversion_error_ns
+            run.update_info(stamps={"kernel": client.kernel_stamps, "conversion_error_ns": client.clock.error_ns,
+                                    "connections_opened": client.connections_opened})
 
 
 TOOL_WORDS = {"auto": "sent as `tools`", "none": "sent with tool_choice \"none\" (the server refuses \"auto\")",

@@ -11,9 +11,18 @@ import signal
 import socket
 import sys
 
-__all__ = ["client_host", "die_with_parent", "free_port", "percentile", "port_is_free", "redact", "url_host"]
+__all__ = ["client_host", "cpu_model", "die_with_parent", "free_port", "percentile", "port_is_free", "redact", "url_host"]
 
 _SECRET = re.compile(r"key|token|secret|passw|auth", re.I)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), recorded beside every figure; "" when unknown."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
+    except OSError:
+        return ""
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -10,38 +10,52 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from cputax.analysis.agentic import agentic_summary
 from cputax.analysis.attribution import attribute_run
 from cputax.analysis.correlate import correlate_run
 from cputax.analysis.decompose import http_overhead_growth, summarize_scenario
 from cputax.analysis.server_metrics import run_scenario_metrics
 from cputax.analysis.timeline import host_series, read_telemetry
-from cputax.records import RequestRecord, Results
+from cputax.records import RequestTable, Results
 from cputax.rundir import RunDir
 
 SUMMARY_RUN_KEYS = ("endpoint", "model", "profile", "prompt_counter", "host")
 
 
-def summarize_run(run: RunDir, info: dict[str, Any], records: list[RequestRecord]) -> dict[str, Any]:
+def summarize_run(run: RunDir, info: dict[str, Any], table: RequestTable) -> dict[str, Any]:
     """summary.json: per scenario the decomposition and the server's own metrics; with a
     replay, the agentic metrics."""
     windows = {w["scenario"]: w for w in run.read_windows()}
     skipped = [{"name": name, "reason": w["skipped"]} for name, w in windows.items() if w.get("skipped")]
     summaries = []
     for scenario in info["scenarios"]:
-        mine = [r for r in records if r.scenario == scenario["name"]]
-        if not mine:
+        mine = table.of_scenario(scenario["name"])
+        if not len(mine):
             continue
-        busy = [(r.t_sent or r.t_start, r.t_end) for r in mine if r.t_end is not None]
-        server = run_scenario_metrics(run, scenario["name"], sum(r.ok for r in mine), busy)
+        ended = ~np.isnan(mine["t_end"])
+        sent = np.where(np.isnan(mine["t_sent"]), mine["t_start"], mine["t_sent"])
+        server = run_scenario_metrics(run, scenario["name"], int(mine.ok.sum()), (sent[ended], mine["t_end"][ended]))
         summaries.append(summarize_scenario(scenario, mine, windows.get(scenario["name"]), server))
+        summaries[-1]["past_client_ceiling"] = past_ceiling(summaries[-1], info.get("client_ceiling"))
     summary: dict[str, Any] = {"run": {k: info[k] for k in SUMMARY_RUN_KEYS if k in info}, "scenarios": summaries}
     if skipped:
         summary["skipped"] = skipped
     if "replay" in info:
         server = (summaries[0].get("server") or {}) if summaries else {}
-        summary["agentic"] = agentic_summary(records, info["replay"], server.get("prefix_cache_hit_rate"))
+        summary["agentic"] = agentic_summary(table.replayed, info["replay"], server.get("prefix_cache_hit_rate"))
     return summary
+
+
+def past_ceiling(scenario: dict[str, Any], ceiling: dict[str, Any] | None) -> bool | None:
+    """Whether the scenario's chunk rate came past the share of this machine's client ceiling
+    (`cputax calibrate` stores it) where the client measures itself falling behind; None
+    without a calibration."""
+    rate = (scenario.get("throughput") or {}).get("chunks_per_s")
+    if not ceiling or rate is None:
+        return None
+    return rate > ceiling.get("share", 0.8) * ceiling["max_chunks_per_s"]
 
 
 def failures(summary: dict[str, Any]) -> list[str]:
@@ -58,14 +72,14 @@ def analyse(run: RunDir) -> Results:
     """Summary, CPU attribution (py-spy) and GPU-idle correlation of a run directory, written
     to summary.json, pyspy/attribution.json and correlation.json and returned together."""
     info = run.info()
-    records = run.read_requests()
-    summary = summarize_run(run, info, records)
+    table = run.read_request_table()
+    summary = summarize_run(run, info, table)
     run.write(run.summary, summary)
     telemetry = read_telemetry(run.iter_telemetry())
     attribution = attribute_run(run, host_series(telemetry))
     if attribution is not None:
         run.write(run.attribution, attribution)
-    correlation = correlate_run(run, info, records, telemetry)
+    correlation = correlate_run(run, info, table, telemetry)
     run.write(run.correlation, correlation)
     return Results(info=info, summary=summary, attribution=attribution, correlation=correlation,
                    views=[p.as_posix() for p in run.views()],

@@ -12,9 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cputax.analysis.decompose import PHASES, phases_ms, summarize_scenario
+import numpy as np
+
+from cputax.analysis.decompose import PHASES, completed, summarize_scenario
 from cputax.errors import CputaxError
-from cputax.records import RequestRecord, read_json
+from cputax.records import RequestTable, read_json
 from cputax.rundir import RunDir
 
 GROUPS = 4  # slices of an open-loop scenario (or one batch) for the spread
@@ -26,29 +28,32 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     run = RunDir(run_dir)
     if not run.summary.exists():
         raise CputaxError(f"{run_dir}: no summary.json; is it a run directory? (`cputax report {run_dir}` rebuilds it)")
-    return {"dir": run_dir, "summary": read_json(run.summary), "records": run.read_requests(),
+    return {"dir": run_dir, "summary": read_json(run.summary), "table": run.read_request_table(),
             "correlation": run.read_optional(run.correlation)}
 
 
-def groups(records: list[RequestRecord]) -> list[list[RequestRecord]]:
-    """The batches of a closed-loop scenario, else GROUPS consecutive slices by start time."""
-    done = sorted((r for r in records if phases_ms(r) is not None), key=lambda r: r.t_start)
-    batches = sorted({r.batch for r in done if r.batch is not None})
-    if len(batches) >= 2 and all(r.batch is not None for r in done):
-        return [[r for r in done if r.batch == b] for b in batches]
-    if len(done) < GROUPS:
-        return []
+def groups(table: RequestTable) -> list[RequestTable]:
+    """The batches of a closed-loop scenario, else GROUPS consecutive slices by start time,
+    of the requests that completed."""
+    done = table.where(completed(table))
+    done = done.where(np.argsort(done["t_start"], kind="stable"))
+    batch = done["batch"]
+    batches = np.unique(batch[~np.isnan(batch)])
+    if len(batches) >= 2 and not np.isnan(batch).any():
+        return [done.where(batch == b) for b in batches]
     n = len(done)
-    return [done[i * n // GROUPS:(i + 1) * n // GROUPS] for i in range(GROUPS)]
+    if n < GROUPS:
+        return []
+    return [done.where(np.arange(i * n // GROUPS, (i + 1) * n // GROUPS)) for i in range(GROUPS)]
 
 
 def _value(s: dict[str, Any], component: str) -> float | None:
     return s[component] if component in RATIOS else s["mean_ms"][component]
 
 
-def spreads(scenario: dict[str, Any], records: list[RequestRecord]) -> dict[str, float | None]:
+def spreads(scenario: dict[str, Any], table: RequestTable) -> dict[str, float | None]:
     """Per component, the range of its per-group values (None: too few groups to say)."""
-    per_group = [summarize_scenario(scenario, g) for g in groups(records)]
+    per_group = [summarize_scenario(scenario, g) for g in groups(table)]
     out = {}
     for component in (*PHASES, *RATIOS):
         values = [v for s in per_group if (v := _value(s, component)) is not None]
@@ -75,8 +80,8 @@ def _gpu(run: dict[str, Any], name: str) -> dict[str, Any] | None:
 
 def compare_scenario(a: dict[str, Any], b: dict[str, Any], sa: dict[str, Any], sb: dict[str, Any]) -> dict[str, Any]:
     name = sa["name"]
-    spread_a = spreads(sa, [r for r in a["records"] if r.scenario == name])
-    spread_b = spreads(sb, [r for r in b["records"] if r.scenario == name])
+    spread_a = spreads(sa, a["table"].of_scenario(name))
+    spread_b = spreads(sb, b["table"].of_scenario(name))
     rows = []
     for component in (*PHASES, *RATIOS):
         extra = None

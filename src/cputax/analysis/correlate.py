@@ -2,7 +2,7 @@
 the server's threads doing then?
 
 The inputs are small shapes, so it runs with whatever a run recorded:
-- request phases: (t0_ns, t1_ns, phase) spans, from requests.jsonl (request_phases)
+- request phases: (t0_ns, t1_ns, phase) spans as columns, from requests.jsonl (request_phases)
 - GPU busy %: timeline.GpuBusy, from telemetry.jsonl
 - server CPU by category: {(pid, thread): [(t0_ns, t1_ns, category), ...]}, the shape of
   the py-spy timelines (category_spans); empty without py-spy
@@ -19,10 +19,14 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from cputax.analysis.attribution import ALIGNMENT_MS as PYSPY_ALIGNMENT_MS
 from cputax.analysis.attribution import category_timeline
+from cputax.analysis.decompose import received
 from cputax.analysis.timeline import (
     SOURCE_NAMES,
     GpuBusy,
@@ -32,7 +36,7 @@ from cputax.analysis.timeline import (
     host_series,
     read_telemetry,
 )
-from cputax.records import RequestRecord
+from cputax.records import RequestTable
 from cputax.rundir import RunDir
 from cputax.servers import IDLE, process_role
 
@@ -47,44 +51,86 @@ NO_PYSPY = "unattributed (no py-spy data)"
 NO_THREAD_BUSY = "no server thread busy"
 
 
-def request_phases(records: Iterable[RequestRecord]) -> list[Span]:
+@dataclass(frozen=True)
+class PhaseSpans:
+    """Every request's life as spans, as columns: t0, t1 (ns, floats) and the phase, an
+    index into PHASES. A run of a million requests makes five million of them."""
+
+    t0: np.ndarray
+    t1: np.ndarray
+    phase: np.ndarray
+
+    def clip(self, w0: int, w1: int) -> PhaseSpans:
+        """The spans within [w0, w1), cut at its ends."""
+        keep = (self.t1 > w0) & (self.t0 < w1)
+        return PhaseSpans(np.maximum(self.t0[keep], w0), np.minimum(self.t1[keep], w1), self.phase[keep])
+
+    def of(self, phase: str) -> tuple[np.ndarray, np.ndarray]:
+        mine = self.phase == PHASES.index(phase)
+        return self.t0[mine], self.t1[mine]
+
+    def spans(self) -> list[Span]:
+        """As (t0, t1, phase) tuples of ints, ordered by request and then by time."""
+        return [(int(a), int(b), PHASES[p]) for a, b, p in zip(self.t0, self.t1, self.phase, strict=True)]
+
+
+# (from, to, phase): the moments that bound each phase; a request that failed early ends in
+# the phase it was in
+_BOUNDS = (("t_start", "t_sent", "client"), ("t_sent", "t_headers", "front_end"),
+           ("t_headers", "t_first_token", "prefill"), ("t_first_token", "t_last_token", "decode"),
+           ("t_last_token", "t_end", "client"))
+
+
+def request_phases(table: RequestTable) -> PhaseSpans:
     """Each request's life as spans: client (build + write, and after the last token until
     the stream closed), front_end (written -> headers), prefill (headers -> first token),
-    decode (first -> last token). A request that failed early ends in the phase it was in."""
-    spans = []
-    for r in records:
-        marks = [(t, p) for t, p in ((r.t_start, "client"), (r.t_sent, "front_end"), (r.t_headers, "prefill"),
-                                     (r.t_first_token, "decode"), (r.t_last_token, "client"), (r.t_end, ""))
-                 if t is not None]
-        spans += [(t0, t1, p) for (t0, p), (t1, _) in zip(marks, marks[1:], strict=False) if t1 > t0]
-    return spans
+    decode (first -> last token). A missing moment is skipped: the span before it runs to
+    the next moment the request has. Received moments are the kernel's where recorded."""
+    names = [b[0] for b in _BOUNDS] + ["t_end"]
+    marks = np.stack([received(table, n) if n in ("t_headers", "t_first_token", "t_last_token") else table[n]
+                      for n in names], axis=1)  # rows x 6 moments, NaN where missing
+    n_rows, n_marks = marks.shape
+    # the next moment present after each one: fill from the right
+    nxt = np.full_like(marks, np.nan)
+    later = np.full(n_rows, np.nan)
+    for k in range(n_marks - 1, -1, -1):
+        nxt[:, k] = later
+        later = np.where(np.isnan(marks[:, k]), later, marks[:, k])
+    t0, t1 = marks[:, :-1], nxt[:, :-1]
+    phase = np.broadcast_to(np.array([PHASES.index(b[2]) for b in _BOUNDS], dtype=np.int8), t0.shape)
+    keep = ~np.isnan(t0) & ~np.isnan(t1) & (t1 > t0)
+    return PhaseSpans(t0[keep], t1[keep], phase[keep])
 
 
-def _state(counts: dict[str, int]) -> str | None:
-    if counts["prefill"] or counts["decode"]:
-        return "engine"
-    if counts["front_end"]:
-        return "front_end"
-    return "client" if counts["client"] else None
+_ENGINE, _FRONT_END, _CLIENT, _NOTHING = range(4)
+_STATES = ("engine", "front_end", "client")
 
 
-def pending_states(phases: Iterable[Span]) -> list[Span]:
+def pending_states(phases: PhaseSpans) -> list[Span]:
     """Where the work was at each moment: "engine" while a request is in prefill or decode,
     else "front_end" while one awaits its headers, else "client" while one is being built
     or its stream closes. Times with nothing in flight are left out."""
-    events = sorted([(t0, 1, p) for t0, _, p in phases] + [(t1, -1, p) for _, t1, p in phases])
-    counts = dict.fromkeys(PHASES, 0)
-    out: list[Span] = []
-    prev = None
-    for t, delta, phase in events:
-        if prev is not None and t > prev and (state := _state(counts)):
-            if out and out[-1][1] == prev and out[-1][2] == state:
-                out[-1] = (out[-1][0], t, state)
-            else:
-                out.append((prev, t, state))
-        counts[phase] += delta
-        prev = t
-    return out
+    if not len(phases.t0):
+        return []
+    times = np.concatenate([phases.t0, phases.t1])
+    order = np.argsort(times, kind="stable")
+    times = times[order]
+    step = np.concatenate([np.ones(len(phases.t0)), -np.ones(len(phases.t1))])[order]
+    phase = np.concatenate([phases.phase, phases.phase])[order]
+    open_ = {p: np.cumsum(np.where(phase == PHASES.index(p), step, 0.0)) for p in PHASES}
+    state = np.where(open_["prefill"] + open_["decode"] > 0, _ENGINE,
+                     np.where(open_["front_end"] > 0, _FRONT_END, np.where(open_["client"] > 0, _CLIENT, _NOTHING)))
+    # the state after the last event at a moment holds until the next moment
+    a, b, st = times[:-1], times[1:], state[:-1]
+    keep = (b > a) & (st != _NOTHING)
+    a, b, st = a[keep], b[keep], st[keep]
+    if not len(a):
+        return []
+    new = np.ones(len(a), dtype=bool)
+    new[1:] = (st[1:] != st[:-1]) | (a[1:] != b[:-1])
+    starts = np.flatnonzero(new)
+    ends = np.append(starts[1:], len(a)) - 1
+    return [(int(a[i]), int(b[j]), _STATES[st[i]]) for i, j in zip(starts, ends, strict=True)]
 
 
 def merge(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -220,7 +266,7 @@ def host_usage(host: HostSeries, window: tuple[int, int]) -> dict[str, Any]:
     return {"system_busy_pct": None if system is None else 100.0 * system, "cpus": host.cpus, "processes": processes}
 
 
-def timeline(window: tuple[int, int], phases: list[Span], gpu: GpuBusy | None, categories: CategorySpans,
+def timeline(window: tuple[int, int], phases: PhaseSpans, gpu: GpuBusy | None, categories: CategorySpans,
              host: HostSeries | None, stalls: list[tuple[int, int]]) -> dict[str, Any]:
     """Binned series for the timeline plot: GPU busy, server CPU (by category with py-spy,
     else by process), requests in flight by phase, stall spans."""
@@ -230,7 +276,8 @@ def timeline(window: tuple[int, int], phases: list[Span], gpu: GpuBusy | None, c
     width = [hi - lo for lo, hi in map(grid.bounds, range(grid.n))]
     out: dict[str, Any] = {"t_s": [(grid.bounds(i)[0] - w0) / 1e9 for i in range(grid.n)], "end_s": (w1 - w0) / 1e9,
                            "width_s": grid.width_ns / 1e9,
-                           "inflight": grid.occupancy(phases), "stalls": [((a - w0) / 1e9, (b - w0) / 1e9) for a, b in stalls]}
+                           "inflight": {p: grid.occupancy_of(*phases.of(p)) for p in PHASES if (phases.phase == PHASES.index(p)).any()},
+                           "stalls": [((a - w0) / 1e9, (b - w0) / 1e9) for a, b in stalls]}
     if gpu:
         out["gpu"] = _device_busy(grid, gpu)[0]
     if categories:
@@ -249,11 +296,10 @@ def category_spans(run: RunDir) -> CategorySpans:
     return category_timeline(run)
 
 
-def correlate_scenario(window: tuple[int, int], records: list[RequestRecord], gpu: GpuBusy | None,
+def correlate_scenario(window: tuple[int, int], table: RequestTable, gpu: GpuBusy | None,
                        categories: CategorySpans, host: HostSeries | None,
                        idle_below: float = IDLE_BELOW_PCT) -> dict[str, Any]:
-    phases = [(max(a, window[0]), min(b, window[1]), p) for a, b, p in request_phases(records)
-              if b > window[0] and a < window[1]]
+    phases = request_phases(table).clip(*window)
     result: dict[str, Any] = {"wall_s": (window[1] - window[0]) / 1e9}
     stalls: list[tuple[int, int]] = []
     if gpu:
@@ -265,10 +311,10 @@ def correlate_scenario(window: tuple[int, int], records: list[RequestRecord], gp
     return result
 
 
-def correlate_run(run: RunDir, info: dict[str, Any] | None = None, records: list[RequestRecord] | None = None,
+def correlate_run(run: RunDir, info: dict[str, Any] | None = None, table: RequestTable | None = None,
                   by_kind: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Per scenario: GPU busy, stalls and their split, server CPU; plus the timeline series.
-    `records` and `by_kind` (telemetry.jsonl by kind) are read from the run when not given."""
+    `table` (requests.jsonl) and `by_kind` (telemetry.jsonl by kind) are read from the run when not given."""
     info = info or run.info()
     meta = (info.get("monitors") or {}).get("telemetry") or {}
     by_kind = read_telemetry(run.iter_telemetry()) if by_kind is None else by_kind
@@ -277,13 +323,13 @@ def correlate_run(run: RunDir, info: dict[str, Any] | None = None, records: list
     categories = category_spans(run)
     stopped = [f"{name} telemetry stopped early: {m['cost']['error']}" for name, m in meta.items()
                if isinstance(m, dict) and (m.get("cost") or {}).get("error")]
-    records = run.read_requests() if records is None else records
+    table = run.read_request_table() if table is None else table
     windows = run.read_windows()
     scenarios = []
     for w in windows:
         if w.get("skipped"):
             continue  # never measured: no window to correlate
-        mine = [r for r in records if r.scenario == w["scenario"]]
+        mine = table.of_scenario(w["scenario"])
         scenarios.append({"name": w["scenario"],
                           **correlate_scenario((w["start_ns"], w["end_ns"]), mine, gpu, categories, host)})
     return {"telemetry": run.telemetry.exists(), "gpu_backend": gpu.backend if gpu else None, "pyspy": bool(categories),

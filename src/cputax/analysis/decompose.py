@@ -7,45 +7,76 @@ really has (see the README):
   tokenization, event-loop waits); vLLM sends headers before the engine sees the request
 - prefill = t_first_token - t_headers: engine queue + prefill + first sample + detokenize
 - decode = t_last_token - t_first_token
-- response_parse = client CPU spent parsing the stream
+- response_parse = client time spent parsing the stream
 - total = t_end - t_start
+
+Received moments (headers, first and last token) are the kernel's receive stamps where
+the client had them (`clock` says which), the client loop's otherwise; the gap between
+the two is the client's own lag, shown beside the phases (`client_lag_ms`). Everything
+is computed on the columns of a RequestTable, so a million requests take a second.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-from cputax.records import RequestRecord
+import numpy as np
+
+from cputax.records import RequestTable
 from cputax.util import percentile
+
+__all__ = ["CPU_PHASES", "GPU_PHASES", "PHASES", "completed", "http_overhead_growth", "percentile", "phases",
+           "received", "summarize_scenario"]
 
 PHASES = ("serialize", "http_overhead", "prefill", "decode", "response_parse", "total")
 CPU_PHASES = ("serialize", "http_overhead", "response_parse")
 GPU_PHASES = ("prefill", "decode")
 PROMPT_TOLERANCE = 0.02  # flag a scenario whose prompts are more than 2% off target
+RECEIVED = ("t_headers", "t_first_token", "t_last_token")
+MS = 1e-6
 
 
-def phases_ms(r: RequestRecord) -> dict[str, float] | None:
-    """A finished request's phases, or None when it did not complete."""
-    if not r.ok or None in (r.t_sent, r.t_headers, r.t_first_token, r.t_last_token, r.t_end):
-        return None
-    ms = 1e-6
+def received(table: RequestTable, name: str) -> np.ndarray:
+    """A received moment: the kernel's stamp where the read had one, else the loop's."""
+    kernel = table[name + "_kernel"]
+    return np.where(np.isnan(kernel), table[name], kernel)
+
+
+def completed(table: RequestTable) -> np.ndarray:
+    """The rows that finished with every moment the phases need."""
+    mask = table.ok.copy()
+    for name in ("t_start", "t_sent", "t_headers", "t_first_token", "t_last_token", "t_end"):
+        mask &= ~np.isnan(table[name])
+    return mask
+
+
+def phases(table: RequestTable) -> dict[str, np.ndarray]:
+    """Every phase (ms) of the completed rows, in row order."""
+    done = completed(table)
+    start, sent, end = table["t_start"][done], table["t_sent"][done], table["t_end"][done]
+    headers, first, last = (received(table, name)[done] for name in RECEIVED)
     return {
-        "serialize": (r.t_sent - r.t_start) * ms,
-        "http_overhead": (r.t_headers - r.t_sent) * ms,
-        "prefill": (r.t_first_token - r.t_headers) * ms,
-        "decode": (r.t_last_token - r.t_first_token) * ms,
-        "response_parse": r.parse_s * 1000.0,
-        "total": (r.t_end - r.t_start) * ms,
+        "serialize": (sent - start) * MS,
+        "http_overhead": (headers - sent) * MS,
+        "prefill": (first - headers) * MS,
+        "decode": (last - first) * MS,
+        "response_parse": table["parse_s"][done] * 1000.0,
+        "total": (end - start) * MS,
     }
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+def _stat(values: dict[str, np.ndarray], q: float | None) -> dict[str, float | None]:
+    """Per phase the mean (q None) or the q-th percentile, linear as util.percentile; None when empty."""
+    out: dict[str, float | None] = {}
+    for p in PHASES:
+        v = values[p]
+        out[p] = None if not len(v) else float(v.mean() if q is None else np.percentile(v, q))
+    return out
 
 
-def _stat(rows: list[dict[str, float]], fn) -> dict[str, float | None]:
-    return {p: (fn([row[p] for row in rows]) if rows else None) for p in PHASES}
+def _mean(values: np.ndarray) -> float | None:
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else None
 
 
 def _error_kind(error: str | None) -> str:
@@ -53,48 +84,79 @@ def _error_kind(error: str | None) -> str:
     return text[:60]
 
 
+def _client_lag(table: RequestTable) -> dict[str, Any] | None:
+    """The loop's stamp minus the kernel's at the first and last token (ms): the client's lag."""
+    lags = [table[name] - table[name + "_kernel"] for name in ("t_first_token", "t_last_token")]
+    lags = [lag[~np.isnan(lag)] * MS for lag in lags]
+    if not len(lags[0]):
+        return None
+    both = np.concatenate(lags)
+    return {"p50": float(np.percentile(both, 50)), "p99": float(np.percentile(both, 99)), "max": float(both.max()),
+            "first_token_p99": float(np.percentile(lags[0], 99))}
+
+
+def _shared_pct(table: RequestTable) -> float | None:
+    """Token chunks stamped with a later chunk's read, % of the chunks (None: not recorded)."""
+    shared, chunks = table["shared_stamps"][table.ok], table["chunks"][table.ok]
+    known = ~np.isnan(shared)
+    total = float(chunks[known].sum())
+    return 100.0 * float(shared[known].sum()) / total if total else None
+
+
+def _clock(table: RequestTable, done: np.ndarray) -> str | None:
+    kernel = ~np.isnan(table["t_first_token_kernel"][done])
+    if not len(kernel):
+        return None
+    return "kernel" if kernel.all() else "loop" if not kernel.any() else "mixed"
+
+
 def summarize_scenario(
     scenario: dict[str, Any],
-    records: Iterable[RequestRecord],
+    table: RequestTable,
     window: dict[str, Any] | None = None,
     server: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The summary.json entry of one scenario (`scenario` is the profile's scenario as a dict)."""
-    records = list(records)
-    rows = [p for r in records if (p := phases_ms(r)) is not None]
-    ok = [r for r in records if r.ok]
-    mean = _stat(rows, _mean)
+    """The summary.json entry of one scenario (`scenario` is the profile's scenario as a
+    dict, `table` its requests)."""
+    values = phases(table)
+    done = completed(table)
+    rows = int(done.sum())
+    ok = table.ok
+    mean = _stat(values, None)
     cpu = sum(mean[p] for p in CPU_PHASES) if rows else None
     gpu = sum(mean[p] for p in GPU_PHASES) if rows else None
     total = mean["total"]
-    prompt = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
-    output = [r.output_tokens for r in ok if r.output_tokens is not None]
     target = scenario.get("context_tokens")
-    prompt_mean = _mean(prompt)
+    prompt_mean = _mean(table["prompt_tokens"][ok])
     off = (prompt_mean - target) / target if prompt_mean is not None and target else None
     errors: dict[str, int] = {}
-    for r in records:
-        if not r.ok:
-            kind = _error_kind(r.error)
-            errors[kind] = errors.get(kind, 0) + 1
+    for error in table.error[~ok]:
+        kind = _error_kind(error)
+        errors[kind] = errors.get(kind, 0) + 1
+    chunks = table["chunks"][ok]
+    output = table["output_tokens"][ok]
     summary: dict[str, Any] = {
         "name": scenario["name"],
         "concurrency": scenario.get("concurrency"),
         "context_tokens": target,
-        "requests": len(records),
-        "errors": len(records) - len(ok),
+        "requests": len(table),
+        "errors": int((~ok).sum()),
         "error_kinds": errors,
         "prompt_tokens_mean": prompt_mean,
         "prompt_tokens_off_pct": None if off is None else 100.0 * off,
         "prompt_tokens_flagged": off is not None and abs(off) > PROMPT_TOLERANCE,
         "output_tokens_mean": _mean(output),
-        "output_tokens_source": sorted({r.output_tokens_source for r in ok if r.output_tokens_source}),
+        "output_tokens_source": table.source_names(),
         "mean_ms": mean,
-        "p50_ms": _stat(rows, lambda v: percentile(v, 50)),
-        "p99_ms": _stat(rows, lambda v: percentile(v, 99)),
+        "p50_ms": _stat(values, 50),
+        "p99_ms": _stat(values, 99),
+        "clock": _clock(table, done),
+        "client_lag_ms": _client_lag(table),
+        "shared_stamps_pct": _shared_pct(table),
         "client_cpu_ms": {
-            "build": _mean([r.build_s * 1000.0 for r in ok]),
-            "parse_per_chunk_us": _mean([r.parse_s * 1e6 / r.chunks for r in ok if r.chunks]),
+            "build": _mean(table["build_s"][ok] * 1000.0),
+            "parse_per_chunk_us": _mean(np.divide(table["parse_s"][ok] * 1e6, chunks, where=chunks > 0,
+                                                  out=np.full(len(chunks), np.nan))),
         },
         "cpu_pct": None if not total else 100.0 * cpu / total,
         "gpu_pct": None if not total else 100.0 * gpu / total,
@@ -102,22 +164,25 @@ def summarize_scenario(
     }
     if window:
         wall = (window["end_ns"] - window["start_ns"]) / 1e9
+        produced = float(np.nansum(output))
         summary["wall_s"] = wall
         summary["throughput"] = {
-            "requests_per_s": len(ok) / wall if wall > 0 else None,
-            "output_tokens_per_s": sum(output) / wall if wall > 0 else None,
+            "requests_per_s": int(ok.sum()) / wall if wall > 0 else None,
+            "output_tokens_per_s": produced / wall if wall > 0 else None,
+            "chunks_per_s": float(np.nansum(table["chunks"])) / wall if wall > 0 else None,
         }
-        summary["achieved_concurrency"] = _achieved_concurrency(ok, window)
+        summary["achieved_concurrency"] = _achieved_concurrency(table, window)
     return summary
 
 
-def _achieved_concurrency(records: list[RequestRecord], window: dict[str, Any]) -> float | None:
+def _achieved_concurrency(table: RequestTable, window: dict[str, Any]) -> float | None:
     """Mean requests in flight over the window: target vs achieved, as peers' users ask."""
     wall = window["end_ns"] - window["start_ns"]
     if wall <= 0:
         return None
-    busy = sum((r.t_end or r.t_start) - r.t_start for r in records)
-    return busy / wall
+    start = table["t_start"][table.ok]
+    end = table["t_end"][table.ok]
+    return float(np.where(np.isnan(end), 0.0, end - start).sum()) / wall
 
 
 def http_overhead_growth(scenarios: list[dict[str, Any]]) -> list[dict[str, Any]]:

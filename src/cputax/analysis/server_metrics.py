@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from cputax.prometheus import parse_metrics
 from cputax.rundir import RunDir
 from cputax.servers import metric_names
@@ -33,12 +35,19 @@ def _delta(before: dict[str, float], after: dict[str, float], names: tuple[str, 
     return a - (_first(before, names, suffix) or 0.0)
 
 
-def in_flight(polls: list[dict[str, Any]], busy: list[tuple[int, int]] | None) -> list[dict[str, Any]]:
-    """The gauge polls taken while at least one request was in flight (`busy`: the requests'
-    sent -> end spans); all of them when the spans are unknown."""
-    if busy is None:
+Busy = tuple[np.ndarray, np.ndarray]  # the requests' sent -> end spans: starts, ends (ns)
+
+
+def in_flight(polls: list[dict[str, Any]], busy: Busy | None) -> list[dict[str, Any]]:
+    """The gauge polls taken while at least one request was in flight (`busy`, ends
+    included); all of them when the spans are unknown."""
+    if busy is None or not polls:
         return polls
-    return [p for p in polls if any(a <= p.get("t_ns", -1) <= b for a, b in busy)]
+    starts, ends = np.sort(busy[0]), np.sort(busy[1])
+    t = np.array([p.get("t_ns", -1) for p in polls], dtype=np.float64)
+    # spans open at t: started at or before it, less those that ended before it
+    open_ = np.searchsorted(starts, t, side="right") - np.searchsorted(ends, t, side="left")
+    return [p for p, n in zip(polls, open_, strict=True) if n > 0]
 
 
 def scenario_server_metrics(
@@ -70,7 +79,7 @@ def scenario_server_metrics(
 
 
 def run_scenario_metrics(run: RunDir, name: str, requests: int,
-                         busy: list[tuple[int, int]] | None = None) -> dict[str, Any] | None:
+                         busy: Busy | None = None) -> dict[str, Any] | None:
     """A scenario's server-side numbers from the scrapes a run directory holds; None without
     them. Gauges count only polls taken while requests were in flight (`busy`)."""
     before, after = run.read_scrape(name, "before"), run.read_scrape(name, "after")

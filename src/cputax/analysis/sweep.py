@@ -46,7 +46,7 @@ def _mean(values: list[float]) -> float | None:
 
 def load_config_runs(sweep: SweepDir, folders: list[str]) -> list[dict[str, Any]]:
     """The finished run directories of one configuration, each as summary, attribution,
-    correlation, run.json and records."""
+    correlation, run.json and requests (as a RequestTable)."""
     runs = []
     for folder in folders:
         run = sweep.run(folder)
@@ -54,7 +54,7 @@ def load_config_runs(sweep: SweepDir, folders: list[str]) -> list[dict[str, Any]
             continue
         runs.append({"folder": folder, "summary": read_json(run.summary), "info": run.info(),
                      "attribution": run.read_optional(run.attribution), "correlation": run.read_optional(run.correlation),
-                     "records": run.read_requests()})
+                     "table": run.read_request_table()})
     return runs
 
 
@@ -148,7 +148,7 @@ def _config_scenario(runs: list[dict[str, Any]], name: str) -> dict[str, Any] | 
             continue
         window, host = _window(run, name, "attribution"), _window(run, name, "correlation")
         within = spreads(next(s for s in run["info"]["scenarios"] if s["name"] == name),
-                         [r for r in run["records"] if r.scenario == name])
+                         run["table"].of_scenario(name))
         per_run.append((summary, window, (host or {}).get("host"), within))
     if not per_run:
         return None

@@ -1,20 +1,23 @@
 """`cputax calibrate`: the client's own floor, measured against the stub's known timings.
 
-Two stubs run as child processes (StubServer(process=True)). In a thread of
-this process the stub would take the GIL from the client, and every stall of
-one would show up as timing error of the other; as a process it only shares the
-CPUs, which the output says. The truth crosses over through GET /stub/truth:
-both processes read CLOCK_MONOTONIC, so the client's timestamps subtract from
-the stub's directly.
+Two stubs run as child processes (StubServer(process=True)). In a thread of this
+process the stub would take the GIL from the client, and every stall of one would
+show up as timing error of the other; as a process it only shares the CPUs, which the
+output says. The truth crosses over through GET /stub/truth: both processes read
+CLOCK_MONOTONIC, so the client's timestamps subtract from the stub's directly.
 
-- The timed stub (TIMED) answers like a fast server: headers after 5 ms, first
-  token 20 ms later, then one token every 5 ms (200 tokens/s per stream), 64
-  tokens. Against it we measure the client's TTFT and headers error (client
-  timestamp minus the stub's true send time) and its parse CPU per chunk.
-  Its offered chunk rate is concurrency x 200/s; where that exceeds what the
-  client can take, the error includes the client falling behind, on purpose.
-- The fast stub (FAST) has no delays: total chunks / wall time at a level is
-  the most the client (with the stub beside it) can take in.
+- The timed stub (TIMED) answers like a fast server: headers after 5 ms, first token
+  20 ms later, then one token every 5 ms (200 tokens/s per stream), 64 tokens, and it
+  keeps every token's send time. Against it: the error of the client's first-token
+  and inter-token times, on the loop's clock and on the kernel's receive stamps, and
+  the client's CPU per chunk: the whole process (every thread, aiohttp and the loop
+  included, the stubs excluded), and the parse alone.
+- The fast stub (FAST) has no delays: total chunks / wall time at a level is the most
+  the client (with the stub beside it) can take in: the ceiling. A level whose offered
+  rate is near it measures the client falling behind, on purpose; the output marks it.
+
+`peers()` runs cputax and vLLM's own benchmark client (client.peers) against the same
+stubs, each in a process of its own, the order alternating, at the same levels.
 """
 
 from __future__ import annotations
@@ -22,23 +25,36 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
+from cputax.client.peers import PEERS, available, run_peer
 from cputax.client.stream import StreamingClient
-from cputax.records import RequestRecord
+from cputax.errors import CputaxError
+from cputax.records import RequestRecord, read_json, write_json
+from cputax.targets.model import default_cache_dir
 from cputax.targets.stub import StubConfig, StubServer
-from cputax.util import percentile
+from cputax.util import cpu_model, percentile
 
-TIMED = StubConfig(headers_delay_ms=5.0, first_token_delay_ms=20.0, inter_token_delay_ms=5.0, output_tokens=64)
+__all__ = ["CEILING_SHARE", "FAST", "KEYS", "PEER_KEYS", "TIMED", "errors_against_truth", "load_ceiling", "peers",
+           "run_calibration", "save_ceiling"]
+
+TIMED = StubConfig(headers_delay_ms=5.0, first_token_delay_ms=20.0, inter_token_delay_ms=5.0, output_tokens=64,
+                   token_truth=True)
 FAST = StubConfig(output_tokens=64)
+CEILING_SHARE = 0.8  # an offered rate above this share of the ceiling measures the client falling behind
 _MESSAGES = [
     {"role": "system", "content": "You are a coding agent. Use the tools to read, edit and test code."},
     {"role": "user", "content": "Run the test suite and fix the first failing test in src/parser.py."},
 ]
-KEYS = ("concurrency", "requests", "errors", "client_cpu_us_per_chunk", "client_build_cpu_us",
-        "offered_chunks_per_s", "max_chunks_per_s", "ttft_error_ms_p50", "ttft_error_ms_p99",
-        "headers_error_ms_p50", "headers_error_ms_p99")
+KEYS = ("concurrency", "requests", "errors", "client_cpu_us_per_chunk", "parse_cpu_us_per_chunk",
+        "client_build_cpu_us", "offered_chunks_per_s", "max_chunks_per_s", "past_ceiling",
+        "ttft_error_ms_p50", "ttft_error_ms_p99", "ttft_error_kernel_ms_p50", "ttft_error_kernel_ms_p99",
+        "itl_error_ms_p99", "itl_error_kernel_ms_p99", "headers_error_ms_p50", "headers_error_ms_p99",
+        "client_lag_ms_p50", "client_lag_ms_p99", "shared_stamps_pct")
+PEER_KEYS = ("client", "streams", "cpu_us_per_chunk", "ttft_error_ms_p50", "ttft_error_ms_p99",
+             "itl_error_ms_p99", "max_chunks_per_s")
 
 
 def _payload() -> dict[str, Any]:
@@ -54,8 +70,13 @@ def _rounded(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
-async def _closed_loop(client: StreamingClient, concurrency: int, n: int) -> tuple[list[RequestRecord], int]:
-    """n requests, `concurrency` at a time, each worker sending its next as soon as one ends; (records, wall ns)."""
+def _chunks_sent(requests: int, tokens: int) -> int:
+    """What the stub writes per request: the role chunk, a chunk per token, the usage chunk."""
+    return requests * (tokens + 2)
+
+
+async def _closed_loop(client: StreamingClient, concurrency: int, n: int) -> tuple[list[RequestRecord], int, float]:
+    """n requests from `concurrency` workers; the records, the wall time, the process's CPU seconds."""
     records: list[RequestRecord] = []
     indices = iter(range(n))
 
@@ -63,64 +84,185 @@ async def _closed_loop(client: StreamingClient, concurrency: int, n: int) -> tup
         for i in indices:
             records.append(await client.send(RequestRecord("calibrate", index=i), _payload))
 
-    start = time.monotonic_ns()
+    start, cpu = time.monotonic_ns(), os.times()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return records, time.monotonic_ns() - start
+    end = os.times()
+    return records, time.monotonic_ns() - start, (end.user - cpu.user) + (end.system - cpu.system)
 
 
-def _errors_ms(records: list[RequestRecord], truth: dict[str, dict[str, int]], ours: str, theirs: str) -> list[float]:
-    errors = []
-    for record in records:
-        sent = truth.get(record.extra.get("response_id", ""), {}).get(theirs)
-        seen = getattr(record, ours)
-        if sent is not None and seen is not None:
-            errors.append((seen - sent) / 1e6)
-    return errors
+def errors_against_truth(seen: list[dict[str, Any]], truth: dict[str, dict[str, Any]]) -> dict[str, list[float]]:
+    """Per request seen (key, first, first_kernel, tokens, tokens_kernel), the error of its
+    first-token time and of each gap between tokens against the stub's send times, ms."""
+    out: dict[str, list[float]] = {"ttft": [], "ttft_kernel": [], "itl": [], "itl_kernel": []}
+    for r in seen:
+        sent = truth.get(r.get("key") or "", {})
+        true_tokens = sent.get("token_ns") or []
+        n = len(true_tokens)
+        for suffix, first_key, tokens_key in (("", "first", "tokens"), ("_kernel", "first_kernel", "tokens_kernel")):
+            first = r.get(first_key)
+            if first is not None and sent.get("first_token_ns") is not None:
+                out["ttft" + suffix].append((first - sent["first_token_ns"]) / 1e6)
+            tokens = [t for t in (r.get(tokens_key) or []) if t is not None][-n:] if n else []
+            if n >= 2 and len(tokens) == n:
+                out["itl" + suffix] += [((tokens[k] - tokens[k - 1]) - (true_tokens[k] - true_tokens[k - 1])) / 1e6
+                                        for k in range(1, n)]
+    return out
+
+
+def _seen(records: list[RequestRecord]) -> list[dict[str, Any]]:
+    return [{"key": r.extra.get("response_id"), "first": r.t_first_token, "first_kernel": r.t_first_token_kernel,
+             "tokens": [t for t, _ in r.extra.get("token_ns", [])],
+             "tokens_kernel": [k for _, k in r.extra.get("token_ns", [])]} for r in records]
+
+
+def _abs_p99(values: list[float]) -> float | None:
+    return _rounded(_percentile([abs(v) for v in values], 0.99))
 
 
 async def _level(timed: StreamingClient, fast: StreamingClient, concurrency: int, n: int) -> dict[str, Any]:
     for client in (timed, fast):  # open the connections; their setup is not what we measure
         await _closed_loop(client, concurrency, concurrency)
     await timed.get_json("/stub/truth")  # forget the warm-up
-    records, _ = await _closed_loop(timed, concurrency, n)
+    records, _, cpu_s = await _closed_loop(timed, concurrency, n)
     truth = await timed.get_json("/stub/truth")
-    fast_records, wall_ns = await _closed_loop(fast, concurrency, n)
+    fast_records, wall_ns, _ = await _closed_loop(fast, concurrency, n)
     await fast.get_json("/stub/truth")
     failed = [r for r in records + fast_records if not r.ok]
-    chunks = sum(r.chunks for r in records)
-    ttft = _errors_ms(records, truth, "t_first_token", "first_token_ns")
-    headers = _errors_ms(records, truth, "t_headers", "headers_ns")
+    chunks = _chunks_sent(len(records), TIMED.output_tokens)
+    errors = errors_against_truth(_seen(records), truth)
+    headers = [(r.t_headers - truth[r.extra["response_id"]]["headers_ns"]) / 1e6 for r in records
+               if r.t_headers is not None and r.extra.get("response_id") in truth]
+    lag = [(r.t_first_token - r.t_first_token_kernel) / 1e6 for r in records
+           if r.t_first_token is not None and r.t_first_token_kernel is not None]
+    parsed = sum(r.chunks for r in records)
+    offered = round(concurrency * 1000 / TIMED.inter_token_delay_ms)
+    ceiling = round(_chunks_sent(len(fast_records), FAST.output_tokens) / (wall_ns / 1e9))
     level = {
         "concurrency": concurrency,
         "requests": n,
         "errors": len(failed),
-        "client_cpu_us_per_chunk": _rounded(sum(r.parse_s for r in records) / chunks * 1e6 if chunks else None),
+        "client_cpu_us_per_chunk": _rounded(cpu_s / chunks * 1e6 if chunks else None),
+        "parse_cpu_us_per_chunk": _rounded(sum(r.parse_s for r in records) / parsed * 1e6 if parsed else None),
         "client_build_cpu_us": _rounded(sum(r.build_s for r in records) / len(records) * 1e6),
-        "offered_chunks_per_s": round(concurrency * 1000 / TIMED.inter_token_delay_ms),
-        "max_chunks_per_s": round(sum(r.chunks for r in fast_records) / (wall_ns / 1e9)),
-        "ttft_error_ms_p50": _rounded(_percentile(ttft, 0.5)),
-        "ttft_error_ms_p99": _rounded(_percentile(ttft, 0.99)),
+        "offered_chunks_per_s": offered,
+        "max_chunks_per_s": ceiling,
+        "past_ceiling": offered > CEILING_SHARE * ceiling,
+        "ttft_error_ms_p50": _rounded(_percentile(errors["ttft"], 0.5)),
+        "ttft_error_ms_p99": _rounded(_percentile(errors["ttft"], 0.99)),
+        "ttft_error_kernel_ms_p50": _rounded(_percentile(errors["ttft_kernel"], 0.5)),
+        "ttft_error_kernel_ms_p99": _rounded(_percentile(errors["ttft_kernel"], 0.99)),
+        "itl_error_ms_p99": _abs_p99(errors["itl"]),
+        "itl_error_kernel_ms_p99": _abs_p99(errors["itl_kernel"]),
         "headers_error_ms_p50": _rounded(_percentile(headers, 0.5)),
         "headers_error_ms_p99": _rounded(_percentile(headers, 0.99)),
+        "client_lag_ms_p50": _rounded(_percentile(lag, 0.5)),
+        "client_lag_ms_p99": _rounded(_percentile(lag, 0.99)),
+        "shared_stamps_pct": _rounded(100 * sum(r.shared_stamps for r in records) / parsed if parsed else None),
     }
     if failed:
         level["first_error"] = failed[0].error
     return level
 
 
+def _note(cpus: int) -> str:
+    return (f"the stub runs in child processes on the same {cpus} CPUs as the client: max_chunks_per_s is for "
+            "client and stub together, a lower bound for the client alone; a level past the ceiling (offered "
+            f"above {CEILING_SHARE:.0%} of it) measures the client falling behind, which the loop's stamps carry "
+            "and the kernel's do not")
+
+
 async def run_calibration(concurrencies: list[int], requests_per_level: int | None = None) -> dict[str, Any]:
     """Measure every level against fresh stub processes; the result is what --json prints."""
     limit = max(concurrencies)
     with StubServer(TIMED, process=True) as timed_stub, StubServer(FAST, process=True) as fast_stub:
-        async with StreamingClient(timed_stub.url, max_connections=limit) as timed, \
+        async with StreamingClient(timed_stub.url, max_connections=limit, keep_chunks=True) as timed, \
                 StreamingClient(fast_stub.url, max_connections=limit) as fast:
+            clock = timed.clock
+            kernel = timed.kernel_stamps
             levels = [await _level(timed, fast, c, requests_per_level or max(32, 4 * c)) for c in concurrencies]
     cpus = os.cpu_count() or 1
     return {
         "timed_stub": {k: v for k, v in asdict(TIMED).items() if k.endswith("_ms") or k == "output_tokens"},
         "cpus": cpus,
-        "note": f"the stub runs in child processes on the same {cpus} CPUs as the client: "
-                "max_chunks_per_s is for client and stub together, a lower bound for the client alone; "
-                "TTFT error includes the client falling behind where offered_chunks_per_s exceeds it",
+        "kernel_stamps": kernel,
+        "clock_conversion_error_us": round(clock.error_ns / 1e3, 3),
+        "note": _note(cpus),
         "levels": levels,
     }
+
+
+def peers(streams: list[int], requests_per_level: int | None = None,
+          clients: tuple[str, ...] = PEERS) -> dict[str, Any]:
+    """Every client that can run here, at each level, against one timed and one fast stub,
+    the order alternating between levels; the result is what `calibrate --peers --json` prints."""
+    rows, skipped = [], []
+    runnable = []
+    for client in clients:
+        why = available(client)
+        if why:
+            skipped.append({"client": client, "why": why})
+        else:
+            runnable.append(client)
+    with StubServer(TIMED, process=True) as timed_stub, \
+            StubServer(replace(FAST, token_truth=False), process=True) as fast_stub:
+        for i, n_streams in enumerate(streams):
+            n = requests_per_level or max(32, 4 * n_streams)
+            order = runnable if i % 2 == 0 else list(reversed(runnable))
+            for client in order:
+                asyncio.run(_forget(timed_stub.url))
+                timed_run = run_peer(client, timed_stub.url, TIMED.model, n_streams, n, TIMED.output_tokens)
+                truth = asyncio.run(_forget(timed_stub.url))
+                fast_run = run_peer(client, fast_stub.url, FAST.model, n_streams, n, FAST.output_tokens)
+                asyncio.run(_forget(fast_stub.url))
+                errors = errors_against_truth(timed_run.requests, truth)
+                chunks = _chunks_sent(len(timed_run.requests), TIMED.output_tokens)
+                rows.append({
+                    "client": client, "streams": n_streams, "requests": n,
+                    "errors": sum(not r["ok"] for r in timed_run.requests + fast_run.requests),
+                    "cpu_us_per_chunk": _rounded(timed_run.cpu_s / chunks * 1e6),
+                    "ttft_error_ms_p50": _rounded(_percentile(errors["ttft"], 0.5)),
+                    "ttft_error_ms_p99": _rounded(_percentile(errors["ttft"], 0.99)),
+                    "itl_error_ms_p99": _abs_p99(errors["itl"]),
+                    "ttft_error_kernel_ms_p99": _rounded(_percentile(errors["ttft_kernel"], 0.99)),
+                    "itl_error_kernel_ms_p99": _abs_p99(errors["itl_kernel"]),
+                    "max_chunks_per_s": round(_chunks_sent(len(fast_run.requests), FAST.output_tokens)
+                                              / (fast_run.wall_ns / 1e9)),
+                })
+    for row in rows:
+        ours = next((r for r in rows if r["client"] == "cputax" and r["streams"] == row["streams"]), None)
+        if ours and ours is not row:
+            row["vs_cputax"] = {k: _rounded(row[k] / ours[k], 2) if row[k] and ours[k] else None
+                                for k in ("cpu_us_per_chunk", "ttft_error_ms_p99", "max_chunks_per_s")}
+    cpus = os.cpu_count() or 1
+    return {"peers": rows, "skipped": skipped, "cpus": cpus, "timed_stub": asdict(TIMED), "note": _note(cpus)}
+
+
+def ceiling_path() -> Path:
+    return default_cache_dir() / "calibration.json"
+
+
+def save_ceiling(result: dict[str, Any], path: Path | None = None) -> Path:
+    """Keep the machine's ceiling (the most chunks/s client and stub took in together) where
+    `cputax run` finds it, to tell a run whose chunk rate came near it."""
+    path = path or ceiling_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    best = max(level["max_chunks_per_s"] for level in result["levels"])
+    write_json(path, {"max_chunks_per_s": best, "share": CEILING_SHARE, "cpus": result["cpus"], "cpu_model": cpu_model(),
+                      "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return path
+
+
+def load_ceiling(path: Path | None = None) -> dict[str, Any] | None:
+    """The ceiling `cputax calibrate` last measured on this machine (None: never, or another CPU)."""
+    path = path or ceiling_path()
+    try:
+        ceiling = read_json(path)
+    except CputaxError:
+        return None
+    return ceiling if ceiling.get("cpu_model") == cpu_model() and ceiling.get("cpus") == os.cpu_count() else None
+
+
+async def _forget(url: str) -> dict[str, Any]:
+    """The stub's truth so far, which it forgets once read."""
+    async with StreamingClient(url) as client:
+        return await client.get_json("/stub/truth")

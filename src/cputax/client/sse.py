@@ -1,7 +1,7 @@
 """Server-sent events from an OpenAI-compatible server, turned into RequestRecord fields.
 
-Everything here is synchronous and does no I/O, so the client can time its CPU
-with `thread_time_ns` between two awaits without counting other requests' work.
+Everything here is synchronous and does no I/O, so the client can time it between
+two clock reads without counting other requests' work.
 `SSEDecoder` cuts bytes into lines whatever the network split; `StreamParser`
 reads chat.completion.chunk / text_completion chunks the way vLLM sends them.
 """
@@ -115,16 +115,25 @@ class StreamParser:
     StreamError on a malformed line, a non-JSON data line or an error object.
     """
 
-    def __init__(self, record: RequestRecord, api: str = "chat") -> None:
+    def __init__(self, record: RequestRecord, api: str = "chat", keep_chunks: bool = False) -> None:
         self.record = record
+        # with keep_chunks: the (loop, kernel) stamps of every token chunk, in
+        # record.extra["token_ns"] (calibration compares each gap with the stub's)
+        self.token_ns: list[tuple[int, int | None]] | None = [] if keep_chunks else None
+        if self.token_ns is not None:
+            record.extra["token_ns"] = self.token_ns
         self.done = False  # [DONE] seen
         self.finished = False  # a choice with a finish_reason seen
         self._decoder = SSEDecoder()
         self._is_token = _chat_token if api == "chat" else _text_token
         self._token_chunks = 0
+        self._kernel: int | None = None
 
-    def feed(self, data: bytes, t: int) -> None:
-        """Handle the bytes of one read, received at monotonic time `t` (ns)."""
+    def feed(self, data: bytes, t: int, t_kernel: int | None = None) -> None:
+        """Handle the bytes of one read, seen by the loop at monotonic time `t` (ns) and
+        received by the kernel at `t_kernel` (None when unknown): every event this read
+        completes gets these stamps."""
+        self._kernel = t_kernel
         self._lines(self._decoder.feed(data), t)
 
     def eof(self, t: int) -> None:
@@ -161,6 +170,7 @@ class StreamParser:
             raise StreamError(f"server error in stream: {message}")
         if record.t_first_data is None:
             record.t_first_data = t
+            record.t_first_data_kernel = self._kernel
             if "id" in obj:
                 record.extra["response_id"] = obj["id"]
         choices = obj.get("choices")
@@ -174,8 +184,14 @@ class StreamParser:
             if token:
                 if record.t_first_token is None:
                     record.t_first_token = t
+                    record.t_first_token_kernel = self._kernel
+                elif (record.t_last_token, record.t_last_token_kernel) == (t, self._kernel):
+                    record.shared_stamps += 1  # the same read as the token before it
                 record.t_last_token = t
+                record.t_last_token_kernel = self._kernel
                 self._token_chunks += 1
+                if self.token_ns is not None:
+                    self.token_ns.append((t, self._kernel))
                 if record.output_tokens_source != "usage":
                     record.output_tokens = self._token_chunks
                     record.output_tokens_source = "chunks"

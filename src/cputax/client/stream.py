@@ -1,10 +1,13 @@
-"""One streamed request -> one RequestRecord, on aiohttp.
+"""One streamed request -> one RequestRecord.
 
-One `StreamingClient` owns one ClientSession (and so one connection pool) per
-event loop, opened in `__aenter__`: a session per request would pay a TCP
-connect each time and be blamed on the server. Timestamps are
-`time.monotonic_ns()`, the clock every process on the host shares, so the
-server's own timestamps (the stub's truth, py-spy, telemetry) line up.
+The streaming request goes through cputax's own HTTP/1.1 client (client.wire): every
+read carries the kernel's receive stamp as well as the loop's, and costs one callback.
+An https endpoint, and everything that is not timed (/v1/models, /tokenize,
+/metrics), goes through aiohttp. One `StreamingClient` owns one connection pool of
+each per event loop, opened in `__aenter__`: a connection per request would pay a TCP
+connect each time and be blamed on the server. Timestamps are `time.monotonic_ns()`,
+the clock every process on the host shares, so the server's own timestamps (the stub's
+truth, py-spy, telemetry) line up.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ import time
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 
 from cputax.client.sse import StreamError, StreamParser, error_message
+from cputax.client.wire import Clock, Exchange, ExchangeError, Pool
 from cputax.errors import CputaxError
 from cputax.records import RequestRecord
 
@@ -62,21 +67,63 @@ def _error_text(raw: bytes) -> str:
     return _truncate(message if message is not None else raw.decode("utf-8", "replace"))
 
 
+class _RecordExchange(Exchange):
+    """One streamed response into its RequestRecord, read by read, with both stamps."""
+
+    def __init__(self, record: RequestRecord, api: str, keep_chunks: bool) -> None:
+        self.record = record
+        self.parser = StreamParser(record, api, keep_chunks=keep_chunks)
+        self.error_body: list[bytes] | None = None  # an HTTP error's body, collected
+
+    def on_headers(self, status: int, headers: dict[bytes, bytes], t_loop: int, t_kernel: int | None) -> None:
+        record = self.record
+        record.t_headers, record.t_headers_kernel, record.status = t_loop, t_kernel, status
+        if status >= 400:
+            self.error_body = []
+            return
+        content_type = headers.get(b"content-type", b"").decode("latin-1")
+        if not content_type.startswith("text/event-stream"):
+            raise StreamError(f"expected a text/event-stream response, got {content_type or 'no content type'!r}")
+
+    def on_body(self, data: bytes, t_loop: int, t_kernel: int | None) -> None:
+        if self.error_body is not None:
+            self.error_body.append(data)
+            return
+        start = time.monotonic_ns()
+        try:
+            self.parser.feed(data, t_loop, t_kernel)
+        finally:
+            # the monotonic clock, not the thread's CPU clock: that one is a system call
+            # (about 1 us here, more than parsing a chunk), this one is not
+            self.record.parse_s += (time.monotonic_ns() - start) / 1e9
+
+
 class StreamingClient:
-    """Streams chat or completions requests to an OpenAI-compatible server and times each one."""
+    """Streams chat or completions requests to an OpenAI-compatible server and times each one.
+
+    `keep_chunks` records every token chunk's stamps in record.extra["token_ns"]
+    (calibration; a run does not need them). `wire=False` streams through aiohttp even
+    for plain HTTP, with the loop's stamps only: the peer benchmark's comparison of the two.
+    """
 
     def __init__(self, endpoint: str, *, api: str = "chat", api_key: str | None = None,
-                 timeout_s: float = 600.0, max_connections: int = 1024):
+                 timeout_s: float = 600.0, max_connections: int = 1024, keep_chunks: bool = False,
+                 wire: bool = True):
         if api not in PATHS:
             raise CputaxError(f"api must be one of {', '.join(PATHS)}, got {api!r}")
         self.endpoint = endpoint.rstrip("/")
         self.api = api
         self.timeout_s = timeout_s
+        self.keep_chunks = keep_chunks
+        self.wire = wire
         self._url = self.endpoint + PATHS[api]
         # The key lives in the session's default headers only: never in a record or a URL.
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool | None = None
+        self._head = b""
+        self.clock = Clock.measure()
 
     async def __aenter__(self) -> StreamingClient:
         trace = aiohttp.TraceConfig()
@@ -91,12 +138,33 @@ class StreamingClient:
             max_line_size=MAX_HEADER_LINE,
             max_field_size=MAX_HEADER_LINE,
         )
+        url = urlsplit(self._url)
+        if self.wire and url.scheme == "http" and url.hostname:
+            self._pool = Pool(url.hostname, url.port or 80, self._max_connections, self.clock)
+            host = url.netloc.encode()
+            auth = b"".join(f"{k}: {v}\r\n".encode() for k, v in self._auth.items())
+            self._head = (b"POST " + (url.path or "/").encode() + b" HTTP/1.1\r\nHost: " + host +
+                          b"\r\nUser-Agent: cputax\r\nAccept: text/event-stream\r\nContent-Type: application/json\r\n"
+                          + auth + b"Content-Length: ")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    @property
+    def kernel_stamps(self) -> bool:
+        """Whether records get the kernel's receive stamps (plain HTTP, and the socket took SO_TIMESTAMPNS)."""
+        return self._pool is not None and self._pool.kernel_stamps
+
+    @property
+    def connections_opened(self) -> int:
+        """Connections the streaming path opened so far (keep-alive: about max_connections)."""
+        return self._pool.connects if self._pool is not None else 0
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -120,9 +188,15 @@ class StreamingClient:
         body = orjson.dumps(payload)
         record.build_s = (time.thread_time_ns() - cpu) / 1e9
         try:
-            await self._stream(record, body)
+            if self._pool is not None:
+                await asyncio.wait_for(self._stream_wire(record, body), self.timeout_s)
+            else:
+                await self._stream(record, body)
         except StreamError as exc:
             record.error = str(exc)
+        except ExchangeError as exc:
+            record.error = (f"cannot connect to {self.endpoint}: {exc}" if exc.kind == "connect"
+                            else f"connection broken mid-stream: {_truncate(str(exc))}")
         except asyncio.TimeoutError:
             record.error = f"timed out after {self.timeout_s:g} s (per-request timeout)"
         except aiohttp.ClientConnectorError as exc:
@@ -140,6 +214,19 @@ class StreamingClient:
                 record.ok = False
         return record
 
+    async def _stream_wire(self, record: RequestRecord, body: bytes) -> None:
+        assert self._pool is not None
+        sink = _RecordExchange(record, self.api, self.keep_chunks)
+
+        def sent() -> None:
+            record.t_sent = time.monotonic_ns()
+
+        await self._pool.request(self._head + str(len(body)).encode() + b"\r\n\r\n" + body, sink, sent)
+        if sink.error_body is not None:
+            raise StreamError(f"HTTP {record.status}: {_error_text(b''.join(sink.error_body))}")
+        sink.parser.eof(time.monotonic_ns())
+        record.ok = True
+
     async def _stream(self, record: RequestRecord, body: bytes) -> None:
         async with self.session.post(self._url, data=body, headers=JSON_HEADERS,
                                      trace_request_ctx=record) as resp:
@@ -150,14 +237,13 @@ class StreamingClient:
             content_type = resp.headers.get("Content-Type", "")
             if not content_type.startswith("text/event-stream"):
                 raise StreamError(f"expected a text/event-stream response, got {content_type or 'no content type'!r}")
-            parser = StreamParser(record, self.api)
+            parser = StreamParser(record, self.api, keep_chunks=self.keep_chunks)
             async for data in resp.content.iter_any():
                 t = time.monotonic_ns()
-                cpu = time.thread_time_ns()
                 try:
                     parser.feed(data, t)
                 finally:
-                    record.parse_s += (time.thread_time_ns() - cpu) / 1e9
+                    record.parse_s += (time.monotonic_ns() - t) / 1e9
             parser.eof(time.monotonic_ns())
             record.ok = True
 

@@ -11,7 +11,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from cputax.client.calibrate import run_calibration
+from cputax.client.calibrate import peers, run_calibration, save_ceiling
 
 __all__ = ["calibrate"]
 
@@ -26,32 +26,71 @@ def _number(value: float | None) -> str:
 
 def _table(result: dict[str, Any]) -> None:
     stub = result["timed_stub"]
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, title=f"Client floor against the stub: headers after {stub['headers_delay_ms']:g} ms, "
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
+                  title=f"Client floor against the stub: headers after {stub['headers_delay_ms']:g} ms, "
                   f"first token +{stub['first_token_delay_ms']:g} ms, a token every "
                   f"{stub['inter_token_delay_ms']:g} ms, {stub['output_tokens']} tokens")
     columns = {"concurrency": "conc", "requests": "reqs", "errors": "err",
-               "client_cpu_us_per_chunk": "parse CPU\nus/chunk", "offered_chunks_per_s": "offered\nchunk/s",
-               "max_chunks_per_s": "max\nchunk/s", "ttft_error_ms_p50": "TTFT err\np50 ms",
-               "ttft_error_ms_p99": "\np99 ms", "headers_error_ms_p50": "hdr err\np50 ms",
-               "headers_error_ms_p99": "\np99 ms"}
+               "client_cpu_us_per_chunk": "CPU us/chunk\n(process)", "parse_cpu_us_per_chunk": "parse\nus/chunk",
+               "offered_chunks_per_s": "offered\nchunk/s", "max_chunks_per_s": "ceiling\nchunk/s",
+               "ttft_error_ms_p50": "TTFT err ms\nloop p50", "ttft_error_ms_p99": "\nloop p99",
+               "ttft_error_kernel_ms_p50": "\nkernel p50", "ttft_error_kernel_ms_p99": "\nkernel p99",
+               "itl_error_ms_p99": "ITL err ms\nloop p99", "itl_error_kernel_ms_p99": "\nkernel p99",
+               "client_lag_ms_p99": "client lag\np99 ms", "shared_stamps_pct": "shared\nstamps %"}
     for heading in columns.values():
         table.add_column(heading, justify="right")
     for level in result["levels"]:
         table.add_row(*(_number(level[k]) for k in columns))
     console = Console()
     console.print(table)
-    console.print(f"Build CPU per request (us): {', '.join(_number(lv['client_build_cpu_us']) for lv in result['levels'])}.")
+    past = [str(lv["concurrency"]) for lv in result["levels"] if lv["past_ceiling"]]
+    if past:
+        console.print(f"Past the ceiling at concurrency {', '.join(past)}: the offered rate is above "
+                      "80% of what client and stub can do together here; the loop's stamps there include "
+                      "the client falling behind, the kernel's do not. A run whose chunk rate is that high "
+                      "measures this machine as much as the server.")
+    console.print(f"Kernel receive stamps: {'yes' if result['kernel_stamps'] else 'no (loop stamps only)'}; "
+                  f"realtime -> monotonic conversion error {result['clock_conversion_error_us']:g} us.")
     console.print(f"Note: {result['note']}.")
     for level in result["levels"]:
         if "first_error" in level:
             console.print(f"concurrency {level['concurrency']}: first error: {level['first_error']}")
 
 
-def calibrate(concurrencies: list[int], as_json: bool = False, requests_per_level: int | None = None) -> int:
+def _peer_table(result: dict[str, Any]) -> None:
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
+                  title="Load clients side by side against one stub (each in its own process, the order alternating)")
+    for heading in ("client", "streams", "CPU us/chunk", "vs cputax", "TTFT err ms p50", "p99", "ITL err ms p99",
+                    "max chunk/s"):
+        table.add_column(heading, justify="left" if heading == "client" else "right")
+    for r in result["peers"]:
+        ratio = (r.get("vs_cputax") or {}).get("cpu_us_per_chunk")
+        table.add_row(r["client"], str(r["streams"]), _number(r["cpu_us_per_chunk"]),
+                      "" if ratio is None else f"{ratio:.2f}x", _number(r["ttft_error_ms_p50"]),
+                      _number(r["ttft_error_ms_p99"]), _number(r["itl_error_ms_p99"]), _number(r["max_chunks_per_s"]))
+    console = Console()
+    console.print(table)
+    for s in result["skipped"]:
+        console.print(f"{s['client']}: skipped: {s['why']}")
+    console.print(f"Note: {result['note']}.")
+
+
+def calibrate(concurrencies: list[int], as_json: bool = False, requests_per_level: int | None = None,
+              with_peers: bool = False) -> int:
     """Run `cputax calibrate`; 1 if any request failed (the numbers are then suspect), else 0."""
-    result = asyncio.run(run_calibration(concurrencies, requests_per_level))
+    if with_peers:
+        result = peers(concurrencies, requests_per_level)
+        failed = any(r["errors"] for r in result["peers"])
+        show = _peer_table
+    else:
+        result = asyncio.run(run_calibration(concurrencies, requests_per_level))
+        failed = any(level["errors"] for level in result["levels"])
+        show = _table
+        if not failed:
+            kept = save_ceiling(result)
+            Console(stderr=True).print(f"ceiling kept in {kept}: `cputax run` notes scenarios that come near it")
     if as_json:
         sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
-        _table(result)
-    return 1 if any(level["errors"] for level in result["levels"]) else 0
+        show(result)
+    return 1 if failed else 0

@@ -25,7 +25,15 @@ What each phase contains (boundaries as vLLM really has them):
   sample and its detokenization. A role-only chunk is not counted as a token.
 - **Decode** (first token -> last token): the rest of the generated tokens; it grows
   with max_tokens, so CPU% depends on max_tokens as much as on the server.
-- **Parse**: client CPU spent parsing the stream (thread CPU time).
+- **Parse**: client time spent parsing the stream (the monotonic clock around the parser).
+- **Stamps**: the moments received (headers, first and last token) are the kernel's
+  receive stamps (SO_TIMESTAMPNS) where the client had them ("kernel"), not the moment
+  its event loop got round to the bytes ("loop"); the gap between the two is the
+  client's own lag (client table), which the phases above do not carry. A stamp is the
+  newest segment's of a read: the kernel merges segments the client has not read yet,
+  so a client more than one token behind stamps the earlier tokens with the later one's
+  time. "Shared stamps" counts those tokens (a server that writes tokens together
+  shows there too); `cputax calibrate` measures the load where they start.
 - **CPU% / GPU%**: the study's ratios, (Serialize + HTTP OH + Parse) / Total and
   (Prefill + Decode) / Total, of the means, kept for comparability. They are not a
   measure of CPU-bound time inside the server: prefill and decode include CPU work
@@ -58,13 +66,17 @@ def study_table(scenarios: list[dict[str, Any]]) -> str:
 
 def client_table(scenarios: list[dict[str, Any]]) -> str:
     header = ["Scenario"] + [f"{label} ms mean (p50 / p99)" for _, label in CLIENT_COLUMNS]
-    header += ["build CPU ms", "parse CPU µs/chunk", "achieved conc", "req/s", "output tok/s"]
+    header += ["build CPU ms", "parse µs/chunk", "stamps", "client lag ms p50 / p99", "shared stamps",
+               "achieved conc", "req/s", "output tok/s"]
     rows = []
     for s in scenarios:
         thr = s.get("throughput") or {}
+        lag = s.get("client_lag_ms")
         rows.append(
             [s["name"]] + [_phase(s, key) for key, _ in CLIENT_COLUMNS]
             + [number(s["client_cpu_ms"]["build"], 2), number(s["client_cpu_ms"]["parse_per_chunk_us"], 1),
+               s.get("clock") or "loop", "absent" if lag is None else f"{lag['p50']:.2f} / {lag['p99']:.2f}",
+               pct(s.get("shared_stamps_pct")),
                number(s.get("achieved_concurrency"), 1), number(thr.get("requests_per_s"), 2),
                number(thr.get("output_tokens_per_s"), 0)]
         )
@@ -121,6 +133,18 @@ def _notes(scenarios: list[dict[str, Any]], info: dict[str, Any],
             kinds = ", ".join(f"{k} ({n})" for k, n in s["error_kinds"].items())
             notes.append(f"- **{s['name']}**: {s['errors']} of {s['requests']} requests failed: {kinds}. "
                          "Failed requests are left out of every phase statistic.")
+        if s.get("past_client_ceiling"):
+            ceiling = info["client_ceiling"]
+            notes.append(f"- **{s['name']}**: {s['throughput']['chunks_per_s']:,.0f} chunks/s, past "
+                         f"{ceiling.get('share', 0.8):.0%} of what this machine's client took in when "
+                         f"`cputax calibrate` measured it ({ceiling['max_chunks_per_s']:,} chunks/s): "
+                         "the client's own lag is in the loop's stamps, and in the kernel's once it is a "
+                         "token behind (shared stamps).")
+        if (s.get("shared_stamps_pct") or 0) > 1.0:
+            notes.append(f"- **{s['name']}**: {s['shared_stamps_pct']:.1f}% of the tokens shared a read's "
+                         "stamp with a later token: the client fell a token behind, or the server wrote "
+                         "tokens together; their times are upper bounds. More client processes "
+                         "(`--client-procs`) or a bigger client machine help in the first case.")
         if "chunks" in s.get("output_tokens_source", []):
             notes.append(f"- **{s['name']}**: the server sent no usage chunk for some requests; their "
                          "output tokens are counted from chunks.")

@@ -86,6 +86,7 @@ class StubConfig:
     # vLLM without --enable-auto-tool-choice refuses `tools` unless tool_choice is "none"
     # (servers.stub.TABLE copies this from vLLM's table; tests check it against the real one)
     auto_tool_choice: bool = STUB.capabilities.auto_tool_choice
+    token_truth: bool = False  # keep every token's send time in the truth (calibration's inter-token error)
 
     def __post_init__(self) -> None:
         if self.fault is not None and self.fault not in FAULTS:
@@ -311,7 +312,12 @@ class _Stub:
         if cfg.fault == "http_500":
             return _error(500, "stub fault: injected internal server error", "InternalServerError")
         rid = ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex()
-        truth = {"arrival_ns": arrival}
+        truth: dict[str, Any] = {"arrival_ns": arrival}
+        if cfg.token_truth:
+            truth["token_ns"] = []
+        # The truth is kept under the client's x-request-id when it sends one (vLLM's own
+        # benchmark does), else under the response id the first chunk carries.
+        key = request.headers.get("x-request-id") or rid
         self.metrics.running.inc()
         try:
             if body.get("stream"):
@@ -323,7 +329,7 @@ class _Stub:
                 response = await self._whole(truth, rid, chat, n, reason, prompt_tokens)
         finally:
             self.metrics.running.dec()
-            self.truth[rid] = truth
+            self.truth[key] = truth
             if len(self.truth) > _TRUTH_KEPT:  # nobody reads it: keep memory bounded
                 del self.truth[next(iter(self.truth))]
             self.metrics.observe(truth, prompt_tokens, n)
@@ -358,6 +364,8 @@ class _Stub:
                 words = tails[reason if k == n - 1 else None]
                 await response.write(head + words[k % len(words)])
                 truth["last_token_ns"] = now
+                if cfg.token_truth:
+                    truth["token_ns"].append(now)
             if usage_prompt is not None:
                 usage = {"prompt_tokens": usage_prompt, "total_tokens": usage_prompt + n, "completion_tokens": n}
                 await response.write(head + b'[],"usage":' + orjson.dumps(usage) + b"}\n\n")

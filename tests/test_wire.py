@@ -1,0 +1,135 @@
+"""The streaming client's own HTTP/1.1 path: kernel receive stamps against the stub's truth.
+
+The stub runs as a child process, so a callback that blocks this test's event loop on
+purpose does not stop the stub from sending; both read CLOCK_MONOTONIC, so the stub's
+send times (GET /stub/truth) subtract from the client's stamps directly.
+
+What the kernel's stamp can and cannot do, both pinned down here: a read's stamp is the
+newest segment's in it, and the kernel merges segments queued on a socket nobody reads.
+A loop blocked for less than the gap to the next token keeps the stamp exact; one blocked
+across several tokens stamps them all with the last one's time, and says so
+(RequestRecord.shared_stamps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+
+import pytest
+
+from cputax.client.stream import StreamingClient
+from cputax.client.wire import Clock
+from cputax.records import RequestRecord
+from cputax.targets.stub import StubConfig, StubServer
+
+MS = 1_000_000
+TIMED = StubConfig(headers_delay_ms=5.0, first_token_delay_ms=20.0, inter_token_delay_ms=5.0, output_tokens=16,
+                   token_truth=True)
+# headers at 5 ms, first token at 25 ms, then one every 150 ms: a 60 ms block started at
+# 12 ms ends before the second token comes
+SLOW = StubConfig(headers_delay_ms=5.0, first_token_delay_ms=20.0, inter_token_delay_ms=150.0, output_tokens=3,
+                  token_truth=True)
+BLOCK_MS = 60.0
+
+
+def _payload() -> dict:
+    return {"model": TIMED.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": TIMED.output_tokens}
+
+
+@pytest.fixture(scope="module")
+def stub():
+    with StubServer(TIMED, process=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def slow_stub():
+    with StubServer(SLOW, process=True) as server:
+        yield server
+
+
+async def _requests(url: str, n: int, block_after_ms: float | None = None):
+    async with StreamingClient(url, keep_chunks=True, max_connections=4) as client:
+        records = []
+        for i in range(n):
+            if block_after_ms is not None:
+                # between the headers (5 ms) and the first token (25 ms): the loop is busy
+                # for BLOCK_MS when the first token arrives, and reads it only afterwards
+                asyncio.get_running_loop().call_later(block_after_ms / 1000, _busy, BLOCK_MS)
+            records.append(await client.send(RequestRecord("wire", index=i), _payload))
+        truth = await client.get_json("/stub/truth")
+        return records, truth, client.clock, client.kernel_stamps, client.connections_opened
+
+
+def _busy(ms: float) -> None:
+    end = time.monotonic_ns() + int(ms * MS)
+    while time.monotonic_ns() < end:
+        pass
+
+
+def test_clock_conversion_is_tight():
+    clock = Clock.measure()
+    assert 0 <= clock.error_ns < 1 * MS
+    assert abs(clock.monotonic(time.time_ns()) - time.monotonic_ns()) < 1 * MS + clock.error_ns
+
+
+def test_kernel_stamps_never_follow_the_loop_and_match_it_on_an_idle_loop(stub):
+    records, truth, clock, kernel, _ = asyncio.run(_requests(stub.url, 4))
+    assert kernel and all(r.ok for r in records)
+    gaps = []
+    for r in records:
+        assert r.t_headers_kernel is not None and r.t_headers_kernel <= r.t_headers + clock.error_ns
+        stamps = r.extra["token_ns"]
+        assert len(stamps) == TIMED.output_tokens
+        for loop, kern in stamps:
+            assert kern <= loop + clock.error_ns  # the kernel had the bytes before the loop saw them
+            gaps.append(loop - kern)
+        # and never before the stub wrote them
+        sent = truth[r.extra["response_id"]]["token_ns"]
+        assert all(kern >= s - clock.error_ns for (_, kern), s in zip(stamps, sent, strict=True))
+    # idle loop: the loop reads each chunk as it lands (wake-up only; a wrong conversion is seconds off)
+    assert statistics.median(gaps) < 5 * MS
+
+
+def test_a_blocked_loop_moves_the_loop_stamp_not_the_kernel_stamp(slow_stub):
+    records, truth, clock, _, _ = asyncio.run(_requests(slow_stub.url, 3, block_after_ms=12.0))
+    for r in records:
+        sent = truth[r.extra["response_id"]]
+        kernel_error = (r.t_first_token_kernel - sent["first_token_ns"]) / MS
+        loop_error = (r.t_first_token - sent["first_token_ns"]) / MS
+        # the kernel stamp: when it really arrived (what it takes the stub to write, and a
+        # descheduled stub on a busy machine); the loop saw it only after the block, which
+        # ends 12 + 60 ms after the request: the token came at ~25 ms
+        assert 0 <= kernel_error + clock.error_ns / MS < 10.0
+        assert loop_error - kernel_error > BLOCK_MS / 2
+        assert r.shared_stamps == 0
+
+
+def test_a_loop_blocked_across_tokens_shares_one_stamp_and_counts_it(stub):
+    # 60 ms from 12 ms: tokens at 25, 30, ... 70 ms queue up and are merged by the kernel
+    records, truth, clock, _, _ = asyncio.run(_requests(stub.url, 2, block_after_ms=12.0))
+    for r in records:
+        sent = truth[r.extra["response_id"]]["token_ns"]
+        stamps = [k for _, k in r.extra["token_ns"]]
+        first_read = stamps.count(stamps[0])
+        assert first_read >= 2 and r.shared_stamps >= first_read - 1
+        # the merged tokens carry the newest one's arrival: an upper bound, never before it
+        assert stamps[0] >= sent[first_read - 1] - clock.error_ns
+
+
+def test_connections_are_kept_alive(stub):
+    records, _, _, _, opened = asyncio.run(_requests(stub.url, 6))
+    assert all(r.ok for r in records) and opened == 1  # one request at a time: one connection
+
+
+def test_aiohttp_path_has_loop_stamps_only(stub):
+    async def one():
+        async with StreamingClient(stub.url, keep_chunks=True, wire=False) as client:
+            return await client.send(RequestRecord("wire"), _payload), client.kernel_stamps
+
+    record, kernel = asyncio.run(one())
+    assert record.ok and not kernel
+    assert record.t_first_token_kernel is None and record.t_first_token is not None
+    assert all(k is None for _, k in record.extra["token_ns"])
