@@ -140,3 +140,19 @@ def test_bad_profile_is_one_line_naming_file_scenario_key(tmp_path):
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert str(profile) in line and "'s'" in line and "'warmpu'" in line
+
+
+def test_the_same_profile_in_two_load_processes(stub, tmp_path):
+    profile = tmp_path / "p.toml"
+    profile.write_text(PROFILE)
+    out = tmp_path / "out"
+    assert run(RunOptions(endpoint=stub.url, profile=profile, out=out, client_procs=2)) == 0
+    records = read_requests(out / "requests.jsonl")
+    counts = {name: sum(r.scenario == name for r in records) for name in ("single_2k", "conc4_1k", "open")}
+    assert counts == {"single_2k": 2, "conc4_1k": 8, "open": 6}  # as with one process
+    windows = [orjson.loads(line) for line in (out / "windows.jsonl").read_bytes().splitlines()]
+    assert [w["client_procs"] for w in windows] == [2, 2, 2] and all(w["shard_failures"] == [] for w in windows)
+    assert windows[1]["shard_records"] == [4, 4]
+    summary = orjson.loads((out / "summary.json").read_bytes())
+    conc = next(s for s in summary["scenarios"] if s["name"] == "conc4_1k")
+    assert conc["clock"] == "kernel" and conc["mean_ms"]["prefill"] == pytest.approx(FIRST_MS, abs=15)

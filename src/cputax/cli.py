@@ -105,7 +105,8 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
                       tokenizer=args.tokenizer, api_key_env=args.api_key_env, api=args.api, timeout_s=args.timeout,
                       telemetry=TelemetryConfig(gpu=args.gpu, gpu_interval_ms=args.gpu_interval_ms,
                                                 host_interval_ms=args.host_interval_ms),
-                      pyspy=_pyspy_options(args) if _wants_pyspy(args) else None)
+                      pyspy=_pyspy_options(args) if _wants_pyspy(args) else None,
+                      client_procs=getattr(args, "client_procs", None))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -162,6 +163,18 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
     return extrapolate(Path(args.run_dir), args.users, args.subagents, args.context, as_json=args.json)
 
 
+def _procs(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a process count of at least 1 or 'auto', got {text!r}")
+    return n
+
+
 def _target_args(p: argparse.ArgumentParser, tokenizer_help: str) -> None:
     """What `run` and `replay` share: where the server is and how to talk to it."""
     p.add_argument("--endpoint", help="base URL, e.g. http://127.0.0.1:8000 (default: embedded target)")
@@ -172,6 +185,9 @@ def _target_args(p: argparse.ArgumentParser, tokenizer_help: str) -> None:
     p.add_argument("--api", choices=("chat", "completions"), default="chat",
                    help="endpoint: /v1/chat/completions (default) or /v1/completions")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds (default 600)")
+    p.add_argument("--client-procs", type=_procs, default=None, metavar="N|auto",
+                   help="load generator processes, each with its own event loop and a share of the streams "
+                   "(default auto: one per 128 streams, at most a quarter of the CPUs; 1 below 128 streams)")
     p.add_argument("--gpu", choices=("auto", "amd", "nvidia", "none"), default="auto",
                    help="GPU telemetry backend (default auto: NVML, else amdsmi, else none); host telemetry is always on")
     p.add_argument("--gpu-interval-ms", type=float, default=20.0,

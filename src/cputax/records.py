@@ -93,7 +93,10 @@ class JsonlWriter:
         self._fh: IO[bytes] = path.open("ab")
 
     def write(self, obj: Any) -> None:
-        data = obj.to_json() if hasattr(obj, "to_json") else orjson.dumps(obj)
+        self.write_line(obj.to_json() if hasattr(obj, "to_json") else orjson.dumps(obj))
+
+    def write_line(self, data: bytes) -> None:
+        """One object already encoded (a load shard's record), without its newline."""
         self._fh.write(data + b"\n")
         self._fh.flush()
 

@@ -95,6 +95,7 @@ class RunOptions:
     target: str = "auto"  # the server type; without an endpoint, the embedded server to start
     server_args: tuple[str, ...] = ()  # extra flags for the embedded server (sweep)
     serve_cmd: str | None = None  # the user's own command for the server, with {port} and {args} (sweep)
+    client_procs: int | None = None  # load shards per scenario; None: client.shards.auto_procs
 
 
 @dataclass
@@ -113,6 +114,14 @@ class Session:
     run: RunDir
     console: Console
     tool_mode: str = "auto"
+    client_procs: int | None = None
+    max_connections: int = 1024
+
+    def procs_for(self, streams: int) -> int:
+        """Load shards for a scenario of `streams` streams: the user's number, else auto_procs."""
+        from cputax.client.shards import auto_procs
+
+        return self.client_procs if self.client_procs is not None else auto_procs(streams)
 
     @property
     def local_count(self) -> bool:
@@ -220,7 +229,7 @@ async def _drive(opts: RunOptions, endpoint: str, model: str | None, target: dic
             monitor.start(run, {**target, "endpoint": endpoint})
         try:
             await body(Session(client, endpoint, model, target, count, counter_name, has_metrics,
-                               ignore_eos, monitors, run, console, tools))
+                               ignore_eos, monitors, run, console, tools, opts.client_procs, max_connections))
         finally:
             meta = {m.name: m.stop() for m in monitors}
             if meta:
@@ -279,23 +288,30 @@ async def measured(session: Session, name: str) -> AsyncIterator[None]:
             run.scrape(name, label).write_text(text)
 
 
+class Recorder:
+    """Writes each finished record at once and advances the progress bar: called with a
+    RequestRecord, or `raw` with one a load shard already encoded."""
+
+    def __init__(self, records: JsonlWriter, progress: Progress, task: Any) -> None:
+        self._records, self._progress, self._task = records, progress, task
+        self.errors = 0
+
+    def __call__(self, record: RequestRecord) -> None:
+        self.raw(record.to_json(), record.ok)
+
+    def raw(self, line: bytes, ok: bool) -> None:
+        self._records.write_line(line)
+        self.errors += not ok
+        self._progress.update(self._task, advance=1, errors=self.errors)
+
+
 @contextlib.contextmanager
-def recording(records: JsonlWriter, name: str, total: int | None,
-              console: Console) -> Iterator[Callable[[RequestRecord], None]]:
-    """A callback that writes each finished record at once and advances a progress bar."""
+def recording(records: JsonlWriter, name: str, total: int | None, console: Console) -> Iterator[Recorder]:
+    """A Recorder for one scenario, with its progress bar."""
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("errors {task.fields[errors]}"), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
-        task = progress.add_task(name, total=total, errors=0)
-        errors = 0
-
-        def on_record(record: RequestRecord) -> None:
-            nonlocal errors
-            records.write(record)
-            errors += not record.ok
-            progress.update(task, advance=1, errors=errors)
-
-        yield on_record
+        yield Recorder(records, progress, progress.add_task(name, total=total, errors=0))
 
 
 async def run_scenarios(session: Session, scenarios: list[Scenario], tokenizer: LoadedTokenizer,
@@ -311,7 +327,8 @@ async def run_scenarios(session: Session, scenarios: list[Scenario], tokenizer: 
 
 async def _one_scenario(session: Session, prompts: ScenarioPrompts, records: JsonlWriter,
                         windows: JsonlWriter) -> None:
-    from cputax.client.loadgen import run_scenario, warm_up
+    from cputax.client.loadgen import Barrier, Share, Window, run_scenario, warm_up
+    from cputax.client.shards import run_sharded
 
     scenario = prompts.scenario
     session.console.print(f"[bold]{scenario.name}[/]: {scenario.describe()}, {scenario.context_tokens} tokens, "
@@ -329,12 +346,31 @@ async def _one_scenario(session: Session, prompts: ScenarioPrompts, records: Jso
     counted = [r.prompt_tokens for r in warm if r.ok and r.prompt_tokens and r.output_tokens_source == "usage"]
     if session.local_count and counted:
         prompts.correct(counted[0])  # the server's own count beats our local estimate
+    procs = session.procs_for(max(scenario.concurrency, scenario.burst_size or 0))
+
+    def work(client: Any, share: Share, start_ns: int, on_record: Callable[[RequestRecord], None],
+             barrier: Barrier) -> Awaitable[Window]:
+        return run_scenario(client, prompts, on_record, seed=prompts.seed, share=share, start_ns=start_ns,
+                            barrier=barrier)
+
     async with measured(session, scenario.name):
-        with recording(records, scenario.name, scenario.planned_requests, session.console) as on_record:
-            window = await run_scenario(session.client, prompts, on_record, seed=prompts.seed)
+        with recording(records, scenario.name, scenario.planned_requests, session.console) as recorder:
+            if procs > 1:
+                window = await run_sharded(procs, session.client, work, recorder.raw, session.max_connections)
+            else:
+                window = await run_scenario(session.client, prompts, recorder, seed=prompts.seed)
     windows.write({"scenario": scenario.name, "start_ns": window.start_ns, "end_ns": window.end_ns,
                    "sent": window.sent, "user_tokens": prompts.user_tokens,
-                   "tools": len(prompts.tools or [])})
+                   "tools": len(prompts.tools or []), **shard_fields(window)})
+    for line in getattr(window, "failures", []):
+        session.console.print(f"[red]{scenario.name}: {line}[/]")
+
+
+def shard_fields(window: Any) -> dict[str, Any]:
+    """What windows.jsonl keeps of a sharded window: processes, records per shard, failures."""
+    if not hasattr(window, "procs"):
+        return {"client_procs": 1}
+    return {"client_procs": window.procs, "shard_records": window.records, "shard_failures": window.failures}
 
 
 def rebuild_report(run: RunDir) -> Results:

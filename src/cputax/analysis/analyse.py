@@ -42,6 +42,9 @@ def summarize_run(run: RunDir, info: dict[str, Any], table: RequestTable) -> dic
     summary: dict[str, Any] = {"run": {k: info[k] for k in SUMMARY_RUN_KEYS if k in info}, "scenarios": summaries}
     if skipped:
         summary["skipped"] = skipped
+    shards = [f"{name}: {line}" for name, w in windows.items() for line in w.get("shard_failures") or []]
+    if shards:
+        summary["shard_failures"] = shards
     if "replay" in info:
         server = (summaries[0].get("server") or {}) if summaries else {}
         summary["agentic"] = agentic_summary(table.replayed, info["replay"], server.get("prefix_cache_hit_rate"))
@@ -61,6 +64,7 @@ def past_ceiling(scenario: dict[str, Any], ceiling: dict[str, Any] | None) -> bo
 def failures(summary: dict[str, Any]) -> list[str]:
     """One line per scenario that was skipped or had failed requests (empty: a clean run)."""
     lines = [f"{s['name']}: skipped ({s['reason']})" for s in summary.get("skipped", [])]
+    lines += summary.get("shard_failures", [])
     for s in summary["scenarios"]:
         if s["errors"]:
             kinds = ", ".join(f"{k} ({n})" for k, n in s["error_kinds"].items())

@@ -54,7 +54,7 @@ KEYS = ("concurrency", "requests", "errors", "client_cpu_us_per_chunk", "parse_c
         "itl_error_ms_p99", "itl_error_kernel_ms_p99", "headers_error_ms_p50", "headers_error_ms_p99",
         "client_lag_ms_p50", "client_lag_ms_p99", "shared_stamps_pct")
 PEER_KEYS = ("client", "streams", "cpu_us_per_chunk", "ttft_error_ms_p50", "ttft_error_ms_p99",
-             "itl_error_ms_p99", "max_chunks_per_s")
+             "max_chunks_per_s")
 
 
 def _payload() -> dict[str, Any]:
@@ -192,49 +192,76 @@ async def run_calibration(concurrencies: list[int], requests_per_level: int | No
 
 
 def peers(streams: list[int], requests_per_level: int | None = None,
-          clients: tuple[str, ...] = PEERS) -> dict[str, Any]:
+          clients: tuple[str, ...] = PEERS, repeat: int = 1) -> dict[str, Any]:
     """Every client that can run here, at each level, against one timed and one fast stub,
-    the order alternating between levels; the result is what `calibrate --peers --json` prints."""
-    rows, skipped = [], []
-    runnable = []
+    the order alternating between levels and repeats; the result is what `calibrate --peers
+    --json` prints. A client's TTFT and ITL errors are those of the times it reports: for
+    cputax the kernel's receive stamps (the loop's are kept beside them), for the others
+    their loop's. With repeats, each figure is the median over them."""
+    runnable, skipped = [], []
     for client in clients:
         why = available(client)
         if why:
             skipped.append({"client": client, "why": why})
         else:
             runnable.append(client)
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
     with StubServer(TIMED, process=True) as timed_stub, \
             StubServer(replace(FAST, token_truth=False), process=True) as fast_stub:
-        for i, n_streams in enumerate(streams):
-            n = requests_per_level or max(32, 4 * n_streams)
-            order = runnable if i % 2 == 0 else list(reversed(runnable))
-            for client in order:
-                asyncio.run(_forget(timed_stub.url))
-                timed_run = run_peer(client, timed_stub.url, TIMED.model, n_streams, n, TIMED.output_tokens)
-                truth = asyncio.run(_forget(timed_stub.url))
-                fast_run = run_peer(client, fast_stub.url, FAST.model, n_streams, n, FAST.output_tokens)
-                asyncio.run(_forget(fast_stub.url))
-                errors = errors_against_truth(timed_run.requests, truth)
-                chunks = _chunks_sent(len(timed_run.requests), TIMED.output_tokens)
-                rows.append({
-                    "client": client, "streams": n_streams, "requests": n,
-                    "errors": sum(not r["ok"] for r in timed_run.requests + fast_run.requests),
-                    "cpu_us_per_chunk": _rounded(timed_run.cpu_s / chunks * 1e6),
-                    "ttft_error_ms_p50": _rounded(_percentile(errors["ttft"], 0.5)),
-                    "ttft_error_ms_p99": _rounded(_percentile(errors["ttft"], 0.99)),
-                    "itl_error_ms_p99": _abs_p99(errors["itl"]),
-                    "ttft_error_kernel_ms_p99": _rounded(_percentile(errors["ttft_kernel"], 0.99)),
-                    "itl_error_kernel_ms_p99": _abs_p99(errors["itl_kernel"]),
-                    "max_chunks_per_s": round(_chunks_sent(len(fast_run.requests), FAST.output_tokens)
-                                              / (fast_run.wall_ns / 1e9)),
-                })
+        turn = 0
+        for _ in range(repeat):
+            for n_streams in streams:
+                n = requests_per_level or max(32, 4 * n_streams)
+                order = runnable if turn % 2 == 0 else list(reversed(runnable))
+                turn += 1
+                for client in order:
+                    runs.setdefault((client, n_streams), []).append(
+                        _peer_once(client, timed_stub.url, fast_stub.url, n_streams, n))
+    rows = [_median_row(client, n_streams, found) for (client, n_streams), found in runs.items()]
+    rows.sort(key=lambda r: (r["streams"], r["client"] != "cputax", r["client"]))
     for row in rows:
         ours = next((r for r in rows if r["client"] == "cputax" and r["streams"] == row["streams"]), None)
         if ours and ours is not row:
             row["vs_cputax"] = {k: _rounded(row[k] / ours[k], 2) if row[k] and ours[k] else None
-                                for k in ("cpu_us_per_chunk", "ttft_error_ms_p99", "max_chunks_per_s")}
+                                for k in ("cpu_us_per_chunk", "ttft_error_ms_p99", "itl_error_ms_p99",
+                                          "max_chunks_per_s")}
     cpus = os.cpu_count() or 1
-    return {"peers": rows, "skipped": skipped, "cpus": cpus, "timed_stub": asdict(TIMED), "note": _note(cpus)}
+    return {"peers": rows, "skipped": skipped, "cpus": cpus, "cpu_model": cpu_model(), "repeat": repeat,
+            "timed_stub": asdict(TIMED), "note": _note(cpus)}
+
+
+def _peer_once(client: str, timed_url: str, fast_url: str, n_streams: int, n: int) -> dict[str, Any]:
+    asyncio.run(_forget(timed_url))
+    timed_run = run_peer(client, timed_url, TIMED.model, n_streams, n, TIMED.output_tokens)
+    truth = asyncio.run(_forget(timed_url))
+    fast_run = run_peer(client, fast_url, FAST.model, n_streams, n, FAST.output_tokens)
+    asyncio.run(_forget(fast_url))
+    errors = errors_against_truth(timed_run.requests, truth)
+    kernel = bool(errors["ttft_kernel"])
+    reported = "_kernel" if kernel else ""
+    chunks = _chunks_sent(len(timed_run.requests), TIMED.output_tokens)
+    return {
+        "client": client, "streams": n_streams, "requests": n, "stamps": "kernel" if kernel else "loop",
+        "errors": sum(not r["ok"] for r in timed_run.requests + fast_run.requests),
+        "cpu_us_per_chunk": _rounded(timed_run.cpu_s / chunks * 1e6),
+        "ttft_error_ms_p50": _rounded(_percentile(errors["ttft" + reported], 0.5)),
+        "ttft_error_ms_p99": _rounded(_percentile(errors["ttft" + reported], 0.99)),
+        "itl_error_ms_p99": _abs_p99(errors["itl" + reported]),
+        "ttft_error_loop_ms_p99": _rounded(_percentile(errors["ttft"], 0.99)),
+        "itl_error_loop_ms_p99": _abs_p99(errors["itl"]),
+        "max_chunks_per_s": round(_chunks_sent(len(fast_run.requests), FAST.output_tokens) / (fast_run.wall_ns / 1e9)),
+    }
+
+
+def _median_row(client: str, n_streams: int, found: list[dict[str, Any]]) -> dict[str, Any]:
+    row = dict(found[0])
+    for key, value in found[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("streams", "requests"):
+            values = [f[key] for f in found if f[key] is not None]
+            row[key] = _rounded(percentile(values, 50)) if values else None
+    row["errors"] = sum(f["errors"] for f in found)
+    row["runs"] = len(found)
+    return row
 
 
 def ceiling_path() -> Path:

@@ -26,9 +26,12 @@ from typing import Any
 
 import orjson
 
-__all__ = ["PEERS", "PeerRun", "available", "run_peer"]
+__all__ = ["AIOHTTP", "PEERS", "PeerRun", "available", "run_peer"]
 
 PEERS = ("cputax", "vllm-bench", "aiperf", "guidellm")
+# cputax streaming through aiohttp instead of its own HTTP/1.1 path (loop stamps only): the
+# other way the kernel stamps could have gone, measured beside it (bench/bench_client.py --aiohttp)
+AIOHTTP = "cputax-aiohttp"
 MESSAGES = [
     {"role": "system", "content": "You are a coding agent. Use the tools to read, edit and test code."},
     {"role": "user", "content": "Run the test suite and fix the first failing test in src/parser.py."},
@@ -38,7 +41,7 @@ RUN_TIMEOUT_S = 900.0
 
 def available(client: str) -> str | None:
     """None when the client can run here, else one line saying why not."""
-    if client == "cputax":
+    if client in ("cputax", AIOHTTP):
         return None
     if client == "vllm-bench":
         return None if importlib.util.find_spec("vllm") else "vLLM is not installed (the [local] extra brings it)"
@@ -76,14 +79,14 @@ def _import_cputax() -> None:
     from cputax.client import stream  # noqa: F401
 
 
-async def _cputax(url: str, model: str, streams: int, n: int, tokens: int) -> list[dict[str, Any]]:
+async def _cputax(url: str, model: str, streams: int, n: int, tokens: int, wire: bool = True) -> list[dict[str, Any]]:
     from cputax.client.stream import StreamingClient
     from cputax.records import RequestRecord
 
     payload = {"model": model, "messages": MESSAGES, "max_tokens": tokens}
     out: list[dict[str, Any]] = []
     indices = iter(range(n))
-    async with StreamingClient(url, max_connections=streams, keep_chunks=True) as client:
+    async with StreamingClient(url, max_connections=streams, keep_chunks=True, wire=wire) as client:
 
         async def worker() -> None:
             for i in indices:
@@ -139,8 +142,11 @@ async def _vllm_bench(url: str, model: str, streams: int, n: int, tokens: int) -
 def _child(argv: list[str]) -> int:
     client, url, model = argv[0], argv[1], argv[2]
     streams, n, tokens = int(argv[3]), int(argv[4]), int(argv[5])
-    run, prepare = {"cputax": (_cputax, _import_cputax), "vllm-bench": (_vllm_bench, _import_vllm_bench)}.get(
-        client, (None, None))
+    async def over_aiohttp(*args: Any) -> list[dict[str, Any]]:
+        return await _cputax(*args, wire=False)
+
+    run, prepare = {"cputax": (_cputax, _import_cputax), AIOHTTP: (over_aiohttp, _import_cputax),
+                    "vllm-bench": (_vllm_bench, _import_vllm_bench)}.get(client, (None, None))
     if run is None or prepare is None:
         print(f"cputax peers: {client}: {available(client)}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cputax.client.loadgen import Client, Window
+from cputax.client.loadgen import WHOLE, Client, Share, Window
 from cputax.records import RequestRecord
 from cputax.workload.prompts import ReplayPrompts
 from cputax.workload.traces import Agent, Conversation, SubAgent, TraceRequest, ideal_hits
@@ -46,18 +46,25 @@ class Replay:
         self.on_record = on_record
         self.local_count = local_count  # correct the template estimate from the first usage count
         self._index = itertools.count()
+        self._share = WHOLE
         self._seen: dict[str, set[tuple[int, int]]] = {}  # scope -> blocks an ideal cache holds
 
-    async def run(self, conversations: list[Conversation]) -> Window:
-        start = time.monotonic_ns()
-        slots = asyncio.Semaphore(self.pacing.users)
+    async def run(self, conversations: list[Conversation], share: Share = WHOLE,
+                  start_ns: int | None = None) -> Window:
+        """Replay the conversations (a load shard: every n-th of them, from the common start,
+        with its part of the users; needs share.n <= users)."""
+        start = start_ns if start_ns is not None else time.monotonic_ns()
+        await _sleep_until(start)
+        conversations = conversations[share.k::share.n]
+        slots = asyncio.Semaphore(max(1, share.part(self.pacing.users)))
+        self._share = share
 
         async def session(conv: Conversation) -> None:
             async with slots:
                 await self._agent(conv, conv.main, None, None, time.monotonic_ns())
 
         await asyncio.gather(*(session(c) for c in conversations))
-        return Window(start, time.monotonic_ns(), next(self._index))
+        return Window(start, time.monotonic_ns(), next(self._index))  # requests this shard sent
 
     def _scaled_ns(self, seconds: float) -> int:
         return int(seconds * self.pacing.time_scale * 1e9)
@@ -91,7 +98,7 @@ class Replay:
         messages = self.prompts.messages(conv, agent, request)  # client prompt building
         hits = ideal_hits(request.hash_ids, self._seen.setdefault(conv.scope, set()))
         record = RequestRecord(
-            scenario=SCENARIO, index=next(self._index), session=conv.id, turn=request.turn,
+            scenario=SCENARIO, index=self._share.index(next(self._index)), session=conv.id, turn=request.turn,
             subagent=agent.id, target_prompt_tokens=request.in_tokens,
             extra={**context, "ready_ns": ready, "trace": conv.source, "trace_in": request.in_tokens,
                    "trace_out": request.out_tokens, "max_tokens": self.prompts.max_tokens(request),

@@ -165,7 +165,8 @@ class StreamParser:
             raise StreamError(f"non-JSON data line {_quote(payload)}") from None
         if not isinstance(obj, dict):
             raise StreamError(f"data line is not a JSON object: {_quote(payload)}")
-        message = error_message(obj)
+        choices = obj.get("choices")
+        message = None if choices is not None else error_message(obj)  # an error object has no choices
         if message is not None:
             raise StreamError(f"server error in stream: {message}")
         if record.t_first_data is None:
@@ -173,7 +174,6 @@ class StreamParser:
             record.t_first_data_kernel = self._kernel
             if "id" in obj:
                 record.extra["response_id"] = obj["id"]
-        choices = obj.get("choices")
         if choices:
             record.chunks += 1
             token = False
@@ -185,7 +185,7 @@ class StreamParser:
                 if record.t_first_token is None:
                     record.t_first_token = t
                     record.t_first_token_kernel = self._kernel
-                elif (record.t_last_token, record.t_last_token_kernel) == (t, self._kernel):
+                elif record.t_last_token == t and record.t_last_token_kernel == self._kernel:
                     record.shared_stamps += 1  # the same read as the token before it
                 record.t_last_token = t
                 record.t_last_token_kernel = self._kernel

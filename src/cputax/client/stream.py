@@ -117,6 +117,7 @@ class StreamingClient:
         self.keep_chunks = keep_chunks
         self.wire = wire
         self._url = self.endpoint + PATHS[api]
+        self._key = api_key
         # The key lives in the session's default headers only: never in a record or a URL.
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._max_connections = max_connections
@@ -124,6 +125,12 @@ class StreamingClient:
         self._pool: Pool | None = None
         self._head = b""
         self.clock = Clock.measure()
+
+    def like(self, max_connections: int | None = None) -> StreamingClient:
+        """A new, unopened client with these settings (a load shard's, in its own process)."""
+        return StreamingClient(self.endpoint, api=self.api, api_key=self._key, timeout_s=self.timeout_s,
+                               max_connections=max_connections or self._max_connections,
+                               keep_chunks=self.keep_chunks, wire=self.wire)
 
     async def __aenter__(self) -> StreamingClient:
         trace = aiohttp.TraceConfig()

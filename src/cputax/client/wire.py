@@ -109,6 +109,7 @@ class _Connection:
         self._keep_alive = False
         self._error: BaseException | None = None
         self._got_any = False
+        self._pieces: list[bytes] = []
         self._parser = httptools.HttpResponseParser(self)
 
     # httptools callbacks: an exception here is kept and raised once the read is fed -----------
@@ -122,10 +123,9 @@ class _Connection:
             self._error = self._error or exc
 
     def on_body(self, body: bytes) -> None:
-        try:
-            self._exchange.on_body(body, *self._t)
-        except Exception as exc:
-            self._error = self._error or exc
+        # kept until the read is parsed: the exchange gets a read's body in one piece,
+        # however many HTTP chunks (SSE events) it carried
+        self._pieces.append(body)
 
     def on_message_complete(self) -> None:
         # asked here: once the parser has moved past the message it no longer knows
@@ -145,6 +145,7 @@ class _Connection:
     async def exchange(self, request: bytes, sink: Exchange, on_sent: Callable[[], None]) -> bool:
         """Send `request`, feed the response to `sink`; True when the connection can be reused."""
         self._exchange, self._headers, self._complete, self._error, self._got_any = sink, {}, False, None, False
+        self._pieces = []
         self._parser = httptools.HttpResponseParser(self)
         await self.loop.sock_sendall(self.sock, request)
         on_sent()
@@ -188,6 +189,13 @@ class _Connection:
             except httptools.HttpParserError as exc:
                 if self._error is None:
                     self._error = ExchangeError("broken", f"bad HTTP response: {exc}")
+            if self._pieces and self._error is None:
+                body = self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
+                self._pieces.clear()
+                try:
+                    self._exchange.on_body(body, *self._t)
+                except Exception as exc:  # the exchange's own error (a StreamError)
+                    self._error = exc
             if self._error is not None:
                 self._finish(error=self._error)
                 return

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from cputax.client.calibrate import peers, run_calibration, save_ceiling
 
-__all__ = ["calibrate"]
+__all__ = ["calibrate", "show_peers"]
 
 
 def _number(value: float | None) -> str:
@@ -57,21 +57,28 @@ def _table(result: dict[str, Any]) -> None:
             console.print(f"concurrency {level['concurrency']}: first error: {level['first_error']}")
 
 
-def _peer_table(result: dict[str, Any]) -> None:
+def show_peers(result: dict[str, Any]) -> None:
+    """The peer table (calibrate --peers, bench/bench_client.py)."""
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
                   title="Load clients side by side against one stub (each in its own process, the order alternating)")
-    for heading in ("client", "streams", "CPU us/chunk", "vs cputax", "TTFT err ms p50", "p99", "ITL err ms p99",
-                    "max chunk/s"):
-        table.add_column(heading, justify="left" if heading == "client" else "right")
+    for heading in ("client", "streams", "stamps", "CPU us/chunk", "vs cputax", "TTFT err ms p50", "p99",
+                    "ITL err ms p99", "max chunk/s", "vs cputax"):
+        table.add_column(heading, justify="left" if heading in ("client", "stamps") else "right")
+
+    def ratio(r: dict[str, Any], key: str) -> str:
+        value = (r.get("vs_cputax") or {}).get(key)
+        return "" if value is None else f"{value:.2f}x"
+
     for r in result["peers"]:
-        ratio = (r.get("vs_cputax") or {}).get("cpu_us_per_chunk")
-        table.add_row(r["client"], str(r["streams"]), _number(r["cpu_us_per_chunk"]),
-                      "" if ratio is None else f"{ratio:.2f}x", _number(r["ttft_error_ms_p50"]),
-                      _number(r["ttft_error_ms_p99"]), _number(r["itl_error_ms_p99"]), _number(r["max_chunks_per_s"]))
+        table.add_row(r["client"], str(r["streams"]), r["stamps"], _number(r["cpu_us_per_chunk"]),
+                      ratio(r, "cpu_us_per_chunk"), _number(r["ttft_error_ms_p50"]), _number(r["ttft_error_ms_p99"]),
+                      _number(r["itl_error_ms_p99"]), _number(r["max_chunks_per_s"]), ratio(r, "max_chunks_per_s"))
     console = Console()
     console.print(table)
     for s in result["skipped"]:
         console.print(f"{s['client']}: skipped: {s['why']}")
+    console.print("CPU: user + system of the client's whole process, start-up and imports left out. cputax's "
+                  "errors are those of its kernel receive stamps (what its runs report); the others' of their loop's.")
     console.print(f"Note: {result['note']}.")
 
 
@@ -81,7 +88,7 @@ def calibrate(concurrencies: list[int], as_json: bool = False, requests_per_leve
     if with_peers:
         result = peers(concurrencies, requests_per_level)
         failed = any(r["errors"] for r in result["peers"])
-        show = _peer_table
+        show = show_peers
     else:
         result = asyncio.run(run_calibration(concurrencies, requests_per_level))
         failed = any(level["errors"] for level in result["levels"])

@@ -8,16 +8,29 @@ and in summary.json / report.md the agentic metrics.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 
+from cputax.client.loadgen import Barrier, Share, Window
 from cputax.client.sessions import SCENARIO, Pacing, Replay
+from cputax.client.shards import run_sharded
+from cputax.client.stream import StreamingClient
 from cputax.errors import CputaxError
-from cputax.records import JsonlWriter
+from cputax.records import JsonlWriter, RequestRecord
 from cputax.rundir import RunDir
-from cputax.session import RunOptions, Session, api_key, drive, exit_status, measured, recording
+from cputax.session import (
+    RunOptions,
+    Session,
+    api_key,
+    drive,
+    exit_status,
+    measured,
+    recording,
+    shard_fields,
+)
 from cputax.text.tokenizer import LoadedTokenizer, load_tokenizer
 from cputax.workload.prompts import ReplayPrompts
 from cputax.workload.traces import Conversation, load_conversations, trace_hit_rate, trim
@@ -112,9 +125,24 @@ async def _replay(session: Session, opts: ReplayOptions, tokenizer: LoadedTokeni
                                  "server_block_tokens": prompts.server_block_tokens})
     session.console.print(f"{prompts.blocks_made} blocks made in {prepare_s:.1f} s; replaying")
     pacing = Pacing(users=users, time_scale=opts.time_scale)
+    procs = min(session.procs_for(users), users, len(conversations))
+    if procs > 1 and any(c.scope == "global" for c in conversations):
+        session.console.print("[yellow]the trace shares hash ids across conversations: with several load "
+                              "processes, each counts the ideal cache over its own conversations[/]")
+
+    def work(client: StreamingClient, share: Share, start_ns: int, on_record: Callable[[RequestRecord], None],
+             _barrier: Barrier) -> Awaitable[Window]:
+        return Replay(client, prompts, pacing, on_record, session.local_count).run(conversations, share, start_ns)
+
     with JsonlWriter(session.run.requests) as records, JsonlWriter(session.run.windows) as windows:
         async with measured(session, SCENARIO):
-            with recording(records, SCENARIO, planned, session.console) as on_record:
-                window = await Replay(session.client, prompts, pacing, on_record, session.local_count).run(conversations)
+            with recording(records, SCENARIO, planned, session.console) as recorder:
+                if procs > 1:
+                    window = await run_sharded(procs, session.client, work, recorder.raw, session.max_connections)
+                else:
+                    window = await Replay(session.client, prompts, pacing, recorder,
+                                          session.local_count).run(conversations)
         windows.write({"scenario": SCENARIO, "start_ns": window.start_ns, "end_ns": window.end_ns,
-                       "sent": window.sent})
+                       "sent": window.sent, **shard_fields(window)})
+        for line in getattr(window, "failures", []):
+            session.console.print(f"[red]{SCENARIO}: {line}[/]")

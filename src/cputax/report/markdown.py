@@ -263,6 +263,7 @@ def render_report(summary: dict[str, Any], info: dict[str, Any], sections: list[
     for section in sections or []:
         parts += [section.rstrip(), ""]
     notes = _notes(scenarios, info, summary.get("skipped", []))
+    notes += [f"- **{line.split(': ', 1)[0]}**: {line.split(': ', 1)[1]}." for line in summary.get("shard_failures", [])]
     parts += ["## Notes", ""] + (notes or ["- nothing unusual: every request finished and prompts were on size."]) + [""]
     parts += ["## How to read this", "", PHASE_NOTES]
     return "\n".join(parts)

@@ -1,0 +1,53 @@
+"""Load clients side by side against the stub: cputax and vLLM's own benchmark client.
+
+Each client runs in a process of its own against one timed stub (first token after
+20 ms, a token every 5 ms, 64 tokens, its send times kept) and one zero-delay stub (the
+most chunks/s), at each level of streams, the order alternating between levels and
+repeats (client.calibrate.peers). AIPerf and guidellm are named and skipped with a line
+(cputax does not drive them yet). Reported per client and level: CPU per chunk of the
+whole client process, TTFT and ITL error p50/p99 against the stub's truth, the most
+chunks/s, and each as a ratio to cputax; the CPU model goes with the figures.
+
+    python bench/bench_client.py [--streams 32,256] [--repeat 3] [--aiohttp] [--json out.json]
+    python bench/bench_client.py --quick     # the shortest run: checks the benchmark works
+
+No figure here is asserted anywhere: it is a measurement (run it on a quiet machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import orjson
+
+from cputax.client.calibrate import peers
+from cputax.client.peers import AIOHTTP, PEERS
+from cputax.commands.calibrate import show_peers
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", default="32,256", help="comma-separated stream counts (default 32,256)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per client and level, alternating (default 3)")
+    parser.add_argument("--requests", type=int, default=None, help="requests per run (default 4 x streams, at least 32)")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--quick", action="store_true", help="4 streams, 8 requests, once: that it runs, not a figure")
+    parser.add_argument("--aiohttp", action="store_true",
+                        help="also cputax streaming through aiohttp (loop stamps only), beside its own HTTP path")
+    args = parser.parse_args()
+    if args.quick:
+        streams, repeat, requests = [4], 1, 8
+    else:
+        streams, repeat, requests = [int(s) for s in args.streams.split(",")], args.repeat, args.requests
+    clients = PEERS + ((AIOHTTP,) if args.aiohttp else ())
+    result = peers(streams, requests, clients=clients, repeat=repeat)
+    if args.json:
+        args.json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    show_peers(result)
+    return 1 if any(r["errors"] for r in result["peers"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
