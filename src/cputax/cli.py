@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cputax import __version__
 from cputax.errors import CputaxError
@@ -106,7 +106,7 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
                       telemetry=TelemetryConfig(gpu=args.gpu, gpu_interval_ms=args.gpu_interval_ms,
                                                 host_interval_ms=args.host_interval_ms),
                       pyspy=_pyspy_options(args) if _wants_pyspy(args) else None,
-                      client_procs=getattr(args, "client_procs", None))
+                      client_procs=getattr(args, "client_procs", None), ray=_ray_options(args))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -188,6 +188,7 @@ def _target_args(p: argparse.ArgumentParser, tokenizer_help: str) -> None:
     p.add_argument("--client-procs", type=_procs, default=None, metavar="N|auto",
                    help="load generator processes, each with its own event loop and a share of the streams "
                    "(default auto: one per 128 streams, at most a quarter of the CPUs; 1 below 128 streams)")
+    _ray_args(p)
     p.add_argument("--gpu", choices=("auto", "amd", "nvidia", "none"), default="auto",
                    help="GPU telemetry backend (default auto: NVML, else amdsmi, else none); host telemetry is always on")
     p.add_argument("--gpu-interval-ms", type=float, default=20.0,
@@ -199,6 +200,29 @@ def _target_args(p: argparse.ArgumentParser, tokenizer_help: str) -> None:
     g.add_argument("--pyspy", action="store_true", help="turn py-spy sampling on")
     _sampler_args(g, "--pyspy-")
     _server_args(g, "which server to sample (default: the embedded target, or the endpoint's local listener)")
+
+
+def _ray_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Ray", "past one machine (the [ray] extra): load shards as Ray actors on the nodes with "
+                             "the cputax-client resource (else all), py-spy and host/GPU telemetry by a node agent on "
+                             "each server node; every node's clock converted to this one's")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="use Ray: without ADDRESS a local cluster started for the run (loopback only); 'auto' "
+                   "or HOST:PORT joins an existing one")
+    g.add_argument("--server-nodes", type=lambda v: [x for x in v.split(",") if x], default=[],
+                   metavar="NODE[:PORT],...",
+                   help="server nodes for the agents, by IP or node id (default: nodes with the cputax-server "
+                   "resource); :PORT where that node's server listens on another port than the endpoint's")
+
+
+def _ray_options(args: argparse.Namespace) -> Any:
+    if getattr(args, "ray", None) is None:
+        if getattr(args, "server_nodes", None):
+            raise CputaxError("--server-nodes needs --ray")
+        return None
+    from cputax.cluster.ray_env import RayOptions
+
+    return RayOptions(address=args.ray, server_nodes=args.server_nodes)
 
 
 def _sampler_args(p, prefix: str) -> None:
@@ -220,10 +244,11 @@ def _server_args(p, what: str) -> None:
 def cmd_profile(args: argparse.Namespace) -> int:
     from cputax.commands.profile import profile
 
-    if args.target == "auto" and args.pid is None and args.port is None:
+    ray = _ray_options(args)
+    if ray is None and args.target == "auto" and args.pid is None and args.port is None:
         raise CputaxError(f"say which server: --target {'|'.join(_server_names())}|auto with --pid or --port, "
                           "or --target NAME to find it by process title")
-    return profile(_discovery(args), args.duration, Path(args.out) if args.out else None, _sampler_config(args))
+    return profile(_discovery(args), args.duration, Path(args.out) if args.out else None, _sampler_config(args), ray)
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
@@ -424,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=30.0, help="seconds to sample (default 30; Ctrl-C stops early)")
     p.add_argument("--out", help="directory to write (default runs/profile-<time>)")
     _sampler_args(p, "--")
+    _ray_args(p)
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("attribute", help="classify an existing py-spy raw or chrometrace file",

@@ -27,7 +27,7 @@ import orjson
 
 from cputax.errors import CputaxError
 
-__all__ = ["JsonlWriter", "RequestRecord", "RequestTable", "Results", "read_json", "read_jsonl", "read_request_table",
+__all__ = ["TIMES", "JsonlWriter", "RequestRecord", "RequestTable", "Results", "read_json", "read_jsonl", "read_request_table",
            "read_requests", "write_json"]
 
 
@@ -400,3 +400,4 @@ class Results:
     views: list[str] = field(default_factory=list)
     growth: list[dict[str, Any]] = field(default_factory=list)  # HTTP overhead vs concurrency per context
     name: str = ""  # the run directory's name, for titles
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)  # a Ray run's server nodes: clock, attribution, correlation

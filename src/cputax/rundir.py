@@ -123,6 +123,15 @@ class RunDir:
         return Path("pyspy") / safe_name(window) / f"{safe_name(role)}-{pid}"
 
     # --- what analysis derives and report renders -----------------------------------------
+    def node_dir(self, node: str) -> Path:
+        """nodes/<node>/: a server node's files (a Ray run's node agent), in a run directory's layout."""
+        return self.path / "nodes" / safe_name(node)
+
+    def nodes(self) -> list[RunDir]:
+        """The node folders of a Ray run, each read as a run directory of its own."""
+        folder = self.path / "nodes"
+        return [RunDir(p) for p in sorted(folder.iterdir()) if p.is_dir()] if folder.is_dir() else []
+
     @property
     def summary(self) -> Path:
         return self.path / "summary.json"

@@ -96,6 +96,7 @@ class RunOptions:
     server_args: tuple[str, ...] = ()  # extra flags for the embedded server (sweep)
     serve_cmd: str | None = None  # the user's own command for the server, with {port} and {args} (sweep)
     client_procs: int | None = None  # load shards per scenario; None: client.shards.auto_procs
+    ray: Any = None  # cluster.ray_env.RayOptions: run the load (and node agents) on a Ray cluster
 
 
 @dataclass
@@ -116,12 +117,34 @@ class Session:
     tool_mode: str = "auto"
     client_procs: int | None = None
     max_connections: int = 1024
+    cluster: Any = None  # cluster.ray_env.Cluster when the run is on Ray
+    client_spec: Any = None  # cluster.load.ClientSpec: how a Ray shard makes its client
 
     def procs_for(self, streams: int) -> int:
-        """Load shards for a scenario of `streams` streams: the user's number, else auto_procs."""
+        """Load shards for a scenario of `streams` streams: the user's number, else auto_procs
+        (on Ray: at least one per client node)."""
         from cputax.client.shards import auto_procs
 
-        return self.client_procs if self.client_procs is not None else auto_procs(streams)
+        if self.client_procs is not None:
+            return self.client_procs
+        if self.cluster is not None:
+            nodes = self.cluster.client_nodes()
+            cpus = int(sum(n.resources.get("CPU", 1) for n in nodes))
+            return max(len(nodes), auto_procs(streams, cpus))
+        return auto_procs(streams)
+
+    async def load(self, procs: int, work: Any, recorder: Recorder, alone: Callable[[], Awaitable[Any]]) -> Any:
+        """One scenario's load: `alone()` in this process, or `work` in `procs` forked shards,
+        or on Ray (one shard or more) when the run is on a cluster; the Window."""
+        if self.cluster is not None:
+            from cputax.cluster.load import run_ray_shards
+
+            return await run_ray_shards(self.cluster, procs, self.client_spec, work, recorder.raw)
+        if procs > 1:
+            from cputax.client.shards import run_sharded
+
+            return await run_sharded(procs, self.client, work, recorder.raw, self.max_connections)
+        return await alone()
 
     @property
     def local_count(self) -> bool:
@@ -138,11 +161,16 @@ def api_key(var: str | None) -> str | None:
     return key
 
 
-def build_monitors(opts: RunOptions) -> list[Monitor]:
-    """The monitors this run's options ask for (py-spy sampling, telemetry)."""
+def build_monitors(opts: RunOptions, cluster: Any = None) -> list[Monitor]:
+    """The monitors this run's options ask for (py-spy sampling, telemetry), and on Ray the
+    agents of the server nodes (cluster.agents)."""
     monitors: list[Monitor] = [TelemetryMonitor(opts.telemetry)]
     if opts.pyspy:
         monitors.append(PyspyMonitor(opts.pyspy.config, opts.pyspy.discovery))
+    if cluster is not None and (nodes := cluster.server_nodes()):
+        from cputax.cluster.agents import NodesMonitor
+
+        monitors.append(NodesMonitor(cluster, nodes, opts.telemetry, opts.pyspy))
     return monitors
 
 
@@ -188,17 +216,33 @@ def drive(opts: RunOptions, key: str | None, tokenizer: LoadedTokenizer, run: Ru
     run never got as far as run.json)."""
     results = None
     try:
-        with _target(opts, run) as (endpoint, model, target):
-            asyncio.run(_drive(opts, endpoint, model, target, key, tokenizer, run, info, body, max_connections))
+        with _target(opts, run) as (endpoint, model, target), _cluster(opts) as cluster:
+            asyncio.run(_drive(opts, endpoint, model, target, key, tokenizer, run, info, body, max_connections,
+                               cluster))
     finally:
         if run.has_info():
             results = rebuild_report(run)
     return results
 
 
+@contextlib.contextmanager
+def _cluster(opts: RunOptions) -> Iterator[Any]:
+    """The Ray cluster the run uses (--ray), connected for its length; None without --ray."""
+    if opts.ray is None:
+        yield None
+        return
+    from cputax.cluster.ray_env import Cluster
+
+    with Cluster(opts.ray, env_vars=(opts.api_key_env,) if opts.api_key_env else ()) as cluster:
+        nodes = cluster.nodes()
+        Console(stderr=True).print(f"Ray: {cluster.address()}, {len(nodes)} node(s); load shards on "
+                                   f"{len(cluster.client_nodes())}, node agents on {len(cluster.server_nodes())}")
+        yield cluster
+
+
 async def _drive(opts: RunOptions, endpoint: str, model: str | None, target: dict[str, Any],
                  key: str | None, tokenizer: LoadedTokenizer, run: RunDir, info: dict[str, Any],
-                 body: Callable[[Session], Awaitable[None]], max_connections: int) -> None:
+                 body: Callable[[Session], Awaitable[None]], max_connections: int, cluster: Any = None) -> None:
     from cputax.client.stream import StreamingClient
 
     console = Console(stderr=True)
@@ -224,12 +268,19 @@ async def _drive(opts: RunOptions, endpoint: str, model: str | None, target: dic
                       f"{'yes' if has_metrics else 'none (server-side columns will be absent)'}; "
                       f"ignore_eos {'sent' if ignore_eos else 'refused by the server: output may stop early'}; "
                       f"tools {TOOL_WORDS[tools]}")
-        monitors = build_monitors(opts)
+        monitors = build_monitors(opts, cluster)
+        spec = None
+        if cluster is not None:
+            from cputax.cluster.load import ClientSpec
+
+            spec = ClientSpec(endpoint, opts.api, opts.timeout_s, max_connections, opts.api_key_env)
+            run.update_info(ray={"address": cluster.address(), "nodes": [n.__dict__ for n in cluster.nodes()]})
         for monitor in monitors:
             monitor.start(run, {**target, "endpoint": endpoint})
         try:
             await body(Session(client, endpoint, model, target, count, counter_name, has_metrics,
-                               ignore_eos, monitors, run, console, tools, opts.client_procs, max_connections))
+                               ignore_eos, monitors, run, console, tools, opts.client_procs, max_connections,
+                               cluster, spec))
         finally:
             meta = {m.name: m.stop() for m in monitors}
             if meta:
@@ -328,7 +379,6 @@ async def run_scenarios(session: Session, scenarios: list[Scenario], tokenizer: 
 async def _one_scenario(session: Session, prompts: ScenarioPrompts, records: JsonlWriter,
                         windows: JsonlWriter) -> None:
     from cputax.client.loadgen import Barrier, Share, Window, run_scenario, warm_up
-    from cputax.client.shards import run_sharded
 
     scenario = prompts.scenario
     session.console.print(f"[bold]{scenario.name}[/]: {scenario.describe()}, {scenario.context_tokens} tokens, "
@@ -355,10 +405,8 @@ async def _one_scenario(session: Session, prompts: ScenarioPrompts, records: Jso
 
     async with measured(session, scenario.name):
         with recording(records, scenario.name, scenario.planned_requests, session.console) as recorder:
-            if procs > 1:
-                window = await run_sharded(procs, session.client, work, recorder.raw, session.max_connections)
-            else:
-                window = await run_scenario(session.client, prompts, recorder, seed=prompts.seed)
+            window = await session.load(procs, work, recorder,
+                                        lambda: run_scenario(session.client, prompts, recorder, seed=prompts.seed))
     windows.write({"scenario": scenario.name, "start_ns": window.start_ns, "end_ns": window.end_ns,
                    "sent": window.sent, "user_tokens": prompts.user_tokens,
                    "tools": len(prompts.tools or []), **shard_fields(window)})
@@ -370,7 +418,10 @@ def shard_fields(window: Any) -> dict[str, Any]:
     """What windows.jsonl keeps of a sharded window: processes, records per shard, failures."""
     if not hasattr(window, "procs"):
         return {"client_procs": 1}
-    return {"client_procs": window.procs, "shard_records": window.records, "shard_failures": window.failures}
+    fields = {"client_procs": window.procs, "shard_records": window.records, "shard_failures": window.failures}
+    if window.clocks:
+        fields["shard_clocks"] = window.clocks
+    return fields
 
 
 def rebuild_report(run: RunDir) -> Results:

@@ -87,4 +87,23 @@ def analyse(run: RunDir) -> Results:
     run.write(run.correlation, correlation)
     return Results(info=info, summary=summary, attribution=attribution, correlation=correlation,
                    views=[p.as_posix() for p in run.views()],
-                   growth=http_overhead_growth(summary["scenarios"]), name=run.path.name)
+                   growth=http_overhead_growth(summary["scenarios"]), name=run.path.name,
+                   nodes={node.path.name: analyse_node(node, info, table) for node in run.nodes()})
+
+
+def analyse_node(node: RunDir, info: dict[str, Any], table: RequestTable) -> dict[str, Any]:
+    """A server node's folder of a Ray run (nodes/<node>/, its times already on the driver's
+    clock): its CPU attribution and correlation, as for the run's own machine, written
+    beside its files; the clock conversion they rest on (clock.json) goes with them."""
+    telemetry = read_telemetry(node.iter_telemetry())
+    attribution = attribute_run(node, host_series(telemetry))
+    if attribution is not None:
+        prefix = f"nodes/{node.path.name}/"
+        for window in attribution["windows"]:
+            for process in window["processes"]:  # links from the run's report, not the node's folder
+                process["files"] = {k: prefix + v for k, v in process["files"].items()}
+        node.write(node.attribution, attribution)
+    correlation = correlate_run(node, info, table, telemetry)
+    node.write(node.correlation, correlation)
+    return {"clock": node.read_optional(node.path / "clock.json"), "attribution": attribution,
+            "correlation": correlation}

@@ -62,6 +62,7 @@ class ShardedWindow(Window):
     procs: int = 1
     records: list[int] = field(default_factory=list)  # records written, per shard
     failures: list[str] = field(default_factory=list)  # one line per shard that did not finish
+    clocks: list[dict[str, Any]] = field(default_factory=list)  # per shard on another node: cluster.clock
 
 
 def _describe_exit(code: int | None) -> str:

@@ -16,7 +16,6 @@ from rich.console import Console
 
 from cputax.client.loadgen import Barrier, Share, Window
 from cputax.client.sessions import SCENARIO, Pacing, Replay
-from cputax.client.shards import run_sharded
 from cputax.client.stream import StreamingClient
 from cputax.errors import CputaxError
 from cputax.records import JsonlWriter, RequestRecord
@@ -137,11 +136,8 @@ async def _replay(session: Session, opts: ReplayOptions, tokenizer: LoadedTokeni
     with JsonlWriter(session.run.requests) as records, JsonlWriter(session.run.windows) as windows:
         async with measured(session, SCENARIO):
             with recording(records, SCENARIO, planned, session.console) as recorder:
-                if procs > 1:
-                    window = await run_sharded(procs, session.client, work, recorder.raw, session.max_connections)
-                else:
-                    window = await Replay(session.client, prompts, pacing, recorder,
-                                          session.local_count).run(conversations)
+                window = await session.load(procs, work, recorder, lambda: Replay(
+                    session.client, prompts, pacing, recorder, session.local_count).run(conversations))
         windows.write({"scenario": SCENARIO, "start_ns": window.start_ns, "end_ns": window.end_ns,
                        "sent": window.sent, **shard_fields(window)})
         for line in getattr(window, "failures", []):

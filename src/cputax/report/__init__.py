@@ -12,6 +12,7 @@ from cputax.records import Results
 from cputax.report.agentic import agentic_section
 from cputax.report.html import render_figures, render_html
 from cputax.report.markdown import in_short, render_report
+from cputax.report.nodes import nodes_section
 from cputax.report.profiling import profiling_section
 from cputax.report.telemetry import render_telemetry
 from cputax.rundir import RunDir
@@ -23,7 +24,7 @@ def render(results: Results) -> str:
     """report.md's text."""
     sections = [agentic_section(results.summary, results.info),
                 render_telemetry(results.correlation) if results.correlation else None,
-                profiling_section(results)]
+                profiling_section(results), nodes_section(results)]
     short = in_short(results.summary, results.info, results.correlation, results.attribution)
     return render_report(results.summary, results.info, [s for s in sections if s], results.growth, short)
 

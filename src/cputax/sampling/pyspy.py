@@ -17,7 +17,6 @@ the launch, so `ts` maps onto the run's clock within a few milliseconds (see ALI
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
 import shutil
@@ -43,8 +42,13 @@ _BEHIND = re.compile(r"([\d.]+)\s*(ms|s|µs|us)\s+behind in sampling")
 _WROTE = re.compile(r"Samples: (\d+) Errors: (\d+)")
 _UNITS = {"s": 1.0, "ms": 1e-3, "µs": 1e-6, "us": 1e-6}
 _PTRACE_CAP = 19  # CAP_SYS_PTRACE
-# If cputax dies, SIGINT makes py-spy write what it has and exit (never sample forever).
-_DIE_WITH_PARENT = functools.partial(die_with_parent, signal.SIGINT)
+def _sampler_child() -> None:
+    """In py-spy's process before exec: SIGINT is how it is told to write what it has and
+    exit, also when cputax dies (never sample forever). A parent that ignores or blocks
+    SIGINT (a Ray worker does) would pass that on through exec: undone here."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    die_with_parent(signal.SIGINT)
 
 
 @dataclass
@@ -190,7 +194,7 @@ class PyspyProcess:
             log.flush()
             self.t_launch_ns = time.monotonic_ns()
             self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, preexec_fn=_DIE_WITH_PARENT)
+                                          stderr=subprocess.STDOUT, preexec_fn=_sampler_child)
             self.t_launched_ns = time.monotonic_ns()
 
     def signal_stop(self) -> None:

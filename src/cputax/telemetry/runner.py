@@ -110,8 +110,9 @@ class TelemetryMonitor:
 
     name = "telemetry"
 
-    def __init__(self, config: TelemetryConfig):
+    def __init__(self, config: TelemetryConfig, own_role: str = "client"):
         self.config = config
+        self.own_role = own_role  # what this process is in the tables: the load's client, or a node agent
         self.proc: subprocess.Popen[str] | None = None
         self.ready: dict[str, Any] = {}
         self.console = Console(stderr=True)
@@ -120,7 +121,7 @@ class TelemetryMonitor:
         from cputax.targets.processes import server_pids
 
         pids = {pid: "server" for pid in server_pids(target)}
-        pids.setdefault(os.getpid(), "client")
+        pids.setdefault(os.getpid(), self.own_role)
         args = {"config": asdict(self.config), "pids": {str(k): v for k, v in pids.items()}}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cputax.telemetry", json.dumps(args), str(run.telemetry)],

@@ -1,0 +1,1 @@
+"""Past one machine, on Ray: load shards as actors, node agents, one clock (the [ray] extra)."""
