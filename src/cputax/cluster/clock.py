@@ -73,6 +73,13 @@ class NodeClock:
         return 1e6 * (self.end.offset_ns - self.start.offset_ns) / (self.end.at_ns - self.start.at_ns)
 
     @property
+    def drift_error_ppm(self) -> float | None:
+        """How far the drift can be off: both estimates' errors over the time between them."""
+        if self.end is None or self.end.at_ns <= self.start.at_ns:
+            return None
+        return 1e6 * (self.start.error_ns + self.end.error_ns) / (self.end.at_ns - self.start.at_ns)
+
+    @property
     def error_ns(self) -> int:
         """How far a converted time can be off: the worse round trip, and between the two
         estimates the part of the drift the interpolation might not follow."""
@@ -97,7 +104,7 @@ class NodeClock:
     def as_dict(self) -> dict[str, Any]:
         """What run.json keeps per node (`clocks`)."""
         return {"node": self.node, "offset_ns": self.start.offset_ns, "error_ns": self.error_ns,
-                "drift_ppm": self.drift_ppm, "start": asdict(self.start),
+                "drift_ppm": self.drift_ppm, "drift_error_ppm": self.drift_error_ppm, "start": asdict(self.start),
                 "end": asdict(self.end) if self.end else None}
 
 

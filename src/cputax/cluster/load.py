@@ -212,7 +212,10 @@ def _why(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     last = next((line.strip() for line in reversed(text) if line.strip()), type(exc).__name__)
     name = type(exc).__name__
-    if name == "ActorDiedError" or "ActorDied" in name or "actor died" in str(exc).lower():
-        return "its actor died: " + last[:200]
+    message = str(exc)
+    if "ActorDied" in name or "actor is dead" in message.lower():
+        detail = message.split("Worker exit detail:", 1)[1].split(".", 1)[0].strip() \
+            if "Worker exit detail:" in message else ""
+        return "its actor died" + (f": {detail}" if detail else "")
     return last[:300]
 

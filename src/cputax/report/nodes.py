@@ -33,9 +33,10 @@ def _clock_line(clock: dict[str, Any] | None) -> str:
         return "_this node's times were not converted (the run stopped before its clock was estimated)_"
     if not clock.get("error_ns") and not clock.get("offset_ns"):
         return "Clock: the driver's own machine (one kernel, one clock): no conversion error."
-    drift = clock.get("drift_ppm")
+    drift, spread = clock.get("drift_ppm"), clock.get("drift_error_ppm")
+    drift_text = f", drift {drift:+.2f} ± {spread:.2f} ppm" if drift is not None and spread is not None else ""
     return (f"Clock: offset {clock['offset_ns'] / 1e6:+.3f} ms to the driver, error bound "
-            f"± {clock['error_ns'] / 1e3:.0f} µs" + (f", drift {drift:+.2f} ppm" if drift is not None else "") + ".")
+            f"± {clock['error_ns'] / 1e3:.0f} µs{drift_text}.")
 
 
 def nodes_section(results: Results) -> str | None:
