@@ -28,3 +28,19 @@ def test_the_peer_benchmark_produces_its_table(tmp_path):
                 "max_chunks_per_s"} <= set(row) and row["errors"] == 0
     assert {s["client"] for s in result["skipped"]} >= {"aiperf", "guidellm"} - {r["client"] for r in result["peers"]}
     assert "Load clients side by side" in proc.stdout and "max chunk/s" in proc.stdout
+
+
+def test_ratios_to_cputax_are_taken_repeat_by_repeat():
+    from cputax.client.calibrate import paired_ratios
+
+    ours = [{"cpu_us_per_chunk": 5.0, "ttft_error_ms_p99": 1.0, "itl_error_ms_p99": None, "max_chunks_per_s": 10.0},
+            {"cpu_us_per_chunk": 10.0, "ttft_error_ms_p99": 1.0, "itl_error_ms_p99": None, "max_chunks_per_s": 10.0},
+            {"cpu_us_per_chunk": 30.0, "ttft_error_ms_p99": 2.0, "itl_error_ms_p99": None, "max_chunks_per_s": 10.0}]
+    theirs = [{"cpu_us_per_chunk": 10.0, "ttft_error_ms_p99": 3.0, "itl_error_ms_p99": 1.0, "max_chunks_per_s": 5.0},
+              {"cpu_us_per_chunk": 40.0, "ttft_error_ms_p99": 3.0, "itl_error_ms_p99": 1.0, "max_chunks_per_s": 5.0},
+              {"cpu_us_per_chunk": 30.0, "ttft_error_ms_p99": 3.0, "itl_error_ms_p99": 1.0, "max_chunks_per_s": 5.0}]
+    out = paired_ratios(theirs, ours)
+    # pairs 2, 4, 1: median 2 (the ratio of the medians would say 30 / 10 = 3)
+    assert out["cpu_us_per_chunk"] == 2.0 and out["cpu_us_per_chunk_range"] == [1.0, 4.0]
+    assert out["ttft_error_ms_p99"] == 3.0 and out["max_chunks_per_s"] == 0.5
+    assert out["itl_error_ms_p99"] is None  # no pair where both had a figure

@@ -29,6 +29,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from cputax.client.heap import steady_heap
 from cputax.client.peers import PEERS, available, run_peer
 from cputax.client.stream import StreamingClient
 from cputax.errors import CputaxError
@@ -37,7 +38,7 @@ from cputax.targets.model import default_cache_dir
 from cputax.targets.stub import StubConfig, StubServer
 from cputax.util import cpu_model, percentile
 
-__all__ = ["CEILING_SHARE", "FAST", "KEYS", "PEER_KEYS", "TIMED", "errors_against_truth", "load_ceiling", "peers",
+__all__ = ["CEILING_SHARE", "FAST", "KEYS", "PEER_KEYS", "TIMED", "errors_against_truth", "load_ceiling", "paired_ratios", "peers",
            "run_calibration", "save_ceiling"]
 
 TIMED = StubConfig(headers_delay_ms=5.0, first_token_delay_ms=20.0, inter_token_delay_ms=5.0, output_tokens=64,
@@ -84,9 +85,10 @@ async def _closed_loop(client: StreamingClient, concurrency: int, n: int) -> tup
         for i in indices:
             records.append(await client.send(RequestRecord("calibrate", index=i), _payload))
 
-    start, cpu = time.monotonic_ns(), os.times()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    end = os.times()
+    with steady_heap():  # as a run's scenarios (client.heap)
+        start, cpu = time.monotonic_ns(), os.times()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        end = os.times()
     return records, time.monotonic_ns() - start, (end.user - cpu.user) + (end.system - cpu.system)
 
 
@@ -220,11 +222,9 @@ def peers(streams: list[int], requests_per_level: int | None = None,
     rows = [_median_row(client, n_streams, found) for (client, n_streams), found in runs.items()]
     rows.sort(key=lambda r: (r["streams"], r["client"] != "cputax", r["client"]))
     for row in rows:
-        ours = next((r for r in rows if r["client"] == "cputax" and r["streams"] == row["streams"]), None)
-        if ours and ours is not row:
-            row["vs_cputax"] = {k: _rounded(row[k] / ours[k], 2) if row[k] and ours[k] else None
-                                for k in ("cpu_us_per_chunk", "ttft_error_ms_p99", "itl_error_ms_p99",
-                                          "max_chunks_per_s")}
+        ours = runs.get(("cputax", row["streams"]))
+        if ours and row["client"] != "cputax":
+            row["vs_cputax"] = paired_ratios(runs[(row["client"], row["streams"])], ours)
     cpus = os.cpu_count() or 1
     return {"peers": rows, "skipped": skipped, "cpus": cpus, "cpu_model": cpu_model(), "repeat": repeat,
             "timed_stub": asdict(TIMED), "note": _note(cpus)}
@@ -253,6 +253,19 @@ def _peer_once(client: str, timed_url: str, fast_url: str, n_streams: int, n: in
     }
 
 
+def paired_ratios(theirs: list[dict[str, Any]], ours: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's ratio to cputax's, repeat by repeat (the two ran one after the other,
+    so a machine that drifts between repeats moves both): the median, and for the CPU
+    the range over repeats."""
+    out: dict[str, Any] = {}
+    for key in ("cpu_us_per_chunk", "ttft_error_ms_p99", "itl_error_ms_p99", "max_chunks_per_s"):
+        pairs = [t[key] / o[key] for t, o in zip(theirs, ours, strict=True) if t[key] and o[key]]
+        out[key] = _rounded(percentile(pairs, 50), 2) if pairs else None
+        if key == "cpu_us_per_chunk":
+            out["cpu_us_per_chunk_range"] = [_rounded(min(pairs), 2), _rounded(max(pairs), 2)] if pairs else None
+    return out
+
+
 def _median_row(client: str, n_streams: int, found: list[dict[str, Any]]) -> dict[str, Any]:
     row = dict(found[0])
     for key, value in found[0].items():
@@ -261,6 +274,8 @@ def _median_row(client: str, n_streams: int, found: list[dict[str, Any]]) -> dic
             row[key] = _rounded(percentile(values, 50)) if values else None
     row["errors"] = sum(f["errors"] for f in found)
     row["runs"] = len(found)
+    cpu = [f["cpu_us_per_chunk"] for f in found if f["cpu_us_per_chunk"] is not None]
+    row["cpu_us_per_chunk_range"] = [min(cpu), max(cpu)] if cpu else None
     return row
 
 

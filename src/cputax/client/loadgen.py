@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from cputax.client.heap import steady_heap
 from cputax.records import RequestRecord
 from cputax.workload.prompts import ScenarioPrompts
 
@@ -90,8 +91,14 @@ async def run_scenario(
 ) -> Window:
     """This share of the scenario from `start_ns` (default now); `barrier(b)` returns once
     every shard finished batch b (None: this is the only shard)."""
+    with steady_heap():  # collected and frozen before the start: see client.heap
+        return await _run(client, prompts, on_record, seed, share,
+                          start_ns if start_ns is not None else time.monotonic_ns(), barrier)
+
+
+async def _run(client: Client, prompts: ScenarioPrompts, on_record: Callable[[RequestRecord], None],
+               seed: int, share: Share, start: int, barrier: Barrier | None) -> Window:
     sc = prompts.scenario
-    start = start_ns if start_ns is not None else time.monotonic_ns()
     await _sleep_until(start)
     counter = iter(range(1 << 62))
     sent = 0

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cputax.client.heap import steady_heap
 from cputax.client.loadgen import WHOLE, Client, Share, Window
 from cputax.records import RequestRecord
 from cputax.workload.prompts import ReplayPrompts
@@ -54,6 +55,10 @@ class Replay:
         """Replay the conversations (a load shard: every n-th of them, from the common start,
         with its part of the users; needs share.n <= users)."""
         start = start_ns if start_ns is not None else time.monotonic_ns()
+        with steady_heap():  # collected and frozen before the start: see client.heap
+            return await self._replay(conversations, share, start)
+
+    async def _replay(self, conversations: list[Conversation], share: Share, start: int) -> Window:
         await _sleep_until(start)
         conversations = conversations[share.k::share.n]
         slots = asyncio.Semaphore(max(1, share.part(self.pacing.users)))

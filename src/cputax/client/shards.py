@@ -34,6 +34,7 @@ from typing import Any
 
 import orjson
 
+from cputax.client.heap import steady_heap
 from cputax.client.loadgen import Share, Window
 from cputax.client.stream import StreamingClient
 from cputax.errors import CputaxError
@@ -108,33 +109,36 @@ async def run_sharded(procs: int, client: StreamingClient, work: ShardWork,
         raise CputaxError("--client-procs above 1 needs Linux (the load shards are forked)")
     ctx = multiprocessing.get_context("fork")
     shards: list[_Shard] = []
-    try:
-        for k in range(procs):
-            data_r, data_w = os.pipe()
-            control_r, control_w = os.pipe()
-            share = Share(k, procs)
-            # the parent's ends of every pipe so far: the child closes its copies
-            theirs = [data_r, control_w] + [fd for s in shards for fd in (s.data_fd, s.control_fd)]
-            process = ctx.Process(target=_child, name=f"cputax-shard-{k}", daemon=True,
-                                  args=(client.like(max_connections), share, work, data_w, control_r, theirs))
-            process.start()
-            os.close(data_w)
-            os.close(control_r)
-            shards.append(_Shard(k, process, data_r, control_w))
-        return await _lead(shards, on_line)
-    finally:
-        for shard in shards:
-            shard.process.join(timeout=5)
-            if shard.process.is_alive():
-                shard.process.kill()
-                shard.process.join()
-            # the transport closes its pipe and leaves the loop: a closed fd still registered
-            # there would be reused by the next scenario's pipes
-            if shard.transport is not None:
-                shard.transport.close()
-            for fd in (shard.control_fd,) if shard.transport is not None else (shard.data_fd, shard.control_fd):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+    # frozen before the forks (client.heap): the shards inherit it frozen, so neither their
+    # collections nor their scenario's (nested, a no-op) write to, and copy, the parent's pages
+    with steady_heap():
+        try:
+            for k in range(procs):
+                data_r, data_w = os.pipe()
+                control_r, control_w = os.pipe()
+                share = Share(k, procs)
+                # the parent's ends of every pipe so far: the child closes its copies
+                theirs = [data_r, control_w] + [fd for s in shards for fd in (s.data_fd, s.control_fd)]
+                process = ctx.Process(target=_child, name=f"cputax-shard-{k}", daemon=True,
+                                      args=(client.like(max_connections), share, work, data_w, control_r, theirs))
+                process.start()
+                os.close(data_w)
+                os.close(control_r)
+                shards.append(_Shard(k, process, data_r, control_w))
+            return await _lead(shards, on_line)
+        finally:
+            for shard in shards:
+                shard.process.join(timeout=5)
+                if shard.process.is_alive():
+                    shard.process.kill()
+                    shard.process.join()
+                # the transport closes its pipe and leaves the loop: a closed fd still registered
+                # there would be reused by the next scenario's pipes
+                if shard.transport is not None:
+                    shard.transport.close()
+                for fd in (shard.control_fd,) if shard.transport is not None else (shard.data_fd, shard.control_fd):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
 
 
 async def _lead(shards: list[_Shard], on_line: Callable[[bytes, bool], None]) -> ShardedWindow:

@@ -40,6 +40,8 @@ class SSEDecoder:
         self._pending: list[bytes] = []
 
     def feed(self, data: bytes) -> list[bytes]:
+        if not self._pending and data[-1:] == b"\n":  # the common read: whole events
+            return data.splitlines()
         end = max(data.rfind(b"\n"), data.rfind(b"\r"))
         if end < 0:
             if data:
@@ -148,9 +150,11 @@ class StreamParser:
 
     def _lines(self, lines: list[bytes], t: int) -> None:
         for line in lines:
+            if not line:
+                continue  # the blank line that ends an event
             if self.done:
                 return  # vLLM sends nothing after [DONE]; ignore anything that comes
-            payload = data_payload(line)
+            payload = line[6:] if line.startswith(b"data: ") else data_payload(line)
             if payload is not None:
                 self._data(payload, t)
 

@@ -167,8 +167,10 @@ class _Connection:
             done.set_result(bool(result))
 
     def _on_readable(self) -> None:
-        # Drain what the kernel has now: each read gets the stamp of the newest segment in
-        # it, so a segment left in the queue could be merged with (and stamped as) a later one.
+        # One read takes all the kernel has queued (the buffer is large); only a full buffer
+        # reads again. A read stamps the newest segment in it, and a read more per wake-up
+        # would almost always find nothing: a system call and an exception for every chunk.
+        # Bytes that arrive after the read wake the loop again (epoll is level-triggered).
         while True:
             try:
                 size, anc, _, _ = self.sock.recvmsg_into([self._buffer], _ANC)
@@ -183,6 +185,7 @@ class _Connection:
                                                  + (" before the response ended" if self._got_any else " before answering")))
                 return
             self._got_any = True
+            more = size == len(self._buffer)
             self._t = (t_loop, self._kernel(anc))
             try:
                 self._parser.feed_data(self._buffer[:size])
@@ -201,6 +204,8 @@ class _Connection:
                 return
             if self._complete:
                 self._finish(self._keep_alive)
+                return
+            if not more:
                 return
 
     def _kernel(self, anc: list[tuple[int, int, bytes]]) -> int | None:

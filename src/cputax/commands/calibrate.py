@@ -61,24 +61,31 @@ def show_peers(result: dict[str, Any]) -> None:
     """The peer table (calibrate --peers, bench/bench_client.py)."""
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
                   title="Load clients side by side against one stub (each in its own process, the order alternating)")
-    for heading in ("client", "streams", "stamps", "CPU us/chunk", "vs cputax", "TTFT err ms p50", "p99",
-                    "ITL err ms p99", "max chunk/s", "vs cputax"):
+    for heading in ("client", "streams", "stamps", "CPU us/chunk", "range", "vs cputax", "range",
+                    "TTFT err ms p50", "p99", "ITL err ms p99", "max chunk/s", "vs cputax"):
         table.add_column(heading, justify="left" if heading in ("client", "stamps") else "right")
 
     def ratio(r: dict[str, Any], key: str) -> str:
         value = (r.get("vs_cputax") or {}).get(key)
         return "" if value is None else f"{value:.2f}x"
 
+    def spread(pair: list[float] | None, unit: str = "") -> str:
+        return "" if not pair or pair[0] == pair[1] else f"{_number(pair[0])}-{_number(pair[1])}{unit}"
+
     for r in result["peers"]:
         table.add_row(r["client"], str(r["streams"]), r["stamps"], _number(r["cpu_us_per_chunk"]),
-                      ratio(r, "cpu_us_per_chunk"), _number(r["ttft_error_ms_p50"]), _number(r["ttft_error_ms_p99"]),
+                      spread(r.get("cpu_us_per_chunk_range")), ratio(r, "cpu_us_per_chunk"),
+                      spread((r.get("vs_cputax") or {}).get("cpu_us_per_chunk_range"), "x"),
+                      _number(r["ttft_error_ms_p50"]), _number(r["ttft_error_ms_p99"]),
                       _number(r["itl_error_ms_p99"]), _number(r["max_chunks_per_s"]), ratio(r, "max_chunks_per_s"))
     console = Console()
     console.print(table)
     for s in result["skipped"]:
         console.print(f"{s['client']}: skipped: {s['why']}")
-    console.print("CPU: user + system of the client's whole process, start-up and imports left out. cputax's "
-                  "errors are those of its kernel receive stamps (what its runs report); the others' of their loop's.")
+    console.print("CPU: user + system of the client's whole process, start-up, imports and a first round of one "
+                  "request a stream left out, alike for every client; with repeats, the median and range over them, "
+                  "and the ratio to cputax repeat by repeat (the two ran one after the other). cputax's errors are "
+                  "those of its kernel receive stamps (what its runs report); the others' of their loop's.")
     console.print(f"Note: {result['note']}.")
 
 

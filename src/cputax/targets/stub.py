@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import os
 import re
 import select
@@ -351,6 +352,8 @@ class _Stub:
             await response.prepare(request)
             for k in range(n):
                 await _sleep_until(first + k * step)
+                words = tails[reason if k == n - 1 else None]
+                chunk = head + words[k % len(words)]  # made before the stamp: the stamp is the send
                 now = time.monotonic_ns()
                 if k == 0:
                     truth["first_token_ns"] = now
@@ -361,8 +364,7 @@ class _Stub:
                 elif k == n // 2 and cfg.fault == "truncated":
                     await response.write_eof()
                     return response
-                words = tails[reason if k == n - 1 else None]
-                await response.write(head + words[k % len(words)])
+                await response.write(chunk)
                 truth["last_token_ns"] = now
                 if cfg.token_truth:
                     truth["token_ns"].append(now)
@@ -438,6 +440,11 @@ def serve_stub(host: str, port: int, config: StubConfig) -> int:
 
     async def main() -> None:
         runner, url = await _start(config, host, port)
+        # the heap of imports and set-up out of the collector's walks, as the client's
+        # (client.heap): a full collection between a token's stamp and its write would
+        # put the collector's pause into the truth
+        gc.collect()
+        gc.freeze()
         print(f"cputax stub: serving on {url} ({_describe(config)})", flush=True)
         try:
             await asyncio.Event().wait()
