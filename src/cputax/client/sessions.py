@@ -54,9 +54,9 @@ class Replay:
                   start_ns: int | None = None) -> Window:
         """Replay the conversations (a load shard: every n-th of them, from the common start,
         with its part of the users; needs share.n <= users)."""
-        start = start_ns if start_ns is not None else time.monotonic_ns()
         with steady_heap():  # collected and frozen before the start: see client.heap
-            return await self._replay(conversations, share, start)
+            return await self._replay(conversations, share,
+                                      start_ns if start_ns is not None else time.monotonic_ns())
 
     async def _replay(self, conversations: list[Conversation], share: Share, start: int) -> Window:
         await _sleep_until(start)
