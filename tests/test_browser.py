@@ -21,7 +21,6 @@ from conftest import HAVE_PYSPY
 from cputax.analysis.sweep import analyse_sweep
 from cputax.commands.run import run
 from cputax.report.sweep import write_sweep_report
-from cputax.rundir import SweepDir
 from cputax.sampling.pyspy_monitor import Discovery, PyspyOptions
 from cputax.session import RunOptions
 from cputax.targets.stub import StubConfig, StubServer
@@ -140,17 +139,9 @@ def test_report_html_in_chromium(run_dir, browser):
 
 def test_sweep_html_in_chromium(browser, tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_sweep import _run  # the hand-made runs of the sweep tests
+    from test_sweep import make_hand_made_sweep  # the sweep tests' hand-made sweep
 
-    sweep = SweepDir.create(tmp_path / "sweep")
-    configs = ["prefix-caching-hash-algo=sha256", "prefix-caching-hash-algo=xxhash"]
-    sweep.write_info({"profile": "p.toml", "target": "vllm", "serve_cmd": None, "varies": ["prefix-hash"], "repeat": 1,
-                      "notes": {}, "moves": {"prefix-caching-hash-algo": "prefix_hash_share"},
-                      "configurations": configs,
-                      "steps": [{"configuration": c, "repeat": 0, "folder": c.replace("=", "-"), "status": "ok"}
-                                for c in configs]})
-    _run(sweep, "prefix-caching-hash-algo-sha256", (10.0, 14.0), 100.0, 0.02, 0.80, 0.03, 0.0, 0.10)
-    _run(sweep, "prefix-caching-hash-algo-xxhash", (20.0, 22.0), 100.0, 0.02, 0.80, 0.01, 0.0, 0.10)
+    sweep = make_hand_made_sweep(tmp_path / "sweep")
     write_sweep_report(sweep, analyse_sweep(sweep))
     found = check_page(browser, sweep.report_html)
     _assert_reads_well(found, sweep.report_html, figures=1)  # the knob's plot

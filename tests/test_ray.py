@@ -175,3 +175,13 @@ def ray_nodes(address: str) -> list[dict]:
         return [n for n in ray.nodes() if n["Alive"]]
     finally:
         ray.shutdown()
+
+
+def test_profile_on_ray_refuses_a_local_pid_in_one_line(tmp_path):
+    from cputax.commands.profile import profile
+    from cputax.errors import CputaxError
+    from cputax.sampling.pyspy_monitor import Discovery
+
+    with pytest.raises(CputaxError, match="--pid names a process on this host"):
+        profile(Discovery(pid=os.getpid()), 1.0, tmp_path / "p", SamplerConfig(), RayOptions())
+    assert not (tmp_path / "p").exists()  # refused before anything was made

@@ -115,7 +115,12 @@ def _run(sweep: SweepDir, folder: str, http_overhead: tuple[float, float], decod
 
 @pytest.fixture
 def hand_made_sweep(tmp_path):
-    sweep = SweepDir.create(tmp_path / "sweep")
+    return make_hand_made_sweep(tmp_path / "sweep")
+
+
+def make_hand_made_sweep(path):
+    """Two configurations of one knob, two hand-made runs (also the browser test's sweep)."""
+    sweep = SweepDir.create(path)
     configs = ["prefix-caching-hash-algo=sha256", "prefix-caching-hash-algo=xxhash"]
     sweep.write_info({"profile": "p.toml", "target": "vllm", "serve_cmd": None, "varies": ["prefix-hash"], "repeat": 1,
                       "notes": {}, "moves": {"prefix-caching-hash-algo": "prefix_hash_share"},

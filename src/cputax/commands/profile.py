@@ -18,6 +18,7 @@ from cputax.sampling.pyspy_monitor import PROFILE_WINDOW, Discovery, PyspyMonito
 from cputax.telemetry.runner import TelemetryConfig
 
 if TYPE_CHECKING:
+    from cputax.cluster.agents import NodesMonitor
     from cputax.cluster.ray_env import RayOptions
 
 __all__ = ["profile"]
@@ -35,15 +36,8 @@ def profile(discovery: Discovery, duration_s: float, out: Path | None, config: S
     if monitor.problem:
         raise CputaxError(monitor.problem)
     console.print(f"sampling for {duration_s:g} s (Ctrl-C stops early and keeps what was sampled)...")
-    t0 = time.monotonic_ns()
-    monitor.scenario_start(PROFILE_WINDOW, t0)
-    try:
-        time.sleep(duration_s)
-    except KeyboardInterrupt:
-        console.print("stopping early")
-    finally:
-        monitor.scenario_end(PROFILE_WINDOW, time.monotonic_ns())
-        run.write(run.profile_info, {"started_ns": t0, "duration_s": duration_s, **monitor.stop()})
+    t0, _ = _sample(monitor, duration_s, console)
+    run.write(run.profile_info, {"started_ns": t0, "duration_s": duration_s, **monitor.stop()})
     result = attribute_run(run)
     if result is None:
         raise CputaxError(f"py-spy recorded nothing (see the logs under {run.pyspy})")
@@ -53,6 +47,19 @@ def profile(discovery: Discovery, duration_s: float, out: Path | None, config: S
     return 0
 
 
+def _sample(monitor: PyspyMonitor | NodesMonitor, duration_s: float, console: Console) -> tuple[int, int]:
+    """The one profile window, until `duration_s` has passed or Ctrl-C: its start and end (ns)."""
+    t0 = time.monotonic_ns()
+    monitor.scenario_start(PROFILE_WINDOW, t0)
+    try:
+        time.sleep(duration_s)
+    except KeyboardInterrupt:
+        console.print("stopping early")
+    t1 = time.monotonic_ns()
+    monitor.scenario_end(PROFILE_WINDOW, t1)
+    return t0, t1
+
+
 def _profile_nodes(discovery: Discovery, duration_s: float, out: Path | None, config: SamplerConfig,
                    ray: RayOptions) -> int:
     """`cputax profile --ray`: a node agent samples each server node (cluster.agents); files
@@ -60,6 +67,9 @@ def _profile_nodes(discovery: Discovery, duration_s: float, out: Path | None, co
     from cputax.cluster.agents import NodesMonitor
     from cputax.cluster.ray_env import Cluster
 
+    if discovery.pid is not None:
+        raise CputaxError("--pid names a process on this host, not on the server nodes: with --ray give --port "
+                          "or --target, and each node's agent finds the server there")
     console = Console(stderr=True)
     run = RunDir.create(out, prefix="profile-")
     with Cluster(ray) as cluster:
@@ -74,18 +84,10 @@ def _profile_nodes(discovery: Discovery, duration_s: float, out: Path | None, co
         monitor.start(run, target)
         console.print(f"sampling {len(nodes)} node(s) for {duration_s:g} s (Ctrl-C stops early and keeps what was "
                       "sampled)...")
-        t0 = time.monotonic_ns()
-        monitor.scenario_start(PROFILE_WINDOW, t0)
-        try:
-            time.sleep(duration_s)
-        except KeyboardInterrupt:
-            console.print("stopping early")
-        finally:
-            t1 = time.monotonic_ns()
-            run.windows.write_bytes(orjson.dumps({"scenario": PROFILE_WINDOW, "start_ns": t0, "end_ns": t1,
-                                                  "sent": 0}) + b"\n")
-            monitor.scenario_end(PROFILE_WINDOW, t1)
-            run.write(run.profile_info, {"started_ns": t0, "duration_s": duration_s, "nodes": monitor.stop()})
+        t0, t1 = _sample(monitor, duration_s, console)
+        run.windows.write_bytes(orjson.dumps({"scenario": PROFILE_WINDOW, "start_ns": t0, "end_ns": t1,
+                                              "sent": 0}) + b"\n")
+        run.write(run.profile_info, {"started_ns": t0, "duration_s": duration_s, "nodes": monitor.stop()})
     found = 0
     for node_run in run.nodes():
         result = attribute_run(node_run)

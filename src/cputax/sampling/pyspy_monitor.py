@@ -170,9 +170,10 @@ class PyspyMonitor:
             return find_server(d.server, roots=roots)
         if d.server != "auto":
             return find_server(d.server)
-        raise CputaxError(f"the server at {target.get('endpoint')} is not on this host (or nothing here "
-                          "listens on its port): py-spy must run where the server runs. Run "
-                          "`cputax profile` there, or pass --pid, --port or --target")
+        where = (f"the server at {target['endpoint']} is not on this host (or nothing here listens on its port)"
+                 if target.get("endpoint") else "no server to sample was named")
+        raise CputaxError(f"{where}: py-spy must run where the server runs. Run `cputax profile` there, or "
+                          "pass --pid, --port or --target")
 
     def _sampler(self, pid: int, stem: Path, suffix: str, log: str, fmt: str, gil: bool) -> PyspyProcess:
         assert self._run is not None
