@@ -20,7 +20,7 @@ import time
 import pytest
 
 from cputax.client.stream import StreamingClient
-from cputax.client.wire import Clock
+from cputax.client.wire import Clock, Pool
 from cputax.records import RequestRecord
 from cputax.targets.stub import StubConfig, StubServer
 
@@ -73,6 +73,47 @@ def test_clock_conversion_is_tight():
     clock = Clock.measure()
     assert 0 <= clock.error_ns < 1 * MS
     assert abs(clock.monotonic(time.time_ns()) - time.monotonic_ns()) < 1 * MS + clock.error_ns
+
+
+STEP_NS = 463_000  # the wall clock set by this much since the offset was read (what one CI run met)
+
+
+def _stamp_now(pool: Pool, ago_ns: int = 20_000) -> tuple[int, int]:
+    """A read the kernel stamped `ago_ns` before the loop did, converted by `pool`."""
+    realtime = time.time_ns() - ago_ns
+    t_loop = time.monotonic_ns()
+    return pool.to_monotonic(realtime, t_loop), t_loop
+
+
+def test_a_wall_clock_set_ahead_is_caught_by_the_first_stamp_after_it():
+    clock = Clock.measure()
+    # read before the step: realtime now runs STEP_NS ahead of what this offset says
+    pool = Pool("127.0.0.1", 1, 1, Clock(clock.offset_ns - STEP_NS, clock.error_ns))
+    kernel, loop = _stamp_now(pool)
+    assert pool.clock_steps == 1
+    assert kernel <= loop + pool.clock.error_ns
+    assert abs((loop - kernel) - 20_000) < STEP_NS / 4  # the fresh offset, not the stale one
+    kernel, loop = _stamp_now(pool)
+    assert pool.clock_steps == 1 and kernel <= loop + pool.clock.error_ns
+
+
+def test_a_wall_clock_set_back_is_caught_at_the_next_recheck_only():
+    clock = Clock.measure()
+    stale = Clock(clock.offset_ns + STEP_NS, clock.error_ns)
+    # the stamp is early by the step, which no single stamp can show
+    kernel, loop = _stamp_now(Pool("127.0.0.1", 1, 1, stale))
+    assert loop - kernel > STEP_NS
+    pool = Pool("127.0.0.1", 1, 1, stale, recheck_ns=0)  # every stamp reads the offset again
+    kernel, loop = _stamp_now(pool)
+    assert pool.clock_steps == 1 and abs((loop - kernel) - 20_000) < STEP_NS / 4
+
+
+def test_rereading_an_unchanged_offset_counts_no_step():
+    pool = Pool("127.0.0.1", 1, 1, recheck_ns=0)
+    for _ in range(200):
+        kernel, loop = _stamp_now(pool)
+        assert kernel <= loop + pool.clock.error_ns
+    assert pool.clock_steps == 0
 
 
 def test_kernel_stamps_never_follow_the_loop_and_match_it_on_an_idle_loop(stub):

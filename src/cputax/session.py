@@ -286,8 +286,10 @@ async def _drive(opts: RunOptions, endpoint: str, model: str | None, target: dic
             if meta:
                 run.update_info(monitors=meta)
             # how the received moments were stamped (client.wire): the kernel's clock is
-            # CLOCK_REALTIME, converted once to the monotonic one, good to conversion_error_ns
+            # CLOCK_REALTIME, converted to the monotonic one, good to conversion_error_ns;
+            # clock_steps: times the wall clock was set during the run (the offset read again)
             run.update_info(stamps={"kernel": client.kernel_stamps, "conversion_error_ns": client.clock.error_ns,
+                                    "clock_steps": client.clock_steps,
                                     "connections_opened": client.connections_opened})
 
 
@@ -421,6 +423,8 @@ def shard_fields(window: Any) -> dict[str, Any]:
     fields = {"client_procs": window.procs, "shard_records": window.records, "shard_failures": window.failures}
     if window.clocks:
         fields["shard_clocks"] = window.clocks
+    if window.clock_steps:
+        fields["clock_steps"] = window.clock_steps  # the wall clock set meanwhile: shards read it again
     return fields
 
 

@@ -179,15 +179,16 @@ async def run_calibration(concurrencies: list[int], requests_per_level: int | No
     with StubServer(TIMED, process=True) as timed_stub, StubServer(FAST, process=True) as fast_stub:
         async with StreamingClient(timed_stub.url, max_connections=limit, keep_chunks=True) as timed, \
                 StreamingClient(fast_stub.url, max_connections=limit) as fast:
-            clock = timed.clock
             kernel = timed.kernel_stamps
             levels = [await _level(timed, fast, c, requests_per_level or max(32, 4 * c)) for c in concurrencies]
+            clock, steps = timed.clock, timed.clock_steps
     cpus = os.cpu_count() or 1
     return {
         "timed_stub": {k: v for k, v in asdict(TIMED).items() if k.endswith("_ms") or k == "output_tokens"},
         "cpus": cpus,
         "kernel_stamps": kernel,
         "clock_conversion_error_us": round(clock.error_ns / 1e3, 3),
+        "clock_steps": steps,
         "note": _note(cpus),
         "levels": levels,
     }

@@ -14,7 +14,8 @@ loses only its requests in flight, and the parent names it and its exit (signal 
 error) in `ShardedWindow.failures`. Linux only (fork).
 
 The lines a shard writes: `R+<record json>` / `R-<record json>` (ok / failed), `B <batch>`
-(done with its part of a batch), `E <window json>` (finished), `X <message>` (failed).
+(done with its part of a batch), `E <window json>` (finished: its window and the times it
+found the wall clock set), `X <message>` (failed).
 The parent writes `G <start_ns>` (go), `G <batch>` (every shard finished that batch).
 """
 
@@ -64,6 +65,7 @@ class ShardedWindow(Window):
     records: list[int] = field(default_factory=list)  # records written, per shard
     failures: list[str] = field(default_factory=list)  # one line per shard that did not finish
     clocks: list[dict[str, Any]] = field(default_factory=list)  # per shard on another node: cluster.clock
+    clock_steps: int = 0  # times a shard found the wall clock set (StreamingClient.clock_steps), all shards
 
 
 def _describe_exit(code: int | None) -> str:
@@ -176,7 +178,8 @@ async def _lead(shards: list[_Shard], on_line: Callable[[bytes, bool], None]) ->
     windows = [s.window for s in shards if s.window is not None]
     end = max((w["end_ns"] for w in windows), default=start_ns or 0)
     return ShardedWindow(start_ns=start_ns or end, end_ns=end, sent=sum(w["sent"] for w in windows),
-                         procs=len(shards), records=[s.records for s in shards], failures=failures)
+                         procs=len(shards), records=[s.records for s in shards], failures=failures,
+                         clock_steps=sum(w.get("clock_steps", 0) for w in windows))
 
 
 async def _until_ready(shard: _Shard) -> bool:
@@ -262,7 +265,7 @@ async def _shard_main(client: StreamingClient, share: Share, work: ShardWork, da
         start_ns = int(await command())
         window = await work(client, share, start_ns, on_record, barrier)
     transport.write(b"E " + orjson.dumps({"start_ns": window.start_ns, "end_ns": window.end_ns,
-                                          "sent": window.sent}) + b"\n")
+                                          "sent": window.sent, "clock_steps": client.clock_steps}) + b"\n")
     # let the pipe drain before the process ends
     while transport.get_write_buffer_size():
         await asyncio.sleep(0.001)

@@ -124,7 +124,8 @@ class StreamingClient:
         self._session: aiohttp.ClientSession | None = None
         self._pool: Pool | None = None
         self._head = b""
-        self.clock = Clock.measure()
+        self._clock = Clock.measure()
+        self._clock_steps = 0
 
     def like(self, max_connections: int | None = None) -> StreamingClient:
         """A new, unopened client with these settings (a load shard's, in its own process)."""
@@ -147,7 +148,7 @@ class StreamingClient:
         )
         url = urlsplit(self._url)
         if self.wire and url.scheme == "http" and url.hostname:
-            self._pool = Pool(url.hostname, url.port or 80, self._max_connections, self.clock)
+            self._pool = Pool(url.hostname, url.port or 80, self._max_connections, self._clock)
             host = url.netloc.encode()
             auth = b"".join(f"{k}: {v}\r\n".encode() for k, v in self._auth.items())
             self._head = (b"POST " + (url.path or "/").encode() + b" HTTP/1.1\r\nHost: " + host +
@@ -161,7 +162,18 @@ class StreamingClient:
             self._session = None
         if self._pool is not None:
             self._pool.close()
+            self._clock, self._clock_steps = self._pool.clock, self._clock_steps + self._pool.clock_steps
             self._pool = None
+
+    @property
+    def clock(self) -> Clock:
+        """The realtime -> monotonic conversion of the kernel's stamps, as last read."""
+        return self._pool.clock if self._pool is not None else self._clock
+
+    @property
+    def clock_steps(self) -> int:
+        """Times the wall clock was found set during the run (the conversion was read again)."""
+        return self._clock_steps + (self._pool.clock_steps if self._pool is not None else 0)
 
     @property
     def kernel_stamps(self) -> bool:

@@ -5,7 +5,7 @@ Why not aiohttp here: aiohttp's stream reader merges what the socket delivered b
 the application sees it, so a read cannot be tied to the segment, or the moment, its
 bytes arrived in. This client reads with `recvmsg` on a socket with SO_TIMESTAMPNS,
 so each read carries the time the kernel had its bytes (CLOCK_REALTIME, converted once
-per client to the monotonic clock, see `Clock`), independent of when the event loop
+to the monotonic clock, see `Clock` and `Pool.to_monotonic`), independent of when the event loop
 got round to it; the loop's own time is stamped too. A TCP segment can carry several
 SSE events: each event gets the stamps of the read that completed it. aiohttp stays
 for everything that is not timed (/v1/models, /tokenize, /metrics).
@@ -42,6 +42,9 @@ _ANC = socket.CMSG_SPACE(_TIMESPEC.size)
 # threshold, map and unmap) READ_SIZE bytes for every read, 17 us where the read is 3.
 READ_SIZE = 1 << 18
 CLOCK_TRIES = 64
+# The offset is read again at least this often: a wall clock stepped back leaves no
+# impossible stamp behind, so only a fresh reading finds it.
+RECHECK_NS = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,10 @@ class Clock:
 
     def monotonic(self, realtime_ns: int) -> int:
         return realtime_ns - self.offset_ns
+
+    def same_offset(self, other: Clock) -> bool:
+        """Whether `other` read the same offset, within both readings' error."""
+        return abs(other.offset_ns - self.offset_ns) <= self.error_ns + other.error_ns
 
 
 class ExchangeError(Exception):
@@ -95,11 +102,11 @@ class _Connection:
     a read costs one callback and no task switch.
     """
 
-    def __init__(self, sock: socket.socket, clock: Clock, loop: asyncio.AbstractEventLoop,
+    def __init__(self, sock: socket.socket, to_monotonic: Callable[[int, int], int], loop: asyncio.AbstractEventLoop,
                  buffer: memoryview) -> None:
         self.sock = sock
         self._buffer = buffer  # the pool's: a read is fed (and copied out) before the next one
-        self.clock = clock
+        self._to_monotonic = to_monotonic  # the pool's (it keeps one offset for all connections)
         self.loop = loop
         self._exchange: Exchange | None = None
         self._done: asyncio.Future[bool] | None = None
@@ -186,7 +193,7 @@ class _Connection:
                 return
             self._got_any = True
             more = size == len(self._buffer)
-            self._t = (t_loop, self._kernel(anc))
+            self._t = (t_loop, self._kernel(anc, t_loop))
             try:
                 self._parser.feed_data(self._buffer[:size])
             except httptools.HttpParserError as exc:
@@ -208,11 +215,11 @@ class _Connection:
             if not more:
                 return
 
-    def _kernel(self, anc: list[tuple[int, int, bytes]]) -> int | None:
+    def _kernel(self, anc: list[tuple[int, int, bytes]], t_loop: int) -> int | None:
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
                 sec, nsec = _TIMESPEC.unpack_from(data)
-                return self.clock.monotonic(sec * 1_000_000_000 + nsec)
+                return self._to_monotonic(sec * 1_000_000_000 + nsec, t_loop)
         return None
 
     def close(self) -> None:
@@ -223,9 +230,13 @@ class _Connection:
 class Pool:
     """Keep-alive connections to one host, at most `limit` at a time."""
 
-    def __init__(self, host: str, port: int, limit: int, clock: Clock | None = None) -> None:
+    def __init__(self, host: str, port: int, limit: int, clock: Clock | None = None,
+                 recheck_ns: int = RECHECK_NS) -> None:
         self.host, self.port = host, port
         self.clock = clock or Clock.measure()
+        self.clock_steps = 0  # times the offset was found changed: the wall clock was set meanwhile
+        self._recheck_ns = recheck_ns
+        self._checked_ns = time.monotonic_ns()
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(limit)
         self.kernel_stamps = True  # False once a socket refused SO_TIMESTAMPNS
@@ -257,9 +268,31 @@ class Pool:
             except OSError:
                 self.kernel_stamps = False
             self.connects += 1
-            return _Connection(sock, self.clock, loop, self._buffer)
+            return _Connection(sock, self.to_monotonic, loop, self._buffer)
         reason = os.strerror(last.errno) if last is not None and last.errno else str(last)
         raise ExchangeError("connect", reason)
+
+    def to_monotonic(self, realtime_ns: int, t_loop: int) -> int:
+        """A kernel stamp on the monotonic clock, for a read the loop stamped `t_loop`.
+
+        The two clocks' offset changes only when the wall clock is set (NTP's step, a
+        virtual machine's time sync after a pause; a slew moves both clocks alike). The
+        kernel had the bytes before the loop read them, so a stamp later than the read
+        means the wall clock was set ahead since the offset was read: it is read again and
+        the stamp converted with it. A clock set back shows no such sign; the offset is
+        read again at least every `recheck_ns` for that.
+        """
+        t = realtime_ns - self.clock.offset_ns
+        if t > t_loop + self.clock.error_ns or t_loop - self._checked_ns >= self._recheck_ns:
+            fresh = Clock.measure()
+            self._checked_ns = time.monotonic_ns()
+            if not self.clock.same_offset(fresh):
+                self.clock_steps += 1
+                self.clock = fresh
+            elif fresh.error_ns < self.clock.error_ns:
+                self.clock = fresh
+            t = realtime_ns - self.clock.offset_ns
+        return t
 
     async def request(self, request: bytes, sink: Exchange, on_sent: Callable[[], None]) -> None:
         """One exchange on a pooled (or new) connection."""

@@ -111,9 +111,10 @@ class LoadShard:
             async def wait(batch: int) -> None:
                 await barrier.arrive.remote(share.k, batch)
 
-            async def go() -> Window:
+            async def go() -> tuple[Window, int]:
                 async with self.spec.client() as client:
-                    return await self.work(client, share, start_ns - self.skew, on_record, wait)
+                    window = await self.work(client, share, start_ns - self.skew, on_record, wait)
+                return window, client.clock_steps
 
             task = asyncio.create_task(go())
             while True:
@@ -126,9 +127,9 @@ class LoadShard:
                     yield ("records", batch)
                 if task.done() and queue.empty():
                     break
-            window = task.result()  # raises what the load raised: the driver names the shard
+            window, steps = task.result()  # raises what the load raised: the driver names the shard
         yield ("window", {"start_ns": window.start_ns + self.skew, "end_ns": window.end_ns + self.skew,
-                          "sent": window.sent, "spool": str(spool)})
+                          "sent": window.sent, "spool": str(spool), "clock_steps": steps})
 
 
 async def run_ray_shards(cluster: Cluster, procs: int, spec: ClientSpec, work: ShardWork,
@@ -193,7 +194,8 @@ async def run_ray_shards(cluster: Cluster, procs: int, spec: ClientSpec, work: S
     done = [w for w in windows if w is not None]
     end = max((w["end_ns"] for w in done), default=start)
     return ShardedWindow(start_ns=start, end_ns=end, sent=sum(w["sent"] for w in done), procs=procs,
-                         records=records, failures=sorted(failures), clocks=[c.as_dict() for c in clocks if c])
+                         records=records, failures=sorted(failures), clocks=[c.as_dict() for c in clocks if c],
+                         clock_steps=sum(w.get("clock_steps", 0) for w in done))
 
 
 async def node_clock(cluster: Cluster, node: Node, actor: Any, skewed: bool = False) -> NodeClock:

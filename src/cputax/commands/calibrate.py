@@ -50,7 +50,9 @@ def _table(result: dict[str, Any]) -> None:
                       "the client falling behind, the kernel's do not. A run whose chunk rate is that high "
                       "measures this machine as much as the server.")
     console.print(f"Kernel receive stamps: {'yes' if result['kernel_stamps'] else 'no (loop stamps only)'}; "
-                  f"realtime -> monotonic conversion error {result['clock_conversion_error_us']:g} us.")
+                  f"realtime -> monotonic conversion error {result['clock_conversion_error_us']:g} us"
+                  + (f"; the wall clock was set {result['clock_steps']} time(s) meanwhile, and the "
+                     "conversion read again" if result.get("clock_steps") else "") + ".")
     console.print(f"Note: {result['note']}.")
     for level in result["levels"]:
         if "first_error" in level:
