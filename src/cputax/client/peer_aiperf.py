@@ -17,6 +17,7 @@ client here gets) are before it; what it computes after the last response is aft
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -71,6 +72,16 @@ class _TreeCPU(threading.Thread):
     def stop(self) -> None:
         self._done.set()
         self.join()
+
+    def reap(self, timeout_s: float = 30.0) -> None:
+        """Wait for every process of the tree seen to be gone (AIPerf's services outlive its
+        main process by a moment), killing what is left: the next client runs on a quiet machine."""
+        procs = [proc for proc, _ in self._seen.values()]
+        _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5)
 
     def _total(self) -> float:
         try:
@@ -129,6 +140,7 @@ def run(url: str, model: str, streams: int, requests: int, tokens: int) -> dict[
             sampler.stop()
             if proc.poll() is None:
                 proc.kill()
+            sampler.reap()
             log.close()
         if code != 0:
             tail = (out / "aiperf.out").read_text(errors="replace").strip().splitlines()[-3:]
