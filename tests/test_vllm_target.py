@@ -239,3 +239,21 @@ def test_stub_metric_names_are_vllms(vllm):
         stub_names = set(parse_metrics(urllib.request.urlopen(stub.url + "/metrics", timeout=10).read().decode()))
     real = set(parse_metrics(urllib.request.urlopen(vllm.endpoint + "/metrics", timeout=10).read().decode()))
     assert {n for n in stub_names if n.startswith("vllm:")} <= real
+
+
+def _prompt_tokens(url: str, model: str, content) -> int:
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 1}
+    request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        return json.loads(resp.read())["usage"]["prompt_tokens"]
+
+
+def test_stub_takes_content_parts_as_vllm_does(vllm):
+    # guidellm (and the OpenAI API's own examples) send content as a list of parts: vLLM
+    # renders a text model's parts joined by newlines, and so must the stub
+    parts = [{"type": "text", "text": "Run the tests."}, {"type": "text", "text": "Then fix the first failure."}]
+    joined = "Run the tests.\nThen fix the first failure."
+    with StubServer() as stub:
+        for url, model in ((stub.url, stub.config.model), (vllm.endpoint, vllm.model)):
+            assert _prompt_tokens(url, model, parts) == _prompt_tokens(url, model, joined), url

@@ -88,8 +88,19 @@ def _compiled(template: str):
 def render_chat(messages: list[Message], tools: list[dict[str, Any]] | None = None,
                 template: str | None = None, add_generation_prompt: bool = True) -> str:
     return _compiled(template or chat_template()).render(
-        messages=messages, tools=tools, add_generation_prompt=add_generation_prompt
+        messages=text_content(messages), tools=tools, add_generation_prompt=add_generation_prompt
     )
+
+
+def text_content(messages: list[Message]) -> list[Message]:
+    """Messages whose content comes as parts (`[{"type": "text", "text": ...}]`, the OpenAI
+    form that guidellm and others send) with it as one string, the text parts joined by
+    newlines: what vLLM renders for a text model (its chat_utils, "string" content format)."""
+    if all(not isinstance(m.get("content"), list) for m in messages):
+        return messages
+    return [{**m, "content": "\n".join(p.get("text", "") for p in m["content"]
+                                       if isinstance(p, dict) and p.get("type") == "text")}
+            if isinstance(m.get("content"), list) else m for m in messages]
 
 
 def prompt_tokens(messages: list[Message], tools: list[dict[str, Any]] | None, tokenizer: LoadedTokenizer) -> int:
