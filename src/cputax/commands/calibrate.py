@@ -87,7 +87,9 @@ def show_peers(result: dict[str, Any]) -> None:
     console.print("CPU: user + system of the client's whole process, start-up, imports and a first round of one "
                   "request a stream left out, alike for every client; with repeats, the median and range over them, "
                   "and the ratio to cputax repeat by repeat (the two ran one after the other). cputax's errors are "
-                  "those of its kernel receive stamps (what its runs report); the others' of their loop's.")
+                  "those of its kernel receive stamps (what its runs report); the others' of their loop's. AIPerf and "
+                  "guidellm run as their own command lines: their whole process tree's CPU (psutil) over their "
+                  "measured requests; guidellm keeps no time per token (no ITL error).")
     console.print(f"Note: {result['note']}.")
 
 
