@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from cputax.text.corpus import _Gen, make_corpus
+from cputax.text.corpus import TextGen, make_corpus
 from cputax.text.tokenizer import LoadedTokenizer
 
 Message = dict[str, Any]
@@ -45,7 +45,7 @@ TOOL_NAMES = tuple(spec[0] for spec in _TOOL_SPECS)
 
 def agent_tools(seed: int = 0) -> list[dict[str, Any]]:
     """OpenAI-format tool definitions, with the long usage notes real agents carry."""
-    gen = _Gen(seed + 7919)
+    gen = TextGen(seed + 7919)
     tools = []
     for name, summary, params in _TOOL_SPECS:
         properties = {
@@ -108,7 +108,7 @@ def prompt_tokens(messages: list[Message], tools: list[dict[str, Any]] | None, t
     return tokenizer.count(render_chat(messages, tools))
 
 
-def _tool_call(gen: _Gen, call_id: str) -> dict[str, Any]:
+def _tool_call(gen: TextGen, call_id: str) -> dict[str, Any]:
     name = gen.r.choice(TOOL_NAMES)
     args = {"path": gen.path()} if gen.r.random() < 0.6 else {"command": f"pytest -q -k {gen.ident()}"}
     return {"id": call_id, "type": "function",
@@ -128,7 +128,7 @@ def agent_conversation(
     last tool result is sized to land on the target. `system_tokens` sizes the
     system prompt (default: an eighth of the budget, capped at 2,000).
     """
-    gen = _Gen(seed)
+    gen = TextGen(seed)
     rng = random.Random(seed)
     if system_tokens is None:
         system_tokens = max(16, min(2000, n_tokens // 8))

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from cputax.errors import CputaxError
 from cputax.text.tokenizer import LoadedTokenizer
 
+__all__ = ["TextGen", "make_corpus", "pieces"]
+
 VERBS = (
     "load parse build fetch resolve update merge flush render encode decode apply "
     "validate compute schedule allocate release attach detach normalize collect "
@@ -54,7 +56,7 @@ PROSE_TAILS = (
 )
 
 
-class _Gen:
+class TextGen:
     """One seeded generator; every method returns a fresh, unique piece of text."""
 
     def __init__(self, seed: int):
@@ -274,7 +276,7 @@ class _Gen:
 
 def pieces(seed: int) -> Iterator[str]:
     """An endless stream of agent-shaped pieces for `seed`."""
-    gen = _Gen(seed)
+    gen = TextGen(seed)
     while True:
         yield gen.piece()
 
