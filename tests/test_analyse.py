@@ -161,3 +161,18 @@ def test_a_scenario_past_the_calibrated_ceiling_is_noted(run):
     assert "- **s**: 50 chunks/s, past 80% of what this machine's client took in" in render(results)
     run.update_info(client_ceiling={"max_chunks_per_s": 1000, "share": 0.8, "cpus": 2, "cpu_model": "x"})
     assert analyse(run).summary["scenarios"][0]["past_client_ceiling"] is False
+
+
+def test_a_wall_clock_set_mid_run_is_noted(run):
+    assert "clock_steps" not in analyse(run).summary and "**clock**" not in render(analyse(run))
+    # once in this process's client, twice in a sharded scenario's shards
+    run.update_info(stamps={"kernel": True, "conversion_error_ns": 50, "clock_steps": 1})
+    windows = run.read_windows()
+    windows[0]["clock_steps"] = 2
+    run.windows.unlink()
+    with JsonlWriter(run.windows) as w:
+        for window in windows:
+            w.write(window)
+    results = analyse(run)
+    assert results.summary["clock_steps"] == 3
+    assert "- **clock**: the wall clock was set 3 time(s) during the run" in render(results)

@@ -45,6 +45,10 @@ def summarize_run(run: RunDir, info: dict[str, Any], table: RequestTable) -> dic
     shards = [f"{name}: {line}" for name, w in windows.items() for line in w.get("shard_failures") or []]
     if shards:
         summary["shard_failures"] = shards
+    # the wall clock set during the run (client.wire): in this process, and in each sharded scenario
+    steps = (info.get("stamps") or {}).get("clock_steps", 0) + sum(w.get("clock_steps", 0) for w in windows.values())
+    if steps:
+        summary["clock_steps"] = steps
     if "replay" in info:
         server = (summaries[0].get("server") or {}) if summaries else {}
         summary["agentic"] = agentic_summary(table.replayed, info["replay"], server.get("prefix_cache_hit_rate"))

@@ -264,6 +264,11 @@ def render_report(summary: dict[str, Any], info: dict[str, Any], sections: list[
         parts += [section.rstrip(), ""]
     notes = _notes(scenarios, info, summary.get("skipped", []))
     notes += [f"- **{line.split(': ', 1)[0]}**: {line.split(': ', 1)[1]}." for line in summary.get("shard_failures", [])]
+    if summary.get("clock_steps"):
+        notes.append(f"- **clock**: the wall clock was set {summary['clock_steps']} time(s) during the run (NTP, a "
+                     "virtual machine's time sync). The kernel's receive stamps are wall-clock times: their "
+                     "conversion was read again each time, and the stamps of the moment before it was noticed "
+                     "(at most a second) may be off by the step.")
     parts += ["## Notes", ""] + (notes or ["- nothing unusual: every request finished and prompts were on size."]) + [""]
     parts += ["## How to read this", "", PHASE_NOTES]
     return "\n".join(parts)
