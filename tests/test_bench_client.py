@@ -117,3 +117,11 @@ def test_guidellms_warmup_share_of_the_window_is_taken_out(tmp_path):
     assert found["start_ns"] == 100_000_000_000 and found["end_ns"] == 101_000_000_000
     assert found["share"] == pytest.approx(10 / 15)
     assert found["requests"][0]["first"] == 100_000_000_000
+
+
+def test_a_peer_named_by_a_wrong_path_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv(peer_aiperf.ENV, str(tmp_path / "no-such-aiperf"))
+    assert available("aiperf") == f"${peer_aiperf.ENV} is {tmp_path / 'no-such-aiperf'}, which is not an executable file"
+    monkeypatch.delenv(peer_guidellm.ENV, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert available("guidellm").startswith("not found: install it in a venv of its own (pip install guidellm)")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import os
 import resource
 import subprocess
 import sys
@@ -54,8 +55,13 @@ def available(client: str) -> str | None:
     cli = _cli(client)
     if cli is None:
         return f"unknown client {client!r} (one of {', '.join(PEERS)})"
-    return None if cli.find() else (f"not found: install it in a venv of its own (pip install {client}) "
-                                    f"and put its {client} on PATH or in ${cli.ENV}")
+    if cli.find():
+        return None
+    named = os.environ.get(cli.ENV)
+    if named:
+        return f"${cli.ENV} is {named}, which is not an executable file"
+    return (f"not found: install it in a venv of its own (pip install {client}) "
+            f"and put its {client} on PATH or in ${cli.ENV}")
 
 
 def _cli(client: str) -> Any:
