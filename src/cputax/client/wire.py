@@ -4,8 +4,9 @@ kernel's receive stamp of every read.
 Why not aiohttp here: aiohttp's stream reader merges what the socket delivered before
 the application sees it, so a read cannot be tied to the segment, or the moment, its
 bytes arrived in. This client reads with `recvmsg` on a socket with SO_TIMESTAMPNS,
-so each read carries the time the kernel had its bytes (CLOCK_REALTIME, converted once
-to the monotonic clock, see `Clock` and `Pool.to_monotonic`), independent of when the event loop
+so each read carries the time the kernel had its bytes (CLOCK_REALTIME, converted to the
+monotonic clock by one offset, read again if the wall clock is set: `Clock`,
+`Pool.to_monotonic`), independent of when the event loop
 got round to it; the loop's own time is stamped too. A TCP segment can carry several
 SSE events: each event gets the stamps of the read that completed it. aiohttp stays
 for everything that is not timed (/v1/models, /tokenize, /metrics).
