@@ -61,7 +61,8 @@ def cmd_micro(args: argparse.Namespace) -> int:
 def cmd_serve_local(args: argparse.Namespace) -> int:
     from cputax.commands.serve_local import serve_local
 
-    return serve_local(host=args.host, port=args.port, target=args.target)
+    return serve_local(host=args.host, port=args.port, target=args.target, emulate_gpu=args.emulate_gpu,
+                       gpu_speed=args.gpu_speed)
 
 
 def cmd_stub(args: argparse.Namespace) -> int:
@@ -106,7 +107,8 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
                       telemetry=TelemetryConfig(gpu=args.gpu, gpu_interval_ms=args.gpu_interval_ms,
                                                 host_interval_ms=args.host_interval_ms),
                       pyspy=_pyspy_options(args) if _wants_pyspy(args) else None,
-                      client_procs=getattr(args, "client_procs", None), ray=_ray_options(args))
+                      client_procs=getattr(args, "client_procs", None), ray=_ray_options(args),
+                      emulate_gpu=args.emulate_gpu, gpu_speed=args.gpu_speed)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -189,6 +191,7 @@ def _target_args(p: argparse.ArgumentParser, tokenizer_help: str) -> None:
                    help="load generator processes, each with its own event loop and a share of the streams "
                    "(default auto: one per 128 streams, at most a quarter of the CPUs; 1 below 128 streams)")
     _ray_args(p)
+    _emulation_args(p)
     p.add_argument("--gpu", choices=("auto", "amd", "nvidia", "none"), default="auto",
                    help="GPU telemetry backend (default auto: NVML, else amdsmi, else none); host telemetry is always on")
     p.add_argument("--gpu-interval-ms", type=float, default=20.0,
@@ -200,6 +203,21 @@ def _target_args(p: argparse.ArgumentParser, tokenizer_help: str) -> None:
     g.add_argument("--pyspy", action="store_true", help="turn py-spy sampling on")
     _sampler_args(g, "--pyspy-")
     _server_args(g, "which server to sample (default: the embedded target, or the endpoint's local listener)")
+
+
+def _emulation_args(p: argparse.ArgumentParser) -> None:
+    from cputax.emulation import preset_names
+
+    g = p.add_argument_group("emulated GPU", "the embedded vLLM's forward pass takes the time a chosen "
+                             "GPU would take, using no CPU; everything else (front end, scheduler, KV "
+                             "cache, detokenizer, streaming) is the real vLLM on this CPU "
+                             "(docs/emulated-gpu.md)")
+    g.add_argument("--emulate-gpu", metavar="PRESET|FILE|none", default=None,
+                   help="a preset (" + ", ".join(preset_names()) + "), a TOML file of the same shape, or "
+                   "none (the tiny model computing on the CPU); default h100-llama3.1-8b on the "
+                   "embedded vLLM")
+    g.add_argument("--gpu-speed", type=float, default=1.0, metavar="X",
+                   help="divide every emulated step time by X (inf: no GPU time at all; default 1)")
 
 
 def _ray_args(p: argparse.ArgumentParser) -> None:
@@ -328,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--target", choices=_embedded_names(), default=_embedded_names()[0],
                    help="which server to start (default %(default)s)")
+    _emulation_args(p)
     p.set_defaults(func=cmd_serve_local)
 
     p = sub.add_parser("stub", help="calibration SSE server with known delays",

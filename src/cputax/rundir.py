@@ -106,6 +106,11 @@ class RunDir:
         return self.path / "server.log"
 
     @property
+    def emulated_gpu(self) -> Path:
+        """The emulated GPU's steps (cputax.emulation), written by the plugin inside vLLM."""
+        return self.path / "emulated-gpu.jsonl"
+
+    @property
     def pyspy(self) -> Path:
         return self.path / "pyspy"
 

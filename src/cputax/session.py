@@ -53,6 +53,7 @@ __all__ = ["Monitor", "RunOptions", "Session", "api_key", "drive", "exit_status"
            "recording", "run_profile", "run_scenarios", "scenario_dicts"]
 
 DEFAULT_TARGET = "vllm"  # the embedded server when --target is auto
+DEFAULT_EMULATION = "h100-llama3.1-8b"  # the embedded vLLM's GPU unless --emulate-gpu says otherwise
 
 
 class Monitor(Protocol):
@@ -97,6 +98,10 @@ class RunOptions:
     serve_cmd: str | None = None  # the user's own command for the server, with {port} and {args} (sweep)
     client_procs: int | None = None  # load shards per scenario; None: client.shards.auto_procs
     ray: Any = None  # cluster.ray_env.RayOptions: run the load (and node agents) on a Ray cluster
+    # the embedded vLLM's emulated GPU: a preset, a TOML file or "none"; None: the default
+    # (DEFAULT_EMULATION on the embedded vllm, nothing elsewhere); scaled by gpu_speed
+    emulate_gpu: str | None = None
+    gpu_speed: float = 1.0
 
 
 @dataclass
@@ -185,6 +190,9 @@ def host_info() -> dict[str, Any]:
 def _target(opts: RunOptions, run: RunDir) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
     """The endpoint to measure: the user's, or the embedded target started for this run."""
     if opts.endpoint:
+        if opts.emulate_gpu not in (None, "none") or opts.gpu_speed != 1.0:
+            raise CputaxError("--emulate-gpu and --gpu-speed apply to the embedded vLLM; a server at "
+                              "--endpoint runs its own GPU (cputax serve-local --emulate-gpu starts one)")
         yield opts.endpoint.rstrip("/"), opts.model, {"kind": "external"}
         return
     from cputax.servers import get
@@ -201,11 +209,36 @@ def _target(opts: RunOptions, run: RunDir) -> Iterator[tuple[str, str | None, di
     def progress(waited_s: float) -> None:
         console.print(f"  ... {table.name} starting, {waited_s:.0f} s")
 
-    with EmbeddedServer(table, log_path=run.server_log, extra_args=opts.server_args, progress=progress) as server:
+    emulation = emulation_for(opts, table)
+    if emulation is not None:
+        console.print(f"emulated GPU: {emulation.description or emulation.name} (x{emulation.gpu_speed:g}); "
+                      "the CPU side is real")
+    with EmbeddedServer(table, log_path=run.server_log, extra_args=opts.server_args, progress=progress,
+                        emulation=emulation, steps_path=run.emulated_gpu) as server:
         console.print(f"embedded target up at {server.endpoint} (pid {server.pid}) in {server.startup_s:.0f} s")
         yield server.endpoint, opts.model or server.model, {
             "kind": "embedded", "pid": server.pid, "server": table.name, "command": server.command,
-            "startup_s": round(server.startup_s, 2)}
+            "startup_s": round(server.startup_s, 2),
+            **({"emulated_gpu": emulation.record()} if emulation is not None else {})}
+
+
+def emulation_for(opts: RunOptions, table: Any) -> Any:
+    """The TimingModel the embedded server hosts (None: the real model on the CPU). The
+    default applies only where the server can host it (the embedded vLLM)."""
+    from cputax.emulation import NONE, load_timing
+
+    name = opts.emulate_gpu
+    if name is None:
+        if table.launch is None or table.launch.emulation_flags is None:
+            if opts.gpu_speed != 1.0:
+                raise CputaxError(f"--gpu-speed needs the emulated GPU, which {table.name} cannot host")
+            return None
+        name = DEFAULT_EMULATION
+    if name == NONE:
+        if opts.gpu_speed != 1.0:
+            raise CputaxError("--gpu-speed scales the emulated GPU: it has no meaning with --emulate-gpu none")
+        return None
+    return load_timing(name, opts.gpu_speed)
 
 
 def drive(opts: RunOptions, key: str | None, tokenizer: LoadedTokenizer, run: RunDir, info: dict[str, Any],

@@ -108,6 +108,11 @@ GPU_SOURCES = (("gpm", "gr_util"), ("util", "gpu"), ("rates", "gpu"), ("activity
 SOURCE_NAMES = {"gpm": "NVML GPM graphics util", "util": "NVML utilization samples", "rates": "NVML utilization rates",
                 "activity": "amdsmi gfx activity accumulators", "activity_avg": "amdsmi average gfx activity"}
 META_SERIES = {"gpm": "gpm", "util": "samples", "rates": "rates", "activity": "activity", "activity_avg": "activity_avg"}
+# The emulated GPU's exact steps (cputax.emulation, telemetry.emulated), best of all: a run
+# that has them uses only them.
+GPU_SOURCES = (("emulated", "busy"), *GPU_SOURCES)
+SOURCE_NAMES["emulated"] = "emulated GPU steps (emulated-gpu.jsonl)"
+META_SERIES["emulated"] = "steps"
 STEP_CAP_NS = 1_500_000_000  # a value written on change holds at most this long
 
 
@@ -151,10 +156,14 @@ def _source_intervals(kind: str, key: str, rows: list[dict[str, Any]]) -> dict[i
 
 def gpu_busy(by_kind: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> GpuBusy | None:
     """The GPU busy series telemetry.jsonl holds, with resolutions from the run's metadata."""
-    backend = next((b for b in ("nvidia", "amd") if b in meta), "")
+    backend = next((b for b in ("emulated", "nvidia", "amd") if b in meta), "")
+    if not backend and by_kind.get("emulated"):
+        backend = "emulated"
     series_meta = meta.get(backend, {}).get("series", {})
     busy = GpuBusy(alignment_ms=meta.get(backend, {}).get("alignment_ms") or 0.0, backend=backend)
     for kind, key in GPU_SOURCES:
+        if (kind == "emulated") != (backend == "emulated"):
+            continue  # an emulated run's GPU is the emulated one, whatever else answered
         for dev, intervals in _source_intervals(kind, key, by_kind.get(kind, [])).items():
             busy.intervals[(dev, kind)] = intervals
             described = series_meta.get(str(dev), {}).get(META_SERIES[kind], {})

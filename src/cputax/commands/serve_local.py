@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import sys
+import tempfile
+from pathlib import Path
 
 from cputax.servers import get
+from cputax.session import RunOptions, emulation_for
 from cputax.targets.embedded import EmbeddedServer
 from cputax.targets.model import model_dir
 
 __all__ = ["serve_local"]
 
 
-def serve_local(host: str, port: int, target: str = "transformers") -> int:
+def serve_local(host: str, port: int, target: str = "transformers", emulate_gpu: str | None = None,
+                gpu_speed: float = 1.0) -> int:
     table = get(target)
-    server = EmbeddedServer(table, host=host, port=port)
+    emulation = emulation_for(RunOptions(emulate_gpu=emulate_gpu, gpu_speed=gpu_speed), table)
+    steps = None
+    if emulation is not None:
+        steps = Path(tempfile.gettempdir()) / f"cputax-emulated-gpu-{port}.jsonl"
+        print(f"cputax serve-local: emulated GPU {emulation.name} (x{emulation.gpu_speed:g}); the CPU side "
+              f"is real; steps in {steps}", file=sys.stderr, flush=True)
+    server = EmbeddedServer(table, host=host, port=port, emulation=emulation, steps_path=steps)
     if not (model_dir() / "config.json").is_file():
         print(f"cputax serve-local: writing the tiny model once to {model_dir()}", file=sys.stderr, flush=True)
     assert table.launch is not None

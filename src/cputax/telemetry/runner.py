@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,22 @@ def gpu_poller(kind: str, config: TelemetryConfig,
     return None, {}, [f"GPU telemetry off: {failures[0]}"]
 
 
-def open_pollers(config: TelemetryConfig, pids: dict[int, str]) -> tuple[list[Poller], dict[str, Any], list[str]]:
+def _emulated(sources: dict[str, Any]) -> Poller | None:
+    from cputax.telemetry.emulated import EmulatedPoller
+
+    path = sources.get("emulated_gpu")
+    return EmulatedPoller(Path(path)) if path else None
+
+
+# Sources beside host and GPU, each made from the child's `sources` arguments (None: not
+# asked for). Adding one is its module and a line here.
+SOURCES: dict[str, Callable[[dict[str, Any]], Poller | None]] = {"emulated": _emulated}
+
+
+def open_pollers(config: TelemetryConfig, pids: dict[int, str],
+                 sources: dict[str, Any] | None = None) -> tuple[list[Poller], dict[str, Any], list[str]]:
     """Host telemetry (of the processes `pids`: root pid -> role) always; the GPU backend
-    when one answers."""
+    when one answers; the SOURCES that `sources` asks for."""
     from cputax.telemetry.host import HostPoller
 
     host = HostPoller(config.host_interval_ms / 1e3, pids)
@@ -79,6 +93,16 @@ def open_pollers(config: TelemetryConfig, pids: dict[int, str]) -> tuple[list[Po
     if gpu is not None:
         pollers.append(gpu)
         opened[gpu.name] = info
+    for name, make in SOURCES.items():
+        poller = make(sources or {})
+        if poller is None:
+            continue
+        try:
+            opened[name] = poller.open()
+        except TelemetryUnavailable as exc:
+            notes.append(f"{name} telemetry off: {exc}")
+            continue
+        pollers.append(poller)
     return pollers, opened, notes
 
 
@@ -93,13 +117,17 @@ def child_main(argv: list[str]) -> int:
     protocol = sys.stdout
     sys.stdout = sys.stderr  # a library that prints must not break the protocol on stdout
     pollers, opened, notes = open_pollers(TelemetryConfig(**args["config"]),
-                                          {int(k): v for k, v in args["pids"].items()})
+                                          {int(k): v for k, v in args["pids"].items()},
+                                          args.get("sources"))
     print(json.dumps({"ready": True, "opened": opened, "notes": notes}), file=protocol, flush=True)
     stop = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
     with JsonlWriter(Path(argv[1])) as writer:
         writer.write(clock_sample())
         stats = run_pollers(pollers, writer.write, stop)
+        for p in pollers:  # a source that learns its last values only at the end (emulated)
+            for sample in getattr(p, "drain", list)():
+                writer.write(sample)
     meta = {p.name: {**opened.get(p.name, {}), **p.close(), "cost": stats[p.name].summary()} for p in pollers}
     print(json.dumps({"meta": meta, "notes": notes}), file=protocol, flush=True)
     return 0
@@ -122,7 +150,8 @@ class TelemetryMonitor:
 
         pids = {pid: "server" for pid in server_pids(target)}
         pids.setdefault(os.getpid(), self.own_role)
-        args = {"config": asdict(self.config), "pids": {str(k): v for k, v in pids.items()}}
+        args = {"config": asdict(self.config), "pids": {str(k): v for k, v in pids.items()},
+                "sources": {"emulated_gpu": str(run.emulated_gpu)} if target.get("emulated_gpu") else {}}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cputax.telemetry", json.dumps(args), str(run.telemetry)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -134,7 +163,7 @@ class TelemetryMonitor:
         if "server" not in pids.values():
             self.console.print("host telemetry: the server's processes are unknown (remote endpoint); "
                                "only the client and the system CPU are recorded", style="yellow")
-        gpus = [d["name"] for key in ("nvidia", "amd") for d in self.ready.get("opened", {}).get(key, {}).get("devices", [])]
+        gpus = [d["name"] for key in ("nvidia", "amd", "emulated") for d in self.ready.get("opened", {}).get(key, {}).get("devices", [])]
         if gpus:
             self.console.print(f"GPU telemetry: {', '.join(gpus)}")
 
