@@ -16,6 +16,7 @@ from cputax.analysis.agentic import agentic_summary
 from cputax.analysis.attribution import attribute_run
 from cputax.analysis.correlate import correlate_run
 from cputax.analysis.decompose import http_overhead_growth, summarize_scenario
+from cputax.analysis.emulated import add_bubbles
 from cputax.analysis.server_metrics import run_scenario_metrics
 from cputax.analysis.timeline import host_series, read_telemetry
 from cputax.records import RequestTable, Results
@@ -88,6 +89,8 @@ def analyse(run: RunDir) -> Results:
     if attribution is not None:
         run.write(run.attribution, attribution)
     correlation = correlate_run(run, info, table, telemetry)
+    if add_bubbles(run, table, summary, correlation):  # the emulated GPU's own steps
+        run.write(run.summary, summary)
     run.write(run.correlation, correlation)
     return Results(info=info, summary=summary, attribution=attribution, correlation=correlation,
                    views=[p.as_posix() for p in run.views()],

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cputax.records import Results
 from cputax.report.agentic import agentic_section
+from cputax.report.emulated import emulated_section
 from cputax.report.html import render_figures, render_html
 from cputax.report.markdown import in_short, render_report
 from cputax.report.nodes import nodes_section
@@ -24,6 +25,7 @@ def render(results: Results) -> str:
     """report.md's text."""
     sections = [agentic_section(results.summary, results.info),
                 render_telemetry(results.correlation) if results.correlation else None,
+                emulated_section(results.summary, results.correlation),
                 profiling_section(results), nodes_section(results)]
     short = in_short(results.summary, results.info, results.correlation, results.attribution)
     return render_report(results.summary, results.info, [s for s in sections if s], results.growth, short)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cputax.report.emulated import emulated_banner
 from cputax.report.format import ms, number, pct, table
 
 STUDY_COLUMNS = (("http_overhead", "HTTP OH"), ("prefill", "Prefill"), ("decode", "Decode"), ("total", "Total"))
@@ -61,6 +62,11 @@ def study_table(scenarios: list[dict[str, Any]]) -> str:
         + [pct(s["cpu_pct"]), pct(s["gpu_pct"]), f"{s['errors']}/{s['requests']}"]
         for s in scenarios
     ]
+    if any("gpu_bubble_pct" in s for s in scenarios):  # the emulated GPU: its bubbles beside CPU%
+        col = header.index("GPU%") + 1
+        header.insert(col, "GPU idle, work pending %")
+        for row, s in zip(rows, scenarios, strict=True):
+            row.insert(col, pct(s.get("gpu_bubble_pct")))
     return table(header, rows)
 
 
@@ -118,7 +124,11 @@ def growth_table(rows: list[dict[str, Any]]) -> str | None:
 def _notes(scenarios: list[dict[str, Any]], info: dict[str, Any],
            skipped_scenarios: list[dict[str, Any]] = ()) -> list[str]:
     notes = []
-    if info.get("target", {}).get("kind") == "embedded":
+    if info.get("target", {}).get("emulated_gpu"):
+        notes.append("- The embedded vLLM served an emulated GPU (first lines): its model steps took "
+                     "modelled time and no CPU, while everything else of vLLM and the client shared "
+                     f"this machine's {info.get('host', {}).get('cpus', '?')} CPUs.")
+    elif info.get("target", {}).get("kind") == "embedded":
         cpus = info.get("host", {}).get("cpus", "?")
         notes.append(f"- The embedded target ran on this machine's {cpus} CPUs beside the client: its \"GPU\" "
                      "phases are CPU work, and Serialize / Parse include waiting for a core. It shows the "
@@ -220,6 +230,10 @@ def in_short(summary: dict[str, Any], info: dict[str, Any], correlation: dict[st
         if info.get("target", {}).get("kind") == "embedded":
             second += " (the embedded target computes on this CPU: its engine time is CPU work)"
         second += "."
+    if s.get("gpu_bubble_pct") is not None:
+        second += (f" Between its steps, with requests at the engine, the emulated GPU sat idle "
+                   f"{s['gpu_bubble_pct']:.1f}% of the scenario, where the study's CPU% reads "
+                   f"{pct(s['cpu_pct'])}.")
     window = next((w for w in (attribution or {}).get("windows", []) if w["name"] == s["name"]), None)
     loop = next((r for r in (window or {}).get("threads", []) if r["process"].startswith("engine_core")
                  and r["thread"] == "MainThread"), None)
@@ -238,6 +252,7 @@ def render_report(summary: dict[str, Any], info: dict[str, Any], sections: list[
     parts = [
         "# cputax run report",
         "",
+        *emulated_banner(info),
         *([short, ""] if short else []),
         f"- endpoint: `{info.get('endpoint')}` ({info.get('target', {}).get('kind', 'external')}), model `{info.get('model')}`, API `{info.get('api')}`",
         f"- profile: `{info.get('profile')}`; prompts sized by {info.get('prompt_counter')}",
