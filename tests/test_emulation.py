@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -32,8 +33,18 @@ def test_every_preset_loads_and_records_every_coefficient():
     for name in PRESETS:
         record = load_timing(name).record()
         assert record["source"] == name and record["name"] == name
-        for key in ("peak_flops", "mem_bandwidth", "flops_efficiency", "bandwidth_efficiency", "params",
-                    "active_params", "kv_bytes_per_token", "step_overhead_s", "kv_blocks", "kv_tokens"):
+        for key in (
+            "peak_flops",
+            "mem_bandwidth",
+            "flops_efficiency",
+            "bandwidth_efficiency",
+            "params",
+            "active_params",
+            "kv_bytes_per_token",
+            "step_overhead_s",
+            "kv_blocks",
+            "kv_tokens",
+        ):
             assert key in record, (name, key)
         assert record["kv_blocks"] > 1000  # every preset's GPU memory holds a real KV cache
 
@@ -42,7 +53,9 @@ def test_h100_decode_step_is_about_5_ms_and_grows_with_batch_and_context():
     h100 = load_timing("h100-llama3.1-8b")
     one = h100.step_s([1], [1024])
     assert 0.004 < one < 0.0065  # vLLM's CPU-overhead posts: ~5 ms of GPU per decode step
-    assert h100.step_s([1] * 64, [8192] * 64) > 1.5 * one  # 64 x 8k of KV read beside 16 GB of weights
+    assert (
+        h100.step_s([1] * 64, [8192] * 64) > 1.5 * one
+    )  # 64 x 8k of KV read beside 16 GB of weights
     assert h100.step_s([8192], [8192]) > 20 * one  # a long prefill is compute bound
 
 
@@ -73,7 +86,9 @@ def test_study_preset_reproduces_the_studys_published_times():
             prefill += study.step_s([q], [done])
         decode = sum(study.step_s([1], [tokens + k]) for k in range(1, 64))
         assert decode * 1e3 == pytest.approx(decode_ms, rel=0.25), tokens
-        if tokens > 10_000:  # the short prompts' prefill is dominated by what the study timed around it
+        if (
+            tokens > 10_000
+        ):  # the short prompts' prefill is dominated by what the study timed around it
             assert prefill * 1e3 == pytest.approx(prefill_ms, rel=0.15), tokens
 
 
@@ -85,7 +100,9 @@ def test_a_copied_preset_file_loads_and_bad_ones_are_one_line(tmp_path):
     mine.write_text(text.replace("step_overhead_s = 0.0002", "step_overhead_s = 0.0102"))
     edited = load_timing(str(mine))
     assert edited.source == str(mine)
-    assert edited.step_s([1], [100]) == pytest.approx(load_timing("h100-llama3.1-8b").step_s([1], [100]) + 0.01)
+    assert edited.step_s([1], [100]) == pytest.approx(
+        load_timing("h100-llama3.1-8b").step_s([1], [100]) + 0.01
+    )
     (tmp_path / "typo.toml").write_text(text.replace("peak_flops", "peak_flop"))
     with pytest.raises(CputaxError, match="unknown keys peak_flop"):
         load_timing(str(tmp_path / "typo.toml"))
@@ -102,7 +119,9 @@ def test_a_copied_preset_file_loads_and_bad_ones_are_one_line(tmp_path):
 
 def step(t0_ms, t1_ms, model_ms=None, cpu_us=50):
     model = (t1_ms - t0_ms) if model_ms is None else model_ms
-    return StepRecord(int(t0_ms * MS), int(t1_ms * MS), int(model * MS), 0, 1, 100, 1, cpu_us * 1000)
+    return StepRecord(
+        int(t0_ms * MS), int(t1_ms * MS), int(model * MS), 0, 1, 100, 1, cpu_us * 1000
+    )
 
 
 def test_step_log_round_trip_leaves_a_torn_line_for_later(tmp_path):
@@ -132,7 +151,13 @@ def test_emulated_source_turns_steps_into_busy_and_idle_windows(tmp_path):
         log.write(s)
     samples = poller.poll()
     assert [(s["t0_ns"] // MS, s["t_ns"] // MS, s["busy"]) for s in samples] == [
-        (0, 2, 0.0), (2, 7, 100.0), (7, 9, 0.0), (9, 14, 100.0), (14, 20, 0.0), (20, 25, 100.0)]
+        (0, 2, 0.0),
+        (2, 7, 100.0),
+        (7, 9, 0.0),
+        (9, 14, 100.0),
+        (14, 20, 0.0),
+        (20, 25, 100.0),
+    ]
     assert poller.poll() == []
     tail = poller.drain()
     assert tail[-1]["t0_ns"] == 25 * MS and tail[-1]["busy"] == 0.0
@@ -141,9 +166,16 @@ def test_emulated_source_turns_steps_into_busy_and_idle_windows(tmp_path):
 
 
 def req(start, sent, headers, first, last, end):
-    return RequestRecord(scenario="s", ok=True, t_start=int(start * MS), t_sent=int(sent * MS),
-                         t_headers=int(headers * MS), t_first_token=int(first * MS),
-                         t_last_token=int(last * MS), t_end=int(end * MS))
+    return RequestRecord(
+        scenario="s",
+        ok=True,
+        t_start=int(start * MS),
+        t_sent=int(sent * MS),
+        t_headers=int(headers * MS),
+        t_first_token=int(first * MS),
+        t_last_token=int(last * MS),
+        t_end=int(end * MS),
+    )
 
 
 def _steps_every(period_ms: float, busy_ms: float, until_ms: float) -> list[StepRecord]:
@@ -176,51 +208,90 @@ def test_correlation_busy_and_bubbles_agree_with_the_steps(tmp_path):
     bubbles = scenario_bubbles(window, steps, states, {})
     assert bubbles["busy_pct"] == pytest.approx(exact)
     # gaps of 2 ms between 100 and 900 ms, each with the request at the engine
-    inside = [b for a, b in zip(steps, steps[1:], strict=False) if a.t1_ns >= 100 * MS and b.t0_ns <= 900 * MS]
+    inside = [
+        b
+        for a, b in zip(steps, steps[1:], strict=False)
+        if a.t1_ns >= 100 * MS and b.t0_ns <= 900 * MS
+    ]
     assert bubbles["bubbles"] >= len(inside)
     assert bubbles["bubble_ms"]["p50"] == pytest.approx(2.0)
     assert bubbles["bubble_pct"] == pytest.approx(100 * 2 * len(inside) / 1000, abs=0.5)
     assert bubbles["step_cpu_pct"] == pytest.approx(1.0)  # 50 µs of CPU per 5 ms step
-    assert bubbles["bubble_split"] == {"unattributed (no py-spy data)": pytest.approx(bubbles["bubble_s"])}
+    assert bubbles["bubble_split"] == {
+        "unattributed (no py-spy data)": pytest.approx(bubbles["bubble_s"])
+    }
 
 
 def test_a_real_gpus_samples_do_not_mix_with_the_emulated_ones():
-    samples = [{"t_ns": 10 * MS, "t0_ns": 0, "src": "emulated", "kind": "emulated", "dev": 0, "busy": 100.0},
-               {"t_ns": 10 * MS, "src": "nvidia", "kind": "util", "dev": 0, "gpu": 3}]
+    samples = [
+        {
+            "t_ns": 10 * MS,
+            "t0_ns": 0,
+            "src": "emulated",
+            "kind": "emulated",
+            "dev": 0,
+            "busy": 100.0,
+        },
+        {"t_ns": 10 * MS, "src": "nvidia", "kind": "util", "dev": 0, "gpu": 3},
+    ]
     gpu = gpu_busy(read_telemetry(samples), {"emulated": {}, "nvidia": {}})
     assert list(gpu.intervals) == [(0, "emulated")]
 
 
 def test_report_says_the_gpu_is_emulated_and_puts_bubbles_beside_cpu_pct():
-    info = {"target": {"kind": "embedded", "emulated_gpu": load_timing("h100-llama3.1-8b").record()}}
+    info = {
+        "target": {"kind": "embedded", "emulated_gpu": load_timing("h100-llama3.1-8b").record()}
+    }
     banner = "\n".join(emulated_banner(info))
     assert banner.startswith("> **The GPU is emulated; the CPU side is real.**")
     assert "h100-llama3.1-8b" in banner and "26,674 blocks" in banner
     assert emulated_banner({"target": {"kind": "embedded"}}) == []
-    scenario = {"name": "c1", "concurrency": 1, "context_tokens": 1000, "prompt_tokens_mean": 1000,
-                "mean_ms": dict.fromkeys(("http_overhead", "prefill", "decode", "total"), 1.0),
-                "p50_ms": dict.fromkeys(("http_overhead", "prefill", "decode", "total"), 1.0),
-                "p99_ms": dict.fromkeys(("http_overhead", "prefill", "decode", "total"), 1.0),
-                "cpu_pct": 2.5, "gpu_pct": 97.5, "errors": 0, "requests": 4, "gpu_bubble_pct": 31.25}
+    scenario = {
+        "name": "c1",
+        "concurrency": 1,
+        "context_tokens": 1000,
+        "prompt_tokens_mean": 1000,
+        "mean_ms": dict.fromkeys(("http_overhead", "prefill", "decode", "total"), 1.0),
+        "p50_ms": dict.fromkeys(("http_overhead", "prefill", "decode", "total"), 1.0),
+        "p99_ms": dict.fromkeys(("http_overhead", "prefill", "decode", "total"), 1.0),
+        "cpu_pct": 2.5,
+        "gpu_pct": 97.5,
+        "errors": 0,
+        "requests": 4,
+        "gpu_bubble_pct": 31.25,
+    }
     header, _, row = study_table([scenario]).splitlines()
     cells = [c.strip() for c in header.split("|")]
     values = [c.strip() for c in row.split("|")]
     assert values[cells.index("GPU idle, work pending %")] == "31.2%"
     assert values[cells.index("CPU%")] == "2.5%"
-    em = scenario_bubbles((0, 100 * MS), _steps_every(7.0, 5.0, 100.0), [(0, 100 * MS, "engine")], {})
-    section = emulated_section({"scenarios": [scenario]}, {"scenarios": [{"name": "c1", "emulated_gpu": em}]})
+    em = scenario_bubbles(
+        (0, 100 * MS), _steps_every(7.0, 5.0, 100.0), [(0, 100 * MS, "engine")], {}
+    )
+    section = emulated_section(
+        {"scenarios": [scenario]}, {"scenarios": [{"name": "c1", "emulated_gpu": em}]}
+    )
     assert "| c1 |" in section and "2.5%" in section
 
 
 def test_plugin_is_inert_unless_asked():
     """vLLM's own loader runs every installed plugin; cputax's registers nothing unless its
     environment variable is set (and then the emulated architecture)."""
-    code = ("import sys; from vllm.plugins import load_general_plugins; from vllm import ModelRegistry; "
-            f"load_general_plugins(); print({ARCHITECTURE!r} in ModelRegistry.get_supported_archs())")
-    env = {k: v for k, v in __import__("os").environ.items() if k != EMULATE_ENV}
+    code = (
+        "from vllm.plugins import load_general_plugins; from vllm import ModelRegistry; "
+        f"load_general_plugins(); print({ARCHITECTURE!r} in ModelRegistry.get_supported_archs())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != EMULATE_ENV}
     pytest.importorskip("vllm")
-    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                        env={**env, EMULATE_ENV: load_timing("infinite").to_env()})
+    off = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    on = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, EMULATE_ENV: load_timing("infinite").to_env()},
+    )
     assert off.stdout.strip().splitlines()[-1] == "False", off.stderr[-2000:]
     assert on.stdout.strip().splitlines()[-1] == "True", on.stderr[-2000:]

@@ -34,9 +34,12 @@ def _stats_ms(values_ns: list[int]) -> dict[str, float | None]:
     return {"p50": percentile(ms, 50) if ms else None, "p99": percentile(ms, 99) if ms else None}
 
 
-def scenario_bubbles(window: tuple[int, int], steps: list[StepRecord],
-                     states: list[tuple[int, int, str]],
-                     categories: CategorySpans) -> dict[str, Any]:
+def scenario_bubbles(
+    window: tuple[int, int],
+    steps: list[StepRecord],
+    states: list[tuple[int, int, str]],
+    categories: CategorySpans,
+) -> dict[str, Any]:
     """One window: busy % from the steps, the model's error, and the bubbles (the gaps between
     consecutive steps while at least one request was at the engine, in prefill or decode)."""
     w0, w1 = window
@@ -76,8 +79,9 @@ def scenario_bubbles(window: tuple[int, int], steps: list[StepRecord],
     }
 
 
-def add_bubbles(run: RunDir, table: RequestTable, summary: dict[str, Any],
-                correlation: dict[str, Any]) -> bool:
+def add_bubbles(
+    run: RunDir, table: RequestTable, summary: dict[str, Any], correlation: dict[str, Any]
+) -> bool:
     """For a run with an emulated GPU: `emulated_gpu` on each correlation scenario, and its
     bubble share (`gpu_bubble_pct`) beside the study's CPU% on each summary scenario. False
     (nothing added) for a run without one."""

@@ -62,8 +62,9 @@ class EmulatedGpuForCausalLM(LlamaForCausalLM):
         self.steps = 0
         self._slack_set = False
 
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
-                **kwargs):
+    def forward(
+        self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs
+    ):
         t0 = time.monotonic_ns()
         cpu0 = time.thread_time_ns()
         if not self._slack_set:  # per thread: the forward's thread sleeps, not __init__'s
@@ -85,8 +86,9 @@ class EmulatedGpuForCausalLM(LlamaForCausalLM):
         decode = sum(1 for q, s in zip(queries, contexts, strict=True) if q == 1 and s > 1)
         prefill = sum(q for q, s in zip(queries, contexts, strict=True) if not (q == 1 and s > 1))
         cpu = time.thread_time_ns() - cpu0  # the sleep itself costs a system call, no more
-        self.log.write(StepRecord(t0, t1, model_ns, prefill, decode, sum(contexts), len(queries),
-                                  cpu))
+        self.log.write(
+            StepRecord(t0, t1, model_ns, prefill, decode, sum(contexts), len(queries), cpu)
+        )
         self.steps += 1
         return out
 

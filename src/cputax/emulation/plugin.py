@@ -25,9 +25,7 @@ def _register_emulated_gpu() -> None:
 
 
 # (environment variable that asks for the feature, what registers it)
-FEATURES: tuple[tuple[str, Callable[[], None]], ...] = (
-    (EMULATE_ENV, _register_emulated_gpu),
-)
+FEATURES: tuple[tuple[str, Callable[[], None]], ...] = ((EMULATE_ENV, _register_emulated_gpu),)
 
 
 def register() -> None:

@@ -68,8 +68,13 @@ class TimingModel:
 
     @property
     def infinite(self) -> bool:
-        return math.isinf(self.gpu_speed) or self.peak_flops <= 0 and self.mem_bandwidth <= 0 \
-            and self.step_overhead_s <= 0 and self.context_s_per_token <= 0
+        return (
+            math.isinf(self.gpu_speed)
+            or self.peak_flops <= 0
+            and self.mem_bandwidth <= 0
+            and self.step_overhead_s <= 0
+            and self.context_s_per_token <= 0
+        )
 
     def step_s(self, queries: Sequence[int], contexts: Sequence[int]) -> float:
         """Seconds of GPU time for one step: request i runs queries[i] new tokens over
@@ -96,8 +101,10 @@ class TimingModel:
         weights = self.params * self.bytes_per_param
         free = self.gpus * self.memory_bytes * self.memory_utilization - weights
         if free <= 0:
-            raise CputaxError(f"emulated GPU {self.name}: the weights ({weights / 1e9:.0f} GB) "
-                              f"do not fit in {self.gpus} x {self.memory_bytes / 1e9:.0f} GB")
+            raise CputaxError(
+                f"emulated GPU {self.name}: the weights ({weights / 1e9:.0f} GB) "
+                f"do not fit in {self.gpus} x {self.memory_bytes / 1e9:.0f} GB"
+            )
         return int(free // (self.kv_bytes_per_token * self.block_size))
 
     def scaled(self, speed: float) -> TimingModel:
@@ -148,8 +155,10 @@ def load_timing(name_or_file: str, gpu_speed: float = 1.0) -> TimingModel:
         text = (folder / f"{name_or_file}.toml").read_text()
         source = name_or_file
     else:
-        raise CputaxError(f"--emulate-gpu {name_or_file}: not a preset "
-                          f"({', '.join(preset_names())}), a TOML file or {NONE}")
+        raise CputaxError(
+            f"--emulate-gpu {name_or_file}: not a preset "
+            f"({', '.join(preset_names())}), a TOML file or {NONE}"
+        )
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

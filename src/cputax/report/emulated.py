@@ -21,9 +21,14 @@ def emulated_banner(info: dict[str, Any]) -> list[str]:
     gpu = (info.get("target") or {}).get("emulated_gpu")
     if not gpu:
         return []
-    kv = "not modelled" if gpu.get("kv_tokens") is None else (
-        f"{gpu['kv_blocks']:,} blocks of {gpu['block_size']} = {gpu['kv_tokens']:,} tokens "
-        "(--num-gpu-blocks-override)")
+    kv = (
+        "not modelled"
+        if gpu.get("kv_tokens") is None
+        else (
+            f"{gpu['kv_blocks']:,} blocks of {gpu['block_size']} = {gpu['kv_tokens']:,} tokens "
+            "(--num-gpu-blocks-override)"
+        )
+    )
     speed = gpu.get("gpu_speed", 1)
     what = gpu.get("description") or gpu["gpu"]
     return [
@@ -57,23 +62,51 @@ def emulated_section(summary: dict[str, Any], correlation: dict[str, Any] | None
     if not rows:
         return None
     cpu = {s["name"]: s.get("cpu_pct") for s in summary.get("scenarios", [])}
-    header = ["Scenario", "GPU busy % (steps)", "GPU busy % (correlation)", "steps", "step ms p50",
-              "model error ms p99", "step CPU %", "bubbles", "bubble ms p50 / p99",
-              "bubbles % of wall", "study's CPU%", "server threads during bubbles"]
+    header = [
+        "Scenario",
+        "GPU busy % (steps)",
+        "GPU busy % (correlation)",
+        "steps",
+        "step ms p50",
+        "model error ms p99",
+        "step CPU %",
+        "bubbles",
+        "bubble ms p50 / p99",
+        "bubbles % of wall",
+        "study's CPU%",
+        "server threads during bubbles",
+    ]
     body = []
     for s in rows:
         em = s["emulated_gpu"]
         corr = (s.get("gpu") or {}).get("busy_pct")
         bubble_ms = f"{ms(em['bubble_ms']['p50'])} / {ms(em['bubble_ms']['p99'])}"
-        body.append([s["name"], pct(em["busy_pct"]), pct(corr), number(em["steps"]),
-                     ms(em["step_ms"]["p50"]), ms(em["model_error_ms"]["p99"]),
-                     pct(em["step_cpu_pct"]), number(em["bubbles"]), bubble_ms,
-                     pct(em["bubble_pct"]), pct(cpu.get(s["name"])), _split(em)])
-    return "\n".join([
-        "## Emulated GPU: busy time and the bubbles between its steps", "",
-        "Bubbles: the emulated GPU idle between two steps while at least one request was at the "
-        "engine (prefill or decode). That time is the CPU side's: the engine loop, the worker's "
-        "input preparation and sampling, the output path. The study's CPU% counts none of it, "
-        "since it falls inside \"decode\". Thread categories come from py-spy (`--pyspy`).", "",
-        table(header, body),
-    ])
+        body.append(
+            [
+                s["name"],
+                pct(em["busy_pct"]),
+                pct(corr),
+                number(em["steps"]),
+                ms(em["step_ms"]["p50"]),
+                ms(em["model_error_ms"]["p99"]),
+                pct(em["step_cpu_pct"]),
+                number(em["bubbles"]),
+                bubble_ms,
+                pct(em["bubble_pct"]),
+                pct(cpu.get(s["name"])),
+                _split(em),
+            ]
+        )
+    return "\n".join(
+        [
+            "## Emulated GPU: busy time and the bubbles between its steps",
+            "",
+            "Bubbles: the emulated GPU idle between two steps while at least one request was "
+            "at the engine (prefill or decode). That time is the CPU side's: the engine loop, "
+            "the worker's input preparation and sampling, the output path. The study's CPU% "
+            "counts none of it, "
+            'since it falls inside "decode". Thread categories come from py-spy (`--pyspy`).',
+            "",
+            table(header, body),
+        ]
+    )

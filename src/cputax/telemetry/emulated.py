@@ -35,13 +35,24 @@ class EmulatedPoller:
 
     def open(self) -> dict[str, Any]:
         if not self.path.parent.is_dir():
-            raise TelemetryUnavailable(f"no folder for the emulated GPU's steps ({self.path.parent})")
+            raise TelemetryUnavailable(
+                f"no folder for the emulated GPU's steps ({self.path.parent})"
+            )
         self._last_end = time.monotonic_ns()  # before this, nothing is known
-        return {"devices": [{"index": DEV, "name": "emulated GPU (cputax.emulation)"}],
-                "path": str(self.path)}
+        return {
+            "devices": [{"index": DEV, "name": "emulated GPU (cputax.emulation)"}],
+            "path": str(self.path),
+        }
 
     def _window(self, t0: int, t1: int, busy: float) -> Sample:
-        return {"t_ns": t1, "t0_ns": t0, "src": self.name, "kind": "emulated", "dev": DEV, "busy": busy}
+        return {
+            "t_ns": t1,
+            "t0_ns": t0,
+            "src": self.name,
+            "kind": "emulated",
+            "dev": DEV,
+            "busy": busy,
+        }
 
     def poll(self) -> list[Sample]:
         out: list[Sample] = []
@@ -67,5 +78,7 @@ class EmulatedPoller:
 
     def close(self) -> dict[str, Any]:
         basis = f"exact step stamps ({self._steps} steps), binned at {RESOLUTION_MS:g} ms"
-        return {"steps": self._steps,
-                "series": {str(DEV): {"steps": {"resolution_ms": RESOLUTION_MS, "basis": basis}}}}
+        return {
+            "steps": self._steps,
+            "series": {str(DEV): {"steps": {"resolution_ms": RESOLUTION_MS, "basis": basis}}},
+        }
