@@ -24,7 +24,9 @@ CLAIMS = {
     "tokenization": "move tokenization off the main event loop",
     "gil": "the GIL is the elephant in the room",
     "hashing": "(LMCache) prefix hashing is negligible",
+    "cpu_floor": "even an infinitely fast GPU recovers only 85-90%: the CPU sets a floor",
 }
+STUDY_FLOOR_PCT = (10.0, 15.0)  # what an infinitely fast GPU leaves, by the study's claim
 
 
 def _heaviest(config: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
@@ -187,10 +189,41 @@ def hashing(configs: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, An
     return _row("hashing", finding, sentence, True, shares=known)
 
 
+def cpu_floor(configs: list[dict[str, Any]]) -> dict[str, Any]:
+    """`--vary gpu-speed=1,...,inf` on the emulated GPU: per scenario, the share of a request's
+    time left when the GPU takes none (the CPU floor)."""
+    by_value = {k.lower(): v for k, v in _varied(configs, "gpu-speed").items()}
+    base = next((by_value[k] for k in ("1", "1.0") if k in by_value), None)
+    floor = next((by_value[k] for k in ("inf", "infinity") if k in by_value), None)
+    if base is None or floor is None:
+        return _row("cpu_floor", "not varied", "This sweep did not run the emulated GPU at speed 1 "
+                    "and inf (`--vary gpu-speed=1,4,inf`): the data cannot decide.", False)
+    shares = {}
+    for name, a in base["scenarios"].items():
+        b = floor["scenarios"].get(name)
+        ta, tb = _value(a, "total_ms"), _value(b, "total_ms") if b else None
+        if ta and tb is not None:
+            shares[name] = 100.0 * tb / ta
+    if not shares:
+        return _row("cpu_floor", "absent", "No scenario finished at both speeds.", False)
+    heaviest = _heaviest(base)
+    name = heaviest[0] if heaviest and heaviest[0] in shares else max(shares, key=shares.get)
+    finding = "; ".join(f"{n}: {s:.0f}% left" for n, s in shares.items())
+    lo, hi = STUDY_FLOOR_PCT
+    left = shares[name]
+    verdict = "as the study says" if lo <= left <= hi else (
+        "a higher floor than the study's" if left > hi else "a lower floor than the study's")
+    sentence = (f"At {name}, an infinitely fast GPU leaves {left:.0f}% of a request's time "
+                f"(it recovers {100 - left:.0f}%): {verdict} "
+                f"({100 - hi:.0f}-{100 - lo:.0f}% recovered). "
+                "The rest is the CPU side of this machine: front end, engine loop, worker, client.")
+    return _row("cpu_floor", finding, sentence, True, left_pct=shares)
+
+
 def claims(info: dict[str, Any], configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     base = next((c for c in configs if c["scenarios"]), None)
     if base is None:
         return [_row(key, "absent", "No configuration was measured.", False) for key in CLAIMS]
     notes = info.get("notes") or {}
     return [scheduling(base), async_scheduling(configs, notes), tokenization(configs, base), gil(base),
-            hashing(configs, base)]
+            hashing(configs, base), cpu_floor(configs)]

@@ -36,6 +36,9 @@ METRICS: dict[str, tuple[str, str, str | None]] = {
     "prefix_hash_share": ("prefix hashing, share of EngineCore busy time", "%", None),
     "schedule_share": ("scheduling + KV cache, share of the engine loop", "%", None),
     "worker_wait_share": ("waiting for the model step, share of the engine loop", "%", None),
+    # the emulated GPU (cputax.emulation): a request's whole time, and the GPU's bubbles
+    "total_ms": ("request time (client)", "ms", None),
+    "gpu_bubble_pct": ("emulated GPU idle while requests waited", "% of wall", None),
 }
 ROLES = ("api_server", "engine_core", "worker", "launcher")
 
@@ -127,6 +130,7 @@ def scenario_metrics(summary: dict[str, Any], window: dict[str, Any] | None,
         "itl_ms": mean["decode"] / (out_tokens - 1) if mean["decode"] is not None and out_tokens and out_tokens > 1 else None,
         "output_tokens_per_s": (summary.get("throughput") or {}).get("output_tokens_per_s"),
         "cpu_pct": summary["cpu_pct"], "prefix_hash_share": _prefix_hash_share(window),
+        "total_ms": mean.get("total"), "gpu_bubble_pct": summary.get("gpu_bubble_pct"),
     }
     loop = engine_loop(window)
     values["schedule_share"] = None if loop is None else 100.0 * loop["schedule"]

@@ -79,6 +79,8 @@ def sweep(opts: SweepOptions) -> int:
     varied = [parse_vary(v, table.presets, flags) for v in opts.varies]
     configs = configurations([knobs for knobs, _ in varied])
     steps = plan(configs, opts.repeat)
+    for config in configs:
+        config.own_options()  # a bad value of cputax's own knobs: one line before anything starts
     out = SweepDir.create(opts.out)
     notes = {p.flag: p.note for _, p in varied if p is not None and p.note}
     info: dict[str, Any] = {
@@ -103,7 +105,9 @@ def sweep(opts: SweepOptions) -> int:
             console.print(f"[red]{name}: {record['message']}[/]")
         else:
             run_opts = dataclasses.replace(opts.run, out=out.run(step.folder).path,
-                                           server_args=step.configuration.args(), serve_cmd=opts.serve_cmd)
+                                           server_args=step.configuration.args(),
+                                           serve_cmd=opts.serve_cmd,
+                                           **step.configuration.own_options())
             try:
                 results = run_profile(run_opts)
             except CputaxError as exc:

@@ -17,8 +17,11 @@ from dataclasses import dataclass
 from cputax.errors import CputaxError
 from cputax.servers import Preset
 
-__all__ = ["Configuration", "Knob", "ServerFlags", "Step", "configurations", "parse_help", "parse_vary", "plan"]
+__all__ = ["OWN_KNOBS", "Configuration", "Knob", "ServerFlags", "Step", "configurations",
+           "parse_help", "parse_vary", "plan"]
 
+# Knobs cputax applies itself (RunOptions fields: the emulated GPU), not server flags
+OWN_KNOBS = {"gpu-speed": "gpu_speed", "emulate-gpu": "emulate_gpu"}
 ON = ("on", "true", "yes")
 OFF = ("off", "false", "no")
 _FLAG = re.compile(r"(?<![\w-])--([a-z0-9][a-z0-9-]*)")
@@ -57,7 +60,23 @@ class Configuration:
         return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "__".join(k.label for k in self.knobs)).replace("=", "-") or "_"
 
     def args(self) -> tuple[str, ...]:
-        return tuple(a for k in self.knobs for a in k.args())
+        """The server's flags (cputax's own knobs left out)."""
+        return tuple(a for k in self.knobs if k.flag not in OWN_KNOBS for a in k.args())
+
+    def own_options(self) -> dict[str, object]:
+        """cputax's own knobs as RunOptions fields: gpu_speed (a float, inf allowed) and
+        emulate_gpu."""
+        out: dict[str, object] = {}
+        for k in self.knobs:
+            if k.flag == "gpu-speed":
+                try:
+                    out["gpu_speed"] = float(k.value)
+                except ValueError:
+                    raise CputaxError(f"--vary gpu-speed: {k.value!r} is not a number "
+                                      "(inf allowed)") from None
+            elif k.flag in OWN_KNOBS:
+                out[OWN_KNOBS[k.flag]] = k.value
+        return out
 
 
 @dataclass(frozen=True)
@@ -82,7 +101,7 @@ class ServerFlags:
     def knows(self, knob: Knob) -> bool:
         if knob.value.lower() in ON + OFF:
             return knob.flag in self.flags or f"no-{knob.flag}" in self.flags
-        return knob.flag in self.flags
+        return knob.flag in self.flags or knob.flag in OWN_KNOBS
 
 
 def parse_help(text: str) -> ServerFlags:
