@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-__all__ = ["ARCHITECTURE", "EMULATE_ENV", "FEATURES", "register"]
+__all__ = ["ARCHITECTURE", "EMULATE_ENV", "FEATURES", "SPIN_ENV", "register"]
 
 EMULATE_ENV = "CPUTAX_EMULATE_GPU"  # the TimingModel as JSON (TimingModel.to_env)
+# "1": keep vLLM's spin on its shared-memory ring (the CPU platform's multiproc layout as is)
+SPIN_ENV = "CPUTAX_EMULATED_GPU_SPIN"
 ARCHITECTURE = "CputaxEmulatedGpuForCausalLM"  # what the emulated model's config.json names
 
 
@@ -22,6 +24,30 @@ def _register_emulated_gpu() -> None:
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "cputax.emulation.model:EmulatedGpuForCausalLM")
+    if os.environ.get(SPIN_ENV) != "1":
+        _wait_without_spinning()
+
+
+def _wait_without_spinning() -> None:
+    """The CPU platform forces the multiproc executor: the EngineCore then waits for each
+    model step by spinning on a shared-memory ring (SpinCondition: sched_yield for a second
+    after each read), and the worker spins the same way for the next step. A single-GPU
+    vLLM runs the model inside the EngineCore and blocks on it. So readers of the ring
+    wait on its notify socket at once (what SpinCondition does after a second idle): the
+    emulated GPU's steps then leave the CPU to the front end, as one GPU would."""
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    cls = shm_broadcast.SpinCondition
+    if getattr(cls.wait, "cputax_no_spin", False):
+        return
+    spinning = cls.wait
+
+    def wait(self, timeout_ms: int | None = None) -> None:
+        self.busy_loop_s = 0  # instances made before the plugin loaded (the worker's) too
+        spinning(self, timeout_ms)
+
+    wait.cputax_no_spin = True  # type: ignore[attr-defined]
+    cls.wait = wait
 
 
 # (environment variable that asks for the feature, what registers it)
