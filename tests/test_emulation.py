@@ -274,6 +274,8 @@ def test_report_says_the_gpu_is_emulated_and_puts_bubbles_beside_cpu_pct():
     assert "| c1 |" in section and "2.5%" in section
 
 
+@pytest.mark.slow
+@pytest.mark.local
 def test_plugin_is_inert_unless_asked():
     """vLLM's own loader runs every installed plugin; cputax's registers nothing unless its
     environment variable is set (and then the emulated architecture)."""
