@@ -297,3 +297,36 @@ def test_plugin_is_inert_unless_asked():
     )
     assert off.stdout.strip().splitlines()[-1] == "False", off.stderr[-2000:]
     assert on.stdout.strip().splitlines()[-1] == "True", on.stderr[-2000:]
+
+
+def _config(name: str, totals: dict[str, float]) -> dict:
+    scenarios = {
+        n: {"metrics": {"total_ms": {"value": t, "spread": None}}, "concurrency": c,
+            "context_tokens": 1000}
+        for c, (n, t) in enumerate(totals.items(), start=1)
+    }
+    return {"name": name, "scenarios": scenarios}
+
+
+def test_cpu_floor_claim_from_a_gpu_speed_sweep():
+    from cputax.analysis.claims import cpu_floor
+    from cputax.workload.sweep import configurations, parse_vary
+
+    knobs, _ = parse_vary("gpu-speed=1,4,inf", {})
+    configs = configurations([knobs])
+    assert [c.args() for c in configs] == [(), (), ()]  # not a server flag: cputax's own knob
+    assert [c.own_options()["gpu_speed"] for c in configs] == [1.0, 4.0, math.inf]
+    row = cpu_floor([
+        _config("gpu-speed=1", {"single": 1000.0, "conc8": 2000.0}),
+        _config("gpu-speed=4", {"single": 400.0, "conc8": 900.0}),
+        _config("gpu-speed=inf", {"single": 100.0, "conc8": 240.0}),
+    ])
+    assert row["decided"] and row["data"]["left_pct"] == {"single": 10.0, "conc8": 12.0}
+    assert "At conc8, an infinitely fast GPU leaves 12%" in row["sentence"]
+    assert "as the study says" in row["sentence"]
+    higher = cpu_floor([_config("gpu-speed=1", {"s": 100.0}),
+                        _config("gpu-speed=inf", {"s": 60.0})])
+    assert "a higher floor than the study's" in higher["sentence"]
+    assert not cpu_floor([_config("api-server-count=1", {"s": 1.0})])["decided"]
+    with pytest.raises(CputaxError, match="not a number"):
+        configurations([parse_vary("gpu-speed=1,fast", {})[0]])[1].own_options()
