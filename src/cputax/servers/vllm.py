@@ -133,6 +133,8 @@ TABLE = ServerTable(
         Rule("step_wait", _SHM, within=(_MPE, "*worker_busy_loop*")),
         Rule("step_wait", _DUTILS, "sched_yield", within=(_MPE, "*worker_busy_loop*")),
         # --- the model runner: waits for the device, sampling, the forward pass -----------------
+        # cputax's emulated GPU (cputax.emulation): its forward sleeps for the modelled step
+        Rule("gpu_wait", "cputax/emulation/model.py", "*forward*"),
         Rule("gpu_wait", _GMR, "*_to_list"),
         Rule("gpu_wait", _GMR, "*synchronize_input_prep*"),
         Rule("gpu_wait", _GMR, "AsyncGPUModelRunnerOutput.get_output"),
