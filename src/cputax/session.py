@@ -220,7 +220,8 @@ def _target(opts: RunOptions, run: RunDir) -> Iterator[tuple[str, str | None, di
         yield server.endpoint, opts.model or server.model, {
             "kind": "embedded", "pid": server.pid, "server": table.name, "command": server.command,
             "startup_s": round(server.startup_s, 2),
-            **({"emulated_gpu": emulation.record()} if emulation is not None else {})}
+            **({"emulated_gpu": {**emulation.record(), "layout": server.layout}}
+               if emulation is not None else {})}
 
 
 def emulation_for(opts: RunOptions, table: Any) -> Any:

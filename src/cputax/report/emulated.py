@@ -10,6 +10,10 @@ from cputax.report.format import ms, number, pct, table
 __all__ = ["emulated_banner", "emulated_section"]
 
 TOP_CATEGORIES = 3
+LAYOUTS = {
+    "uni": "the model in the EngineCore process, as a single-GPU vLLM runs it (uni)",
+    "mp": "the CPU platform's worker process on a shared-memory ring (mp)",
+}
 
 
 def _g(value: float) -> str:
@@ -42,7 +46,8 @@ def emulated_banner(info: dict[str, Any]) -> list[str]:
         f"context term {gpu['context_s_per_token'] * 1e6:g} µs/token; "
         f"model {gpu['model']}: {_g(gpu['params'])} params ({_g(gpu['active_params'])} active), "
         f"{gpu['bytes_per_param']:g} B/param, KV {gpu['kv_bytes_per_token']:,.0f} B/token; "
-        f"KV capacity {kv}; a decode step at 1k context: {gpu['decode_step_ms_at_1k']:.2f} ms.",
+        f"KV capacity {kv}; a decode step at 1k context: {gpu['decode_step_ms_at_1k']:.2f} ms. "
+        f"Executor layout: {LAYOUTS.get(gpu.get('layout'), gpu.get('layout') or 'not recorded')}.",
         "",
     ]
 

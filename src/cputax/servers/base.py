@@ -126,6 +126,8 @@ class Launch:
     # the flags that serve cputax's emulated GPU (cputax.emulation), given its KV blocks
     # (None: no limit modelled); None where the server cannot host it
     emulation_flags: Callable[[int | None], tuple[str, ...]] | None = None
+    # the environment that serves it, given the executor layout asked for; None: unchanged
+    emulation_env: Callable[[str], Mapping[str, str]] | None = None
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,23 @@ def _emulation_flags(kv_blocks: int | None) -> tuple[str, ...]:
     return ("--load-format", "dummy", "--max-model-len", str(EMULATED_MAX_MODEL_LEN), *blocks)
 
 
+# The executor layout of the emulated GPU (docs/emulated-gpu.md, measured there):
+# "uni" (default): the model in the EngineCore process, as a single-GPU vLLM runs it. The
+#   CPU platform turns uni into mp unless VLLM_ENABLE_V1_MULTIPROCESSING=0, which in the
+#   OpenAI server only changes that (its AsyncLLM always runs the EngineCore apart).
+# "mp": the CPU platform's own layout, a worker process on a shared-memory ring.
+# Both: OpenMP threads sleep when idle (OMP_WAIT_POLICY=PASSIVE); they would spin a core
+# after each of the emulated step's few tensor operations.
+EMULATED_LAYOUTS = {
+    "uni": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_WAIT_POLICY": "PASSIVE"},
+    "mp": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "OMP_WAIT_POLICY": "PASSIVE"},
+}
+
+
+def _emulation_env(layout: str) -> dict[str, str]:
+    return EMULATED_LAYOUTS[layout]
+
+
 def _help_command() -> list[str]:
     return [sys.executable, "-m", LAUNCHER, "serve", "--help=all"]
 
@@ -262,6 +279,7 @@ TABLE = ServerTable(
         model_name=MODEL_NAME,
         help_command=_help_command,
         emulation_flags=_emulation_flags,
+        emulation_env=_emulation_env,
     ),
     front_end_roles=("api_server",),
     presets=PRESETS,

@@ -40,6 +40,8 @@ MODELS_PATH = "/v1/models"
 # The first request may start a batching worker or compile kernels: done at start-up.
 WARMUP_TIMEOUT_S = 180.0
 LOG_TAIL_LINES = 25
+LAYOUT_ENV = "CPUTAX_EMULATED_GPU_LAYOUT"  # uni (default) or mp: see servers/vllm.py
+DEFAULT_LAYOUT = "uni"
 POLL_S = 0.25
 
 
@@ -72,6 +74,8 @@ class EmbeddedServer:
         self.progress = progress
         self.emulation = emulation
         self.steps_path = steps_path
+        # the emulated GPU's executor layout (servers.vllm.EMULATED_LAYOUTS)
+        self.layout = os.environ.get(LAYOUT_ENV, DEFAULT_LAYOUT) if emulation is not None else None
         self.model = ""
         self.model_dir: Path | None = None
         self.command: list[str] = []
@@ -112,6 +116,12 @@ class EmbeddedServer:
         if self.emulation is not None and self.launch.emulation_flags is not None:
             self.model_dir = ensure_emulated_model(self.cache_dir)
             extra = (*self.launch.emulation_flags(self.emulation.kv_blocks()), *extra)
+            if self.launch.emulation_env is not None:
+                try:
+                    env.update(self.launch.emulation_env(self.layout or DEFAULT_LAYOUT))
+                except KeyError:
+                    raise CputaxError(f"{LAYOUT_ENV}={self.layout}: the layouts are uni "
+                                      "(the default) and mp") from None
             env[EMULATE_ENV] = self.emulation.to_env()
             if self.steps_path is not None:
                 env[LOG_ENV] = str(self.steps_path)
