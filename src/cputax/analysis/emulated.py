@@ -28,6 +28,8 @@ from cputax.util import percentile
 
 __all__ = ["add_bubbles", "scenario_bubbles"]
 
+EMULATED_STEP = "gpu_wait"  # py-spy's category of the emulated forward's sleep (servers/vllm.py)
+
 
 def _stats_ms(values_ns: list[int]) -> dict[str, float | None]:
     ms = [v / 1e6 for v in values_ns]
@@ -91,6 +93,10 @@ def add_bubbles(
     if not steps:
         return False
     categories = category_spans(run) if correlation.get("pyspy") else {}
+    # the emulated GPU's own sleep (gpu_wait) is known exactly from the steps; py-spy's
+    # alignment (a few ms) would smear it into the bubbles, which are the CPU side's time
+    categories = {key: [s for s in spans if s[2] != EMULATED_STEP]
+                  for key, spans in categories.items()}
     windows = {w["scenario"]: w for w in run.read_windows() if not w.get("skipped")}
     by_name = {s["name"]: s for s in summary.get("scenarios", [])}
     for scenario in correlation.get("scenarios", []):
