@@ -8,6 +8,7 @@ processes on this machine.
 """
 
 import importlib.util
+import itertools
 import subprocess
 import sys
 import textwrap
@@ -239,7 +240,7 @@ def test_amd_resolution_measured_from_the_firmware_refresh():
     # A refresh is seen by the first poll after it, at most `late` later; so every gap
     # between seen changes is the refresh period give or take `late`, however loaded the
     # machine was. Unloaded, `late` is ~11 ms: 39-61 ms, where 10 ms (the poll) would fail.
-    late = max(b[1] - a[0] for a, b in zip(stamps, stamps[1:])) * 1e3 + 1
+    late = max(b[1] - a[0] for a, b in itertools.pairwise(stamps)) * 1e3 + 1
     refresh = smi.REFRESH_S * 1e3
     assert res["basis"].startswith("measured"), res
     assert max(10.0, refresh - late) <= res["resolution_ms"] <= refresh + late, (res, late)
