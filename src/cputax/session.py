@@ -46,7 +46,7 @@ from cputax.telemetry.runner import TelemetryConfig, TelemetryMonitor
 from cputax.text.tokenizer import LoadedTokenizer, load_tokenizer
 from cputax.util import cpu_model
 from cputax.workload.profiles import Scenario, load_profile, resolve_profile, select, with_controls
-from cputax.workload.prompts import CountFn, ScenarioPrompts
+from cputax.workload.prompts import TOOL_MODES, CountFn, ScenarioPrompts
 
 __all__ = ["Monitor", "RunOptions", "Session", "api_key", "drive", "exit_status", "failures_of", "measured",
            "rebuild_report",
@@ -267,7 +267,7 @@ async def _drive(opts: RunOptions, endpoint: str, model: str | None, target: dic
         console.print(f"model {model}; prompts sized by {counter_name}; server metrics: "
                       f"{'yes' if has_metrics else 'none (server-side columns will be absent)'}; "
                       f"ignore_eos {'sent' if ignore_eos else 'refused by the server: output may stop early'}; "
-                      f"tools {TOOL_WORDS[tools]}")
+                      f"tools {TOOL_MODES[tools]}")
         monitors = build_monitors(opts, cluster)
         spec = None
         if cluster is not None:
@@ -291,10 +291,6 @@ async def _drive(opts: RunOptions, endpoint: str, model: str | None, target: dic
             run.update_info(stamps={"kernel": client.kernel_stamps, "conversion_error_ns": client.clock.error_ns,
                                     "clock_steps": client.clock_steps,
                                     "connections_opened": client.connections_opened})
-
-
-TOOL_WORDS = {"auto": "sent as `tools`", "none": "sent with tool_choice \"none\" (the server refuses \"auto\")",
-              "in_prompt": "written into the system prompt (the server takes no `tools`)"}
 
 
 def _server_identity(target: dict[str, Any], endpoint: str, asked: str) -> dict[str, Any]:

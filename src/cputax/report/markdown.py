@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cputax.report.format import ms, number, pct, table
+from cputax.workload.prompts import TOOL_MODES
 
 STUDY_COLUMNS = (("http_overhead", "HTTP OH"), ("prefill", "Prefill"), ("decode", "Decode"), ("total", "Total"))
 CLIENT_COLUMNS = (("serialize", "Serialize"), ("response_parse", "Parse"))
@@ -166,11 +167,6 @@ def _notes(scenarios: list[dict[str, Any]], info: dict[str, Any],
                          f"the server reports {ms(ttft)} ms; the difference is time outside the server's "
                          "clock (front end before arrival is stamped, transit, client).")
     return notes
-
-
-TOOL_MODES = {"auto": "sent as `tools`",
-              "none": "sent with `tool_choice: \"none\"`: the server refused them as \"auto\" (the tools are still rendered into the prompt)",
-              "in_prompt": "written into the system prompt as text: the server took no `tools` field"}
 
 
 def _server_lines(info: dict[str, Any]) -> list[str]:
