@@ -27,7 +27,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cputax import __version__
 from cputax.analysis import analyse, failures
-from cputax.client.calibrate import load_ceiling
 from cputax.client.probes import (
     accepts_ignore_eos,
     preflight,
@@ -37,6 +36,7 @@ from cputax.client.probes import (
 )
 from cputax.client.scrape import poll_gauges, scrape
 from cputax.errors import CputaxError
+from cputax.peers.calibrate import load_ceiling
 from cputax.records import JsonlWriter, RequestRecord, Results
 from cputax.report import write_report
 from cputax.report.terminal import summary_table
