@@ -1,7 +1,7 @@
 """Split every request into the study's phases and summarize them per scenario.
 
 Phases (ms), named as the study named them but measured at the boundaries vLLM
-really has (see the README):
+really has (see docs/phases-and-clocks.md):
 - serialize = t_sent - t_start: payload build + JSON encode + the client's wait to write
 - http_overhead = t_headers - t_sent: the server front end (HTTP parse, chat template,
   tokenization, event-loop waits); vLLM sends headers before the engine sees the request
