@@ -4,7 +4,8 @@ Each client runs in a process of its own against one timed stub (first token aft
 20 ms, a token every 5 ms, 64 tokens, its send times kept) and one zero-delay stub (the
 most chunks/s), at each level of streams, the order alternating between levels and
 repeats (peers.calibrate.peers). AIPerf and guidellm run too where they are found
-($CPUTAX_AIPERF / $CPUTAX_GUIDELLM, or on PATH: their own command lines, peers.aiperf and peers.guidellm);
+($CPUTAX_AIPERF / $CPUTAX_GUIDELLM, or on PATH: their own command lines,
+peers.aiperf and peers.guidellm);
 each is skipped with a line where it is not. Reported per client and level: CPU per chunk of the
 whole client process, TTFT and ITL error p50/p99 against the stub's truth, the most
 chunks/s, and each as a ratio to cputax; the CPU model goes with the figures.

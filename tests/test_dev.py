@@ -107,7 +107,8 @@ def test_peers_each_in_its_venv_a_failure_only_skips_that_peer(tmp_path, capsys)
 
 
 def test_chromium_is_installed_as_root_with_apt_get_else_said(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(dev.shutil, "which", lambda name: "/usr/bin/apt-get" if name == "apt-get" else None)
+    apt = "/usr/bin/apt-get"
+    monkeypatch.setattr(dev.shutil, "which", lambda name: apt if name == "apt-get" else None)
     monkeypatch.setattr(dev.os, "geteuid", lambda: 1000)
     rec = Recorder()
     setup(tmp_path, rec).chromium()
@@ -116,7 +117,8 @@ def test_chromium_is_installed_as_root_with_apt_get_else_said(tmp_path, capsys, 
     monkeypatch.setattr(dev.os, "geteuid", lambda: 0)
     setup(tmp_path, rec).chromium()
     assert rec.calls == [["apt-get", "update", "-qq"],
-                         ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-qq", "chromium"]]
+                         ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y",
+                          "-qq", "chromium"]]
     setup(tmp_path, Recorder(fail="install")).chromium()  # no network, no package: go on
     assert "could not install chromium: the browser test will be skipped" in capsys.readouterr().out
 

@@ -15,8 +15,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["average", "client_host", "cpu_model", "die_with_parent", "free_port", "percentile", "port_is_free",
-           "redact", "sleep_until", "url_host"]
+__all__ = ["average", "client_host", "cpu_model", "die_with_parent", "free_port", "percentile",
+           "port_is_free", "redact", "sleep_until", "url_host"]
 
 _SECRET = re.compile(r"key|token|secret|passw|auth", re.I)
 

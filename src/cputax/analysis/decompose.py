@@ -150,8 +150,9 @@ def summarize_scenario(
         "shared_stamps_pct": _shared_pct(table),
         "client_cpu_ms": {
             "build": average(table["build_s"][ok] * 1000.0),
-            "parse_per_chunk_us": average(np.divide(table["parse_s"][ok] * 1e6, chunks, where=chunks > 0,
-                                                  out=np.full(len(chunks), np.nan))),
+            "parse_per_chunk_us": average(np.divide(table["parse_s"][ok] * 1e6, chunks,
+                                                    where=chunks > 0,
+                                                    out=np.full(len(chunks), np.nan))),
         },
         "cpu_pct": None if not total else 100.0 * cpu / total,
         "gpu_pct": None if not total else 100.0 * gpu / total,

@@ -155,7 +155,8 @@ def _config_scenario(runs: list[dict[str, Any]], name: str) -> dict[str, Any] | 
         spread_in = [w[phase] for *_, w in per_run if phase and w.get(phase) is not None]
         candidates = [max(values) - min(values)] if len(values) >= 2 else []
         candidates += spread_in
-        metrics[key] = {"value": average(values), "spread": max(candidates) if candidates else None, "values": values}
+        metrics[key] = {"value": average(values), "spread": max(candidates) if candidates else None,
+                        "values": values}
     summary, window, _, _ = per_run[0]
     return {"metrics": metrics, "requests": sum(s["requests"] for s, *_ in per_run),
             "errors": sum(s["errors"] for s, *_ in per_run), "roles": role_categories(window),

@@ -92,7 +92,8 @@ def run_peer(client: str, url: str, model: str, streams: int, requests: int, tok
     if cli is not None:
         result = cli.run(url, model, streams, requests, tokens)
         return PeerRun(client, streams, result["requests"], result["wall_ns"], result["cpu_s"])
-    cmd = [sys.executable, "-m", "cputax.peers.clients", client, url, model, str(streams), str(requests), str(tokens)]
+    cmd = [sys.executable, "-m", "cputax.peers.clients", client, url, model, str(streams),
+           str(requests), str(tokens)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
     if proc.returncode != 0:
