@@ -201,7 +201,11 @@ def main(argv: list[str], runner: Runner = run_command,
     say("running: " + " ".join(cmd[2:]))
     sys.stdout.flush()
     os.chdir(ROOT)
-    execute(cmd[0], cmd, {**os.environ, **setup.env})
+    # as if the venv were activated: its scripts (py-spy, lint-imports, cputax) on PATH
+    bin_dir = str(setup.venv / "bin")
+    env = {**os.environ, **setup.env, "VIRTUAL_ENV": str(setup.venv),
+           "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+    execute(cmd[0], cmd, env)
     return 0
 
 

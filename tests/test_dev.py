@@ -134,6 +134,8 @@ def test_main_sets_up_then_replaces_itself_with_the_command(tmp_path, monkeypatc
     (argv, env), = ran
     assert argv == [str(tmp_path / "v" / "bin" / "python"), "-m", "pytest", "-q", "-rs"]
     assert env["CPUTAX_AIPERF"] == str(tmp_path / "p" / "aiperf" / "bin" / "aiperf")
+    assert env["PATH"].split(":")[0] == str(tmp_path / "v" / "bin")  # as if activated
+    assert env["VIRTUAL_ENV"] == str(tmp_path / "v")
     assert dev.main([*args, "run", "--profile", "x.toml"], runner=Recorder(),
                     execute=lambda exe, argv, env: ran.append((argv, env))) == 0
     assert ran[1][0][1:] == ["-m", "cputax", "run", "--profile", "x.toml"]
