@@ -219,14 +219,16 @@ def _ray_args(p: argparse.ArgumentParser) -> None:
 
 
 def _span_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("server phases", "each request's own server-side phases (docs/server-phases.md): "
-                             "the server's OTLP span per request, joined by X-Request-Id/traceparent")
+    g = p.add_argument_group("server phases",
+                             "each request's own server-side phases (docs/server-phases.md): the "
+                             "server's OTLP span per request, joined by X-Request-Id/traceparent")
     g.add_argument("--otlp-listen", metavar="HOST:PORT",
-                   help="receive your own server's spans here (OTLP/HTTP); prints the server flags and the "
-                   "environment variable to start it with")
+                   help="receive your own server's spans here (OTLP/HTTP); prints the server "
+                   "flags and the environment variable to start it with")
     g.add_argument("--no-server-spans", action="store_true",
-                   help="start the embedded server without tracing: the server phases then come from the "
-                   "final usage chunk (--enable-per-request-metrics: queue, prefill, decode; no arrival)")
+                   help="start the embedded server without tracing: the server phases then come "
+                   "from the final usage chunk (--enable-per-request-metrics: queue, prefill, "
+                   "decode; no arrival)")
 
 
 def _ray_options(args: argparse.Namespace) -> Any:

@@ -197,7 +197,8 @@ def _spans(opts: RunOptions, run: RunDir) -> Iterator[Any]:
 
     table = get(DEFAULT_TARGET if opts.target == "auto" else opts.target)
     tracing = table.capabilities.tracing
-    embedded = not opts.endpoint and opts.server_spans and tracing is not None and opts.serve_cmd is None
+    embedded = (not opts.endpoint and opts.server_spans and tracing is not None
+                and opts.serve_cmd is None)
     if not embedded and opts.otlp_listen is None:
         yield None
         return
@@ -212,10 +213,12 @@ def _spans(opts: RunOptions, run: RunDir) -> Iterator[Any]:
         if tracing.metrics_flag:
             flags += f" {tracing.metrics_flag}"
         env = " ".join(f"{k}={v}" for k, v in tracing.env.items())
-        Console(stderr=True).print(f"listening for spans on {receiver.endpoint}: start {table.name} with "
-                                   f"{flags} and {env} in its environment", markup=False, soft_wrap=True)
+        Console(stderr=True).print(f"listening for spans on {receiver.endpoint}: start {table.name} "
+                                   f"with {flags} and {env} in its environment", markup=False,
+                                   soft_wrap=True)
     elif not embedded:
-        Console(stderr=True).print(f"listening for spans on {receiver.endpoint} (OTLP/HTTP protobuf)")
+        Console(stderr=True).print(f"listening for spans on {receiver.endpoint} (OTLP/HTTP "
+                                   "protobuf)")
     try:
         yield monitor
     finally:
@@ -238,7 +241,8 @@ def _tracing_launch(spans: Any, opts: RunOptions) -> tuple[tuple[str, ...], dict
 
 
 @contextlib.contextmanager
-def _target(opts: RunOptions, run: RunDir, spans: Any = None) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
+def _target(opts: RunOptions, run: RunDir,
+            spans: Any = None) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
     """The endpoint to measure: the user's, or the embedded target started for this run."""
     if opts.endpoint:
         yield opts.endpoint.rstrip("/"), opts.model, {"kind": "external"}
@@ -301,8 +305,8 @@ def _cluster(opts: RunOptions) -> Iterator[Any]:
 
 async def _drive(opts: RunOptions, endpoint: str, model: str | None, target: dict[str, Any],
                  key: str | None, tokenizer: LoadedTokenizer, run: RunDir, info: dict[str, Any],
-                 body: Callable[[Session], Awaitable[None]], max_connections: int, cluster: Any = None,
-                 spans: Any = None) -> None:
+                 body: Callable[[Session], Awaitable[None]], max_connections: int,
+                 cluster: Any = None, spans: Any = None) -> None:
     from cputax.client.stream import StreamingClient
 
     console = Console(stderr=True)

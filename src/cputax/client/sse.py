@@ -25,8 +25,8 @@ def response_phases(metrics: dict[str, Any], usage: dict[str, Any]) -> dict[str,
     """record.server from the final usage chunk's per-request metrics: queue, prefill (from
     scheduling) and decode, in ms. The response carries no arrival time, so no TTFT from
     arrival, e2e or HTTP in: those need the span."""
-    phases: dict[str, Any] = dict.fromkeys(("arrival_ns", "queue_ms", "prefill_ms", "decode_ms", "ttft_ms",
-                                            "e2e_ms"))
+    phases: dict[str, Any] = dict.fromkeys(
+        ("arrival_ns", "queue_ms", "prefill_ms", "decode_ms", "ttft_ms", "e2e_ms"))
     for name, key in RESPONSE_METRICS.response_fields.items():
         value = metrics.get(key)
         phases[name] = float(value) if isinstance(value, (int, float)) else None

@@ -255,9 +255,10 @@ class StreamingClient:
         def sent() -> None:
             record.t_sent = time.monotonic_ns()
 
-        ids = "".join(f"{k}: {v}\r\n" for k, v in trace_headers(record.request_id or new_request_id()).items())
-        await self._pool.request(self._head + ids.encode() + b"Content-Length: " + str(len(body)).encode()
-                                 + b"\r\n\r\n" + body, sink, sent)
+        ids = trace_headers(record.request_id or new_request_id())
+        head = self._head + "".join(f"{k}: {v}\r\n" for k, v in ids.items()).encode()
+        await self._pool.request(head + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body,
+                                 sink, sent)
         if sink.error_body is not None:
             raise StreamError(f"HTTP {record.status}: {_error_text(b''.join(sink.error_body))}")
         sink.parser.eof(time.monotonic_ns())
