@@ -213,9 +213,9 @@ def _spans(opts: RunOptions, run: RunDir) -> Iterator[Any]:
         if tracing.metrics_flag:
             flags += f" {tracing.metrics_flag}"
         env = " ".join(f"{k}={v}" for k, v in tracing.env.items())
-        Console(stderr=True).print(f"listening for spans on {receiver.endpoint}: start {table.name} "
-                                   f"with {flags} and {env} in its environment", markup=False,
-                                   soft_wrap=True)
+        Console(stderr=True).print(f"listening for spans on {receiver.endpoint}: start "
+                                   f"{table.name} with {flags} and {env} in its environment",
+                                   markup=False, soft_wrap=True)
     elif not embedded:
         Console(stderr=True).print(f"listening for spans on {receiver.endpoint} (OTLP/HTTP "
                                    "protobuf)")

@@ -257,8 +257,8 @@ class StreamingClient:
 
         ids = trace_headers(record.request_id or new_request_id())
         head = self._head + "".join(f"{k}: {v}\r\n" for k, v in ids.items()).encode()
-        await self._pool.request(head + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body,
-                                 sink, sent)
+        length = b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+        await self._pool.request(head + length + body, sink, sent)
         if sink.error_body is not None:
             raise StreamError(f"HTTP {record.status}: {_error_text(b''.join(sink.error_body))}")
         sink.parser.eof(time.monotonic_ns())
