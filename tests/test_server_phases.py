@@ -382,3 +382,38 @@ def test_no_account_from_the_server_is_one_line(tmp_path):
     out = server_phases(run, run.info(), scenarios)
     assert out["source"] == "none" and "--otlp-traces-endpoint" in out["note"]
     assert scenarios[0]["server_phases"]["coverage"] == 0.0
+
+
+@pytest.mark.slow
+def test_request_ids_are_unique_across_ray_shards_and_reach_the_server(tmp_path):
+    pytest.importorskip("ray")
+    import os
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from cputax.cluster.ray_env import RayOptions
+    from cputax.commands.run import run
+    from cputax.session import RunOptions
+    from cputax.targets.stub import StubConfig, StubServer
+
+    profile = tmp_path / "p.toml"
+    profile.write_text(
+        '[defaults]\nmax_tokens = 4\nwarmup = 1\n[[scenario]]\nname = "c4"\nconcurrency = 4\n'
+        "context_tokens = 300\nbatches = 3\n"
+    )
+    config = StubConfig(first_token_delay_ms=5.0, inter_token_delay_ms=1.0, output_tokens=4)
+    with StubServer(config, process=True) as stub:
+        options = RunOptions(
+            endpoint=stub.url,
+            profile=profile,
+            out=tmp_path / "out",
+            client_procs=2,
+            ray=RayOptions(num_cpus=2),
+        )
+        assert run(options) == 0
+    records = RunDir(tmp_path / "out").read_requests()
+    window = RunDir(tmp_path / "out").read_windows()[0]
+    assert window["client_procs"] == 2 and window["shard_records"] == [6, 6]
+    ids = [r.request_id for r in records]
+    assert len(records) == 12 and None not in ids and len(set(ids)) == 12
+    assert all(r.extra["response_id"] == f"chatcmpl-{r.request_id}" for r in records)
