@@ -417,3 +417,33 @@ def test_request_ids_are_unique_across_ray_shards_and_reach_the_server(tmp_path)
     ids = [r.request_id for r in records]
     assert len(records) == 12 and None not in ids and len(set(ids)) == 12
     assert all(r.extra["response_id"] == f"chatcmpl-{r.request_id}" for r in records)
+
+
+def test_a_first_token_stamped_with_the_last_is_left_out_of_the_ttft_check(tmp_path):
+    t0 = 10**12
+    rows, spans = [], []
+    for i in range(3):
+        rid = f"{i:032x}"
+        sent = t0 + i * 100 * MS
+        # agreeing: the server's first token at 10 ms after arrival (1 ms), the client's at 11.2
+        rows.append(
+            _request(rid, sent, sent + 5 * MS, sent + 11_200_000, sent + 40 * MS, output_tokens=4)
+        )
+        spans.append(_span(rid, sent + MS, 0.0, 0.004, 0.028, 0.010, 0.039))
+    # every token in the read of the last one: its first-token stamp says 39 ms
+    rows.append(
+        _request(
+            "f" * 32, t0 + 900 * MS, t0 + 905 * MS, t0 + 941 * MS, t0 + 941 * MS, output_tokens=4
+        )
+    )
+    spans.append(_span("f" * 32, t0 + 901 * MS, 0.0, 0.004, 0.028, 0.010, 0.039))
+    run = _run(tmp_path, rows, spans, [{"scenario": "a", "start_ns": t0, "end_ns": t0 + 10**10}])
+    run.write_info(
+        {"server": {"name": "vllm"}, "clock": {"time_ns": OFFSET + 5, "monotonic_ns": 5}}
+    )
+    scenarios = [{"name": "a"}]
+    out = server_phases(run, run.info(), scenarios)
+    sp = scenarios[0]["server_phases"]
+    assert sp["first_token_merged"] == 1 and sp["agreement"]["ttft"]["n"] == 3
+    assert sp["agreement"]["ttft"]["agree"] and sp["agreement"]["ttft"]["requests_agreeing"] == 1.0
+    assert not [line for line in out["findings"] if "TTFT" in line]
