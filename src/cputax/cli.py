@@ -218,11 +218,21 @@ def _ray_args(p: argparse.ArgumentParser) -> None:
                    "resource); :PORT where that node's server listens on another port than the endpoint's")
 
 
+def _listen(text: str) -> str:
+    from cputax.client.otlp import parse_listen
+
+    try:
+        parse_listen(text)
+    except CputaxError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+    return text
+
+
 def _span_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server phases",
                              "each request's own server-side phases (docs/server-phases.md): the "
                              "server's OTLP span per request, joined by X-Request-Id/traceparent")
-    g.add_argument("--otlp-listen", metavar="HOST:PORT",
+    g.add_argument("--otlp-listen", metavar="HOST:PORT", type=_listen,
                    help="receive your own server's spans here (OTLP/HTTP); prints the server "
                    "flags and the environment variable to start it with")
     g.add_argument("--no-server-spans", action="store_true",
