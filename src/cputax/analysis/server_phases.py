@@ -344,8 +344,8 @@ def server_phases(
 ) -> dict[str, Any] | None:
     """Join the run's records to the server's own accounts and summarize per scenario: adds
     `server_phases` to each scenario dict of the summary and returns the run's line (which
-    source, spans received and unmatched, the findings); None when the server kept no
-    account of any request (one line in `note` says so)."""
+    source, spans received and unmatched, the findings; `note`, one line, when the server
+    gave no account of any request). None for a server whose table has no such account."""
     tracing = _tracing(info)
     if tracing is None:
         return None
