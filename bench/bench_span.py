@@ -57,8 +57,9 @@ def child(endpoint: str, spans: int) -> None:
         before = _cpu()
         for _ in range(GROUP):
             parent = f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
-            span = tracer.start_span("llm_request", context=propagator.extract({"traceparent": parent}),
-                                     start_time=time.time_ns(), kind=SpanKind.SERVER)
+            context = propagator.extract({"traceparent": parent})
+            span = tracer.start_span("llm_request", context=context, start_time=time.time_ns(),
+                                     kind=SpanKind.SERVER)
             span.set_attributes(ATTRIBUTES)
             span.end()
         hot += _cpu() - before
