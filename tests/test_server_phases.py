@@ -446,3 +446,17 @@ def test_a_first_token_stamped_with_the_last_is_left_out_of_the_ttft_check(tmp_p
     assert sp["first_token_merged"] == 1 and sp["agreement"]["ttft"]["n"] == 3
     assert sp["agreement"]["ttft"]["agree"] and sp["agreement"]["ttft"]["requests_agreeing"] == 1.0
     assert not [line for line in out["findings"] if "TTFT" in line]
+
+
+def test_the_parser_marks_a_first_token_read_with_the_second():
+    record = RequestRecord("s")
+    parser = StreamParser(record)
+    chunk = b'data: {"choices": [{"index": 0, "delta": {"content": "x"}}]}\n\n'
+    parser.feed(chunk * 2, 5, 7)  # two tokens in one read
+    parser.feed(chunk, 9, 11)
+    assert record.extra["first_token_shared"] is True and record.shared_stamps == 1
+    alone = RequestRecord("s")
+    parser = StreamParser(alone)
+    parser.feed(chunk, 5, 7)
+    parser.feed(chunk * 2, 9, 11)  # the second and third together: the first stands alone
+    assert "first_token_shared" not in alone.extra and alone.shared_stamps == 1

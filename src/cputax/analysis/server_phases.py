@@ -67,6 +67,7 @@ class _Row(msgspec.Struct, gc=False):
     t_first_token_kernel: int | None = None
     t_last_token_kernel: int | None = None
     output_tokens: int | None = None
+    extra: dict[str, Any] = {}
     server: dict[str, Any] | None = None
 
 
@@ -83,9 +84,10 @@ class Joined:
     t_last_token: int
     server: dict[str, Any] | None = None
     phases: dict[str, float | None] = field(default_factory=dict)
-    # every token arrived in the read that carried the last one: the client's first-token
-    # stamp is that read's, an upper bound (the client fell behind, or the server held the
-    # stream back; the client cannot tell which), so its TTFT is not compared
+    # the first token arrived in one read with the second (client.sse marks it; older runs:
+    # every token in the read of the last): its stamp is that read's, an upper bound (the
+    # client fell behind, or the server held the stream back; the client cannot tell
+    # which), so its TTFT is not compared
     first_merged: bool = False
 
 
@@ -179,7 +181,8 @@ def join(
                 ]
                 if not row.ok or any(m is None for m in moments):
                     continue
-                merged = moments[2] == moments[3] and (row.output_tokens or 0) > 1
+                merged = bool(row.extra.get("first_token_shared")) or (
+                    moments[2] == moments[3] and (row.output_tokens or 0) > 1)
                 joined.append(Joined(row.scenario, row.request_id, *moments, server=row.server,
                                      first_merged=merged))
     ids = {j.request_id: i for i, j in enumerate(joined) if j.request_id}

@@ -205,6 +205,8 @@ class StreamParser:
                     record.t_first_token_kernel = self._kernel
                 elif record.t_last_token == t and record.t_last_token_kernel == self._kernel:
                     record.shared_stamps += 1  # the same read as the token before it
+                    if self._token_chunks == 1:  # that was the first: its stamp is this one's
+                        record.extra["first_token_shared"] = True
                 record.t_last_token = t
                 record.t_last_token_kernel = self._kernel
                 self._token_chunks += 1
