@@ -97,6 +97,8 @@ class RunOptions:
     serve_cmd: str | None = None  # the user's own command for the server, with {port} and {args} (sweep)
     client_procs: int | None = None  # load shards per scenario; None: client.shards.auto_procs
     ray: Any = None  # cluster.ray_env.RayOptions: run the load (and node agents) on a Ray cluster
+    server_spans: bool = True  # the embedded server posts a span per request to the run's receiver
+    otlp_listen: str | None = None  # HOST:PORT: receive a user's server's spans (client.otlp)
 
 
 @dataclass
@@ -181,8 +183,66 @@ def host_info() -> dict[str, Any]:
             "platform": platform.platform()}
 
 
+# The embedded server's span exporter posts every second (OTEL_BSP_SCHEDULE_DELAY; 5 s by
+# default): the run waits that long for the last spans.
+EMBEDDED_EXPORT_DELAY_MS = 1000
+
+
 @contextlib.contextmanager
-def _target(opts: RunOptions, run: RunDir) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
+def _spans(opts: RunOptions, run: RunDir) -> Iterator[Any]:
+    """The run's OTLP receiver as a SpanMonitor (client.otlp): for the embedded server when
+    its table says how to trace and --no-server-spans was not given, or on --otlp-listen for
+    the user's server (the flags to give it are printed); None otherwise."""
+    from cputax.servers import get
+
+    table = get(DEFAULT_TARGET if opts.target == "auto" else opts.target)
+    tracing = table.capabilities.tracing
+    embedded = (not opts.endpoint and opts.server_spans and tracing is not None
+                and opts.serve_cmd is None)
+    if not embedded and opts.otlp_listen is None:
+        yield None
+        return
+    from cputax.client.otlp import SpanMonitor, SpanReceiver, parse_listen
+
+    host, port = parse_listen(opts.otlp_listen) if opts.otlp_listen else ("127.0.0.1", 0)
+    receiver = SpanReceiver(run.spans, host, port).start()
+    delay = EMBEDDED_EXPORT_DELAY_MS if embedded else (tracing.export_delay_ms if tracing else 5000)
+    monitor = SpanMonitor(receiver, delay, expect=embedded)
+    if not embedded and tracing is not None:
+        flags = f"{tracing.traces_flag} {receiver.endpoint}"
+        if tracing.metrics_flag:
+            flags += f" {tracing.metrics_flag}"
+        env = " ".join(f"{k}={v}" for k, v in tracing.env.items())
+        Console(stderr=True).print(f"listening for spans on {receiver.endpoint}: start "
+                                   f"{table.name} with {flags} and {env} in its environment",
+                                   markup=False, soft_wrap=True)
+    elif not embedded:
+        Console(stderr=True).print(f"listening for spans on {receiver.endpoint} (OTLP/HTTP "
+                                   "protobuf)")
+    try:
+        yield monitor
+    finally:
+        receiver.stop()  # idempotent: the monitor normally stopped it, after the last spans
+
+
+def _tracing_launch(spans: Any, opts: RunOptions) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The embedded server's extra flags and environment: per-request metrics on the final
+    usage chunk (cheap, and the fallback), and tracing into `spans` when there is one."""
+    from cputax.servers import get
+
+    tracing = get(DEFAULT_TARGET if opts.target == "auto" else opts.target).capabilities.tracing
+    if tracing is None or opts.endpoint or opts.serve_cmd is not None:
+        return (), {}
+    args = (tracing.metrics_flag,) if tracing.metrics_flag else ()
+    if spans is None:
+        return args, {}
+    env = {**tracing.env, "OTEL_BSP_SCHEDULE_DELAY": str(EMBEDDED_EXPORT_DELAY_MS)}
+    return (*args, tracing.traces_flag, spans.receiver.endpoint), env
+
+
+@contextlib.contextmanager
+def _target(opts: RunOptions, run: RunDir,
+            spans: Any = None) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
     """The endpoint to measure: the user's, or the embedded target started for this run."""
     if opts.endpoint:
         yield opts.endpoint.rstrip("/"), opts.model, {"kind": "external"}
@@ -201,7 +261,9 @@ def _target(opts: RunOptions, run: RunDir) -> Iterator[tuple[str, str | None, di
     def progress(waited_s: float) -> None:
         console.print(f"  ... {table.name} starting, {waited_s:.0f} s")
 
-    with EmbeddedServer(table, log_path=run.server_log, extra_args=opts.server_args, progress=progress) as server:
+    tracing_args, tracing_env = _tracing_launch(spans, opts)
+    with EmbeddedServer(table, log_path=run.server_log, extra_args=opts.server_args + tracing_args,
+                        progress=progress, extra_env=tracing_env) as server:
         console.print(f"embedded target up at {server.endpoint} (pid {server.pid}) in {server.startup_s:.0f} s")
         yield server.endpoint, opts.model or server.model, {
             "kind": "embedded", "pid": server.pid, "server": table.name, "command": server.command,
@@ -216,9 +278,10 @@ def drive(opts: RunOptions, key: str | None, tokenizer: LoadedTokenizer, run: Ru
     run never got as far as run.json)."""
     results = None
     try:
-        with _target(opts, run) as (endpoint, model, target), _cluster(opts) as cluster:
+        with _spans(opts, run) as spans, _target(opts, run, spans) as (endpoint, model, target), \
+                _cluster(opts) as cluster:
             asyncio.run(_drive(opts, endpoint, model, target, key, tokenizer, run, info, body, max_connections,
-                               cluster))
+                               cluster, spans))
     finally:
         if run.has_info():
             results = rebuild_report(run)
@@ -242,7 +305,8 @@ def _cluster(opts: RunOptions) -> Iterator[Any]:
 
 async def _drive(opts: RunOptions, endpoint: str, model: str | None, target: dict[str, Any],
                  key: str | None, tokenizer: LoadedTokenizer, run: RunDir, info: dict[str, Any],
-                 body: Callable[[Session], Awaitable[None]], max_connections: int, cluster: Any = None) -> None:
+                 body: Callable[[Session], Awaitable[None]], max_connections: int,
+                 cluster: Any = None, spans: Any = None) -> None:
     from cputax.client.stream import StreamingClient
 
     console = Console(stderr=True)
@@ -268,7 +332,7 @@ async def _drive(opts: RunOptions, endpoint: str, model: str | None, target: dic
                       f"{'yes' if has_metrics else 'none (server-side columns will be absent)'}; "
                       f"ignore_eos {'sent' if ignore_eos else 'refused by the server: output may stop early'}; "
                       f"tools {TOOL_MODES[tools]}")
-        monitors = build_monitors(opts, cluster)
+        monitors = build_monitors(opts, cluster) + ([spans] if spans is not None else [])
         spec = None
         if cluster is not None:
             from cputax.cluster.load import ClientSpec

@@ -21,7 +21,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -50,7 +50,8 @@ class EmbeddedServer:
 
     def __init__(self, table: ServerTable, host: str = "127.0.0.1", port: int | None = None,
                  log_path: Path | None = None, cache_dir: Path | None = None,
-                 extra_args: tuple[str, ...] = (), progress: Callable[[float], None] | None = None) -> None:
+                 extra_args: tuple[str, ...] = (), progress: Callable[[float], None] | None = None,
+                 extra_env: Mapping[str, str] | None = None) -> None:
         if table.launch is None:
             raise CputaxError(f"cputax cannot start {table.name} itself; start it and pass --endpoint")
         self.table = table
@@ -60,6 +61,7 @@ class EmbeddedServer:
         self.log_path = log_path
         self.cache_dir = cache_dir
         self.extra_args = tuple(extra_args)
+        self.extra_env = dict(extra_env or {})  # e.g. the span exporter's protocol (session._spans)
         self.progress = progress
         self.model = ""
         self.model_dir: Path | None = None
@@ -107,7 +109,8 @@ class EmbeddedServer:
             log.flush()
             self._proc = subprocess.Popen(
                 self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, **self.launch.env}, start_new_session=True, preexec_fn=die_with_parent,
+                env={**os.environ, **self.launch.env, **self.extra_env}, start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         try:
             self._wait_ready(started)
