@@ -3,8 +3,9 @@
 Each client runs in a process of its own against one timed stub (first token after
 20 ms, a token every 5 ms, 64 tokens, its send times kept) and one zero-delay stub (the
 most chunks/s), at each level of streams, the order alternating between levels and
-repeats (client.calibrate.peers). AIPerf and guidellm run too where they are found
-($CPUTAX_AIPERF / $CPUTAX_GUIDELLM, or on PATH: their own command lines, client.peer_*);
+repeats (peers.calibrate.peers). AIPerf and guidellm run too where they are found
+($CPUTAX_AIPERF / $CPUTAX_GUIDELLM, or on PATH: their own command lines,
+peers.aiperf and peers.guidellm);
 each is skipped with a line where it is not. Reported per client and level: CPU per chunk of the
 whole client process, TTFT and ITL error p50/p99 against the stub's truth, the most
 chunks/s, and each as a ratio to cputax; the CPU model goes with the figures.
@@ -23,9 +24,9 @@ from pathlib import Path
 
 import orjson
 
-from cputax.client.calibrate import peers
-from cputax.client.peers import AIOHTTP, PEERS
 from cputax.commands.calibrate import show_peers
+from cputax.peers.calibrate import peers
+from cputax.peers.clients import AIOHTTP, PEERS
 
 
 def main() -> int:

@@ -10,9 +10,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from cputax.client import peer_aiperf, peer_guidellm
-from cputax.client.calibrate import TIMED, errors_against_truth
-from cputax.client.peers import available, run_peer
+from cputax.peers import aiperf as peer_aiperf
+from cputax.peers import guidellm as peer_guidellm
+from cputax.peers.calibrate import TIMED, errors_against_truth
+from cputax.peers.clients import available, run_peer
 from cputax.targets.stub import StubServer
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_client.py"
@@ -37,7 +38,7 @@ def test_the_peer_benchmark_produces_its_table(tmp_path):
 
 
 def test_ratios_to_cputax_are_taken_repeat_by_repeat():
-    from cputax.client.calibrate import paired_ratios
+    from cputax.peers.calibrate import paired_ratios
 
     ours = [{"cpu_us_per_chunk": 5.0, "ttft_error_ms_p99": 1.0, "itl_error_ms_p99": None, "max_chunks_per_s": 10.0},
             {"cpu_us_per_chunk": 10.0, "ttft_error_ms_p99": 1.0, "itl_error_ms_p99": None, "max_chunks_per_s": 10.0},

@@ -232,8 +232,8 @@ def test_api_key_goes_in_the_header_only():
 
 @pytest.mark.slow
 def test_calibrate_json_has_the_documented_keys(capsys, tmp_path, monkeypatch):
-    from cputax.client.calibrate import KEYS, load_ceiling
     from cputax.commands.calibrate import calibrate
+    from cputax.peers.calibrate import KEYS, load_ceiling
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert calibrate([1, 4], as_json=True, requests_per_level=8) == 0

@@ -11,7 +11,7 @@ import orjson
 import pyperf
 import pytest
 
-from cputax.cli import main
+from cputax.cli import build_parser, main
 from cputax.commands.micro import compare_files, suite_command
 from cputax.micro import SUITES as CLI_SUITES
 from cputax.micro import chunks as sse
@@ -42,8 +42,18 @@ def inputs() -> Inputs:
 # --- catalog ----------------------------------------------------------------
 
 
-def test_suites_match_the_cli() -> None:
-    assert SUITES == CLI_SUITES
+def test_suites_are_the_suite_modules_and_the_cli_choices() -> None:
+    """SUITES against things written independently of it: the files that define cases, the
+    literal names above, and what `cputax micro --suite` accepts."""
+    micro_dir = REPO / "src" / "cputax" / "micro"
+    with_cases = {p.stem for p in micro_dir.glob("*.py") if "\ndef cases()" in p.read_text()}
+    assert set(CLI_SUITES.values()) == with_cases
+    assert set(CLI_SUITES) == set(SUITES) == set(LITERAL_NAMES)
+    parser = build_parser()
+    for suite in LITERAL_NAMES:
+        assert parser.parse_args(["micro", "--suite", suite]).suite == [suite]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["micro", "--suite", "nosuchsuite"])
 
 
 @pytest.mark.parametrize("suite", SUITES)

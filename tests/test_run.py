@@ -77,10 +77,15 @@ def test_summary_matches_the_stubs_injected_delays(run_dir):
                 "mean_ms", "p50_ms", "p99_ms", "cpu_pct", "gpu_pct", "server"):
         assert key in single
     mean = single["mean_ms"]
-    # a late client timestamp at one end of a phase shortens it a little: allow 10 ms below
-    assert HEADERS_MS - 10 <= mean["http_overhead"] <= HEADERS_MS + 60
-    assert FIRST_MS - 10 <= mean["prefill"] <= FIRST_MS + 60
-    assert 7 * INTER_MS - 10 <= mean["decode"] <= 7 * INTER_MS + 60
+    injected = {"http_overhead": HEADERS_MS, "prefill": FIRST_MS, "decode": 7 * INTER_MS}
+    # The client sees all of the server's request, and a loaded machine only adds to it.
+    assert mean["total"] >= single["server"]["mean_ms"]["e2e"] - 1
+    late = mean["total"] - sum(injected.values())  # all this machine added, measured here
+    for phase, delay in injected.items():
+        # a late client timestamp at one end of a phase shortens it a little: 10 ms below;
+        # above, no more than all the lateness there was: a phase that took in another's
+        # delay (35 ms or more) fails on a quiet machine
+        assert delay - 10 <= mean[phase] <= delay + max(late, 0) + 10, (phase, mean, late)
     # the stub counts prompts with the same tokenizer and template: sized on target
     assert abs(single["prompt_tokens_mean"] - 2000) <= 20 and not single["prompt_tokens_flagged"]
     assert single["server"]["mean_ms"]["e2e"] is not None

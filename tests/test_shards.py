@@ -94,7 +94,9 @@ def test_bursts_fire_together_in_every_shard(stub, tok):
     for b in range(3):
         burst = [r for r in records if r.batch == b]
         assert len(burst) == 5  # 3 from one shard, 2 from the other
-        assert max(r.t_start for r in burst) - min(r.t_start for r in burst) < 100 * MS
+        # Together: a burst's spread is under half the burst period, so each request is
+        # nearer its own burst than the next; a loaded machine may delay a shard, not that much.
+        assert max(r.t_start for r in burst) - min(r.t_start for r in burst) < 0.3 / 2 * 1000 * MS
 
 
 def test_poisson_rate_is_split_over_shards(stub, tok):

@@ -8,6 +8,7 @@ processes on this machine.
 """
 
 import importlib.util
+import itertools
 import subprocess
 import sys
 import textwrap
@@ -229,11 +230,20 @@ def test_amd_resolution_measured_from_the_firmware_refresh():
     poller.open()
     end = time.monotonic() + 0.8
     busy = []
-    while time.monotonic() < end:
+    stamps = []  # (before, after) each poll: on a loaded machine polls come late
+    while time.monotonic() < end or len(busy) < 8:
+        before = time.monotonic()
         busy += [s["gfx"] for s in poller.poll() if s["kind"] == "activity"]
+        stamps.append((before, time.monotonic()))
         time.sleep(0.01)
     res = poller.close()["series"]["0"]["activity"]
-    assert 35 <= res["resolution_ms"] <= 80, res
+    # A refresh is seen by the first poll after it, at most `late` later; so every gap
+    # between seen changes is the refresh period give or take `late`, however loaded the
+    # machine was. Unloaded, `late` is ~11 ms: 39-61 ms, where 10 ms (the poll) would fail.
+    late = max(b[1] - a[0] for a, b in itertools.pairwise(stamps)) * 1e3 + 1
+    refresh = smi.REFRESH_S * 1e3
+    assert res["basis"].startswith("measured"), res
+    assert max(10.0, refresh - late) <= res["resolution_ms"] <= refresh + late, (res, late)
     assert busy and all(0 <= b <= 100 for b in busy)
 
 
@@ -294,24 +304,34 @@ def test_redact_hides_credentials():
 def test_host_poller_sees_child_processes_and_threads(busy_family):
     poller = HostPoller(interval_s=0.1, pids={busy_family.pid: "server"})
     assert poller.open()["roots"] == {str(busy_family.pid): "server"}
+    (busy,) = __import__("psutil").Process(busy_family.pid).children()
     rows = []
-    t0 = time.monotonic_ns()
-    for _ in range(11):
+    # The child's own CPU seconds, read directly around the same polls: what the
+    # poller's figure must match however much CPU the loaded machine left the child.
+    cpu0, t0 = sum(busy.cpu_times()[:2]), time.monotonic_ns()
+    for i in range(11):
         rows += poller.poll()
-        time.sleep(0.1)
-    t1 = time.monotonic_ns()
+        if i < 10:
+            time.sleep(0.1)
+    t1, cpu1 = time.monotonic_ns(), sum(busy.cpu_times()[:2])
+    direct_pct = 100.0 * (cpu1 - cpu0) / ((t1 - t0) / 1e9)
     info = poller.close()
     assert info["processes"] == 2 and info["thread_cpu"] == "schedstat ns"
     host = host_series(read_telemetry(rows))
     usage = host_usage(host, (t0, t1))
     child = next(p for p in usage["processes"] if p["pid"] != busy_family.pid)
     parent = next(p for p in usage["processes"] if p["pid"] == busy_family.pid)
+    assert child["pid"] == busy.pid
     assert child["role"] == "server" and child["name"].startswith("python")
-    assert child["cpu_pct"] > 40  # one busy core, on a shared 2-core machine
-    assert parent["cpu_pct"] < 10
-    main = child["threads"][0]
-    assert main["tid"] == child["pid"] and main["cpu_pct"] > 40
-    assert usage["system_busy_pct"] > 20 and usage["cpus"] >= 1
+    assert direct_pct > 5, "the machine left the busy child no CPU at all"
+    # 10 points: the 10 ms ticks of cpu_times, twice over ~1 s, with room
+    assert child["cpu_pct"] == pytest.approx(direct_pct, abs=10)
+    assert parent["cpu_pct"] < min(10, direct_pct / 2)  # it only waits on the child
+    main = child["threads"][0]  # from schedstat, not cpu_times: it agrees with the process
+    assert main["tid"] == child["pid"]
+    assert main["cpu_pct"] == pytest.approx(child["cpu_pct"], abs=10)
+    cores_busy = usage["system_busy_pct"] * usage["cpus"]  # the child is part of the machine
+    assert usage["cpus"] >= 1 and cores_busy >= child["cpu_pct"] - 10
     # both threads named once (the OS name: Python before 3.14 leaves it the process name)
     assert sum(len(r["names"]) for r in rows if r["kind"] == "thread_names" and r["pid"] == child["pid"]) == 2
     assert any(r["kind"] == "proc_info" and r["cmdline"][-1] == "child" for r in rows)

@@ -61,8 +61,8 @@ def cmd_micro(args: argparse.Namespace) -> int:
 def cmd_serve_local(args: argparse.Namespace) -> int:
     from cputax.commands.serve_local import serve_local
 
-    return serve_local(host=args.host, port=args.port, target=args.target, emulate_gpu=args.emulate_gpu,
-                       gpu_speed=args.gpu_speed)
+    return serve_local(host=args.host, port=args.port, target=args.target,
+                       emulate_gpu=args.emulate_gpu, gpu_speed=args.gpu_speed)
 
 
 def cmd_stub(args: argparse.Namespace) -> int:
@@ -108,6 +108,8 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
                                                 host_interval_ms=args.host_interval_ms),
                       pyspy=_pyspy_options(args) if _wants_pyspy(args) else None,
                       client_procs=getattr(args, "client_procs", None), ray=_ray_options(args),
+                      server_spans=not getattr(args, "no_server_spans", False),
+                      otlp_listen=getattr(args, "otlp_listen", None),
                       emulate_gpu=args.emulate_gpu, gpu_speed=args.gpu_speed)
 
 
@@ -191,6 +193,7 @@ def _target_args(p: argparse.ArgumentParser, tokenizer_help: str) -> None:
                    help="load generator processes, each with its own event loop and a share of the streams "
                    "(default auto: one per 128 streams, at most a quarter of the CPUs; 1 below 128 streams)")
     _ray_args(p)
+    _span_args(p)
     _emulation_args(p)
     p.add_argument("--gpu", choices=("auto", "amd", "nvidia", "none"), default="auto",
                    help="GPU telemetry backend (default auto: NVML, else amdsmi, else none); host telemetry is always on")
@@ -208,14 +211,14 @@ def _target_args(p: argparse.ArgumentParser, tokenizer_help: str) -> None:
 def _emulation_args(p: argparse.ArgumentParser) -> None:
     from cputax.emulation import preset_names
 
-    g = p.add_argument_group("emulated GPU", "the embedded vLLM's forward pass takes the time a chosen "
-                             "GPU would take, using no CPU; everything else (front end, scheduler, KV "
-                             "cache, detokenizer, streaming) is the real vLLM on this CPU "
-                             "(docs/emulated-gpu.md)")
+    g = p.add_argument_group("emulated GPU", "the embedded vLLM's forward pass takes the time "
+                             "a chosen GPU would take, using no CPU; everything else (front end, "
+                             "scheduler, KV cache, detokenizer, streaming) is the real vLLM on "
+                             "this CPU (docs/emulated-gpu.md)")
     g.add_argument("--emulate-gpu", metavar="PRESET|FILE|none", default=None,
-                   help="a preset (" + ", ".join(preset_names()) + "), a TOML file of the same shape, or "
-                   "none (the tiny model computing on the CPU); default h100-llama3.1-8b on the "
-                   "embedded vLLM")
+                   help="a preset (" + ", ".join(preset_names()) + "), a TOML file of the same "
+                   "shape, or none (the tiny model computing on the CPU); default "
+                   "h100-llama3.1-8b on the embedded vLLM")
     g.add_argument("--gpu-speed", type=float, default=1.0, metavar="X",
                    help="divide every emulated step time by X (inf: no GPU time at all; default 1)")
 
@@ -231,6 +234,29 @@ def _ray_args(p: argparse.ArgumentParser) -> None:
                    metavar="NODE[:PORT],...",
                    help="server nodes for the agents, by IP or node id (default: nodes with the cputax-server "
                    "resource); :PORT where that node's server listens on another port than the endpoint's")
+
+
+def _listen(text: str) -> str:
+    from cputax.client.otlp import parse_listen
+
+    try:
+        parse_listen(text)
+    except CputaxError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+    return text
+
+
+def _span_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server phases",
+                             "each request's own server-side phases (docs/server-phases.md): the "
+                             "server's OTLP span per request, joined by X-Request-Id/traceparent")
+    g.add_argument("--otlp-listen", metavar="HOST:PORT", type=_listen,
+                   help="receive your own server's spans here (OTLP/HTTP); prints the server "
+                   "flags and the environment variable to start it with")
+    g.add_argument("--no-server-spans", action="store_true",
+                   help="start the embedded server without tracing: the server phases then come "
+                   "from the final usage chunk (--enable-per-request-metrics: queue, prefill, "
+                   "decode; no arrival)")
 
 
 def _ray_options(args: argparse.Namespace) -> Any:

@@ -74,6 +74,12 @@ class RequestRecord:
     turn: int | None = None
     subagent: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # The join key sent as X-Request-Id and as the trace id of a W3C traceparent (32 hex digits)
+    request_id: str | None = None
+    # The server's own account of the request (analysis.server_phases): from the final usage
+    # chunk's `metrics` as the stream ends (source "response"), or from its OTLP span once
+    # analysis joins spans.jsonl (source "otlp"). None when the server gave neither.
+    server: dict[str, Any] | None = None
 
     def to_json(self) -> bytes:
         return orjson.dumps(self)  # orjson writes a dataclass's fields in order, like asdict, 10x faster

@@ -7,6 +7,7 @@ A run directory is a complete, shareable record of one run (no secrets):
     windows.jsonl       when each scenario's measured part ran
     metrics/            Prometheus text before and after each scenario, gauge polls
     telemetry.jsonl     host and GPU samples on the run's clock
+    spans.jsonl         the server's per-request spans (OTLP), joined to requests by analysis
     pyspy/              py-spy per server process and window (pyspy/manifest.jsonl)
     server.log          the embedded server's output
     summary.json, correlation.json, pyspy/attribution.json   derived (analysis)
@@ -100,6 +101,11 @@ class RunDir:
     @property
     def telemetry(self) -> Path:
         return self.path / "telemetry.jsonl"
+
+    @property
+    def spans(self) -> Path:
+        """The server's per-request spans as the OTLP receiver got them (client.otlp)."""
+        return self.path / "spans.jsonl"
 
     @property
     def server_log(self) -> Path:

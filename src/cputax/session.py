@@ -27,7 +27,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cputax import __version__
 from cputax.analysis import analyse, failures
-from cputax.client.calibrate import load_ceiling
 from cputax.client.probes import (
     accepts_ignore_eos,
     preflight,
@@ -37,6 +36,7 @@ from cputax.client.probes import (
 )
 from cputax.client.scrape import poll_gauges, scrape
 from cputax.errors import CputaxError
+from cputax.peers.calibrate import load_ceiling
 from cputax.records import JsonlWriter, RequestRecord, Results
 from cputax.report import write_report
 from cputax.report.terminal import summary_table
@@ -46,14 +46,14 @@ from cputax.telemetry.runner import TelemetryConfig, TelemetryMonitor
 from cputax.text.tokenizer import LoadedTokenizer, load_tokenizer
 from cputax.util import cpu_model
 from cputax.workload.profiles import Scenario, load_profile, resolve_profile, select, with_controls
-from cputax.workload.prompts import CountFn, ScenarioPrompts
+from cputax.workload.prompts import TOOL_MODES, CountFn, ScenarioPrompts
 
 __all__ = ["Monitor", "RunOptions", "Session", "api_key", "drive", "exit_status", "failures_of", "measured",
            "rebuild_report",
            "recording", "run_profile", "run_scenarios", "scenario_dicts"]
 
 DEFAULT_TARGET = "vllm"  # the embedded server when --target is auto
-DEFAULT_EMULATION = "h100-llama3.1-8b"  # the embedded vLLM's GPU unless --emulate-gpu says otherwise
+DEFAULT_EMULATION = "h100-llama3.1-8b"  # the embedded vLLM's GPU unless --emulate-gpu says so
 
 
 class Monitor(Protocol):
@@ -98,6 +98,8 @@ class RunOptions:
     serve_cmd: str | None = None  # the user's own command for the server, with {port} and {args} (sweep)
     client_procs: int | None = None  # load shards per scenario; None: client.shards.auto_procs
     ray: Any = None  # cluster.ray_env.RayOptions: run the load (and node agents) on a Ray cluster
+    server_spans: bool = True  # the embedded server posts a span per request to the run's receiver
+    otlp_listen: str | None = None  # HOST:PORT: receive a user's server's spans (client.otlp)
     # the embedded vLLM's emulated GPU: a preset, a TOML file or "none"; None: the default
     # (DEFAULT_EMULATION on the embedded vllm, nothing elsewhere); scaled by gpu_speed
     emulate_gpu: str | None = None
@@ -186,13 +188,72 @@ def host_info() -> dict[str, Any]:
             "platform": platform.platform()}
 
 
+# The embedded server's span exporter posts every second (OTEL_BSP_SCHEDULE_DELAY; 5 s by
+# default): the run waits that long for the last spans.
+EMBEDDED_EXPORT_DELAY_MS = 1000
+
+
 @contextlib.contextmanager
-def _target(opts: RunOptions, run: RunDir) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
+def _spans(opts: RunOptions, run: RunDir) -> Iterator[Any]:
+    """The run's OTLP receiver as a SpanMonitor (client.otlp): for the embedded server when
+    its table says how to trace and --no-server-spans was not given, or on --otlp-listen for
+    the user's server (the flags to give it are printed); None otherwise."""
+    from cputax.servers import get
+
+    table = get(DEFAULT_TARGET if opts.target == "auto" else opts.target)
+    tracing = table.capabilities.tracing
+    embedded = (not opts.endpoint and opts.server_spans and tracing is not None
+                and opts.serve_cmd is None)
+    if not embedded and opts.otlp_listen is None:
+        yield None
+        return
+    from cputax.client.otlp import SpanMonitor, SpanReceiver, parse_listen
+
+    host, port = parse_listen(opts.otlp_listen) if opts.otlp_listen else ("127.0.0.1", 0)
+    receiver = SpanReceiver(run.spans, host, port).start()
+    delay = EMBEDDED_EXPORT_DELAY_MS if embedded else (tracing.export_delay_ms if tracing else 5000)
+    monitor = SpanMonitor(receiver, delay, expect=embedded)
+    if not embedded and tracing is not None:
+        flags = f"{tracing.traces_flag} {receiver.endpoint}"
+        if tracing.metrics_flag:
+            flags += f" {tracing.metrics_flag}"
+        env = " ".join(f"{k}={v}" for k, v in tracing.env.items())
+        Console(stderr=True).print(f"listening for spans on {receiver.endpoint}: start "
+                                   f"{table.name} with {flags} and {env} in its environment",
+                                   markup=False, soft_wrap=True)
+    elif not embedded:
+        Console(stderr=True).print(f"listening for spans on {receiver.endpoint} (OTLP/HTTP "
+                                   "protobuf)")
+    try:
+        yield monitor
+    finally:
+        receiver.stop()  # idempotent: the monitor normally stopped it, after the last spans
+
+
+def _tracing_launch(spans: Any, opts: RunOptions) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The embedded server's extra flags and environment: per-request metrics on the final
+    usage chunk (cheap, and the fallback), and tracing into `spans` when there is one."""
+    from cputax.servers import get
+
+    tracing = get(DEFAULT_TARGET if opts.target == "auto" else opts.target).capabilities.tracing
+    if tracing is None or opts.endpoint or opts.serve_cmd is not None:
+        return (), {}
+    args = (tracing.metrics_flag,) if tracing.metrics_flag else ()
+    if spans is None:
+        return args, {}
+    env = {**tracing.env, "OTEL_BSP_SCHEDULE_DELAY": str(EMBEDDED_EXPORT_DELAY_MS)}
+    return (*args, tracing.traces_flag, spans.receiver.endpoint), env
+
+
+@contextlib.contextmanager
+def _target(opts: RunOptions, run: RunDir,
+            spans: Any = None) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
     """The endpoint to measure: the user's, or the embedded target started for this run."""
     if opts.endpoint:
         if opts.emulate_gpu not in (None, "none") or opts.gpu_speed != 1.0:
-            raise CputaxError("--emulate-gpu and --gpu-speed apply to the embedded vLLM; a server at "
-                              "--endpoint runs its own GPU (cputax serve-local --emulate-gpu starts one)")
+            raise CputaxError("--emulate-gpu and --gpu-speed apply to the embedded vLLM; a server "
+                              "at --endpoint runs its own GPU (cputax serve-local --emulate-gpu "
+                              "starts one)")
         yield opts.endpoint.rstrip("/"), opts.model, {"kind": "external"}
         return
     from cputax.servers import get
@@ -214,7 +275,9 @@ def _target(opts: RunOptions, run: RunDir) -> Iterator[tuple[str, str | None, di
     def progress(waited_s: float) -> None:
         console.print(f"  ... {table.name} starting, {waited_s:.0f} s")
 
-    with EmbeddedServer(table, log_path=run.server_log, extra_args=opts.server_args, progress=progress,
+    tracing_args, tracing_env = _tracing_launch(spans, opts)
+    with EmbeddedServer(table, log_path=run.server_log, extra_args=opts.server_args + tracing_args,
+                        progress=progress, extra_env=tracing_env,
                         emulation=emulation, steps_path=run.emulated_gpu) as server:
         console.print(f"embedded target up at {server.endpoint} (pid {server.pid}) in {server.startup_s:.0f} s")
         yield server.endpoint, opts.model or server.model, {
@@ -233,12 +296,14 @@ def emulation_for(opts: RunOptions, table: Any) -> Any:
     if name is None:
         if table.launch is None or table.launch.emulation_flags is None:
             if opts.gpu_speed != 1.0:
-                raise CputaxError(f"--gpu-speed needs the emulated GPU, which {table.name} cannot host")
+                raise CputaxError(f"--gpu-speed needs the emulated GPU, which {table.name} "
+                                  "cannot host")
             return None
         name = DEFAULT_EMULATION
     if name == NONE:
         if opts.gpu_speed != 1.0:
-            raise CputaxError("--gpu-speed scales the emulated GPU: it has no meaning with --emulate-gpu none")
+            raise CputaxError("--gpu-speed scales the emulated GPU: it has no meaning with "
+                              "--emulate-gpu none")
         return None
     return load_timing(name, opts.gpu_speed)
 
@@ -251,9 +316,10 @@ def drive(opts: RunOptions, key: str | None, tokenizer: LoadedTokenizer, run: Ru
     run never got as far as run.json)."""
     results = None
     try:
-        with _target(opts, run) as (endpoint, model, target), _cluster(opts) as cluster:
+        with _spans(opts, run) as spans, _target(opts, run, spans) as (endpoint, model, target), \
+                _cluster(opts) as cluster:
             asyncio.run(_drive(opts, endpoint, model, target, key, tokenizer, run, info, body, max_connections,
-                               cluster))
+                               cluster, spans))
     finally:
         if run.has_info():
             results = rebuild_report(run)
@@ -277,7 +343,8 @@ def _cluster(opts: RunOptions) -> Iterator[Any]:
 
 async def _drive(opts: RunOptions, endpoint: str, model: str | None, target: dict[str, Any],
                  key: str | None, tokenizer: LoadedTokenizer, run: RunDir, info: dict[str, Any],
-                 body: Callable[[Session], Awaitable[None]], max_connections: int, cluster: Any = None) -> None:
+                 body: Callable[[Session], Awaitable[None]], max_connections: int,
+                 cluster: Any = None, spans: Any = None) -> None:
     from cputax.client.stream import StreamingClient
 
     console = Console(stderr=True)
@@ -302,8 +369,8 @@ async def _drive(opts: RunOptions, endpoint: str, model: str | None, target: dic
         console.print(f"model {model}; prompts sized by {counter_name}; server metrics: "
                       f"{'yes' if has_metrics else 'none (server-side columns will be absent)'}; "
                       f"ignore_eos {'sent' if ignore_eos else 'refused by the server: output may stop early'}; "
-                      f"tools {TOOL_WORDS[tools]}")
-        monitors = build_monitors(opts, cluster)
+                      f"tools {TOOL_MODES[tools]}")
+        monitors = build_monitors(opts, cluster) + ([spans] if spans is not None else [])
         spec = None
         if cluster is not None:
             from cputax.cluster.load import ClientSpec
@@ -326,10 +393,6 @@ async def _drive(opts: RunOptions, endpoint: str, model: str | None, target: dic
             run.update_info(stamps={"kernel": client.kernel_stamps, "conversion_error_ns": client.clock.error_ns,
                                     "clock_steps": client.clock_steps,
                                     "connections_opened": client.connections_opened})
-
-
-TOOL_WORDS = {"auto": "sent as `tools`", "none": "sent with tool_choice \"none\" (the server refuses \"auto\")",
-              "in_prompt": "written into the system prompt (the server takes no `tools`)"}
 
 
 def _server_identity(target: dict[str, Any], endpoint: str, asked: str) -> dict[str, Any]:

@@ -1,17 +1,22 @@
-"""Small helpers every layer may use: statistics, child processes, loopback ports.
+"""Small helpers every layer may use: statistics, child processes, loopback ports, pacing.
 
 Nothing here knows about servers, runs or reports.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import re
 import signal
 import socket
 import sys
+import time
+from collections.abc import Iterable
+from typing import Any
 
-__all__ = ["client_host", "cpu_model", "die_with_parent", "free_port", "percentile", "port_is_free", "redact", "url_host"]
+__all__ = ["average", "client_host", "cpu_model", "die_with_parent", "free_port", "percentile",
+           "port_is_free", "redact", "sleep_until", "url_host"]
 
 _SECRET = re.compile(r"key|token|secret|passw|auth", re.I)
 
@@ -34,6 +39,25 @@ def percentile(values: list[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(data) - 1)
     return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def average(values: Iterable[float | None] | Any) -> float | None:
+    """The mean of the values that are there: None and NaN are absent, never zero, so
+    they are left out; None when nothing is left. A numpy array stays vectorised (a
+    column of a million requests)."""
+    if hasattr(values, "dtype"):
+        kept = values[values == values]  # NaN != NaN
+        return float(kept.mean()) if len(kept) else None
+    nums = [v for v in values if v is not None and v == v]
+    return sum(nums) / len(nums) if nums else None
+
+
+async def sleep_until(deadline_ns: int) -> None:
+    """Sleep until `deadline_ns` on time.monotonic_ns(); return at once if it has passed.
+    Pacing by deadline, not by interval, keeps a late wake-up from delaying the next."""
+    delay = deadline_ns - time.monotonic_ns()
+    if delay > 0:
+        await asyncio.sleep(delay / 1e9)
 
 
 # Loaded here, not in the forked child, where taking the loader's lock could deadlock.

@@ -18,6 +18,7 @@ from cputax.analysis.correlate import correlate_run
 from cputax.analysis.decompose import http_overhead_growth, summarize_scenario
 from cputax.analysis.emulated import add_bubbles
 from cputax.analysis.server_metrics import run_scenario_metrics
+from cputax.analysis.server_phases import server_phases
 from cputax.analysis.timeline import host_series, read_telemetry
 from cputax.records import RequestTable, Results
 from cputax.rundir import RunDir
@@ -41,6 +42,9 @@ def summarize_run(run: RunDir, info: dict[str, Any], table: RequestTable) -> dic
         summaries.append(summarize_scenario(scenario, mine, windows.get(scenario["name"]), server))
         summaries[-1]["past_client_ceiling"] = past_ceiling(summaries[-1], info.get("client_ceiling"))
     summary: dict[str, Any] = {"run": {k: info[k] for k in SUMMARY_RUN_KEYS if k in info}, "scenarios": summaries}
+    phases = server_phases(run, info, summaries)  # each request's own server phases, joined
+    if phases is not None:
+        summary["server_phases"] = phases
     if skipped:
         summary["skipped"] = skipped
     shards = [f"{name}: {line}" for name, w in windows.items() for line in w.get("shard_failures") or []]

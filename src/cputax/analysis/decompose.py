@@ -1,7 +1,7 @@
 """Split every request into the study's phases and summarize them per scenario.
 
 Phases (ms), named as the study named them but measured at the boundaries vLLM
-really has (see the README):
+really has (see docs/phases-and-clocks.md):
 - serialize = t_sent - t_start: payload build + JSON encode + the client's wait to write
 - http_overhead = t_headers - t_sent: the server front end (HTTP parse, chat template,
   tokenization, event-loop waits); vLLM sends headers before the engine sees the request
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from cputax.records import RequestTable
-from cputax.util import percentile
+from cputax.util import average, percentile
 
 __all__ = ["CPU_PHASES", "GPU_PHASES", "PHASES", "completed", "http_overhead_growth", "percentile", "phases",
            "received", "summarize_scenario"]
@@ -74,11 +74,6 @@ def _stat(values: dict[str, np.ndarray], q: float | None) -> dict[str, float | N
     return out
 
 
-def _mean(values: np.ndarray) -> float | None:
-    values = values[~np.isnan(values)]
-    return float(values.mean()) if len(values) else None
-
-
 def _error_kind(error: str | None) -> str:
     text = (error or "unknown").split(":", 1)[0]
     return text[:60]
@@ -127,7 +122,7 @@ def summarize_scenario(
     gpu = sum(mean[p] for p in GPU_PHASES) if rows else None
     total = mean["total"]
     target = scenario.get("context_tokens")
-    prompt_mean = _mean(table["prompt_tokens"][ok])
+    prompt_mean = average(table["prompt_tokens"][ok])
     off = (prompt_mean - target) / target if prompt_mean is not None and target else None
     errors: dict[str, int] = {}
     for error in table.error[~ok]:
@@ -145,7 +140,7 @@ def summarize_scenario(
         "prompt_tokens_mean": prompt_mean,
         "prompt_tokens_off_pct": None if off is None else 100.0 * off,
         "prompt_tokens_flagged": off is not None and abs(off) > PROMPT_TOLERANCE,
-        "output_tokens_mean": _mean(output),
+        "output_tokens_mean": average(output),
         "output_tokens_source": table.source_names(),
         "mean_ms": mean,
         "p50_ms": _stat(values, 50),
@@ -154,9 +149,10 @@ def summarize_scenario(
         "client_lag_ms": _client_lag(table),
         "shared_stamps_pct": _shared_pct(table),
         "client_cpu_ms": {
-            "build": _mean(table["build_s"][ok] * 1000.0),
-            "parse_per_chunk_us": _mean(np.divide(table["parse_s"][ok] * 1e6, chunks, where=chunks > 0,
-                                                  out=np.full(len(chunks), np.nan))),
+            "build": average(table["build_s"][ok] * 1000.0),
+            "parse_per_chunk_us": average(np.divide(table["parse_s"][ok] * 1e6, chunks,
+                                                    where=chunks > 0,
+                                                    out=np.full(len(chunks), np.nan))),
         },
         "cpu_pct": None if not total else 100.0 * cpu / total,
         "gpu_pct": None if not total else 100.0 * gpu / total,

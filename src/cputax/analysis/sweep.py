@@ -17,6 +17,7 @@ from cputax.analysis.compare import delta_row, spreads
 from cputax.records import read_json
 from cputax.rundir import SweepDir
 from cputax.servers import IDLE, OTHER
+from cputax.util import average
 
 __all__ = ["METRICS", "analyse_sweep", "load_config_runs", "scenario_metrics"]
 
@@ -41,10 +42,6 @@ METRICS: dict[str, tuple[str, str, str | None]] = {
     "gpu_bubble_pct": ("emulated GPU idle while requests waited", "% of wall", None),
 }
 ROLES = ("api_server", "engine_core", "worker", "launcher")
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 def load_config_runs(sweep: SweepDir, folders: list[str]) -> list[dict[str, Any]]:
@@ -162,7 +159,8 @@ def _config_scenario(runs: list[dict[str, Any]], name: str) -> dict[str, Any] | 
         spread_in = [w[phase] for *_, w in per_run if phase and w.get(phase) is not None]
         candidates = [max(values) - min(values)] if len(values) >= 2 else []
         candidates += spread_in
-        metrics[key] = {"value": _mean(values), "spread": max(candidates) if candidates else None, "values": values}
+        metrics[key] = {"value": average(values), "spread": max(candidates) if candidates else None,
+                        "values": values}
     summary, window, _, _ = per_run[0]
     return {"metrics": metrics, "requests": sum(s["requests"] for s, *_ in per_run),
             "errors": sum(s["errors"] for s, *_ in per_run), "roles": role_categories(window),

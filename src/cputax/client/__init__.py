@@ -1,15 +1,19 @@
 """The client side of a measurement: talking to the server and timing every request.
 
     sse        the stream's events -> a RequestRecord's timestamps
-    stream     StreamingClient: one streamed request -> one RequestRecord (aiohttp)
+    wire       the streaming path's own HTTP/1.1: asyncio sockets, kernel receive stamps
+    stream     StreamingClient: one streamed request -> one RequestRecord
     loadgen    closed-loop batches, duration, Poisson and burst arrivals
+    shards     the same load from N forked processes, each with its own event loop
+    heap       the garbage collector kept out of the measured part of a run
     sessions   agent traces replayed as user sessions, sub-agents beside their parents
     probes     what is asked before the load (model, token counter, ignore_eos, tools)
     scrape     the server's /metrics before, during and after each scenario
-    calibrate  the client's own floor against the stub
+
+The client measured against the stub, alone and beside other load clients, is the
+package cputax.peers.
 """
 
-from cputax.client.calibrate import run_calibration
 from cputax.client.loadgen import Window, run_scenario, warm_up
 from cputax.client.probes import (
     accepts_ignore_eos,
@@ -26,6 +30,6 @@ from cputax.client.stream import StreamingClient
 
 __all__ = [
     "REPLAY_SCENARIO", "Pacing", "Replay", "StreamError", "StreamParser", "StreamingClient", "Window",
-    "accepts_ignore_eos", "poll_gauges", "preflight", "run_calibration", "run_scenario", "scrape",
+    "accepts_ignore_eos", "poll_gauges", "preflight", "run_scenario", "scrape",
     "server_counter", "server_version", "tool_mode", "warm_up",
 ]

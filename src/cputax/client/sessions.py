@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from cputax.client.heap import steady_heap
 from cputax.client.loadgen import WHOLE, Client, Share, Window
 from cputax.records import RequestRecord
+from cputax.util import sleep_until
 from cputax.workload.prompts import ReplayPrompts
 from cputax.workload.traces import Agent, Conversation, SubAgent, TraceRequest, ideal_hits
 
@@ -30,12 +31,6 @@ SCENARIO = "replay"
 class Pacing:
     users: int  # sessions at once
     time_scale: float = 1.0  # multiplies think times and sub-agent delays
-
-
-async def _sleep_until(deadline_ns: int) -> None:
-    delay = deadline_ns - time.monotonic_ns()
-    if delay > 0:
-        await asyncio.sleep(delay / 1e9)
 
 
 class Replay:
@@ -59,7 +54,7 @@ class Replay:
                                       start_ns if start_ns is not None else time.monotonic_ns())
 
     async def _replay(self, conversations: list[Conversation], share: Share, start: int) -> Window:
-        await _sleep_until(start)
+        await sleep_until(start)
         conversations = conversations[share.k::share.n]
         slots = asyncio.Semaphore(max(1, share.part(self.pacing.users)))
         self._share = share
@@ -84,7 +79,7 @@ class Replay:
                     self._subagent(conv, step, agent, last_turn, last_end)))
                 continue
             think_ns = self._scaled_ns(step.think_s)
-            await _sleep_until(last_end + think_ns)
+            await sleep_until(last_end + think_ns)
             context = {"parent": None if parent is None else (parent.id or "main"), "after_turn": after_turn,
                        "agent_start_ns": start_ns, "think_s": think_ns / 1e9}
             record = await self._send(conv, agent, step, context)
@@ -94,7 +89,7 @@ class Replay:
     async def _subagent(self, conv: Conversation, sub: SubAgent, parent: Agent, after_turn: int | None,
                         anchor_ns: int) -> None:
         start = anchor_ns + self._scaled_ns(sub.delay_s)
-        await _sleep_until(start)
+        await sleep_until(start)
         await self._agent(conv, sub.agent, parent, after_turn, start)
 
     async def _send(self, conv: Conversation, agent: Agent, request: TraceRequest,

@@ -13,11 +13,25 @@ from typing import Any
 import orjson
 
 from cputax.records import RequestRecord
+from cputax.servers.vllm import TRACING as RESPONSE_METRICS
 
 _NEWLINES = (b"\n", b"\r")
 _OTHER_FIELDS = frozenset((b"event", b"id", b"retry"))  # legal SSE fields OpenAI servers never need
 _DONE = b"[DONE]"
 _SHOWN = 120  # bytes of a bad line quoted in an error
+
+
+def response_phases(metrics: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
+    """record.server from the final usage chunk's per-request metrics: queue, prefill (from
+    scheduling) and decode, in ms. The response carries no arrival time, so no TTFT from
+    arrival, e2e or HTTP in: those need the span."""
+    phases: dict[str, Any] = dict.fromkeys(
+        ("arrival_ns", "queue_ms", "prefill_ms", "decode_ms", "ttft_ms", "e2e_ms"))
+    for name, key in RESPONSE_METRICS.response_fields.items():
+        value = metrics.get(key)
+        phases[name] = float(value) if isinstance(value, (int, float)) else None
+    return {**phases, "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": usage.get("completion_tokens"), "source": "response"}
 
 
 class StreamError(Exception):
@@ -191,6 +205,8 @@ class StreamParser:
                     record.t_first_token_kernel = self._kernel
                 elif record.t_last_token == t and record.t_last_token_kernel == self._kernel:
                     record.shared_stamps += 1  # the same read as the token before it
+                    if self._token_chunks == 1:  # that was the first: its stamp is this one's
+                        record.extra["first_token_shared"] = True
                 record.t_last_token = t
                 record.t_last_token_kernel = self._kernel
                 self._token_chunks += 1
@@ -204,3 +220,6 @@ class StreamParser:
             record.prompt_tokens = usage.get("prompt_tokens")
             record.output_tokens = usage.get("completion_tokens")
             record.output_tokens_source = "usage"
+            metrics = obj.get(RESPONSE_METRICS.metrics_field)
+            if isinstance(metrics, dict):  # vLLM --enable-per-request-metrics
+                record.server = response_phases(metrics, usage)

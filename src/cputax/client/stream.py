@@ -37,6 +37,20 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 ERROR_SHOWN = 300  # characters of a server's error message kept in the record
 
 
+def new_request_id() -> str:
+    """A fresh join key: 128 random bits as 32 hex digits, the form of a W3C trace id, so
+    one value is both the X-Request-Id and the trace id (unique across processes and hosts,
+    as load shards need, with no coordination)."""
+    return os.urandom(16).hex()
+
+
+def trace_headers(request_id: str) -> dict[str, str]:
+    """X-Request-Id and a W3C traceparent whose trace id is the request id: the server's
+    span of the request (its child) carries the id either way. The parent span id is
+    random; flags 01 (sampled)."""
+    return {"X-Request-Id": request_id, "traceparent": f"00-{request_id}-{os.urandom(8).hex()}-01"}
+
+
 def _truncate(text: str, limit: int = ERROR_SHOWN) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit] + "..."
@@ -153,7 +167,7 @@ class StreamingClient:
             auth = b"".join(f"{k}: {v}\r\n".encode() for k, v in self._auth.items())
             self._head = (b"POST " + (url.path or "/").encode() + b" HTTP/1.1\r\nHost: " + host +
                           b"\r\nUser-Agent: cputax\r\nAccept: text/event-stream\r\nContent-Type: application/json\r\n"
-                          + auth + b"Content-Length: ")
+                          + auth)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -199,6 +213,7 @@ class StreamingClient:
         clear `error`; the record always comes back with t_end set.
         """
         record.ok = False
+        record.request_id = record.request_id or new_request_id()
         record.t_start = time.monotonic_ns()
         cpu = time.thread_time_ns()
         payload = build()
@@ -240,14 +255,18 @@ class StreamingClient:
         def sent() -> None:
             record.t_sent = time.monotonic_ns()
 
-        await self._pool.request(self._head + str(len(body)).encode() + b"\r\n\r\n" + body, sink, sent)
+        ids = trace_headers(record.request_id or new_request_id())
+        head = self._head + "".join(f"{k}: {v}\r\n" for k, v in ids.items()).encode()
+        length = b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+        await self._pool.request(head + length + body, sink, sent)
         if sink.error_body is not None:
             raise StreamError(f"HTTP {record.status}: {_error_text(b''.join(sink.error_body))}")
         sink.parser.eof(time.monotonic_ns())
         record.ok = True
 
     async def _stream(self, record: RequestRecord, body: bytes) -> None:
-        async with self.session.post(self._url, data=body, headers=JSON_HEADERS,
+        headers = {**JSON_HEADERS, **trace_headers(record.request_id or new_request_id())}
+        async with self.session.post(self._url, data=body, headers=headers,
                                      trace_request_ctx=record) as resp:
             record.t_headers = time.monotonic_ns()
             record.status = resp.status

@@ -11,7 +11,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from cputax.client.calibrate import peers, run_calibration, save_ceiling
+from cputax.peers.calibrate import peers, run_calibration, save_ceiling
 
 __all__ = ["calibrate", "show_peers"]
 

@@ -21,8 +21,8 @@ def serve_local(host: str, port: int, target: str = "transformers", emulate_gpu:
     steps = None
     if emulation is not None:
         steps = Path(tempfile.gettempdir()) / f"cputax-emulated-gpu-{port}.jsonl"
-        print(f"cputax serve-local: emulated GPU {emulation.name} (x{emulation.gpu_speed:g}); the CPU side "
-              f"is real; steps in {steps}", file=sys.stderr, flush=True)
+        print(f"cputax serve-local: emulated GPU {emulation.name} (x{emulation.gpu_speed:g}); "
+              f"the CPU side is real; steps in {steps}", file=sys.stderr, flush=True)
     server = EmbeddedServer(table, host=host, port=port, emulation=emulation, steps_path=steps)
     if not (model_dir() / "config.json").is_file():
         print(f"cputax serve-local: writing the tiny model once to {model_dir()}", file=sys.stderr, flush=True)

@@ -15,6 +15,7 @@ from cputax.report.html import render_figures, render_html
 from cputax.report.markdown import in_short, render_report
 from cputax.report.nodes import nodes_section
 from cputax.report.profiling import profiling_section
+from cputax.report.server_phases import server_phases_section
 from cputax.report.telemetry import render_telemetry
 from cputax.rundir import RunDir
 
@@ -23,7 +24,8 @@ __all__ = ["render", "write_report"]
 
 def render(results: Results) -> str:
     """report.md's text."""
-    sections = [agentic_section(results.summary, results.info),
+    sections = [server_phases_section(results.summary),
+                agentic_section(results.summary, results.info),
                 render_telemetry(results.correlation) if results.correlation else None,
                 emulated_section(results.summary, results.correlation),
                 profiling_section(results), nodes_section(results)]

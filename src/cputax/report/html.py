@@ -42,7 +42,8 @@ def render_figures(summary: dict[str, Any], corr: dict[str, Any], growth: list[d
     """Every figure of the report, by file stem."""
     scenarios = summary["scenarios"]
     figures = {"decomposition": plots.decomposition_bars(scenarios),
-               "http_overhead_vs_concurrency": plots.http_overhead_plot(scenarios, growth)}
+               "http_overhead_vs_concurrency": plots.http_overhead_plot(scenarios, growth),
+               "server_phases_split": plots.split_plot(scenarios)}
     for s in corr.get("scenarios", []):
         figures[f"timeline_{_slug(s['name'])}"] = plots.timeline_plot(s["name"], s["timeline"])
     return {name: png for name, png in figures.items() if png}
@@ -60,7 +61,8 @@ def render_html(markdown_text: str, figures: dict[str, bytes], profiles: list[st
     decomposition figures after that table, the timelines after the rest, then the links."""
     body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown_text)
     body = body.replace("<p><strong>In short</strong>", '<p class="summary"><strong>In short</strong>', 1)
-    top = "".join(_figure(figures[n], n) for n in ("decomposition", "http_overhead_vs_concurrency") if n in figures)
+    top = "".join(_figure(figures[n], n) for n in ("decomposition", "http_overhead_vs_concurrency",
+                                                    "server_phases_split") if n in figures)
     if top and AFTER_DECOMPOSITION in body:
         body = body.replace(AFTER_DECOMPOSITION, top + AFTER_DECOMPOSITION, 1)
     elif top:

@@ -6,6 +6,7 @@ from typing import Any
 
 from cputax.report.emulated import emulated_banner
 from cputax.report.format import ms, number, pct, table
+from cputax.workload.prompts import TOOL_MODES
 
 STUDY_COLUMNS = (("http_overhead", "HTTP OH"), ("prefill", "Prefill"), ("decode", "Decode"), ("total", "Total"))
 CLIENT_COLUMNS = (("serialize", "Serialize"), ("response_parse", "Parse"))
@@ -125,9 +126,9 @@ def _notes(scenarios: list[dict[str, Any]], info: dict[str, Any],
            skipped_scenarios: list[dict[str, Any]] = ()) -> list[str]:
     notes = []
     if info.get("target", {}).get("emulated_gpu"):
-        notes.append("- The embedded vLLM served an emulated GPU (first lines): its model steps took "
-                     "modelled time and no CPU, while everything else of vLLM and the client shared "
-                     f"this machine's {info.get('host', {}).get('cpus', '?')} CPUs.")
+        notes.append("- The embedded vLLM served an emulated GPU (first lines): its model steps "
+                     "took modelled time and no CPU, while everything else of vLLM and the client "
+                     f"shared this machine's {info.get('host', {}).get('cpus', '?')} CPUs.")
     elif info.get("target", {}).get("kind") == "embedded":
         cpus = info.get("host", {}).get("cpus", "?")
         notes.append(f"- The embedded target ran on this machine's {cpus} CPUs beside the client: its \"GPU\" "
@@ -176,11 +177,6 @@ def _notes(scenarios: list[dict[str, Any]], info: dict[str, Any],
                          f"the server reports {ms(ttft)} ms; the difference is time outside the server's "
                          "clock (front end before arrival is stamped, transit, client).")
     return notes
-
-
-TOOL_MODES = {"auto": "sent as `tools`",
-              "none": "sent with `tool_choice: \"none\"`: the server refused them as \"auto\" (the tools are still rendered into the prompt)",
-              "in_prompt": "written into the system prompt as text: the server took no `tools` field"}
 
 
 def _server_lines(info: dict[str, Any]) -> list[str]:

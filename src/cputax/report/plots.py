@@ -146,3 +146,37 @@ def sweep_bars(title: str, unit: str, scenarios: list[str],
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncols=min(3, len(series)), frameon=False)
     return _png(fig)
+
+
+SPLIT = (("http_in", "HTTP in", "#fdd0a2"), ("front_end", "front end", "#fd8d3c"),
+         ("engine_queue", "engine queue", "#a63603"))
+
+
+def split_plot(scenarios: list[dict[str, Any]]) -> bytes | None:
+    """HTTP in, front end and engine queue (p50, stacked; p99 of their sum dashed) against
+    concurrency, one panel per context size: the study's HTTP overhead, measured."""
+    rows = [s for s in scenarios if s.get("concurrency")
+            and (s.get("server_phases") or {}).get("phases_ms", {}).get("front_end")]
+    if not rows:
+        return None
+    contexts = sorted({s["context_tokens"] for s in rows})
+    fig = Figure(figsize=(6.5 * len(contexts), 4.0))
+    axes = fig.subplots(1, len(contexts), squeeze=False)[0]
+    for ax, ctx in zip(axes, contexts, strict=True):
+        group = sorted((s for s in rows if s["context_tokens"] == ctx),
+                       key=lambda s: s["concurrency"])
+        x = range(len(group))
+        bottom = [0.0] * len(group)
+        for key, label, color in SPLIT:
+            stats = [s["server_phases"]["phases_ms"].get(key) or {} for s in group]
+            values = [max(0.0, st.get("p50") or 0.0) for st in stats]
+            ax.bar(x, values, bottom=bottom, label=f"{label} (p50)", color=color, width=0.6)
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        client = [s["p50_ms"]["http_overhead"] for s in group]
+        ax.plot(list(x), client, marker="o", color="black", label="client time to headers (p50)")
+        ax.set_xticks(list(x), [str(s["concurrency"]) for s in group])
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel("ms")
+        ax.set_title(f"HTTP overhead, split per request ({ctx:,} tokens)")
+        ax.legend(fontsize=8, frameon=False)
+    return _png(fig)

@@ -33,7 +33,7 @@ from cputax.util import die_with_parent
 
 # py-spy costs ~0.75 ms of CPU per sample of a 5-thread process here, mostly system time
 # (process_vm_readv), whatever the format: 100 Hz is ~7.5% of a core, 25 Hz ~2%. On a
-# loaded 2-core machine that CPU comes out of the server's; see the README for the
+# loaded 2-core machine that CPU comes out of the server's; see docs/measurements.md for the
 # throughput and TTFT measured with and without sampling.
 DEFAULT_RATE = 25
 STOP_TIMEOUT_S = 60.0  # py-spy writes its whole trace after SIGINT

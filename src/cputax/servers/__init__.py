@@ -21,12 +21,14 @@ from cputax.servers.base import (
     Preset,
     Rule,
     ServerTable,
+    Tracing,
 )
 from cputax.servers.common import COMMON_RULES
 
 __all__ = [
     "CATEGORIES", "COMMON_RULES", "IDLE", "MEANINGS", "OTHER", "SERVERS", "SERVER_NAMES", "WAITS",
     "Capabilities", "Launch", "MetricNames", "Preset", "Rule", "ServerTable", "embedded_names", "get",
+    "Tracing",
     "metric_names", "process_role", "role_in", "rules_for",
 ]
 

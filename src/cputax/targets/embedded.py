@@ -58,6 +58,7 @@ class EmbeddedServer:
     def __init__(self, table: ServerTable, host: str = "127.0.0.1", port: int | None = None,
                  log_path: Path | None = None, cache_dir: Path | None = None,
                  extra_args: tuple[str, ...] = (), progress: Callable[[float], None] | None = None,
+                 extra_env: Mapping[str, str] | None = None,
                  emulation: TimingModel | None = None, steps_path: Path | None = None) -> None:
         if table.launch is None:
             raise CputaxError(f"cputax cannot start {table.name} itself; start it and pass --endpoint")
@@ -71,6 +72,7 @@ class EmbeddedServer:
         self.log_path = log_path
         self.cache_dir = cache_dir
         self.extra_args = tuple(extra_args)
+        self.extra_env = dict(extra_env or {})  # e.g. the span exporter's protocol (session._spans)
         self.progress = progress
         self.emulation = emulation
         self.steps_path = steps_path
@@ -137,7 +139,8 @@ class EmbeddedServer:
             log.flush()
             self._proc = subprocess.Popen(
                 self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env={**_without_emulation(os.environ), **env}, start_new_session=True,
+                env={**_without_emulation(os.environ), **env, **self.extra_env},
+                start_new_session=True,
                 preexec_fn=die_with_parent,
             )
         try:

@@ -312,12 +312,14 @@ class _Stub:
         await _sleep_until(arrival + int(cfg.headers_delay_ms * _MS))
         if cfg.fault == "http_500":
             return _error(500, "stub fault: injected internal server error", "InternalServerError")
-        rid = ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex()
+        # vLLM's response id is the prefix + the client's X-Request-Id when it sends one
+        rid = (("chatcmpl-" if chat else "cmpl-")
+               + (request.headers.get("x-request-id") or os.urandom(12).hex()))
         truth: dict[str, Any] = {"arrival_ns": arrival}
         if cfg.token_truth:
             truth["token_ns"] = []
         # The truth is kept under the client's x-request-id when it sends one (vLLM's own
-        # benchmark does), else under the response id the first chunk carries.
+        # benchmark does; cputax always does), and under the response id the first chunk carries.
         key = request.headers.get("x-request-id") or rid
         self.metrics.running.inc()
         try:
@@ -330,8 +332,8 @@ class _Stub:
                 response = await self._whole(truth, rid, chat, n, reason, prompt_tokens)
         finally:
             self.metrics.running.dec()
-            self.truth[key] = truth
-            if len(self.truth) > _TRUTH_KEPT:  # nobody reads it: keep memory bounded
+            self.truth[key] = self.truth[rid] = truth
+            while len(self.truth) > _TRUTH_KEPT:  # nobody reads it: keep memory bounded
                 del self.truth[next(iter(self.truth))]
             self.metrics.observe(truth, prompt_tokens, n)
         return response

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cputax.telemetry.base import ChangeTracker, Guard, Sample, TelemetryUnavailable
+from cputax.util import average
 
 INSTALL = "pip install 'cputax[amd]' (amdsmi) and ROCm's libamd_smi.so (package amd-smi-lib)"
 INVALID = {0xFFFF, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF}  # amdsmi fills unsupported fields with max values
@@ -41,11 +42,6 @@ def value(v: Any) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v in INVALID:
         return None
     return v
-
-
-def _mean(values: list[Any]) -> float | None:
-    nums = [n for v in values if (n := value(v)) is not None]
-    return sum(nums) / len(nums) if nums else None
 
 
 @dataclass
@@ -179,7 +175,8 @@ class AmdPoller:
 
     def _slow(self, dev: _Device, m: dict[str, Any], t: int) -> Sample:
         sample: Sample = {"t_ns": t, "src": "amd", "kind": "power", "dev": dev.index}
-        gfxclk = _mean(m.get("current_gfxclks") or []) if m.get("current_gfxclks") else value(m.get("current_gfxclk"))
+        clocks = m.get("current_gfxclks")  # one per XCC where the table has them
+        gfxclk = average(value(v) for v in clocks) if clocks else value(m.get("current_gfxclk"))
         vram = self.guard.read("vram", lambda: self.amdsmi.amdsmi_get_gpu_vram_usage(dev.handle)) or {}
         for key, v in (("power_w", value(m.get("current_socket_power")) or value(m.get("average_socket_power"))),
                        ("gfx_mhz", gfxclk), ("mem_mhz", value(m.get("current_uclk"))),

@@ -28,6 +28,7 @@ from cputax.rundir import RunDir
 from cputax.telemetry.base import Poller, TelemetryUnavailable, run_pollers
 
 READY_TIMEOUT_S = 30.0
+EMULATED = "emulated"  # the emulated GPU's source (telemetry.emulated)
 STOP_TIMEOUT_S = 15.0
 
 
@@ -81,7 +82,8 @@ SOURCES: dict[str, Callable[[dict[str, Any]], Poller | None]] = {"emulated": _em
 
 
 def open_pollers(config: TelemetryConfig, pids: dict[int, str],
-                 sources: dict[str, Any] | None = None) -> tuple[list[Poller], dict[str, Any], list[str]]:
+                 sources: dict[str, Any] | None = None
+                 ) -> tuple[list[Poller], dict[str, Any], list[str]]:
     """Host telemetry (of the processes `pids`: root pid -> role) always; the GPU backend
     when one answers; the SOURCES that `sources` asks for."""
     from cputax.telemetry.host import HostPoller
@@ -151,7 +153,8 @@ class TelemetryMonitor:
         pids = {pid: "server" for pid in server_pids(target)}
         pids.setdefault(os.getpid(), self.own_role)
         args = {"config": asdict(self.config), "pids": {str(k): v for k, v in pids.items()},
-                "sources": {"emulated_gpu": str(run.emulated_gpu)} if target.get("emulated_gpu") else {}}
+                "sources": ({"emulated_gpu": str(run.emulated_gpu)}
+                            if target.get("emulated_gpu") else {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cputax.telemetry", json.dumps(args), str(run.telemetry)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -163,7 +166,9 @@ class TelemetryMonitor:
         if "server" not in pids.values():
             self.console.print("host telemetry: the server's processes are unknown (remote endpoint); "
                                "only the client and the system CPU are recorded", style="yellow")
-        gpus = [d["name"] for key in ("nvidia", "amd", "emulated") for d in self.ready.get("opened", {}).get(key, {}).get("devices", [])]
+        opened = self.ready.get("opened", {})
+        gpus = [d["name"] for key in ("nvidia", "amd", EMULATED)
+                for d in opened.get(key, {}).get("devices", [])]
         if gpus:
             self.console.print(f"GPU telemetry: {', '.join(gpus)}")
 

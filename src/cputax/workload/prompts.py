@@ -31,11 +31,14 @@ from cputax.workload.profiles import Scenario
 from cputax.workload.traces import Agent, Conversation, TraceRequest, iter_requests
 
 UNIQUE_HEAD_TOKENS = 24
-# How a request carries its tool definitions (client.probes.tool_mode finds the server's):
-# "auto" = `tools` alone; "none" = `tools` with tool_choice "none" (a server without a tool
-# parser refuses "auto"; the tools are still rendered into the prompt); "in_prompt" = the
-# server takes neither, so the definitions go into the system prompt as text.
-TOOL_MODES = ("auto", "none", "in_prompt")
+# How a request carries its tool definitions (client.probes.tool_mode finds the server's),
+# and how the run's console and report say it: the one definition of the modes.
+TOOL_MODES = {
+    "auto": "sent as `tools`",
+    "none": "sent with `tool_choice: \"none\"`: the server refused them as \"auto\" "
+            "(the tools are still rendered into the prompt)",
+    "in_prompt": "written into the system prompt as text: the server took no `tools` field",
+}
 CountFn = Callable[[list[Message], list[dict[str, Any]] | None], Awaitable[int]]
 
 
@@ -99,7 +102,7 @@ class ScenarioPrompts:
     def __init__(self, scenario: Scenario, tokenizer: LoadedTokenizer, model: str,
                  api: str = "chat", run_seed: int = 0, ignore_eos: bool = True, tool_mode: str = "auto"):
         if tool_mode not in TOOL_MODES:
-            raise ValueError(f"tool_mode must be one of {TOOL_MODES}, got {tool_mode!r}")
+            raise ValueError(f"tool_mode must be one of {tuple(TOOL_MODES)}, got {tool_mode!r}")
         self.scenario = scenario
         self.tool_mode = tool_mode
         self.ignore_eos = ignore_eos and scenario.ignore_eos

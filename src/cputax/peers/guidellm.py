@@ -6,7 +6,7 @@ and what is compared is what its JSON report keeps per request: the response id 
 stub keys its truth by it when no X-Request-ID comes), the request's start and its first
 and last token, wall-clock seconds (time.time), brought to the monotonic clock with one
 `wire.Clock` read after the run. guidellm keeps no time per token, so it has no
-inter-token error here. Its CPU: peer_process.
+inter-token error here. Its CPU: peers.process.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
-from cputax.client.peer_process import find_cli, run_cli, tokenizer_dir
 from cputax.client.wire import Clock
+from cputax.peers.process import find_cli, run_cli, tokenizer_dir
 
 __all__ = ["ENV", "find", "parse_report", "run", "scenario"]
 

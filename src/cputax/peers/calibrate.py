@@ -16,7 +16,7 @@ CLOCK_MONOTONIC, so the client's timestamps subtract from the stub's directly.
   the client (with the stub beside it) can take in: the ceiling. A level whose offered
   rate is near it measures the client falling behind, on purpose; the output marks it.
 
-`peers()` runs cputax and vLLM's own benchmark client (client.peers) against the same
+`peers()` runs cputax and vLLM's own benchmark client (peers.clients) against the same
 stubs, each in a process of its own, the order alternating, at the same levels.
 """
 
@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from cputax.client.heap import steady_heap
-from cputax.client.peers import PEERS, available, run_peer
 from cputax.client.stream import StreamingClient
 from cputax.errors import CputaxError
+from cputax.peers.clients import PEERS, available, run_peer
 from cputax.records import RequestRecord, read_json, write_json
 from cputax.targets.model import default_cache_dir
 from cputax.targets.stub import StubConfig, StubServer

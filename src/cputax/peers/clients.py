@@ -1,6 +1,6 @@
 """Load clients side by side against one stub: cputax, vLLM's own benchmark client, AIPerf, guidellm.
 
-Each client runs in a process of its own (`python -m cputax.client.peers CLIENT ...`),
+Each client runs in a process of its own (`python -m cputax.peers.clients CLIENT ...`),
 a closed loop of `streams` workers, and prints what it saw: per request, the stub's key
 for it and the times of its tokens, and the CPU (user + system, every thread of it and
 any child it waited for: its whole process tree) over the timed loop. Start-up, imports
@@ -12,7 +12,7 @@ vLLM's client is `vllm.benchmarks.lib.endpoint_request_func.async_request_openai
 (installed with the [local] extra); its times are `time.perf_counter()`, CLOCK_MONOTONIC
 on Linux like the stub's, and it sends `x-request-id`, which the stub keys its truth by.
 AIPerf and guidellm run as their own command lines, from their own environments
-(client.peer_aiperf, client.peer_guidellm, client.peer_process).
+(peers.aiperf, peers.guidellm, peers.process).
 """
 
 from __future__ import annotations
@@ -67,11 +67,11 @@ def available(client: str) -> str | None:
 def _cli(client: str) -> Any:
     """The module that drives a peer with a command line of its own, None for another name."""
     if client == "aiperf":
-        from cputax.client import peer_aiperf
+        from cputax.peers import aiperf as peer_aiperf
 
         return peer_aiperf
     if client == "guidellm":
-        from cputax.client import peer_guidellm
+        from cputax.peers import guidellm as peer_guidellm
 
         return peer_guidellm
     return None
@@ -92,7 +92,8 @@ def run_peer(client: str, url: str, model: str, streams: int, requests: int, tok
     if cli is not None:
         result = cli.run(url, model, streams, requests, tokens)
         return PeerRun(client, streams, result["requests"], result["wall_ns"], result["cpu_s"])
-    cmd = [sys.executable, "-m", "cputax.client.peers", client, url, model, str(streams), str(requests), str(tokens)]
+    cmd = [sys.executable, "-m", "cputax.peers.clients", client, url, model, str(streams),
+           str(requests), str(tokens)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
     if proc.returncode != 0:

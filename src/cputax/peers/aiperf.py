@@ -4,7 +4,7 @@ What is compared is what it reports per request in its profile_export.jsonl (the
 of it cputax reads): the X-Request-ID it sent (the stub keys its truth by it), the
 start, the time to first token and the gaps between chunks. Its times are perf_counter
 (CLOCK_MONOTONIC) anchored to the wall clock once per request; they are brought back to
-the monotonic clock with one `wire.Clock` read after the run. Its CPU: peer_process.
+the monotonic clock with one `wire.Clock` read after the run. Its CPU: peers.process.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 
 import orjson
 
-from cputax.client.peer_process import find_cli, run_cli, tokenizer_dir
 from cputax.client.wire import Clock
+from cputax.peers.process import find_cli, run_cli, tokenizer_dir
 
 __all__ = ["ENV", "command", "find", "parse_export", "run"]
 

@@ -1,0 +1,152 @@
+"""The report's section on each request's own server phases (analysis.server_phases), and
+its plot: the study's "HTTP overhead" split into HTTP in, front end and engine queue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cputax.report.format import fraction, ms, number, table
+
+__all__ = ["server_phases_section"]
+
+COLUMNS = (
+    ("http_in", "HTTP in"),
+    ("front_end", "Front end"),
+    ("engine_queue", "Engine queue"),
+    ("model_prefill", "Model prefill"),
+    ("decode", "Decode"),
+    ("stream_out", "Stream out"),
+)
+MEANS = (
+    ("queue", "Queue"),
+    ("prefill", "Prefill"),
+    ("decode", "Decode"),
+    ("ttft", "TTFT"),
+    ("e2e", "E2E"),
+)
+
+NOTES = """\
+Each request carries `X-Request-Id` and a W3C `traceparent` (the same 32 hex digits);
+the server's span of it (or the final usage chunk's metrics) is joined by that id, so
+every phase here is measured per request, at both ends, not left over from a total:
+
+- **HTTP in** = the server's arrival - the client's write: the network and HTTP parsing
+  before vLLM sees the request (arrival on the run's monotonic clock).
+- **Front end** = the server's TTFT - engine queue - model prefill: chat template,
+  tokenization, the way into the engine and the first token's way out.
+- **Engine queue**, **model prefill**, **decode**: the engine's own stamps.
+- **Stream out** = the client's receive of the last token - the server's last token.
+
+The study's "HTTP overhead" is HTTP in + front end + engine queue (the client's time to
+headers, beside it, covers HTTP in and the front end's part before the engine: vLLM sends
+headers once the prompt is tokenized). The client's TTFT and
+the server's TTFT + HTTP in are two measures of one interval and must agree within
+1 ms + 5%; so must the client's prefill (headers -> first token) and the engine's queue +
+prefill. Where they do not, the finding says by how much and where the difference lies.
+"First token merged" counts requests whose every token came in the read of the last one:
+their first-token stamp is only an upper bound (the client fell behind, or the server held
+the stream back), so they are left out of both comparisons."""
+
+
+def _p(stats: dict[str, Any] | None) -> str:
+    return "absent" if not stats else f"{ms(stats['p50'])} / {ms(stats['p99'])}"
+
+
+def _split_table(scenarios: list[dict[str, Any]]) -> str:
+    header = ["Scenario", "Conc", "Client HTTP OH p50 / p99"] + [
+        f"{label} p50 / p99" for _, label in COLUMNS
+    ]
+    header += ["With server"]
+    rows = []
+    for s in scenarios:
+        sp = s["server_phases"]
+        client = f"{ms(s['p50_ms']['http_overhead'])} / {ms(s['p99_ms']['http_overhead'])}"
+        rows.append(
+            [s["name"], str(s.get("concurrency", "")), client]
+            + [_p(sp["phases_ms"].get(key)) for key, _ in COLUMNS]
+            + [f"{sp['with_server']}/{sp['records']} ({fraction(sp['coverage'])})"]
+        )
+    return table(header, rows)
+
+
+def _agreement_table(scenarios: list[dict[str, Any]]) -> str:
+    header = [
+        "Scenario",
+        "Client TTFT p50",
+        "Server TTFT + HTTP in p50",
+        "Diff ms p50 (per request)",
+        "Agree",
+        "Requests agreeing",
+        "Client prefill p50",
+        "Engine queue + prefill p50",
+        "Diff ms p50 (per request)",
+        "Agree",
+        "First token merged",
+    ]
+    rows = []
+    for s in scenarios:
+        row = [s["name"]]
+        for key in ("ttft", "prefill"):
+            a = s["server_phases"]["agreement"].get(key)
+            if a is None:
+                row += ["absent"] * (5 if key == "ttft" else 4)
+                continue
+            row += [
+                ms(a["client_p50_ms"]),
+                ms(a["server_p50_ms"]),
+                f"{a['diff_p50_ms']:+.2f}",
+                "yes" if a["agree"] else "**no**",
+            ]
+            if key == "ttft":
+                row.append(fraction(a["requests_agreeing"]))
+        rows.append(row + [str(s["server_phases"].get("first_token_merged", 0))])
+    return table(header, rows)
+
+
+def _means_table(scenarios: list[dict[str, Any]]) -> str:
+    header = ["Scenario"] + [f"{label} ms per-request / Prometheus" for _, label in MEANS]
+    rows = []
+    for s in scenarios:
+        sp = s["server_phases"]
+        mine, prom = sp["per_request_mean_ms"], sp["prometheus_mean_ms"]
+        rows.append([s["name"]] + [f"{ms(mine.get(k))} / {ms(prom.get(k))}" for k, _ in MEANS])
+    return table(header, rows)
+
+
+def server_phases_section(summary: dict[str, Any]) -> str | None:
+    """The section, or None when the run has no per-request server account to show."""
+    run = summary.get("server_phases")
+    if run is None:
+        return None
+    parts = ["## Server phases per request (the server's own account, joined by request id)", ""]
+    if run.get("note"):
+        return "\n".join(parts + [f"_{run['note']}_", ""])
+    scenarios = [
+        s for s in summary["scenarios"] if s.get("server_phases") and s["server_phases"]["records"]
+    ]
+    without = sum(s["server_phases"]["records_without_span"] for s in scenarios)
+    stray = sum(s["server_phases"]["spans_without_record"] for s in scenarios)
+    parts += [
+        f"Source: {run['source']}; spans received {number(run['spans_received'])}, joined "
+        f"{number(run['spans_matched'])}; records without a span {without}; spans without a record "
+        f"{stray} in the scenarios' windows, {run['spans_outside_windows']} outside them (warm-up, "
+        f"probes). All ms, p50 / p99.",
+        "",
+    ]
+    parts += [
+        _split_table(scenarios),
+        "",
+        "Client and server, side by side:",
+        "",
+        _agreement_table(scenarios),
+        "",
+        "Per-request means beside the server's Prometheus means (the same requests; a check "
+        "of both):",
+        "",
+        _means_table(scenarios),
+        "",
+    ]
+    if run["findings"]:
+        parts += ["Findings:", ""] + [f"- {line}" for line in run["findings"]] + [""]
+    parts += [NOTES, ""]
+    return "\n".join(parts)
