@@ -97,6 +97,7 @@ class RunOptions:
     serve_cmd: str | None = None  # the user's own command for the server, with {port} and {args} (sweep)
     client_procs: int | None = None  # load shards per scenario; None: client.shards.auto_procs
     ray: Any = None  # cluster.ray_env.RayOptions: run the load (and node agents) on a Ray cluster
+    monitors: list[Any] = field(default_factory=list)  # more Monitors the caller made (whatif's slowdown)
 
 
 @dataclass
@@ -164,7 +165,7 @@ def api_key(var: str | None) -> str | None:
 def build_monitors(opts: RunOptions, cluster: Any = None) -> list[Monitor]:
     """The monitors this run's options ask for (py-spy sampling, telemetry), and on Ray the
     agents of the server nodes (cluster.agents)."""
-    monitors: list[Monitor] = [TelemetryMonitor(opts.telemetry)]
+    monitors: list[Monitor] = [TelemetryMonitor(opts.telemetry), *opts.monitors]
     if opts.pyspy:
         monitors.append(PyspyMonitor(opts.pyspy.config, opts.pyspy.discovery))
     if cluster is not None and (nodes := cluster.server_nodes()):
