@@ -123,6 +123,9 @@ class Launch:
     needs_model: bool = True  # False for a user's own command (`cputax sweep --serve-cmd`)
     # argv that prints the server's flags (`vllm serve --help=all`): what a sweep may vary
     help_command: Callable[[], list[str]] | None = None
+    # the flags that serve cputax's emulated GPU (cputax.emulation), given its KV blocks
+    # (None: no limit modelled); None where the server cannot host it
+    emulation_flags: Callable[[int | None], tuple[str, ...]] | None = None
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,17 @@ def cpu_dtype(cpuinfo: str | None = None) -> str:
     return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
 
 
+# The emulated GPU (cputax.emulation): its model folder has no weights (dummy load), the
+# emulated GPU's memory sets the KV blocks the scheduler may use, and contexts may be as
+# long as the emulated model's (the study's 58.6k-token prompts).
+EMULATED_MAX_MODEL_LEN = 131072
+
+
+def _emulation_flags(kv_blocks: int | None) -> tuple[str, ...]:
+    blocks = ("--num-gpu-blocks-override", str(kv_blocks)) if kv_blocks else ()
+    return ("--load-format", "dummy", "--max-model-len", str(EMULATED_MAX_MODEL_LEN), *blocks)
+
+
 def _help_command() -> list[str]:
     return [sys.executable, "-m", LAUNCHER, "serve", "--help=all"]
 
@@ -292,6 +303,7 @@ TABLE = ServerTable(
         stop_grace_s=20.0,
         model_name=MODEL_NAME,
         help_command=_help_command,
+        emulation_flags=_emulation_flags,
     ),
     front_end_roles=("api_server",),
     presets=PRESETS,

@@ -21,13 +21,16 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
+from cputax.emulation.plugin import EMULATE_ENV
+from cputax.emulation.steps import LOG_ENV
+from cputax.emulation.timing import TimingModel
 from cputax.errors import CputaxError
 from cputax.servers import Launch, ServerTable
-from cputax.targets.model import default_cache_dir, ensure_model
+from cputax.targets.model import default_cache_dir, ensure_emulated_model, ensure_model
 from cputax.util import client_host, die_with_parent, free_port, port_is_free, url_host
 
 __all__ = ["EmbeddedServer", "command_table", "server_help"]
@@ -45,14 +48,20 @@ class EmbeddedServer:
 
     `__enter__` returns once the server answers its ready path and one tiny completion
     has run; `progress(seconds_waited)` is called while it starts. `extra_args` go on
-    the server's command line after cputax's own flags.
+    the server's command line after cputax's own flags. `emulation`: serve cputax's
+    emulated GPU with that timing model (cputax.emulation), its steps appended to
+    `steps_path`.
     """
 
     def __init__(self, table: ServerTable, host: str = "127.0.0.1", port: int | None = None,
                  log_path: Path | None = None, cache_dir: Path | None = None,
-                 extra_args: tuple[str, ...] = (), progress: Callable[[float], None] | None = None) -> None:
+                 extra_args: tuple[str, ...] = (), progress: Callable[[float], None] | None = None,
+                 emulation: TimingModel | None = None, steps_path: Path | None = None) -> None:
         if table.launch is None:
             raise CputaxError(f"cputax cannot start {table.name} itself; start it and pass --endpoint")
+        if emulation is not None and table.launch.emulation_flags is None:
+            raise CputaxError(f"the embedded {table.name} target cannot host the emulated GPU: "
+                              "use the vllm target or --emulate-gpu none")
         self.table = table
         self.launch = table.launch
         self.host = host
@@ -61,6 +70,8 @@ class EmbeddedServer:
         self.cache_dir = cache_dir
         self.extra_args = tuple(extra_args)
         self.progress = progress
+        self.emulation = emulation
+        self.steps_path = steps_path
         self.model = ""
         self.model_dir: Path | None = None
         self.command: list[str] = []
@@ -96,18 +107,28 @@ class EmbeddedServer:
             self.port = free_port(self.host)
         elif not port_is_free(self.host, self.port):
             raise CputaxError(f"port {self.port} on {self.host} is in use: stop what holds it or pick another port")
-        self.model_dir = ensure_model(self.cache_dir) if self.launch.needs_model else None
+        env = dict(self.launch.env)
+        extra = self.extra_args
+        if self.emulation is not None and self.launch.emulation_flags is not None:
+            self.model_dir = ensure_emulated_model(self.cache_dir)
+            extra = (*self.launch.emulation_flags(self.emulation.kv_blocks()), *extra)
+            env[EMULATE_ENV] = self.emulation.to_env()
+            if self.steps_path is not None:
+                env[LOG_ENV] = str(self.steps_path)
+        else:
+            self.model_dir = ensure_model(self.cache_dir) if self.launch.needs_model else None
         if self.log_path is None:
             self.log_path = (self.cache_dir or default_cache_dir()) / "logs" / f"{self.name}-{self.port}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.command = self.launch.command(self.model_dir or Path(), self.host, self.port, self.extra_args)
+        self.command = self.launch.command(self.model_dir or Path(), self.host, self.port, extra)
         started = time.monotonic()
         with open(self.log_path, "wb") as log:
             log.write(("$ " + " ".join(self.command) + "\n").encode())
             log.flush()
             self._proc = subprocess.Popen(
                 self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, **self.launch.env}, start_new_session=True, preexec_fn=die_with_parent,
+                env={**_without_emulation(os.environ), **env}, start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         try:
             self._wait_ready(started)
@@ -270,6 +291,12 @@ def server_help(table: ServerTable) -> str:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise CputaxError(f"{table.name} --help exited with {proc.returncode}: {' / '.join(tail)}")
     return proc.stdout
+
+
+def _without_emulation(environ: Mapping[str, str]) -> dict[str, str]:
+    """cputax's own environment, less any emulation request it inherited: the plugin
+    serves the emulated GPU only where this server was asked to."""
+    return {k: v for k, v in environ.items() if k not in (EMULATE_ENV, LOG_ENV)}
 
 
 def _group_alive(pgid: int) -> bool:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from cputax.errors import CputaxError
 
-__all__ = ["EOS_TOKEN", "MODEL_DTYPE", "default_cache_dir", "ensure_model", "model_dir"]
+__all__ = ["EOS_TOKEN", "MODEL_DTYPE", "default_cache_dir", "emulated_model_dir",
+           "ensure_emulated_model", "ensure_model", "model_dir"]
 
 # Bump MODEL_VERSION whenever anything below changes what is written: it names the cache folder.
 MODEL_VERSION = "v2"
@@ -140,3 +141,70 @@ def _unemittable_ids(tokenizer, vocab_size: int) -> list[int]:
             if not text or "\ufffd" in text:
                 bad.add(i)
     return sorted(bad)
+
+
+# --- the emulated GPU's model folder (cputax.emulation) -------------------------------------
+# The tokenizer and chat template of the tiny model; a config naming the emulated
+# architecture, one tiny attention layer (the host's KV layout: 256 bytes a token in bf16)
+# and a 1024-row vocabulary (the logits the sampler sees each step stay small). No weights:
+# vLLM loads it with --load-format dummy.
+EMULATED_VERSION = "v1"
+EMULATED_VOCAB = 1024
+EMULATED_DIMS = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                 "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 64}
+_COPIED = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+           "special_tokens_map.json", "generation_config.json")
+
+
+def emulated_model_dir(cache_dir: Path | None = None) -> Path:
+    name = f"emulated-gpu-{MODEL_VERSION}-{EMULATED_VERSION}"
+    return (cache_dir or default_cache_dir()) / "models" / name
+
+
+def ensure_emulated_model(cache_dir: Path | None = None) -> Path:
+    """The emulated model's folder, written on first use beside the tiny model's (atomically)."""
+    from cputax.emulation.plugin import ARCHITECTURE
+
+    target = emulated_model_dir(cache_dir)
+    if (target / "config.json").is_file():
+        return target
+    tiny = ensure_model(cache_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        for name in _COPIED:
+            if (tiny / name).is_file():
+                shutil.copy(tiny / name, tmp / name)
+        tiny_config = json.loads((tiny / "config.json").read_text())
+        config = {
+            "architectures": [ARCHITECTURE], "model_type": "llama", "vocab_size": EMULATED_VOCAB,
+            **EMULATED_DIMS, "max_position_embeddings": MODEL_DIMS["max_position_embeddings"],
+            "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
+            **{k: tiny_config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+            "torch_dtype": MODEL_DTYPE,
+            "cputax_text_tokens": _word_ids(EMULATED_VOCAB),
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _word_ids(vocab: int) -> list[int]:
+    """Ids below `vocab` that decode to a space and a word of three or more ASCII letters:
+    what the emulated model streams, one whole word per token."""
+    from tokenizers import Tokenizer
+
+    from cputax.text.tokenizer import default_tokenizer_path
+
+    raw = Tokenizer.from_file(str(default_tokenizer_path()))
+    words = []
+    for i in range(min(vocab, raw.get_vocab_size())):
+        text = raw.decode([i], skip_special_tokens=False)
+        if len(text) >= 4 and text[0] == " " and text[1:].isascii() and text[1:].isalpha():
+            words.append(i)
+    return words
