@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sys
 import threading
-import time
 
 import pytest
 
@@ -42,6 +41,7 @@ def test_the_slowdown_adds_k_times_the_calls_own_time(gil):
 def test_released_slowdown_lets_another_thread_run_held_does_not():
     """With a long switch interval a thread holding the GIL keeps it: beside the spin (held)
     another Python thread gets nothing done; beside the hashing (released) it gets work done."""
+
     def progress(burn) -> int:
         count = [0]
         stop, started = threading.Event(), threading.Event()

@@ -289,8 +289,8 @@ class WhatIfDir:
     def create(cls, out: Path | None) -> WhatIfDir:
         exp = cls(out or Path("runs") / f"whatif-{time.strftime('%Y%m%d-%H%M%S')}")
         if exp.plan.exists():
-            raise CputaxError(f"{exp.path} already holds a what-if experiment; choose another --out "
-                              "(nothing was overwritten)")
+            raise CputaxError(f"{exp.path} already holds a what-if experiment; choose another "
+                              "--out (nothing was overwritten)")
         exp.path.mkdir(parents=True, exist_ok=True)
         return exp
 

@@ -97,7 +97,7 @@ class RunOptions:
     serve_cmd: str | None = None  # the user's own command for the server, with {port} and {args} (sweep)
     client_procs: int | None = None  # load shards per scenario; None: client.shards.auto_procs
     ray: Any = None  # cluster.ray_env.RayOptions: run the load (and node agents) on a Ray cluster
-    monitors: list[Any] = field(default_factory=list)  # more Monitors the caller made (whatif's slowdown)
+    monitors: list[Any] = field(default_factory=list)  # more Monitors from the caller (whatif)
 
 
 @dataclass

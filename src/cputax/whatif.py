@@ -39,7 +39,8 @@ class Fit:
 
 @dataclass
 class Effect:
-    """A predicted change of a metric (its unit) and in % of the unslowed value, with 95% intervals."""
+    """A predicted change of a metric (its unit) and in % of the unslowed value, with 95%
+    intervals."""
 
     value: float
     lo: float
@@ -70,7 +71,9 @@ class WhatIf:
         data = read_json(path)
         version = data.get("format_version") if isinstance(data, dict) else None
         if version != FORMAT_VERSION:
-            raise CputaxError(f"{path}: whatif.json format {version!r}, this cputax reads {FORMAT_VERSION}; "
-                              "rebuild it with `cputax whatif --report DIR`")
+            raise CputaxError(
+                f"{path}: whatif.json format {version!r}, this cputax reads {FORMAT_VERSION}; "
+                "rebuild it with `cputax whatif --report DIR`"
+            )
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})

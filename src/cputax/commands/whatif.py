@@ -50,43 +50,66 @@ class WhatIfOptions:
 
 
 def parse_slowdowns(text: str) -> tuple[float, ...]:
-    """"0,0.5,1" -> (0.0, 0.5, 1.0); 0 is added (the baseline every fit needs)."""
+    """ "0,0.5,1" -> (0.0, 0.5, 1.0); 0 is added (the baseline every fit needs)."""
     try:
         values = sorted({float(v) for v in text.split(",") if v.strip()} | {0.0})
     except ValueError as exc:
         raise CputaxError(f"--slowdowns {text!r}: give factors like 0,0.5,1") from exc
     if any(v < 0 or v > 20 for v in values) or len(values) < 3:
-        raise CputaxError(f"--slowdowns {text!r}: need at least two factors above 0, each at most 20 "
-                          "(the back-test predicts k=0 from them)")
+        raise CputaxError(
+            f"--slowdowns {text!r}: need at least two factors above 0, each at most 20 "
+            "(the back-test predicts k=0 from them)"
+        )
     return tuple(values)
 
 
-def plan_points(components: list[str], slowdowns: tuple[float, ...], repeat: int) -> list[dict[str, Any]]:
+def plan_points(
+    components: list[str], slowdowns: tuple[float, ...], repeat: int
+) -> list[dict[str, Any]]:
     """The order the points run in: per repeat the baseline and every (component, k>0),
     components interleaved within each k; every other repeat reversed."""
     points = []
     for r in range(repeat):
         one = [(None, 0.0)] + [(c, k) for k in slowdowns if k > 0 for c in components]
-        for component, k in (one if r % 2 == 0 else one[::-1]):
+        for component, k in one if r % 2 == 0 else one[::-1]:
             name = "base" if component is None else f"{component}-k{k:g}"
-            points.append({"component": component, "k": k, "repeat": r, "folder": f"{name}-r{r}",
-                           "status": "planned"})
+            points.append(
+                {
+                    "component": component,
+                    "k": k,
+                    "repeat": r,
+                    "folder": f"{name}-r{r}",
+                    "status": "planned",
+                }
+            )
     return points
 
 
-def _components(table: ServerTable, names: list[str], placebo: bool) -> tuple[list[str], list[Component]]:
+def _components(
+    table: ServerTable, names: list[str], placebo: bool
+) -> tuple[list[str], list[Component]]:
     if not table.components:
         raise CputaxError(f"{table.name} names no what-if components (servers/{table.name}.py)")
     if not names:
-        raise CputaxError(f"name at least one --component ({', '.join(c for c in table.components if c != PLACEBO)})")
-    wanted = list(dict.fromkeys(names + ([PLACEBO] if placebo and PLACEBO in table.components else [])))
+        raise CputaxError(
+            "name at least one --component "
+            f"({', '.join(c for c in table.components if c != PLACEBO)})"
+        )
+    wanted = list(
+        dict.fromkeys(names + ([PLACEBO] if placebo and PLACEBO in table.components else []))
+    )
     members = list(dict.fromkeys(m for n in wanted for m in n.split("+")))
     check_functions(table, members)
     return wanted, [table.components[m] for m in members]
 
 
-def _server(table: ServerTable, control: SlowdownControl, opts: WhatIfOptions, exp: WhatIfDir,
-            console: Console) -> EmbeddedServer:
+def _server(
+    table: ServerTable,
+    control: SlowdownControl,
+    opts: WhatIfOptions,
+    exp: WhatIfDir,
+    console: Console,
+) -> EmbeddedServer:
     from cputax.emulation import NONE, load_timing
 
     assert table.launch is not None
@@ -95,17 +118,26 @@ def _server(table: ServerTable, control: SlowdownControl, opts: WhatIfOptions, e
     emulation = None
     if opts.serve_cmd is None and opts.emulate_gpu != NONE and launch.emulation_flags is not None:
         emulation = load_timing(opts.emulate_gpu, opts.gpu_speed)
-    console.print(f"[bold]starting {table.name}[/] with the slowdown plugin (log {exp.server_log})"
-                  + (f"; emulated GPU {emulation.name} x{emulation.gpu_speed:g}" if emulation else ""))
-    return EmbeddedServer(table, log_path=exp.server_log, extra_args=opts.run.server_args,
-                          progress=lambda s: console.print(f"  ... starting, {s:.0f} s"), emulation=emulation)
+    console.print(
+        f"[bold]starting {table.name}[/] with the slowdown plugin (log {exp.server_log})"
+        + (f"; emulated GPU {emulation.name} x{emulation.gpu_speed:g}" if emulation else "")
+    )
+    return EmbeddedServer(
+        table,
+        log_path=exp.server_log,
+        extra_args=opts.run.server_args,
+        progress=lambda s: console.print(f"  ... starting, {s:.0f} s"),
+        emulation=emulation,
+    )
 
 
 def whatif(opts: WhatIfOptions) -> int:
     console = Console(stderr=True)
     if opts.run.endpoint:
-        raise CputaxError("cputax whatif starts the server itself, with its slowdown plugin: drop --endpoint "
-                          "(use --serve-cmd 'vllm serve ... --port {port} {args}' for your own command)")
+        raise CputaxError(
+            "cputax whatif starts the server itself, with its slowdown plugin: drop --endpoint "
+            "(use --serve-cmd 'vllm serve ... --port {port} {args}' for your own command)"
+        )
     if opts.repeat < 1:
         raise CputaxError("--repeat must be at least 1")
     table = get("vllm" if opts.run.target == "auto" else opts.run.target)
@@ -120,26 +152,47 @@ def whatif(opts: WhatIfOptions) -> int:
     control = SlowdownControl(exp.slowdown, table, members)
     control.write({})
     plan: dict[str, Any] = {
-        "profile": str(profile), "scenarios": scenarios, "target": table.name, "serve_cmd": opts.serve_cmd,
-        "components": names, "placebo": PLACEBO if PLACEBO in names else None,
-        "slowdowns": list(opts.slowdowns), "repeat": opts.repeat, "cpu_model": cpu_model(),
-        "gpu": None if opts.serve_cmd or opts.emulate_gpu == "none" else f"emulated {opts.emulate_gpu}",
-        "gpu_speed": opts.gpu_speed, "points": plan_points(names, opts.slowdowns, opts.repeat)}
+        "profile": str(profile),
+        "scenarios": scenarios,
+        "target": table.name,
+        "serve_cmd": opts.serve_cmd,
+        "components": names,
+        "placebo": PLACEBO if PLACEBO in names else None,
+        "slowdowns": list(opts.slowdowns),
+        "repeat": opts.repeat,
+        "cpu_model": cpu_model(),
+        "gpu": None
+        if opts.serve_cmd or opts.emulate_gpu == "none"
+        else f"emulated {opts.emulate_gpu}",
+        "gpu_speed": opts.gpu_speed,
+        "points": plan_points(names, opts.slowdowns, opts.repeat),
+    }
     exp.write_plan(plan)
-    console.print(f"what-if directory: {exp}; {len(plan['points'])} runs of {profile.name} "
-                  f"({', '.join(scenarios)})")
+    console.print(
+        f"what-if directory: {exp}; {len(plan['points'])} runs of {profile.name} "
+        f"({', '.join(scenarios)})"
+    )
     try:
         with _server(table, control, opts, exp, console) as server:
             plan["server"] = {"command": server.command, "startup_s": round(server.startup_s, 1)}
             for i, point in enumerate(plan["points"]):
                 name = point["folder"]
                 console.rule(f"[{i + 1}/{len(plan['points'])}] {name}")
-                slowed = {} if point["component"] is None else dict.fromkeys(point["component"].split("+"),
-                                                                             point["k"])
+                slowed = (
+                    {}
+                    if point["component"] is None
+                    else dict.fromkeys(point["component"].split("+"), point["k"])
+                )
                 control.write(slowed)
-                run_opts = dataclasses.replace(opts.run, endpoint=server.endpoint, model=server.model,
-                                               out=exp.run(name).path, monitors=[SlowdownMonitor(control)],
-                                               pyspy=None, target=table.name)
+                run_opts = dataclasses.replace(
+                    opts.run,
+                    endpoint=server.endpoint,
+                    model=server.model,
+                    out=exp.run(name).path,
+                    monitors=[SlowdownMonitor(control)],
+                    pyspy=None,
+                    target=table.name,
+                )
                 try:
                     results = run_profile(run_opts)
                 except CputaxError as exc:

@@ -133,7 +133,9 @@ def _resolve(target: str) -> tuple[Any, str, Any]:
 def _role(roles: list[list[str]]) -> str:
     """This process's role: its (retitled) cmdline against the server table's patterns."""
     try:
-        cmdline = Path("/proc/self/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        cmdline = (
+            Path("/proc/self/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
     except OSError:
         cmdline = ""
     for role, pattern in roles:
@@ -152,7 +154,13 @@ def _wrap_all(control: dict[str, Any], role: str) -> tuple[list[str], list[str]]
         except (ImportError, AttributeError) as exc:
             missing.append(f"{spec['target']}: {exc}")
             continue
-        kind = staticmethod if isinstance(fn, staticmethod) else classmethod if isinstance(fn, classmethod) else None
+        kind = (
+            staticmethod
+            if isinstance(fn, staticmethod)
+            else classmethod
+            if isinstance(fn, classmethod)
+            else None
+        )
         inner = fn.__func__ if kind else fn
         if inspect.iscoroutinefunction(inner) or inspect.isasyncgenfunction(inner):
             missing.append(f"{spec['target']}: a coroutine, its time is not its own")
@@ -167,11 +175,21 @@ def _wrap_all(control: dict[str, Any], role: str) -> tuple[list[str], list[str]]
 
 def _write_stats(path: Path, info: dict[str, Any]) -> None:
     with _lock:
-        components = {c: dict(zip(("calls", "own_ns", "added_ns", "target_ns"), v, strict=True))
-                      for c, v in _stats.items()}
+        components = {
+            c: dict(zip(("calls", "own_ns", "added_ns", "target_ns"), v, strict=True))
+            for c, v in _stats.items()
+        }
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**info, "epoch": _state["epoch"], "written_ns": time.monotonic_ns(),
-                               "components": components}))
+    tmp.write_text(
+        json.dumps(
+            {
+                **info,
+                "epoch": _state["epoch"],
+                "written_ns": time.monotonic_ns(),
+                "components": components,
+            }
+        )
+    )
     os.replace(tmp, path)
 
 
@@ -209,7 +227,11 @@ def register() -> None:
     info = {"pid": os.getpid(), "role": role, "wrapped": wrapped, "missing": missing}
     stats_path = stats_dir / f"{os.getpid()}.json"
     _write_stats(stats_path, info)
-    threading.Thread(target=_watch, name="cputax-slowdown", daemon=True,
-                     args=(control_path, stats_path, info, float(control.get("period_s", 0.05)))).start()
+    threading.Thread(
+        target=_watch,
+        name="cputax-slowdown",
+        daemon=True,
+        args=(control_path, stats_path, info, float(control.get("period_s", 0.05))),
+    ).start()
     if any(t.endswith(":placebo_tick") for t in wrapped):
         threading.Thread(target=_placebo_loop, name="cputax-placebo", daemon=True).start()

@@ -28,7 +28,8 @@ from cputax.servers.common import COMMON_RULES
 
 __all__ = [
     "CATEGORIES", "COMMON_RULES", "IDLE", "MEANINGS", "OTHER", "SERVERS", "SERVER_NAMES", "WAITS",
-    "Capabilities", "Component", "Function", "Launch", "MetricNames", "Preset", "Rule", "ServerTable", "embedded_names", "get",
+    "Capabilities", "Component", "Function", "Launch", "MetricNames", "Preset", "Rule",
+    "ServerTable", "embedded_names", "get",
     "metric_names", "process_role", "role_in", "rules_for",
 ]
 

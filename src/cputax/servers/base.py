@@ -190,4 +190,5 @@ class ServerTable:
     notes: Mapping[str, str] = field(default_factory=dict)
     presets: Mapping[str, Preset] = field(default_factory=dict)  # `cputax sweep --vary NAME`
     fixed_port: int | None = None  # a user's command that names its own port (`--serve-cmd ... --port N`)
-    components: Mapping[str, Component] = field(default_factory=dict)  # `cputax whatif --component NAME`
+    # `cputax whatif --component NAME`: the parts of the server a what-if can slow
+    components: Mapping[str, Component] = field(default_factory=dict)

@@ -100,9 +100,11 @@ _SCHED = "vllm.v1.core.sched.scheduler:Scheduler."
 COMPONENTS = {c.name: c for c in (
     Component("chat_template", (Function("vllm.renderers.hf:safe_apply_chat_template", _API),),
               "rendering the chat template (Jinja), on the renderer thread"),
-    Component("tokenize", (Function("vllm.renderers.base:BaseRenderer._tokenize_prompt", _API, "released"),),
-              "tokenizing the prompt (the Rust tokenizer releases the GIL), on the renderer thread"),
-    Component("detokenize", (Function("vllm.v1.engine.detokenizer:BaseIncrementalDetokenizer.update", _API),),
+    Component("tokenize",
+              (Function("vllm.renderers.base:BaseRenderer._tokenize_prompt", _API, "released"),),
+              "tokenizing the prompt (the Rust tokenizer releases the GIL), renderer thread"),
+    Component("detokenize",
+              (Function("vllm.v1.engine.detokenizer:BaseIncrementalDetokenizer.update", _API),),
               "incremental detokenization of each new token, in the output handler"),
     Component("schedule", (Function(_SCHED + "schedule", _ENGINE),),
               "Scheduler.schedule: choosing the next batch (with its KV-cache calls)"),
@@ -113,11 +115,13 @@ COMPONENTS = {c.name: c for c in (
     Component("kv_cache", tuple(Function(_KVM + f, _ENGINE) for f in
                                 ("get_computed_blocks", "allocate_slots", "free")),
               "finding cached blocks, allocating and freeing KV-cache blocks"),
-    Component("sse", tuple(Function(f"vllm.entrypoints.openai.{m}:{c}.model_dump_json", _API) for m, c in (
-        ("chat_completion.protocol", "ChatCompletionStreamResponse"),
-        ("completion.protocol", "CompletionStreamResponse"))),
+    Component("sse", tuple(
+        Function(f"vllm.entrypoints.openai.{m}:{c}.model_dump_json", _API) for m, c in (
+            ("chat_completion.protocol", "ChatCompletionStreamResponse"),
+            ("completion.protocol", "CompletionStreamResponse"))),
               "serializing each stream chunk (the chunk models' JSON)"),
-    Component("http", (Function("fastapi.dependencies.utils:_validate_value_with_model_field", _API),),
+    Component("http",
+              (Function("fastapi.dependencies.utils:_validate_value_with_model_field", _API),),
               "validating the request body into vLLM's request model (FastAPI, pydantic)"),
     Component("placebo", (Function("cputax.emulation.slowdown:placebo_tick", _API, "released"),),
               "a background thread of the API server's no request waits for (the control)",

@@ -21,7 +21,14 @@ from typing import Any
 from cputax.errors import CputaxError
 from cputax.servers import Component, ServerTable
 
-__all__ = ["ENV", "PERIOD_S", "SlowdownControl", "SlowdownMonitor", "check_functions", "missing_function"]
+__all__ = [
+    "ENV",
+    "PERIOD_S",
+    "SlowdownControl",
+    "SlowdownMonitor",
+    "check_functions",
+    "missing_function",
+]
 
 ENV = "CPUTAX_SLOWDOWN"  # the plugin's switch: the control file's path
 PERIOD_S = 0.05
@@ -36,7 +43,10 @@ def _defines(tree: ast.Module, qual: str) -> bool:
         last = i == len(parts) - 1
         found = None
         for node in body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == part:
+            if (
+                isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                and node.name == part
+            ):
                 found = node
             elif last and isinstance(node, (ast.Assign, ast.AnnAssign)):
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
@@ -76,18 +86,29 @@ def check_functions(table: ServerTable, names: list[str]) -> None:
     missing from the installed server (a vLLM version whose code moved)."""
     unknown = [n for n in names if n not in table.components]
     if unknown:
-        raise CputaxError(f"unknown component {', '.join(unknown)} for {table.name}; "
-                          f"known: {', '.join(table.components)}")
-    problems = [f"{name}: {why}" for name in names for f in table.components[name].functions
-                if (why := missing_function(f.target)) is not None]
+        raise CputaxError(
+            f"unknown component {', '.join(unknown)} for {table.name}; "
+            f"known: {', '.join(table.components)}"
+        )
+    problems = [
+        f"{name}: {why}"
+        for name in names
+        for f in table.components[name].functions
+        if (why := missing_function(f.target)) is not None
+    ]
     if problems:
-        raise CputaxError(f"the installed {table.name} lacks what these components are made of "
-                          f"(servers/{table.name}.py names them): " + "; ".join(problems))
+        raise CputaxError(
+            f"the installed {table.name} lacks what these components are made of "
+            f"(servers/{table.name}.py names them): " + "; ".join(problems)
+        )
 
 
 def _component_functions(components: list[Component]) -> list[dict[str, str]]:
-    return [{"component": c.name, "target": f.target, "process": f.process, "gil": f.gil}
-            for c in components for f in c.functions]
+    return [
+        {"component": c.name, "target": f.target, "process": f.process, "gil": f.gil}
+        for c in components
+        for f in c.functions
+    ]
 
 
 @dataclass
@@ -118,9 +139,14 @@ class SlowdownControl:
         self.slowdowns = dict(slowdowns)
         self.root.mkdir(parents=True, exist_ok=True)
         self.stats_dir.mkdir(exist_ok=True)
-        data = {"functions": _component_functions(self.components), "roles": [list(r) for r in self.table.processes],
-                "stats_dir": str(self.stats_dir.resolve()), "period_s": PERIOD_S, "epoch": self.epoch,
-                "slowdowns": self.slowdowns}
+        data = {
+            "functions": _component_functions(self.components),
+            "roles": [list(r) for r in self.table.processes],
+            "stats_dir": str(self.stats_dir.resolve()),
+            "period_s": PERIOD_S,
+            "epoch": self.epoch,
+            "slowdowns": self.slowdowns,
+        }
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, self.path)
@@ -150,9 +176,12 @@ class SlowdownControl:
                 break
             if time.monotonic() > deadline:
                 seen = ", ".join(sorted(p["role"] for p in live)) or "none"
-                raise CputaxError(f"the slowdown plugin did not answer in {', '.join(sorted(wanted - roles)) or 'time'} "
-                                  f"(processes seen: {seen}); is cputax installed where the server runs "
-                                  f"(entry point cputax_slowdown in vllm.general_plugins)?")
+                raise CputaxError(
+                    "the slowdown plugin did not answer in "
+                    f"{', '.join(sorted(wanted - roles)) or 'time'} "
+                    f"(processes seen: {seen}); is cputax installed where the server runs "
+                    f"(entry point cputax_slowdown in vllm.general_plugins)?"
+                )
             time.sleep(PERIOD_S / 2)
         missing = [m for p in applied for m in p.get("missing", [])]
         if missing:
@@ -160,7 +189,7 @@ class SlowdownControl:
         return applied
 
     def totals(self) -> dict[str, dict[str, int]]:
-        """Each component's totals so far, summed over the processes (fresh: written after this call)."""
+        """Each component's totals so far, summed over the processes (written after this call)."""
         out: dict[str, dict[str, int]] = {}
         for proc in self.processes():
             for name, values in proc["components"].items():
@@ -170,8 +199,13 @@ class SlowdownControl:
         return out
 
 
-def _delta(after: dict[str, dict[str, int]], before: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
-    return {name: {k: v - before.get(name, {}).get(k, 0) for k, v in values.items()} for name, values in after.items()}
+def _delta(
+    after: dict[str, dict[str, int]], before: dict[str, dict[str, int]]
+) -> dict[str, dict[str, int]]:
+    return {
+        name: {k: v - before.get(name, {}).get(k, 0) for k, v in values.items()}
+        for name, values in after.items()
+    }
 
 
 class SlowdownMonitor:
@@ -194,4 +228,8 @@ class SlowdownMonitor:
         self.windows[scenario] = _delta(self.control.totals(), self._before.pop(scenario, {}))
 
     def stop(self) -> dict[str, Any]:
-        return {"epoch": self.control.epoch, "slowdowns": self.control.slowdowns, "windows": self.windows}
+        return {
+            "epoch": self.control.epoch,
+            "slowdowns": self.control.slowdowns,
+            "windows": self.windows,
+        }
