@@ -118,6 +118,7 @@ def test_slowdowns_and_the_alternating_plan():
     with pytest.raises(CputaxError):
         parse_slowdowns("1")
     points = plan_points(["a", "b"], (0.0, 0.5, 1.0), 2)
+    assert points[0]["warmup"] and points[0]["component"] is None
     first = [(p["component"], p["k"]) for p in points if p["repeat"] == 0]
     second = [(p["component"], p["k"]) for p in points if p["repeat"] == 1]
     assert first == [(None, 0.0), ("a", 0.5), ("b", 0.5), ("a", 1.0), ("b", 1.0)]

@@ -66,9 +66,13 @@ def parse_slowdowns(text: str) -> tuple[float, ...]:
 def plan_points(
     components: list[str], slowdowns: tuple[float, ...], repeat: int
 ) -> list[dict[str, Any]]:
-    """The order the points run in: per repeat the baseline and every (component, k>0),
-    components interleaved within each k; every other repeat reversed."""
-    points = []
+    """The order the points run in: a warm-up run (not analysed: the first run after start-up
+    is slower), then per repeat the baseline and every (component, k>0), components
+    interleaved within each k; every other repeat reversed."""
+    points: list[dict[str, Any]] = [
+        {"component": None, "k": 0.0, "repeat": -1, "folder": "warmup", "status": "planned",
+         "warmup": True}
+    ]
     for r in range(repeat):
         one = [(None, 0.0)] + [(c, k) for k in slowdowns if k > 0 for c in components]
         for component, k in one if r % 2 == 0 else one[::-1]:
