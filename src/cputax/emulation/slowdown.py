@@ -69,16 +69,19 @@ def burn_released(ns: int) -> int:
     """Hash in C with the GIL released for `ns`, as a Rust tokenizer works; the time it took.
 
     Most of the time goes in one call (sized by the hashing rate measured so far) so the
-    GIL is released and taken back about once, as the tokenizer does; small chunks finish
-    it. Chunk by chunk throughout, every chunk would ask for the GIL back and force the
+    GIL is released and taken back about once, as the tokenizer does; at most two more
+    sized calls and a few small chunks finish it. Chunk by chunk throughout, every chunk would ask for the GIL back and force the
     thread holding it to let go each switch interval: a cost the tokenizer does not have.
     """
     start = time.perf_counter_ns()
     end = start + ns
-    size = min(int(0.8 * ns / _rate[0]), len(_BIG))
-    if size > len(_CHUNK):
+    for _ in range(3):  # the GIL taken back after each call can take a switch interval
+        now = time.perf_counter_ns()
+        size = min(int(0.9 * (end - now) / _rate[0]), len(_BIG))
+        if size < 4 * len(_CHUNK):
+            break
         hashlib.sha256(_VIEW[:size]).digest()
-        took = time.perf_counter_ns() - start
+        took = time.perf_counter_ns() - now
         _rate[0] = 0.8 * _rate[0] + 0.2 * max(took / size, 0.01)
     while time.perf_counter_ns() < end:
         hashlib.sha256(_CHUNK).digest()
