@@ -134,3 +134,17 @@ def test_whatif_json_round_trips_and_refuses_another_version(tmp_path):
     (tmp_path / "whatif.json").write_text(json.dumps(data))
     with pytest.raises(CputaxError, match="format"):
         WhatIf.load(tmp_path / "whatif.json")
+
+
+def test_the_effect_of_removing_time_follows_the_slope():
+    from cputax.analysis.whatif import effect
+
+    # 2 ms of the component per request; each added ms per request costs 3 ms of latency
+    x = [0.0, 0.0, 2.0, 2.0, 4.0, 4.0]
+    y = [100.0 + 3.0 * v + d for v, d in zip(x, (0.1, -0.1, 0.2, -0.2, 0.1, -0.1), strict=True)]
+    fit = fit_line(x, y)
+    assert fit is not None
+    free, half = effect(fit, 2.0, 100.0), effect(fit, 1.0, 100.0)
+    assert free.value == pytest.approx(-6.0, abs=0.2) and free.lo < free.value < free.hi
+    assert free.pct == pytest.approx(-6.0, abs=0.2)
+    assert half.value == pytest.approx(free.value / 2)

@@ -18,7 +18,7 @@ from cputax.analysis.decompose import phases
 from cputax.rundir import RunDir, WhatIfDir
 from cputax.whatif import Effect, Fit, WhatIf
 
-__all__ = ["CLAIMS", "METRICS", "analyse_whatif", "fit_line", "point_values", "t95"]
+__all__ = ["CLAIMS", "METRICS", "analyse_whatif", "effect", "fit_line", "point_values", "t95"]
 
 # metric -> (label, unit, True when higher is better)
 METRICS: dict[str, tuple[str, str, bool]] = {
