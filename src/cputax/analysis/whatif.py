@@ -306,8 +306,8 @@ def _claims(
                         "component": component,
                         "metric": metric,
                         "effect": None,
-                        "sentence": "not measured by a slowdown: it needs the emulated GPU's "
-                        "gpu-speed (infinite = free), compared by `cputax sweep`",
+                        "sentence": "not a slowdown: compare this experiment's baseline with "
+                        "one run with --gpu-speed inf (the emulated GPU free)",
                     }
                 )
                 continue
