@@ -124,6 +124,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                               out=Path(args.out) if args.out else None, serve_cmd=args.serve_cmd))
 
 
+def cmd_whatif(args: argparse.Namespace) -> int:
+    from cputax.commands.whatif import WhatIfOptions, parse_slowdowns, whatif
+
+    opts = _run_options(args)
+    opts.out = None
+    opts.profile = Path(args.profile) if args.profile else Path("whatif")
+    opts.scenarios = args.scenario
+    return whatif(WhatIfOptions(
+        run=opts, components=args.component, slowdowns=parse_slowdowns(args.slowdowns),
+        repeat=args.repeat, placebo=args.placebo, out=Path(args.out) if args.out else None,
+        serve_cmd=args.serve_cmd, emulate_gpu=args.emulate_gpu, gpu_speed=float(args.gpu_speed)))
+
+
 def _wants_pyspy(args: argparse.Namespace) -> bool:
     extras = [flag for flag, on in (("--pyspy-overhead", getattr(args, "pyspy_overhead", False)),
                                     ("--pyspy-gil", args.pyspy_gil), ("--pyspy-native", args.pyspy_native)) if on]
@@ -431,6 +444,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="load profile TOML (default: profiles/smoke.toml)")
     p.add_argument("--scenario", action="append", help="run only this scenario (repeatable)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "whatif", help="what would a faster component buy? slow it on the real server, extrapolate",
+        description="Start the server once with cputax's slowdown plugin; for each --component and "
+        "each slowdown k (in alternating order, with the same prompts) add k times the component's "
+        "own time as CPU work, and measure throughput and TTFT/ITL/e2e p50/p99. Fits each metric "
+        "against the time added, predicts the effect of the component being 2x faster and free "
+        "(with 95%% intervals), back-tests the fit and runs a placebo. Writes whatif.json, "
+        "whatif.md and whatif.html (docs/whatif.md).")
+    _target_args(p, TOKENIZER_HELP + " (used when the server has no /tokenize)")
+    p.add_argument("--component", action="append", required=True, metavar="NAME[+NAME]",
+                   help="a component of the server's table (vLLM: chat_template, tokenize, "
+                   "detokenize, schedule, update_from_output, prefix_hash, kv_cache, sse, http); "
+                   "a+b slows both together; repeatable")
+    p.add_argument("--slowdowns", default="0,0.5,1", metavar="K,K,...",
+                   help="slowdown factors k (added = k x the call's own time; default 0,0.5,1)")
+    p.add_argument("--repeat", type=int, default=2,
+                   help="runs per point, the order reversed each repeat (default 2)")
+    p.add_argument("--no-placebo", dest="placebo", action="store_false",
+                   help="skip the placebo (a thread no request waits for; on by default)")
+    p.add_argument("--serve-cmd", help="your own server command on this host (cputax installed "
+                   "in its Python), with {port} and {args}, e.g. "
+                   "'vllm serve MODEL --port {port} {args}'")
+    p.add_argument("--emulate-gpu", default="h100-llama3.1-8b", metavar="PRESET|FILE|none",
+                   help="the embedded vLLM's emulated GPU (default h100-llama3.1-8b; "
+                   "none: the tiny model on the CPU)")
+    p.add_argument("--gpu-speed", default="1", metavar="X",
+                   help="divide every emulated step time by X (default 1)")
+    p.add_argument("--profile", help="load profile TOML (default: profiles/whatif.toml)")
+    p.add_argument("--scenario", action="append", help="run only this scenario (repeatable)")
+    p.set_defaults(func=cmd_whatif)
 
     p = sub.add_parser("replay", help="replay agent traces as user sessions and decompose every request",
                        description="Replay kv-cache-tester traces (JSON, gzipped or not; a file or a folder) or "

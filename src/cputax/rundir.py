@@ -37,7 +37,7 @@ from cputax.records import (
     write_json,
 )
 
-__all__ = ["RunDir", "SweepDir", "safe_name"]
+__all__ = ["RunDir", "SweepDir", "WhatIfDir", "safe_name"]
 
 
 def safe_name(name: str) -> str:
@@ -278,3 +278,69 @@ class SweepDir:
 
     def write_info(self, info: dict[str, Any]) -> None:
         write_json(self.info_path, info)
+
+
+class WhatIfDir:
+    """A what-if experiment: one run directory per point (component, slowdown, repeat).
+
+        plan.json             the plan and each point's outcome, as it happens
+        slowdown/             the plugin's control file and each server process's totals
+        <point>/              a run directory (RunDir) against the one server
+        whatif.json           the fits and judgments (cputax.whatif.WhatIf)
+        whatif.md, whatif.html  rendered (report)
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @classmethod
+    def create(cls, out: Path | None) -> WhatIfDir:
+        exp = cls(out or Path("runs") / f"whatif-{time.strftime('%Y%m%d-%H%M%S')}")
+        if exp.plan.exists():
+            raise CputaxError(f"{exp.path} already holds a what-if experiment; choose another "
+                              "--out (nothing was overwritten)")
+        exp.path.mkdir(parents=True, exist_ok=True)
+        return exp
+
+    @classmethod
+    def existing(cls, path: Path | str) -> WhatIfDir:
+        exp = cls(path)
+        if not exp.plan.exists():
+            raise CputaxError(f"{exp.path}: no plan.json; is it a what-if directory?")
+        return exp
+
+    @property
+    def plan(self) -> Path:
+        return self.path / "plan.json"
+
+    @property
+    def slowdown(self) -> Path:
+        return self.path / "slowdown"
+
+    @property
+    def server_log(self) -> Path:
+        return self.path / "server.log"
+
+    @property
+    def result(self) -> Path:
+        return self.path / "whatif.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.path / "whatif.md"
+
+    @property
+    def report_html(self) -> Path:
+        return self.path / "whatif.html"
+
+    def run(self, folder: str) -> RunDir:
+        return RunDir(self.path / folder)
+
+    def read_plan(self) -> dict[str, Any]:
+        return read_json(self.plan)
+
+    def write_plan(self, plan: dict[str, Any]) -> None:
+        write_json(self.plan, plan)

@@ -104,6 +104,7 @@ class RunOptions:
     # (DEFAULT_EMULATION on the embedded vllm, nothing elsewhere); scaled by gpu_speed
     emulate_gpu: str | None = None
     gpu_speed: float = 1.0
+    monitors: list[Any] = field(default_factory=list)  # more Monitors from the caller (whatif)
 
 
 @dataclass
@@ -171,7 +172,7 @@ def api_key(var: str | None) -> str | None:
 def build_monitors(opts: RunOptions, cluster: Any = None) -> list[Monitor]:
     """The monitors this run's options ask for (py-spy sampling, telemetry), and on Ray the
     agents of the server nodes (cluster.agents)."""
-    monitors: list[Monitor] = [TelemetryMonitor(opts.telemetry)]
+    monitors: list[Monitor] = [TelemetryMonitor(opts.telemetry), *opts.monitors]
     if opts.pyspy:
         monitors.append(PyspyMonitor(opts.pyspy.config, opts.pyspy.discovery))
     if cluster is not None and (nodes := cluster.server_nodes()):

