@@ -24,15 +24,14 @@ from cputax.errors import CputaxError
 from cputax.report.whatif import summary_lines, write_whatif_report
 from cputax.rundir import WhatIfDir
 from cputax.servers import Component, ServerTable, get
-from cputax.session import RunOptions, failures_of, run_profile
+from cputax.session import DEFAULT_EMULATION, RunOptions, failures_of, run_profile
 from cputax.targets.embedded import EmbeddedServer, command_table
 from cputax.targets.slowdown import SlowdownControl, SlowdownMonitor, check_functions
 from cputax.util import cpu_model
 from cputax.workload.profiles import load_profile, resolve_profile, select
 
-__all__ = ["DEFAULT_EMULATION", "WhatIfOptions", "parse_slowdowns", "plan_points", "whatif"]
+__all__ = ["WhatIfOptions", "parse_slowdowns", "plan_points", "whatif"]
 
-DEFAULT_EMULATION = "h100-llama3.1-8b"  # the emulated GPU unless --emulate-gpu says otherwise
 PLACEBO = "placebo"
 
 
