@@ -80,7 +80,8 @@ def _mean(values: np.ndarray) -> float | None:
 
 
 def _error_kind(error: str | None) -> str:
-    text = (error or "unknown").split(":", 1)[0]
+    """The error's kind: its text up to the first ": " (a URL's colons are no cut)."""
+    text = (error or "unknown").split(": ", 1)[0]
     return text[:60]
 
 

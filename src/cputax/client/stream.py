@@ -67,6 +67,18 @@ def _error_text(raw: bytes) -> str:
     return _truncate(message if message is not None else raw.decode("utf-8", "replace"))
 
 
+def check_endpoint(endpoint: str) -> str:
+    """The base URL without its trailing slash; CputaxError when it cannot be one."""
+    url = urlsplit(endpoint)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise CputaxError(f"--endpoint {endpoint!r}: expected a base URL such as http://127.0.0.1:8000")
+    try:
+        url.port  # noqa: B018 (urlsplit checks the port only when asked)
+    except ValueError as exc:
+        raise CputaxError(f"--endpoint {endpoint!r}: {exc}") from None
+    return endpoint.rstrip("/")
+
+
 class _RecordExchange(Exchange):
     """One streamed response into its RequestRecord, read by read, with both stamps."""
 
@@ -111,7 +123,7 @@ class StreamingClient:
                  wire: bool = True):
         if api not in PATHS:
             raise CputaxError(f"api must be one of {', '.join(PATHS)}, got {api!r}")
-        self.endpoint = endpoint.rstrip("/")
+        self.endpoint = check_endpoint(endpoint)
         self.api = api
         self.timeout_s = timeout_s
         self.keep_chunks = keep_chunks
@@ -227,6 +239,8 @@ class StreamingClient:
         except asyncio.CancelledError:
             record.error = "cancelled"
             raise
+        except Exception as exc:  # a fault nobody foresaw is this request's error, never the run's
+            record.error = f"client error: {type(exc).__name__}: {_truncate(str(exc))}"
         finally:
             record.t_end = time.monotonic_ns()
             if record.error is not None:
