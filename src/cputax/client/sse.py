@@ -106,7 +106,7 @@ def _chat_token(choice: dict[str, Any]) -> bool:
     if delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning"):
         return True
     calls = delta.get("tool_calls") or ()
-    if not isinstance(calls, list):
+    if calls and not isinstance(calls, list):
         raise TypeError("`tool_calls` is not a list")
     for call in calls:
         if not isinstance(call, dict):

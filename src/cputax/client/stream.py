@@ -35,6 +35,7 @@ READ_BUFSIZE = 4 << 20
 MAX_HEADER_LINE = 64 << 10
 JSON_HEADERS = {"Content-Type": "application/json"}
 ERROR_SHOWN = 300  # characters of a server's error message kept in the record
+REDACTED = "[api key]"  # what the API key becomes in anything cputax keeps
 
 
 def _truncate(text: str, limit: int = ERROR_SHOWN) -> str:
@@ -245,7 +246,13 @@ class StreamingClient:
             record.t_end = time.monotonic_ns()
             if record.error is not None:
                 record.ok = False
+                if self._key and self._key in record.error:  # a server that echoes the header
+                    record.error = self.redact(record.error)
         return record
+
+    def redact(self, text: str) -> str:
+        """`text` without the API key (what a server echoes never reaches a file)."""
+        return text.replace(self._key, REDACTED) if self._key else text
 
     async def _stream_wire(self, record: RequestRecord, body: bytes) -> None:
         assert self._pool is not None
@@ -307,7 +314,9 @@ class StreamingClient:
         url = self.endpoint + path
         try:
             async with self.session.request(method, url, data=body, headers=JSON_HEADERS) as resp:
-                return resp.status, await resp.read()
+                raw = await resp.read()
+                key = self._key.encode() if self._key else b""
+                return resp.status, raw.replace(key, REDACTED.encode()) if key and key in raw else raw
         except aiohttp.ClientConnectorError as exc:
             raise CputaxError(f"cannot connect to {self.endpoint}: {_connect_reason(exc)}") from exc
         except asyncio.TimeoutError as exc:
