@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import http.server
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 from faultserver import MODEL, FaultServer, answer, chunk, events, hang, probe_or, reset, stream
 
@@ -316,3 +318,48 @@ def test_a_run_goes_on_past_bad_metrics_and_bad_chunks_and_keeps_the_key_out(tmp
     for path in out.rglob("*"):
         if path.is_file():
             assert key.encode() not in path.read_bytes(), path
+
+
+# --- Ctrl-C and SIGTERM -----------------------------------------------------------------------
+SLOW = stream(events(20), delay_s=0.1)  # a request takes about 2 s: a batch is in flight for long
+
+
+@pytest.mark.parametrize(("sig", "procs"), [(signal.SIGINT, "1"), (signal.SIGTERM, "1"), (signal.SIGINT, "2"),
+                                            (signal.SIGTERM, "2")], ids=["int", "term", "int-shards", "term-shards"])
+def test_an_interrupted_run_keeps_every_request_and_says_so(sig, procs, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) and SIGTERM (to
+    cputax alone, as `kill`, `timeout` and Kubernetes send it) end a run the same way."""
+    profile = tmp_path / "p.toml"
+    profile.write_text(PROFILE)
+    out = tmp_path / "o"
+    with FaultServer({"/v1/chat/completions": probe_or(SLOW)}) as server:
+        proc = subprocess.Popen([sys.executable, "-m", "cputax", "run", "--endpoint", server.url, "--profile",
+                                 str(profile), "--out", str(out), "--gpu", "none", "--client-procs", procs],
+                                env={**os.environ, "PYTHONPATH": SRC}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + 240
+        while len(server.measured()) < 8 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)  # the second batch of "first" is in flight
+        time.sleep(0.5)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
+        _, err = proc.communicate(timeout=240)
+        sent = len(server.measured())
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert f"interrupted by {signal.Signals(sig).name}" in err
+    records = read_requests(out / "requests.jsonl")
+    assert sent == 8 and len(records) == sent  # every request sent is a record
+    cancelled = [r for r in records if r.error == "cancelled"]
+    assert len(cancelled) == 4 and all(r.batch == 1 and r.t_end and r.t_headers for r in cancelled)
+    assert all(r.ok for r in records if r not in cancelled)
+    windows = [orjson.loads(line) for line in (out / "windows.jsonl").read_bytes().splitlines()]
+    assert [(w["scenario"], w.get("interrupted"), w["sent"]) for w in windows] == [("first", True, 8)]
+    summary = orjson.loads((out / "summary.json").read_bytes())
+    assert summary["interrupted"] == {"signal": signal.Signals(sig).name, "scenarios": ["first"]}
+    assert summary["scenarios"][0]["errors"] == 4 and summary["scenarios"][0]["requests"] == 8
+    assert "**Interrupted**" in (out / "report.md").read_text()
+    again = cputax("report", str(out))
+    assert again.returncode == 1 and "the run was interrupted by" in again.stderr
