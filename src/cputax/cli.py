@@ -101,7 +101,8 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
     from cputax.session import RunOptions
     from cputax.telemetry.runner import TelemetryConfig
 
-    return RunOptions(endpoint=check_endpoint(args.endpoint) if args.endpoint else None, model=args.model, out=Path(args.out) if args.out else None,
+    endpoint = check_endpoint(args.endpoint) if args.endpoint else None
+    return RunOptions(endpoint=endpoint, model=args.model, out=Path(args.out) if args.out else None,
                       target=args.target,
                       tokenizer=args.tokenizer, api_key_env=args.api_key_env, api=args.api, timeout_s=args.timeout,
                       telemetry=TelemetryConfig(gpu=args.gpu, gpu_interval_ms=args.gpu_interval_ms,
@@ -188,8 +189,8 @@ def _target_args(p: argparse.ArgumentParser, tokenizer_help: str) -> None:
                    help="endpoint: /v1/chat/completions (default) or /v1/completions")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds (default 600)")
     p.add_argument("--probe-timeout", type=float, default=5.0, metavar="S",
-                   help="each probe's timeout (/v1/models, /tokenize, /metrics, /version, the chat probes) "
-                   "and each /metrics scrape's, in seconds (default 5)")
+                   help="each probe's timeout (/v1/models, /tokenize, /metrics, /version, the chat "
+                   "probes) and each /metrics scrape's, in seconds (default 5)")
     p.add_argument("--client-procs", type=_procs, default=None, metavar="N|auto",
                    help="load generator processes, each with its own event loop and a share of the streams "
                    "(default auto: one per 128 streams, at most a quarter of the CPUs; 1 below 128 streams)")
@@ -496,9 +497,10 @@ def main(argv: list[str] | None = None) -> int:
     except CputaxError as exc:
         print(f"cputax {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:  # session.Interrupted after SIGINT or SIGTERM: the report is written
+    except KeyboardInterrupt as exc:  # session.Interrupted (SIGINT, SIGTERM): the report is written
         why = f" by {exc.args[0]}" if exc.args else ""
-        print(f"cputax {args.command}: interrupted{why}; results written so far are kept", file=sys.stderr)
+        print(f"cputax {args.command}: interrupted{why}; results written so far are kept",
+              file=sys.stderr)
         return getattr(exc, "exit_code", 130)
 
 

@@ -43,7 +43,8 @@ from cputax.util import cpu_model
 from cputax.workload.profiles import Scenario, load_profile, resolve_profile, select, with_controls
 from cputax.workload.prompts import CountFn, ScenarioPrompts
 
-__all__ = ["Interrupted", "Monitor", "RunOptions", "Session", "api_key", "drive", "exit_status", "failures_of", "measured",
+__all__ = ["Interrupted",
+           "Monitor", "RunOptions", "Session", "api_key", "drive", "exit_status", "failures_of", "measured",
            "rebuild_report",
            "recording", "run_profile", "run_scenarios", "scenario_dicts"]
 
@@ -274,9 +275,10 @@ def drive(opts: RunOptions, key: str | None, tokenizer: LoadedTokenizer, run: Ru
     results = None
     stop = _Stop()
     try:
-        with stop.outside(), _target(opts, run) as (endpoint, model, target), _cluster(opts) as cluster:
-            asyncio.run(stop.watching(_drive(opts, endpoint, model, target, key, tokenizer, run, info, body,
-                                              max_connections, cluster)))
+        with stop.outside(), _target(opts, run) as (endpoint, model, target), \
+                _cluster(opts) as cluster:
+            asyncio.run(stop.watching(_drive(opts, endpoint, model, target, key, tokenizer, run,
+                                             info, body, max_connections, cluster)))
     except (KeyboardInterrupt, asyncio.CancelledError):
         stop.signum = stop.signum or signal.SIGINT
     finally:
@@ -315,8 +317,9 @@ async def _drive(opts: RunOptions, endpoint: str, model: str | None, target: dic
         found = await probe(client, endpoint, model, opts.api, tokenizer, opts.probe_timeout_s)
         for note in found.notes:
             console.print(f"probe: {note}", style="yellow", markup=False, highlight=False)
-        model, count, counter_name, has_metrics = found.model, found.count, found.counter_name, found.has_metrics
-        ignore_eos, tools, refused, version = found.ignore_eos, found.tools, found.refused, found.version
+        model, count, counter_name = found.model, found.count, found.counter_name
+        has_metrics, ignore_eos, tools = found.has_metrics, found.ignore_eos, found.tools
+        refused, version = found.refused, found.version
         run.write_info({
             "cputax_version": __version__, "argv": sys.argv[1:], "endpoint": endpoint, "model": model,
             "api": opts.api, "target": target,
@@ -474,13 +477,15 @@ async def _one_scenario(session: Session, prompts: ScenarioPrompts, records: Jso
     started, recorders = time.monotonic_ns(), []
     try:
         async with measured(session, scenario.name):
-            with recording(records, scenario.name, scenario.planned_requests, session.console) as recorder:
+            with recording(records, scenario.name, scenario.planned_requests,
+                           session.console) as recorder:
                 recorders.append(recorder)
-                window = await session.load(procs, work, recorder,
-                                            lambda: run_scenario(session.client, prompts, recorder, seed=prompts.seed))
+                window = await session.load(procs, work, recorder, lambda: run_scenario(
+                    session.client, prompts, recorder, seed=prompts.seed))
     except asyncio.CancelledError:  # Ctrl-C or SIGTERM: the window so far, marked
-        windows.write({"scenario": scenario.name, "start_ns": started, "end_ns": time.monotonic_ns(),
-                       "sent": sum(r.count for r in recorders), "user_tokens": prompts.user_tokens,
+        windows.write({"scenario": scenario.name, "start_ns": started,
+                       "end_ns": time.monotonic_ns(), "sent": sum(r.count for r in recorders),
+                       "user_tokens": prompts.user_tokens,
                        "tools": len(prompts.tools or []), "interrupted": True})
         raise
     windows.write({"scenario": scenario.name, "start_ns": window.start_ns, "end_ns": window.end_ns,

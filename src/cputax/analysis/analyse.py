@@ -74,8 +74,8 @@ def interrupted_line(summary: dict[str, Any]) -> str | None:
     if not stopped:
         return None
     where = f" during {', '.join(stopped['scenarios'])}" if stopped.get("scenarios") else ""
-    return (f"the run was interrupted by {stopped.get('signal', 'a signal')}{where}: later scenarios did not run, "
-            "and requests in flight are records with error `cancelled`")
+    return (f"the run was interrupted by {stopped.get('signal', 'a signal')}{where}: later "
+            "scenarios did not run, and requests in flight are records with error `cancelled`")
 
 
 def past_ceiling(scenario: dict[str, Any], ceiling: dict[str, Any] | None) -> bool | None:

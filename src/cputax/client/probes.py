@@ -23,10 +23,11 @@ from cputax.text.conversation import render_chat
 from cputax.text.tokenizer import LoadedTokenizer
 from cputax.workload.prompts import CountFn, local_counter
 
-__all__ = ["PREFLIGHT_TIMEOUT_S", "PROBE_TIMEOUT_S", "Probes", "accepts_ignore_eos", "preflight", "probe",
-           "server_counter", "server_version", "tool_mode"]
+__all__ = ["PREFLIGHT_TIMEOUT_S", "PROBE_TIMEOUT_S", "Probes", "accepts_ignore_eos", "preflight",
+           "probe", "server_counter", "server_version", "tool_mode"]
 
-PROBE_TIMEOUT_S = 5.0  # each probe's bound (--probe-timeout): a healthy server answers in milliseconds
+# each probe's bound (--probe-timeout): a healthy server answers in milliseconds
+PROBE_TIMEOUT_S = 5.0
 PREFLIGHT_TIMEOUT_S = PROBE_TIMEOUT_S
 
 
@@ -36,7 +37,8 @@ def _why(exc: BaseException, timeout_s: float) -> str:
     return str(exc) if isinstance(exc, CputaxError) else f"{type(exc).__name__}: {exc}"
 
 
-async def preflight(client: Any, endpoint: str, model: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> str:
+async def preflight(client: Any, endpoint: str, model: str | None,
+                    timeout_s: float = PROBE_TIMEOUT_S) -> str:
     """Fail within `timeout_s` on an unreachable or silent endpoint, or on a model the
     server does not serve (naming the ones it has); pick the model if not given."""
     try:
@@ -57,8 +59,9 @@ async def preflight(client: Any, endpoint: str, model: str | None, timeout_s: fl
             return model
         raise CputaxError(f"{endpoint}/v1/models answered HTTP {status} without a model list; pass --model NAME")
     data = models.get("data") if isinstance(models, dict) else None
-    ids = [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"]] \
-        if isinstance(data, list) else []
+    cards = data if isinstance(data, list) else []
+    ids = [m["id"] for m in cards if isinstance(m, dict) and isinstance(m.get("id"), str)
+           and m["id"]]
     if model:
         if ids and model not in ids:
             raise CputaxError(f"--model {model}: {endpoint} does not serve it; it serves {', '.join(ids)}")
@@ -156,7 +159,8 @@ def _ignore_eos_body(model: str, api: str) -> dict[str, Any]:
 
 async def accepts_ignore_eos(client: Any, model: str, api: str) -> bool:
     """vLLM and SGLang take `ignore_eos` (fixed output lengths); strict servers answer 400/422."""
-    record = await client.send(RequestRecord(scenario="probe"), lambda: _ignore_eos_body(model, api))
+    record = await client.send(RequestRecord(scenario="probe"),
+                               lambda: _ignore_eos_body(model, api))
     return record.status not in (400, 422)
 
 
@@ -220,4 +224,5 @@ async def probe(client: Any, endpoint: str, model: str | None, api: str, tokeniz
     else:
         tools, refused = await tool_mode(client, model, api, timeout_s)
     version = await server_version(client, timeout_s)
-    return Probes(model, count, counter_name, has_metrics, ignore_eos, tools, refused, version, notes)
+    return Probes(model, count, counter_name, has_metrics, ignore_eos, tools, refused, version,
+                  notes)

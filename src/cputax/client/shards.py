@@ -195,7 +195,8 @@ async def _interrupt(shards: list[_Shard], on_line: Callable[[bytes, bool], None
             os.kill(shard.process.pid, signal.SIGTERM)
         shard.alive = True
     with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(asyncio.gather(*(_follow(s, on_line, lambda: None) for s in live)), STOP_S)
+        reading = asyncio.gather(*(_follow(s, on_line, lambda: None) for s in live))
+        await asyncio.wait_for(reading, STOP_S)
 
 
 async def _until_ready(shard: _Shard) -> bool:

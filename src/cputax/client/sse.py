@@ -95,9 +95,9 @@ def _bad(what: str, payload: bytes) -> StreamError:
 
 
 def _chat_token(choice: dict[str, Any]) -> bool:
-    """A delta carrying text: content, reasoning, or tool-call name/arguments. A role-only or empty delta is not.
-
-    Raises TypeError on a delta of the wrong shape (the caller names the chunk)."""
+    """A delta carrying text: content, reasoning, or tool-call name/arguments. A role-only or
+    empty delta is not. Raises TypeError on a delta of the wrong shape (the caller names
+    the chunk)."""
     delta = choice.get("delta")
     if not delta:
         return False

@@ -72,7 +72,8 @@ def check_endpoint(endpoint: str) -> str:
     """The base URL without its trailing slash; CputaxError when it cannot be one."""
     url = urlsplit(endpoint)
     if url.scheme not in ("http", "https") or not url.hostname:
-        raise CputaxError(f"--endpoint {endpoint!r}: expected a base URL such as http://127.0.0.1:8000")
+        raise CputaxError(f"--endpoint {endpoint!r}: expected a base URL such as "
+                          "http://127.0.0.1:8000")
     try:
         url.port  # noqa: B018 (urlsplit checks the port only when asked)
     except ValueError as exc:
@@ -316,7 +317,9 @@ class StreamingClient:
             async with self.session.request(method, url, data=body, headers=JSON_HEADERS) as resp:
                 raw = await resp.read()
                 key = self._key.encode() if self._key else b""
-                return resp.status, raw.replace(key, REDACTED.encode()) if key and key in raw else raw
+                if key and key in raw:
+                    raw = raw.replace(key, REDACTED.encode())
+                return resp.status, raw
         except aiohttp.ClientConnectorError as exc:
             raise CputaxError(f"cannot connect to {self.endpoint}: {_connect_reason(exc)}") from exc
         except asyncio.TimeoutError as exc:

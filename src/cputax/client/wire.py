@@ -193,7 +193,7 @@ class _Connection:
             t_loop = time.monotonic_ns()
             if not size:
                 if self._close_delimited():
-                    self._finish(False)  # the close was the body's end (HTTP/1.0, or no length given)
+                    self._finish(False)  # the close was the body's end (no length given)
                     return
                 self._finish(error=ExchangeError("broken", "the server closed the connection"
                                                  + (" before the response ended" if self._got_any else " before answering")))
@@ -228,7 +228,8 @@ class _Connection:
         if not self._headers_seen or self._complete:
             return False
         headers = self._headers
-        return b"content-length" not in headers and b"chunked" not in headers.get(b"transfer-encoding", b"").lower()
+        chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        return b"content-length" not in headers and not chunked
 
     def _kernel(self, anc: list[tuple[int, int, bytes]], t_loop: int) -> int | None:
         for level, kind, data in anc:
