@@ -223,13 +223,15 @@ class _Stop:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.deferred = False  # the report is being written: SIGTERM is noted, not raised
         self._term: Any = None
 
     @contextlib.contextmanager
     def outside(self) -> Iterator[None]:
         def on_term(signum: int, frame: Any) -> None:
             self.signum = self.signum or signum
-            raise KeyboardInterrupt
+            if not self.deferred:
+                raise KeyboardInterrupt
 
         try:
             self._term = signal.signal(signal.SIGTERM, on_term)
@@ -274,18 +276,20 @@ def drive(opts: RunOptions, key: str | None, tokenizer: LoadedTokenizer, run: Ru
     is written."""
     results = None
     stop = _Stop()
-    try:
-        with stop.outside(), _target(opts, run) as (endpoint, model, target), \
-                _cluster(opts) as cluster:
-            asyncio.run(stop.watching(_drive(opts, endpoint, model, target, key, tokenizer, run,
-                                             info, body, max_connections, cluster)))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        stop.signum = stop.signum or signal.SIGINT
-    finally:
-        if stop.signum is not None and run.has_info():
-            run.update_info(interrupted={"signal": signal.Signals(stop.signum).name})
-        if run.has_info():
-            results = rebuild_report(run)
+    with stop.outside():
+        try:
+            with _target(opts, run) as (endpoint, model, target), _cluster(opts) as cluster:
+                asyncio.run(stop.watching(_drive(opts, endpoint, model, target, key, tokenizer, run,
+                                                 info, body, max_connections, cluster)))
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            stop.signum = stop.signum or signal.SIGINT
+        finally:
+            # a SIGTERM now waits for the report (Ctrl-C still stops it: `cputax report` redoes it)
+            stop.deferred = True
+            if stop.signum is not None and run.has_info():
+                run.update_info(interrupted={"signal": signal.Signals(stop.signum).name})
+            if run.has_info():
+                results = rebuild_report(run)
     if stop.signum is not None:
         raise Interrupted(stop.signum)
     return results
