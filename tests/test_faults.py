@@ -10,6 +10,7 @@ import asyncio
 import http.server
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,10 +21,13 @@ import orjson
 import pytest
 from faultserver import MODEL, FaultServer, answer, chunk, events, hang, probe_or, reset, stream
 
+from cputax.analysis import analyse
 from cputax.client.probes import probe
 from cputax.client.stream import StreamingClient
+from cputax.commands.report import report as report_cmd
 from cputax.errors import CputaxError
-from cputax.records import RequestRecord, read_requests
+from cputax.records import JsonlWriter, RequestRecord, read_requests
+from cputax.rundir import RunDir
 from cputax.text.tokenizer import load_tokenizer
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -363,3 +367,27 @@ def test_an_interrupted_run_keeps_every_request_and_says_so(sig, procs, tmp_path
     assert "**Interrupted**" in (out / "report.md").read_text()
     again = cputax("report", str(out))
     assert again.returncode == 1 and "the run was interrupted by" in again.stderr
+
+
+def test_an_old_run_with_an_html_scrape_and_a_connect_failure_is_analysed(tmp_path):
+    """A run directory written before the client checked its scrapes: `cputax report` works,
+    and a connect failure's kind keeps its URL (it was cut at the colon: `cannot connect to http`)."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()  # nothing listens there now
+    (record,) = send_all(url, 1)
+    record.scenario = "s"
+    run = RunDir.create(tmp_path / "run")
+    run.write_info({"endpoint": url, "model": "m", "api": "chat", "server_metrics": True,
+                    "scenarios": [{"name": "s", "concurrency": 1, "context_tokens": 10, "batches": 1}]})
+    with JsonlWriter(run.requests) as writer:
+        writer.write(record)
+    with JsonlWriter(run.windows) as writer:
+        writer.write({"scenario": "s", "start_ns": record.t_start, "end_ns": record.t_end, "sent": 1})
+    for when in ("before", "after"):
+        run.scrape("s", when).write_text("<html><body>sign in</body></html>")
+    scenario = analyse(run).summary["scenarios"][0]
+    assert scenario["error_kinds"] == {f"cannot connect to {url}": 1}
+    assert scenario.get("server") is None
+    assert report_cmd(tmp_path / "run") == 0 and (tmp_path / "run" / "report.md").exists()
