@@ -391,3 +391,38 @@ def test_an_old_run_with_an_html_scrape_and_a_connect_failure_is_analysed(tmp_pa
     assert scenario["error_kinds"] == {f"cannot connect to {url}": 1}
     assert scenario.get("server") is None
     assert report_cmd(tmp_path / "run") == 0 and (tmp_path / "run" / "report.md").exists()
+
+
+def test_a_shard_killed_mid_scenario_loses_nothing_it_finished(tmp_path):
+    """--client-procs 2, one shard killed by SIGKILL (the OOM killer's way) while its second
+    batch is in flight: its finished requests are records, the report names it, and the
+    next scenario runs."""
+    import psutil
+
+    profile = tmp_path / "p.toml"
+    profile.write_text(PROFILE)
+    out = tmp_path / "o"
+    with FaultServer({"/v1/chat/completions": probe_or(SLOW)}) as server:
+        proc = subprocess.Popen([sys.executable, "-m", "cputax", "run", "--endpoint", server.url, "--profile",
+                                 str(profile), "--out", str(out), "--gpu", "none", "--client-procs", "2"],
+                                env={**os.environ, "PYTHONPATH": SRC}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 240
+        while len(server.measured()) < 8 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        parent = psutil.Process(proc.pid)
+        shards = [c for c in parent.children() if c.cmdline() == parent.cmdline()]
+        assert len(shards) == 2
+        shards[-1].kill()
+        _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    records = read_requests(out / "requests.jsonl")
+    first = [r for r in records if r.scenario == "first"]
+    assert sorted(r.index for r in first if r.batch == 0) == [0, 1, 2, 3]  # both shards' finished batch
+    assert all(r.ok for r in first)
+    assert len([r for r in records if r.scenario == "second"]) == 2  # the next scenario ran
+    summary = orjson.loads((out / "summary.json").read_bytes())
+    (line,) = summary["shard_failures"]
+    assert "(killed by SIGKILL) after 2 finished requests; those are kept" in line
+    assert "killed by SIGKILL" in (out / "report.md").read_text()
