@@ -185,3 +185,40 @@ def test_profile_on_ray_refuses_a_local_pid_in_one_line(tmp_path):
     with pytest.raises(CputaxError, match="--pid names a process on this host"):
         profile(Discovery(pid=os.getpid()), 1.0, tmp_path / "p", SamplerConfig(), RayOptions())
     assert not (tmp_path / "p").exists()  # refused before anything was made
+
+
+def test_an_interrupted_ray_run_keeps_its_requests_in_flight():
+    """The run's task cancelled (Ctrl-C, SIGTERM) while every shard has requests in flight:
+    each shard's load is cancelled and its `cancelled` records reach the driver."""
+    from cputax.client.stream import StreamingClient
+
+    slow = StubConfig(inter_token_delay_ms=50.0, output_tokens=300)  # 15 s a request
+    tok = load_tokenizer()
+    prompts = ScenarioPrompts(Scenario(name="s", context_tokens=300, max_tokens=300, concurrency=4, batches=2),
+                              tok, model=STUB.model)
+    asyncio.run(prompts.prepare(local_counter(tok)))
+
+    async def work(client, share, start_ns, on_record, barrier):
+        return await run_scenario(client, prompts, on_record, share=share, start_ns=start_ns, barrier=barrier)
+
+    lines: list[bytes] = []
+    with StubServer(slow, process=True) as server, Cluster(RayOptions(num_cpus=2)) as cluster:
+        spec = ClientSpec(server.url, "chat", 60.0, 16, None)
+
+        async def go():
+            task = asyncio.create_task(run_ray_shards(cluster, 2, spec, work, lambda line, ok: lines.append(line)))
+            async with StreamingClient(server.url) as client:
+                for _ in range(600):  # until all four are streaming (the stub's own gauge)
+                    _, text = await client.get_text("/metrics")
+                    if 'vllm:num_requests_running{engine="0",model_name="cputax-stub"} 4.0' in text:
+                        break
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(go())
+    records = [RequestRecord.from_dict(orjson.loads(line)) for line in lines]
+    assert sorted(r.index for r in records) == [0, 1, 2, 3]
+    assert all(r.error == "cancelled" and r.chunks > 0 and r.t_first_token for r in records)

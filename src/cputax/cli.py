@@ -98,10 +98,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_options(args: argparse.Namespace) -> RunOptions:
+    from cputax.client.stream import check_endpoint
     from cputax.session import RunOptions
     from cputax.telemetry.runner import TelemetryConfig
 
-    return RunOptions(endpoint=args.endpoint, model=args.model, out=Path(args.out) if args.out else None,
+    endpoint = check_endpoint(args.endpoint) if args.endpoint else None
+    return RunOptions(endpoint=endpoint, model=args.model, out=Path(args.out) if args.out else None,
                       target=args.target,
                       tokenizer=args.tokenizer, api_key_env=args.api_key_env, api=args.api, timeout_s=args.timeout,
                       telemetry=TelemetryConfig(gpu=args.gpu, gpu_interval_ms=args.gpu_interval_ms,
@@ -110,7 +112,8 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
                       client_procs=getattr(args, "client_procs", None), ray=_ray_options(args),
                       server_spans=not getattr(args, "no_server_spans", False),
                       otlp_listen=getattr(args, "otlp_listen", None),
-                      emulate_gpu=args.emulate_gpu, gpu_speed=args.gpu_speed)
+                      emulate_gpu=args.emulate_gpu, gpu_speed=args.gpu_speed,
+                      probe_timeout_s=args.probe_timeout)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -126,6 +129,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_whatif(args: argparse.Namespace) -> int:
     from cputax.commands.whatif import WhatIfOptions, parse_slowdowns, whatif
+    from cputax.session import DEFAULT_EMULATION
 
     opts = _run_options(args)
     opts.out = None
@@ -134,7 +138,8 @@ def cmd_whatif(args: argparse.Namespace) -> int:
     return whatif(WhatIfOptions(
         run=opts, components=args.component, slowdowns=parse_slowdowns(args.slowdowns),
         repeat=args.repeat, placebo=args.placebo, out=Path(args.out) if args.out else None,
-        serve_cmd=args.serve_cmd, emulate_gpu=args.emulate_gpu, gpu_speed=float(args.gpu_speed)))
+        serve_cmd=args.serve_cmd, emulate_gpu=args.emulate_gpu or DEFAULT_EMULATION,
+        gpu_speed=args.gpu_speed))
 
 
 def _wants_pyspy(args: argparse.Namespace) -> bool:
@@ -202,6 +207,9 @@ def _target_args(p: argparse.ArgumentParser, tokenizer_help: str) -> None:
     p.add_argument("--api", choices=("chat", "completions"), default="chat",
                    help="endpoint: /v1/chat/completions (default) or /v1/completions")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds (default 600)")
+    p.add_argument("--probe-timeout", type=float, default=5.0, metavar="S",
+                   help="each probe's timeout (/v1/models, /tokenize, /metrics, /version, the chat "
+                   "probes) and each /metrics scrape's, in seconds (default 5)")
     p.add_argument("--client-procs", type=_procs, default=None, metavar="N|auto",
                    help="load generator processes, each with its own event loop and a share of the streams "
                    "(default auto: one per 128 streams, at most a quarter of the CPUs; 1 below 128 streams)")
@@ -467,11 +475,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve-cmd", help="your own server command on this host (cputax installed "
                    "in its Python), with {port} and {args}, e.g. "
                    "'vllm serve MODEL --port {port} {args}'")
-    p.add_argument("--emulate-gpu", default="h100-llama3.1-8b", metavar="PRESET|FILE|none",
-                   help="the embedded vLLM's emulated GPU (default h100-llama3.1-8b; "
-                   "none: the tiny model on the CPU)")
-    p.add_argument("--gpu-speed", default="1", metavar="X",
-                   help="divide every emulated step time by X (default 1)")
     p.add_argument("--profile", help="load profile TOML (default: profiles/whatif.toml)")
     p.add_argument("--scenario", action="append", help="run only this scenario (repeatable)")
     p.set_defaults(func=cmd_whatif)
@@ -580,9 +583,11 @@ def main(argv: list[str] | None = None) -> int:
     except CputaxError as exc:
         print(f"cputax {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"cputax {args.command}: interrupted; results written so far are kept", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # session.Interrupted (SIGINT, SIGTERM): the report is written
+        why = f" by {exc.args[0]}" if exc.args else ""
+        print(f"cputax {args.command}: interrupted{why}; results written so far are kept",
+              file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import platform
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -27,13 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cputax import __version__
 from cputax.analysis import analyse, failures
-from cputax.client.probes import (
-    accepts_ignore_eos,
-    preflight,
-    server_counter,
-    server_version,
-    tool_mode,
-)
+from cputax.client.probes import PROBE_TIMEOUT_S, probe
 from cputax.client.scrape import poll_gauges, scrape
 from cputax.errors import CputaxError
 from cputax.peers.calibrate import load_ceiling
@@ -48,7 +43,8 @@ from cputax.util import cpu_model
 from cputax.workload.profiles import Scenario, load_profile, resolve_profile, select, with_controls
 from cputax.workload.prompts import TOOL_MODES, CountFn, ScenarioPrompts
 
-__all__ = ["Monitor", "RunOptions", "Session", "api_key", "drive", "exit_status", "failures_of", "measured",
+__all__ = ["Interrupted",
+           "Monitor", "RunOptions", "Session", "api_key", "drive", "exit_status", "failures_of", "measured",
            "rebuild_report",
            "recording", "run_profile", "run_scenarios", "scenario_dicts"]
 
@@ -105,6 +101,7 @@ class RunOptions:
     emulate_gpu: str | None = None
     gpu_speed: float = 1.0
     monitors: list[Any] = field(default_factory=list)  # more Monitors from the caller (whatif)
+    probe_timeout_s: float = PROBE_TIMEOUT_S  # each probe's and auxiliary request's own bound
 
 
 @dataclass
@@ -309,21 +306,94 @@ def emulation_for(opts: RunOptions, table: Any) -> Any:
     return load_timing(name, opts.gpu_speed)
 
 
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by SIGINT (Ctrl-C) or SIGTERM after its report was written:
+    `exit_code` is the shell's 128 + the signal (130, 143)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+class _Stop:
+    """Which signal stopped the run (None: none did). SIGINT and SIGTERM end a run the same
+    way: inside the event loop they cancel the run's task, so every request in flight
+    becomes a `cancelled` record and every `finally` runs; outside it (the embedded server
+    starting, the report) SIGTERM raises KeyboardInterrupt as SIGINT does."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.deferred = False  # the report is being written: SIGTERM is noted, not raised
+        self._term: Any = None
+
+    @contextlib.contextmanager
+    def outside(self) -> Iterator[None]:
+        def on_term(signum: int, frame: Any) -> None:
+            self.signum = self.signum or signum
+            if not self.deferred:
+                raise KeyboardInterrupt
+
+        try:
+            self._term = signal.signal(signal.SIGTERM, on_term)
+        except ValueError:  # not the main thread: signals are not ours to handle
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, self._term)
+
+    async def watching(self, work: Awaitable[None]) -> None:
+        """Await `work` with SIGINT and SIGTERM cancelling it (once)."""
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+
+        def on_signal(signum: int) -> None:
+            if self.signum is None:
+                self.signum = signum
+                task.cancel()
+
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError, RuntimeError):  # not the main thread
+                before = signal.getsignal(sig)
+                loop.add_signal_handler(sig, on_signal, sig)
+                installed.append((sig, before))
+        try:
+            await work
+        finally:
+            for sig, before in installed:
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, before)
+
+
 def drive(opts: RunOptions, key: str | None, tokenizer: LoadedTokenizer, run: RunDir, info: dict[str, Any],
           body: Callable[[Session], Awaitable[None]], max_connections: int = 64) -> Results | None:
     """Reach the endpoint (or start the embedded target), probe it, write run.json (what every
     run records, plus `info`), run `body` with the monitors watching, and rebuild the report
-    from whatever was written, also after an error or Ctrl-C. The Results (None when the
-    run never got as far as run.json)."""
+    from whatever was written, also after an error, Ctrl-C or SIGTERM. The Results (None
+    when the run never got as far as run.json); Interrupted after a signal, once the report
+    is written."""
     results = None
-    try:
-        with _spans(opts, run) as spans, _target(opts, run, spans) as (endpoint, model, target), \
-                _cluster(opts) as cluster:
-            asyncio.run(_drive(opts, endpoint, model, target, key, tokenizer, run, info, body, max_connections,
-                               cluster, spans))
-    finally:
-        if run.has_info():
-            results = rebuild_report(run)
+    stop = _Stop()
+    with stop.outside():
+        try:
+            with _spans(opts, run) as spans, _target(opts, run, spans) as (endpoint, model, target), \
+                    _cluster(opts) as cluster:
+                asyncio.run(stop.watching(_drive(opts, endpoint, model, target, key, tokenizer, run,
+                                                 info, body, max_connections, cluster, spans)))
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            stop.signum = stop.signum or signal.SIGINT
+        finally:
+            # a SIGTERM now waits for the report (Ctrl-C still stops it: `cputax report` redoes it)
+            stop.deferred = True
+            if stop.signum is not None and run.has_info():
+                run.update_info(interrupted={"signal": signal.Signals(stop.signum).name})
+            if run.has_info():
+                results = rebuild_report(run)
+    if stop.signum is not None:
+        raise Interrupted(stop.signum)
     return results
 
 
@@ -351,25 +421,26 @@ async def _drive(opts: RunOptions, endpoint: str, model: str | None, target: dic
     console = Console(stderr=True)
     async with StreamingClient(endpoint, api=opts.api, api_key=key, timeout_s=opts.timeout_s,
                                max_connections=max_connections) as client:
-        model = await preflight(client, endpoint, model)
-        count, counter_name = await server_counter(client, model, opts.api, tokenizer)
-        has_metrics = await scrape(client, True) is not None
-        ignore_eos = await accepts_ignore_eos(client, model, opts.api)
-        tools, refused = await tool_mode(client, model, opts.api)
-        version = await server_version(client)
+        found = await probe(client, endpoint, model, opts.api, tokenizer, opts.probe_timeout_s)
+        for note in found.notes:
+            console.print(f"probe: {note}", style="yellow", markup=False, highlight=False)
+        model, count, counter_name = found.model, found.count, found.counter_name
+        has_metrics, ignore_eos, tools = found.has_metrics, found.ignore_eos, found.tools
+        refused, version = found.refused, found.version
         run.write_info({
             "cputax_version": __version__, "argv": sys.argv[1:], "endpoint": endpoint, "model": model,
             "api": opts.api, "target": target,
             "server": {"version": version, **_server_identity(target, endpoint, opts.target)},
             "tokenizer": tokenizer.source, "prompt_counter": counter_name, "server_metrics": has_metrics,
             "ignore_eos": ignore_eos, "tools": {"mode": tools, "refused": refused}, "host": host_info(),
+            "probe_notes": found.notes,
             "client_ceiling": load_ceiling(),
             "clock": {"monotonic_ns": time.monotonic_ns(), "time_ns": time.time_ns()},
             **info,
         })
         console.print(f"model {model}; prompts sized by {counter_name}; server metrics: "
                       f"{'yes' if has_metrics else 'none (server-side columns will be absent)'}; "
-                      f"ignore_eos {'sent' if ignore_eos else 'refused by the server: output may stop early'}; "
+                      f"ignore_eos {found.ignore_eos_words()}; "
                       f"tools {TOOL_MODES[tools]}")
         monitors = build_monitors(opts, cluster) + ([spans] if spans is not None else [])
         spec = None
@@ -447,12 +518,14 @@ class Recorder:
     def __init__(self, records: JsonlWriter, progress: Progress, task: Any) -> None:
         self._records, self._progress, self._task = records, progress, task
         self.errors = 0
+        self.count = 0  # records written
 
     def __call__(self, record: RequestRecord) -> None:
         self.raw(record.to_json(), record.ok)
 
     def raw(self, line: bytes, ok: bool) -> None:
         self._records.write_line(line)
+        self.count += 1
         self.errors += not ok
         self._progress.update(self._task, advance=1, errors=self.errors)
 
@@ -504,10 +577,20 @@ async def _one_scenario(session: Session, prompts: ScenarioPrompts, records: Jso
         return run_scenario(client, prompts, on_record, seed=prompts.seed, share=share, start_ns=start_ns,
                             barrier=barrier)
 
-    async with measured(session, scenario.name):
-        with recording(records, scenario.name, scenario.planned_requests, session.console) as recorder:
-            window = await session.load(procs, work, recorder,
-                                        lambda: run_scenario(session.client, prompts, recorder, seed=prompts.seed))
+    started, recorders = time.monotonic_ns(), []
+    try:
+        async with measured(session, scenario.name):
+            with recording(records, scenario.name, scenario.planned_requests,
+                           session.console) as recorder:
+                recorders.append(recorder)
+                window = await session.load(procs, work, recorder, lambda: run_scenario(
+                    session.client, prompts, recorder, seed=prompts.seed))
+    except asyncio.CancelledError:  # Ctrl-C or SIGTERM: the window so far, marked
+        windows.write({"scenario": scenario.name, "start_ns": started,
+                       "end_ns": time.monotonic_ns(), "sent": sum(r.count for r in recorders),
+                       "user_tokens": prompts.user_tokens,
+                       "tools": len(prompts.tools or []), "interrupted": True})
+        raise
     windows.write({"scenario": scenario.name, "start_ns": window.start_ns, "end_ns": window.end_ns,
                    "sent": window.sent, "user_tokens": prompts.user_tokens,
                    "tools": len(prompts.tools or []), **shard_fields(window)})

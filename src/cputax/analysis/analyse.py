@@ -54,10 +54,33 @@ def summarize_run(run: RunDir, info: dict[str, Any], table: RequestTable) -> dic
     steps = (info.get("stamps") or {}).get("clock_steps", 0) + sum(w.get("clock_steps", 0) for w in windows.values())
     if steps:
         summary["clock_steps"] = steps
+    interrupted = _interrupted(info, windows)
+    if interrupted:
+        summary["interrupted"] = interrupted
     if "replay" in info:
         server = (summaries[0].get("server") or {}) if summaries else {}
         summary["agentic"] = agentic_summary(table.replayed, info["replay"], server.get("prefix_cache_hit_rate"))
     return summary
+
+
+def _interrupted(info: dict[str, Any], windows: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """How a run stopped by SIGINT/SIGTERM ended (run.json's `interrupted`), with the scenarios
+    whose window it cut short (windows.jsonl's); None for a run that ran to its end."""
+    stopped = info.get("interrupted")
+    cut = [name for name, w in windows.items() if w.get("interrupted")]
+    if not stopped and not cut:
+        return None
+    return {**(stopped or {}), "scenarios": cut}
+
+
+def interrupted_line(summary: dict[str, Any]) -> str | None:
+    """The one line that says a run was interrupted, or None."""
+    stopped = summary.get("interrupted")
+    if not stopped:
+        return None
+    where = f" during {', '.join(stopped['scenarios'])}" if stopped.get("scenarios") else ""
+    return (f"the run was interrupted by {stopped.get('signal', 'a signal')}{where}: later "
+            "scenarios did not run, and requests in flight are records with error `cancelled`")
 
 
 def past_ceiling(scenario: dict[str, Any], ceiling: dict[str, Any] | None) -> bool | None:
@@ -73,6 +96,9 @@ def past_ceiling(scenario: dict[str, Any], ceiling: dict[str, Any] | None) -> bo
 def failures(summary: dict[str, Any]) -> list[str]:
     """One line per scenario that was skipped or had failed requests (empty: a clean run)."""
     lines = [f"{s['name']}: skipped ({s['reason']})" for s in summary.get("skipped", [])]
+    stopped = interrupted_line(summary)
+    if stopped:
+        lines.insert(0, stopped)
     lines += summary.get("shard_failures", [])
     for s in summary["scenarios"]:
         if s["errors"]:

@@ -75,7 +75,8 @@ def _stat(values: dict[str, np.ndarray], q: float | None) -> dict[str, float | N
 
 
 def _error_kind(error: str | None) -> str:
-    text = (error or "unknown").split(":", 1)[0]
+    """The error's kind: its text up to the first ": " (a URL's colons are no cut)."""
+    text = (error or "unknown").split(": ", 1)[0]
     return text[:60]
 
 

@@ -85,7 +85,11 @@ def run_scenario_metrics(run: RunDir, name: str, requests: int,
     before, after = run.read_scrape(name, "before"), run.read_scrape(name, "after")
     if before is None or after is None:
         return None
+    try:
+        scrapes = parse_metrics(before), parse_metrics(after)
+    except ValueError:  # not Prometheus text (a run from before the client checked its scrapes)
+        return None
     every = run.read_gauges(name)
-    metrics = scenario_server_metrics(parse_metrics(before), parse_metrics(after), requests, in_flight(every, busy))
+    metrics = scenario_server_metrics(*scrapes, requests, in_flight(every, busy))
     metrics["gauge_polls_total"] = len(every)  # scrapes the server answered during the scenario
     return metrics

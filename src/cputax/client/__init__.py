@@ -16,8 +16,10 @@ package cputax.peers.
 
 from cputax.client.loadgen import Window, run_scenario, warm_up
 from cputax.client.probes import (
+    Probes,
     accepts_ignore_eos,
     preflight,
+    probe,
     server_counter,
     server_version,
     tool_mode,
@@ -29,7 +31,8 @@ from cputax.client.sse import StreamError, StreamParser
 from cputax.client.stream import StreamingClient
 
 __all__ = [
-    "REPLAY_SCENARIO", "Pacing", "Replay", "StreamError", "StreamParser", "StreamingClient", "Window",
-    "accepts_ignore_eos", "poll_gauges", "preflight", "run_scenario", "scrape",
+    "REPLAY_SCENARIO", "Pacing", "Probes", "Replay", "StreamError", "StreamParser",
+    "StreamingClient", "Window", "accepts_ignore_eos", "poll_gauges", "preflight", "probe",
+    "run_scenario", "scrape",
     "server_counter", "server_version", "tool_mode", "warm_up",
 ]

@@ -65,10 +65,18 @@ class Window:
     sent: int
 
 
-async def _one(client: Client, prompts: ScenarioPrompts, index: int, batch: int | None) -> RequestRecord:
+async def _one(client: Client, prompts: ScenarioPrompts, index: int, batch: int | None,
+               on_cancel: Callable[[RequestRecord], None] | None = None) -> RequestRecord:
     messages = prompts.messages(index)
     record = prompts.record(index, batch)
-    return await client.send(record, lambda: prompts.payload(messages))
+    try:
+        return await client.send(record, lambda: prompts.payload(messages))
+    except asyncio.CancelledError:
+        # interrupted (Ctrl-C, SIGTERM): the request is still a record, with what it received
+        if on_cancel is not None:
+            record.ok, record.error = False, record.error or "cancelled"
+            on_cancel(record)
+        raise
 
 
 async def warm_up(client: Client, prompts: ScenarioPrompts, count: int) -> list[RequestRecord]:
@@ -106,7 +114,7 @@ async def _run(client: Client, prompts: ScenarioPrompts, on_record: Callable[[Re
     async def fire(index: int, batch: int | None) -> None:
         nonlocal sent
         sent += 1
-        on_record(await _one(client, prompts, index, batch))
+        on_record(await _one(client, prompts, index, batch, on_record))
 
     if sc.batches is not None:
         for batch in range(sc.batches):

@@ -1,13 +1,18 @@
 """What cputax asks a server before it loads it: is it up, which model, who counts tokens,
 does it take `ignore_eos`.
 
-Each probe is one small request; the answers go into run.json, so a reader knows how
-the prompts were sized and what the requests carried.
+Each probe is one small request, asked once and bounded by its own short timeout
+(`--probe-timeout`, not the per-request one): a server that hangs on an auxiliary
+endpoint costs seconds, not the request timeout per probe. A probe that fails is one
+line (`Probes.notes`) and the run goes on without that feature; only a server whose
+/v1/models answers nothing stops the run. The answers go into run.json, so a reader
+knows how the prompts were sized and what the requests carried.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -18,19 +23,29 @@ from cputax.text.conversation import render_chat
 from cputax.text.tokenizer import LoadedTokenizer
 from cputax.workload.prompts import CountFn, local_counter
 
-__all__ = ["PREFLIGHT_TIMEOUT_S", "accepts_ignore_eos", "preflight", "server_counter", "server_version", "tool_mode"]
+__all__ = ["PREFLIGHT_TIMEOUT_S", "PROBE_TIMEOUT_S", "Probes", "accepts_ignore_eos", "preflight",
+           "probe", "server_counter", "server_version", "tool_mode"]
 
-PREFLIGHT_TIMEOUT_S = 10.0
+# each probe's bound (--probe-timeout): a healthy server answers in milliseconds
+PROBE_TIMEOUT_S = 5.0
+PREFLIGHT_TIMEOUT_S = PROBE_TIMEOUT_S
 
 
-async def preflight(client: Any, endpoint: str, model: str | None) -> str:
-    """Fail within seconds on an unreachable endpoint, or on a model the server does not
-    serve (naming the ones it has); pick the model if not given."""
+def _why(exc: BaseException, timeout_s: float) -> str:
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return f"no answer within {timeout_s:g} s (--probe-timeout)"
+    return str(exc) if isinstance(exc, CputaxError) else f"{type(exc).__name__}: {exc}"
+
+
+async def preflight(client: Any, endpoint: str, model: str | None,
+                    timeout_s: float = PROBE_TIMEOUT_S) -> str:
+    """Fail within `timeout_s` on an unreachable or silent endpoint, or on a model the
+    server does not serve (naming the ones it has); pick the model if not given."""
     try:
-        status, text = await asyncio.wait_for(client.get_text("/v1/models"), PREFLIGHT_TIMEOUT_S)
+        status, text = await asyncio.wait_for(client.get_text("/v1/models"), timeout_s)
     except Exception as exc:
         raise CputaxError(
-            f"cannot reach {endpoint}/v1/models ({type(exc).__name__}: {exc}); "
+            f"cannot reach {endpoint}/v1/models ({_why(exc, timeout_s)}); "
             "is the server up and is --endpoint its base URL (e.g. http://127.0.0.1:8000)?"
         ) from exc
     try:
@@ -43,8 +58,10 @@ async def preflight(client: Any, endpoint: str, model: str | None) -> str:
         if model:
             return model
         raise CputaxError(f"{endpoint}/v1/models answered HTTP {status} without a model list; pass --model NAME")
-    ids = [m.get("id") for m in models.get("data", []) if isinstance(m, dict) and m.get("id")] \
-        if isinstance(models, dict) else []
+    data = models.get("data") if isinstance(models, dict) else None
+    cards = data if isinstance(data, list) else []
+    ids = [m["id"] for m in cards if isinstance(m, dict) and isinstance(m.get("id"), str)
+           and m["id"]]
     if model:
         if ids and model not in ids:
             raise CputaxError(f"--model {model}: {endpoint} does not serve it; it serves {', '.join(ids)}")
@@ -54,13 +71,21 @@ async def preflight(client: Any, endpoint: str, model: str | None) -> str:
     return ids[0]
 
 
-async def server_counter(client: Any, model: str, api: str, tokenizer: LoadedTokenizer) -> tuple[CountFn, str]:
-    """The server's /tokenize when it answers (vLLM does), else the local tokenizer."""
+def _count_of(status: int, body: Any) -> int | None:
+    """/tokenize's count, or None when the answer is not a count (a refusal, a wrong type)."""
+    count = body.get("count") if status == 200 and isinstance(body, dict) else None
+    return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
+
+
+async def server_counter(client: Any, model: str, api: str, tokenizer: LoadedTokenizer,
+                         timeout_s: float = PROBE_TIMEOUT_S) -> tuple[CountFn, str]:
+    """The server's /tokenize when it answers with a count (vLLM does), else the local tokenizer."""
     try:
-        status, body = await client.post_json("/tokenize", {"model": model, "prompt": "hello"})
+        status, body = await asyncio.wait_for(
+            client.post_json("/tokenize", {"model": model, "prompt": "hello"}), timeout_s)
     except Exception:
         status, body = 0, None
-    if status != 200 or not isinstance(body, dict) or "count" not in body:
+    if _count_of(status, body) is None:
         return local_counter(tokenizer), f"local ({tokenizer.name})"
 
     async def count(messages: list[dict], tools: list[dict] | None) -> int:
@@ -71,9 +96,10 @@ async def server_counter(client: Any, model: str, api: str, tokenizer: LoadedTok
         else:
             req = {"model": model, "prompt": render_chat(messages, tools)}
         status, answer = await client.post_json("/tokenize", req)
-        if status != 200 or "count" not in answer:
-            raise CputaxError(f"/tokenize answered {status}: {str(answer)[:200]}")
-        return int(answer["count"])
+        tokens = _count_of(status, answer)
+        if tokens is None:
+            raise CputaxError(f"/tokenize answered {status} without a count: {str(answer)[:200]}")
+        return tokens
 
     return count, "server /tokenize"
 
@@ -83,7 +109,8 @@ _PROBE_TOOL = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}
 
 
-async def tool_mode(client: Any, model: str, api: str) -> tuple[str, str | None]:
+async def tool_mode(client: Any, model: str, api: str,
+                    timeout_s: float | None = None) -> tuple[str, str | None]:
     """How this server takes tool definitions (workload.prompts.TOOL_MODES), and the server's
     message when it refused plain `tools`.
 
@@ -100,7 +127,7 @@ async def tool_mode(client: Any, model: str, api: str) -> tuple[str, str | None]
             return {"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}],
                     "tools": [_PROBE_TOOL], **extra}
 
-        record = await client.send(RequestRecord(scenario="probe"), build)
+        record = await _send(client, build, timeout_s)
         if record.ok:
             return mode, "; ".join(refused) or None
         if record.status not in (400, 422):  # not a refusal of the request's form: cannot tell
@@ -109,25 +136,38 @@ async def tool_mode(client: Any, model: str, api: str) -> tuple[str, str | None]
     return "in_prompt", "; ".join(refused)
 
 
+async def _send(client: Any, build: Any, timeout_s: float | None) -> RequestRecord:
+    """One chat probe, its record's error saying so when it got no answer within `timeout_s`."""
+    record = RequestRecord(scenario="probe")
+    if timeout_s is None:
+        return await client.send(record, build)
+    try:
+        return await asyncio.wait_for(client.send(record, build), timeout_s)
+    except (asyncio.TimeoutError, TimeoutError):
+        record.ok, record.error = False, f"no answer within {timeout_s:g} s (--probe-timeout)"
+        return record
+
+
+def _ignore_eos_body(model: str, api: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "max_tokens": 1, "ignore_eos": True}
+    if api == "chat":
+        body["messages"] = [{"role": "user", "content": "hi"}]
+    else:
+        body["prompt"] = "hi"
+    return body
+
+
 async def accepts_ignore_eos(client: Any, model: str, api: str) -> bool:
     """vLLM and SGLang take `ignore_eos` (fixed output lengths); strict servers answer 400/422."""
-
-    def build() -> dict[str, Any]:
-        body: dict[str, Any] = {"model": model, "max_tokens": 1, "ignore_eos": True}
-        if api == "chat":
-            body["messages"] = [{"role": "user", "content": "hi"}]
-        else:
-            body["prompt"] = "hi"
-        return body
-
-    record = await client.send(RequestRecord(scenario="probe"), build)
+    record = await client.send(RequestRecord(scenario="probe"),
+                               lambda: _ignore_eos_body(model, api))
     return record.status not in (400, 422)
 
 
-async def server_version(client: Any) -> str | None:
+async def server_version(client: Any, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     """The server's own version string (vLLM's GET /version), or None when it has none."""
     try:
-        status, raw = await client.get_text("/version")
+        status, raw = await asyncio.wait_for(client.get_text("/version"), timeout_s)
     except Exception:
         return None
     if status != 200:
@@ -137,4 +177,52 @@ async def server_version(client: Any) -> str | None:
     except orjson.JSONDecodeError:
         return None
     version = answer.get("version") if isinstance(answer, dict) else None
-    return str(version) if version else None
+    return str(version) if isinstance(version, (str, int, float)) and version else None
+
+
+@dataclass
+class Probes:
+    """What the probes found, and one line per probe that failed (`notes`)."""
+
+    model: str
+    count: CountFn
+    counter_name: str
+    has_metrics: bool
+    ignore_eos: bool
+    tools: str
+    refused: str | None
+    version: str | None
+    notes: list[str] = field(default_factory=list)
+
+    def ignore_eos_words(self) -> str:
+        """How the console says it: never "sent" when the probe could not tell."""
+        if self.ignore_eos:
+            return "sent"
+        failed = next((n for n in self.notes if n.startswith("ignore_eos")), None)
+        return f"not sent ({failed})" if failed else "refused by the server: output may stop early"
+
+
+async def probe(client: Any, endpoint: str, model: str | None, api: str, tokenizer: LoadedTokenizer,
+                timeout_s: float = PROBE_TIMEOUT_S) -> Probes:
+    """Every probe once, each within `timeout_s`. CputaxError only when /v1/models answers
+    nothing usable; any other probe that fails is a note and the feature is left out."""
+    from cputax.client.scrape import metrics_probe
+
+    model = await preflight(client, endpoint, model, timeout_s)
+    notes: list[str] = []
+    count, counter_name = await server_counter(client, model, api, tokenizer, timeout_s)
+    has_metrics, why = await metrics_probe(client, timeout_s)
+    if why:
+        notes.append(f"/metrics: {why}; server-side columns left out")
+    record = await _send(client, lambda: _ignore_eos_body(model, api), timeout_s)
+    ignore_eos = record.ok
+    if not record.ok and record.status not in (400, 422):
+        notes.append(f"ignore_eos: its probe failed ({record.error})")
+    if not record.ok and record.status is None:
+        # the chat endpoint gave no answer at all: asked once, not again for the tools
+        tools, refused = "auto", f"not probed: {record.error}"
+    else:
+        tools, refused = await tool_mode(client, model, api, timeout_s)
+    version = await server_version(client, timeout_s)
+    return Probes(model, count, counter_name, has_metrics, ignore_eos, tools, refused, version,
+                  notes)

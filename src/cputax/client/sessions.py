@@ -104,7 +104,12 @@ class Replay:
                    "trace_out": request.out_tokens, "max_tokens": self.prompts.max_tokens(request),
                    "ideal_hit_tokens": hits * conv.block_size},
         )
-        await self.client.send(record, lambda: self.prompts.payload(messages, request))
+        try:
+            await self.client.send(record, lambda: self.prompts.payload(messages, request))
+        except asyncio.CancelledError:  # interrupted: still a record, with what it received
+            record.ok, record.error = False, record.error or "cancelled"
+            self.on_record(record)
+            raise
         if (self.local_count and record.ok and record.prompt_tokens and record.output_tokens_source == "usage"
                 and request.messages is None):
             self.prompts.correct(request.in_tokens, record.prompt_tokens)

@@ -46,6 +46,7 @@ __all__ = ["STREAMS_PER_PROC", "ShardedWindow", "ShardWork", "auto_procs", "run_
 STREAMS_PER_PROC = 128  # streams one loop keeps within a millisecond here (cputax calibrate)
 START_DELAY_S = 0.1  # from "go" to the common start: every shard's loop is waiting by then
 MAX_PROCS = 16
+STOP_S = 10.0  # an interrupted shard's time to send its cancelled records
 
 # what one shard runs: (its client, its share, the common start, on_record, barrier) -> its Window
 ShardWork = Callable[[StreamingClient, Share, int, Callable[[RequestRecord], None],
@@ -128,6 +129,9 @@ async def run_sharded(procs: int, client: StreamingClient, work: ShardWork,
                 os.close(control_r)
                 shards.append(_Shard(k, process, data_r, control_w))
             return await _lead(shards, on_line)
+        except asyncio.CancelledError:  # the run was interrupted: so is every shard
+            await _interrupt(shards, on_line)
+            raise
         finally:
             for shard in shards:
                 shard.process.join(timeout=5)
@@ -180,6 +184,19 @@ async def _lead(shards: list[_Shard], on_line: Callable[[bytes, bool], None]) ->
     return ShardedWindow(start_ns=start_ns or end, end_ns=end, sent=sum(w["sent"] for w in windows),
                          procs=len(shards), records=[s.records for s in shards], failures=failures,
                          clock_steps=sum(w.get("clock_steps", 0) for w in windows))
+
+
+async def _interrupt(shards: list[_Shard], on_line: Callable[[bytes, bool], None]) -> None:
+    """Stop every shard as the run is stopped (SIGTERM: its requests in flight become
+    `cancelled` records) and read what it still sends, for at most STOP_S."""
+    live = [s for s in shards if s.window is None and s.reader is not None and s.process.is_alive()]
+    for shard in live:
+        with contextlib.suppress(OSError):
+            os.kill(shard.process.pid, signal.SIGTERM)
+        shard.alive = True
+    with contextlib.suppress(asyncio.TimeoutError):
+        reading = asyncio.gather(*(_follow(s, on_line, lambda: None) for s in live))
+        await asyncio.wait_for(reading, STOP_S)
 
 
 async def _until_ready(shard: _Shard) -> bool:
@@ -260,10 +277,20 @@ async def _shard_main(client: StreamingClient, share: Share, work: ShardWork, da
         while int(await command()) < batch:
             pass
 
-    async with client:
-        transport.write(b"READY\n")
-        start_ns = int(await command())
-        window = await work(client, share, start_ns, on_record, barrier)
+    main = asyncio.current_task()
+    assert main is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C (the whole group), or the parent's SIGTERM
+        loop.add_signal_handler(sig, lambda: main.cancelling() or main.cancel())
+    try:
+        async with client:
+            transport.write(b"READY\n")
+            start_ns = int(await command())
+            window = await work(client, share, start_ns, on_record, barrier)
+    except asyncio.CancelledError:
+        transport.write(b"X interrupted\n")  # after the cancelled records, which are sent
+        while transport.get_write_buffer_size():
+            await asyncio.sleep(0.001)
+        raise
     transport.write(b"E " + orjson.dumps({"start_ns": window.start_ns, "end_ns": window.end_ns,
                                           "sent": window.sent, "clock_steps": client.clock_steps}) + b"\n")
     # let the pipe drain before the process ends

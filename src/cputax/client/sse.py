@@ -104,15 +104,30 @@ def error_message(obj: Any) -> str | None:
     return None
 
 
+def _bad(what: str, payload: bytes) -> StreamError:
+    return StreamError(f"bad chunk: {what}: {_quote(payload)}")
+
+
 def _chat_token(choice: dict[str, Any]) -> bool:
-    """A delta carrying text: content, reasoning, or tool-call name/arguments. A role-only or empty delta is not."""
+    """A delta carrying text: content, reasoning, or tool-call name/arguments. A role-only or
+    empty delta is not. Raises TypeError on a delta of the wrong shape (the caller names
+    the chunk)."""
     delta = choice.get("delta")
     if not delta:
         return False
+    if not isinstance(delta, dict):
+        raise TypeError("`delta` is not an object")
     if delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning"):
         return True
-    for call in delta.get("tool_calls") or ():
+    calls = delta.get("tool_calls") or ()
+    if calls and not isinstance(calls, list):
+        raise TypeError("`tool_calls` is not a list")
+    for call in calls:
+        if not isinstance(call, dict):
+            raise TypeError("a tool call is not an object")
         function = call.get("function") or {}
+        if not isinstance(function, dict):
+            raise TypeError("a tool call's `function` is not an object")
         if function.get("arguments") or function.get("name"):
             return True
     return False
@@ -122,13 +137,21 @@ def _text_token(choice: dict[str, Any]) -> bool:
     return bool(choice.get("text"))
 
 
+def _count(usage: dict[str, Any], name: str) -> int | None:
+    value = usage.get(name)
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise TypeError(f"`usage.{name}` is not a count")
+
+
 class StreamParser:
     """Fill `record` from a chat (api="chat") or completions stream as its bytes arrive.
 
     Sets t_first_data, t_first_token, t_last_token, chunks (data lines with
     choices), prompt/output tokens from the usage chunk, or output tokens
     counted from token-carrying chunks when there is no usage. Raises
-    StreamError on a malformed line, a non-JSON data line or an error object.
+    StreamError on a malformed line, a non-JSON data line, an error object, or a chunk
+    whose fields have the wrong types ("bad chunk: ...").
     """
 
     def __init__(self, record: RequestRecord, api: str = "chat", keep_chunks: bool = False) -> None:
@@ -187,6 +210,11 @@ class StreamParser:
         message = None if choices is not None else error_message(obj)  # an error object has no choices
         if message is not None:
             raise StreamError(f"server error in stream: {message}")
+        if choices is not None and not isinstance(choices, list):
+            raise _bad("`choices` is not a list", payload)
+        usage = obj.get("usage")
+        if usage is not None and not isinstance(usage, dict):
+            raise _bad("`usage` is not an object", payload)
         if record.t_first_data is None:
             record.t_first_data = t
             record.t_first_data_kernel = self._kernel
@@ -196,7 +224,12 @@ class StreamParser:
             record.chunks += 1
             token = False
             for choice in choices:  # almost always one (n=1)
-                token = token or self._is_token(choice)
+                if not isinstance(choice, dict):
+                    raise _bad("a choice is not an object", payload)
+                try:
+                    token = self._is_token(choice) or token
+                except TypeError as exc:
+                    raise _bad(str(exc), payload) from None
                 if choice.get("finish_reason"):
                     self.finished = True
             if token:
@@ -215,10 +248,13 @@ class StreamParser:
                 if record.output_tokens_source != "usage":
                     record.output_tokens = self._token_chunks
                     record.output_tokens_source = "chunks"
-        usage = obj.get("usage")
         if usage:
-            record.prompt_tokens = usage.get("prompt_tokens")
-            record.output_tokens = usage.get("completion_tokens")
+            try:
+                prompt, output = _count(usage, "prompt_tokens"), _count(usage, "completion_tokens")
+            except TypeError as exc:
+                raise _bad(str(exc), payload) from None
+            record.prompt_tokens = prompt
+            record.output_tokens = output
             record.output_tokens_source = "usage"
             metrics = obj.get(RESPONSE_METRICS.metrics_field)
             if isinstance(metrics, dict):  # vLLM --enable-per-request-metrics

@@ -35,6 +35,7 @@ READ_BUFSIZE = 4 << 20
 MAX_HEADER_LINE = 64 << 10
 JSON_HEADERS = {"Content-Type": "application/json"}
 ERROR_SHOWN = 300  # characters of a server's error message kept in the record
+REDACTED = "[api key]"  # what the API key becomes in anything cputax keeps
 
 
 def new_request_id() -> str:
@@ -81,6 +82,19 @@ def _error_text(raw: bytes) -> str:
     return _truncate(message if message is not None else raw.decode("utf-8", "replace"))
 
 
+def check_endpoint(endpoint: str) -> str:
+    """The base URL without its trailing slash; CputaxError when it cannot be one."""
+    url = urlsplit(endpoint)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise CputaxError(f"--endpoint {endpoint!r}: expected a base URL such as "
+                          "http://127.0.0.1:8000")
+    try:
+        url.port  # noqa: B018 (urlsplit checks the port only when asked)
+    except ValueError as exc:
+        raise CputaxError(f"--endpoint {endpoint!r}: {exc}") from None
+    return endpoint.rstrip("/")
+
+
 class _RecordExchange(Exchange):
     """One streamed response into its RequestRecord, read by read, with both stamps."""
 
@@ -125,7 +139,7 @@ class StreamingClient:
                  wire: bool = True):
         if api not in PATHS:
             raise CputaxError(f"api must be one of {', '.join(PATHS)}, got {api!r}")
-        self.endpoint = endpoint.rstrip("/")
+        self.endpoint = check_endpoint(endpoint)
         self.api = api
         self.timeout_s = timeout_s
         self.keep_chunks = keep_chunks
@@ -242,11 +256,19 @@ class StreamingClient:
         except asyncio.CancelledError:
             record.error = "cancelled"
             raise
+        except Exception as exc:  # a fault nobody foresaw is this request's error, never the run's
+            record.error = f"client error: {type(exc).__name__}: {_truncate(str(exc))}"
         finally:
             record.t_end = time.monotonic_ns()
             if record.error is not None:
                 record.ok = False
+                if self._key and self._key in record.error:  # a server that echoes the header
+                    record.error = self.redact(record.error)
         return record
+
+    def redact(self, text: str) -> str:
+        """`text` without the API key (what a server echoes never reaches a file)."""
+        return text.replace(self._key, REDACTED) if self._key else text
 
     async def _stream_wire(self, record: RequestRecord, body: bytes) -> None:
         assert self._pool is not None
@@ -312,7 +334,11 @@ class StreamingClient:
         url = self.endpoint + path
         try:
             async with self.session.request(method, url, data=body, headers=JSON_HEADERS) as resp:
-                return resp.status, await resp.read()
+                raw = await resp.read()
+                key = self._key.encode() if self._key else b""
+                if key and key in raw:
+                    raw = raw.replace(key, REDACTED.encode())
+                return resp.status, raw
         except aiohttp.ClientConnectorError as exc:
             raise CputaxError(f"cannot connect to {self.endpoint}: {_connect_reason(exc)}") from exc
         except asyncio.TimeoutError as exc:

@@ -117,6 +117,7 @@ class _Connection:
         self._keep_alive = False
         self._error: BaseException | None = None
         self._got_any = False
+        self._headers_seen = False
         self._pieces: list[bytes] = []
         self._parser = httptools.HttpResponseParser(self)
 
@@ -125,6 +126,7 @@ class _Connection:
         self._headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
+        self._headers_seen = True
         try:
             self._exchange.on_headers(self._parser.get_status_code(), self._headers, *self._t)
         except Exception as exc:  # the exchange's own error (a StreamError)
@@ -153,6 +155,7 @@ class _Connection:
     async def exchange(self, request: bytes, sink: Exchange, on_sent: Callable[[], None]) -> bool:
         """Send `request`, feed the response to `sink`; True when the connection can be reused."""
         self._exchange, self._headers, self._complete, self._error, self._got_any = sink, {}, False, None, False
+        self._headers_seen = False
         self._pieces = []
         self._parser = httptools.HttpResponseParser(self)
         # Stamped as the write begins, as aiohttp's trace hook stamps it: on loopback the
@@ -192,6 +195,9 @@ class _Connection:
                 return
             t_loop = time.monotonic_ns()
             if not size:
+                if self._close_delimited():
+                    self._finish(False)  # the close was the body's end (no length given)
+                    return
                 self._finish(error=ExchangeError("broken", "the server closed the connection"
                                                  + (" before the response ended" if self._got_any else " before answering")))
                 return
@@ -218,6 +224,15 @@ class _Connection:
                 return
             if not more:
                 return
+
+    def _close_delimited(self) -> bool:
+        """Headers came with neither Content-Length nor chunking: the body ends at the close
+        (RFC 9112 6.3; what httptools' missing feed_eof would say). curl accepts it too."""
+        if not self._headers_seen or self._complete:
+            return False
+        headers = self._headers
+        chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        return b"content-length" not in headers and not chunked
 
     def _kernel(self, anc: list[tuple[int, int, bytes]], t_loop: int) -> int | None:
         for level, kind, data in anc:

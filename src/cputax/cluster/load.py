@@ -37,6 +37,7 @@ __all__ = ["BatchBarrier", "ClientSpec", "LoadShard", "node_clock", "run_ray_sha
 
 START_DELAY_S = 1.0  # from the driver's go to the common start: every shard is waiting by then
 YIELD_EVERY_S = 0.05  # records reach the driver at least this often while they finish
+STOP_S = 10.0  # an interrupted run's wait for its shards' cancelled records
 
 
 class ClientSpec:
@@ -84,6 +85,8 @@ class LoadShard:
 
     def __init__(self, spec: ClientSpec, clock_skew_ns: int = 0) -> None:
         self.spec = spec
+        self._task: asyncio.Task | None = None  # the running load
+        self._lines: list[tuple[bytes, bool]] = []  # every record of this run, in order
         self.skew = clock_skew_ns  # tests only: a node whose clock reads this far off (its records too)
         self._ahead = NodeClock("", Offset(-clock_skew_ns, 0, 0, 0))
 
@@ -107,6 +110,7 @@ class LoadShard:
                 fh.write(line + b"\n")
                 fh.flush()  # on this node's disk before the driver has it
                 queue.put_nowait((line, record.ok))
+                self._lines.append((line, record.ok))
 
             async def wait(batch: int) -> None:
                 await barrier.arrive.remote(share.k, batch)
@@ -116,7 +120,7 @@ class LoadShard:
                     window = await self.work(client, share, start_ns - self.skew, on_record, wait)
                 return window, client.clock_steps
 
-            task = asyncio.create_task(go())
+            task = self._task = asyncio.create_task(go())
             while True:
                 batch: list[tuple[bytes, bool]] = []
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -127,9 +131,36 @@ class LoadShard:
                     yield ("records", batch)
                 if task.done() and queue.empty():
                     break
+            if task.cancelled():  # interrupt(): the driver takes what it misses from there
+                return
             window, steps = task.result()  # raises what the load raised: the driver names the shard
         yield ("window", {"start_ns": window.start_ns + self.skew, "end_ns": window.end_ns + self.skew,
                           "sent": window.sent, "spool": str(spool), "clock_steps": steps})
+
+    async def interrupt(self) -> list[tuple[bytes, bool]]:
+        """The run was interrupted: cancel the load (requests in flight become `cancelled`
+        records) and return every record of this run; the driver keeps those it lacks."""
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        return self._lines
+
+
+async def _interrupt(placed: list[tuple[Node, Any]], clocks: list[NodeClock | None],
+                     records: list[int], on_line: Callable[[bytes, bool], None]) -> None:
+    """Cancel every shard's load; pass on the records the driver had not received yet."""
+    async def one(k: int) -> None:
+        clock = clocks[k]
+        if clock is None:
+            return
+        lines = await placed[k][1].interrupt.remote()
+        for line, ok in lines[records[k]:]:
+            records[k] += 1
+            on_line(orjson.dumps(shift_record(orjson.loads(line), clock)), ok)
+
+    await asyncio.gather(*(one(k) for k in range(len(placed))), return_exceptions=True)
 
 
 async def run_ray_shards(cluster: Cluster, procs: int, spec: ClientSpec, work: ShardWork,
@@ -185,6 +216,10 @@ async def run_ray_shards(cluster: Cluster, procs: int, spec: ClientSpec, work: S
 
     try:
         await asyncio.gather(*(follow(k) for k in range(procs)))
+    except asyncio.CancelledError:  # the run was interrupted: so is every shard
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(_interrupt(placed, clocks, records, on_line), STOP_S)
+        raise
     finally:
         for _, actor in placed:
             with contextlib.suppress(Exception):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.console import Console
+
+from cputax.analysis.analyse import interrupted_line
 from cputax.rundir import RunDir
 from cputax.session import rebuild_report
 
@@ -11,5 +14,10 @@ __all__ = ["report"]
 
 
 def report(run_dir: Path) -> int:
-    rebuild_report(RunDir.existing(run_dir))
+    """0, or 1 for a run that was interrupted (its report is written, and says so)."""
+    results = rebuild_report(RunDir.existing(run_dir))
+    line = interrupted_line(results.summary)
+    if line:
+        Console(stderr=True).print(line, style="red", markup=False, highlight=False)
+        return 1
     return 0

@@ -240,15 +240,24 @@ def in_short(summary: dict[str, Any], info: dict[str, Any], correlation: dict[st
     return f"**In short**: {first}  \n{second}"
 
 
+def _interrupted_banner(stopped: dict[str, Any]) -> str:
+    where = f" during {', '.join(stopped['scenarios'])}" if stopped.get("scenarios") else ""
+    return (f"**Interrupted**: the run was stopped by {stopped.get('signal', 'a signal')}{where}. "
+            "What finished is below; requests in flight are counted as failed (`cancelled`), "
+            "and the scenarios after it did not run.")
+
+
 def render_report(summary: dict[str, Any], info: dict[str, Any], sections: list[str] | None = None,
                   growth: list[dict[str, Any]] | None = None, short: str | None = None) -> str:
     """The report; `sections` are extra markdown sections (profiling, telemetry...) placed before the notes."""
     scenarios = summary["scenarios"]
     host = info.get("host", {})
+    stopped = summary.get("interrupted")
     parts = [
         "# cputax run report",
         "",
         *emulated_banner(info),
+        *([_interrupted_banner(stopped), ""] if stopped else []),
         *([short, ""] if short else []),
         f"- endpoint: `{info.get('endpoint')}` ({info.get('target', {}).get('kind', 'external')}), model `{info.get('model')}`, API `{info.get('api')}`",
         f"- profile: `{info.get('profile')}`; prompts sized by {info.get('prompt_counter')}",

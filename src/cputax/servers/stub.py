@@ -16,12 +16,12 @@ TABLE = ServerTable(
     processes=(("stub", r"cputax\.targets\.stub|(^|[\s/])cputax\s+stub(\s|$)"),),
     threads=(("stub", "MainThread", "event loop: aiohttp, SSE"),),
     rules=(
-        Rule("sse", "cputax/targets/stub.py", "*_stream*"),
-        Rule("tokenize", "cputax/targets/stub.py", "*_count*"),
-        Rule("metrics_scrape", "cputax/targets/stub.py", "*metrics_page*"),
+        Rule("sse", "cputax/targets/stub/*.py", "*_stream*"),
+        Rule("tokenize", "cputax/targets/stub/app.py", "*_count*"),
+        Rule("metrics_scrape", "cputax/targets/stub/app.py", "*metrics_page*"),
         Rule("http", "aiohttp/*"),
     ),
-    markers=("cputax/targets/stub.py",),
+    markers=("cputax/targets/stub/*",),
     metrics=vllm.TABLE.metrics,
     capabilities=Capabilities(tokenize_path="/tokenize", auto_tool_choice=vllm.TABLE.capabilities.auto_tool_choice),
 )

@@ -131,7 +131,10 @@ def child_main(argv: list[str]) -> int:
             for sample in getattr(p, "drain", list)():
                 writer.write(sample)
     meta = {p.name: {**opened.get(p.name, {}), **p.close(), "cost": stats[p.name].summary()} for p in pollers}
-    print(json.dumps({"meta": meta, "notes": notes}), file=protocol, flush=True)
+    try:
+        print(json.dumps({"meta": meta, "notes": notes}), file=protocol, flush=True)
+    except BrokenPipeError:  # the run went away first (killed): its files are written, end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), protocol.fileno())  # no second error at exit
     return 0
 
 

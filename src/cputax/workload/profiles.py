@@ -150,6 +150,10 @@ def load_profile(path: Path) -> list[Scenario]:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError as exc:
         raise CputaxError(f"{path}: no such profile; see profiles/ for examples") from exc
+    except IsADirectoryError as exc:
+        raise CputaxError(f"{path}: is a directory; --profile names a .toml file") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CputaxError(f"{path}: cannot read it ({exc})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise CputaxError(f"{path}: not valid TOML ({exc})") from exc
     extra = set(raw) - {"defaults", "scenario"}

@@ -1,37 +1,19 @@
-"""The calibration stub: an OpenAI-compatible SSE server that answers like vLLM, with known delays.
+"""The stub's HTTP handlers: vLLM's endpoints, answered with the configured delays.
 
-It is the ground truth for the client's timing. For a streamed request that
-arrives (handler entered) at T, it sends the response headers at T+A, the
-role-only chunk and the first token at T+A+B, token k at T+A+B+k*C, then the
-usage chunk and `data: [DONE]`, as vLLM does (see shared/notes/vllm.md,
-"Streaming timing"). Every wait sleeps until an absolute monotonic deadline, so
-errors never accumulate. What really happened (monotonic_ns of arrival,
-headers, first token, last token, end) is kept per response id, served and
-forgotten by GET /stub/truth: a client in another process on the same host
-reads the same clock, so it can subtract.
-
-Chunk bytes are built once per server (per token position) and glued to a
-per-request head, so at zero delay the stub costs little next to the client
-it is calibrating.
+For a streamed request that arrives (handler entered) at T, it sends the response
+headers at T+A, the role-only chunk and the first token at T+A+B, token k at
+T+A+B+k*C, then the usage chunk and `data: [DONE]`, as vLLM does (see
+shared/notes/vllm.md, "Streaming timing"). Every wait sleeps until an absolute monotonic
+deadline, so errors never accumulate. What really happened is kept per response id and
+served (and forgotten) by GET /stub/truth.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
-import gc
 import os
-import re
-import select
-import socket
-import struct
-import subprocess
-import sys
-import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -47,20 +29,14 @@ from prometheus_client import (
 )
 
 from cputax import __version__
-from cputax.errors import CputaxError
 from cputax.servers import STUB
+from cputax.targets.stub.config import StubConfig
+from cputax.targets.stub.faults import MIDSTREAM, break_stream, error_body
 from cputax.text.conversation import render_chat
 from cputax.text.tokenizer import load_tokenizer
 
-FAULTS = (
-    "http_500",  # 500 with a vLLM error body instead of a stream
-    "error_event",  # after one token, a `data: {"error": ...}` line then [DONE], as vLLM on an engine error
-    "malformed_sse",  # after one token, a line that is not SSE
-    "non_json_data",  # after one token, `data: {not json`
-    "reset_midstream",  # after one token, a TCP reset
-    "truncated",  # after half the tokens, the stream ends cleanly without finish_reason, usage or [DONE]
-    "no_usage",  # no usage chunk even when stream_options.include_usage asks for one
-)
+__all__ = ["TOOL_CHOICE_REFUSED", "StubApp", "StubMetrics"]
+
 _WORDS = [" the", " quick", " brown", " fox", " jumps", " over", " a", " lazy", " dog", ",",
           " then", " runs", " tests", " again", ".", "\n"]
 _BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -72,38 +48,8 @@ _TRUTH_KEPT = 100_000  # requests whose truth /stub/truth can still return
 TOOL_CHOICE_REFUSED = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
 
 
-@dataclass
-class StubConfig:
-    """Injected delays (ms) and shape of each answer; `fault` breaks streams on purpose for tests."""
-
-    headers_delay_ms: float = 0.0  # A: arrival -> response headers (vLLM: parse + template + tokenize)
-    first_token_delay_ms: float = 0.0  # B: headers -> role chunk + first token (queue + prefill)
-    inter_token_delay_ms: float = 0.0  # C: between tokens (decode)
-    output_tokens: int = 64  # tokens per answer, fewer if the request's max_tokens says so
-    model: str = "cputax-stub"
-    max_model_len: int = 131072
-    api_key: str | None = None  # when set, requests without `Authorization: Bearer KEY` get 401
-    fault: str | None = None
-    # vLLM without --enable-auto-tool-choice refuses `tools` unless tool_choice is "none"
-    # (servers.stub.TABLE copies this from vLLM's table; tests check it against the real one)
-    auto_tool_choice: bool = STUB.capabilities.auto_tool_choice
-    token_truth: bool = False  # keep every token's send time in the truth (calibration's inter-token error)
-
-    def __post_init__(self) -> None:
-        if self.fault is not None and self.fault not in FAULTS:
-            raise CputaxError(f"unknown stub fault {self.fault!r}; choose from {', '.join(FAULTS)}")
-        if min(self.headers_delay_ms, self.first_token_delay_ms, self.inter_token_delay_ms) < 0:
-            raise CputaxError("stub delays must be >= 0 ms")
-        if self.output_tokens < 1:
-            raise CputaxError("the stub's output tokens must be >= 1")
-
-
-def _error_body(status: int, message: str, kind: str) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}})
-
-
 def _error(status: int, message: str, kind: str = "BadRequestError") -> web.Response:
-    return web.Response(status=status, body=_error_body(status, message, kind),
+    return web.Response(status=status, body=error_body(status, message, kind),
                         content_type="application/json")
 
 
@@ -117,7 +63,7 @@ def _chunk_tail(choice: dict[str, Any]) -> bytes:
     return orjson.dumps([choice]) + b"}\n\n"
 
 
-class _Metrics:
+class StubMetrics:
     """vLLM's metrics (names from its table in cputax.servers) with the stub's true timings,
     in a registry of its own."""
 
@@ -162,13 +108,13 @@ class _Metrics:
         self.decode.observe((last - first) / 1e9)
 
 
-class _Stub:
+class StubApp:
     """The application: handlers plus what they share (tokenizer, metrics, truth, chunk bytes)."""
 
     def __init__(self, config: StubConfig):
         self.config = config
         self.tokenizer = load_tokenizer()
-        self.metrics = _Metrics(config.model)
+        self.metrics = StubMetrics(config.model)
         self.truth: dict[str, dict[str, int]] = {}
         self._counts: OrderedDict[bytes, int] = OrderedDict()  # raw body -> prompt tokens
         self._model = orjson.dumps(config.model)
@@ -361,8 +307,8 @@ class _Stub:
                     truth["first_token_ns"] = now
                     if chat:  # vLLM's role-only chunk goes out with the first token
                         await response.write(head + self._role)
-                elif k == 1 and cfg.fault in ("error_event", "malformed_sse", "non_json_data", "reset_midstream"):
-                    return await self._break(request, response, cfg.fault)
+                elif k == 1 and cfg.fault in MIDSTREAM:
+                    return await break_stream(request, response, cfg.fault)
                 elif k == n // 2 and cfg.fault == "truncated":
                     await response.write_eof()
                     return response
@@ -378,26 +324,6 @@ class _Stub:
             truth["end_ns"] = time.monotonic_ns()
         except ConnectionError:  # the client went away; the truth so far is kept
             truth["disconnected_ns"] = time.monotonic_ns()
-        return response
-
-    async def _break(self, request: web.Request, response: web.StreamResponse, fault: str) -> web.StreamResponse:
-        if fault == "reset_midstream":
-            transport = request.transport
-            sock = transport.get_extra_info("socket") if transport else None
-            if sock is not None:  # linger 0: close() sends RST, not FIN
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            if transport is not None:
-                transport.abort()
-            return response
-        if fault == "error_event":
-            await response.write(b"data: " + _error_body(500, "stub fault: injected engine error",
-                                                         "InternalServerError") + b"\n\n")
-        elif fault == "malformed_sse":
-            await response.write(b"this line is not server-sent events\n\n")
-        else:
-            await response.write(b"data: {not json\n\n")
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
         return response
 
     async def _whole(self, truth: dict[str, int], rid: str, chat: bool, n: int, reason: str,
@@ -416,145 +342,3 @@ class _Stub:
                   "created": int(time.time()), "model": cfg.model, "choices": [choice], "usage": usage}
         truth["headers_ns"] = truth["end_ns"] = time.monotonic_ns()
         return web.Response(body=orjson.dumps(answer), content_type="application/json")
-
-
-async def _start(config: StubConfig, host: str, port: int) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(_Stub(config).app(), access_log=None, handle_signals=False)
-    await runner.setup()
-    # A deep backlog: 256 clients connecting at once must not wait for SYN retries.
-    site = web.TCPSite(runner, host, port, backlog=4096)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise CputaxError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    bound_host, bound_port = runner.addresses[0][:2]
-    return runner, f"http://{bound_host}:{bound_port}"
-
-
-def _describe(config: StubConfig) -> str:
-    return (f"headers {config.headers_delay_ms:g} ms, first token +{config.first_token_delay_ms:g} ms, "
-            f"every {config.inter_token_delay_ms:g} ms, {config.output_tokens} tokens, model {config.model}")
-
-
-def serve_stub(host: str, port: int, config: StubConfig) -> int:
-    """Serve in the foreground until Ctrl-C; the first stdout line carries the URL (StubServer reads it)."""
-
-    async def main() -> None:
-        runner, url = await _start(config, host, port)
-        # the heap of imports and set-up out of the collector's walks, as the client's
-        # (client.heap): a full collection between a token's stamp and its write would
-        # put the collector's pause into the truth
-        gc.collect()
-        gc.freeze()
-        print(f"cputax stub: serving on {url} ({_describe(config)})", flush=True)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await runner.cleanup()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
-    return 0
-
-
-class StubServer:
-    """Run the stub on host:port (0 = a free port) for the length of a `with` block; `.url` is its base URL.
-
-    process=False (tests): a background thread with its own event loop, cheap to
-    start, but it shares the GIL with the client. process=True (calibration): a
-    child process (`python -m cputax.targets.stub CONFIG_JSON`), so the stub's
-    Python work does not queue behind the client's; it still shares the CPUs.
-    """
-
-    def __init__(self, config: StubConfig | None = None, *, host: str = "127.0.0.1", port: int = 0,
-                 process: bool = False, start_timeout_s: float = 60.0):
-        self.config = config or StubConfig()
-        self.host = host
-        self.port = port
-        self.process = process
-        self.start_timeout_s = start_timeout_s
-        self.url = ""
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._child: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> StubServer:
-        if self.process:
-            self._start_process()
-        else:
-            self._start_thread()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._child is not None:
-            self._child.terminate()
-            try:
-                self._child.wait(10)
-            except subprocess.TimeoutExpired:
-                self._child.kill()
-                self._child.wait()
-            self._child = None
-        if self._thread is not None:
-            assert self._loop is not None and self._stop is not None
-            self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join()
-            self._thread = None
-
-    def _start_thread(self) -> None:
-        ready = threading.Event()
-        failure: list[BaseException] = []
-
-        async def main() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            try:
-                runner, self.url = await _start(self.config, self.host, self.port)
-            except BaseException as exc:
-                failure.append(exc)
-                ready.set()
-                return
-            ready.set()
-            try:
-                await self._stop.wait()
-            finally:
-                await runner.cleanup()
-
-        self._thread = threading.Thread(target=asyncio.run, args=(main(),), name="cputax-stub", daemon=True)
-        self._thread.start()
-        ready.wait()
-        if failure:
-            self._thread.join()
-            self._thread = None
-            raise failure[0]
-
-    def _start_process(self) -> None:
-        config = orjson.dumps({**dataclasses.asdict(self.config), "host": self.host, "port": self.port})
-        self._child = subprocess.Popen([sys.executable, "-m", "cputax.targets.stub", config.decode()],
-                                       stdout=subprocess.PIPE)
-        assert self._child.stdout is not None
-        ready, _, _ = select.select([self._child.stdout], [], [], self.start_timeout_s)
-        line = self._child.stdout.readline().decode() if ready else ""
-        found = re.search(r"http://\S+", line)
-        if not found:
-            code = self._child.wait(5) if not line else self._child.poll()  # EOF: it is exiting
-            self.__exit__()
-            why = (f"exited with code {code} (its error is above)" if code is not None
-                   else f"printed no URL within {self.start_timeout_s:g} s (got {line.strip()!r})")
-            raise CputaxError(f"the stub process {why}")
-        self.url = found.group(0)
-
-
-def _child_main(settings_json: str) -> int:
-    """Entry point of StubServer(process=True): the settings come as one JSON argument."""
-    settings = orjson.loads(settings_json)
-    try:
-        return serve_stub(settings.pop("host"), settings.pop("port"), StubConfig(**settings))
-    except CputaxError as exc:
-        print(f"cputax stub: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1]))
