@@ -34,6 +34,7 @@ from cputax.targets.stub.config import StubConfig
 from cputax.targets.stub.faults import MIDSTREAM, break_stream, error_body
 from cputax.text.conversation import render_chat
 from cputax.text.tokenizer import load_tokenizer
+from cputax.util import sleep_until
 
 __all__ = ["TOOL_CHOICE_REFUSED", "StubApp", "StubMetrics"]
 
@@ -51,12 +52,6 @@ TOOL_CHOICE_REFUSED = '"auto" tool choice requires --enable-auto-tool-choice and
 def _error(status: int, message: str, kind: str = "BadRequestError") -> web.Response:
     return web.Response(status=status, body=error_body(status, message, kind),
                         content_type="application/json")
-
-
-async def _sleep_until(deadline_ns: int) -> None:
-    delay = deadline_ns - time.monotonic_ns()
-    if delay > 0:
-        await asyncio.sleep(delay / 1e9)
 
 
 def _chunk_tail(choice: dict[str, Any]) -> bytes:
@@ -255,7 +250,7 @@ class StubApp:
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         n = min(cfg.output_tokens, limit) if isinstance(limit, int) and limit > 0 else cfg.output_tokens
         reason = "length" if n == limit else "stop"
-        await _sleep_until(arrival + int(cfg.headers_delay_ms * _MS))
+        await sleep_until(arrival + int(cfg.headers_delay_ms * _MS))
         if cfg.fault == "http_500":
             return _error(500, "stub fault: injected internal server error", "InternalServerError")
         # vLLM's response id is the prefix + the client's X-Request-Id when it sends one
@@ -299,7 +294,7 @@ class StubApp:
             truth["headers_ns"] = time.monotonic_ns()
             await response.prepare(request)
             for k in range(n):
-                await _sleep_until(first + k * step)
+                await sleep_until(first + k * step)
                 words = tails[reason if k == n - 1 else None]
                 chunk = head + words[k % len(words)]  # made before the stamp: the stamp is the send
                 now = time.monotonic_ns()
@@ -333,7 +328,7 @@ class StubApp:
         first = truth["arrival_ns"] + int((cfg.headers_delay_ms + cfg.first_token_delay_ms) * _MS)
         truth["first_token_ns"] = first
         truth["last_token_ns"] = first + (n - 1) * int(cfg.inter_token_delay_ms * _MS)
-        await _sleep_until(truth["last_token_ns"])
+        await sleep_until(truth["last_token_ns"])
         text = "".join(_WORDS[k % len(_WORDS)] for k in range(n))
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason, "stop_reason": None}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
