@@ -237,8 +237,9 @@ class StreamingClient:
         assert self._pool is not None
         sink = _RecordExchange(record, self.api, self.keep_chunks)
 
-        def sent() -> None:
-            record.t_sent = time.monotonic_ns()
+        def sent(t_write: int, t_sent: int) -> None:
+            record.t_sent = t_sent
+            record.write_s = (t_sent - t_write) / 1e9
 
         await self._pool.request(self._head + str(len(body)).encode() + b"\r\n\r\n" + body, sink, sent)
         if sink.error_body is not None:
