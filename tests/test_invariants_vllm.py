@@ -10,10 +10,10 @@ import sys
 
 import orjson
 import pytest
+from conftest import needs_vllm
 
 from cputax.analysis.invariants import check
 from cputax.records import read_request_table
-from conftest import needs_vllm
 
 pytestmark = [pytest.mark.slow, pytest.mark.local, needs_vllm]
 
