@@ -52,8 +52,8 @@ duration_s = 4
 # hundreds of ms at a time: the event loop cannot stamp, write or read meanwhile.
 HOG = """
 import random, sys, threading
-data = [random.random() for _ in range(3_000_000)]
-threading.Thread(target=lambda: [sorted(data) for _ in iter(int, 1)], daemon=True).start()
+data = [random.random() for _ in range(300_000)]
+threading.Thread(target=lambda: any(not sorted(data) for _ in iter(int, 1)), daemon=True).start()
 from cputax.cli import main
 sys.exit(main(sys.argv[1:]))
 """
