@@ -158,17 +158,19 @@ async def run_scenario(
     """This share of the scenario from `start_ns` (default now); `barrier(b)` returns once
     every shard finished batch b (None: this is the only shard)."""
     with steady_heap():  # collected and frozen before the start: see client.heap
-        return await _run(client, prompts, on_record, seed, share,
-                          start_ns if start_ns is not None else time.monotonic_ns(), barrier)
+        return await _run(client, prompts, on_record, seed, share, start_ns, barrier)
 
 
 async def _run(client: Client, prompts: ScenarioPrompts, on_record: Callable[[RequestRecord], None],
-               seed: int, share: Share, start: int, barrier: Barrier | None) -> Window:
+               seed: int, share: Share, start_ns: int | None, barrier: Barrier | None) -> Window:
     sc = prompts.scenario
     # Everything the requests need is made before the start: prompts (if the caller has not
     # already: session does it before forking shards) and the open-loop schedule.
     prompts.prebuild(planned_indices(sc, seed, share))
     schedule = arrivals(sc, seed, share)
+    if (open_connections := getattr(client, "open_connections", None)) is not None:
+        await open_connections(share.part(max(sc.concurrency, sc.burst_size or 0)))
+    start = start_ns if start_ns is not None else time.monotonic_ns()  # default: now, ready
     await _sleep_until(start)
     counter = iter(range(1 << 62))
     sent = 0

@@ -165,6 +165,11 @@ class StreamingClient:
             self._clock, self._clock_steps = self._pool.clock, self._clock_steps + self._pool.clock_steps
             self._pool = None
 
+    async def open_connections(self, count: int) -> None:
+        """Have `count` streaming connections open and idle (the streaming path's pool)."""
+        if self._pool is not None:
+            await self._pool.open(min(count, self._max_connections))
+
     @property
     def clock(self) -> Clock:
         """The realtime -> monotonic conversion of the kernel's stamps, as last read."""

@@ -343,6 +343,12 @@ class Pool:
             t = realtime_ns - self.clock.offset_ns
         return t
 
+    async def open(self, count: int) -> None:
+        """Open connections until `count` are idle (before a scenario's clock starts: a
+        connect inside the first batch would be counted in its requests' serialize)."""
+        while len(self._idle) < count:
+            self._idle.append(await self._connect())
+
     async def request(self, request: bytes, sink: Exchange, on_sent: Callable[[int, int], None]) -> None:
         """One exchange on a pooled (or new) connection."""
         async with self._slots:

@@ -105,9 +105,13 @@ class EmbeddedServer:
         with open(self.log_path, "wb") as log:
             log.write(("$ " + " ".join(self.command) + "\n").encode())
             log.flush()
+            # A process group of its own (stopped as one), in cputax's session: a new session
+            # (setsid) is a new autogroup, and the kernel shares the CPUs between autogroups
+            # by their recent load, so the mostly idle client waited up to 160 ms for a CPU
+            # inside one send() while the server's group spun (docs/invariants.md).
             self._proc = subprocess.Popen(
                 self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, **self.launch.env}, start_new_session=True, preexec_fn=die_with_parent,
+                env={**os.environ, **self.launch.env}, process_group=0, preexec_fn=die_with_parent,
             )
         try:
             self._wait_ready(started)
@@ -128,7 +132,7 @@ class EmbeddedServer:
             return
         for sig, wait_s in ((signal.SIGTERM, self.launch.stop_grace_s), (signal.SIGKILL, 5.0)):
             try:
-                os.killpg(proc.pid, sig)  # start_new_session: the group id is the server's pid
+                os.killpg(proc.pid, sig)  # process_group=0: the group id is the server's pid
             except ProcessLookupError:
                 break  # the whole group is gone
             try:

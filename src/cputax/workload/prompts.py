@@ -148,7 +148,7 @@ class ScenarioPrompts:
         self._heads = [make_corpus(UNIQUE_HEAD_TOKENS, self.tokenizer, seed=self.seed * 131 + 7 + k)
                        for k in range(HEAD_POOL)]
         # One correction from a full prompt: joins at the seams can add or merge a token.
-        error = await count(self.messages(0), self.sent_tools) - sc.context_tokens
+        error = await count(self._join(self._parts(0)), self.sent_tools) - sc.context_tokens
         self.user_tokens = max(UNIQUE_HEAD_TOKENS + 1, self.user_tokens - error)
 
     def correct(self, measured_prompt_tokens: int) -> None:
@@ -226,6 +226,10 @@ class ScenarioPrompts:
         if parts is None:
             self.built_late += index >= 0  # warm-up requests (negative) are not measured
             parts = self._parts(index)
+        return self._join(parts)
+
+    def _join(self, parts: tuple[str, str, int]) -> list[Message]:
+        assert self._body is not None
         prefix, head, remaining = parts
         return self._messages(prefix + head + "\n" + self._body.head(remaining))
 
