@@ -53,6 +53,16 @@ async def _mark_sent(session: Any, ctx: SimpleNamespace, params: Any) -> None:
         record.t_sent = time.monotonic_ns()
 
 
+async def _within(coro: Any, seconds: float) -> Any:
+    """`coro` with a time limit, in this task. asyncio.wait_for (before Python 3.12) runs it
+    as a new task, a loop turn later: every request of a batch was built before the first
+    was written, and each one's serialize held the others' writes (issue 17)."""
+    if hasattr(asyncio, "timeout"):  # 3.11+
+        async with asyncio.timeout(seconds):
+            return await coro
+    return await asyncio.wait_for(coro, seconds)
+
+
 def _connect_reason(exc: aiohttp.ClientConnectorError) -> str:
     errno = exc.os_error.errno
     return os.strerror(errno) if errno else str(exc.os_error) or type(exc.os_error).__name__
@@ -213,7 +223,7 @@ class StreamingClient:
         record.build_s = (time.thread_time_ns() - cpu) / 1e9
         try:
             if self._pool is not None:
-                await asyncio.wait_for(self._stream_wire(record, body), self.timeout_s)
+                await _within(self._stream_wire(record, body), self.timeout_s)
             else:
                 await self._stream(record, body)
         except StreamError as exc:
