@@ -58,3 +58,30 @@ def test_api_server_streams_on_the_loop_and_tokenizes_on_the_renderer_pool(windo
 def test_serving_metrics_is_kept_apart_from_the_servers_own_instrumentation():
     anyio = threads("conc64_1k", "api_server")["AnyIO worker thread"]  # /metrics is a sync route
     assert anyio.get("metrics_scrape", 0) > 0 and anyio.get("metrics", 0) == 0
+
+
+def _request_stacks(window: str) -> dict[bool, list]:
+    """The live EngineCore stacks whose innermost frame is in vllm/v1/request.py, split by
+    whether the scheduler called it."""
+    from cputax.sampling.stacks import read_raw
+
+    found: dict[bool, list] = {True: [], False: []}
+    for stacks in read_raw(DATA / window / "engine_core.collapsed.txt").values():
+        for stack in stacks:
+            if stack and stack[-1].path.endswith("vllm/v1/request.py"):
+                found[any("v1/core/sched/" in f.path for f in stack)].append(stack)
+    return found
+
+
+def test_request_methods_under_the_scheduler_are_scheduling():
+    from cputax.sampling.classify import classifier_for
+
+    classify = classifier_for("vllm").category
+    found: dict[bool, list] = {True: [], False: []}
+    for window in WINDOWS:
+        for under, stacks in _request_stacks(window).items():
+            found[under] += stacks
+    assert found[True], "the captures have Scheduler -> Request.* stacks"
+    assert {classify(s) for s in found[True]} == {"schedule"}
+    # the same file reached while a request is built (input thread) stays preprocess
+    assert {classify(s) for s in found[False]} <= {"preprocess"}

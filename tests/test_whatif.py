@@ -34,8 +34,10 @@ def test_the_slowdown_adds_k_times_the_calls_own_time(gil):
     calls, own, added, target = slowdown._stats[f"test-{gil}"]
     assert calls == 20
     assert target == pytest.approx(1.5 * own, rel=0.01)
-    # the added time meets what was asked to a few percent (one hashing chunk, one clock read)
-    assert 0.98 * target <= added <= 1.10 * target
+    # never short of what was asked; above it by one hashing chunk and one clock read when
+    # the machine is quiet, by a wait for the GIL or a CPU when it is not (a loaded 2-core
+    # CI box): 1.5x still fails a slowdown counted twice
+    assert 0.98 * target <= added <= 1.5 * target
 
 
 def test_released_slowdown_lets_another_thread_run_held_does_not():

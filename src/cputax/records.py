@@ -59,7 +59,11 @@ class RequestRecord:
     t_first_data_kernel: int | None = None
     t_first_token_kernel: int | None = None
     t_last_token_kernel: int | None = None
+    # Open-loop arrivals (Poisson, bursts): when the schedule meant the request to start;
+    # t_start - t_intended is the client's schedule lag. None for closed-loop requests.
+    t_intended: int | None = None
     build_s: float = 0.0  # client thread CPU building + encoding the request
+    write_s: float | None = None  # writing the request: first send() call to the last byte taken
     parse_s: float = 0.0  # client time in the stream's parser (a clock, not the CPU's: equal unless preempted)
     prompt_tokens: int | None = None
     output_tokens: int | None = None
@@ -137,8 +141,9 @@ def read_requests(path: Path) -> list[RequestRecord]:
 
 # --- requests.jsonl as columns ---------------------------------------------------------------
 TIMES = ("t_start", "t_sent", "t_headers", "t_first_data", "t_first_token", "t_last_token", "t_end",
-         "t_headers_kernel", "t_first_data_kernel", "t_first_token_kernel", "t_last_token_kernel")
-NUMBERS = ("index", "batch", "status", "build_s", "parse_s", "prompt_tokens", "output_tokens", "chunks",
+         "t_headers_kernel", "t_first_data_kernel", "t_first_token_kernel", "t_last_token_kernel",
+         "t_intended")
+NUMBERS = ("index", "batch", "status", "build_s", "write_s", "parse_s", "prompt_tokens", "output_tokens", "chunks",
            "shared_stamps", "target_prompt_tokens")
 _NUMERIC = ("ok", *TIMES, *NUMBERS)
 _TEXT = ("scenario", "error", "output_tokens_source")
@@ -166,6 +171,8 @@ class _Row(msgspec.Struct, gc=False):
     t_first_data_kernel: float | None = None
     t_first_token_kernel: float | None = None
     t_last_token_kernel: float | None = None
+    t_intended: float | None = None
+    write_s: float | None = None
     index: float | None = None
     batch: float | None = None
     status: float | None = None

@@ -552,7 +552,7 @@ async def run_scenarios(session: Session, scenarios: list[Scenario], tokenizer: 
 
 async def _one_scenario(session: Session, prompts: ScenarioPrompts, records: JsonlWriter,
                         windows: JsonlWriter) -> None:
-    from cputax.client.loadgen import Barrier, Share, Window, run_scenario, warm_up
+    from cputax.client.loadgen import Barrier, Share, Window, prebuild, run_scenario, warm_up
 
     scenario = prompts.scenario
     session.console.print(f"[bold]{scenario.name}[/]: {scenario.describe()}, {scenario.context_tokens} tokens, "
@@ -571,6 +571,7 @@ async def _one_scenario(session: Session, prompts: ScenarioPrompts, records: Jso
     if session.local_count and counted:
         prompts.correct(counted[0])  # the server's own count beats our local estimate
     procs = session.procs_for(max(scenario.concurrency, scenario.burst_size or 0))
+    prebuild(prompts, prompts.seed, procs)  # every prompt before the clock (and the forks)
 
     def work(client: Any, share: Share, start_ns: int, on_record: Callable[[RequestRecord], None],
              barrier: Barrier) -> Awaitable[Window]:
@@ -593,7 +594,8 @@ async def _one_scenario(session: Session, prompts: ScenarioPrompts, records: Jso
         raise
     windows.write({"scenario": scenario.name, "start_ns": window.start_ns, "end_ns": window.end_ns,
                    "sent": window.sent, "user_tokens": prompts.user_tokens,
-                   "tools": len(prompts.tools or []), **shard_fields(window)})
+                   "tools": len(prompts.tools or []), "prompts_built_late": prompts.built_late,
+                   **shard_fields(window)})
     for line in getattr(window, "failures", []):
         session.console.print(f"[red]{scenario.name}: {line}[/]")
 

@@ -17,6 +17,7 @@ from cputax.analysis.attribution import attribute_run
 from cputax.analysis.correlate import correlate_run
 from cputax.analysis.decompose import http_overhead_growth, summarize_scenario
 from cputax.analysis.emulated import add_bubbles
+from cputax.analysis.invariants import failure_line, schedule_lag, verdict, withhold
 from cputax.analysis.server_metrics import run_scenario_metrics
 from cputax.analysis.server_phases import server_phases
 from cputax.analysis.timeline import host_series, read_telemetry
@@ -41,6 +42,9 @@ def summarize_run(run: RunDir, info: dict[str, Any], table: RequestTable) -> dic
         server = run_scenario_metrics(run, scenario["name"], int(mine.ok.sum()), (sent[ended], mine["t_end"][ended]))
         summaries.append(summarize_scenario(scenario, mine, windows.get(scenario["name"]), server))
         summaries[-1]["past_client_ceiling"] = past_ceiling(summaries[-1], info.get("client_ceiling"))
+        withhold(summaries[-1], verdict(mine))  # the run checks itself (analysis.invariants)
+        if (lag := schedule_lag(mine)) is not None:
+            summaries[-1]["schedule_lag_ms"] = lag
     summary: dict[str, Any] = {"run": {k: info[k] for k in SUMMARY_RUN_KEYS if k in info}, "scenarios": summaries}
     phases = server_phases(run, info, summaries)  # each request's own server phases, joined
     if phases is not None:
@@ -104,6 +108,8 @@ def failures(summary: dict[str, Any]) -> list[str]:
         if s["errors"]:
             kinds = ", ".join(f"{k} ({n})" for k, n in s["error_kinds"].items())
             lines.append(f"{s['name']}: {s['errors']} of {s['requests']} requests failed: {kinds}")
+        if (line := failure_line(s)) is not None:
+            lines.append(line)
     return lines
 
 

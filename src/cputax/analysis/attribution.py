@@ -22,6 +22,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from cputax.analysis.support import agrees, too_few, wilson
 from cputax.analysis.timeline import Grid, HostSeries
 from cputax.rundir import RunDir
 from cputax.sampling.classify import Classifier, Stack, classifier_for, detect_server
@@ -68,6 +69,12 @@ def summarize(threads: Mapping[tuple[str, ThreadId], Mapping[Stack, float]], cla
         row = {"process": process, "pid": thread.pid, "thread": thread.label, "tid": thread.tid,
                "samples": round(samples), "categories": fractions(cats),
                "active": 1.0 - cats[IDLE] / samples if samples else None}
+        # every share's support (analysis.support): samples, empty stacks, a 95% interval
+        row["empty"] = round(sum(w for stack, w in stacks.items() if not stack))
+        row["too_few"] = too_few(samples)
+        row["intervals"] = {c: list(wilson(v, samples)) for c, v in row["categories"].items()}
+        if row["active"] is not None:
+            row["active_interval"] = list(wilson(row["active"], samples))
         if roles and (role := roles.get((process, thread))):
             row["role"] = role
         rows.append(row)
@@ -246,6 +253,9 @@ def attribute_run(run: RunDir, host: HostSeries | None = None) -> dict[str, Any]
             proc = next(p for p in processes if p["process"] == row["process"])
             if (cpu := _host_shares(host, proc["pid"], row["tid"], span)) is not None:
                 row["on_cpu"], row["runqueue"] = cpu
+                # py-spy's busy share against schedstat's (on a CPU or ready for one)
+                if row["active"] is not None and row["samples"]:
+                    row["cpu_agrees"] = agrees(row["active"], row["samples"], sum(cpu))
             if "gil_threads" in proc:
                 held = proc["gil_threads"].get(str(row["tid"])) or {"share": 0.0, "in_idle_frames": 0.0,
                                                                      "idle_frames": []}

@@ -63,6 +63,9 @@ def points_from_run(run: RunDir) -> tuple[list[Point], list[str]]:
         if spec.get("batches") is None:
             left_out.append(f"{s['name']}: its requests do not arrive as batches (open loop, duration or replay)")
             continue
+        if s.get("withheld"):  # its records break the run's invariants (analysis.invariants)
+            left_out.append(f"{s['name']}: {s['withheld']}")
+            continue
         if mean.get("http_overhead") is None or not mean.get("total"):
             left_out.append(f"{s['name']}: no finished request")
             continue

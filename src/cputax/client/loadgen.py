@@ -1,7 +1,11 @@
 """The load generator: closed-loop batches, closed loop for a duration, Poisson, bursts.
 
-Messages for request i are made before its clock starts; only the payload build
-and JSON encode are timed (the study's "serialize"). Records go to `on_record`
+Every request's prompt is made before the scenario's clock starts (`prebuild`: the
+prepared store of workload.prompts), and so is the open-loop schedule (`arrivals`):
+while requests are in flight the loop only joins prepared text, builds the JSON bytes,
+writes and reads. Only the payload build and JSON encode are timed (the study's
+"serialize"). An open-loop request records when it was meant to start (t_intended)
+beside when it did (t_start): the client's own lateness is never hidden. Records go to `on_record`
 as each request finishes, so the caller can write them at once.
 
 A `Share` is one load shard's part of a scenario (client.shards runs N of them in N
@@ -18,6 +22,7 @@ All shards start at one `start_ns` on the monotonic clock the processes share.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +31,7 @@ from typing import Protocol
 
 from cputax.client.heap import steady_heap
 from cputax.records import RequestRecord
+from cputax.workload.profiles import Scenario
 from cputax.workload.prompts import ScenarioPrompts
 
 
@@ -66,9 +72,11 @@ class Window:
 
 
 async def _one(client: Client, prompts: ScenarioPrompts, index: int, batch: int | None,
+               intended_ns: int | None = None,
                on_cancel: Callable[[RequestRecord], None] | None = None) -> RequestRecord:
-    messages = prompts.messages(index)
+    messages = prompts.messages(index)  # prepared before the clock (prebuild): a join of texts
     record = prompts.record(index, batch)
+    record.t_intended = intended_ns
     try:
         return await client.send(record, lambda: prompts.payload(messages))
     except asyncio.CancelledError:
@@ -77,6 +85,64 @@ async def _one(client: Client, prompts: ScenarioPrompts, index: int, batch: int 
             record.ok, record.error = False, record.error or "cancelled"
             on_cancel(record)
         raise
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One open-loop request of a share: when it is meant to start (ns after the start)."""
+
+    offset_ns: int
+    index: int
+    batch: int | None
+
+
+# Closed loop for a duration sends as many requests as the server answers: the store is
+# made for one request per worker every CLOSED_PLAN_S, and a request past it is made late
+# (counted: ScenarioPrompts.built_late, windows.jsonl's prompts_built_late).
+CLOSED_PLAN_S = 0.05
+
+
+def arrivals(sc: Scenario, seed: int, share: Share = WHOLE) -> list[Arrival]:
+    """The share's open-loop arrivals (Poisson or bursts), drawn before the clock starts."""
+    if sc.duration_s is None or sc.arrival == "closed":
+        return []
+    deadline = int(sc.duration_s * 1e9)
+    out: list[Arrival] = []
+    counter = 0
+    if sc.arrival == "poisson":
+        rng = random.Random(share.seed(seed))
+        at = int(rng.expovariate(sc.rate / share.n) * 1e9) if share.n > 1 else 0
+        while at < deadline:
+            out.append(Arrival(at, share.index(counter), None))
+            counter += 1
+            at += int(rng.expovariate(sc.rate / share.n) * 1e9)
+        return out
+    burst, at = 0, 0
+    while at < deadline:
+        for _ in range(share.part(sc.burst_size)):
+            out.append(Arrival(at, share.index(counter), burst))
+            counter += 1
+        burst += 1
+        at += int(sc.burst_every_s * 1e9)
+    return out
+
+
+def planned_indices(sc: Scenario, seed: int, share: Share = WHOLE) -> list[int]:
+    """The request indices the share will send (closed loop for a duration: an estimate)."""
+    if sc.batches is not None:
+        return [b * sc.concurrency + j for b in range(sc.batches)
+                for j in range(share.k, sc.concurrency, share.n)]
+    if sc.arrival == "closed":
+        per_worker = max(1, math.ceil((sc.duration_s or 0) / CLOSED_PLAN_S))
+        return [share.index(c) for c in range(share.part(sc.concurrency) * per_worker)]
+    return [a.index for a in arrivals(sc, seed, share)]
+
+
+def prebuild(prompts: ScenarioPrompts, seed: int, shares: int = 1) -> int:
+    """Every request of the scenario (all `shares`) prepared: called before the clock starts,
+    and before load shards are forked or sent to Ray, so they inherit the store."""
+    sc = prompts.scenario
+    return sum(prompts.prebuild(planned_indices(sc, seed, Share(k, shares))) for k in range(shares))
 
 
 async def warm_up(client: Client, prompts: ScenarioPrompts, count: int) -> list[RequestRecord]:
@@ -100,21 +166,27 @@ async def run_scenario(
     """This share of the scenario from `start_ns` (default now); `barrier(b)` returns once
     every shard finished batch b (None: this is the only shard)."""
     with steady_heap():  # collected and frozen before the start: see client.heap
-        return await _run(client, prompts, on_record, seed, share,
-                          start_ns if start_ns is not None else time.monotonic_ns(), barrier)
+        return await _run(client, prompts, on_record, seed, share, start_ns, barrier)
 
 
 async def _run(client: Client, prompts: ScenarioPrompts, on_record: Callable[[RequestRecord], None],
-               seed: int, share: Share, start: int, barrier: Barrier | None) -> Window:
+               seed: int, share: Share, start_ns: int | None, barrier: Barrier | None) -> Window:
     sc = prompts.scenario
+    # Everything the requests need is made before the start: prompts (if the caller has not
+    # already: session does it before forking shards) and the open-loop schedule.
+    prompts.prebuild(planned_indices(sc, seed, share))
+    schedule = arrivals(sc, seed, share)
+    if (open_connections := getattr(client, "open_connections", None)) is not None:
+        await open_connections(share.part(max(sc.concurrency, sc.burst_size or 0)))
+    start = start_ns if start_ns is not None else time.monotonic_ns()  # default: now, ready
     await _sleep_until(start)
     counter = iter(range(1 << 62))
     sent = 0
 
-    async def fire(index: int, batch: int | None) -> None:
+    async def fire(index: int, batch: int | None, intended: int | None = None) -> None:
         nonlocal sent
         sent += 1
-        on_record(await _one(client, prompts, index, batch, on_record))
+        on_record(await _one(client, prompts, index, batch, intended, on_record))
 
     if sc.batches is not None:
         for batch in range(sc.batches):
@@ -122,31 +194,20 @@ async def _run(client: Client, prompts: ScenarioPrompts, on_record: Callable[[Re
             await asyncio.gather(*(fire(base + j, batch) for j in range(share.k, sc.concurrency, share.n)))
             if barrier is not None:
                 await barrier(batch)
-    else:
+    elif sc.arrival == "closed":
         deadline = start + int(sc.duration_s * 1e9)
-        if sc.arrival == "closed":
 
-            async def worker() -> None:
-                while time.monotonic_ns() < deadline:
-                    await fire(share.index(next(counter)), None)
+        async def worker() -> None:
+            while time.monotonic_ns() < deadline:
+                await fire(share.index(next(counter)), None)
 
-            await asyncio.gather(*(worker() for _ in range(share.part(sc.concurrency))))
-        else:
-            tasks: list[asyncio.Task] = []
-            rng = random.Random(share.seed(seed))
-            burst = 0
-            next_at = start
-            if sc.arrival == "poisson":
-                next_at += int(rng.expovariate(sc.rate / share.n) * 1e9) if share.n > 1 else 0
-            while next_at < deadline:
-                await _sleep_until(next_at)
-                if sc.arrival == "poisson":
-                    tasks.append(asyncio.create_task(fire(share.index(next(counter)), None)))
-                    next_at += int(rng.expovariate(sc.rate / share.n) * 1e9)
-                else:
-                    tasks += [asyncio.create_task(fire(share.index(next(counter)), burst))
-                              for _ in range(share.part(sc.burst_size))]
-                    burst += 1
-                    next_at += int(sc.burst_every_s * 1e9)
-            await asyncio.gather(*tasks)
+        await asyncio.gather(*(worker() for _ in range(share.part(sc.concurrency))))
+    else:
+        tasks: list[asyncio.Task] = []
+        for arrival in schedule:
+            intended = start + arrival.offset_ns
+            if intended > time.monotonic_ns():
+                await _sleep_until(intended)
+            tasks.append(asyncio.create_task(fire(arrival.index, arrival.batch, intended)))
+        await asyncio.gather(*tasks)
     return Window(start, time.monotonic_ns(), sent)

@@ -68,6 +68,16 @@ async def _mark_sent(session: Any, ctx: SimpleNamespace, params: Any) -> None:
         record.t_sent = time.monotonic_ns()
 
 
+async def _within(coro: Any, seconds: float) -> Any:
+    """`coro` with a time limit, in this task. asyncio.wait_for (before Python 3.12) runs it
+    as a new task, a loop turn later: every request of a batch was built before the first
+    was written, and each one's serialize held the others' writes (issue 17)."""
+    if hasattr(asyncio, "timeout"):  # 3.11+
+        async with asyncio.timeout(seconds):
+            return await coro
+    return await asyncio.wait_for(coro, seconds)
+
+
 def _connect_reason(exc: aiohttp.ClientConnectorError) -> str:
     errno = exc.os_error.errno
     return os.strerror(errno) if errno else str(exc.os_error) or type(exc.os_error).__name__
@@ -193,6 +203,11 @@ class StreamingClient:
             self._clock, self._clock_steps = self._pool.clock, self._clock_steps + self._pool.clock_steps
             self._pool = None
 
+    async def open_connections(self, count: int) -> None:
+        """Have `count` streaming connections open and idle (the streaming path's pool)."""
+        if self._pool is not None:
+            await self._pool.open(min(count, self._max_connections))
+
     @property
     def clock(self) -> Clock:
         """The realtime -> monotonic conversion of the kernel's stamps, as last read."""
@@ -237,7 +252,7 @@ class StreamingClient:
         record.build_s = (time.thread_time_ns() - cpu) / 1e9
         try:
             if self._pool is not None:
-                await asyncio.wait_for(self._stream_wire(record, body), self.timeout_s)
+                await _within(self._stream_wire(record, body), self.timeout_s)
             else:
                 await self._stream(record, body)
         except StreamError as exc:
@@ -274,8 +289,9 @@ class StreamingClient:
         assert self._pool is not None
         sink = _RecordExchange(record, self.api, self.keep_chunks)
 
-        def sent() -> None:
-            record.t_sent = time.monotonic_ns()
+        def sent(t_write: int, t_sent: int) -> None:
+            record.t_sent = t_sent
+            record.write_s = (t_sent - t_write) / 1e9
 
         ids = trace_headers(record.request_id or new_request_id())
         head = self._head + "".join(f"{k}: {v}\r\n" for k, v in ids.items()).encode()

@@ -29,13 +29,18 @@ from dataclasses import dataclass
 
 import httptools
 
-__all__ = ["Clock", "Exchange", "ExchangeError", "Pool", "SO_TIMESTAMPNS"]
+__all__ = ["SEND_BUFFER", "SO_TIMESTAMPNS", "Clock", "Exchange", "ExchangeError", "Pool"]
 
 SO_TIMESTAMPNS = 35  # SO_TIMESTAMPNS_OLD: same value on x86_64 and aarch64 (asm-generic)
 SO_RCVBUFFORCE = 33  # as root: a receive buffer past net.core.rmem_max
 # A receive buffer the kernel can keep filling while the loop is behind: bytes that arrive
 # are stamped on arrival; with a full buffer the sender would wait, and the stamps with it.
 RECEIVE_BUFFER = 4 << 20
+# A send buffer that takes a whole request in one send(): the kernel's first one is 16 kB
+# (net.ipv4.tcp_wmem), less than a 4k-token prompt, so a larger body waited for the
+# server to read it inside the client's "serialize" (issue 17).
+SEND_BUFFER = 4 << 20
+SO_SNDBUFFORCE = 32  # as root: a send buffer past net.core.wmem_max
 _TIMESPEC = struct.Struct("@qq")
 _ANC = socket.CMSG_SPACE(_TIMESPEC.size)
 # A 100k-token prompt echoed in an error, or a long SSE line, in few reads. Into one buffer
@@ -152,17 +157,14 @@ class _Connection:
         except OSError:
             return False
 
-    async def exchange(self, request: bytes, sink: Exchange, on_sent: Callable[[], None]) -> bool:
-        """Send `request`, feed the response to `sink`; True when the connection can be reused."""
+    async def exchange(self, request: bytes, sink: Exchange, on_sent: Callable[[int, int], None]) -> bool:
+        """Send `request`, feed the response to `sink`; True when the connection can be reused.
+        on_sent(t_write, t_sent): when the write began, and when the kernel took its last byte."""
         self._exchange, self._headers, self._complete, self._error, self._got_any = sink, {}, False, None, False
         self._headers_seen = False
         self._pieces = []
         self._parser = httptools.HttpResponseParser(self)
-        # Stamped as the write begins, as aiohttp's trace hook stamps it: on loopback the
-        # server is woken inside the send and may take this CPU for its whole front end
-        # before the send returns (seen on 2 cores: the headers' kernel stamp before it).
-        on_sent()
-        await self.loop.sock_sendall(self.sock, request)
+        on_sent(*await self._send(request))
         self._done = self.loop.create_future()
         fd = self.sock.fileno()
         self.loop.add_reader(fd, self._on_readable)
@@ -170,6 +172,47 @@ class _Connection:
             return await self._done
         finally:
             self.loop.remove_reader(fd)
+
+    async def _send(self, data: bytes) -> tuple[int, int]:
+        """Write all of `data`: (first send() call, the last byte taken), both stamped beside
+        the system call, not when this task is resumed (a busy loop resumes it late, and the
+        request would read as sent after its answer came; issue 17).
+
+        The socket's send buffer (SEND_BUFFER) takes any prompt in one call; a write that
+        waits is waiting for the server to read (its front end's time, docs/invariants.md).
+        """
+        view = memoryview(data)
+        t_write = time.monotonic_ns()
+        try:
+            n = self.sock.send(view)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        if n == len(view):
+            return t_write, time.monotonic_ns()
+        view = view[n:]
+        done: asyncio.Future[int] = self.loop.create_future()
+
+        def writable() -> None:
+            nonlocal view
+            if done.done():
+                return
+            try:
+                n = self.sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                done.set_exception(exc)
+                return
+            view = view[n:]
+            if not view:
+                done.set_result(time.monotonic_ns())
+
+        fd = self.sock.fileno()
+        self.loop.add_writer(fd, writable)
+        try:
+            return t_write, await done
+        finally:
+            self.loop.remove_writer(fd)
 
     def _finish(self, result: bool | None = None, error: BaseException | None = None) -> None:
         done = self._done
@@ -276,12 +319,14 @@ class Pool:
                 last = exc
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, option, RECEIVE_BUFFER)
-                    break
-                except OSError:
-                    continue
+            for options, size in (((SO_RCVBUFFORCE, socket.SO_RCVBUF), RECEIVE_BUFFER),
+                                  ((SO_SNDBUFFORCE, socket.SO_SNDBUF), SEND_BUFFER)):
+                for option in options:
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, option, size)
+                        break
+                    except OSError:
+                        continue
             try:
                 sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             except OSError:
@@ -313,7 +358,13 @@ class Pool:
             t = realtime_ns - self.clock.offset_ns
         return t
 
-    async def request(self, request: bytes, sink: Exchange, on_sent: Callable[[], None]) -> None:
+    async def open(self, count: int) -> None:
+        """Open connections until `count` are idle (before a scenario's clock starts: a
+        connect inside the first batch would be counted in its requests' serialize)."""
+        while len(self._idle) < count:
+            self._idle.append(await self._connect())
+
+    async def request(self, request: bytes, sink: Exchange, on_sent: Callable[[int, int], None]) -> None:
         """One exchange on a pooled (or new) connection."""
         async with self._slots:
             conn = None

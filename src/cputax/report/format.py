@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["ABSENT", "fraction", "ms", "number", "pct", "share", "signed_pct", "table"]
+__all__ = ["ABSENT", "WITHHELD", "fraction", "ms", "number", "pct", "ratio_cell", "scenario_cell", "share",
+           "signed_pct", "table"]
 
 ABSENT = "absent"
+WITHHELD = "withheld"  # a ratio of a scenario whose records break the run's invariants
 
 
 def number(value: float | None, digits: int = 0) -> str:
@@ -25,6 +27,17 @@ def ms(value: float | None) -> str:
 def pct(value: float | None) -> str:
     """A percentage already in 0..100."""
     return ABSENT if value is None else f"{value:.1f}%"
+
+
+def scenario_cell(s: dict) -> str:
+    """A scenario's name, marked when its records break the run's invariants (the count)."""
+    inv = s.get("invariants") or {}
+    return s["name"] if inv.get("ok", True) else f"{s['name']} ⚠ {inv['broken']}/{inv['checked']} invalid"
+
+
+def ratio_cell(s: dict, key: str) -> str:
+    """CPU% / GPU% of a scenario summary; "withheld" where its records break the invariants."""
+    return WITHHELD if s.get("withheld") else pct(s.get(key))
 
 
 def fraction(value: float | None) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cputax.report.emulated import emulated_banner
-from cputax.report.format import ms, number, pct, table
+from cputax.report.format import ms, number, pct, ratio_cell, scenario_cell, table
 from cputax.workload.prompts import TOOL_MODES
 
 STUDY_COLUMNS = (("http_overhead", "HTTP OH"), ("prefill", "Prefill"), ("decode", "Decode"), ("total", "Total"))
@@ -58,9 +58,9 @@ def study_table(scenarios: list[dict[str, Any]]) -> str:
     header = ["Scenario", "Conc", "Ctx (target → actual)"]
     header += [f"{label} ms mean (p50 / p99)" for _, label in STUDY_COLUMNS] + ["CPU%", "GPU%", "Errors"]
     rows = [
-        [s["name"], str(s["concurrency"]), _ctx(s)]
+        [scenario_cell(s), str(s["concurrency"]), _ctx(s)]
         + [_phase(s, key) for key, _ in STUDY_COLUMNS]
-        + [pct(s["cpu_pct"]), pct(s["gpu_pct"]), f"{s['errors']}/{s['requests']}"]
+        + [ratio_cell(s, "cpu_pct"), ratio_cell(s, "gpu_pct"), f"{s['errors']}/{s['requests']}"]
         for s in scenarios
     ]
     if any("gpu_bubble_pct" in s for s in scenarios):  # the emulated GPU: its bubbles beside CPU%
@@ -74,7 +74,7 @@ def study_table(scenarios: list[dict[str, Any]]) -> str:
 def client_table(scenarios: list[dict[str, Any]]) -> str:
     header = ["Scenario"] + [f"{label} ms mean (p50 / p99)" for _, label in CLIENT_COLUMNS]
     header += ["build CPU ms", "parse µs/chunk", "stamps", "client lag ms p50 / p99", "shared stamps",
-               "achieved conc", "req/s", "output tok/s"]
+               "achieved conc", "req/s", "output tok/s", "schedule lag ms p50 / p99"]
     rows = []
     for s in scenarios:
         thr = s.get("throughput") or {}
@@ -85,9 +85,15 @@ def client_table(scenarios: list[dict[str, Any]]) -> str:
                s.get("clock") or "loop", "absent" if lag is None else f"{lag['p50']:.2f} / {lag['p99']:.2f}",
                pct(s.get("shared_stamps_pct")),
                number(s.get("achieved_concurrency"), 1), number(thr.get("requests_per_s"), 2),
-               number(thr.get("output_tokens_per_s"), 0)]
+               number(thr.get("output_tokens_per_s"), 0), _schedule_lag(s)]
         )
     return table(header, rows)
+
+
+def _schedule_lag(s: dict[str, Any]) -> str:
+    """Open loop: how late requests started against their schedule ("-": closed loop)."""
+    lag = s.get("schedule_lag_ms")
+    return "-" if lag is None else f"{lag['p50']:.2f} / {lag['p99']:.2f}"
 
 
 def server_table(scenarios: list[dict[str, Any]]) -> str | None:
@@ -137,6 +143,15 @@ def _notes(scenarios: list[dict[str, Any]], info: dict[str, Any],
     for skipped in skipped_scenarios:
         notes.append(f"- **{skipped['name']}**: not measured: {skipped['reason']}.")
     for s in scenarios:
+        if s.get("withheld"):
+            notes.append(f"- **{s['name']}**: not the server's numbers: {s['withheld']}. Its CPU% and GPU% "
+                         "are withheld; its phases carry the client's own stalls (docs/invariants.md).")
+        lag = s.get("schedule_lag_ms")
+        if lag and lag.get("total_from_intended_p99") is not None:
+            notes.append(f"- **{s['name']}**: open loop; requests started {lag['p99']:.2f} ms (p99) after "
+                         f"their schedule; from the intended start, TTFT p99 "
+                         f"{ms(lag.get('ttft_from_intended_p99'))} ms, total p99 "
+                         f"{ms(lag['total_from_intended_p99'])} ms.")
         if s.get("prompt_tokens_flagged"):
             notes.append(f"- **{s['name']}**: prompts averaged {number(s['prompt_tokens_mean'])} tokens, "
                          f"{s['prompt_tokens_off_pct']:+.1f}% off the {s['context_tokens']:,} asked for.")
@@ -237,6 +252,11 @@ def in_short(summary: dict[str, Any], info: dict[str, Any], correlation: dict[st
         cats = loop["categories"]
         second += (f" The EngineCore's loop spent {100 * cats['worker_wait']:.0f}% of it waiting for the model step "
                    f"and {100 * (cats.get('schedule', 0) + cats.get('kv_cache', 0)):.1f}% scheduling.")
+    broken = [r["name"] for r in summary["scenarios"] if r.get("withheld")]
+    if broken:
+        first = (f"{len(broken)} scenario(s) ({', '.join(broken)}) break the run's invariants: the client's "
+                 f"own stalls are in their phases, so their figures are not the server's (see Notes). "
+                 + first)
     return f"**In short**: {first}  \n{second}"
 
 

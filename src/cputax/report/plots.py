@@ -40,6 +40,8 @@ def decomposition_bars(scenarios: list[dict[str, Any]]) -> bytes | None:
         bottom = [b + v for b, v in zip(bottom, share, strict=True)]
     for i, s in enumerate(rows):
         cpu = "" if s["cpu_pct"] is None else f"CPU {s['cpu_pct']:.1f}%\n"
+        if s.get("withheld"):
+            cpu = f"INVALID {s['invariants']['broken']}/{s['invariants']['checked']}\nCPU% withheld\n"
         ax.text(i, min(bottom[i], 100.0) + 1, f"{cpu}{s['mean_ms']['total']:,.0f} ms", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(x), [s["name"] for s in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 118)

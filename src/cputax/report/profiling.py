@@ -43,6 +43,21 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
     return cols + [c for c in (OTHER, IDLE) if c in seen]
 
 
+def _samples(r: dict[str, Any]) -> str:
+    """The sample count, and how many of them had no stack at all."""
+    return f"{r['samples']:,}" + (f" ({r['empty']:,} empty)" if r.get("empty") else "")
+
+
+def _busy(r: dict[str, Any]) -> str:
+    """Busy share with its 95% interval; ⚠ where host telemetry's CPU (schedstat) disagrees."""
+    active = r.get("active")
+    if active is None:
+        return share(active, "0%")
+    lo, hi = r.get("active_interval") or (active, active)
+    mark = " ⚠ schedstat " + share(r["on_cpu"] + r["runqueue"]) if r.get("cpu_agrees") is False else ""
+    return f"{share(active, '0%')} [{share(lo, '0%')}-{share(hi, '0%')}]{mark}"
+
+
 def thread_table(rows: list[dict[str, Any]], views: dict[str, str] | None = None) -> str:
     """One row per thread: samples, busy share, a column per category that matters."""
     cols = _columns(rows)
@@ -53,8 +68,12 @@ def thread_table(rows: list[dict[str, Any]], views: dict[str, str] | None = None
     body, shown = [], set()
     for r in rows:
         thread = r["thread"] + (f" ({r['role']})" if r.get("role") else "")
-        cells = [r["process"], thread, f"{r['samples']:,}", share(r.get("active"), "0%"),
-                 *(share(r["categories"].get(c)) for c in cols)]
+        if r.get("too_few"):  # a share of so few samples is not data (analysis.support)
+            few = f"too few samples ({r['samples']})"
+            cells = [r["process"], thread, _samples(r), few, *(few for _ in cols)]
+        else:
+            cells = [r["process"], thread, _samples(r), _busy(r),
+                     *(share(r["categories"].get(c)) for c in cols)]
         if gil:
             cells.append(share(r.get("gil"), "0%"))
         if waits:

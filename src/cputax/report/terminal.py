@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from cputax.report.format import ms, number, pct
+from cputax.report.format import ms, number, ratio_cell, scenario_cell
 
 __all__ = ["summary_table"]
 
@@ -17,6 +17,6 @@ def summary_table(scenarios: list[dict[str, Any]]) -> Table:
         table.add_column(col, justify="left" if col == "Scenario" else "right")
     for s in scenarios:
         cells = [f"{ms(s['mean_ms'][k])} [{ms(s['p99_ms'][k])}]" for k in ("serialize", "http_overhead", "prefill", "decode", "total")]
-        table.add_row(s["name"], str(s["concurrency"]), number(s["prompt_tokens_mean"]), *cells,
-                      pct(s["cpu_pct"]), pct(s["gpu_pct"]), str(s["errors"]))
+        table.add_row(scenario_cell(s), str(s["concurrency"]), number(s["prompt_tokens_mean"]), *cells,
+                      ratio_cell(s, "cpu_pct"), ratio_cell(s, "gpu_pct"), str(s["errors"]))
     return table

@@ -280,6 +280,9 @@ TABLE = ServerTable(
         Rule("preprocess", _V + "inputs/preprocess.py"),
         Rule("preprocess", _V + "renderers/inputs/*"),
         Rule("preprocess", _V + "v1/engine/async_llm.py", "*add_request*"),
+        # a Request's own methods called by the scheduler (update_from_output -> is_finished)
+        # are the scheduler's bookkeeping; elsewhere (building the request) preprocess
+        Rule("schedule", _V + "v1/request.py", within=(_V + "v1/core/sched/*", "*")),
         Rule("preprocess", _V + "v1/request.py"),
         # tokenization: the renderer pool (0.19+) or the micro-batching tokenizer (0.10-0.19)
         Rule("tokenize", _V + "utils/async_utils.py", "*AsyncMicrobatchTokenizer*"),
