@@ -70,6 +70,8 @@ def scenario_bubbles(
         "step_ms": _stats_ms([s.t1_ns - s.t0_ns for s in mine]),
         "model_error_ms": _stats_ms(errors),
         "model_error_ms_max": max(errors) / 1e6 if errors else None,
+        # after the emulated GPU was done, until its thread ran again: the CPU side's lag
+        "wake_lag_ms": _stats_ms([s.woke_ns - s.t1_ns for s in mine if s.woke_ns]),
         "step_cpu_pct": 100.0 * cpu / busy_ns if busy_ns else None,
         "bubbles": len(bubbles),
         "bubble_ms": _stats_ms(lengths),
