@@ -330,3 +330,29 @@ def test_cpu_floor_claim_from_a_gpu_speed_sweep():
     assert not cpu_floor([_config("api-server-count=1", {"s": 1.0})])["decided"]
     with pytest.raises(CputaxError, match="not a number"):
         configurations([parse_vary("gpu-speed=1,fast", {})[0]])[1].own_options()
+
+
+def test_which_gpu_the_embedded_server_gets():
+    from cputax.servers import get
+    from cputax.session import DEFAULT_EMULATION, RunOptions, emulation_for
+
+    vllm, transformers = get("vllm"), get("transformers")
+    assert emulation_for(RunOptions(), vllm).source == DEFAULT_EMULATION == "h100-llama3.1-8b"
+    assert emulation_for(RunOptions(emulate_gpu="study", gpu_speed=2), vllm).gpu_speed == 2
+    assert emulation_for(RunOptions(emulate_gpu="none"), vllm) is None
+    assert emulation_for(RunOptions(), transformers) is None  # only vLLM hosts it
+    with pytest.raises(CputaxError, match="no meaning with --emulate-gpu none"):
+        emulation_for(RunOptions(emulate_gpu="none", gpu_speed=4), vllm)
+    with pytest.raises(CputaxError, match="cannot host"):
+        emulation_for(RunOptions(gpu_speed=4), transformers)
+
+
+def test_emulate_gpu_against_an_endpoint_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "cputax.cli", "run", "--endpoint", "http://127.0.0.1:9",
+         "--emulate-gpu", "study", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "cputax run: error: --emulate-gpu and --gpu-speed apply to the embedded vLLM")

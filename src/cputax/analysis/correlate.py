@@ -296,6 +296,15 @@ def category_spans(run: RunDir) -> CategorySpans:
     return category_timeline(run)
 
 
+EMULATED_STEP = "gpu_wait"  # py-spy's category of the emulated GPU's forward (servers/vllm.py)
+
+
+def without_emulated_step(categories: CategorySpans) -> CategorySpans:
+    """The emulated GPU's own sleep is known exactly from its steps; py-spy's alignment (a
+    few ms) would smear it into the gaps between them, which are the CPU side's time."""
+    return {key: [s for s in spans if s[2] != EMULATED_STEP] for key, spans in categories.items()}
+
+
 def correlate_scenario(window: tuple[int, int], table: RequestTable, gpu: GpuBusy | None,
                        categories: CategorySpans, host: HostSeries | None,
                        idle_below: float = IDLE_BELOW_PCT) -> dict[str, Any]:
@@ -321,6 +330,8 @@ def correlate_run(run: RunDir, info: dict[str, Any] | None = None, table: Reques
     gpu = gpu_busy(by_kind, meta)
     host = host_series(by_kind)
     categories = category_spans(run)
+    if gpu is not None and gpu.backend == "emulated":
+        categories = without_emulated_step(categories)
     stopped = [f"{name} telemetry stopped early: {m['cost']['error']}" for name, m in meta.items()
                if isinstance(m, dict) and (m.get("cost") or {}).get("error")]
     table = run.read_request_table() if table is None else table

@@ -20,6 +20,7 @@ from cputax.analysis.correlate import (
     merge,
     pending_states,
     request_phases,
+    without_emulated_step,
 )
 from cputax.emulation import StepRecord, read_steps
 from cputax.records import RequestTable
@@ -27,8 +28,6 @@ from cputax.rundir import RunDir
 from cputax.util import percentile
 
 __all__ = ["add_bubbles", "scenario_bubbles"]
-
-EMULATED_STEP = "gpu_wait"  # py-spy's category of the emulated forward's sleep (servers/vllm.py)
 
 
 def _stats_ms(values_ns: list[int]) -> dict[str, float | None]:
@@ -71,6 +70,8 @@ def scenario_bubbles(
         "step_ms": _stats_ms([s.t1_ns - s.t0_ns for s in mine]),
         "model_error_ms": _stats_ms(errors),
         "model_error_ms_max": max(errors) / 1e6 if errors else None,
+        # after the emulated GPU was done, until its thread ran again: the CPU side's lag
+        "wake_lag_ms": _stats_ms([s.woke_ns - s.t1_ns for s in mine if s.woke_ns]),
         "step_cpu_pct": 100.0 * cpu / busy_ns if busy_ns else None,
         "bubbles": len(bubbles),
         "bubble_ms": _stats_ms(lengths),
@@ -92,11 +93,7 @@ def add_bubbles(
     steps = sorted((s for s, _ in read_steps(run.emulated_gpu)), key=lambda s: s.t0_ns)
     if not steps:
         return False
-    categories = category_spans(run) if correlation.get("pyspy") else {}
-    # the emulated GPU's own sleep (gpu_wait) is known exactly from the steps; py-spy's
-    # alignment (a few ms) would smear it into the bubbles, which are the CPU side's time
-    categories = {key: [s for s in spans if s[2] != EMULATED_STEP]
-                  for key, spans in categories.items()}
+    categories = without_emulated_step(category_spans(run)) if correlation.get("pyspy") else {}
     windows = {w["scenario"]: w for w in run.read_windows() if not w.get("skipped")}
     by_name = {s["name"]: s for s in summary.get("scenarios", [])}
     for scenario in correlation.get("scenarios", []):

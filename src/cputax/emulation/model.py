@@ -79,15 +79,19 @@ class EmulatedGpuForCausalLM(LlamaForCausalLM):
         queries, contexts = batch
         model_ns = int(self.timing.step_s(queries, contexts) * 1e9)
         deadline = t0 + model_ns
-        remaining = deadline - time.monotonic_ns()
-        if remaining > 0:
-            time.sleep(remaining / 1e9)  # releases the GIL; clock_nanosleep on CLOCK_MONOTONIC
-        t1 = time.monotonic_ns()
+        ready = time.monotonic_ns()  # the forward's own CPU work done
+        if deadline > ready:
+            time.sleep((deadline - ready) / 1e9)  # releases the GIL; clock_nanosleep
+        woke = time.monotonic_ns()
+        # The emulated GPU is done at its deadline (or when the CPU work before it ended, if
+        # that ran over). When the thread runs again (a core free, the GIL back) is the CPU
+        # side's lag: recorded apart, and part of the gap before the next step.
+        t1 = max(deadline, ready)
         decode = sum(1 for q, s in zip(queries, contexts, strict=True) if q == 1 and s > 1)
         prefill = sum(q for q, s in zip(queries, contexts, strict=True) if not (q == 1 and s > 1))
         cpu = time.thread_time_ns() - cpu0  # the sleep itself costs a system call, no more
         self.log.write(
-            StepRecord(t0, t1, model_ns, prefill, decode, sum(contexts), len(queries), cpu)
+            StepRecord(t0, t1, model_ns, prefill, decode, sum(contexts), len(queries), cpu, woke)
         )
         self.steps += 1
         return out

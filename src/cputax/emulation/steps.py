@@ -28,6 +28,7 @@ class StepRecord:
     context_tokens: int  # all scheduled requests' context, their new tokens included
     reqs: int
     cpu_ns: int  # the forward's own CPU time (thread time), without the write of this line
+    woke_ns: int = 0  # when the forward's thread ran again after t1 (a core free, the GIL back)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode() + b"\n"

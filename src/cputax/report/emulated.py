@@ -73,7 +73,7 @@ def emulated_section(summary: dict[str, Any], correlation: dict[str, Any] | None
         "GPU busy % (correlation)",
         "steps",
         "step ms p50",
-        "model error ms p99",
+        "model error / wake lag ms p99",
         "step CPU %",
         "bubbles",
         "bubble ms p50 / p99",
@@ -85,6 +85,7 @@ def emulated_section(summary: dict[str, Any], correlation: dict[str, Any] | None
     for s in rows:
         em = s["emulated_gpu"]
         corr = (s.get("gpu") or {}).get("busy_pct")
+        lag = em.get("wake_lag_ms") or {}
         bubble_ms = f"{ms(em['bubble_ms']['p50'])} / {ms(em['bubble_ms']['p99'])}"
         body.append(
             [
@@ -93,7 +94,7 @@ def emulated_section(summary: dict[str, Any], correlation: dict[str, Any] | None
                 pct(corr),
                 number(em["steps"]),
                 ms(em["step_ms"]["p50"]),
-                ms(em["model_error_ms"]["p99"]),
+                f"{ms(em['model_error_ms']['p99'])} / {ms(lag.get('p99'))}",
                 pct(em["step_cpu_pct"]),
                 number(em["bubbles"]),
                 bubble_ms,
