@@ -21,12 +21,14 @@ def test_the_heap_is_frozen_inside_and_thawed_after_even_nested():
     with steady_heap():
         frozen = gc.get_freeze_count()
         assert frozen >= before // 2  # what existed (less what the first collection freed)
+        # never more than `frozen`: the count may fall (a frozen object freed by another
+        # thread of the test process), it must not grow
         with steady_heap():  # nested: still frozen, not frozen twice
-            assert gc.get_freeze_count() == frozen
-        assert gc.get_freeze_count() == frozen
+            assert gc.get_freeze_count() <= frozen
+        assert gc.get_freeze_count() <= frozen
         young = [[i] for i in range(1000)]  # made inside: the collector still sees these
         assert all(gc.is_tracked(x) for x in young[:3])
-        assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() <= frozen
     assert gc.get_freeze_count() == 0
 
 

@@ -5,8 +5,8 @@ find the records where they are (issue 17):
 - `sent_after_response`: t_sent is later than a receive stamp of the same response
   (the request would read as sent after its answer arrived);
 - `negative_phase`: a phase (serialize, HTTP overhead, prefill, decode, total) below zero;
-- `serialize_unexplained`: serialize (t_sent - t_start) is longer than the payload build
-  (thread CPU) plus the write plus `stall_ms`: the client's loop or thread was elsewhere
+- `serialize_unexplained`: serialize (t_start to the write's start, t_sent) is longer than
+  the payload build (thread CPU) plus `stall_ms`: the client's loop or thread was elsewhere
   (another request's work, a preemption) while this request waited to go out;
 - `client_lag`: the loop read a response's headers or tokens more than `stall_ms` after
   the kernel had them (both clocks: the loop's stamp minus the kernel's);
@@ -54,10 +54,10 @@ DEFAULT = Bounds()
 CAUSES = {
     "sent_after_response": "stamped sent after its response arrived",
     "negative_phase": "a negative phase",
-    "serialize_unexplained": "serialize longer than build + write + {stall_ms:g} ms",
+    "serialize_unexplained": "serialize longer than build + {stall_ms:g} ms",
     "client_lag": "the client read its response more than {stall_ms:g} ms after the kernel had it",
     "schedule_lag": "started more than {stall_ms:g} ms after its intended (open-loop) start",
-    "serialize_p99": "beyond build + write + {p99_ms:g} ms, and the scenario's p99 is too",
+    "serialize_p99": "beyond build + {p99_ms:g} ms, and the scenario's p99 is too",
     "client_lag_p99": "read more than {p99_ms:g} ms after the kernel had it, and the scenario's p99 is too",
     "schedule_lag_p99": "started more than {p99_ms:g} ms late, and the scenario's p99 is too",
 }
@@ -70,10 +70,10 @@ def _gt(a: np.ndarray, b: np.ndarray | float) -> np.ndarray:
 
 
 def _excess(table: RequestTable) -> dict[str, np.ndarray]:
-    """Per record (ms, NaN where not recorded): serialize beyond build + write, the loop's
+    """Per record (ms, NaN where not recorded): serialize beyond the build, the loop's
     worst lag behind the kernel's stamps, and the start's lag behind the schedule."""
-    write = np.nan_to_num(table["write_s"], nan=0.0) * 1e3
-    serialize = (table["t_sent"] - table["t_start"]) * MS - table["build_s"] * 1e3 - write
+    # t_sent is when the write began (client.stream): the write itself is not in serialize
+    serialize = (table["t_sent"] - table["t_start"]) * MS - table["build_s"] * 1e3
     lags = np.stack([(table[name] - table[name + "_kernel"]) * MS for name in KERNEL])
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row: no kernel stamps

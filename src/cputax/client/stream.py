@@ -289,9 +289,13 @@ class StreamingClient:
         assert self._pool is not None
         sink = _RecordExchange(record, self.api, self.keep_chunks)
 
-        def sent(t_write: int, t_sent: int) -> None:
-            record.t_sent = t_sent
-            record.write_s = (t_sent - t_write) / 1e9
+        def sent(t_write: int, t_taken: int) -> None:
+            # sent = the write began: on loopback the server may run its whole front end
+            # inside the send (2 cores), and a preemption between the send and a stamp after
+            # it would put the request after its own answer; the write's time is write_s,
+            # and a write that waits is the server not reading yet (front-end time)
+            record.t_sent = t_write
+            record.write_s = (t_taken - t_write) / 1e9
 
         ids = trace_headers(record.request_id or new_request_id())
         head = self._head + "".join(f"{k}: {v}\r\n" for k, v in ids.items()).encode()
