@@ -205,10 +205,10 @@ def _spans(opts: RunOptions, run: RunDir) -> Iterator[Any]:
     if not embedded and opts.otlp_listen is None:
         yield None
         return
-    from cputax.client.otlp import SpanMonitor, SpanReceiver, parse_listen
+    from cputax.client.otlp import ReceiverProcess, SpanMonitor, parse_listen
 
     host, port = parse_listen(opts.otlp_listen) if opts.otlp_listen else ("127.0.0.1", 0)
-    receiver = SpanReceiver(run.spans, host, port).start()
+    receiver = ReceiverProcess(run.spans, host, port).start()
     delay = EMBEDDED_EXPORT_DELAY_MS if embedded else (tracing.export_delay_ms if tracing else 5000)
     monitor = SpanMonitor(receiver, delay, expect=embedded)
     if not embedded and tracing is not None:

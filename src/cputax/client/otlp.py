@@ -14,9 +14,12 @@ request ended, so `SpanMonitor.stop` waits that long past the last scenario.
 from __future__ import annotations
 
 import gzip
+import multiprocessing
+import signal
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ from cputax.errors import CputaxError
 from cputax.records import JsonlWriter
 from cputax.rundir import RunDir
 
-__all__ = ["SpanMonitor", "SpanReceiver", "parse_listen", "span_dicts"]
+__all__ = ["ReceiverProcess", "SpanMonitor", "SpanReceiver", "parse_listen", "span_dicts"]
 
 MAX_BODY = 64 << 20  # a batch of 512 spans is about 300 KiB
 QUIET_S = 0.5  # no post for this long after the wait: the exporter has flushed
@@ -132,8 +135,7 @@ class SpanReceiver:
     @property
     def endpoint(self) -> str:
         """The URL to give the server's exporter (vLLM takes it whole, path included)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.port}/v1/traces"
+        return _endpoint(self.host, self.port)
 
     def start(self) -> SpanReceiver:
         try:
@@ -187,13 +189,7 @@ class SpanReceiver:
     def wait_quiet(self, since_ns: int, delay_s: float, timeout_s: float) -> None:
         """Until the exporter has had `delay_s` past `since_ns` (its batch delay) and then
         posted nothing for QUIET_S, or `timeout_s` passed."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            now = time.monotonic_ns()
-            last = self.last_ns or 0
-            if now - since_ns >= delay_s * 1e9 and now - last >= QUIET_S * 1e9:
-                return
-            time.sleep(0.05)
+        _wait_quiet(lambda: self.last_ns, since_ns, delay_s, timeout_s)
 
     def stop(self) -> dict[str, Any]:
         """Stop listening, close the file; what run.json keeps of the receiver."""
@@ -217,6 +213,111 @@ class SpanReceiver:
         }
 
 
+def _endpoint(host: str, port: int) -> str:
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}/v1/traces"
+
+
+def _wait_quiet(last_ns: Callable[[], int | None], since_ns: int, delay_s: float,
+                timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = time.monotonic_ns()
+        if now - since_ns >= delay_s * 1e9 and now - (last_ns() or 0) >= QUIET_S * 1e9:
+            return
+        time.sleep(0.05)
+
+
+def _serve(path: str, host: str, port: int, conn: Any) -> None:
+    """A SpanReceiver in a process of its own, answering the parent over `conn`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the parent stops us
+    try:
+        receiver = SpanReceiver(Path(path), host, port).start()
+    except CputaxError as exc:
+        conn.send(("error", str(exc)))
+        return
+    conn.send(("port", receiver.port))
+    try:
+        while True:
+            if conn.recv() == "stop":
+                conn.send(receiver.stop())
+                return
+            conn.send((receiver.spans, receiver.last_ns))
+    except (EOFError, OSError):  # the parent is gone
+        receiver.stop()
+
+
+class ReceiverProcess:
+    """A SpanReceiver with the same face, run in a child process: decoding an export and
+    writing its lines holds the GIL for milliseconds, and in the client's process that
+    put its event loop's reads more than 5 ms behind the kernel's stamps (issue 17's
+    checks broke on the emulated GPU, a post a second)."""
+
+    def __init__(self, path: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.path = path
+        self.host, self.port = host, port
+        self._proc: Any = None
+        self._conn: Any = None
+        self._lock = threading.Lock()
+        self._result: dict[str, Any] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return _endpoint(self.host, self.port)
+
+    def start(self) -> ReceiverProcess:
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(str(self.path), self.host, self.port, child),
+                                 name="cputax-otlp", daemon=True)
+        self._proc.start()
+        child.close()
+        if not self._conn.poll(60):
+            self._proc.kill()
+            raise CputaxError("the span receiver did not start within 60 s")
+        answer = self._conn.recv()
+        if answer[0] == "error":
+            self._proc.join()
+            raise CputaxError(answer[1])
+        self.port = answer[1]
+        return self
+
+    def _state(self) -> tuple[int, int | None]:
+        if self._result is not None:
+            return self._result["spans"], None
+        with self._lock:
+            self._conn.send("state")
+            return self._conn.recv()
+
+    @property
+    def spans(self) -> int:
+        return self._state()[0]
+
+    @property
+    def last_ns(self) -> int | None:
+        return self._state()[1]
+
+    def wait_quiet(self, since_ns: int, delay_s: float, timeout_s: float) -> None:
+        _wait_quiet(lambda: self.last_ns, since_ns, delay_s, timeout_s)
+
+    def stop(self) -> dict[str, Any]:
+        """Stop the child (idempotent); what run.json keeps of the receiver."""
+        if self._result is None and self._proc is not None:
+            with self._lock:
+                try:
+                    self._conn.send("stop")
+                    self._result = self._conn.recv() if self._conn.poll(30) else None
+                except (EOFError, OSError):
+                    self._result = None
+            self._proc.join(5)
+            if self._proc.is_alive():
+                self._proc.kill()
+            if self._result is None:
+                self._result = {"endpoint": self.endpoint, "spans": 0, "posts": 0,
+                                "refused": 0, "clock": None, "lost": "the receiver died"}
+        return dict(self._result or {})
+
+
 class SpanMonitor:
     """The receiver as a session Monitor: at stop it waits for the spans still batched in
     the server's exporter, then closes; run.json gets its counts under `otlp`.
@@ -226,7 +327,8 @@ class SpanMonitor:
 
     name = "otlp"
 
-    def __init__(self, receiver: SpanReceiver, export_delay_ms: int, expect: bool) -> None:
+    def __init__(self, receiver: SpanReceiver | ReceiverProcess, export_delay_ms: int,
+                 expect: bool) -> None:
         self.receiver = receiver
         self.export_delay_ms = export_delay_ms
         self.expect = expect

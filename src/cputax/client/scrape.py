@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cputax.prometheus import parse_metrics
+from cputax.prometheus import gauge_values, parse_metrics
 from cputax.records import JsonlWriter
 
 __all__ = ["FIRST_POLL_S", "GAUGE_POLL_S", "SCRAPE_TIMEOUT_S", "metrics_probe", "poll_gauges",
@@ -67,8 +67,12 @@ async def poll_gauges(client: Any, path: Path, stop: asyncio.Event) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), FIRST_POLL_S)
         while not stop.is_set():
-            text, values, _ = await _fetch(client, SCRAPE_TIMEOUT_S)
-            if text is not None:
-                writer.write({"t_ns": time.monotonic_ns(), **{k: v for k, v in values.items() if not k.endswith(("_sum", "_count", "_total"))}})
+            try:
+                status, text = await asyncio.wait_for(client.get_text("/metrics"), SCRAPE_TIMEOUT_S)
+            except Exception:  # no answer in time, a broken connection: no poll this second
+                status, text = None, ""
+            values = gauge_values(text) if status == 200 else {}
+            if values:
+                writer.write({"t_ns": time.monotonic_ns(), **values})
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), GAUGE_POLL_S)
