@@ -31,6 +31,7 @@ from typing import Protocol
 
 from cputax.client.heap import steady_heap
 from cputax.records import RequestRecord
+from cputax.util import sleep_until
 from cputax.workload.profiles import Scenario
 from cputax.workload.prompts import ScenarioPrompts
 
@@ -150,10 +151,6 @@ async def warm_up(client: Client, prompts: ScenarioPrompts, count: int) -> list[
     return [await _one(client, prompts, -1 - i, None) for i in range(count)]
 
 
-async def _sleep_until(t_ns: int) -> None:
-    await asyncio.sleep(max(0.0, (t_ns - time.monotonic_ns()) / 1e9))
-
-
 async def run_scenario(
     client: Client,
     prompts: ScenarioPrompts,
@@ -179,7 +176,7 @@ async def _run(client: Client, prompts: ScenarioPrompts, on_record: Callable[[Re
     if (open_connections := getattr(client, "open_connections", None)) is not None:
         await open_connections(share.part(max(sc.concurrency, sc.burst_size or 0)))
     start = start_ns if start_ns is not None else time.monotonic_ns()  # default: now, ready
-    await _sleep_until(start)
+    await sleep_until(start)
     counter = iter(range(1 << 62))
     sent = 0
 
@@ -207,7 +204,7 @@ async def _run(client: Client, prompts: ScenarioPrompts, on_record: Callable[[Re
         for arrival in schedule:
             intended = start + arrival.offset_ns
             if intended > time.monotonic_ns():
-                await _sleep_until(intended)
+                await sleep_until(intended)
             tasks.append(asyncio.create_task(fire(arrival.index, arrival.batch, intended)))
         await asyncio.gather(*tasks)
     return Window(start, time.monotonic_ns(), sent)
