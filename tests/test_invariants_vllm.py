@@ -48,8 +48,9 @@ rate = 6
 duration_s = 4
 """
 # A thread of the client's own process that holds the GIL in one C call (a sort) for
-# about 60 ms at a time, from the first scenario's load on (not during start-up): the event
-# loop cannot stamp, write or read meanwhile.
+# about 60 ms at a time while a scenario's load runs (not during start-up, nor while the
+# report is drawn: matplotlib under such a hog takes many minutes): the event loop cannot
+# stamp, write or read meanwhile.
 HOG = """
 import random, sys, threading
 import cputax.client.loadgen as loadgen
@@ -57,16 +58,18 @@ data = [random.random() for _ in range(300_000)]
 go = threading.Event()
 
 def hog():
-    go.wait()
-    while True:
+    while go.wait():
         sorted(data)
 
 threading.Thread(target=hog, daemon=True).start()
 real = loadgen.run_scenario
 
-def run_scenario(*args, **kwargs):
+async def run_scenario(*args, **kwargs):
     go.set()
-    return real(*args, **kwargs)
+    try:
+        return await real(*args, **kwargs)
+    finally:
+        go.clear()
 
 loadgen.run_scenario = run_scenario
 from cputax.cli import main
