@@ -150,7 +150,7 @@ def test_emulated_source_turns_steps_into_busy_and_idle_windows(tmp_path):
     for s in (step(2, 7), step(9, 14), step(20, 25)):
         log.write(s)
     samples = poller.poll()
-    assert [(s["t0_ns"] // MS, s["t_ns"] // MS, s["busy"]) for s in samples] == [
+    assert [(s.t0_ns // MS, s.t_ns // MS, s.busy) for s in samples] == [
         (0, 2, 0.0),
         (2, 7, 100.0),
         (7, 9, 0.0),
@@ -160,7 +160,7 @@ def test_emulated_source_turns_steps_into_busy_and_idle_windows(tmp_path):
     ]
     assert poller.poll() == []
     tail = poller.drain()
-    assert tail[-1]["t0_ns"] == 25 * MS and tail[-1]["busy"] == 0.0
+    assert tail[-1].t0_ns == 25 * MS and tail[-1].busy == 0.0
     meta = poller.close()
     assert meta["steps"] == 3 and meta["series"]["0"]["steps"]["resolution_ms"] == 1.0
 

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import msgspec
 import orjson
 import pytest
 
@@ -31,6 +32,11 @@ from cputax.telemetry.runner import TelemetryConfig, TelemetryMonitor, gpu_polle
 from cputax.util import redact
 
 FAKES = Path(__file__).parent / "fakegpu"
+
+
+def polled(poller):
+    """One poll's samples as telemetry.jsonl holds them (the typed samples, encoded)."""
+    return [msgspec.to_builtins(s) for s in poller.poll()]
 
 
 def fake(name):
@@ -69,26 +75,26 @@ def test_nvidia_open_describes_devices(nvml):
 def test_nvidia_driver_samples_on_the_monotonic_clock_only_once(nvml):
     poller = NvidiaPoller(interval_s=0.02, nvml=nvml)
     poller.open()
-    first = [s for s in poller.poll() if s["kind"] == "util"]
+    first = [s for s in polled(poller) if s["kind"] == "util"]
     assert len(first) == 100  # the driver's whole buffer on the first read
     last_us = int(nvml.NOW() * 1e6)
     offset = time.time_ns() - time.monotonic_ns()
     assert abs(first[-1]["t_ns"] - (last_us * 1000 - offset)) < 5_000_000  # wall µs -> monotonic ns
     assert [s["gpu"] for s in first[-6:]] == [100, 0, 0, 0, 0, 0]  # busy, then the idle half second
     nvml.NOW.t += 0.35
-    new = [s for s in poller.poll() if s["kind"] == "util"]
+    new = [s for s in polled(poller) if s["kind"] == "util"]
     assert [s["gpu"] for s in new] == [100, 100, 100]  # only the samples newer than the last seen
     assert all(b["t_ns"] - a["t_ns"] == 100_000_000 for a, b in zip(new, new[1:], strict=False))
-    assert [s for s in poller.poll() if s["kind"] == "util"] == []  # NOT_FOUND: nothing new
+    assert [s for s in polled(poller) if s["kind"] == "util"] == []  # NOT_FOUND: nothing new
 
 
 def test_nvidia_rates_written_on_change(nvml):
     poller = NvidiaPoller(nvml=nvml)
     poller.open()
-    kinds = [[s for s in poller.poll() if s["kind"] == "rates"] for _ in range(3)]
+    kinds = [[s for s in polled(poller) if s["kind"] == "rates"] for _ in range(3)]
     assert [len(k) for k in kinds] == [1, 0, 0]  # unchanged: not written again within a second
     nvml.NOW.t += 0.3  # into the busy half: the 1/6 s average rises from 0 to 100
-    (rates,) = [s for s in poller.poll() if s["kind"] == "rates"]
+    (rates,) = [s for s in polled(poller) if s["kind"] == "rates"]
     assert rates["gpu"] == 100 and rates["mem"] == 12
 
 
@@ -96,7 +102,7 @@ def test_nvidia_gpm_windows_and_slow_metrics(nvml):
     poller = NvidiaPoller(interval_s=0.02, slow_interval_s=0.0, nvml=nvml)
     poller.open()  # the first GPM sample is taken here, at the whole second
     nvml.NOW.t += 0.5
-    samples = poller.poll()
+    samples = polled(poller)
     (gpm,) = [s for s in samples if s["kind"] == "gpm"]
     assert gpm["gr_util"] == pytest.approx(100.0) and gpm["sm_util"] == pytest.approx(60.0)
     assert gpm["t0_ns"] < gpm["t_ns"]
@@ -106,7 +112,7 @@ def test_nvidia_gpm_windows_and_slow_metrics(nvml):
     assert (proc["pid"], proc["sm"]) == (4242, 100)
     time.sleep(0.11)  # GPM is never windowed below 100 ms
     nvml.NOW.t += 0.5
-    (gpm,) = [s for s in poller.poll() if s["kind"] == "gpm"]
+    (gpm,) = [s for s in polled(poller) if s["kind"] == "gpm"]
     assert gpm["gr_util"] == pytest.approx(0.0)
 
 
@@ -115,7 +121,7 @@ def test_nvidia_unsupported_metric_is_dropped_once(nvml):
     poller = NvidiaPoller(slow_interval_s=0.0, nvml=nvml)
     poller.open()
     for _ in range(3):
-        power = [s for s in poller.poll() if s["kind"] == "power"]
+        power = [s for s in polled(poller) if s["kind"] == "power"]
         assert "power_w" not in power[0] and power[0]["sm_mhz"] == 1980
     assert nvml.calls.count("nvmlDeviceGetPowerUsage") == 1
     assert "Not Supported" in poller.close()["dropped"]["power"]
@@ -126,7 +132,7 @@ def test_nvidia_resolution_is_measured_not_assumed(nvml):
     poller.open()
     for _ in range(40):  # 4 s of driver samples, 100 ms apart
         nvml.NOW.t += 0.1
-        poller.poll()
+        polled(poller)
     info = poller.close()
     series = info["series"]["0"]
     assert series["samples"]["period_ms"] == series["samples"]["resolution_ms"] == pytest.approx(100.0)
@@ -181,10 +187,10 @@ def test_amd_interval_busy_from_accumulators():
                   metrics(1010, 5, 1, [10] * 4 + [0] * 4)]
     poller = AmdPoller(slow_interval_s=1e9, amdsmi=smi)
     assert poller.open() == {"devices": [{"index": 0, "name": "AMD Instinct MI300X"}]}
-    first = poller.poll()
+    first = polled(poller)
     assert [s for s in first if s["kind"] == "activity"] == []
-    assert [s for s in poller.poll() if s["kind"] == "activity"] == []
-    (sample,) = [s for s in poller.poll() if s["kind"] == "activity"]
+    assert [s for s in polled(poller) if s["kind"] == "activity"] == []
+    (sample,) = [s for s in polled(poller) if s["kind"] == "activity"]
     assert sample["gfx"] == pytest.approx(50.0)  # 5 / 10 refreshes, x100 (RDC's formula)
     assert sample["umc"] == pytest.approx(10.0)
     assert sample["xcp_gfx"] == [pytest.approx(50.0)]  # 4 of 8 XCCs fully busy; N/A partitions left out
@@ -198,8 +204,8 @@ def test_amd_accumulators_that_count_percent_are_detected():
     smi.SCRIPT = [metrics(0, 0, 0, [0] * 8), metrics(10, 500, 100, [1000] * 8)]
     poller = AmdPoller(amdsmi=smi)
     poller.open()
-    poller.poll()
-    (sample,) = [s for s in poller.poll() if s["kind"] == "activity"]
+    polled(poller)
+    (sample,) = [s for s in polled(poller) if s["kind"] == "activity"]
     assert sample["gfx"] == pytest.approx(50.0) and sample["xcp_gfx"] == [pytest.approx(100.0)]
     assert poller.close()["accumulator_scale"] == "percent"
 
@@ -209,7 +215,7 @@ def test_amd_values_power_clocks_vram():
     assert value({"value": 152, "unit": "W"}) == 152 and value(0) == 0
     poller = AmdPoller(slow_interval_s=0.0, amdsmi=fake("amdsmi"))
     poller.open()
-    (power,) = [s for s in poller.poll() if s["kind"] == "power"]
+    (power,) = [s for s in polled(poller) if s["kind"] == "power"]
     assert power == {**power, "power_w": 152, "gfx_mhz": 132.0, "mem_mhz": 900, "vram_used_mb": 181200,
                      "vram_total_mb": 196592}
 
@@ -219,7 +225,7 @@ def test_amd_without_metrics_table_falls_back_to_activity():
     smi.UNSUPPORTED = {"amdsmi_get_gpu_metrics_info"}
     poller = AmdPoller(amdsmi=smi)
     poller.open()
-    (sample,) = poller.poll()
+    (sample,) = polled(poller)
     assert (sample["kind"], sample["gfx"], sample["umc"]) == ("activity_avg", 100, 25)
     assert "metrics.0" in poller.close()["dropped"]
 
@@ -233,7 +239,7 @@ def test_amd_resolution_measured_from_the_firmware_refresh():
     stamps = []  # (before, after) each poll: on a loaded machine polls come late
     while time.monotonic() < end or len(busy) < 8:
         before = time.monotonic()
-        busy += [s["gfx"] for s in poller.poll() if s["kind"] == "activity"]
+        busy += [s["gfx"] for s in polled(poller) if s["kind"] == "activity"]
         stamps.append((before, time.monotonic()))
         time.sleep(0.01)
     res = poller.close()["series"]["0"]["activity"]
@@ -310,7 +316,7 @@ def test_host_poller_sees_child_processes_and_threads(busy_family):
     # poller's figure must match however much CPU the loaded machine left the child.
     cpu0, t0 = sum(busy.cpu_times()[:2]), time.monotonic_ns()
     for i in range(11):
-        rows += poller.poll()
+        rows += polled(poller)
         if i < 10:
             time.sleep(0.1)
     t1, cpu1 = time.monotonic_ns(), sum(busy.cpu_times()[:2])

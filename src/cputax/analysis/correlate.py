@@ -28,13 +28,13 @@ from cputax.analysis.attribution import ALIGNMENT_MS as PYSPY_ALIGNMENT_MS
 from cputax.analysis.attribution import category_timeline
 from cputax.analysis.decompose import received
 from cputax.analysis.timeline import (
-    SOURCE_NAMES,
     GpuBusy,
     Grid,
     HostSeries,
     gpu_busy,
     host_series,
     read_telemetry,
+    source_names,
 )
 from cputax.records import RequestTable
 from cputax.rundir import RunDir
@@ -171,7 +171,7 @@ def _device_busy(grid: Grid, gpu: GpuBusy) -> tuple[list[float | None], list[str
     for values in zip(*per_device, strict=True):
         known = [v for v in values if v is not None]
         busy.append(sum(known) / len(known) if known else None)
-    return busy, [k for k in SOURCE_NAMES if k in used]
+    return busy, [k for k in source_names() if k in used]
 
 
 def gpu_resolution(gpu: GpuBusy) -> tuple[float, str]:
@@ -221,7 +221,7 @@ def gpu_stalls(window: tuple[int, int], states: list[Span], gpu: GpuBusy, catego
         split["client-side gap"] = by_state["client"]
     wall = (w1 - w0) / 1e9
     return {
-        "source": " + ".join(SOURCE_NAMES[s] for s in sources), "backend": gpu.backend,
+        "source": " + ".join(source_names()[s] for s in sources), "backend": gpu.backend,
         "resolution_ms": res_ms, "resolution_basis": basis, "alignment_ms": gpu.alignment_ms, "idle_below_pct": idle_below,
         "coverage_pct": 100.0 * covered / (w1 - w0) if w1 > w0 else None,
         "busy_pct": (sum(b * n for n, b in zip(lengths, busy, strict=True) if b is not None) / covered) if covered else None,

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from cputax.telemetry.base import BusySeries, Sample, busy_kinds, decode, kind_of
+
 
 @dataclass(frozen=True)
 class Interval:
@@ -89,30 +91,32 @@ class Grid:
         return out
 
 
-def read_telemetry(samples: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """telemetry.jsonl records by kind, each list in time order."""
-    by_kind: dict[str, list[dict[str, Any]]] = {}
-    for s in samples:
-        by_kind.setdefault(s.get("kind", "?"), []).append(s)
+def read_telemetry(samples: Iterable[dict[str, Any] | Sample]) -> dict[str, list[Any]]:
+    """telemetry.jsonl records (or samples as a poller returns them) as typed samples by
+    kind, each list in time order; lines of a kind this cputax does not know are left out."""
+    by_kind: dict[str, list[Any]] = {}
+    for raw in samples:
+        s = raw if isinstance(raw, Sample) else decode(raw)
+        if s is not None:
+            by_kind.setdefault(kind_of(s), []).append(s)
     for rows in by_kind.values():
-        rows.sort(key=lambda s: s["t_ns"])
+        rows.sort(key=lambda s: s.t_ns)
     return by_kind
 
 
 # -- GPU ---------------------------------------------------------------------------
 
-# Sources of "GPU busy" (% of time any kernel / the GFX engine was active), best first.
-# NVIDIA: GPM graphics util (exact windows), the driver's samples, utilization rates.
-# AMD: interval averages from the activity accumulators, else the firmware's average.
-GPU_SOURCES = (("gpm", "gr_util"), ("util", "gpu"), ("rates", "gpu"), ("activity", "gfx"), ("activity_avg", "gfx"))
-SOURCE_NAMES = {"gpm": "NVML GPM graphics util", "util": "NVML utilization samples", "rates": "NVML utilization rates",
-                "activity": "amdsmi gfx activity accumulators", "activity_avg": "amdsmi average gfx activity"}
-META_SERIES = {"gpm": "gpm", "util": "samples", "rates": "rates", "activity": "activity", "activity_avg": "activity_avg"}
-# The emulated GPU's exact steps (cputax.emulation, telemetry.emulated), best of all: a run
-# that has them uses only them.
-GPU_SOURCES = (("emulated", "busy"), *GPU_SOURCES)
-SOURCE_NAMES["emulated"] = "emulated GPU steps (emulated-gpu.jsonl)"
-META_SERIES["emulated"] = "steps"
+# Sources of "GPU busy" (% of time any kernel / the GFX engine was active), best first:
+# every sample kind that declares a BusySeries (telemetry.base), e.g. the emulated GPU's
+# exact steps, NVML GPM, the driver's samples, utilization rates, amdsmi's accumulators.
+def busy_sources() -> dict[str, BusySeries]:
+    """Kind -> how it measures GPU busy, best first (the registry as it is now)."""
+    return {kind_of(k): k.busy_series for k in busy_kinds()}  # type: ignore[misc]
+
+
+def source_names() -> dict[str, str]:
+    """Kind -> the name reports give the source, best first."""
+    return {kind: series.label for kind, series in busy_sources().items()}
 STEP_CAP_NS = 1_500_000_000  # a value written on change holds at most this long
 
 
@@ -131,42 +135,47 @@ class GpuBusy:
         return sorted({dev for dev, _ in self.intervals})
 
 
-def _source_intervals(kind: str, key: str, rows: list[dict[str, Any]]) -> dict[int, list[Interval]]:
-    by_dev: dict[int, list[dict[str, Any]]] = {}
+def _source_intervals(series: BusySeries, rows: list[Any]) -> dict[int, list[Interval]]:
+    by_dev: dict[int, list[Any]] = {}
     for r in rows:
-        if key in r:
-            by_dev.setdefault(r["dev"], []).append(r)
+        if getattr(r, series.field) is not None:
+            by_dev.setdefault(r.dev, []).append(r)
     out: dict[int, list[Interval]] = {}
     for dev, rs in by_dev.items():
-        if "t0_ns" in rs[0]:  # explicit windows (GPM, accumulators)
-            out[dev] = [Interval(r["t0_ns"], r["t_ns"], r[key]) for r in rs]
+        values = [getattr(r, series.field) for r in rs]
+        if series.covers == "window":  # explicit windows (GPM, accumulators, emulated steps)
+            out[dev] = [Interval(r.t0_ns, r.t_ns, v) for r, v in zip(rs, values, strict=True)]
             continue
         # a driver sample covers the time since the previous one; a value written on change
         # (rates, firmware averages) holds until the next, within STEP_CAP_NS
-        gaps = sorted(b["t_ns"] - a["t_ns"] for a, b in pairwise(rs)) or [100_000_000]
+        gaps = sorted(b.t_ns - a.t_ns for a, b in pairwise(rs)) or [100_000_000]
         period = gaps[len(gaps) // 2]
-        if kind == "util":  # a gap longer than two periods: the driver recorded nothing, unknown
-            starts = [rs[0]["t_ns"] - period] + [r["t_ns"] for r in rs[:-1]]
-            out[dev] = [Interval(max(s, r["t_ns"] - 2 * period), r["t_ns"], r[key]) for s, r in zip(starts, rs, strict=True)]
+        if series.covers == "since_previous":  # a gap over two periods: nothing recorded, unknown
+            starts = [rs[0].t_ns - period] + [r.t_ns for r in rs[:-1]]
+            out[dev] = [Interval(max(s, r.t_ns - 2 * period), r.t_ns, v)
+                        for s, r, v in zip(starts, rs, values, strict=True)]
         else:
-            ends = [r["t_ns"] for r in rs[1:]] + [rs[-1]["t_ns"] + period]
-            out[dev] = [Interval(r["t_ns"], min(end, r["t_ns"] + STEP_CAP_NS), r[key]) for r, end in zip(rs, ends, strict=True)]
+            ends = [r.t_ns for r in rs[1:]] + [rs[-1].t_ns + period]
+            out[dev] = [Interval(r.t_ns, min(end, r.t_ns + STEP_CAP_NS), v)
+                        for r, end, v in zip(rs, ends, values, strict=True)]
     return out
 
 
-def gpu_busy(by_kind: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> GpuBusy | None:
-    """The GPU busy series telemetry.jsonl holds, with resolutions from the run's metadata."""
-    backend = next((b for b in ("emulated", "nvidia", "amd") if b in meta), "")
-    if not backend and by_kind.get("emulated"):
-        backend = "emulated"
+def gpu_busy(by_kind: dict[str, list[Any]], meta: dict[str, Any]) -> GpuBusy | None:
+    """The GPU busy series telemetry.jsonl holds, with resolutions from the run's metadata.
+    A source that is `exclusive` (the emulated GPU's steps) is the run's only one when it
+    has any samples."""
+    sources = busy_sources()
+    exclusive = [k for k, series in sources.items() if series.exclusive and by_kind.get(k)]
+    kinds = exclusive[:1] or [k for k, series in sources.items() if not series.exclusive]
+    backends = {rows[0].src for k in kinds if (rows := by_kind.get(k))}
+    backend = next((b for b in meta if b in backends), "") or min(backends, default="")
     series_meta = meta.get(backend, {}).get("series", {})
     busy = GpuBusy(alignment_ms=meta.get(backend, {}).get("alignment_ms") or 0.0, backend=backend)
-    for kind, key in GPU_SOURCES:
-        if (kind == "emulated") != (backend == "emulated"):
-            continue  # an emulated run's GPU is the emulated one, whatever else answered
-        for dev, intervals in _source_intervals(kind, key, by_kind.get(kind, [])).items():
+    for kind in kinds:
+        for dev, intervals in _source_intervals(sources[kind], by_kind.get(kind, [])).items():
             busy.intervals[(dev, kind)] = intervals
-            described = series_meta.get(str(dev), {}).get(META_SERIES[kind], {})
+            described = series_meta.get(str(dev), {}).get(sources[kind].series, {})
             res, basis = described.get("resolution_ms"), described.get("basis", "")
             if res is None:  # no metadata (a crashed run): the median window length
                 lengths = sorted(iv.t1_ns - iv.t0_ns for iv in intervals)
@@ -196,7 +205,7 @@ class HostSeries:
     cpus: int = 0
 
 
-def host_series(by_kind: dict[str, list[dict[str, Any]]]) -> HostSeries | None:
+def host_series(by_kind: dict[str, list[Any]]) -> HostSeries | None:
     """Turn cumulative per-poll counters into per-interval increases. A process's first
     sample is only a baseline; a thread first seen later counts all its CPU (it started
     since the previous poll)."""
@@ -204,23 +213,23 @@ def host_series(by_kind: dict[str, list[dict[str, Any]]]) -> HostSeries | None:
         return None
     host = HostSeries()
     for r in by_kind.get("proc_info", []):
-        host.roles[r["pid"]] = r["role"]
-        host.names[r["pid"]] = r["name"]
-        host.cmdlines[r["pid"]] = r.get("cmdline", [])
+        host.roles[r.pid] = r.role
+        host.names[r.pid] = r.name
+        host.cmdlines[r.pid] = r.cmdline
     for r in by_kind.get("thread_names", []):
-        for tid, name in r["names"].items():
-            host.thread_names[(r["pid"], int(tid))] = name
-    last: dict[int, dict[str, Any]] = {}
+        for tid, name in r.names.items():
+            host.thread_names[(r.pid, int(tid))] = name
+    last: dict[int, Any] = {}
     threads: dict[int, dict[int, list[int | None]]] = {}
     for r in by_kind.get("proc", []):
-        pid = r["pid"]
-        host.roles.setdefault(pid, r.get("role", "?"))
+        pid = r.pid
+        host.roles.setdefault(pid, r.role)
         known = threads.setdefault(pid, {})
         prev = last.get(pid)
         if prev is not None:
-            t0, t1 = prev["t_ns"], r["t_ns"]
+            t0, t1 = prev.t_ns, r.t_ns
             run = wait = slices = 0
-            for tid_s, (run_ns, wait_ns, n) in r["threads"].items():
+            for tid_s, (run_ns, wait_ns, n) in r.threads.items():
                 old = known.get(int(tid_s), [0, 0, 0])
                 d_run = run_ns - (old[0] or 0)
                 d_wait = (wait_ns or 0) - (old[1] or 0)
@@ -229,16 +238,17 @@ def host_series(by_kind: dict[str, list[dict[str, Any]]]) -> HostSeries | None:
                 slices += (n or 0) - (old[2] or 0)
                 host.thread_cpu.setdefault((pid, int(tid_s)), []).append(Interval(t0, t1, d_run))
                 host.thread_wait.setdefault((pid, int(tid_s)), []).append(Interval(t0, t1, d_wait))
-            if not r["threads"] and not known:  # no per-thread data: process cpu_times (10 ms ticks)
-                run = int((r["cpu_s"] - prev["cpu_s"]) * 1e9)
+            if not r.threads and not known:  # no per-thread data: process cpu_times (10 ms ticks)
+                run = int((r.cpu_s - prev.cpu_s) * 1e9)
             host.cpu.setdefault(pid, []).append(Interval(t0, t1, run))
             host.wait.setdefault(pid, []).append(Interval(t0, t1, wait))
             host.switches.setdefault(pid, []).append(Interval(t0, t1, slices))
-        for tid_s, stat in r["threads"].items():
+        for tid_s, stat in r.threads.items():
             known[int(tid_s)] = stat
         last[pid] = r
     for a, b in pairwise(by_kind.get("system", [])):
-        total = b["total_s"] - a["total_s"]
-        host.system.append(Interval(a["t_ns"], b["t_ns"], (b["busy_s"] - a["busy_s"]) / total if total > 0 else 0.0))
-        host.cpus = b.get("cpus", host.cpus)
+        total = b.total_s - a.total_s
+        busy = (b.busy_s - a.busy_s) / total if total > 0 else 0.0
+        host.system.append(Interval(a.t_ns, b.t_ns, busy))
+        host.cpus = b.cpus if b.cpus is not None else host.cpus
     return host

@@ -10,15 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from cputax.errors import CputaxError
 from cputax.records import JsonlWriter
-from cputax.telemetry.base import Poller, Sample, run_pollers
-from cputax.telemetry.host import HostPoller
+from cputax.telemetry.base import Poller, Sample, kind_of, run_pollers
+from cputax.telemetry.host import HostPoller, Proc, System
 from cputax.telemetry.runner import TelemetryConfig, clock_sample, gpu_poller
 
 SHOWN = {"util": ("gpu",), "rates": ("gpu", "mem"), "gpm": ("gr_util", "sm_util", "sm_occupancy", "tensor_util"),
@@ -35,7 +34,7 @@ class LiveView:
         self.lock = threading.Lock()
 
     def update(self, s: Sample) -> None:
-        key = (s["src"], s["kind"], s.get("dev", s.get("pid")))
+        key = (s.src, kind_of(s), getattr(s, "dev", getattr(s, "pid", None)))
         with self.lock:
             if key in self.latest:
                 self.previous[key] = self.latest[key]
@@ -43,13 +42,15 @@ class LiveView:
 
     def _cells(self, key: tuple[str, str, Any], s: Sample) -> str:
         prev = self.previous.get(key)
-        if s["kind"] == "system" and prev:
-            total = s["total_s"] - prev["total_s"]
-            return f"busy {100 * (s['busy_s'] - prev['busy_s']) / total:.0f}% of {s['cpus']} CPUs" if total else ""
-        if s["kind"] == "proc" and prev:
-            dt = (s["t_ns"] - prev["t_ns"]) / 1e9
-            return f"{100 * (s['cpu_s'] - prev['cpu_s']) / dt:.0f}% of a core" if dt else ""
-        return "  ".join(f"{k} {_fmt(s[k])}" for k in SHOWN.get(s["kind"], ()) if k in s)
+        if isinstance(s, System) and isinstance(prev, System):
+            total = s.total_s - prev.total_s
+            cpus = f" of {s.cpus} CPUs" if s.cpus else ""
+            return f"busy {100 * (s.busy_s - prev.busy_s) / total:.0f}%{cpus}" if total else ""
+        if isinstance(s, Proc) and isinstance(prev, Proc):
+            dt = (s.t_ns - prev.t_ns) / 1e9
+            return f"{100 * (s.cpu_s - prev.cpu_s) / dt:.0f}% of a core" if dt else ""
+        shown = ((k, getattr(s, k, None)) for k in SHOWN.get(kind_of(s), ()))
+        return "  ".join(f"{k} {_fmt(v)}" for k, v in shown if v is not None)
 
     def table(self) -> Table:
         table = Table(title=f"cputax gpu  {time.strftime('%H:%M:%S')}  (Ctrl-C stops)")
@@ -90,7 +91,7 @@ def gpu_monitor(backend: str = "auto", interval_ms: float = 20.0, output: Path |
 
     def to_stdout(s: Sample) -> None:
         try:
-            sys.stdout.buffer.write(orjson.dumps(s) + b"\n")
+            sys.stdout.buffer.write(s.to_json() + b"\n")
             sys.stdout.buffer.flush()
         except BrokenPipeError:  # `| head`: the reader has gone
             stop.set()

@@ -17,13 +17,48 @@ import contextlib
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from cputax.telemetry.base import ChangeTracker, Guard, Sample, TelemetryUnavailable
+from cputax.telemetry.base import (
+    BusySeries,
+    ChangeTracker,
+    Guard,
+    Power,
+    Sample,
+    TelemetryUnavailable,
+    sample_kind,
+)
 from cputax.util import average
 
 INSTALL = "pip install 'cputax[amd]' (amdsmi) and ROCm's libamd_smi.so (package amd-smi-lib)"
 INVALID = {0xFFFF, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF}  # amdsmi fills unsupported fields with max values
+
+
+@sample_kind
+class Activity(Sample, tag="activity"):
+    """Busy % over t0_ns..t_ns from the activity accumulators (GFX, memory, per XCP), and
+    the firmware's own average beside it for comparison."""
+
+    t0_ns: int
+    dev: int
+    gfx: float | None = None
+    umc: float | None = None
+    xcp_gfx: list[float | None] | None = None
+    avg_gfx: float | None = None
+    busy_series: ClassVar[BusySeries] = BusySeries(
+        field="gfx", label="amdsmi gfx activity accumulators", series="activity", rank=4)
+
+
+@sample_kind
+class ActivityAvg(Sample, tag="activity_avg"):
+    """The firmware's short average (no accumulators), written on change."""
+
+    dev: int
+    gfx: float | None = None
+    umc: float | None = None
+    busy_series: ClassVar[BusySeries] = BusySeries(
+        field="gfx", label="amdsmi average gfx activity", series="activity_avg", rank=5,
+        covers="held")
 
 
 def import_amdsmi() -> Any:
@@ -124,18 +159,14 @@ class AmdPoller:
         prev = dev.prev
         assert prev is not None
         d_count = value(m["accumulation_counter"]) - value(prev["accumulation_counter"])
-        sample: Sample = {"t_ns": t, "t0_ns": dev.prev_ns, "src": "amd", "kind": "activity", "dev": dev.index}
+        pct: dict[str, float] = {}
         for key, acc in (("gfx", "gfx_activity_acc"), ("umc", "mem_activity_acc")):
             a, b = value(prev.get(acc)), value(m.get(acc))
             if a is not None and b is not None:
-                sample[key] = self._pct(b - a, d_count)
-        xcp = self._xcp(prev, m, d_count)
-        if xcp:
-            sample["xcp_gfx"] = xcp
-        avg = value(m.get("average_gfx_activity"))
-        if avg is not None:
-            sample["avg_gfx"] = avg  # the firmware's own average, for comparison
-        return sample
+                pct[key] = self._pct(b - a, d_count)
+        return Activity(t_ns=t, t0_ns=dev.prev_ns, src="amd", dev=dev.index, **pct,
+                        xcp_gfx=self._xcp(prev, m, d_count) or None,
+                        avg_gfx=value(m.get("average_gfx_activity")))
 
     def _xcp(self, prev: dict[str, Any], m: dict[str, Any], d_count: float) -> list[float | None]:
         """Per-partition busy %: the mean over its XCCs of each accumulator's interval average."""
@@ -152,12 +183,11 @@ class AmdPoller:
 
     def _average(self, dev: _Device, m: dict[str, Any], t: int) -> Sample:
         """No accumulators (older metrics table): the firmware's own short average."""
-        sample: Sample = {"t_ns": t, "src": "amd", "kind": "activity_avg", "dev": dev.index}
-        for key, field in (("gfx", "average_gfx_activity"), ("umc", "average_umc_activity")):
-            if (v := value(m.get(field))) is not None:
-                sample[key] = v
-                if key == "gfx":
-                    self.changes.observe(f"{dev.index}.activity_avg", t, v)
+        sample = ActivityAvg(t_ns=t, src="amd", dev=dev.index,
+                             gfx=value(m.get("average_gfx_activity")),
+                             umc=value(m.get("average_umc_activity")))
+        if sample.gfx is not None:
+            self.changes.observe(f"{dev.index}.activity_avg", t, sample.gfx)
         return sample
 
     def _activity_fallback(self, dev: _Device, t: int) -> list[Sample]:
@@ -165,25 +195,20 @@ class AmdPoller:
         act = self.guard.read(f"activity.{dev.index}", lambda: self.amdsmi.amdsmi_get_gpu_activity(dev.handle))
         if not act:
             return []
-        sample: Sample = {"t_ns": t, "src": "amd", "kind": "activity_avg", "dev": dev.index}
-        for key, field in (("gfx", "gfx_activity"), ("umc", "umc_activity")):
-            if (v := value(act.get(field))) is not None:
-                sample[key] = v
-        if "gfx" in sample:
-            self.changes.observe(f"{dev.index}.activity_avg", t, sample["gfx"])
+        sample = ActivityAvg(t_ns=t, src="amd", dev=dev.index, gfx=value(act.get("gfx_activity")),
+                             umc=value(act.get("umc_activity")))
+        if sample.gfx is not None:
+            self.changes.observe(f"{dev.index}.activity_avg", t, sample.gfx)
         return [sample]
 
     def _slow(self, dev: _Device, m: dict[str, Any], t: int) -> Sample:
-        sample: Sample = {"t_ns": t, "src": "amd", "kind": "power", "dev": dev.index}
         clocks = m.get("current_gfxclks")  # one per XCC where the table has them
         gfxclk = average(value(v) for v in clocks) if clocks else value(m.get("current_gfxclk"))
         vram = self.guard.read("vram", lambda: self.amdsmi.amdsmi_get_gpu_vram_usage(dev.handle)) or {}
-        for key, v in (("power_w", value(m.get("current_socket_power")) or value(m.get("average_socket_power"))),
-                       ("gfx_mhz", gfxclk), ("mem_mhz", value(m.get("current_uclk"))),
-                       ("vram_used_mb", value(vram.get("vram_used"))), ("vram_total_mb", value(vram.get("vram_total")))):
-            if v is not None:
-                sample[key] = v
-        return sample
+        power = value(m.get("current_socket_power")) or value(m.get("average_socket_power"))
+        return Power(t_ns=t, src="amd", dev=dev.index, power_w=power, gfx_mhz=gfxclk,
+                     mem_mhz=value(m.get("current_uclk")), vram_used_mb=value(vram.get("vram_used")),
+                     vram_total_mb=value(vram.get("vram_total")))
 
     def close(self) -> dict[str, Any]:
         self.guard.read("shutdown", self.amdsmi.amdsmi_shut_down)

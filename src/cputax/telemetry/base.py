@@ -1,26 +1,137 @@
 """One poller interface for GPU and host telemetry, the loop that runs pollers, and the
 measure of how fine a source really is.
 
-A poller returns samples as plain dicts, each with `t_ns` (time.monotonic_ns(), the
-run's clock), `src` (backend name) and `kind`. Values a source cannot give are left
-out, never written as zero. Every poller also watches how often its values really
+A poller returns typed samples: each kind of sample is a `Sample` Struct that its
+poller's module declares and registers (`@sample_kind`), with `t_ns` (time.monotonic_ns(),
+the run's clock), `src` (backend name) and the `kind` tag. Values a source cannot give are
+None and left out of the file, never written as zero. A kind that measures GPU busy says so
+(`busy`, a BusySeries), so analysis learns a new source from its module alone; a source
+that is not host or GPU telemetry registers how it is made (`register_source`). Adding a
+source is one module in this package. Every poller also watches how often its values really
 change (ChangeTracker): a counter read 1000 times a second that moves every 100 ms
 has a 100 ms resolution, and analysis must not claim finer structure than that.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import msgspec
 
 from cputax.util import percentile
 
-Sample = dict[str, Any]
+__all__ = ["KINDS", "SOURCES", "BusySeries", "ChangeTracker", "Clock", "Guard", "Poller",
+           "PollStats", "Power", "Sample", "TelemetryUnavailable", "busy_kinds", "decode", "kind_of",
+           "load_all", "register_source", "run_pollers", "sample_kind"]
+
 MIN_CHANGES = 5  # fewer value changes than this: the resolution was not measured
+
+
+@dataclass(frozen=True)
+class BusySeries:
+    """How a sample kind measures GPU busy, for analysis.timeline: the field holding busy %,
+    the source's name in reports, the metadata series (per device) that gives its
+    resolution, its rank (lower is better: a run uses its best sources), and what time a
+    value covers: "window" (explicit t0_ns to t_ns), "since_previous" (a driver sample
+    covers the time since the one before) or "held" (written on change, holds until the
+    next)."""
+
+    field: str
+    label: str
+    series: str
+    rank: int
+    covers: str = "window"
+    exclusive: bool = False  # a run that has it uses only it (the emulated GPU's own steps)
+
+
+class Sample(msgspec.Struct, tag_field="kind", kw_only=True, omit_defaults=True):
+    """One telemetry reading; subclasses are the kinds (`@sample_kind`)."""
+
+    t_ns: int
+    src: str = ""  # the backend; always written by cputax's pollers
+    busy_series: ClassVar[BusySeries | None] = None  # set by kinds that measure GPU busy
+
+    def to_json(self) -> bytes:
+        return msgspec.json.encode(self)
+
+
+KINDS: dict[str, type[Sample]] = {}  # kind tag -> its Struct, filled by @sample_kind
+S = TypeVar("S", bound=type[Sample])
+
+
+def sample_kind(cls: S) -> S:
+    """Register a Sample subclass under its tag (the `kind` written to telemetry.jsonl)."""
+    tag = cls.__struct_config__.tag
+    if not isinstance(tag, str) or KINDS.get(tag, cls) is not cls:
+        raise ValueError(f"{cls.__name__}: a sample kind needs a tag of its own (got {tag!r})")
+    KINDS[tag] = cls
+    return cls
+
+
+@sample_kind
+class Clock(Sample, tag="clock"):
+    """The first line of a telemetry file: the monotonic clock against wall time."""
+
+    time_ns: int
+
+
+@sample_kind
+class Power(Sample, tag="power"):
+    """Power, clocks and memory of one GPU (NVIDIA and AMD name some fields differently)."""
+
+    dev: int
+    power_w: float | None = None
+    sm_mhz: float | None = None
+    gfx_mhz: float | None = None
+    mem_mhz: float | None = None
+    mem_used_mb: float | None = None
+    mem_total_mb: float | None = None
+    vram_used_mb: float | None = None
+    vram_total_mb: float | None = None
+
+
+def kind_of(sample: Sample | type[Sample]) -> str:
+    """The kind a sample (or a sample class) is written as: its tag."""
+    return str(sample.__struct_config__.tag)
+
+
+RUNNERS = ("base", "runner")  # modules of this package that run sources but declare none
+
+
+def load_all() -> dict[str, type[Sample]]:
+    """Import every source module of this package (each registers its kinds and sources,
+    whatever its name); the registered kinds."""
+    package = __name__.rpartition(".")[0]
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        if not info.name.startswith("_") and info.name not in RUNNERS:
+            importlib.import_module(f"{package}.{info.name}")
+    return KINDS
+
+
+def busy_kinds() -> list[type[Sample]]:
+    """The kinds that measure GPU busy, best first."""
+    found = [k for k in load_all().values() if k.busy_series is not None]
+    return sorted(found, key=lambda k: k.busy_series.rank)  # type: ignore[union-attr]
+
+
+def decode(raw: dict[str, Any]) -> Sample | None:
+    """A telemetry.jsonl line as its typed sample; None for a kind this cputax does not know
+    (a newer one's) or a line that does not fit its kind."""
+    kind = KINDS.get(raw.get("kind", ""))
+    if kind is None:
+        return None
+    try:
+        return msgspec.convert(raw, kind)
+    except msgspec.ValidationError:
+        return None
 
 
 class TelemetryUnavailable(Exception):
@@ -43,6 +154,22 @@ class Poller(Protocol):
 
     def close(self) -> dict[str, Any]:
         """Release the library; return metadata, including the measured resolution."""
+
+
+# Sources beside host and GPU telemetry, by name: each made from the telemetry child's
+# `sources` arguments (None: not asked for). A source's module registers itself.
+MakeSource = Callable[[dict[str, Any]], "Poller | None"]
+SOURCES: dict[str, MakeSource] = {}
+
+
+def register_source(name: str) -> Callable[[MakeSource], MakeSource]:
+    """Register how the source `name` is made (see SOURCES)."""
+
+    def add(make: MakeSource) -> MakeSource:
+        SOURCES[name] = make
+        return make
+
+    return add
 
 
 class ChangeTracker:

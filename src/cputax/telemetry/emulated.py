@@ -12,15 +12,35 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from cputax.emulation.steps import read_steps
-from cputax.telemetry.base import Sample, TelemetryUnavailable
+from cputax.telemetry.base import (
+    BusySeries,
+    Poller,
+    Sample,
+    TelemetryUnavailable,
+    register_source,
+    sample_kind,
+)
 
-__all__ = ["RESOLUTION_MS", "EmulatedPoller"]
+__all__ = ["RESOLUTION_MS", "EmulatedBusy", "EmulatedPoller"]
 
 RESOLUTION_MS = 1.0
 DEV = 0
+
+
+@sample_kind
+class EmulatedBusy(Sample, tag="emulated"):
+    """A window of the emulated GPU: 100% busy during a step, 0% between steps."""
+
+    t0_ns: int
+    dev: int
+    busy: float
+    # the best GPU source of all: a run that has it uses only it
+    busy_series: ClassVar[BusySeries] = BusySeries(
+        field="busy", label="emulated GPU steps (emulated-gpu.jsonl)", series="steps", rank=0,
+        exclusive=True)
 
 
 class EmulatedPoller:
@@ -45,14 +65,7 @@ class EmulatedPoller:
         }
 
     def _window(self, t0: int, t1: int, busy: float) -> Sample:
-        return {
-            "t_ns": t1,
-            "t0_ns": t0,
-            "src": self.name,
-            "kind": "emulated",
-            "dev": DEV,
-            "busy": busy,
-        }
+        return EmulatedBusy(t_ns=t1, t0_ns=t0, src=self.name, dev=DEV, busy=busy)
 
     def poll(self) -> list[Sample]:
         out: list[Sample] = []
@@ -82,3 +95,10 @@ class EmulatedPoller:
             "steps": self._steps,
             "series": {str(DEV): {"steps": {"resolution_ms": RESOLUTION_MS, "basis": basis}}},
         }
+
+
+@register_source("emulated")
+def from_sources(sources: dict[str, Any]) -> Poller | None:
+    """The emulated GPU's poller when the run names its step log (`emulated_gpu`)."""
+    path = sources.get("emulated_gpu")
+    return EmulatedPoller(Path(path)) if path else None

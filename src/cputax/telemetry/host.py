@@ -18,10 +18,54 @@ from typing import Any
 
 import psutil
 
-from cputax.telemetry.base import Sample
+from cputax.telemetry.base import Sample, sample_kind
 from cputax.util import percentile, redact
 
 REFRESH_NS = 1_000_000_000  # look for new child processes (EngineCore, workers) this often
+
+
+@sample_kind
+class ProcInfo(Sample, tag="proc_info"):
+    """A process of the server's family, when first seen (its role is the family's)."""
+
+    pid: int
+    role: str
+    name: str
+    ppid: int | None = None
+    cmdline: list[str] = []
+
+
+@sample_kind
+class Proc(Sample, tag="proc"):
+    """A process's cumulative CPU and context switches, and per thread whose values moved
+    since the last poll: [run_ns, wait_ns, slices] (None where only ticks are known)."""
+
+    pid: int
+    role: str
+    cpu_s: float
+    user_s: float | None = None
+    sys_s: float | None = None
+    ctx_vol: int | None = None
+    ctx_invol: int | None = None
+    threads: dict[str, list[int | None]] = {}
+
+
+@sample_kind
+class ThreadNames(Sample, tag="thread_names"):
+    """Names of a process's threads first seen in this poll (tid -> comm)."""
+
+    pid: int
+    names: dict[str, str]
+
+
+@sample_kind
+class System(Sample, tag="system"):
+    """The whole machine's cumulative CPU seconds (busy and total) and context switches."""
+
+    busy_s: float
+    total_s: float
+    ctx: int | None = None
+    cpus: int | None = None
 
 
 def _read_schedstat(path: str) -> tuple[int, int, int] | None:
@@ -80,8 +124,7 @@ class HostPoller:
                 except psutil.Error:
                     continue
                 self.procs[p.pid] = (p, role)
-                out.append({"t_ns": time.monotonic_ns(), "src": "host", "kind": "proc_info", "pid": p.pid,
-                            "role": role, **info})
+                out.append(ProcInfo(t_ns=time.monotonic_ns(), src="host", pid=p.pid, role=role, **info))
         return out
 
     def poll(self) -> list[Sample]:
@@ -104,16 +147,16 @@ class HostPoller:
                 self.gone.append(pid)
                 continue
             t = time.monotonic_ns()
-            out.append({"t_ns": t, "src": "host", "kind": "proc", "pid": pid, "role": role,
-                        "cpu_s": cpu.user + cpu.system, "user_s": cpu.user, "sys_s": cpu.system,
-                        "ctx_vol": ctx.voluntary, "ctx_invol": ctx.involuntary, "threads": threads})
+            out.append(Proc(t_ns=t, src="host", pid=pid, role=role, cpu_s=cpu.user + cpu.system,
+                            user_s=cpu.user, sys_s=cpu.system, ctx_vol=ctx.voluntary,
+                            ctx_invol=ctx.involuntary, threads=threads))
             if names:
-                out.append({"t_ns": t, "src": "host", "kind": "thread_names", "pid": pid, "names": names})
+                out.append(ThreadNames(t_ns=t, src="host", pid=pid, names=names))
         cpu = psutil.cpu_times()
         total = sum(cpu) - getattr(cpu, "guest", 0.0) - getattr(cpu, "guest_nice", 0.0)
         idle = cpu.idle + getattr(cpu, "iowait", 0.0)
-        out.append({"t_ns": time.monotonic_ns(), "src": "host", "kind": "system", "busy_s": total - idle,
-                    "total_s": total, "ctx": psutil.cpu_stats().ctx_switches, "cpus": psutil.cpu_count()})
+        out.append(System(t_ns=time.monotonic_ns(), src="host", busy_s=total - idle, total_s=total,
+                          ctx=psutil.cpu_stats().ctx_switches, cpus=psutil.cpu_count()))
         return out
 
     def _threads(self, pid: int, p: psutil.Process) -> tuple[dict[str, list[int | None]], dict[str, str]]:

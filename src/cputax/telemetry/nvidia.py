@@ -17,9 +17,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import Any
+from typing import Any, ClassVar
 
-from cputax.telemetry.base import ChangeTracker, Guard, Sample, TelemetryUnavailable
+from cputax.telemetry.base import (
+    BusySeries,
+    ChangeTracker,
+    Guard,
+    Power,
+    Sample,
+    TelemetryUnavailable,
+    sample_kind,
+)
 
 INSTALL = "pip install 'cputax[nvidia]' (nvidia-ml-py)"
 GPM_FLOOR_S = 0.1  # GPM counters move about every 100 ms: never window them finer
@@ -31,6 +39,53 @@ RATES_HEARTBEAT_NS = 1_000_000_000  # rates are written on change, and at least 
 GPM_METRICS = {"gr_util": "NVML_GPM_METRIC_GRAPHICS_UTIL", "sm_util": "NVML_GPM_METRIC_SM_UTIL",
                "sm_occupancy": "NVML_GPM_METRIC_SM_OCCUPANCY", "tensor_util": "NVML_GPM_METRIC_ANY_TENSOR_UTIL",
                "dram_bw_util": "NVML_GPM_METRIC_DRAM_BW_UTIL"}
+
+
+@sample_kind
+class Gpm(Sample, tag="gpm"):
+    """GPM metrics (%) over the window t0_ns..t_ns; a metric the GPU lacks is None."""
+
+    t0_ns: int
+    dev: int
+    gr_util: float | None = None
+    sm_util: float | None = None
+    sm_occupancy: float | None = None
+    tensor_util: float | None = None
+    dram_bw_util: float | None = None
+    busy_series: ClassVar[BusySeries] = BusySeries(
+        field="gr_util", label="NVML GPM graphics util", series="gpm", rank=1)
+
+
+@sample_kind
+class Util(Sample, tag="util"):
+    """One of the driver's own utilization samples (% busy since the one before)."""
+
+    dev: int
+    gpu: float
+    busy_series: ClassVar[BusySeries] = BusySeries(
+        field="gpu", label="NVML utilization samples", series="samples", rank=2,
+        covers="since_previous")
+
+
+@sample_kind
+class Rates(Sample, tag="rates"):
+    """Utilization rates (a sliding average), written on change."""
+
+    dev: int
+    gpu: float
+    mem: float | None = None
+    busy_series: ClassVar[BusySeries] = BusySeries(
+        field="gpu", label="NVML utilization rates", series="rates", rank=3, covers="held")
+
+
+@sample_kind
+class ProcUtil(Sample, tag="proc_util"):
+    """A process's SM and memory utilization, as the driver reports it."""
+
+    dev: int
+    pid: int
+    sm: float
+    mem: float
 
 
 def import_nvml() -> Any:
@@ -173,7 +228,7 @@ class NvidiaPoller:
                 continue
             t = self.clock.to_monotonic(s.timeStamp)
             value = s.sampleValue.uiVal
-            out.append({"t_ns": t, "src": "nvidia", "kind": "util", "dev": dev.index, "gpu": value})
+            out.append(Util(t_ns=t, src="nvidia", dev=dev.index, gpu=value))
             self.changes.observe(f"{dev.index}.samples", t, value)
             dev.last_sample_us = s.timeStamp
             dev.sample_stamps = (dev.sample_stamps + [s.timeStamp])[-512:]
@@ -188,7 +243,7 @@ class NvidiaPoller:
         if rates == dev.last_rates and now - dev.last_rates_ns < RATES_HEARTBEAT_NS:
             return []
         dev.last_rates, dev.last_rates_ns = rates, now
-        return [{"t_ns": now, "src": "nvidia", "kind": "rates", "dev": dev.index, "gpu": u.gpu, "mem": u.memory}]
+        return [Rates(t_ns=now, src="nvidia", dev=dev.index, gpu=u.gpu, mem=u.memory)]
 
     def _gpm(self, dev: _Device) -> list[Sample]:
         nvml = self.nvml
@@ -206,28 +261,25 @@ class NvidiaPoller:
             dev.gpm = False
             self.guard.dropped[f"gpm.{dev.index}"] = f"{type(exc).__name__}: {exc}"
             return []
-        sample = {"t_ns": t, "t0_ns": dev.gpm_prev_ns, "src": "nvidia", "kind": "gpm", "dev": dev.index}
-        for i, key in enumerate(metrics):
-            m = mg.metrics[i]
-            if getattr(m, "nvmlReturn", 0) == 0:
-                sample[key] = float(m.value)
-        if "gr_util" in sample:
-            self.changes.observe(f"{dev.index}.gpm", t, round(sample["gr_util"]))
+        values = {key: float(mg.metrics[i].value) for i, key in enumerate(metrics)
+                  if getattr(mg.metrics[i], "nvmlReturn", 0) == 0}
+        sample = Gpm(t_ns=t, t0_ns=dev.gpm_prev_ns, src="nvidia", dev=dev.index, **values)
+        if sample.gr_util is not None:
+            self.changes.observe(f"{dev.index}.gpm", t, round(sample.gr_util))
         dev.gpm_prev, dev.gpm_next, dev.gpm_prev_ns = dev.gpm_next, dev.gpm_prev, t
         return [sample]
 
     def _slow(self, dev: _Device, now: int) -> list[Sample]:
         nvml, read, h = self.nvml, self.guard.read, dev.handle
-        sample: Sample = {"t_ns": now, "src": "nvidia", "kind": "power", "dev": dev.index}
         mw = read("power", lambda: nvml.nvmlDeviceGetPowerUsage(h))
-        sm = read("sm_clock", lambda: nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM))
-        mem_clock = read("mem_clock", lambda: nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_MEM))
         mem = read("memory", lambda: nvml.nvmlDeviceGetMemoryInfo(h))
-        for key, value in (("power_w", None if mw is None else mw / 1000.0), ("sm_mhz", sm), ("mem_mhz", mem_clock),
-                           ("mem_used_mb", None if mem is None else mem.used / 2**20),
-                           ("mem_total_mb", None if mem is None else mem.total / 2**20)):
-            if value is not None:
-                sample[key] = value
+        sample = Power(
+            t_ns=now, src="nvidia", dev=dev.index,
+            power_w=None if mw is None else mw / 1000.0,
+            sm_mhz=read("sm_clock", lambda: nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM)),
+            mem_mhz=read("mem_clock", lambda: nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_MEM)),
+            mem_used_mb=None if mem is None else mem.used / 2**20,
+            mem_total_mb=None if mem is None else mem.total / 2**20)
         return [sample, *self._process_util(dev)]
 
     def _process_util(self, dev: _Device) -> list[Sample]:
@@ -244,8 +296,8 @@ class NvidiaPoller:
         for p in procs:
             if p.timeStamp <= dev.last_proc_us:
                 continue
-            out.append({"t_ns": self.clock.to_monotonic(p.timeStamp), "src": "nvidia", "kind": "proc_util",
-                        "dev": dev.index, "pid": p.pid, "sm": p.smUtil, "mem": p.memUtil})
+            out.append(ProcUtil(t_ns=self.clock.to_monotonic(p.timeStamp), src="nvidia",
+                                dev=dev.index, pid=p.pid, sm=p.smUtil, mem=p.memUtil))
         dev.last_proc_us = max([dev.last_proc_us] + [p.timeStamp for p in procs])
         return out
 

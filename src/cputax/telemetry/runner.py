@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,14 @@ from rich.console import Console
 
 from cputax.records import JsonlWriter
 from cputax.rundir import RunDir
-from cputax.telemetry.base import Poller, TelemetryUnavailable, run_pollers
+from cputax.telemetry.base import (
+    SOURCES,
+    Clock,
+    Poller,
+    TelemetryUnavailable,
+    load_all,
+    run_pollers,
+)
 
 READY_TIMEOUT_S = 30.0
 EMULATED = "emulated"  # the emulated GPU's source (telemetry.emulated)
@@ -69,18 +75,6 @@ def gpu_poller(kind: str, config: TelemetryConfig,
     return None, {}, [f"GPU telemetry off: {failures[0]}"]
 
 
-def _emulated(sources: dict[str, Any]) -> Poller | None:
-    from cputax.telemetry.emulated import EmulatedPoller
-
-    path = sources.get("emulated_gpu")
-    return EmulatedPoller(Path(path)) if path else None
-
-
-# Sources beside host and GPU, each made from the child's `sources` arguments (None: not
-# asked for). Adding one is its module and a line here.
-SOURCES: dict[str, Callable[[dict[str, Any]], Poller | None]] = {"emulated": _emulated}
-
-
 def open_pollers(config: TelemetryConfig, pids: dict[int, str],
                  sources: dict[str, Any] | None = None
                  ) -> tuple[list[Poller], dict[str, Any], list[str]]:
@@ -95,6 +89,7 @@ def open_pollers(config: TelemetryConfig, pids: dict[int, str],
     if gpu is not None:
         pollers.append(gpu)
         opened[gpu.name] = info
+    load_all()  # every module of the package registers its sources
     for name, make in SOURCES.items():
         poller = make(sources or {})
         if poller is None:
@@ -108,9 +103,9 @@ def open_pollers(config: TelemetryConfig, pids: dict[int, str],
     return pollers, opened, notes
 
 
-def clock_sample() -> dict[str, Any]:
+def clock_sample() -> Clock:
     """The first line of a telemetry file: the monotonic clock against wall time."""
-    return {"t_ns": time.monotonic_ns(), "src": "cputax", "kind": "clock", "time_ns": time.time_ns()}
+    return Clock(t_ns=time.monotonic_ns(), src="cputax", time_ns=time.time_ns())
 
 
 def child_main(argv: list[str]) -> int:
