@@ -84,3 +84,17 @@ def test_the_emulated_gpu_is_exclusive_only_when_it_has_steps():
     alone = gpu_busy(read_telemetry(util), {})
     assert alone is not None and {k for _, k in alone.intervals} == {"util"}
     assert kind_of(KINDS["util"]) == "util"
+
+
+def test_a_fresh_process_reads_every_kind_of_a_file():
+    """Analysis in a new process (`cputax report`) knows the GPU kinds before any source
+    module was imported."""
+    import subprocess
+    import sys
+
+    code = ("from cputax.analysis.timeline import read_telemetry\n"
+            "rows = [{'kind': k, 't_ns': 1, 't0_ns': 0, 'src': 's', 'dev': 0, 'gpu': 1.0,"
+            " 'gfx': 1.0, 'gr_util': 1.0} for k in ('gpm', 'util', 'rates', 'activity')]\n"
+            "print(sorted(read_telemetry(rows)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['activity', 'gpm', 'rates', 'util']"

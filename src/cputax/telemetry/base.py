@@ -106,13 +106,18 @@ def kind_of(sample: Sample | type[Sample]) -> str:
 RUNNERS = ("base", "runner")  # modules of this package that run sources but declare none
 
 
+_loaded: list[bool] = []
+
+
 def load_all() -> dict[str, type[Sample]]:
-    """Import every source module of this package (each registers its kinds and sources,
-    whatever its name); the registered kinds."""
-    package = __name__.rpartition(".")[0]
-    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        if not info.name.startswith("_") and info.name not in RUNNERS:
-            importlib.import_module(f"{package}.{info.name}")
+    """Import every source module of this package once (each registers its kinds and
+    sources, whatever its name); the registered kinds."""
+    if not _loaded:
+        package = __name__.rpartition(".")[0]
+        for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+            if not info.name.startswith("_") and info.name not in RUNNERS:
+                importlib.import_module(f"{package}.{info.name}")
+        _loaded.append(True)
     return KINDS
 
 
@@ -125,7 +130,7 @@ def busy_kinds() -> list[type[Sample]]:
 def decode(raw: dict[str, Any]) -> Sample | None:
     """A telemetry.jsonl line as its typed sample; None for a kind this cputax does not know
     (a newer one's) or a line that does not fit its kind."""
-    kind = KINDS.get(raw.get("kind", ""))
+    kind = load_all().get(raw.get("kind", ""))
     if kind is None:
         return None
     try:
