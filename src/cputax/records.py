@@ -26,6 +26,7 @@ import numpy as np
 import orjson
 
 from cputax.errors import CputaxError
+from cputax.results.summary import Summary
 
 __all__ = ["TIMES", "JsonlWriter", "RequestRecord", "RequestTable", "Results", "read_json", "read_jsonl", "read_request_table",
            "read_requests", "write_json"]
@@ -407,7 +408,7 @@ class Results:
     """
 
     info: dict[str, Any]
-    summary: dict[str, Any]
+    summary: Summary
     attribution: dict[str, Any] | None = None
     correlation: dict[str, Any] | None = None
     views: list[str] = field(default_factory=list)
