@@ -9,9 +9,9 @@ from cputax.analysis.decompose import (
     summarize_scenario,
 )
 from cputax.analysis.server_metrics import scenario_server_metrics
-from cputax.results.summary import PhaseTimes, ScenarioSummary
 from cputax.prometheus import parse_metrics
 from cputax.records import RequestRecord, RequestTable
+from cputax.results.summary import PhaseTimes, ScenarioSummary
 
 MS = 1_000_000
 

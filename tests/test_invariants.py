@@ -3,9 +3,8 @@ and what the summary, the exit status and the report make of a broken scenario."
 
 from __future__ import annotations
 
-import pytest
-
 import msgspec
+import pytest
 
 from cputax.analysis.analyse import failures
 from cputax.analysis.decompose import summarize_scenario
@@ -13,8 +12,8 @@ from cputax.analysis.findings import in_short
 from cputax.analysis.invariants import Bounds, check, schedule_lag, verdict, withhold
 from cputax.records import RequestRecord, RequestTable
 from cputax.report.markdown import study_table
-from cputax.results.summary import ScenarioSummary, Summary
 from cputax.report.terminal import summary_table
+from cputax.results.summary import ScenarioSummary, Summary
 
 MS = 1_000_000
 SCENARIO = {"name": "s", "concurrency": 2, "context_tokens": 1000}
