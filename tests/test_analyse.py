@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from cputax.analysis import analyse, failures
+from cputax.cli import main
 from cputax.records import JsonlWriter, RequestRecord, read_json, write_json
 from cputax.report import render, write_report
 from cputax.results.format import to_builtins
@@ -178,3 +179,24 @@ def test_a_wall_clock_set_mid_run_is_noted(run):
     results = analyse(run)
     assert results.summary.clock_steps == 3
     assert "- **clock**: the wall clock was set 3 time(s) during the run" in render(results)
+
+
+def test_report_reads_a_version_1_summary_and_rebuilds_it(run, capsys):
+    analyse(run)
+    old = read_json(run.summary)
+    for key in ("format_version", "findings", "in_short"):  # what version 2 added
+        del old[key]
+    write_json(run.summary, old)
+    assert Summary.load(run.summary).scenarios[0].requests == 3  # version 1 reads as it is
+    assert main(["report", str(run.path)]) == 0
+    assert read_json(run.summary)["format_version"] == 2
+
+
+def test_report_refuses_an_unknown_summary_version_in_one_line(run, capsys):
+    write_json(run.summary, {"format_version": 99, "scenarios": []})
+    assert main(["report", str(run.path)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "format version 99" in err and "reads 1, 2" in err
+    assert f"cputax report {run.path}" in err  # how to rebuild it
+    assert read_json(run.summary) == {"format_version": 99, "scenarios": []}  # left as it was
+    assert not run.report_md.exists()
