@@ -85,15 +85,18 @@ def run(tmp_path) -> RunDir:
 def test_decomposition_of_the_hand_made_run(run):
     s = analyse(run).summary.scenarios[0]
     assert (s.requests, s.errors, s.error_kinds) == (3, 1, {"HTTP 500": 1})
-    assert to_builtins(s.mean_ms) == pytest.approx({"serialize": 3.0, "http_overhead": 15.0, "prefill": 60.0, "decode": 150.0,
-                                          "response_parse": 2.0, "total": 230.0})
+    assert to_builtins(s.mean_ms) == pytest.approx({"serialize": 3.0, "http_overhead": 15.0,
+                                                    "prefill": 60.0, "decode": 150.0,
+                                                    "response_parse": 2.0, "total": 230.0})
     assert s.p99_ms.http_overhead == pytest.approx(10 + 0.99 * 10)  # linear between the two
     assert s.cpu_pct == pytest.approx(100 * (3 + 15 + 2) / 230)
     assert s.gpu_pct == pytest.approx(100 * (60 + 150) / 230)
     assert s.prompt_tokens_mean == 1005 and s.prompt_tokens_off_pct == pytest.approx(0.5)
-    assert to_builtins(s.client_cpu_ms) == pytest.approx({"build": 1.0, "parse_per_chunk_us": (100 + 300) / 2})
-    assert to_builtins(s.throughput) == pytest.approx({"requests_per_s": 2 / 0.4, "output_tokens_per_s": 20 / 0.4,
-                                             "chunks_per_s": 20 / 0.4})
+    assert to_builtins(s.client_cpu_ms) == pytest.approx({"build": 1.0,
+                                                          "parse_per_chunk_us": (100 + 300) / 2})
+    assert to_builtins(s.throughput) == pytest.approx({"requests_per_s": 2 / 0.4,
+                                                       "output_tokens_per_s": 20 / 0.4,
+                                                       "chunks_per_s": 20 / 0.4})
     assert s.achieved_concurrency == pytest.approx((154 + 306) / 400)
 
 
@@ -111,7 +114,8 @@ def test_server_side_of_the_hand_made_run(run):
 
 def test_skipped_and_failed_scenarios_fail_the_run(run, capsys):
     results = analyse(run)
-    assert results.summary.skipped == [Skipped(name="bad", reason="warm-up request failed: HTTP 400: too long")]
+    assert results.summary.skipped == [
+        Skipped(name="bad", reason="warm-up request failed: HTTP 400: too long")]
     assert failures(results.summary) == ["bad: skipped (warm-up request failed: HTTP 400: too long)",
                                          "s: 1 of 3 requests failed: HTTP 500 (1)"]
     assert exit_status(results) == 1

@@ -181,7 +181,8 @@ def test_the_client_ceiling_is_crossed_past_its_share():
     assert past_ceiling(_scenario(throughput=Throughput(chunks_per_s=81.0)), None) is None
     found = _kinds(_scenario(throughput=Throughput(chunks_per_s=81.0), past_client_ceiling=True),
                    {"client_ceiling": ceiling})
-    assert found["client_ceiling"].threshold == 0.8 and "81 chunks/s" in found["client_ceiling"].text
+    ceiling_finding = found["client_ceiling"]
+    assert ceiling_finding.threshold == 0.8 and "81 chunks/s" in ceiling_finding.text
 
 
 def _attribution(worker_wait: float) -> dict:
@@ -192,7 +193,8 @@ def _attribution(worker_wait: float) -> dict:
 
 def test_in_short_names_the_engine_loop_wait_past_its_share():
     s = [_scenario()]
-    assert "At s (4 at once, 1,000-token prompts) a request took 97.0 ms" in in_short(s, {}, None, None)
+    first = in_short(s, {}, None, None)
+    assert "At s (4 at once, 1,000-token prompts) a request took 97.0 ms" in first
     above = in_short(s, {}, None, _attribution(WORKER_WAIT_SHARE + 0.05))
     below = in_short(s, {}, None, _attribution(WORKER_WAIT_SHARE - 0.05))
     assert "spent 25% of it waiting for the model step" in above

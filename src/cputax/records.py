@@ -402,8 +402,9 @@ def read_json(path: Path) -> Any:
 class Results:
     """What analysis derives from one run directory: everything the report renders.
 
-    `info` is run.json; `summary`, `attribution` and `correlation` are what
-    summary.json, pyspy/attribution.json and correlation.json hold; `views` are the
+    `info` is run.json; `summary` is summary.json's Summary (cputax.results.summary);
+    `attribution` and `correlation` are what pyspy/attribution.json and correlation.json
+    hold; `views` are the
     flamegraph and speedscope files, relative to the run directory.
     """
 

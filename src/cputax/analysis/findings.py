@@ -101,13 +101,15 @@ def _server_vs_client(s: ScenarioSummary) -> list[Finding]:
     queue, ttft = means.get("queue"), means.get("ttft")
     oh = s.mean_ms.http_overhead
     out = []
-    if queue is not None and oh is not None and oh > HTTP_OH_OVER_QUEUE * max(queue, QUEUE_FLOOR_MS):
+    floor = None if queue is None else HTTP_OH_OVER_QUEUE * max(queue, QUEUE_FLOOR_MS)
+    if floor is not None and oh is not None and oh > floor:
         out.append(_finding(s, "http_oh_over_queue", (
             f"HTTP OH ({_ms(oh)} ms) is far above the engine's own queue time ({_ms(queue)} ms): "
             "the wait is in the front end (template, tokenization, event loop), not in the "
             "scheduler"), HTTP_OH_OVER_QUEUE))
     client_ttft = None if oh is None or s.mean_ms.prefill is None else oh + s.mean_ms.prefill
-    if ttft is not None and client_ttft and abs(client_ttft - ttft) > TTFT_DISAGREEMENT * client_ttft:
+    if (ttft is not None and client_ttft
+            and abs(client_ttft - ttft) > TTFT_DISAGREEMENT * client_ttft):
         out.append(_finding(s, "ttft_disagreement", (
             f"the client saw TTFT {_ms(client_ttft)} ms (send -> first token), the server "
             f"reports {_ms(ttft)} ms; the difference is time outside the server's clock (front "
@@ -137,7 +139,8 @@ def in_short(scenarios: list[ScenarioSummary], info: dict[str, Any],
                 if c["name"] == s.name), None)
     if gpu and gpu.get("busy_pct") is not None:
         split = sorted(gpu["stall_split"].items(), key=lambda kv: -kv[1])[:2]
-        where = ", mostly " + " and ".join(name for name, _ in split) if split and gpu["stall_s"] else ""
+        where = (", mostly " + " and ".join(name for name, _ in split)
+                 if split and gpu["stall_s"] else "")
         second = (f"The GPU was busy {gpu['busy_pct']:.0f}% of that scenario and idle while "
                   f"requests were in flight {gpu['stall_pct']:.1f}% of it{where}.")
     else:

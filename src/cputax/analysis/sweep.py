@@ -127,7 +127,8 @@ def scenario_metrics(summary: ScenarioSummary, window: dict[str, Any] | None,
     values: dict[str, float | None] = {
         "http_overhead_ms": mean.http_overhead, "queue_ms": server.get("queue"),
         "prefill_ms": mean.prefill, "decode_ms": mean.decode, "ttft_ms": ttft, "itl_ms": itl,
-        "output_tokens_per_s": summary.throughput.output_tokens_per_s if summary.throughput else None,
+        "output_tokens_per_s": (summary.throughput.output_tokens_per_s
+                                if summary.throughput else None),
         "cpu_pct": summary.cpu_pct, "prefix_hash_share": _prefix_hash_share(window),
         "total_ms": mean.total, "gpu_bubble_pct": summary.gpu_bubble_pct,
     }

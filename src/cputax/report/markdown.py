@@ -231,7 +231,8 @@ def render_report(summary: Summary, info: dict[str, Any], sections: list[str] | 
     notes += [f"- **{line.split(': ', 1)[0]}**: {line.split(': ', 1)[1]}."
               for line in summary.shard_failures]
     if summary.clock_steps:
-        notes.append(f"- **clock**: the wall clock was set {summary.clock_steps} time(s) during the run (NTP, a "
+        notes.append(f"- **clock**: the wall clock was set {summary.clock_steps} time(s) "
+                     "during the run (NTP, a "
                      "virtual machine's time sync). The kernel's receive stamps are wall-clock times: their "
                      "conversion was read again each time, and the stamps of the moment before it was noticed "
                      "(at most a second) may be off by the step.")
