@@ -357,7 +357,8 @@ def test_report_section(tmp_path):
     assert "During w, the server 5 thread MainThread (event loop) spent 75% of its time in tokenize." in text
     assert "| server 5 | MainThread (event loop" in text
     assert profiling_section(Results({}, Summary())) is None
-    problem = profiling_section(Results({"monitors": {"pyspy": {"problem": "no ptrace"}}}, Summary()))
+    problem = profiling_section(Results({"monitors": {"pyspy": {"problem": "no ptrace"}}},
+                                        Summary()))
     assert "No profiles: no ptrace" in problem
 
 
