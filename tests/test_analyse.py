@@ -10,8 +10,11 @@ from __future__ import annotations
 import pytest
 
 from cputax.analysis import analyse, failures
+from cputax.cli import main
 from cputax.records import JsonlWriter, RequestRecord, read_json, write_json
 from cputax.report import render, write_report
+from cputax.results.format import to_builtins
+from cputax.results.summary import GaugeStats, Skipped, Summary
 from cputax.rundir import RunDir
 from cputax.session import exit_status
 
@@ -80,35 +83,39 @@ def run(tmp_path) -> RunDir:
 
 
 def test_decomposition_of_the_hand_made_run(run):
-    s = analyse(run).summary["scenarios"][0]
-    assert (s["requests"], s["errors"], s["error_kinds"]) == (3, 1, {"HTTP 500": 1})
-    assert s["mean_ms"] == pytest.approx({"serialize": 3.0, "http_overhead": 15.0, "prefill": 60.0, "decode": 150.0,
-                                          "response_parse": 2.0, "total": 230.0})
-    assert s["p99_ms"]["http_overhead"] == pytest.approx(10 + 0.99 * 10)  # linear between the two
-    assert s["cpu_pct"] == pytest.approx(100 * (3 + 15 + 2) / 230)
-    assert s["gpu_pct"] == pytest.approx(100 * (60 + 150) / 230)
-    assert s["prompt_tokens_mean"] == 1005 and s["prompt_tokens_off_pct"] == pytest.approx(0.5)
-    assert s["client_cpu_ms"] == pytest.approx({"build": 1.0, "parse_per_chunk_us": (100 + 300) / 2})
-    assert s["throughput"] == pytest.approx({"requests_per_s": 2 / 0.4, "output_tokens_per_s": 20 / 0.4,
-                                             "chunks_per_s": 20 / 0.4})
-    assert s["achieved_concurrency"] == pytest.approx((154 + 306) / 400)
+    s = analyse(run).summary.scenarios[0]
+    assert (s.requests, s.errors, s.error_kinds) == (3, 1, {"HTTP 500": 1})
+    assert to_builtins(s.mean_ms) == pytest.approx({"serialize": 3.0, "http_overhead": 15.0,
+                                                    "prefill": 60.0, "decode": 150.0,
+                                                    "response_parse": 2.0, "total": 230.0})
+    assert s.p99_ms.http_overhead == pytest.approx(10 + 0.99 * 10)  # linear between the two
+    assert s.cpu_pct == pytest.approx(100 * (3 + 15 + 2) / 230)
+    assert s.gpu_pct == pytest.approx(100 * (60 + 150) / 230)
+    assert s.prompt_tokens_mean == 1005 and s.prompt_tokens_off_pct == pytest.approx(0.5)
+    assert to_builtins(s.client_cpu_ms) == pytest.approx({"build": 1.0,
+                                                          "parse_per_chunk_us": (100 + 300) / 2})
+    assert to_builtins(s.throughput) == pytest.approx({"requests_per_s": 2 / 0.4,
+                                                       "output_tokens_per_s": 20 / 0.4,
+                                                       "chunks_per_s": 20 / 0.4})
+    assert s.achieved_concurrency == pytest.approx((154 + 306) / 400)
 
 
 def test_server_side_of_the_hand_made_run(run):
-    server = analyse(run).summary["scenarios"][0]["server"]
-    assert server["mean_ms"]["queue"] == pytest.approx(1000 * 0.3 / 2)
-    assert server["mean_ms"]["prefill"] == pytest.approx(50.0)
-    assert server["mean_ms"]["decode"] is None  # not exported: absent, not zero
-    assert server["prefix_cache_hit_rate"] == pytest.approx(500 / 2000)
-    assert server["api_server_cpu_s_per_request"] == pytest.approx(0.5 / 2)  # the two that finished
+    server = analyse(run).summary.scenarios[0].server
+    assert server.mean_ms["queue"] == pytest.approx(1000 * 0.3 / 2)
+    assert server.mean_ms["prefill"] == pytest.approx(50.0)
+    assert server.mean_ms["decode"] is None  # not exported: absent, not zero
+    assert server.prefix_cache_hit_rate == pytest.approx(500 / 2000)
+    assert server.api_server_cpu_s_per_request == pytest.approx(0.5 / 2)  # the two that finished
     # the poll at 350 ms saw no request in flight and is left out
-    assert server["gauges"]["running"] == {"mean": 1.5, "max": 2}
-    assert (server["gauge_polls"], server["gauge_polls_total"]) == (2, 3)
+    assert server.gauges["running"] == GaugeStats(mean=1.5, max=2)
+    assert (server.gauge_polls, server.gauge_polls_total) == (2, 3)
 
 
 def test_skipped_and_failed_scenarios_fail_the_run(run, capsys):
     results = analyse(run)
-    assert results.summary["skipped"] == [{"name": "bad", "reason": "warm-up request failed: HTTP 400: too long"}]
+    assert results.summary.skipped == [
+        Skipped(name="bad", reason="warm-up request failed: HTTP 400: too long")]
     assert failures(results.summary) == ["bad: skipped (warm-up request failed: HTTP 400: too long)",
                                          "s: 1 of 3 requests failed: HTTP 500 (1)"]
     assert exit_status(results) == 1
@@ -117,7 +124,7 @@ def test_skipped_and_failed_scenarios_fail_the_run(run, capsys):
 
 def test_analysis_writes_what_it_derived(run):
     results = analyse(run)
-    assert read_json(run.summary) == results.summary
+    assert Summary.load(run.summary) == results.summary == run.read_summary()
     assert read_json(run.correlation) == results.correlation
     assert [s["name"] for s in results.correlation["scenarios"]] == ["s"]  # "bad" never ran
     assert not run.attribution.exists() and results.attribution is None  # no py-spy in this run
@@ -156,15 +163,15 @@ def test_a_scenario_past_the_calibrated_ceiling_is_noted(run):
     # 20 chunks in the 400 ms window: 50 chunks/s; the stored ceiling says 40, 80% of it is 32
     run.update_info(client_ceiling={"max_chunks_per_s": 40, "share": 0.8, "cpus": 2, "cpu_model": "x"})
     results = analyse(run)
-    s = results.summary["scenarios"][0]
-    assert s["throughput"]["chunks_per_s"] == pytest.approx(20 / 0.4) and s["past_client_ceiling"] is True
+    s = results.summary.scenarios[0]
+    assert s.throughput.chunks_per_s == pytest.approx(20 / 0.4) and s.past_client_ceiling is True
     assert "- **s**: 50 chunks/s, past 80% of what this machine's client took in" in render(results)
     run.update_info(client_ceiling={"max_chunks_per_s": 1000, "share": 0.8, "cpus": 2, "cpu_model": "x"})
-    assert analyse(run).summary["scenarios"][0]["past_client_ceiling"] is False
+    assert analyse(run).summary.scenarios[0].past_client_ceiling is False
 
 
 def test_a_wall_clock_set_mid_run_is_noted(run):
-    assert "clock_steps" not in analyse(run).summary and "**clock**" not in render(analyse(run))
+    assert analyse(run).summary.clock_steps == 0 and "**clock**" not in render(analyse(run))
     # once in this process's client, twice in a sharded scenario's shards
     run.update_info(stamps={"kernel": True, "conversion_error_ns": 50, "clock_steps": 1})
     windows = run.read_windows()
@@ -174,5 +181,26 @@ def test_a_wall_clock_set_mid_run_is_noted(run):
         for window in windows:
             w.write(window)
     results = analyse(run)
-    assert results.summary["clock_steps"] == 3
+    assert results.summary.clock_steps == 3
     assert "- **clock**: the wall clock was set 3 time(s) during the run" in render(results)
+
+
+def test_report_reads_a_version_1_summary_and_rebuilds_it(run, capsys):
+    analyse(run)
+    old = read_json(run.summary)
+    for key in ("format_version", "findings", "in_short"):  # what version 2 added
+        del old[key]
+    write_json(run.summary, old)
+    assert Summary.load(run.summary).scenarios[0].requests == 3  # version 1 reads as it is
+    assert main(["report", str(run.path)]) == 0
+    assert read_json(run.summary)["format_version"] == 2
+
+
+def test_report_refuses_an_unknown_summary_version_in_one_line(run, capsys):
+    write_json(run.summary, {"format_version": 99, "scenarios": []})
+    assert main(["report", str(run.path)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "format version 99" in err and "reads 1, 2" in err
+    assert f"cputax report {run.path}" in err  # how to rebuild it
+    assert read_json(run.summary) == {"format_version": 99, "scenarios": []}  # left as it was
+    assert not run.report_md.exists()

@@ -12,6 +12,7 @@ import pytest
 
 from cputax.analysis.attribution import attribute_file, attribute_run, category_timeline, summarize
 from cputax.records import JsonlWriter, Results
+from cputax.results.summary import Summary
 from cputax.rundir import RunDir
 from cputax.sampling.classify import Classifier, Frame, detect_server, short_path
 from cputax.sampling.stacks import ThreadId
@@ -351,12 +352,13 @@ def test_report_section(tmp_path):
 
     run = _synthetic_run(tmp_path, launched=1_000_000_000)
     info = {"monitors": {"pyspy": {"config": {"rate": 100}, "pyspy": "py-spy 0.4.3"}}}
-    text = profiling_section(Results(info, {"scenarios": []}, attribute_run(run)))
+    text = profiling_section(Results(info, Summary(), attribute_run(run)))
     assert "## Where the server's CPU time went" in text
     assert "During w, the server 5 thread MainThread (event loop) spent 75% of its time in tokenize." in text
     assert "| server 5 | MainThread (event loop" in text
-    assert profiling_section(Results({}, {"scenarios": []})) is None
-    problem = profiling_section(Results({"monitors": {"pyspy": {"problem": "no ptrace"}}}, {"scenarios": []}))
+    assert profiling_section(Results({}, Summary())) is None
+    problem = profiling_section(Results({"monitors": {"pyspy": {"problem": "no ptrace"}}},
+                                        Summary()))
     assert "No profiles: no ptrace" in problem
 
 

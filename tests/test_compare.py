@@ -11,6 +11,7 @@ from cputax.analysis.decompose import summarize_scenario
 from cputax.errors import CputaxError
 from cputax.records import JsonlWriter, RequestRecord, RequestTable, write_json
 from cputax.report.compare import render_compare
+from cputax.results.summary import RunInfo, Summary
 
 MS = 1_000_000
 
@@ -34,8 +35,9 @@ def make_run(path, http_ms, prefill_jitter, gpu=None, batches=3, conc=4):
         for r in records:
             w.write(r)
     scenario = {"name": "conc4", "concurrency": conc, "context_tokens": 8000}
-    write_json(path / "summary.json", {"run": {"model": "m", "endpoint": "http://x"},
-                                      "scenarios": [summarize_scenario(scenario, RequestTable.from_records(records))]})
+    Summary(run=RunInfo(model="m", endpoint="http://x"),
+            scenarios=[summarize_scenario(scenario, RequestTable.from_records(records))]
+            ).dump(path / "summary.json")
     if gpu:
         write_json(path / "correlation.json", {"scenarios": [{"name": "conc4", "gpu": gpu}]})
     return path

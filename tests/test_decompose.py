@@ -11,6 +11,7 @@ from cputax.analysis.decompose import (
 from cputax.analysis.server_metrics import scenario_server_metrics
 from cputax.prometheus import parse_metrics
 from cputax.records import RequestRecord, RequestTable
+from cputax.results.summary import PhaseTimes, ScenarioSummary
 
 MS = 1_000_000
 
@@ -53,8 +54,8 @@ def test_received_moments_are_the_kernels_where_stamped():
     assert p["prefill"] == pytest.approx(30.0 - 5.0 + 3.0)
     assert p["decode"] == pytest.approx(60.0 + 5.0)  # no kernel stamp for the last token: the loop's
     s = summarize_scenario({"name": "s", "concurrency": 1, "context_tokens": 1000}, RequestTable.from_records([r]))
-    assert s["clock"] == "kernel"
-    assert s["client_lag_ms"]["first_token_p99"] == pytest.approx(5.0)
+    assert s.clock == "kernel"
+    assert s.client_lag_ms.first_token_p99 == pytest.approx(5.0)
 
 
 def test_percentile_interpolates():
@@ -67,29 +68,30 @@ def test_summary_means_ratios_and_errors():
     recs = [record(0), record(0, headers=20.0, first=50.0), record(0, ok=False, error="HTTP 500: boom")]
     s = summarize_scenario({"name": "s", "concurrency": 2, "context_tokens": 1000}, RequestTable.from_records(recs),
                            window={"start_ns": 0, "end_ns": 200 * MS})
-    assert (s["requests"], s["errors"], s["error_kinds"]) == (3, 1, {"HTTP 500": 1})
-    assert s["mean_ms"]["http_overhead"] == pytest.approx(14.0)
+    assert (s.requests, s.errors, s.error_kinds) == (3, 1, {"HTTP 500": 1})
+    assert s.mean_ms.http_overhead == pytest.approx(14.0)
     cpu = 1.0 + 14.0 + 2.0
-    assert s["cpu_pct"] == pytest.approx(100 * cpu / 101.0)
-    assert s["gpu_pct"] == pytest.approx(100 * (30.0 + 55.0) / 101.0)  # decode 60 and 50 ms
-    assert s["prompt_tokens_mean"] == 1000 and not s["prompt_tokens_flagged"]
-    assert s["client_cpu_ms"]["parse_per_chunk_us"] == pytest.approx(2000 / 64)
-    assert s["throughput"]["requests_per_s"] == pytest.approx(2 / 0.2)
+    assert s.cpu_pct == pytest.approx(100 * cpu / 101.0)
+    assert s.gpu_pct == pytest.approx(100 * (30.0 + 55.0) / 101.0)  # decode 60 and 50 ms
+    assert s.prompt_tokens_mean == 1000 and not s.prompt_tokens_flagged
+    assert s.client_cpu_ms.parse_per_chunk_us == pytest.approx(2000 / 64)
+    assert s.throughput.requests_per_s == pytest.approx(2 / 0.2)
     # 2 ok requests of 101 ms each in a 200 ms window: ~1 in flight on average
-    assert s["achieved_concurrency"] == pytest.approx(2 * 101 / 200)
+    assert s.achieved_concurrency == pytest.approx(2 * 101 / 200)
 
 
 def test_prompt_size_flag_beyond_two_percent():
     s = summarize_scenario({"name": "s", "concurrency": 1, "context_tokens": 1000}, RequestTable.from_records([record(0, prompt_tokens=1030)]))
-    assert s["prompt_tokens_flagged"] and s["prompt_tokens_off_pct"] == pytest.approx(3.0)
+    assert s.prompt_tokens_flagged and s.prompt_tokens_off_pct == pytest.approx(3.0)
     s = summarize_scenario({"name": "s", "concurrency": 1, "context_tokens": 1000}, RequestTable.from_records([record(0, prompt_tokens=1015)]))
-    assert not s["prompt_tokens_flagged"]
+    assert not s.prompt_tokens_flagged
 
 
 def test_http_overhead_growth_is_relative_to_lowest_concurrency_per_context():
     def scen(name, conc, ctx, oh):
-        return {"name": name, "concurrency": conc, "context_tokens": ctx,
-                "mean_ms": {"http_overhead": oh}, "p99_ms": {"http_overhead": oh * 2}}
+        return ScenarioSummary(name=name, concurrency=conc, context_tokens=ctx,
+                               mean_ms=PhaseTimes(http_overhead=oh),
+                               p99_ms=PhaseTimes(http_overhead=oh * 2))
     rows = http_overhead_growth([scen("c4", 4, 8000, 30.0), scen("c1", 1, 8000, 10.0), scen("x", 2, 500, 5.0)])
     # the 500-token context has one concurrency level only: no growth to show
     assert [(r["context_tokens"], r["concurrency"], r["growth"]) for r in rows] == [(8000, 1, 1.0), (8000, 4, 3.0)]

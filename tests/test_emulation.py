@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import msgspec
 import pytest
 
 from cputax.analysis.correlate import gpu_stalls, pending_states, request_phases
@@ -21,6 +22,7 @@ from cputax.errors import CputaxError
 from cputax.records import RequestRecord, RequestTable
 from cputax.report.emulated import emulated_banner, emulated_section
 from cputax.report.markdown import study_table
+from cputax.results.summary import ScenarioSummary, Summary
 from cputax.telemetry.emulated import EmulatedPoller
 
 MS = 1_000_000
@@ -246,7 +248,7 @@ def test_report_says_the_gpu_is_emulated_and_puts_bubbles_beside_cpu_pct():
     assert banner.startswith("> **The GPU is emulated; the CPU side is real.**")
     assert "h100-llama3.1-8b" in banner and "26,674 blocks" in banner
     assert emulated_banner({"target": {"kind": "embedded"}}) == []
-    scenario = {
+    scenario = msgspec.convert({
         "name": "c1",
         "concurrency": 1,
         "context_tokens": 1000,
@@ -259,7 +261,7 @@ def test_report_says_the_gpu_is_emulated_and_puts_bubbles_beside_cpu_pct():
         "errors": 0,
         "requests": 4,
         "gpu_bubble_pct": 31.25,
-    }
+    }, ScenarioSummary)
     header, _, row = study_table([scenario]).splitlines()
     cells = [c.strip() for c in header.split("|")]
     values = [c.strip() for c in row.split("|")]
@@ -269,7 +271,7 @@ def test_report_says_the_gpu_is_emulated_and_puts_bubbles_beside_cpu_pct():
         (0, 100 * MS), _steps_every(7.0, 5.0, 100.0), [(0, 100 * MS, "engine")], {}
     )
     section = emulated_section(
-        {"scenarios": [scenario]}, {"scenarios": [{"name": "c1", "emulated_gpu": em}]}
+        Summary(scenarios=[scenario]), {"scenarios": [{"name": "c1", "emulated_gpu": em}]}
     )
     assert "| c1 |" in section and "2.5%" in section
 

@@ -387,9 +387,9 @@ def test_an_old_run_with_an_html_scrape_and_a_connect_failure_is_analysed(tmp_pa
         writer.write({"scenario": "s", "start_ns": record.t_start, "end_ns": record.t_end, "sent": 1})
     for when in ("before", "after"):
         run.scrape("s", when).write_text("<html><body>sign in</body></html>")
-    scenario = analyse(run).summary["scenarios"][0]
-    assert scenario["error_kinds"] == {f"cannot connect to {url}": 1}
-    assert scenario.get("server") is None
+    scenario = analyse(run).summary.scenarios[0]
+    assert scenario.error_kinds == {f"cannot connect to {url}": 1}
+    assert scenario.server is None
     assert report_cmd(tmp_path / "run") == 0 and (tmp_path / "run" / "report.md").exists()
 
 

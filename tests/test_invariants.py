@@ -3,14 +3,17 @@ and what the summary, the exit status and the report make of a broken scenario."
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from cputax.analysis.analyse import failures
 from cputax.analysis.decompose import summarize_scenario
+from cputax.analysis.findings import in_short
 from cputax.analysis.invariants import Bounds, check, schedule_lag, verdict, withhold
 from cputax.records import RequestRecord, RequestTable
-from cputax.report.markdown import in_short, study_table
+from cputax.report.markdown import study_table
 from cputax.report.terminal import summary_table
+from cputax.results.summary import ScenarioSummary, Summary
 
 MS = 1_000_000
 SCENARIO = {"name": "s", "concurrency": 2, "context_tokens": 1000}
@@ -42,7 +45,7 @@ def broken(*records: RequestRecord, bounds: Bounds | None = None) -> dict[str, l
 def test_a_clean_record_keeps_every_invariant():
     assert broken(record(), record(5.0)) == {}
     v = verdict(RequestTable.from_records([record(), record(5.0)]))
-    assert v["ok"] and v["checked"] == 2 and v["broken"] == 0
+    assert v.ok and v.checked == 2 and v.broken == 0
 
 
 def test_a_request_stamped_sent_after_its_answer_is_caught():
@@ -57,7 +60,7 @@ def test_a_request_stamped_sent_after_its_answer_is_caught():
 
 def causes(*records: RequestRecord) -> dict[str, int]:
     """The scenario verdict's causes (per-record stalls and the p99 bars)."""
-    return verdict(RequestTable.from_records(list(records)))["causes"]
+    return verdict(RequestTable.from_records(list(records))).causes
 
 
 def test_serialize_beyond_build_and_write_is_caught_within_its_bound():
@@ -95,9 +98,9 @@ def test_an_open_loop_request_started_late_is_caught_and_its_lag_reported():
     eight = record(10.0, t_intended=int(2 * MS))
     assert causes(on_time, eight) == {} and causes(on_time, eight, eight) == {"schedule_lag_p99": 2}
     lag = schedule_lag(RequestTable.from_records([on_time, late]))
-    assert lag["requests"] == 2 and lag["max"] == pytest.approx(28.0)
+    assert lag.requests == 2 and lag.max == pytest.approx(28.0)
     # latency from the intended start keeps the client's lateness: 28 ms more than from t_start
-    assert lag["total_from_intended_p99"] == pytest.approx(101.0 + 28.0, abs=0.3)
+    assert lag.total_from_intended_p99 == pytest.approx(101.0 + 28.0, abs=0.3)
     assert schedule_lag(RequestTable.from_records([record()])) is None  # closed loop
 
 
@@ -107,27 +110,25 @@ def test_a_failed_request_has_no_phases_to_be_negative():
     assert broken(failed) == {}
 
 
-def _summary(*records: RequestRecord) -> dict:
+def _summary(*records: RequestRecord) -> ScenarioSummary:
     table = RequestTable.from_records(list(records))
-    s = summarize_scenario(SCENARIO, table)
-    withhold(s, verdict(table))
-    return s
+    return withhold(summarize_scenario(SCENARIO, table), verdict(table))
 
 
 def test_a_broken_scenario_is_marked_its_ratios_withheld_and_the_run_fails():
     clean = _summary(record(), record(5.0))
-    assert clean["invariants"]["ok"] and clean["cpu_pct"] is not None and "withheld" not in clean
+    assert clean.invariants.ok and clean.cpu_pct is not None and clean.withheld is None
     bad = _summary(record(), record(5.0, sent_ms=30.0))
-    assert bad["invariants"]["causes"] == {"serialize_unexplained": 1}
-    assert bad["cpu_pct"] is None and bad["gpu_pct"] is None
-    assert "1 of 2 requests" in bad["withheld"]
-    lines = failures({"scenarios": [clean, bad]})
+    assert bad.invariants.causes == {"serialize_unexplained": 1}
+    assert bad.cpu_pct is None and bad.gpu_pct is None
+    assert "1 of 2 requests" in bad.withheld
+    lines = failures(Summary(scenarios=[clean, bad]))
     assert len(lines) == 1 and lines[0].startswith("s: 1 of 2 requests break") and "withheld" in lines[0]
 
 
 def test_every_table_marks_a_broken_scenario():
     bad = _summary(record(), record(5.0, sent_ms=30.0))
-    clean = {**_summary(record()), "name": "fine"}
+    clean = msgspec.structs.replace(_summary(record()), name="fine")
     md = study_table([clean, bad])
     row = next(line for line in md.splitlines() if line.startswith("| s "))
     assert "⚠ 1/2 invalid" in row and "withheld" in row and "%" not in row.split("|")[-4]
@@ -137,5 +138,5 @@ def test_every_table_marks_a_broken_scenario():
     console = Console(width=300, record=True)
     console.print(summary_table([clean, bad]))
     assert "withheld" in console.export_text()
-    short = in_short({"scenarios": [clean, bad]}, {}, None, None)
+    short = in_short([clean, bad], {}, None, None)
     assert "break the run's invariants" in short

@@ -21,6 +21,7 @@ from cputax.client.sse import StreamParser
 from cputax.client.stream import StreamingClient
 from cputax.errors import CputaxError
 from cputax.records import JsonlWriter, RequestRecord
+from cputax.results.summary import ScenarioSummary, ServerMetrics
 from cputax.rundir import RunDir
 from cputax.servers import get
 
@@ -318,24 +319,24 @@ def test_spans_join_their_records_and_the_phases_follow_from_the_moments(tmp_pat
     assert pa["client_ttft"] == pytest.approx(22.5) and pa["server_ttft_in"] == pytest.approx(22.0)
     assert by_id[c].phases["http_in"] is None and by_id[c].phases["engine_queue"] == 2.0
 
-    scenarios = [{"name": "a", "server": {"mean_ms": {"queue": 1.0}}}]
+    scenarios = [ScenarioSummary(name="a", server=ServerMetrics(mean_ms={"queue": 1.0}))]
     run.write_info(
         {
             "server": {"name": "vllm"},
             "monitors": {"otlp": {"clock": {"offset_ns": OFFSET, "error_ns": 40}}},
         }
     )
-    out = server_phases(run, run.info(), scenarios)
-    s = scenarios[0]["server_phases"]
-    assert s["records"] == s["with_server"] == 3 and s["sources"] == {"otlp": 2, "response": 1}
-    assert s["records_without_span"] == 1 and s["spans_without_record"] == 1
+    out, per_scenario = server_phases(run, run.info(), scenarios)
+    s = per_scenario["a"]
+    assert s.records == s.with_server == 3 and s.sources == {"otlp": 2, "response": 1}
+    assert s.records_without_span == 1 and s.spans_without_record == 1
     assert (
-        out["spans_received"] == 4
-        and out["spans_outside_windows"] == 1
-        and out["source"] == "otlp+response"
+        out.spans_received == 4
+        and out.spans_outside_windows == 1
+        and out.source == "otlp+response"
     )
-    assert s["prometheus_mean_ms"]["queue"] == 1.0
-    assert s["per_request_mean_ms"]["queue"] == pytest.approx((1.0 + 0.0 + 2.0) / 3)
+    assert s.prometheus_mean_ms.queue == 1.0
+    assert s.per_request_mean_ms.queue == pytest.approx((1.0 + 0.0 + 2.0) / 3)
 
 
 def test_client_and_server_disagreeing_is_a_finding_with_how_much_and_where(tmp_path):
@@ -355,14 +356,13 @@ def test_client_and_server_disagreeing_is_a_finding_with_how_much_and_where(tmp_
             "monitors": {"otlp": {"clock": {"offset_ns": OFFSET, "error_ns": 40}}},
         }
     )
-    scenarios = [{"name": "a"}]
-    out = server_phases(run, run.info(), scenarios)
-    ttft = scenarios[0]["server_phases"]["agreement"]["ttft"]
-    assert not ttft["agree"] and ttft["diff_p50_ms"] == pytest.approx(30.0)
-    assert ttft["requests_agreeing"] == 0.0
+    out, per_scenario = server_phases(run, run.info(), [ScenarioSummary(name="a")])
+    ttft = per_scenario["a"].agreement.ttft
+    assert not ttft.agree and ttft.diff_p50_ms == pytest.approx(30.0)
+    assert ttft.requests_agreeing == 0.0
     assert any(
         line.startswith("a: TTFT") and "+30.00 ms" in line and "client's is longer" in line
-        for line in out["findings"]
+        for line in out.findings
     )
 
 
@@ -379,10 +379,9 @@ def test_no_account_from_the_server_is_one_line(tmp_path):
         [],
     )
     run.write_info({"server": {"name": "vllm"}})
-    scenarios = [{"name": "a"}]
-    out = server_phases(run, run.info(), scenarios)
-    assert out["source"] == "none" and "--otlp-traces-endpoint" in out["note"]
-    assert scenarios[0]["server_phases"]["coverage"] == 0.0
+    out, per_scenario = server_phases(run, run.info(), [ScenarioSummary(name="a")])
+    assert out.source == "none" and "--otlp-traces-endpoint" in out.note
+    assert per_scenario["a"].coverage == 0.0
 
 
 @pytest.mark.slow
@@ -440,12 +439,11 @@ def test_a_first_token_stamped_with_the_last_is_left_out_of_the_ttft_check(tmp_p
     run.write_info(
         {"server": {"name": "vllm"}, "clock": {"time_ns": OFFSET + 5, "monotonic_ns": 5}}
     )
-    scenarios = [{"name": "a"}]
-    out = server_phases(run, run.info(), scenarios)
-    sp = scenarios[0]["server_phases"]
-    assert sp["first_token_merged"] == 1 and sp["agreement"]["ttft"]["n"] == 3
-    assert sp["agreement"]["ttft"]["agree"] and sp["agreement"]["ttft"]["requests_agreeing"] == 1.0
-    assert not [line for line in out["findings"] if "TTFT" in line]
+    out, per_scenario = server_phases(run, run.info(), [ScenarioSummary(name="a")])
+    sp = per_scenario["a"]
+    assert sp.first_token_merged == 1 and sp.agreement.ttft.n == 3
+    assert sp.agreement.ttft.agree and sp.agreement.ttft.requests_agreeing == 1.0
+    assert not [line for line in out.findings if "TTFT" in line]
 
 
 def test_the_parser_marks_a_first_token_read_with_the_second():

@@ -26,6 +26,7 @@ import numpy as np
 import orjson
 
 from cputax.errors import CputaxError
+from cputax.results.summary import Summary
 
 __all__ = ["TIMES", "JsonlWriter", "RequestRecord", "RequestTable", "Results", "read_json", "read_jsonl", "read_request_table",
            "read_requests", "write_json"]
@@ -401,13 +402,14 @@ def read_json(path: Path) -> Any:
 class Results:
     """What analysis derives from one run directory: everything the report renders.
 
-    `info` is run.json; `summary`, `attribution` and `correlation` are what
-    summary.json, pyspy/attribution.json and correlation.json hold; `views` are the
+    `info` is run.json; `summary` is summary.json's Summary (cputax.results.summary);
+    `attribution` and `correlation` are what pyspy/attribution.json and correlation.json
+    hold; `views` are the
     flamegraph and speedscope files, relative to the run directory.
     """
 
     info: dict[str, Any]
-    summary: dict[str, Any]
+    summary: Summary
     attribution: dict[str, Any] | None = None
     correlation: dict[str, Any] | None = None
     views: list[str] = field(default_factory=list)

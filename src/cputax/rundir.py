@@ -36,6 +36,7 @@ from cputax.records import (
     read_requests,
     write_json,
 )
+from cputax.results.summary import Summary
 
 __all__ = ["RunDir", "SweepDir", "WhatIfDir", "safe_name"]
 
@@ -223,6 +224,14 @@ class RunDir:
 
     def write(self, path: Path, obj: Any) -> None:
         write_json(path, obj)
+
+    def read_summary(self) -> Summary:
+        """summary.json as a Summary; one CputaxError line for a missing file or a format
+        version this cputax does not read."""
+        return Summary.load(self.summary)
+
+    def write_summary(self, summary: Summary) -> None:
+        summary.dump(self.summary)
 
 
 class SweepDir:

@@ -619,7 +619,7 @@ def rebuild_report(run: RunDir) -> Results:
     console = Console()
     if not console.is_terminal:
         console.width = max(console.width, 160)  # a log file or pipe: don't squeeze the table
-    console.print(summary_table(results.summary["scenarios"]))
+    console.print(summary_table(results.summary.scenarios))
     console.print(f"wrote {run.summary}, {run.report_md} and {html}")
     return results
 

@@ -19,7 +19,10 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+import msgspec
+
 from cputax.records import RequestRecord
+from cputax.results.summary import Agentic
 from cputax.util import percentile
 
 PARTS = ("think", "client", "front_end", "engine")
@@ -138,7 +141,7 @@ def _stats(values: list[float]) -> dict[str, float | None]:
 
 
 def agentic_summary(records: list[RequestRecord], replay: dict[str, Any],
-                    server_hit_rate: float | None) -> dict[str, Any] | None:
+                    server_hit_rate: float | None) -> Agentic | None:
     """summary.json's `agentic` entry for a replay's records (None when there are none)."""
     records = [r for r in records if r.session is not None]
     if not records:
@@ -160,7 +163,7 @@ def agentic_summary(records: list[RequestRecord], replay: dict[str, Any],
     file_rate = (sum(c["trace_hit_rate"] * c["in_tokens"] for c in convs if c.get("trace_hit_rate") is not None)
                  / file_tokens) if file_tokens else None
     sent_in = sum(r.extra.get("trace_in", 0) for r in records)
-    return {
+    return msgspec.convert({  # the parts below are built as dicts, checked here
         "turns": {"count": len(parts), "ms": turns, "cycle_ms": _stats(cycle)},
         "sessions": sessions,
         "concurrency": _concurrency(records, agents),
@@ -169,4 +172,4 @@ def agentic_summary(records: list[RequestRecord], replay: dict[str, Any],
             "replayed_ideal": sum(r.extra.get("ideal_hit_tokens", 0) for r in records) / sent_in if sent_in else None,
             "server": server_hit_rate,
         },
-    }
+    }, Agentic)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from cputax.analysis.agentic import agentic_summary
@@ -17,21 +18,36 @@ from cputax.analysis.attribution import attribute_run
 from cputax.analysis.correlate import correlate_run
 from cputax.analysis.decompose import http_overhead_growth, summarize_scenario
 from cputax.analysis.emulated import add_bubbles
+from cputax.analysis.findings import CLIENT_CEILING_SHARE, in_short, scenario_findings
 from cputax.analysis.invariants import failure_line, schedule_lag, verdict, withhold
 from cputax.analysis.server_metrics import run_scenario_metrics
 from cputax.analysis.server_phases import server_phases
 from cputax.analysis.timeline import host_series, read_telemetry
 from cputax.records import RequestTable, Results
+from cputax.results.summary import (
+    Interrupted,
+    RunInfo,
+    ScenarioSummary,
+    ServerMetrics,
+    Skipped,
+    Summary,
+)
 from cputax.rundir import RunDir
 
 SUMMARY_RUN_KEYS = ("endpoint", "model", "profile", "prompt_counter", "host")
 
 
-def summarize_run(run: RunDir, info: dict[str, Any], table: RequestTable) -> dict[str, Any]:
+def summarize_run(run: RunDir, info: dict[str, Any], table: RequestTable,
+                  bubbles: dict[str, float | None] | None = None,
+                  correlation: dict[str, Any] | None = None,
+                  attribution: dict[str, Any] | None = None) -> Summary:
     """summary.json: per scenario the decomposition and the server's own metrics; with a
-    replay, the agentic metrics."""
+    replay, the agentic metrics; the findings drawn from them. `bubbles` are the emulated
+    GPU's idle shares by scenario (analysis.emulated.add_bubbles); `correlation` and
+    `attribution` feed the report's two opening lines."""
     windows = {w["scenario"]: w for w in run.read_windows()}
-    skipped = [{"name": name, "reason": w["skipped"]} for name, w in windows.items() if w.get("skipped")]
+    skipped = [Skipped(name=name, reason=w["skipped"]) for name, w in windows.items()
+               if w.get("skipped")]
     summaries = []
     for scenario in info["scenarios"]:
         mine = table.of_scenario(scenario["name"])
@@ -39,75 +55,86 @@ def summarize_run(run: RunDir, info: dict[str, Any], table: RequestTable) -> dic
             continue
         ended = ~np.isnan(mine["t_end"])
         sent = np.where(np.isnan(mine["t_sent"]), mine["t_start"], mine["t_sent"])
-        server = run_scenario_metrics(run, scenario["name"], int(mine.ok.sum()), (sent[ended], mine["t_end"][ended]))
-        summaries.append(summarize_scenario(scenario, mine, windows.get(scenario["name"]), server))
-        summaries[-1]["past_client_ceiling"] = past_ceiling(summaries[-1], info.get("client_ceiling"))
-        withhold(summaries[-1], verdict(mine))  # the run checks itself (analysis.invariants)
-        if (lag := schedule_lag(mine)) is not None:
-            summaries[-1]["schedule_lag_ms"] = lag
-    summary: dict[str, Any] = {"run": {k: info[k] for k in SUMMARY_RUN_KEYS if k in info}, "scenarios": summaries}
-    phases = server_phases(run, info, summaries)  # each request's own server phases, joined
-    if phases is not None:
-        summary["server_phases"] = phases
-    if skipped:
-        summary["skipped"] = skipped
-    shards = [f"{name}: {line}" for name, w in windows.items() for line in w.get("shard_failures") or []]
-    if shards:
-        summary["shard_failures"] = shards
-    # the wall clock set during the run (client.wire): in this process, and in each sharded scenario
-    steps = (info.get("stamps") or {}).get("clock_steps", 0) + sum(w.get("clock_steps", 0) for w in windows.values())
-    if steps:
-        summary["clock_steps"] = steps
-    interrupted = _interrupted(info, windows)
-    if interrupted:
-        summary["interrupted"] = interrupted
+        server = run_scenario_metrics(run, scenario["name"], int(mine.ok.sum()),
+                                      (sent[ended], mine["t_end"][ended]))
+        s = summarize_scenario(scenario, mine, windows.get(scenario["name"]),
+                               None if server is None else msgspec.convert(server, ServerMetrics))
+        s = withhold(s, verdict(mine))  # the run checks itself (analysis.invariants)
+        summaries.append(msgspec.structs.replace(
+            s, past_client_ceiling=past_ceiling(s, info.get("client_ceiling")),
+            schedule_lag_ms=schedule_lag(mine),
+            gpu_bubble_pct=(bubbles or {}).get(s.name)))
+    # each request's own server phases, joined
+    phases, per_scenario = server_phases(run, info, summaries)
+    summaries = [msgspec.structs.replace(s, server_phases=per_scenario.get(s.name))
+                 for s in summaries]
+    shards = [f"{name}: {line}" for name, w in windows.items()
+              for line in w.get("shard_failures") or []]
+    # the wall clock set during the run (client.wire): in this process, and in each sharded
+    # scenario
+    steps = ((info.get("stamps") or {}).get("clock_steps", 0)
+             + sum(w.get("clock_steps", 0) for w in windows.values()))
+    agentic = None
     if "replay" in info:
-        server = (summaries[0].get("server") or {}) if summaries else {}
-        summary["agentic"] = agentic_summary(table.replayed, info["replay"], server.get("prefix_cache_hit_rate"))
-    return summary
+        server = summaries[0].server if summaries else None
+        agentic = agentic_summary(table.replayed, info["replay"],
+                                  server.prefix_cache_hit_rate if server else None)
+    return Summary(
+        run=msgspec.convert({k: info[k] for k in SUMMARY_RUN_KEYS if k in info}, RunInfo),
+        scenarios=summaries,
+        server_phases=phases,
+        skipped=skipped,
+        shard_failures=shards,
+        clock_steps=steps,
+        interrupted=_interrupted(info, windows),
+        agentic=agentic,
+        findings=[f for s in summaries for f in scenario_findings(s, info)],
+        in_short=in_short(summaries, info, correlation, attribution),
+    )
 
 
-def _interrupted(info: dict[str, Any], windows: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+def _interrupted(info: dict[str, Any], windows: dict[str, dict[str, Any]]) -> Interrupted | None:
     """How a run stopped by SIGINT/SIGTERM ended (run.json's `interrupted`), with the scenarios
     whose window it cut short (windows.jsonl's); None for a run that ran to its end."""
     stopped = info.get("interrupted")
     cut = [name for name, w in windows.items() if w.get("interrupted")]
     if not stopped and not cut:
         return None
-    return {**(stopped or {}), "scenarios": cut}
+    signal = stopped.get("signal") if isinstance(stopped, dict) else None
+    return Interrupted(signal=signal, scenarios=cut)
 
 
-def interrupted_line(summary: dict[str, Any]) -> str | None:
+def interrupted_line(summary: Summary) -> str | None:
     """The one line that says a run was interrupted, or None."""
-    stopped = summary.get("interrupted")
+    stopped = summary.interrupted
     if not stopped:
         return None
-    where = f" during {', '.join(stopped['scenarios'])}" if stopped.get("scenarios") else ""
-    return (f"the run was interrupted by {stopped.get('signal', 'a signal')}{where}: later "
+    where = f" during {', '.join(stopped.scenarios)}" if stopped.scenarios else ""
+    return (f"the run was interrupted by {stopped.signal or 'a signal'}{where}: later "
             "scenarios did not run, and requests in flight are records with error `cancelled`")
 
 
-def past_ceiling(scenario: dict[str, Any], ceiling: dict[str, Any] | None) -> bool | None:
+def past_ceiling(scenario: ScenarioSummary, ceiling: dict[str, Any] | None) -> bool | None:
     """Whether the scenario's chunk rate came past the share of this machine's client ceiling
     (`cputax calibrate` stores it) where the client measures itself falling behind; None
     without a calibration."""
-    rate = (scenario.get("throughput") or {}).get("chunks_per_s")
+    rate = scenario.throughput.chunks_per_s if scenario.throughput else None
     if not ceiling or rate is None:
         return None
-    return rate > ceiling.get("share", 0.8) * ceiling["max_chunks_per_s"]
+    return rate > ceiling.get("share", CLIENT_CEILING_SHARE) * ceiling["max_chunks_per_s"]
 
 
-def failures(summary: dict[str, Any]) -> list[str]:
+def failures(summary: Summary) -> list[str]:
     """One line per scenario that was skipped or had failed requests (empty: a clean run)."""
-    lines = [f"{s['name']}: skipped ({s['reason']})" for s in summary.get("skipped", [])]
+    lines = [f"{s.name}: skipped ({s.reason})" for s in summary.skipped]
     stopped = interrupted_line(summary)
     if stopped:
         lines.insert(0, stopped)
-    lines += summary.get("shard_failures", [])
-    for s in summary["scenarios"]:
-        if s["errors"]:
-            kinds = ", ".join(f"{k} ({n})" for k, n in s["error_kinds"].items())
-            lines.append(f"{s['name']}: {s['errors']} of {s['requests']} requests failed: {kinds}")
+    lines += summary.shard_failures
+    for s in summary.scenarios:
+        if s.errors:
+            kinds = ", ".join(f"{k} ({n})" for k, n in s.error_kinds.items())
+            lines.append(f"{s.name}: {s.errors} of {s.requests} requests failed: {kinds}")
         if (line := failure_line(s)) is not None:
             lines.append(line)
     return lines
@@ -115,23 +142,24 @@ def failures(summary: dict[str, Any]) -> list[str]:
 
 def analyse(run: RunDir) -> Results:
     """Summary, CPU attribution (py-spy) and GPU-idle correlation of a run directory, written
-    to summary.json, pyspy/attribution.json and correlation.json and returned together."""
+    to summary.json, pyspy/attribution.json and correlation.json and returned together. The
+    summary comes last: its findings read the other two."""
     info = run.info()
     table = run.read_request_table()
-    summary = summarize_run(run, info, table)
-    run.write(run.summary, summary)
     telemetry = read_telemetry(run.iter_telemetry())
     attribution = attribute_run(run, host_series(telemetry))
     if attribution is not None:
         run.write(run.attribution, attribution)
     correlation = correlate_run(run, info, table, telemetry)
-    if add_bubbles(run, table, summary, correlation):  # the emulated GPU's own steps
-        run.write(run.summary, summary)
+    bubbles = add_bubbles(run, table, correlation)  # the emulated GPU's own steps
     run.write(run.correlation, correlation)
+    summary = summarize_run(run, info, table, bubbles, correlation, attribution)
+    run.write_summary(summary)
     return Results(info=info, summary=summary, attribution=attribution, correlation=correlation,
                    views=[p.as_posix() for p in run.views()],
-                   growth=http_overhead_growth(summary["scenarios"]), name=run.path.name,
-                   nodes={node.path.name: analyse_node(node, info, table) for node in run.nodes()})
+                   growth=http_overhead_growth(summary.scenarios), name=run.path.name,
+                   nodes={node.path.name: analyse_node(node, info, table)
+                          for node in run.nodes()})
 
 
 def analyse_node(node: RunDir, info: dict[str, Any], table: RequestTable) -> dict[str, Any]:

@@ -16,7 +16,9 @@ import numpy as np
 
 from cputax.analysis.decompose import PHASES, completed, summarize_scenario
 from cputax.errors import CputaxError
-from cputax.records import RequestTable, read_json
+from cputax.records import RequestTable
+from cputax.results.format import to_builtins
+from cputax.results.summary import ScenarioSummary
 from cputax.rundir import RunDir
 
 GROUPS = 4  # slices of an open-loop scenario (or one batch) for the spread
@@ -28,7 +30,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     run = RunDir(run_dir)
     if not run.summary.exists():
         raise CputaxError(f"{run_dir}: no summary.json; is it a run directory? (`cputax report {run_dir}` rebuilds it)")
-    return {"dir": run_dir, "summary": read_json(run.summary), "table": run.read_request_table(),
+    return {"dir": run_dir, "summary": run.read_summary(), "table": run.read_request_table(),
             "correlation": run.read_optional(run.correlation)}
 
 
@@ -47,8 +49,8 @@ def groups(table: RequestTable) -> list[RequestTable]:
     return [done.where(np.arange(i * n // GROUPS, (i + 1) * n // GROUPS)) for i in range(GROUPS)]
 
 
-def _value(s: dict[str, Any], component: str) -> float | None:
-    return s[component] if component in RATIOS else s["mean_ms"][component]
+def _value(s: ScenarioSummary, component: str) -> float | None:
+    return getattr(s, component) if component in RATIOS else getattr(s.mean_ms, component)
 
 
 def spreads(scenario: dict[str, Any], table: RequestTable) -> dict[str, float | None]:
@@ -78,32 +80,39 @@ def _gpu(run: dict[str, Any], name: str) -> dict[str, Any] | None:
     return next((s.get("gpu") for s in corr.get("scenarios", []) if s["name"] == name), None)
 
 
-def compare_scenario(a: dict[str, Any], b: dict[str, Any], sa: dict[str, Any], sb: dict[str, Any]) -> dict[str, Any]:
-    name = sa["name"]
-    spread_a = spreads(sa, a["table"].of_scenario(name))
-    spread_b = spreads(sb, b["table"].of_scenario(name))
+def _asked(s: ScenarioSummary) -> dict[str, Any]:
+    """The profile's scenario as summarize_scenario reads it, from its summary."""
+    return {"name": s.name, "concurrency": s.concurrency, "context_tokens": s.context_tokens}
+
+
+def compare_scenario(a: dict[str, Any], b: dict[str, Any], sa: ScenarioSummary,
+                     sb: ScenarioSummary) -> dict[str, Any]:
+    name = sa.name
+    spread_a = spreads(_asked(sa), a["table"].of_scenario(name))
+    spread_b = spreads(_asked(sb), b["table"].of_scenario(name))
     rows = []
     for component in (*PHASES, *RATIOS):
         extra = None
         if component not in RATIOS:
-            extra = {f"{q}_{side}": s[f"{q}_ms"][component] for q in ("p50", "p99") for side, s in (("a", sa), ("b", sb))}
+            extra = {f"{q}_{side}": getattr(getattr(s, f"{q}_ms"), component)
+                     for q in ("p50", "p99") for side, s in (("a", sa), ("b", sb))}
         rows.append(delta_row(component, _value(sa, component), _value(sb, component),
                          spread_a[component], spread_b[component], extra))
     ga, gb = _gpu(a, name), _gpu(b, name)
     if ga and gb:
         rows += [delta_row(f"gpu_{k}", ga[k], gb[k], None, None) for k in TELEMETRY]
-    return {"name": name, "concurrency": sa.get("concurrency"), "context_tokens": sa.get("context_tokens"),
-            "requests": [sa["requests"], sb["requests"]], "components": rows}
+    return {"name": name, "concurrency": sa.concurrency, "context_tokens": sa.context_tokens,
+            "requests": [sa.requests, sb.requests], "components": rows}
 
 
 def compare_runs(dir_a: Path, dir_b: Path, names: tuple[str, str] = ("A", "B")) -> dict[str, Any]:
     a, b = load_run(dir_a), load_run(dir_b)
-    by_name_b = {s["name"]: s for s in b["summary"]["scenarios"]}
-    names_a = [s["name"] for s in a["summary"]["scenarios"]]
-    scenarios = [compare_scenario(a, b, s, by_name_b[s["name"]])
-                 for s in a["summary"]["scenarios"] if s["name"] in by_name_b]
+    by_name_b = {s.name: s for s in b["summary"].scenarios}
+    names_a = [s.name for s in a["summary"].scenarios]
+    scenarios = [compare_scenario(a, b, s, by_name_b[s.name])
+                 for s in a["summary"].scenarios if s.name in by_name_b]
     return {"names": list(names), "runs": [str(dir_a), str(dir_b)],
-            "run_info": [a["summary"].get("run", {}), b["summary"].get("run", {})],
+            "run_info": [to_builtins(a["summary"].run), to_builtins(b["summary"].run)],
             "scenarios": scenarios,
             "only_in_a": [n for n in names_a if n not in by_name_b],
             "only_in_b": [n for n in by_name_b if n not in names_a]}

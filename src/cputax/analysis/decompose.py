@@ -23,10 +23,18 @@ from typing import Any
 import numpy as np
 
 from cputax.records import RequestTable
+from cputax.results.summary import (
+    ClientCpu,
+    ClientLag,
+    PhaseTimes,
+    ScenarioSummary,
+    ServerMetrics,
+    Throughput,
+)
 from cputax.util import average, percentile
 
-__all__ = ["CPU_PHASES", "GPU_PHASES", "PHASES", "completed", "http_overhead_growth", "percentile", "phases",
-           "received", "summarize_scenario"]
+__all__ = ["CPU_PHASES", "GPU_PHASES", "PHASES", "completed", "http_overhead_growth",
+           "percentile", "phases", "received", "summarize_scenario"]
 
 PHASES = ("serialize", "http_overhead", "prefill", "decode", "response_parse", "total")
 CPU_PHASES = ("serialize", "http_overhead", "response_parse")
@@ -65,13 +73,14 @@ def phases(table: RequestTable) -> dict[str, np.ndarray]:
     }
 
 
-def _stat(values: dict[str, np.ndarray], q: float | None) -> dict[str, float | None]:
-    """Per phase the mean (q None) or the q-th percentile, linear as util.percentile; None when empty."""
+def _stat(values: dict[str, np.ndarray], q: float | None) -> PhaseTimes:
+    """Per phase the mean (q None) or the q-th percentile, linear as util.percentile; None
+    when empty."""
     out: dict[str, float | None] = {}
     for p in PHASES:
         v = values[p]
         out[p] = None if not len(v) else float(v.mean() if q is None else np.percentile(v, q))
-    return out
+    return PhaseTimes(**out)
 
 
 def _error_kind(error: str | None) -> str:
@@ -80,15 +89,15 @@ def _error_kind(error: str | None) -> str:
     return text[:60]
 
 
-def _client_lag(table: RequestTable) -> dict[str, Any] | None:
+def _client_lag(table: RequestTable) -> ClientLag | None:
     """The loop's stamp minus the kernel's at the first and last token (ms): the client's lag."""
     lags = [table[name] - table[name + "_kernel"] for name in ("t_first_token", "t_last_token")]
     lags = [lag[~np.isnan(lag)] * MS for lag in lags]
     if not len(lags[0]):
         return None
     both = np.concatenate(lags)
-    return {"p50": float(np.percentile(both, 50)), "p99": float(np.percentile(both, 99)), "max": float(both.max()),
-            "first_token_p99": float(np.percentile(lags[0], 99))}
+    return ClientLag(p50=float(np.percentile(both, 50)), p99=float(np.percentile(both, 99)),
+                     max=float(both.max()), first_token_p99=float(np.percentile(lags[0], 99)))
 
 
 def _shared_pct(table: RequestTable) -> float | None:
@@ -110,18 +119,19 @@ def summarize_scenario(
     scenario: dict[str, Any],
     table: RequestTable,
     window: dict[str, Any] | None = None,
-    server: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    server: ServerMetrics | None = None,
+) -> ScenarioSummary:
     """The summary.json entry of one scenario (`scenario` is the profile's scenario as a
-    dict, `table` its requests)."""
+    dict, `table` its requests): the decomposition; analysis.analyse adds the verdict and
+    what else needs the whole run with msgspec.structs.replace."""
     values = phases(table)
     done = completed(table)
     rows = int(done.sum())
     ok = table.ok
     mean = _stat(values, None)
-    cpu = sum(mean[p] for p in CPU_PHASES) if rows else None
-    gpu = sum(mean[p] for p in GPU_PHASES) if rows else None
-    total = mean["total"]
+    cpu = sum(getattr(mean, p) for p in CPU_PHASES) if rows else None
+    gpu = sum(getattr(mean, p) for p in GPU_PHASES) if rows else None
+    total = mean.total
     target = scenario.get("context_tokens")
     prompt_mean = average(table["prompt_tokens"][ok])
     off = (prompt_mean - target) / target if prompt_mean is not None and target else None
@@ -131,45 +141,45 @@ def summarize_scenario(
         errors[kind] = errors.get(kind, 0) + 1
     chunks = table["chunks"][ok]
     output = table["output_tokens"][ok]
-    summary: dict[str, Any] = {
-        "name": scenario["name"],
-        "concurrency": scenario.get("concurrency"),
-        "context_tokens": target,
-        "requests": len(table),
-        "errors": int((~ok).sum()),
-        "error_kinds": errors,
-        "prompt_tokens_mean": prompt_mean,
-        "prompt_tokens_off_pct": None if off is None else 100.0 * off,
-        "prompt_tokens_flagged": off is not None and abs(off) > PROMPT_TOLERANCE,
-        "output_tokens_mean": average(output),
-        "output_tokens_source": table.source_names(),
-        "mean_ms": mean,
-        "p50_ms": _stat(values, 50),
-        "p99_ms": _stat(values, 99),
-        "clock": _clock(table, done),
-        "client_lag_ms": _client_lag(table),
-        "shared_stamps_pct": _shared_pct(table),
-        "client_cpu_ms": {
-            "build": average(table["build_s"][ok] * 1000.0),
-            "parse_per_chunk_us": average(np.divide(table["parse_s"][ok] * 1e6, chunks,
-                                                    where=chunks > 0,
-                                                    out=np.full(len(chunks), np.nan))),
-        },
-        "cpu_pct": None if not total else 100.0 * cpu / total,
-        "gpu_pct": None if not total else 100.0 * gpu / total,
-        "server": server,
-    }
+    parse_per_chunk = np.divide(table["parse_s"][ok] * 1e6, chunks, where=chunks > 0,
+                                out=np.full(len(chunks), np.nan))
+    wall = throughput = achieved = None
     if window:
         wall = (window["end_ns"] - window["start_ns"]) / 1e9
         produced = float(np.nansum(output))
-        summary["wall_s"] = wall
-        summary["throughput"] = {
-            "requests_per_s": int(ok.sum()) / wall if wall > 0 else None,
-            "output_tokens_per_s": produced / wall if wall > 0 else None,
-            "chunks_per_s": float(np.nansum(table["chunks"])) / wall if wall > 0 else None,
-        }
-        summary["achieved_concurrency"] = _achieved_concurrency(table, window)
-    return summary
+        throughput = Throughput(
+            requests_per_s=int(ok.sum()) / wall if wall > 0 else None,
+            output_tokens_per_s=produced / wall if wall > 0 else None,
+            chunks_per_s=float(np.nansum(table["chunks"])) / wall if wall > 0 else None,
+        )
+        achieved = _achieved_concurrency(table, window)
+    return ScenarioSummary(
+        name=scenario["name"],
+        concurrency=scenario.get("concurrency"),
+        context_tokens=target,
+        requests=len(table),
+        errors=int((~ok).sum()),
+        error_kinds=errors,
+        prompt_tokens_mean=prompt_mean,
+        prompt_tokens_off_pct=None if off is None else 100.0 * off,
+        prompt_tokens_flagged=off is not None and abs(off) > PROMPT_TOLERANCE,
+        output_tokens_mean=average(output),
+        output_tokens_source=table.source_names(),
+        mean_ms=mean,
+        p50_ms=_stat(values, 50),
+        p99_ms=_stat(values, 99),
+        clock=_clock(table, done),
+        client_lag_ms=_client_lag(table),
+        shared_stamps_pct=_shared_pct(table),
+        client_cpu_ms=ClientCpu(build=average(table["build_s"][ok] * 1000.0),
+                                parse_per_chunk_us=average(parse_per_chunk)),
+        cpu_pct=None if not total else 100.0 * cpu / total,
+        gpu_pct=None if not total else 100.0 * gpu / total,
+        server=server,
+        wall_s=wall,
+        throughput=throughput,
+        achieved_concurrency=achieved,
+    )
 
 
 def _achieved_concurrency(table: RequestTable, window: dict[str, Any]) -> float | None:
@@ -182,23 +192,23 @@ def _achieved_concurrency(table: RequestTable, window: dict[str, Any]) -> float 
     return float(np.where(np.isnan(end), 0.0, end - start).sum()) / wall
 
 
-def http_overhead_growth(scenarios: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def http_overhead_growth(scenarios: list[ScenarioSummary]) -> list[dict[str, Any]]:
     """http_overhead by concurrency for each context size, relative to the lowest concurrency."""
-    by_ctx: dict[int, list[dict[str, Any]]] = {}
+    by_ctx: dict[int, list[ScenarioSummary]] = {}
     for s in scenarios:
-        if s["mean_ms"]["http_overhead"] is not None:
-            by_ctx.setdefault(s["context_tokens"], []).append(s)
+        if s.mean_ms.http_overhead is not None:
+            by_ctx.setdefault(s.context_tokens, []).append(s)
     rows = []
     for ctx, group in sorted(by_ctx.items()):
-        if len({s["concurrency"] for s in group}) < 2:
+        if len({s.concurrency for s in group}) < 2:
             continue  # growth needs two concurrency levels at one context size
-        group.sort(key=lambda s: s["concurrency"])
-        base = group[0]["mean_ms"]["http_overhead"]
+        group.sort(key=lambda s: s.concurrency)
+        base = group[0].mean_ms.http_overhead
         for s in group:
-            oh = s["mean_ms"]["http_overhead"]
+            oh = s.mean_ms.http_overhead
             rows.append({
-                "context_tokens": ctx, "concurrency": s["concurrency"], "scenario": s["name"],
-                "http_overhead_ms": oh, "p99_ms": s["p99_ms"]["http_overhead"],
+                "context_tokens": ctx, "concurrency": s.concurrency, "scenario": s.name,
+                "http_overhead_ms": oh, "p99_ms": s.p99_ms.http_overhead,
                 "growth": oh / base if base else None,
             })
     return rows

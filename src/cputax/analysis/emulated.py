@@ -83,19 +83,19 @@ def scenario_bubbles(
 
 
 def add_bubbles(
-    run: RunDir, table: RequestTable, summary: dict[str, Any], correlation: dict[str, Any]
-) -> bool:
+    run: RunDir, table: RequestTable, correlation: dict[str, Any]
+) -> dict[str, float | None]:
     """For a run with an emulated GPU: `emulated_gpu` on each correlation scenario, and its
-    bubble share (`gpu_bubble_pct`) beside the study's CPU% on each summary scenario. False
-    (nothing added) for a run without one."""
+    bubble share by scenario name, for the summary's `gpu_bubble_pct` beside the study's
+    CPU%. Empty (nothing added) for a run without one."""
     if not run.emulated_gpu.is_file():
-        return False
+        return {}
     steps = sorted((s for s, _ in read_steps(run.emulated_gpu)), key=lambda s: s.t0_ns)
     if not steps:
-        return False
+        return {}
     categories = without_emulated_step(category_spans(run)) if correlation.get("pyspy") else {}
     windows = {w["scenario"]: w for w in run.read_windows() if not w.get("skipped")}
-    by_name = {s["name"]: s for s in summary.get("scenarios", [])}
+    bubbles: dict[str, float | None] = {}
     for scenario in correlation.get("scenarios", []):
         w = windows.get(scenario["name"])
         if w is None:
@@ -104,7 +104,6 @@ def add_bubbles(
         states = pending_states(request_phases(table.of_scenario(scenario["name"])).clip(*window))
         result = scenario_bubbles(window, steps, states, categories)
         scenario["emulated_gpu"] = result
-        if scenario["name"] in by_name:
-            by_name[scenario["name"]]["gpu_bubble_pct"] = result["bubble_pct"]
+        bubbles[scenario["name"]] = result["bubble_pct"]
     correlation["emulated_gpu"] = True
-    return True
+    return bubbles

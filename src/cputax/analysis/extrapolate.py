@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from cputax.errors import CputaxError
-from cputax.records import read_json
 from cputax.rundir import RunDir
 
 Q_GRID = [i / 100 for i in range(0, 151)]
@@ -53,27 +52,28 @@ def points_from_run(run: RunDir) -> tuple[list[Point], list[str]]:
     """The scenarios that fit the batch model, and one line per scenario left out."""
     if not run.summary.exists():
         raise CputaxError(f"{run.path}: no summary.json; run `cputax report {run.path}` first")
-    summary = read_json(run.summary)
+    summary = run.read_summary()
     info = run.info() if run.has_info() else {}
     asked = {s["name"]: s for s in info.get("scenarios", [])}
     points, left_out = [], []
-    for s in summary.get("scenarios", []):
-        spec = asked.get(s["name"], {})
-        mean = s.get("mean_ms") or {}
+    for s in summary.scenarios:
+        spec = asked.get(s.name, {})
+        mean = s.mean_ms
         if spec.get("batches") is None:
-            left_out.append(f"{s['name']}: its requests do not arrive as batches (open loop, duration or replay)")
+            left_out.append(f"{s.name}: its requests do not arrive as batches (open loop, "
+                            "duration or replay)")
             continue
-        if s.get("withheld"):  # its records break the run's invariants (analysis.invariants)
-            left_out.append(f"{s['name']}: {s['withheld']}")
+        if s.withheld:  # its records break the run's invariants (analysis.invariants)
+            left_out.append(f"{s.name}: {s.withheld}")
             continue
-        if mean.get("http_overhead") is None or not mean.get("total"):
-            left_out.append(f"{s['name']}: no finished request")
+        if mean.http_overhead is None or not mean.total:
+            left_out.append(f"{s.name}: no finished request")
             continue
-        client = mean["serialize"] + mean["response_parse"]
-        tokens = s.get("prompt_tokens_mean") or s["context_tokens"]
-        points.append(Point(s["name"], int(s["concurrency"]), float(tokens), int(s["context_tokens"]),
-                            mean["http_overhead"], client, mean["total"] - mean["http_overhead"] - client,
-                            s["cpu_pct"]))
+        client = (mean.serialize or 0.0) + (mean.response_parse or 0.0)
+        tokens = s.prompt_tokens_mean or s.context_tokens
+        points.append(Point(s.name, int(s.concurrency), float(tokens), int(s.context_tokens),
+                            mean.http_overhead, client, mean.total - mean.http_overhead - client,
+                            s.cpu_pct))
     return points, left_out
 
 

@@ -14,8 +14,8 @@ find the records where they are (issue 17):
 - `*_p99`: the scenario's p99 of one of the last three is above `p99_ms`: more than 1% of
   its records, and more than one, are beyond it (they are counted).
 
-A scenario with any such record is marked in summary.json (`invariants`), its CPU% and
-GPU% are withheld (None, with `withheld` saying why), and the run fails with one line.
+A scenario with any such record is marked in summary.json (`invariants`, a Verdict), its
+CPU% and GPU% are withheld (None, with `withheld` saying why), and the run fails with one line.
 """
 
 from __future__ import annotations
@@ -24,11 +24,14 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from cputax.records import RequestTable
+from cputax.results.summary import ScenarioSummary, ScheduleLag, Verdict, VerdictBounds
 
-__all__ = ["CAUSES", "Bounds", "check", "describe", "failure_line", "schedule_lag", "verdict", "withhold"]
+__all__ = ["CAUSES", "Bounds", "check", "describe", "failure_line", "schedule_lag", "verdict",
+           "withhold"]
 
 MS = 1e-6
 
@@ -122,42 +125,42 @@ def _received(table: RequestTable, name: str) -> np.ndarray:
     return np.where(np.isnan(kernel), table[name], kernel)
 
 
-def verdict(table: RequestTable, bounds: Bounds = DEFAULT) -> dict[str, Any]:
+def verdict(table: RequestTable, bounds: Bounds = DEFAULT) -> Verdict:
     """A scenario's verdict: rows checked, rows breaking any invariant, count per cause."""
     masks = {**check(table, bounds), **_p99_breaks(table, bounds)}
     bad = np.zeros(len(table), dtype=bool)
     for mask in masks.values():
         bad |= mask
     counts = {cause: int(mask.sum()) for cause, mask in masks.items() if mask.any()}
-    return {"ok": not counts, "checked": len(table), "broken": int(bad.sum()), "causes": counts,
-            "bounds": asdict(bounds)}
+    return Verdict(ok=not counts, checked=len(table), broken=int(bad.sum()), causes=counts,
+                   bounds=VerdictBounds(**asdict(bounds)))
 
 
-def describe(verdict: dict[str, Any]) -> str:
+def describe(verdict: Verdict) -> str:
     """The causes of a broken verdict in words, with counts."""
-    bounds = verdict.get("bounds") or asdict(Bounds())
+    bounds = msgspec.structs.asdict(verdict.bounds)
     return "; ".join(f"{n} {CAUSES.get(cause, cause).format(**bounds)}"
-                     for cause, n in verdict["causes"].items())
+                     for cause, n in verdict.causes.items())
 
 
-def withhold(summary: dict[str, Any], verdict: dict[str, Any]) -> None:
-    """Mark a scenario's summary with its verdict; a broken one has its CPU%/GPU% withheld."""
-    summary["invariants"] = verdict
-    if verdict["ok"]:
-        return
-    summary["cpu_pct"] = summary["gpu_pct"] = None
-    summary["withheld"] = (f"{verdict['broken']} of {verdict['checked']} requests break the run's "
-                           f"invariants: {describe(verdict)}")
+def withhold(summary: ScenarioSummary, verdict: Verdict) -> ScenarioSummary:
+    """The scenario's summary with its verdict; a broken one has its CPU%/GPU% withheld."""
+    if verdict.ok:
+        return msgspec.structs.replace(summary, invariants=verdict)
+    why = (f"{verdict.broken} of {verdict.checked} requests break the run's invariants: "
+           f"{describe(verdict)}")
+    return msgspec.structs.replace(summary, invariants=verdict, cpu_pct=None, gpu_pct=None,
+                                   withheld=why)
 
 
-def failure_line(summary: dict[str, Any]) -> str | None:
+def failure_line(summary: ScenarioSummary) -> str | None:
     """One line for a scenario whose records break the invariants (None: they keep them)."""
-    if not summary.get("withheld"):
+    if not summary.withheld:
         return None
-    return f"{summary['name']}: {summary['withheld']}; its CPU% is withheld"
+    return f"{summary.name}: {summary.withheld}; its CPU% is withheld"
 
 
-def schedule_lag(table: RequestTable) -> dict[str, Any] | None:
+def schedule_lag(table: RequestTable) -> ScheduleLag | None:
     """Open-loop requests: the schedule lag (t_start - t_intended) and latency from the intended
     start (coordinated omission: the client's own lateness stays in the figure). None for a
     closed-loop scenario."""
@@ -175,4 +178,4 @@ def schedule_lag(table: RequestTable) -> dict[str, Any] | None:
         if len(values):
             out[f"{name}_from_intended_p50"] = float(np.percentile(values, 50))
             out[f"{name}_from_intended_p99"] = float(np.percentile(values, 99))
-    return out
+    return ScheduleLag(**out)

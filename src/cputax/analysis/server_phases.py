@@ -30,6 +30,17 @@ import msgspec
 import numpy as np
 
 from cputax.records import read_jsonl
+from cputax.results.summary import (
+    Agreement,
+    Comparison,
+    PhaseStats,
+    ScenarioServerPhases,
+    ScenarioSummary,
+    ServerMeans,
+    ServerMetrics,
+    ServerPhasesRun,
+    ServerPhaseTimes,
+)
 from cputax.rundir import RunDir
 from cputax.servers import get
 from cputax.servers.base import Tracing
@@ -203,22 +214,17 @@ def agree(client: float, server: float) -> bool:
     return abs(client - server) <= TOLERANCE[0] + TOLERANCE[1] * abs(client)
 
 
-def _stats(values: list[float]) -> dict[str, Any] | None:
+def _stats(values: list[float]) -> PhaseStats | None:
     if not values:
         return None
     v = np.asarray(values)
-    return {
-        "n": len(v),
-        "mean": float(v.mean()),
-        "p50": float(np.percentile(v, 50)),
-        "p99": float(np.percentile(v, 99)),
-        "min": float(v.min()),
-    }
+    return PhaseStats(n=len(v), mean=float(v.mean()), p50=float(np.percentile(v, 50)),
+                      p99=float(np.percentile(v, 99)), min=float(v.min()))
 
 
 def _comparison(
     rows: list[Joined], client: str, server: str, what: str, where: str
-) -> dict[str, Any] | None:
+) -> Comparison | None:
     """Client vs server figure of one interval over a scenario: p50 of each, the p50 of the
     per-request differences and whether it is within the tolerance of the client's p50, the
     share of requests that agree one by one."""
@@ -233,23 +239,24 @@ def _comparison(
     c50, s50 = float(np.percentile(c, 50)), float(np.percentile(s, 50))
     d50 = float(np.percentile(c - s, 50))
     ok = agree(c50, c50 - d50)
-    out = {
-        "client_p50_ms": c50,
-        "server_p50_ms": s50,
-        "diff_p50_ms": d50,
-        "tolerance_ms": TOLERANCE[0] + TOLERANCE[1] * abs(c50),
-        "agree": ok,
-        "requests_agreeing": float(np.mean([agree(a, b) for a, b in pairs])),
-        "n": len(pairs),
-    }
+    finding = None
     if not ok:
         side = "the client's is longer" if d50 > 0 else "the server's is longer"
-        out["finding"] = (
+        finding = (
             f"{what}: client p50 {c50:.2f} ms vs server p50 {s50:.2f} ms, per request "
             f"{d50:+.2f} ms at p50 ({d50 / c50 * 100 if c50 else float('nan'):+.0f}% of the "
             f"client's); {side}: {where}"
         )
-    return out
+    return Comparison(
+        client_p50_ms=c50,
+        server_p50_ms=s50,
+        diff_p50_ms=d50,
+        tolerance_ms=TOLERANCE[0] + TOLERANCE[1] * abs(c50),
+        agree=ok,
+        requests_agreeing=float(np.mean([agree(a, b) for a, b in pairs])),
+        n=len(pairs),
+        finding=finding,
+    )
 
 
 TTFT_WHERE = (
@@ -263,17 +270,17 @@ PREFILL_WHERE = (
 
 
 def summarize(
-    rows: list[Joined], unmatched: int, prometheus: dict[str, Any] | None
-) -> dict[str, Any]:
+    rows: list[Joined], unmatched: int, prometheus: ServerMetrics | None
+) -> ScenarioServerPhases:
     """One scenario's server phases: coverage, the phases' p50/p99/mean, negatives, the two
     agreements, and the per-request means beside the Prometheus means of the same scenario."""
     served = [r for r in rows if r.server]
     sources: dict[str, int] = {}
     for r in served:
         sources[r.server["source"]] = sources.get(r.server["source"], 0) + 1
-    phases = {
+    phases = ServerPhaseTimes(**{
         p: _stats([r.phases[p] for r in served if r.phases.get(p) is not None]) for p in PHASES
-    }
+    })
     negative = {
         p: sum(1 for r in served if (r.phases.get(p) or 0.0) < -NEGATIVE_MS) for p in PHASES
     }
@@ -287,38 +294,38 @@ def summarize(
     ):
         values = [r.server[name] for r in served if r.server.get(name) is not None]
         means[key] = float(np.mean(values)) if values else None
-    prom = (prometheus or {}).get("mean_ms") or {}
-    return {
-        "records": len(rows),
-        "with_server": len(served),
-        "coverage": len(served) / len(rows) if rows else None,
-        "sources": sources,
-        "first_token_merged": sum(1 for r in rows if r.first_merged),
-        "records_without_span": sum(
+    prom = prometheus.mean_ms if prometheus is not None else {}
+    return ScenarioServerPhases(
+        records=len(rows),
+        with_server=len(served),
+        coverage=len(served) / len(rows) if rows else None,
+        sources=sources,
+        first_token_merged=sum(1 for r in rows if r.first_merged),
+        records_without_span=sum(
             1 for r in rows if not r.server or r.server.get("source") != "otlp"
         ),
-        "spans_without_record": unmatched,
-        "phases_ms": phases,
-        "negative": {p: n for p, n in negative.items() if n},
-        "agreement": {
-            "ttft": _comparison(
+        spans_without_record=unmatched,
+        phases_ms=phases,
+        negative={p: n for p, n in negative.items() if n},
+        agreement=Agreement(
+            ttft=_comparison(
                 served,
                 "client_ttft",
                 "server_ttft_in",
                 "TTFT (client vs server TTFT + HTTP in)",
                 TTFT_WHERE,
             ),
-            "prefill": _comparison(
+            prefill=_comparison(
                 served,
                 "client_prefill",
                 "server_prefill",
                 "prefill (client headers -> first token vs engine queue + prefill)",
                 PREFILL_WHERE,
             ),
-        },
-        "per_request_mean_ms": means,
-        "prometheus_mean_ms": {k: prom.get(k) for k in means},
-    }
+        ),
+        per_request_mean_ms=ServerMeans(**means),
+        prometheus_mean_ms=ServerMeans(**{k: prom.get(k) for k in means}),
+    )
 
 
 def _offset(info: dict[str, Any]) -> tuple[int, int | None]:
@@ -343,15 +350,15 @@ def _tracing(info: dict[str, Any]) -> Tracing | None:
 
 
 def server_phases(
-    run: RunDir, info: dict[str, Any], scenarios: list[dict[str, Any]]
-) -> dict[str, Any] | None:
-    """Join the run's records to the server's own accounts and summarize per scenario: adds
-    `server_phases` to each scenario dict of the summary and returns the run's line (which
-    source, spans received and unmatched, the findings; `note`, one line, when the server
-    gave no account of any request). None for a server whose table has no such account."""
+    run: RunDir, info: dict[str, Any], scenarios: list[ScenarioSummary]
+) -> tuple[ServerPhasesRun | None, dict[str, ScenarioServerPhases]]:
+    """Join the run's records to the server's own accounts and summarize per scenario: the
+    run's line (which source, spans received and unmatched, the findings; `note`, one line,
+    when the server gave no account of any request) and each scenario's server phases, by
+    name. (None, {}) for a server whose table has no such account."""
     tracing = _tracing(info)
     if tracing is None:
-        return None
+        return None, {}
     offset, error = _offset(info)
     rows, unmatched = join(run, tracing, offset)
     windows = [w for w in run.read_windows() if not w.get("skipped")]
@@ -368,32 +375,34 @@ def server_phases(
             stray[w["scenario"]] = stray.get(w["scenario"], 0) + 1
     findings = []
     served = 0
+    per_scenario = {}
     for scenario in scenarios:
-        mine = by_scenario.get(scenario["name"], [])
-        summary = summarize(mine, stray.get(scenario["name"], 0), scenario.get("server"))
-        scenario["server_phases"] = summary
-        served += summary["with_server"]
-        for check in summary["agreement"].values():
-            if check and check.get("finding"):
-                findings.append(f"{scenario['name']}: {check['finding']}")
-        for phase, n in summary["negative"].items():
+        mine = by_scenario.get(scenario.name, [])
+        summary = summarize(mine, stray.get(scenario.name, 0), scenario.server)
+        per_scenario[scenario.name] = summary
+        served += summary.with_server
+        for check in (summary.agreement.ttft, summary.agreement.prefill):
+            if check and check.finding:
+                findings.append(f"{scenario.name}: {check.finding}")
+        for phase, n in summary.negative.items():
             findings.append(
-                f"{scenario['name']}: {phase} negative in {n} request(s): the two ends' clocks "
+                f"{scenario.name}: {phase} negative in {n} request(s): the two ends' clocks "
                 f"or the server's stamps disagree"
             )
     sources = sorted({r.server["source"] for r in rows if r.server})
     matched = sum(1 for r in rows if r.server and r.server["source"] == "otlp")
-    out = {
-        "source": "+".join(sources) if sources else "none",
-        "spans_received": matched + len(unmatched),
-        "spans_matched": matched,
-        "spans_outside_windows": outside,
-        "clock_error_ns": error,
-        "findings": findings,
-    }
+    note = None
     if not served:
-        out["note"] = (
+        note = (
             "the server gave no per-request account (no spans, no per-request metrics): start vLLM "
             f"with {tracing.traces_flag} (cputax run --otlp-listen) or {tracing.metrics_flag}"
         )
-    return out
+    return ServerPhasesRun(
+        source="+".join(sources) if sources else "none",
+        spans_received=matched + len(unmatched),
+        spans_matched=matched,
+        spans_outside_windows=outside,
+        clock_error_ns=error,
+        findings=findings,
+        note=note,
+    ), per_scenario

@@ -14,7 +14,7 @@ from typing import Any
 
 from cputax.analysis.claims import claims
 from cputax.analysis.compare import delta_row, spreads
-from cputax.records import read_json
+from cputax.results.summary import ScenarioSummary
 from cputax.rundir import SweepDir
 from cputax.servers import IDLE, OTHER
 from cputax.util import average
@@ -52,7 +52,7 @@ def load_config_runs(sweep: SweepDir, folders: list[str]) -> list[dict[str, Any]
         run = sweep.run(folder)
         if not run.summary.exists():
             continue
-        runs.append({"folder": folder, "summary": read_json(run.summary), "info": run.info(),
+        runs.append({"folder": folder, "summary": run.read_summary(), "info": run.info(),
                      "attribution": run.read_optional(run.attribution), "correlation": run.read_optional(run.correlation),
                      "table": run.read_request_table()})
     return runs
@@ -114,20 +114,23 @@ def gil_rows(window: dict[str, Any] | None) -> list[dict[str, Any]]:
     return out
 
 
-def scenario_metrics(summary: dict[str, Any], window: dict[str, Any] | None,
+def scenario_metrics(summary: ScenarioSummary, window: dict[str, Any] | None,
                      host: dict[str, Any] | None) -> dict[str, float | None]:
     """One run's measurements of one scenario (METRICS)."""
-    mean = summary["mean_ms"]
-    server = (summary.get("server") or {}).get("mean_ms") or {}
-    out_tokens = summary.get("output_tokens_mean")
+    mean = summary.mean_ms
+    server = summary.server.mean_ms if summary.server is not None else {}
+    out_tokens = summary.output_tokens_mean
+    ttft = (None if mean.prefill is None
+            else (mean.serialize or 0.0) + (mean.http_overhead or 0.0) + mean.prefill)
+    itl = (mean.decode / (out_tokens - 1)
+           if mean.decode is not None and out_tokens and out_tokens > 1 else None)
     values: dict[str, float | None] = {
-        "http_overhead_ms": mean["http_overhead"], "queue_ms": server.get("queue"), "prefill_ms": mean["prefill"],
-        "decode_ms": mean["decode"],
-        "ttft_ms": None if mean["prefill"] is None else mean["serialize"] + mean["http_overhead"] + mean["prefill"],
-        "itl_ms": mean["decode"] / (out_tokens - 1) if mean["decode"] is not None and out_tokens and out_tokens > 1 else None,
-        "output_tokens_per_s": (summary.get("throughput") or {}).get("output_tokens_per_s"),
-        "cpu_pct": summary["cpu_pct"], "prefix_hash_share": _prefix_hash_share(window),
-        "total_ms": mean.get("total"), "gpu_bubble_pct": summary.get("gpu_bubble_pct"),
+        "http_overhead_ms": mean.http_overhead, "queue_ms": server.get("queue"),
+        "prefill_ms": mean.prefill, "decode_ms": mean.decode, "ttft_ms": ttft, "itl_ms": itl,
+        "output_tokens_per_s": (summary.throughput.output_tokens_per_s
+                                if summary.throughput else None),
+        "cpu_pct": summary.cpu_pct, "prefix_hash_share": _prefix_hash_share(window),
+        "total_ms": mean.total, "gpu_bubble_pct": summary.gpu_bubble_pct,
     }
     loop = engine_loop(window)
     values["schedule_share"] = None if loop is None else 100.0 * loop["schedule"]
@@ -144,7 +147,7 @@ def _config_scenario(runs: list[dict[str, Any]], name: str) -> dict[str, Any] | 
     """A configuration's view of one scenario over its repeats: value, spread, the values."""
     per_run = []
     for run in runs:
-        summary = next((s for s in run["summary"]["scenarios"] if s["name"] == name), None)
+        summary = run["summary"].scenario(name)
         if summary is None:
             continue
         window, host = _window(run, name, "attribution"), _window(run, name, "correlation")
@@ -162,10 +165,10 @@ def _config_scenario(runs: list[dict[str, Any]], name: str) -> dict[str, Any] | 
         metrics[key] = {"value": average(values), "spread": max(candidates) if candidates else None,
                         "values": values}
     summary, window, _, _ = per_run[0]
-    return {"metrics": metrics, "requests": sum(s["requests"] for s, *_ in per_run),
-            "errors": sum(s["errors"] for s, *_ in per_run), "roles": role_categories(window),
+    return {"metrics": metrics, "requests": sum(s.requests for s, *_ in per_run),
+            "errors": sum(s.errors for s, *_ in per_run), "roles": role_categories(window),
             "engine_loop": engine_loop(window), "gil": gil_rows(window),
-            "concurrency": summary.get("concurrency"), "context_tokens": summary.get("context_tokens")}
+            "concurrency": summary.concurrency, "context_tokens": summary.context_tokens}
 
 
 def analyse_sweep(sweep: SweepDir) -> dict[str, Any]:
@@ -177,7 +180,7 @@ def analyse_sweep(sweep: SweepDir) -> dict[str, Any]:
         steps = [s for s in info["steps"] if s["configuration"] == name]
         folders = [s["folder"] for s in steps if s.get("status") in ("ok", "errors")]
         runs = load_config_runs(sweep, folders)
-        scenario_names = list(dict.fromkeys(s["name"] for r in runs for s in r["summary"]["scenarios"]))
+        scenario_names = list(dict.fromkeys(s.name for r in runs for s in r["summary"].scenarios))
         configs.append({"name": name, "folders": folders, "repeats": len(runs),
                         "failed": [s for s in steps if s.get("status") not in ("ok", "errors")],
                         "scenarios": {n: v for n in scenario_names if (v := _config_scenario(runs, n)) is not None},

@@ -12,7 +12,7 @@ from cputax.records import Results
 from cputax.report.agentic import agentic_section
 from cputax.report.emulated import emulated_section
 from cputax.report.html import render_figures, render_html
-from cputax.report.markdown import in_short, render_report
+from cputax.report.markdown import render_report
 from cputax.report.nodes import nodes_section
 from cputax.report.profiling import profiling_section
 from cputax.report.server_phases import server_phases_section
@@ -29,8 +29,8 @@ def render(results: Results) -> str:
                 render_telemetry(results.correlation) if results.correlation else None,
                 emulated_section(results.summary, results.correlation),
                 profiling_section(results), nodes_section(results)]
-    short = in_short(results.summary, results.info, results.correlation, results.attribution)
-    return render_report(results.summary, results.info, [s for s in sections if s], results.growth, short)
+    return render_report(results.summary, results.info, [s for s in sections if s],
+                         results.growth)
 
 
 def write_report(run: RunDir, results: Results) -> Path:

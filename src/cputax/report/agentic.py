@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cputax.report.format import fraction, ms, number, pct, table
+from cputax.results.summary import Summary, TurnParts
 
 PART_LABELS = {"think": "Think", "client": "Client build", "front_end": "Server front end", "engine": "Server engine"}
 
@@ -20,37 +21,41 @@ active at once are the study's "effective concurrency"; requests in flight are w
 the server saw."""
 
 
-def agentic_section(summary: dict[str, Any], info: dict[str, Any]) -> str | None:
-    agentic = summary.get("agentic")
-    if not agentic:
+def agentic_section(summary: Summary, info: dict[str, Any]) -> str | None:
+    agentic = summary.agentic
+    if agentic is None:
         return None
     replay = info.get("replay", {})
-    turns = agentic["turns"]
-    part_names = list(turns["ms"])  # the parts of a turn, in the analysis's order
-    cycle = turns["cycle_ms"]["mean"] or 0.0
-    turn_rows = [[PART_LABELS[k], ms(turns["ms"][k]["mean"]), ms(turns["ms"][k]["p50"]), ms(turns["ms"][k]["p99"]),
-                  pct(100 * turns["ms"][k]["mean"] / cycle if cycle else None)] for k in part_names]
-    turn_rows.append(["Turn cycle", ms(cycle), ms(turns["cycle_ms"]["p50"]), ms(turns["cycle_ms"]["p99"]), "100%"])
+    turns = agentic.turns
+    part_names = TurnParts.__struct_fields__  # the parts of a turn, in the analysis's order
+    cycle = turns.cycle_ms.mean or 0.0
+    turn_rows = []
+    for k in part_names:
+        st = getattr(turns.ms, k)
+        turn_rows.append([PART_LABELS[k], ms(st.mean), ms(st.p50), ms(st.p99),
+                          pct(100 * (st.mean or 0.0) / cycle if cycle else None)])
+    turn_rows.append(["Turn cycle", ms(cycle), ms(turns.cycle_ms.p50), ms(turns.cycle_ms.p99),
+                      "100%"])
     session_rows = []
-    for s in agentic["sessions"]:
-        path = s["critical_path"]
-        wall_ms = 1000 * path["wall_s"]
+    for s in agentic.sessions:
+        path = s.critical_path
+        wall_ms = 1000 * path.wall_s
         session_rows.append(
-            [s["session"], f"{s['requests'] - s['errors']}/{s['requests']}", str(s["subagents"]),
-             f"{path['wall_s']:,.1f}", " > ".join(path["chain"]), str(path["turns"])]
-            + [pct(100 * path["ms"][k] / wall_ms if wall_ms else None) for k in part_names])
-    conc = agentic["concurrency"]
-    digits = 2 if conc["timeline"][-1]["t_s"] < 10 else 0
-    timeline_rows = [[f"{b['t_s']:,.{digits}f}", number(b["agents"], 1), number(b["requests"], 1), number(b["subagent_requests"], 1)]
-                     for b in conc["timeline"]]
-    cache = agentic["prefix_cache"]
+            [s.session, f"{s.requests - s.errors}/{s.requests}", str(s.subagents),
+             f"{path.wall_s:,.1f}", " > ".join(path.chain), str(path.turns)]
+            + [pct(100 * getattr(path.ms, k) / wall_ms if wall_ms else None) for k in part_names])
+    conc = agentic.concurrency
+    digits = 2 if conc.timeline and conc.timeline[-1].t_s < 10 else 0
+    timeline_rows = [[f"{b.t_s:,.{digits}f}", number(b.agents, 1), number(b.requests, 1),
+                      number(b.subagent_requests, 1)] for b in conc.timeline]
+    cache = agentic.prefix_cache
     skipped = sum(c.get("skipped_over_context", 0) for c in replay.get("conversations", []))
     dropped = sum(c.get("dropped_by_limit", 0) for c in replay.get("conversations", []))
     lines = [
         "## Agentic replay",
         "",
         f"- conversations: {len(replay.get('conversations', []))}, at most {replay.get('users')} at once, "
-        f"time scale {replay.get('time_scale')}; {turns['count']} requests sent"
+        f"time scale {replay.get('time_scale')}; {turns.count} requests sent"
         + (f", {skipped} skipped over --max-context {replay.get('max_context')}" if skipped else "")
         + (f", {dropped} past --limit-requests {replay.get('limit_requests')}" if dropped else ""),
         f"- prompt text: {replay.get('blocks', 0):,} blocks of {'/'.join(map(str, replay.get('block_sizes', [])))} "
@@ -73,16 +78,17 @@ def agentic_section(summary: dict[str, Any], info: dict[str, Any]) -> str | None
         "",
         "### Effective concurrency over time",
         "",
-        f"Agents active: mean {conc['agents_mean']:.1f}, max {conc['agents_max']}; requests in flight: "
-        f"mean {conc['requests_mean']:.1f}, max {conc['requests_max']} (sub-agents' requests: max "
-        f"{conc['subagent_requests_max']}).",
+        f"Agents active: mean {conc.agents_mean:.1f}, max {conc.agents_max}; requests in "
+        f"flight: mean {conc.requests_mean:.1f}, max {conc.requests_max} (sub-agents' "
+        f"requests: max {conc.subagent_requests_max}).",
         "",
         table(["from s", "agents active", "requests in flight", "of them sub-agents'"], timeline_rows),
         "",
         "### Prefix-cache hit rate",
         "",
         table(["trace file (all its requests)", "requests replayed (ideal cache)", "server (its counters)"],
-               [[fraction(cache["trace_file"]), fraction(cache["replayed_ideal"]), fraction(cache["server"])]]),
+               [[fraction(cache.trace_file), fraction(cache.replayed_ideal),
+                 fraction(cache.server)]]),
         "",
         HOW_TO_READ,
     ]

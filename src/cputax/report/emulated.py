@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from cputax.report.format import ms, number, pct, table
+from cputax.results.summary import Summary
 
 __all__ = ["emulated_banner", "emulated_section"]
 
@@ -60,13 +61,13 @@ def _split(em: dict[str, Any]) -> str:
     return ", ".join(f"{name} {100 * s / total:.0f}%" for name, s in split)
 
 
-def emulated_section(summary: dict[str, Any], correlation: dict[str, Any] | None) -> str | None:
+def emulated_section(summary: Summary, correlation: dict[str, Any] | None) -> str | None:
     """Per scenario: the emulated GPU's busy % (exact, and as the correlation binned it), its
     steps, and the bubbles between steps while requests waited at the engine."""
     rows = [s for s in (correlation or {}).get("scenarios", []) if s.get("emulated_gpu")]
     if not rows:
         return None
-    cpu = {s["name"]: s.get("cpu_pct") for s in summary.get("scenarios", [])}
+    cpu = {s.name: s.cpu_pct for s in summary.scenarios}
     header = [
         "Scenario",
         "GPU busy % (steps)",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+from cputax.results.summary import ScenarioSummary
+
 __all__ = ["ABSENT", "WITHHELD", "fraction", "ms", "number", "pct", "ratio_cell", "scenario_cell", "share",
            "signed_pct", "table"]
 
@@ -29,15 +31,18 @@ def pct(value: float | None) -> str:
     return ABSENT if value is None else f"{value:.1f}%"
 
 
-def scenario_cell(s: dict) -> str:
+def scenario_cell(s: ScenarioSummary) -> str:
     """A scenario's name, marked when its records break the run's invariants (the count)."""
-    inv = s.get("invariants") or {}
-    return s["name"] if inv.get("ok", True) else f"{s['name']} ⚠ {inv['broken']}/{inv['checked']} invalid"
+    inv = s.invariants
+    if inv is None or inv.ok:
+        return s.name
+    return f"{s.name} ⚠ {inv.broken}/{inv.checked} invalid"
 
 
-def ratio_cell(s: dict, key: str) -> str:
-    """CPU% / GPU% of a scenario summary; "withheld" where its records break the invariants."""
-    return WITHHELD if s.get("withheld") else pct(s.get(key))
+def ratio_cell(s: ScenarioSummary, key: str) -> str:
+    """CPU% / GPU% (`key`: "cpu_pct" or "gpu_pct") of a scenario summary; "withheld" where its
+    records break the invariants."""
+    return WITHHELD if s.withheld else pct(getattr(s, key))
 
 
 def fraction(value: float | None) -> str:

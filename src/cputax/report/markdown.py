@@ -6,6 +6,7 @@ from typing import Any
 
 from cputax.report.emulated import emulated_banner
 from cputax.report.format import ms, number, pct, ratio_cell, scenario_cell, table
+from cputax.results.summary import GaugeStats, Interrupted, ScenarioSummary, Summary, Throughput
 from cputax.workload.prompts import TOOL_MODES
 
 STUDY_COLUMNS = (("http_overhead", "HTTP OH"), ("prefill", "Prefill"), ("decode", "Decode"), ("total", "Total"))
@@ -43,76 +44,83 @@ What each phase contains (boundaries as vLLM really has them):
 """
 
 
-def _phase(s: dict[str, Any], key: str) -> str:
+def _phase(s: ScenarioSummary, key: str) -> str:
     """mean (p50 / p99)."""
-    return f"{ms(s['mean_ms'][key])} ({ms(s['p50_ms'][key])} / {ms(s['p99_ms'][key])})"
+    return (f"{ms(getattr(s.mean_ms, key))} ({ms(getattr(s.p50_ms, key))} / "
+            f"{ms(getattr(s.p99_ms, key))})")
 
 
-def _ctx(s: dict[str, Any]) -> str:
-    actual = s["prompt_tokens_mean"]
-    flag = " ⚠" if s.get("prompt_tokens_flagged") else ""
-    return f"{s['context_tokens']:,} → {number(actual)}{flag}"
+def _ctx(s: ScenarioSummary) -> str:
+    flag = " ⚠" if s.prompt_tokens_flagged else ""
+    target = "?" if s.context_tokens is None else f"{s.context_tokens:,}"
+    return f"{target} → {number(s.prompt_tokens_mean)}{flag}"
 
 
-def study_table(scenarios: list[dict[str, Any]]) -> str:
+def study_table(scenarios: list[ScenarioSummary]) -> str:
     header = ["Scenario", "Conc", "Ctx (target → actual)"]
-    header += [f"{label} ms mean (p50 / p99)" for _, label in STUDY_COLUMNS] + ["CPU%", "GPU%", "Errors"]
+    header += [f"{label} ms mean (p50 / p99)" for _, label in STUDY_COLUMNS]
+    header += ["CPU%", "GPU%", "Errors"]
     rows = [
-        [scenario_cell(s), str(s["concurrency"]), _ctx(s)]
+        [scenario_cell(s), str(s.concurrency), _ctx(s)]
         + [_phase(s, key) for key, _ in STUDY_COLUMNS]
-        + [ratio_cell(s, "cpu_pct"), ratio_cell(s, "gpu_pct"), f"{s['errors']}/{s['requests']}"]
+        + [ratio_cell(s, "cpu_pct"), ratio_cell(s, "gpu_pct"), f"{s.errors}/{s.requests}"]
         for s in scenarios
     ]
-    if any("gpu_bubble_pct" in s for s in scenarios):  # the emulated GPU: its bubbles beside CPU%
+    if any(s.gpu_bubble_pct is not None for s in scenarios):  # the emulated GPU: its bubbles
         col = header.index("GPU%") + 1
         header.insert(col, "GPU idle, work pending %")
         for row, s in zip(rows, scenarios, strict=True):
-            row.insert(col, pct(s.get("gpu_bubble_pct")))
+            row.insert(col, pct(s.gpu_bubble_pct))
     return table(header, rows)
 
 
-def client_table(scenarios: list[dict[str, Any]]) -> str:
+def client_table(scenarios: list[ScenarioSummary]) -> str:
     header = ["Scenario"] + [f"{label} ms mean (p50 / p99)" for _, label in CLIENT_COLUMNS]
-    header += ["build CPU ms", "parse µs/chunk", "stamps", "client lag ms p50 / p99", "shared stamps",
-               "achieved conc", "req/s", "output tok/s", "schedule lag ms p50 / p99"]
+    header += ["build CPU ms", "parse µs/chunk", "stamps", "client lag ms p50 / p99",
+               "shared stamps", "achieved conc", "req/s", "output tok/s",
+               "schedule lag ms p50 / p99"]
     rows = []
     for s in scenarios:
-        thr = s.get("throughput") or {}
-        lag = s.get("client_lag_ms")
+        thr = s.throughput or Throughput()
+        lag = s.client_lag_ms
         rows.append(
-            [s["name"]] + [_phase(s, key) for key, _ in CLIENT_COLUMNS]
-            + [number(s["client_cpu_ms"]["build"], 2), number(s["client_cpu_ms"]["parse_per_chunk_us"], 1),
-               s.get("clock") or "loop", "absent" if lag is None else f"{lag['p50']:.2f} / {lag['p99']:.2f}",
-               pct(s.get("shared_stamps_pct")),
-               number(s.get("achieved_concurrency"), 1), number(thr.get("requests_per_s"), 2),
-               number(thr.get("output_tokens_per_s"), 0), _schedule_lag(s)]
+            [s.name] + [_phase(s, key) for key, _ in CLIENT_COLUMNS]
+            + [number(s.client_cpu_ms.build, 2), number(s.client_cpu_ms.parse_per_chunk_us, 1),
+               s.clock or "loop", "absent" if lag is None else f"{lag.p50:.2f} / {lag.p99:.2f}",
+               pct(s.shared_stamps_pct),
+               number(s.achieved_concurrency, 1), number(thr.requests_per_s, 2),
+               number(thr.output_tokens_per_s, 0), _schedule_lag(s)]
         )
     return table(header, rows)
 
 
-def _schedule_lag(s: dict[str, Any]) -> str:
+def _schedule_lag(s: ScenarioSummary) -> str:
     """Open loop: how late requests started against their schedule ("-": closed loop)."""
-    lag = s.get("schedule_lag_ms")
-    return "-" if lag is None else f"{lag['p50']:.2f} / {lag['p99']:.2f}"
+    lag = s.schedule_lag_ms
+    return "-" if lag is None else f"{lag.p50:.2f} / {lag.p99:.2f}"
 
 
-def server_table(scenarios: list[dict[str, Any]]) -> str | None:
-    with_server = [s for s in scenarios if s.get("server")]
+def _gauge(gauge: GaugeStats | None) -> str:
+    return "absent" if gauge is None else f"{gauge.mean:.1f} / {gauge.max:.0f}"
+
+
+def server_table(scenarios: list[ScenarioSummary]) -> str | None:
+    with_server = [s for s in scenarios if s.server is not None]
     if not with_server:
         return None
     header = ["Scenario", "Client HTTP OH"] + [f"Server {label} ms" for _, label in SERVER_COLUMNS]
-    header += ["Client prefill", "Prefix hit", "Running mean/max", "Waiting mean/max", "API CPU s/req"]
+    header += ["Client prefill", "Prefix hit", "Running mean/max", "Waiting mean/max",
+               "API CPU s/req"]
     rows = []
     for s in with_server:
-        srv = s["server"]
-        gauges = srv["gauges"]
-        hit = srv["prefix_cache_hit_rate"]
+        srv = s.server
+        hit = srv.prefix_cache_hit_rate
         rows.append(
-            [s["name"], ms(s["mean_ms"]["http_overhead"])]
-            + [ms(srv["mean_ms"][key]) for key, _ in SERVER_COLUMNS]
-            + [ms(s["mean_ms"]["prefill"]), "absent" if hit is None else f"{100 * hit:.1f}%"]
-            + ["absent" if gauges[g] is None else f"{gauges[g]['mean']:.1f} / {gauges[g]['max']:.0f}" for g in ("running", "waiting")]
-            + [number(srv["api_server_cpu_s_per_request"], 3)]
+            [s.name, ms(s.mean_ms.http_overhead)]
+            + [ms(srv.mean_ms.get(key)) for key, _ in SERVER_COLUMNS]
+            + [ms(s.mean_ms.prefill), "absent" if hit is None else f"{100 * hit:.1f}%"]
+            + [_gauge(srv.gauges.get(g)) for g in ("running", "waiting")]
+            + [number(srv.api_server_cpu_s_per_request, 3)]
         )
     return table(header, rows)
 
@@ -128,8 +136,9 @@ def growth_table(rows: list[dict[str, Any]]) -> str | None:
     )
 
 
-def _notes(scenarios: list[dict[str, Any]], info: dict[str, Any],
-           skipped_scenarios: list[dict[str, Any]] = ()) -> list[str]:
+def _notes(summary: Summary, info: dict[str, Any]) -> list[str]:
+    """The notes: what the target was, what was not measured, and per scenario its failed
+    requests and the findings analysis made of it (analysis.findings)."""
     notes = []
     if info.get("target", {}).get("emulated_gpu"):
         notes.append("- The embedded vLLM served an emulated GPU (first lines): its model steps "
@@ -137,60 +146,21 @@ def _notes(scenarios: list[dict[str, Any]], info: dict[str, Any],
                      f"shared this machine's {info.get('host', {}).get('cpus', '?')} CPUs.")
     elif info.get("target", {}).get("kind") == "embedded":
         cpus = info.get("host", {}).get("cpus", "?")
-        notes.append(f"- The embedded target ran on this machine's {cpus} CPUs beside the client: its \"GPU\" "
-                     "phases are CPU work, and Serialize / Parse include waiting for a core. It shows the "
-                     "shape of the decomposition, not a GPU server's numbers.")
-    for skipped in skipped_scenarios:
-        notes.append(f"- **{skipped['name']}**: not measured: {skipped['reason']}.")
-    for s in scenarios:
-        if s.get("withheld"):
-            notes.append(f"- **{s['name']}**: not the server's numbers: {s['withheld']}. Its CPU% and GPU% "
-                         "are withheld; its phases carry the client's own stalls (docs/invariants.md).")
-        lag = s.get("schedule_lag_ms")
-        if lag and lag.get("total_from_intended_p99") is not None:
-            notes.append(f"- **{s['name']}**: open loop; requests started {lag['p99']:.2f} ms (p99) after "
-                         f"their schedule; from the intended start, TTFT p99 "
-                         f"{ms(lag.get('ttft_from_intended_p99'))} ms, total p99 "
-                         f"{ms(lag['total_from_intended_p99'])} ms.")
-        if s.get("prompt_tokens_flagged"):
-            notes.append(f"- **{s['name']}**: prompts averaged {number(s['prompt_tokens_mean'])} tokens, "
-                         f"{s['prompt_tokens_off_pct']:+.1f}% off the {s['context_tokens']:,} asked for.")
-        if s["errors"]:
-            kinds = ", ".join(f"{k} ({n})" for k, n in s["error_kinds"].items())
-            notes.append(f"- **{s['name']}**: {s['errors']} of {s['requests']} requests failed: {kinds}. "
+        notes.append(f"- The embedded target ran on this machine's {cpus} CPUs beside the client: "
+                     "its \"GPU\" phases are CPU work, and Serialize / Parse include waiting for a "
+                     "core. It shows the shape of the decomposition, not a GPU server's numbers.")
+    for skipped in summary.skipped:
+        notes.append(f"- **{skipped.name}**: not measured: {skipped.reason}.")
+    for s in summary.scenarios:
+        notes += [f"- **{s.name}**: {f.text}." for f in summary.findings if f.scenario == s.name]
+        if s.errors:
+            kinds = ", ".join(f"{k} ({n})" for k, n in s.error_kinds.items())
+            notes.append(f"- **{s.name}**: {s.errors} of {s.requests} requests failed: {kinds}. "
                          "Failed requests are left out of every phase statistic.")
-        if s.get("past_client_ceiling"):
-            ceiling = info["client_ceiling"]
-            notes.append(f"- **{s['name']}**: {s['throughput']['chunks_per_s']:,.0f} chunks/s, past "
-                         f"{ceiling.get('share', 0.8):.0%} of what this machine's client took in when "
-                         f"`cputax calibrate` measured it ({ceiling['max_chunks_per_s']:,} chunks/s): "
-                         "the client's own lag is in the loop's stamps, and in the kernel's once it is a "
-                         "token behind (shared stamps).")
-        if (s.get("shared_stamps_pct") or 0) > 1.0:
-            notes.append(f"- **{s['name']}**: {s['shared_stamps_pct']:.1f}% of the tokens shared a read's "
-                         "stamp with a later token: the client fell a token behind, or the server wrote "
-                         "tokens together; their times are upper bounds. More client processes "
-                         "(`--client-procs`) or a bigger client machine help in the first case.")
-        if "chunks" in s.get("output_tokens_source", []):
-            notes.append(f"- **{s['name']}**: the server sent no usage chunk for some requests; their "
+        if "chunks" in s.output_tokens_source:
+            notes.append(f"- **{s.name}**: the server sent no usage chunk for some requests; their "
                          "output tokens are counted from chunks.")
-        srv = s.get("server") or {}
-        if srv and srv.get("api_server_cpu_s_per_request") is None:
-            notes.append(f"- **{s['name']}**: the server exported no process_cpu_seconds_total (vLLM drops it with "
-                         "more than one API server): API CPU per request is absent; the host telemetry table has "
-                         "every API server process's CPU.")
-        queue = (srv.get("mean_ms") or {}).get("queue")
-        oh = s["mean_ms"]["http_overhead"]
-        if queue is not None and oh is not None and oh > 10 * max(queue, 1.0):
-            notes.append(f"- **{s['name']}**: HTTP OH ({ms(oh)} ms) is far above the engine's own queue time "
-                         f"({ms(queue)} ms): the wait is in the front end (template, tokenization, event loop), "
-                         "not in the scheduler.")
-        ttft = (srv.get("mean_ms") or {}).get("ttft")
-        client_ttft = None if oh is None else oh + s["mean_ms"]["prefill"]
-        if ttft is not None and client_ttft and abs(client_ttft - ttft) > 0.25 * client_ttft:
-            notes.append(f"- **{s['name']}**: the client saw TTFT {ms(client_ttft)} ms (send -> first token), "
-                         f"the server reports {ms(ttft)} ms; the difference is time outside the server's "
-                         "clock (front end before arrival is stamped, transit, client).")
+    notes += [f"- {f.text}." for f in summary.findings if f.scenario is None]
     return notes
 
 
@@ -213,66 +183,21 @@ def _server_lines(info: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _share(part: float | None, total: float) -> str:
-    return f"{100 * (part or 0.0) / total:.0f}%"
-
-
-def in_short(summary: dict[str, Any], info: dict[str, Any], correlation: dict[str, Any] | None,
-             attribution: dict[str, Any] | None) -> str | None:
-    """Two lines for the top of the report: where the heaviest scenario's time went, and what
-    held the GPU (or, without GPU telemetry, the engine) back."""
-    rows = [s for s in summary["scenarios"] if s["mean_ms"]["total"]]
-    if not rows:
-        return None
-    s = max(rows, key=lambda r: (r.get("concurrency") or 0, r.get("context_tokens") or 0))
-    m, total = s["mean_ms"], s["mean_ms"]["total"]
-    first = (f"At {s['name']} ({s['concurrency']} at once, {s['context_tokens']:,}-token prompts) a request took "
-             f"{ms(total)} ms: {_share(m['decode'], total)} decode, {_share(m['prefill'], total)} engine queue + "
-             f"prefill, {_share(m['http_overhead'], total)} in the server's front end before the headers, "
-             f"{_share(m['serialize'], total)} building it on the client.")
-    gpu = next((c.get("gpu") for c in (correlation or {}).get("scenarios", []) if c["name"] == s["name"]), None)
-    if gpu and gpu.get("busy_pct") is not None:
-        split = sorted(gpu["stall_split"].items(), key=lambda kv: -kv[1])[:2]
-        where = ", mostly " + " and ".join(name for name, _ in split) if split and gpu["stall_s"] else ""
-        second = (f"The GPU was busy {gpu['busy_pct']:.0f}% of that scenario and idle while requests were in flight "
-                  f"{gpu['stall_pct']:.1f}% of it{where}.")
-    else:
-        second = "No GPU telemetry in this run, so GPU idle time is not measured"
-        if info.get("target", {}).get("kind") == "embedded":
-            second += " (the embedded target computes on this CPU: its engine time is CPU work)"
-        second += "."
-    if s.get("gpu_bubble_pct") is not None:
-        second += (f" Between its steps, with requests at the engine, the emulated GPU sat idle "
-                   f"{s['gpu_bubble_pct']:.1f}% of the scenario, where the study's CPU% reads "
-                   f"{pct(s['cpu_pct'])}.")
-    window = next((w for w in (attribution or {}).get("windows", []) if w["name"] == s["name"]), None)
-    loop = next((r for r in (window or {}).get("threads", []) if r["process"].startswith("engine_core")
-                 and r["thread"] == "MainThread"), None)
-    if loop and loop["categories"].get("worker_wait", 0) >= 0.2:
-        cats = loop["categories"]
-        second += (f" The EngineCore's loop spent {100 * cats['worker_wait']:.0f}% of it waiting for the model step "
-                   f"and {100 * (cats.get('schedule', 0) + cats.get('kv_cache', 0)):.1f}% scheduling.")
-    broken = [r["name"] for r in summary["scenarios"] if r.get("withheld")]
-    if broken:
-        first = (f"{len(broken)} scenario(s) ({', '.join(broken)}) break the run's invariants: the client's "
-                 f"own stalls are in their phases, so their figures are not the server's (see Notes). "
-                 + first)
-    return f"**In short**: {first}  \n{second}"
-
-
-def _interrupted_banner(stopped: dict[str, Any]) -> str:
-    where = f" during {', '.join(stopped['scenarios'])}" if stopped.get("scenarios") else ""
-    return (f"**Interrupted**: the run was stopped by {stopped.get('signal', 'a signal')}{where}. "
+def _interrupted_banner(stopped: Interrupted) -> str:
+    where = f" during {', '.join(stopped.scenarios)}" if stopped.scenarios else ""
+    return (f"**Interrupted**: the run was stopped by {stopped.signal or 'a signal'}{where}. "
             "What finished is below; requests in flight are counted as failed (`cancelled`), "
             "and the scenarios after it did not run.")
 
 
-def render_report(summary: dict[str, Any], info: dict[str, Any], sections: list[str] | None = None,
-                  growth: list[dict[str, Any]] | None = None, short: str | None = None) -> str:
-    """The report; `sections` are extra markdown sections (profiling, telemetry...) placed before the notes."""
-    scenarios = summary["scenarios"]
+def render_report(summary: Summary, info: dict[str, Any], sections: list[str] | None = None,
+                  growth: list[dict[str, Any]] | None = None) -> str:
+    """The report; `sections` are extra markdown sections (profiling, telemetry...) placed
+    before the notes."""
+    scenarios = summary.scenarios
     host = info.get("host", {})
-    stopped = summary.get("interrupted")
+    stopped = summary.interrupted
+    short = summary.in_short
     parts = [
         "# cputax run report",
         "",
@@ -302,10 +227,12 @@ def render_report(summary: dict[str, Any], info: dict[str, Any], sections: list[
         parts += ["## HTTP overhead growth with concurrency", "", grown, ""]
     for section in sections or []:
         parts += [section.rstrip(), ""]
-    notes = _notes(scenarios, info, summary.get("skipped", []))
-    notes += [f"- **{line.split(': ', 1)[0]}**: {line.split(': ', 1)[1]}." for line in summary.get("shard_failures", [])]
-    if summary.get("clock_steps"):
-        notes.append(f"- **clock**: the wall clock was set {summary['clock_steps']} time(s) during the run (NTP, a "
+    notes = _notes(summary, info)
+    notes += [f"- **{line.split(': ', 1)[0]}**: {line.split(': ', 1)[1]}."
+              for line in summary.shard_failures]
+    if summary.clock_steps:
+        notes.append(f"- **clock**: the wall clock was set {summary.clock_steps} time(s) "
+                     "during the run (NTP, a "
                      "virtual machine's time sync). The kernel's receive stamps are wall-clock times: their "
                      "conversion was read again each time, and the stamps of the moment before it was noticed "
                      "(at most a second) may be off by the step.")

@@ -11,6 +11,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from cputax.results.summary import ScenarioSummary
+
 WALL_PHASES = (("serialize", "Serialize (client)", "#9ecae1"), ("http_overhead", "HTTP OH (front end)", "#fd8d3c"),
                ("prefill", "Prefill (queue + prefill)", "#74c476"), ("decode", "Decode", "#31a354"))
 INFLIGHT = (("client", "client side", "#9ecae1"), ("front_end", "front end", "#fd8d3c"),
@@ -24,10 +26,10 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def decomposition_bars(scenarios: list[dict[str, Any]]) -> bytes | None:
+def decomposition_bars(scenarios: list[ScenarioSummary]) -> bytes | None:
     """The study's stacked bars: each scenario's mean request split into its wall-time
     phases (share of the mean total), with CPU% and the total on top."""
-    rows = [s for s in scenarios if s["mean_ms"]["total"]]
+    rows = [s for s in scenarios if s.mean_ms.total]
     if not rows:
         return None
     fig = Figure(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.5))
@@ -35,15 +37,16 @@ def decomposition_bars(scenarios: list[dict[str, Any]]) -> bytes | None:
     x = range(len(rows))
     bottom = [0.0] * len(rows)
     for key, label, color in WALL_PHASES:
-        share = [100.0 * (s["mean_ms"][key] or 0.0) / s["mean_ms"]["total"] for s in rows]
+        share = [100.0 * (getattr(s.mean_ms, key) or 0.0) / s.mean_ms.total for s in rows]
         ax.bar(x, share, bottom=bottom, label=label, color=color, width=0.7)
         bottom = [b + v for b, v in zip(bottom, share, strict=True)]
     for i, s in enumerate(rows):
-        cpu = "" if s["cpu_pct"] is None else f"CPU {s['cpu_pct']:.1f}%\n"
-        if s.get("withheld"):
-            cpu = f"INVALID {s['invariants']['broken']}/{s['invariants']['checked']}\nCPU% withheld\n"
-        ax.text(i, min(bottom[i], 100.0) + 1, f"{cpu}{s['mean_ms']['total']:,.0f} ms", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(x), [s["name"] for s in rows], rotation=30, ha="right", fontsize=8)
+        cpu = "" if s.cpu_pct is None else f"CPU {s.cpu_pct:.1f}%\n"
+        if s.withheld and s.invariants is not None:
+            cpu = f"INVALID {s.invariants.broken}/{s.invariants.checked}\nCPU% withheld\n"
+        ax.text(i, min(bottom[i], 100.0) + 1, f"{cpu}{s.mean_ms.total:,.0f} ms", ha="center",
+                va="bottom", fontsize=8)
+    ax.set_xticks(list(x), [s.name for s in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 118)
     ax.set_ylabel("% of mean request time")
     ax.set_title("Where a request's time goes (means per scenario)")
@@ -52,26 +55,30 @@ def decomposition_bars(scenarios: list[dict[str, Any]]) -> bytes | None:
     return _png(fig)
 
 
-def http_overhead_plot(scenarios: list[dict[str, Any]], growth_rows: list[dict[str, Any]]) -> bytes | None:
+def http_overhead_plot(scenarios: list[ScenarioSummary],
+                       growth_rows: list[dict[str, Any]]) -> bytes | None:
     """HTTP overhead (mean, p99 dashed) against concurrency, one line per context size
     (`growth_rows`: analysis.decompose.http_overhead_growth)."""
-    rows = [s for s in scenarios if s["mean_ms"]["http_overhead"] is not None and s.get("concurrency")]
+    rows = [s for s in scenarios if s.mean_ms.http_overhead is not None and s.concurrency]
     if not rows:
         return None
     growth = {r["scenario"]: r["growth"] for r in growth_rows}
     fig = Figure(figsize=(6.5, 4.0))
     ax = fig.subplots()
-    for ctx in sorted({s["context_tokens"] for s in rows}):
-        group = sorted((s for s in rows if s["context_tokens"] == ctx), key=lambda s: s["concurrency"])
-        conc = [s["concurrency"] for s in group]
-        line = ax.plot(conc, [s["mean_ms"]["http_overhead"] for s in group], marker="o", label=f"{ctx:,} tokens")[0]
-        ax.plot(conc, [s["p99_ms"]["http_overhead"] for s in group], linestyle="--", color=line.get_color(), alpha=0.6)
+    for ctx in sorted({s.context_tokens or 0 for s in rows}):
+        group = sorted((s for s in rows if (s.context_tokens or 0) == ctx),
+                       key=lambda s: s.concurrency)
+        conc = [s.concurrency for s in group]
+        line = ax.plot(conc, [s.mean_ms.http_overhead for s in group], marker="o",
+                       label=f"{ctx:,} tokens")[0]
+        ax.plot(conc, [s.p99_ms.http_overhead for s in group], linestyle="--",
+                color=line.get_color(), alpha=0.6)
         for s in group:
-            if growth.get(s["name"]):
-                ax.annotate(f"{growth[s['name']]:.1f}x", (s["concurrency"], s["mean_ms"]["http_overhead"]),
+            if growth.get(s.name):
+                ax.annotate(f"{growth[s.name]:.1f}x", (s.concurrency, s.mean_ms.http_overhead),
                             textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log", base=2)
-    levels = sorted({s["concurrency"] for s in rows})
+    levels = sorted({s.concurrency for s in rows})
     ax.set_xticks(levels, [str(c) for c in levels])
     ax.minorticks_off()
     ax.set_xlabel("concurrency")
@@ -154,29 +161,29 @@ SPLIT = (("http_in", "HTTP in", "#fdd0a2"), ("front_end", "front end", "#fd8d3c"
          ("engine_queue", "engine queue", "#a63603"))
 
 
-def split_plot(scenarios: list[dict[str, Any]]) -> bytes | None:
+def split_plot(scenarios: list[ScenarioSummary]) -> bytes | None:
     """HTTP in, front end and engine queue (p50, stacked; p99 of their sum dashed) against
     concurrency, one panel per context size: the study's HTTP overhead, measured."""
-    rows = [s for s in scenarios if s.get("concurrency")
-            and (s.get("server_phases") or {}).get("phases_ms", {}).get("front_end")]
+    rows = [s for s in scenarios if s.concurrency
+            and s.server_phases is not None and s.server_phases.phases_ms.front_end]
     if not rows:
         return None
-    contexts = sorted({s["context_tokens"] for s in rows})
+    contexts = sorted({s.context_tokens or 0 for s in rows})
     fig = Figure(figsize=(6.5 * len(contexts), 4.0))
     axes = fig.subplots(1, len(contexts), squeeze=False)[0]
     for ax, ctx in zip(axes, contexts, strict=True):
-        group = sorted((s for s in rows if s["context_tokens"] == ctx),
-                       key=lambda s: s["concurrency"])
+        group = sorted((s for s in rows if (s.context_tokens or 0) == ctx),
+                       key=lambda s: s.concurrency)
         x = range(len(group))
         bottom = [0.0] * len(group)
         for key, label, color in SPLIT:
-            stats = [s["server_phases"]["phases_ms"].get(key) or {} for s in group]
-            values = [max(0.0, st.get("p50") or 0.0) for st in stats]
+            stats = [getattr(s.server_phases.phases_ms, key) for s in group]
+            values = [max(0.0, st.p50) if st is not None else 0.0 for st in stats]
             ax.bar(x, values, bottom=bottom, label=f"{label} (p50)", color=color, width=0.6)
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-        client = [s["p50_ms"]["http_overhead"] for s in group]
+        client = [s.p50_ms.http_overhead for s in group]
         ax.plot(list(x), client, marker="o", color="black", label="client time to headers (p50)")
-        ax.set_xticks(list(x), [str(s["concurrency"]) for s in group])
+        ax.set_xticks(list(x), [str(s.concurrency) for s in group])
         ax.set_xlabel("concurrency")
         ax.set_ylabel("ms")
         ax.set_title(f"HTTP overhead, split per request ({ctx:,} tokens)")

@@ -8,6 +8,7 @@ from typing import Any
 
 from cputax.records import Results
 from cputax.report.format import ms, number, share, signed_pct, table
+from cputax.results.format import to_builtins
 from cputax.sampling.pyspy import SamplerConfig
 from cputax.servers import CATEGORIES, IDLE, MEANINGS, OTHER
 from cputax.workload.profiles import CONTROL_SUFFIX
@@ -265,7 +266,8 @@ def profiling_section(results: Results) -> str | None:
     described = SamplerConfig(**config).describe() if config else f"{result['rate']} Hz"
     parts += [HOW.format(version=(monitor or {}).get("pyspy") or "", config=described, rules=result["rules"],
                          alignment=result["alignment_ms"]), ""]
-    by_name = {sc["name"]: sc for sc in summary.get("scenarios", [])}
+    scenarios = to_builtins(summary.scenarios)  # the helpers below read scenario dicts
+    by_name = {sc["name"]: sc for sc in scenarios}
     for window in result["windows"]:
         parts += [window_text(window, result["rate"], scenario=by_name.get(window["name"])), ""]
     if other := other_text(result["other_top"]):
@@ -278,7 +280,7 @@ def profiling_section(results: Results) -> str | None:
         if (monitor or {}).get("problem"):
             parts.append(f"- stopped sampling: {monitor['problem']}")
         parts.append("")
-    if overhead := overhead_table(summary.get("scenarios", []), result, (info.get("host") or {}).get("cpus")):
+    if overhead := overhead_table(scenarios, result, (info.get("host") or {}).get("cpus")):
         parts += [overhead, ""]
     return "\n".join(parts).rstrip()
 

@@ -3,9 +3,8 @@ its plot: the study's "HTTP overhead" split into HTTP in, front end and engine q
 
 from __future__ import annotations
 
-from typing import Any
-
 from cputax.report.format import fraction, ms, number, table
+from cputax.results.summary import PhaseStats, ScenarioServerPhases, ScenarioSummary, Summary
 
 __all__ = ["server_phases_section"]
 
@@ -48,28 +47,27 @@ their first-token stamp is only an upper bound (the client fell behind, or the s
 the stream back), so they are left out of both comparisons."""
 
 
-def _p(stats: dict[str, Any] | None) -> str:
-    return "absent" if not stats else f"{ms(stats['p50'])} / {ms(stats['p99'])}"
+def _p(stats: PhaseStats | None) -> str:
+    return "absent" if not stats else f"{ms(stats.p50)} / {ms(stats.p99)}"
 
 
-def _split_table(scenarios: list[dict[str, Any]]) -> str:
+def _split_table(scenarios: list[tuple[ScenarioSummary, ScenarioServerPhases]]) -> str:
     header = ["Scenario", "Conc", "Client HTTP OH p50 / p99"] + [
         f"{label} p50 / p99" for _, label in COLUMNS
     ]
     header += ["With server"]
     rows = []
-    for s in scenarios:
-        sp = s["server_phases"]
-        client = f"{ms(s['p50_ms']['http_overhead'])} / {ms(s['p99_ms']['http_overhead'])}"
+    for s, sp in scenarios:
+        client = f"{ms(s.p50_ms.http_overhead)} / {ms(s.p99_ms.http_overhead)}"
         rows.append(
-            [s["name"], str(s.get("concurrency", "")), client]
-            + [_p(sp["phases_ms"].get(key)) for key, _ in COLUMNS]
-            + [f"{sp['with_server']}/{sp['records']} ({fraction(sp['coverage'])})"]
+            [s.name, "" if s.concurrency is None else str(s.concurrency), client]
+            + [_p(getattr(sp.phases_ms, key)) for key, _ in COLUMNS]
+            + [f"{sp.with_server}/{sp.records} ({fraction(sp.coverage)})"]
         )
     return table(header, rows)
 
 
-def _agreement_table(scenarios: list[dict[str, Any]]) -> str:
+def _agreement_table(scenarios: list[tuple[ScenarioSummary, ScenarioServerPhases]]) -> str:
     header = [
         "Scenario",
         "Client TTFT p50",
@@ -84,52 +82,51 @@ def _agreement_table(scenarios: list[dict[str, Any]]) -> str:
         "First token merged",
     ]
     rows = []
-    for s in scenarios:
-        row = [s["name"]]
+    for s, sp in scenarios:
+        row = [s.name]
         for key in ("ttft", "prefill"):
-            a = s["server_phases"]["agreement"].get(key)
+            a = getattr(sp.agreement, key)
             if a is None:
                 row += ["absent"] * (5 if key == "ttft" else 4)
                 continue
             row += [
-                ms(a["client_p50_ms"]),
-                ms(a["server_p50_ms"]),
-                f"{a['diff_p50_ms']:+.2f}",
-                "yes" if a["agree"] else "**no**",
+                ms(a.client_p50_ms),
+                ms(a.server_p50_ms),
+                f"{a.diff_p50_ms:+.2f}",
+                "yes" if a.agree else "**no**",
             ]
             if key == "ttft":
-                row.append(fraction(a["requests_agreeing"]))
-        rows.append(row + [str(s["server_phases"].get("first_token_merged", 0))])
+                row.append(fraction(a.requests_agreeing))
+        rows.append(row + [str(sp.first_token_merged)])
     return table(header, rows)
 
 
-def _means_table(scenarios: list[dict[str, Any]]) -> str:
+def _means_table(scenarios: list[tuple[ScenarioSummary, ScenarioServerPhases]]) -> str:
     header = ["Scenario"] + [f"{label} ms per-request / Prometheus" for _, label in MEANS]
     rows = []
-    for s in scenarios:
-        sp = s["server_phases"]
-        mine, prom = sp["per_request_mean_ms"], sp["prometheus_mean_ms"]
-        rows.append([s["name"]] + [f"{ms(mine.get(k))} / {ms(prom.get(k))}" for k, _ in MEANS])
+    for s, sp in scenarios:
+        mine, prom = sp.per_request_mean_ms, sp.prometheus_mean_ms
+        rows.append([s.name] + [f"{ms(getattr(mine, k))} / {ms(getattr(prom, k))}"
+                                for k, _ in MEANS])
     return table(header, rows)
 
 
-def server_phases_section(summary: dict[str, Any]) -> str | None:
+def server_phases_section(summary: Summary) -> str | None:
     """The section, or None when the run has no per-request server account to show."""
-    run = summary.get("server_phases")
+    run = summary.server_phases
     if run is None:
         return None
     parts = ["## Server phases per request (the server's own account, joined by request id)", ""]
-    if run.get("note"):
-        return "\n".join(parts + [f"_{run['note']}_", ""])
-    scenarios = [
-        s for s in summary["scenarios"] if s.get("server_phases") and s["server_phases"]["records"]
-    ]
-    without = sum(s["server_phases"]["records_without_span"] for s in scenarios)
-    stray = sum(s["server_phases"]["spans_without_record"] for s in scenarios)
+    if run.note:
+        return "\n".join(parts + [f"_{run.note}_", ""])
+    scenarios = [(s, s.server_phases) for s in summary.scenarios
+                 if s.server_phases is not None and s.server_phases.records]
+    without = sum(sp.records_without_span for _, sp in scenarios)
+    stray = sum(sp.spans_without_record for _, sp in scenarios)
     parts += [
-        f"Source: {run['source']}; spans received {number(run['spans_received'])}, joined "
-        f"{number(run['spans_matched'])}; records without a span {without}; spans without a record "
-        f"{stray} in the scenarios' windows, {run['spans_outside_windows']} outside them (warm-up, "
+        f"Source: {run.source}; spans received {number(run.spans_received)}, joined "
+        f"{number(run.spans_matched)}; records without a span {without}; spans without a record "
+        f"{stray} in the scenarios' windows, {run.spans_outside_windows} outside them (warm-up, "
         f"probes). All ms, p50 / p99.",
         "",
     ]
@@ -146,7 +143,7 @@ def server_phases_section(summary: dict[str, Any]) -> str | None:
         _means_table(scenarios),
         "",
     ]
-    if run["findings"]:
-        parts += ["Findings:", ""] + [f"- {line}" for line in run["findings"]] + [""]
+    if run.findings:
+        parts += ["Findings:", ""] + [f"- {line}" for line in run.findings] + [""]
     parts += [NOTES, ""]
     return "\n".join(parts)
