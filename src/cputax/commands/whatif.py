@@ -20,11 +20,12 @@ from typing import Any
 from rich.console import Console
 
 from cputax.analysis.whatif import analyse_whatif
+from cputax.commands.run import run_profile
 from cputax.errors import CputaxError
 from cputax.report.whatif import summary_lines, write_whatif_report
 from cputax.rundir import WhatIfDir
 from cputax.servers import Component, ServerTable, get
-from cputax.session import DEFAULT_EMULATION, RunOptions, failures_of, run_profile
+from cputax.session import DEFAULT_EMULATION, RunOptions, failures_of
 from cputax.targets.embedded import EmbeddedServer, command_table
 from cputax.targets.slowdown import SlowdownControl, SlowdownMonitor, check_functions
 from cputax.util import cpu_model
