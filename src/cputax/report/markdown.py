@@ -6,6 +6,8 @@ from typing import Any
 
 from cputax.report.emulated import emulated_banner
 from cputax.report.format import ms, number, pct, ratio_cell, scenario_cell, table
+from cputax.results.attribution import AttributionResult
+from cputax.results.correlation import CorrelationResult
 from cputax.workload.prompts import TOOL_MODES
 
 STUDY_COLUMNS = (("http_overhead", "HTTP OH"), ("prefill", "Prefill"), ("decode", "Decode"), ("total", "Total"))
@@ -217,8 +219,8 @@ def _share(part: float | None, total: float) -> str:
     return f"{100 * (part or 0.0) / total:.0f}%"
 
 
-def in_short(summary: dict[str, Any], info: dict[str, Any], correlation: dict[str, Any] | None,
-             attribution: dict[str, Any] | None) -> str | None:
+def in_short(summary: dict[str, Any], info: dict[str, Any], correlation: CorrelationResult | None,
+             attribution: AttributionResult | None) -> str | None:
     """Two lines for the top of the report: where the heaviest scenario's time went, and what
     held the GPU (or, without GPU telemetry, the engine) back."""
     rows = [s for s in summary["scenarios"] if s["mean_ms"]["total"]]
@@ -230,12 +232,12 @@ def in_short(summary: dict[str, Any], info: dict[str, Any], correlation: dict[st
              f"{ms(total)} ms: {_share(m['decode'], total)} decode, {_share(m['prefill'], total)} engine queue + "
              f"prefill, {_share(m['http_overhead'], total)} in the server's front end before the headers, "
              f"{_share(m['serialize'], total)} building it on the client.")
-    gpu = next((c.get("gpu") for c in (correlation or {}).get("scenarios", []) if c["name"] == s["name"]), None)
-    if gpu and gpu.get("busy_pct") is not None:
-        split = sorted(gpu["stall_split"].items(), key=lambda kv: -kv[1])[:2]
-        where = ", mostly " + " and ".join(name for name, _ in split) if split and gpu["stall_s"] else ""
-        second = (f"The GPU was busy {gpu['busy_pct']:.0f}% of that scenario and idle while requests were in flight "
-                  f"{gpu['stall_pct']:.1f}% of it{where}.")
+    gpu = next((c.gpu for c in (correlation.scenarios if correlation else []) if c.name == s["name"]), None)
+    if gpu and gpu.busy_pct is not None:
+        split = sorted(gpu.stall_split.items(), key=lambda kv: -kv[1])[:2]
+        where = ", mostly " + " and ".join(name for name, _ in split) if split and gpu.stall_s else ""
+        second = (f"The GPU was busy {gpu.busy_pct:.0f}% of that scenario and idle while requests were in flight "
+                  f"{gpu.stall_pct or 0:.1f}% of it{where}.")
     else:
         second = "No GPU telemetry in this run, so GPU idle time is not measured"
         if info.get("target", {}).get("kind") == "embedded":
@@ -245,11 +247,11 @@ def in_short(summary: dict[str, Any], info: dict[str, Any], correlation: dict[st
         second += (f" Between its steps, with requests at the engine, the emulated GPU sat idle "
                    f"{s['gpu_bubble_pct']:.1f}% of the scenario, where the study's CPU% reads "
                    f"{pct(s['cpu_pct'])}.")
-    window = next((w for w in (attribution or {}).get("windows", []) if w["name"] == s["name"]), None)
-    loop = next((r for r in (window or {}).get("threads", []) if r["process"].startswith("engine_core")
-                 and r["thread"] == "MainThread"), None)
-    if loop and loop["categories"].get("worker_wait", 0) >= 0.2:
-        cats = loop["categories"]
+    window = next((w for w in (attribution.windows if attribution else []) if w.name == s["name"]), None)
+    loop = next((r for r in (window.threads if window else []) if r.process.startswith("engine_core")
+                 and r.thread == "MainThread"), None)
+    if loop and loop.categories.get("worker_wait", 0) >= 0.2:
+        cats = loop.categories
         second += (f" The EngineCore's loop spent {100 * cats['worker_wait']:.0f}% of it waiting for the model step "
                    f"and {100 * (cats.get('schedule', 0) + cats.get('kv_cache', 0)):.1f}% scheduling.")
     broken = [r["name"] for r in summary["scenarios"] if r.get("withheld")]
