@@ -29,7 +29,8 @@ from cputax.errors import CputaxError
 from cputax.results.attribution import AttributionResult
 from cputax.results.correlation import CorrelationResult
 
-__all__ = ["TIMES", "JsonlWriter", "NodeResults", "RequestRecord", "RequestTable", "Results", "read_json", "read_jsonl", "read_request_table",
+__all__ = ["TIMES", "JsonlWriter", "NodeResults", "RequestRecord", "RequestTable", "Results",
+           "read_json", "read_jsonl", "read_request_table",
            "read_requests", "write_json"]
 
 

@@ -28,9 +28,19 @@ from cputax.results.attribution import (
 )
 from cputax.workload.profiles import CONTROL_SUFFIX
 
-__all__ = ["GIL_IDLE_SHARE", "OVERHEAD_BUDGET_PCT", "OWN_METRICS_SHARE", "QUEUE_WORTH_MS",
-           "STEP_WAIT_SHARE", "WAIT_SHARE", "ScenarioFigures", "add_findings", "engine_findings",
-           "sampling_overhead", "scenario_figures"]
+__all__ = [
+    "GIL_IDLE_SHARE",
+    "OVERHEAD_BUDGET_PCT",
+    "OWN_METRICS_SHARE",
+    "QUEUE_WORTH_MS",
+    "STEP_WAIT_SHARE",
+    "WAIT_SHARE",
+    "ScenarioFigures",
+    "add_findings",
+    "engine_findings",
+    "sampling_overhead",
+    "scenario_figures",
+]
 
 WAIT_SHARE = 0.2  # an engine loop waiting for its workers this much of its time: a finding
 STEP_WAIT_SHARE = 0.05  # a worker waiting for the next step this much: the model had nothing
@@ -58,10 +68,12 @@ def scenario_figures(scenario: Mapping[str, Any]) -> ScenarioFigures:
     ttft = None
     if mean.get("prefill") is not None:
         ttft = (mean.get("serialize") or 0.0) + (mean.get("http_overhead") or 0.0) + mean["prefill"]
-    return ScenarioFigures(queue_ms=(server.get("mean_ms") or {}).get("queue"),
-                           gauge_polls=server.get("gauge_polls_total"),
-                           output_tps=(scenario.get("throughput") or {}).get("output_tokens_per_s"),
-                           ttft_ms=ttft)
+    return ScenarioFigures(
+        queue_ms=(server.get("mean_ms") or {}).get("queue"),
+        gauge_polls=server.get("gauge_polls_total"),
+        output_tps=(scenario.get("throughput") or {}).get("output_tokens_per_s"),
+        ttft_ms=ttft,
+    )
 
 
 def _sum(row: ThreadRow, *categories: str) -> float:
@@ -72,26 +84,45 @@ def engine_findings(window: Window, figures: ScenarioFigures | None = None) -> l
     """The findings of one window, in the order the report says them."""
     figures = figures or ScenarioFigures()
     out: list[Finding] = []
-    queue = figures.queue_ms if figures.queue_ms is not None and \
-        figures.queue_ms >= QUEUE_WORTH_MS else None
+    queue = (
+        figures.queue_ms
+        if figures.queue_ms is not None and figures.queue_ms >= QUEUE_WORTH_MS
+        else None
+    )
     for row in window.threads:
         wait = _sum(row, "worker_wait")
         if wait >= WAIT_SHARE:
-            out.append(WorkerWait(process=row.process, thread=row.thread, wait=wait,
-                                  scheduling=_sum(row, *SCHEDULING), queue_ms=queue))
+            out.append(
+                WorkerWait(
+                    process=row.process,
+                    thread=row.thread,
+                    wait=wait,
+                    scheduling=_sum(row, *SCHEDULING),
+                    queue_ms=queue,
+                )
+            )
         step = _sum(row, "step_wait")
         if step >= STEP_WAIT_SHARE:
             out.append(StepWait(process=row.process, thread=row.thread, share=step))
-    own = [(row.process, row.thread, _sum(row, "metrics")) for row in window.threads
-           if _sum(row, "metrics") >= OWN_METRICS_SHARE]
+    own = [
+        (row.process, row.thread, _sum(row, "metrics"))
+        for row in window.threads
+        if _sum(row, "metrics") >= OWN_METRICS_SHARE
+    ]
     if own:
         out.append(OwnMetrics(threads=own))
     for row in window.threads:
         idle_held = (row.gil or 0.0) * (row.gil_in_idle_frames or 0.0)
         if idle_held >= GIL_IDLE_SHARE and row.gil_idle_frames:
-            out.append(GilInIdleFrames(process=row.process, thread=row.thread, gil=row.gil or 0.0,
-                                       in_idle=idle_held,
-                                       frames=[f for f, _ in row.gil_idle_frames[:2]]))
+            out.append(
+                GilInIdleFrames(
+                    process=row.process,
+                    thread=row.thread,
+                    gil=row.gil or 0.0,
+                    in_idle=idle_held,
+                    frames=[f for f, _ in row.gil_idle_frames[:2]],
+                )
+            )
     scrape_s = sum(_sum(row, "metrics_scrape") for row in window.threads) * (window.wall_s or 0.0)
     if scrape_s > 0 and figures.gauge_polls:
         out.append(ScrapeCost(polls=figures.gauge_polls, thread_s=scrape_s))
@@ -106,8 +137,9 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def sampling_overhead(figures: Mapping[str, ScenarioFigures], windows: list[Window],
-                      cpus: int | None = None) -> SamplingOverhead | None:
+def sampling_overhead(
+    figures: Mapping[str, ScenarioFigures], windows: list[Window], cpus: int | None = None
+) -> SamplingOverhead | None:
     """Sampled vs unsampled runs of the same scenarios (`figures` in the summary's order);
     None without a pair. The verdict is the mean of the per-pair differences: with the
     order alternating, drift and order effects cancel in it, not in a total weighted by the
@@ -120,23 +152,37 @@ def sampling_overhead(figures: Mapping[str, ScenarioFigures], windows: list[Wind
     for name in names:
         on, off = figures[name], figures[name + CONTROL_SUFFIX]
         cpu_s, wall = cpu.get(name, (None, None))
-        pairs.append(OverheadPair(
-            name=name, tps_on=on.output_tps, tps_off=off.output_tps,
-            tps_change_pct=_pct_change(on.output_tps, off.output_tps),
-            ttft_on_ms=on.ttft_ms, ttft_off_ms=off.ttft_ms,
-            ttft_change_pct=_pct_change(on.ttft_ms, off.ttft_ms),
-            pyspy_core_pct=100 * cpu_s / wall if cpu_s and wall else None))
+        pairs.append(
+            OverheadPair(
+                name=name,
+                tps_on=on.output_tps,
+                tps_off=off.output_tps,
+                tps_change_pct=_pct_change(on.output_tps, off.output_tps),
+                ttft_on_ms=on.ttft_ms,
+                ttft_off_ms=off.ttft_ms,
+                ttft_change_pct=_pct_change(on.ttft_ms, off.ttft_ms),
+                pyspy_core_pct=100 * cpu_s / wall if cpu_s and wall else None,
+            )
+        )
     tps = [p.tps_change_pct for p in pairs if p.tps_change_pct is not None]
     ttft = [p.ttft_change_pct for p in pairs if p.ttft_change_pct is not None]
     cores = [p.pyspy_core_pct for p in pairs if p.pyspy_core_pct is not None]
-    return SamplingOverhead(pairs=pairs, budget_pct=OVERHEAD_BUDGET_PCT, cpus=cpus,
-                            tps_mean_pct=_mean(tps), tps_min_pct=min(tps, default=None),
-                            tps_max_pct=max(tps, default=None), ttft_mean_pct=_mean(ttft),
-                            pyspy_core_pct=_mean(cores), pairs_measured=len(tps))
+    return SamplingOverhead(
+        pairs=pairs,
+        budget_pct=OVERHEAD_BUDGET_PCT,
+        cpus=cpus,
+        tps_mean_pct=_mean(tps),
+        tps_min_pct=min(tps, default=None),
+        tps_max_pct=max(tps, default=None),
+        ttft_mean_pct=_mean(ttft),
+        pyspy_core_pct=_mean(cores),
+        pairs_measured=len(tps),
+    )
 
 
-def add_findings(result: AttributionResult, figures: Mapping[str, ScenarioFigures],
-                 cpus: int | None = None) -> None:
+def add_findings(
+    result: AttributionResult, figures: Mapping[str, ScenarioFigures], cpus: int | None = None
+) -> None:
     """Each window's findings and the sampling overhead, onto `result`."""
     for window in result.windows:
         window.findings = engine_findings(window, figures.get(window.name))

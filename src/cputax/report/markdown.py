@@ -232,12 +232,15 @@ def in_short(summary: dict[str, Any], info: dict[str, Any], correlation: Correla
              f"{ms(total)} ms: {_share(m['decode'], total)} decode, {_share(m['prefill'], total)} engine queue + "
              f"prefill, {_share(m['http_overhead'], total)} in the server's front end before the headers, "
              f"{_share(m['serialize'], total)} building it on the client.")
-    gpu = next((c.gpu for c in (correlation.scenarios if correlation else []) if c.name == s["name"]), None)
+    gpu = next((c.gpu for c in (correlation.scenarios if correlation else [])
+                if c.name == s["name"]), None)
     if gpu and gpu.busy_pct is not None:
         split = sorted(gpu.stall_split.items(), key=lambda kv: -kv[1])[:2]
-        where = ", mostly " + " and ".join(name for name, _ in split) if split and gpu.stall_s else ""
-        second = (f"The GPU was busy {gpu.busy_pct:.0f}% of that scenario and idle while requests were in flight "
-                  f"{gpu.stall_pct or 0:.1f}% of it{where}.")
+        where = ""
+        if split and gpu.stall_s:
+            where = ", mostly " + " and ".join(name for name, _ in split)
+        second = (f"The GPU was busy {gpu.busy_pct:.0f}% of that scenario and idle while requests "
+                  f"were in flight {gpu.stall_pct or 0:.1f}% of it{where}.")
     else:
         second = "No GPU telemetry in this run, so GPU idle time is not measured"
         if info.get("target", {}).get("kind") == "embedded":
@@ -247,9 +250,10 @@ def in_short(summary: dict[str, Any], info: dict[str, Any], correlation: Correla
         second += (f" Between its steps, with requests at the engine, the emulated GPU sat idle "
                    f"{s['gpu_bubble_pct']:.1f}% of the scenario, where the study's CPU% reads "
                    f"{pct(s['cpu_pct'])}.")
-    window = next((w for w in (attribution.windows if attribution else []) if w.name == s["name"]), None)
-    loop = next((r for r in (window.threads if window else []) if r.process.startswith("engine_core")
-                 and r.thread == "MainThread"), None)
+    window = next((w for w in (attribution.windows if attribution else [])
+                   if w.name == s["name"]), None)
+    loop = next((r for r in (window.threads if window else [])
+                 if r.process.startswith("engine_core") and r.thread == "MainThread"), None)
     if loop and loop.categories.get("worker_wait", 0) >= 0.2:
         cats = loop.categories
         second += (f" The EngineCore's loop spent {100 * cats['worker_wait']:.0f}% of it waiting for the model step "

@@ -14,10 +14,26 @@ import msgspec
 
 from cputax.results import format
 
-__all__ = ["ACCEPTS", "FORMAT_VERSION", "AttributionResult", "FileAttribution", "Finding", "FrameCount",
-           "GilInIdleFrames", "GilThread", "OverheadPair", "OwnMetrics", "ProcessView",
-           "SamplingOverhead", "ScrapeCost", "StepWait", "ThreadRow", "ThreadShares", "Window",
-           "WorkerWait"]
+__all__ = [
+    "ACCEPTS",
+    "FORMAT_VERSION",
+    "AttributionResult",
+    "FileAttribution",
+    "Finding",
+    "FrameCount",
+    "GilInIdleFrames",
+    "GilThread",
+    "OverheadPair",
+    "OwnMetrics",
+    "ProcessView",
+    "SamplingOverhead",
+    "ScrapeCost",
+    "StepWait",
+    "ThreadRow",
+    "ThreadShares",
+    "Window",
+    "WorkerWait",
+]
 
 FORMAT_VERSION = 2
 ACCEPTS = (1, 2)  # 1: written before versions (no findings, no overhead)

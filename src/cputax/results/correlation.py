@@ -15,9 +15,20 @@ import msgspec
 
 from cputax.results import format
 
-__all__ = ["ACCEPTS", "FORMAT_VERSION", "CorrelationResult", "EmulatedGpu", "GpuStalls",
-           "HostMeta", "HostProcess", "HostThread", "HostUsage", "Percentiles", "Scenario",
-           "Timeline"]
+__all__ = [
+    "ACCEPTS",
+    "FORMAT_VERSION",
+    "CorrelationResult",
+    "EmulatedGpu",
+    "GpuStalls",
+    "HostMeta",
+    "HostProcess",
+    "HostThread",
+    "HostUsage",
+    "Percentiles",
+    "Scenario",
+    "Timeline",
+]
 
 FORMAT_VERSION = 2
 ACCEPTS = (1, 2)
