@@ -439,3 +439,33 @@ def test_the_report_only_renders_what_analysis_judged():
     assert "5.0% scheduling" in text and "queue time averaged 40.0 ms" in text
     result.windows[0].findings = []
     assert "waiting for its workers" not in window_text(result.windows[0], result.rate)
+
+
+def test_the_report_reads_the_typed_results_of_a_run_and_of_its_nodes():
+    from cputax.records import NodeResults, Results
+    from cputax.report.markdown import in_short
+    from cputax.report.nodes import nodes_section
+
+    means = {
+        "total": 100.0,
+        "decode": 60.0,
+        "prefill": 20.0,
+        "http_overhead": 15.0,
+        "serialize": 5.0,
+    }
+    summary = {
+        "scenarios": [{"name": "s", "concurrency": 4, "context_tokens": 1000, "mean_ms": means}]
+    }
+    attribution, correlation = _attribution(), _correlation()
+    short = in_short(summary, {}, correlation, attribution)
+    assert (
+        "The GPU was busy 80% of that scenario" in short and "15.0% of it, mostly tokenize" in short
+    )
+    assert "EngineCore's loop spent 50% of it waiting for the model step" in short
+    clock = {"converted": True, "offset_ns": 2_000_000, "error_ns": 50_000}
+    node = NodeResults(clock=clock, attribution=attribution, correlation=correlation)
+    text = nodes_section(Results({}, summary, nodes={"10.0.0.2": node}))
+    assert "### Node 10.0.0.2" in text and "offset +2.000 ms" in text
+    assert "#### GPU stalls" in text and "| s |" in text
+    assert "**engine_core 2 MainThread**: 50% of its time waiting" in text
+    assert "[flamegraph](pyspy/s/engine_core-2.svg)" in text
