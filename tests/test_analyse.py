@@ -13,6 +13,7 @@ from cputax.analysis import analyse, failures
 from cputax.cli import main
 from cputax.records import JsonlWriter, RequestRecord, read_json, write_json
 from cputax.report import render, write_report
+from cputax.results.correlation import CorrelationResult
 from cputax.results.format import to_builtins
 from cputax.results.summary import GaugeStats, Skipped, Summary
 from cputax.rundir import RunDir
@@ -125,8 +126,8 @@ def test_skipped_and_failed_scenarios_fail_the_run(run, capsys):
 def test_analysis_writes_what_it_derived(run):
     results = analyse(run)
     assert Summary.load(run.summary) == results.summary == run.read_summary()
-    assert read_json(run.correlation) == results.correlation
-    assert [s["name"] for s in results.correlation["scenarios"]] == ["s"]  # "bad" never ran
+    assert CorrelationResult.load(run.correlation) == results.correlation
+    assert [s.name for s in results.correlation.scenarios] == ["s"]  # "bad" never ran
     assert not run.attribution.exists() and results.attribution is None  # no py-spy in this run
 
 

@@ -262,13 +262,13 @@ def test_summarize_shape_and_other_frames():
     threads = {("server 7", main): {stack(*MAIN, "selectors.py:EpollSelector.select"): 75.0,
                                     stack(*MAIN, "mystery/lib.py:spin"): 25.0}}
     result = summarize(threads, classifier)
-    assert set(result) == {"categories", "threads", "other_top"}
-    row = result["threads"][0]
-    assert row["process"] == "server 7" and row["thread"] == "MainThread" and row["samples"] == 100
-    assert row["categories"] == {"http": 0.25, "idle": 0.75}  # uvicorn at the root: the event loop's own work
-    assert result["other_top"] == []
+    row = result.threads[0]
+    assert row.process == "server 7" and row.thread == "MainThread" and row.samples == 100
+    # uvicorn at the root: the event loop's own work
+    assert row.categories == {"http": 0.25, "idle": 0.75}
+    assert result.other_top == []
     unknown = {("", ThreadId(None, 1, "t")): {stack("mystery/lib.py:spin"): 3.0}}
-    assert summarize(unknown, classifier)["other_top"] == [["spin (mystery/lib.py)", 3]]
+    assert summarize(unknown, classifier).other_top == [("spin (mystery/lib.py)", 3)]
 
 
 def test_detect_server_from_stacks():
@@ -289,12 +289,13 @@ def test_attribute_raw_file(tmp_path):
         "Condition.wait (threading.py:331) 10\n"
         "thread (10): MainThread;<module> (transformers:6);EpollSelector.select (selectors.py:468) 40\n")
     result = attribute_file(raw)
-    assert result["server"] == "transformers"
-    rows = {r["thread"]: r for r in result["threads"]}
-    assert rows["Thread-3 (_run_generation_loop)"]["categories"] == {"model_execute": 0.75, "idle": 0.25}
-    assert rows["Thread-3 (_run_generation_loop)"]["tid"] == 11
-    assert rows["MainThread"]["samples"] == 40
-    assert result["categories"]["idle"] == pytest.approx(50 / 80)
+    assert result.server == "transformers"
+    rows = {r.thread: r for r in result.threads}
+    generation = rows["Thread-3 (_run_generation_loop)"]
+    assert generation.categories == {"model_execute": 0.75, "idle": 0.25}
+    assert generation.tid == 11
+    assert rows["MainThread"].samples == 40
+    assert result.categories["idle"] == pytest.approx(50 / 80)
     out = subprocess.run([sys.executable, "-m", "cputax.cli", "attribute", str(raw), "--json"],
                          capture_output=True, text=True, check=True)
     assert orjson.loads(out.stdout)["threads"][0]["categories"]
@@ -331,12 +332,12 @@ def _synthetic_run(tmp_path: Path, launched: int) -> Path:
 def test_run_attribution_uses_the_client_window(tmp_path):
     run = _synthetic_run(tmp_path, launched=1_000_000_000)
     result = attribute_run(run)
-    window = result["windows"][0]
-    row = window["threads"][0]
+    window = result.windows[0]
+    row = window.threads[0]
     # the window starts 20 ms in: 20 ms idle, 60 ms tokenize
-    assert row["categories"] == {"tokenize": pytest.approx(0.75), "idle": pytest.approx(0.25)}
-    assert row["samples"] == 8 and row["role"].startswith("event loop")
-    assert window["processes"][0]["coverage"] == pytest.approx(1.0)
+    assert row.categories == {"tokenize": pytest.approx(0.75), "idle": pytest.approx(0.25)}
+    assert row.samples == 8 and row.role.startswith("event loop")
+    assert window.processes[0].coverage == pytest.approx(1.0)
 
 
 def test_category_timeline_is_on_the_run_clock(tmp_path):
@@ -362,15 +363,22 @@ def test_report_section(tmp_path):
     assert "No profiles: no ptrace" in problem
 
 
-def test_overhead_table_pairs_scenarios():
-    from cputax.report.profiling import overhead_table
+def test_overhead_pairs_scenarios_and_the_report_renders_them():
+    from cputax.analysis.profiling_findings import ScenarioFigures, sampling_overhead
+    from cputax.report.profiling import overhead_text
 
-    def scen(name, tps, ttft):
-        return {"name": name, "throughput": {"output_tokens_per_s": tps}, "wall_s": 10.0,
-                "mean_ms": {"serialize": 1.0, "http_overhead": 9.0, "prefill": ttft - 10.0}}
+    def scen(tps, ttft):
+        return ScenarioFigures(output_tps=tps, ttft_ms=ttft)
 
-    text = overhead_table([scen("a", 97.0, 110.0), scen("a-nopyspy", 100.0, 100.0),
-                           scen("b-nopyspy", 100.0, 100.0), scen("b", 101.0, 100.0)], None)
+    figures = {"a": scen(97.0, 110.0), "a-nopyspy": scen(100.0, 100.0),
+               "b-nopyspy": scen(100.0, 100.0), "b": scen(101.0, 100.0)}
+    overhead = sampling_overhead(figures, [])
+    assert [p.name for p in overhead.pairs] == ["a", "b"]
+    assert overhead.tps_mean_pct == pytest.approx(-1.0)
+    assert (overhead.tps_min_pct, overhead.tps_max_pct) == (pytest.approx(-3.0), pytest.approx(1.0))
+    assert overhead.ttft_mean_pct == pytest.approx(5.0)
+    text = overhead_text(overhead)
     assert "| a | 97.0 / 100.0 | -3.0% | 110 / 100 | +10.0% |" in text
     assert "Mean over 2 pairs: throughput -1.0% (pairs from -3.0% to +1.0%), TTFT +5.0%" in text
-    assert overhead_table([scen("a", 1.0, 20.0)], None) is None
+    assert sampling_overhead({"a": scen(1.0, 20.0)}, []) is None
+    assert overhead_text(None) is None

@@ -68,59 +68,60 @@ def test_overlapping_requests_take_the_most_advanced_state():
 def test_stalls_split_by_state_and_category():
     categories = {(1, 1): [(int(4.6 * S), int(5.5 * S), "tokenize"), (int(5.5 * S), int(6.0 * S), "schedule")],
                   (1, 2): [(0, 10 * S, "idle")]}
-    g = correlate_scenario(WINDOW, TABLE, GPU, categories, None)["gpu"]
-    assert g["busy_pct"] == pytest.approx(80.0)
-    assert g["idle_pct"] == pytest.approx(20.0)
-    assert g["stall_s"] == pytest.approx(1.5)  # 4.5-6.0 s: B pending, GPU idle
-    assert g["stall_pct"] == pytest.approx(15.0)
-    assert g["idle_nothing_pending_pct"] == pytest.approx(5.0)  # 4.0-4.5 s: nothing in flight
-    assert g["stall_by_state"] == pytest.approx({"engine": 0.5, "front_end": 0.9, "client": 0.1})
-    assert g["stall_split"] == pytest.approx({"tokenize": 0.9, "schedule": 0.5, "client-side gap": 0.1})
-    assert g["stalls"] == 1 and g["longest_stall_ms"] == pytest.approx(1500.0)
-    assert g["resolution_ms"] == 100.0 and g["coverage_pct"] == pytest.approx(100.0)
+    g = correlate_scenario(WINDOW, TABLE, GPU, categories, None).gpu
+    assert g.busy_pct == pytest.approx(80.0)
+    assert g.idle_pct == pytest.approx(20.0)
+    assert g.stall_s == pytest.approx(1.5)  # 4.5-6.0 s: B pending, GPU idle
+    assert g.stall_pct == pytest.approx(15.0)
+    assert g.idle_nothing_pending_pct == pytest.approx(5.0)  # 4.0-4.5 s: nothing in flight
+    assert g.stall_by_state == pytest.approx({"engine": 0.5, "front_end": 0.9, "client": 0.1})
+    split = {"tokenize": 0.9, "schedule": 0.5, "client-side gap": 0.1}
+    assert g.stall_split == pytest.approx(split)
+    assert g.stalls == 1 and g.longest_stall_ms == pytest.approx(1500.0)
+    assert g.resolution_ms == 100.0 and g.coverage_pct == pytest.approx(100.0)
 
 
 def test_without_pyspy_the_server_part_is_unattributed():
-    g = correlate_scenario(WINDOW, TABLE, GPU, {}, None)["gpu"]
-    assert g["stall_split"] == pytest.approx({NO_PYSPY: 1.4, "client-side gap": 0.1})
+    g = correlate_scenario(WINDOW, TABLE, GPU, {}, None).gpu
+    assert g.stall_split == pytest.approx({NO_PYSPY: 1.4, "client-side gap": 0.1})
 
 
 def test_category_time_is_shared_in_proportion_to_thread_time():
     # two threads busy in the whole server-side stall: 2 thread-seconds of tokenize per 1 of schedule
     categories = {(1, 1): [(int(4.6 * S), int(6.0 * S), "tokenize")],
                   (1, 2): [(int(4.6 * S), int(5.3 * S), "schedule"), (int(5.3 * S), int(6.0 * S), "idle")]}
-    g = correlate_scenario(WINDOW, TABLE, GPU, categories, None)["gpu"]
-    assert g["stall_thread_s"] == pytest.approx({"tokenize": 1.4, "schedule": 0.7})
-    assert g["stall_split"]["tokenize"] == pytest.approx(1.4 * 2 / 3)
-    assert g["stall_split"]["schedule"] == pytest.approx(1.4 / 3)
+    g = correlate_scenario(WINDOW, TABLE, GPU, categories, None).gpu
+    assert g.stall_thread_s == pytest.approx({"tokenize": 1.4, "schedule": 0.7})
+    assert g.stall_split["tokenize"] == pytest.approx(1.4 * 2 / 3)
+    assert g.stall_split["schedule"] == pytest.approx(1.4 / 3)
 
 
 def test_no_structure_finer_than_the_resolution():
     # 50 ms of idle inside each 200 ms window of a 200 ms-resolution source: the windows read 75%
     # busy, so nothing is idle, however the idle time is placed inside them
     gpu = steps((0, 10, 75.0), res_ms=200.0)
-    g = correlate_scenario(WINDOW, TABLE, gpu, {}, None)["gpu"]
-    assert g["stall_s"] == 0 and g["idle_pct"] == 0 and g["busy_pct"] == pytest.approx(75.0)
+    g = correlate_scenario(WINDOW, TABLE, gpu, {}, None).gpu
+    assert g.stall_s == 0 and g.idle_pct == 0 and g.busy_pct == pytest.approx(75.0)
     # a source sampled every 10 ms but measured to change only every 100 ms is binned at 100 ms
     fine = steps((0, 4.05, 100.0), (4.05, 10, 0.0), res_ms=10.0)
     fine.resolution_ms[(0, "gpm")] = 100.0
-    g = correlate_scenario(WINDOW, TABLE, fine, {}, None)["gpu"]
-    assert g["resolution_ms"] == 100.0
-    assert g["idle_pct"] == pytest.approx(59.0)  # the 4.0-4.1 s bin reads 50%: not idle
+    g = correlate_scenario(WINDOW, TABLE, fine, {}, None).gpu
+    assert g.resolution_ms == 100.0
+    assert g.idle_pct == pytest.approx(59.0)  # the 4.0-4.1 s bin reads 50%: not idle
 
 
 def test_devices_are_averaged_and_gaps_filled_from_the_next_source():
     gpu = steps((0, 10, 100.0))
     gpu.intervals[(1, "gpm")] = [Interval(0, 10 * S, 0.0)]  # a second GPU never busy
     gpu.resolution_ms[(1, "gpm")] = 100.0
-    g = correlate_scenario(WINDOW, TABLE, gpu, {}, None)["gpu"]
-    assert g["busy_pct"] == pytest.approx(50.0) and g["stall_s"] == 0
+    g = correlate_scenario(WINDOW, TABLE, gpu, {}, None).gpu
+    assert g.busy_pct == pytest.approx(50.0) and g.stall_s == 0
     # NVML samples stop while the GPU idles; the rates fill the hole
     gpu = steps((0, 4, 100.0), (6, 10, 100.0), kind="util")
     gpu.intervals[(0, "rates")] = [Interval(0, 10 * S, 0.0)]
     gpu.resolution_ms[(0, "rates")] = 167.0
-    g = correlate_scenario(WINDOW, TABLE, gpu, {}, None)["gpu"]
-    assert g["stall_s"] == pytest.approx(1.5) and "rates" in g["source"]
+    g = correlate_scenario(WINDOW, TABLE, gpu, {}, None).gpu
+    assert g.stall_s == pytest.approx(1.5) and "rates" in g.source
 
 
 def test_gpu_series_from_telemetry_records():
@@ -176,21 +177,22 @@ def test_host_series_and_usage_from_cumulative_counters():
     from cputax.analysis.correlate import host_usage
 
     u = host_usage(host, (0, 2 * S))
-    (p,) = u["processes"]
-    assert p["name"] == "vllm" and p["role"] == "server"
-    assert p["cpu_pct"] == pytest.approx(100 * 1.0 / 2)  # 0.5 + 0.2 + 0.3 s in 2 s
-    assert p["wait_pct"] == pytest.approx(100 * 0.1 / 2)
-    assert p["switches_per_s"] == pytest.approx((10 + 1 + 1) / 2)
-    assert [(t["name"], round(t["cpu_pct"])) for t in p["threads"]] == [("main", 25), ("?", 15), ("worker", 10)]
-    assert u["system_busy_pct"] == pytest.approx(25.0)
+    (p,) = u.processes
+    assert p.name == "vllm" and p.role == "server"
+    assert p.cpu_pct == pytest.approx(100 * 1.0 / 2)  # 0.5 + 0.2 + 0.3 s in 2 s
+    assert p.wait_pct == pytest.approx(100 * 0.1 / 2)
+    assert p.switches_per_s == pytest.approx((10 + 1 + 1) / 2)
+    busiest = [(t.name, round(t.cpu_pct)) for t in p.threads]
+    assert busiest == [("main", 25), ("?", 15), ("worker", 10)]
+    assert u.system_busy_pct == pytest.approx(25.0)
     # half the window: the first interval only
-    assert host_usage(host, (0, 1 * S))["processes"][0]["cpu_pct"] == pytest.approx(50.0)
+    assert host_usage(host, (0, 1 * S)).processes[0].cpu_pct == pytest.approx(50.0)
 
 
 def test_timeline_series_for_the_plot():
-    t = correlate_scenario(WINDOW, TABLE, GPU, {}, None)["timeline"]
-    assert t["width_s"] == pytest.approx(0.1) and len(t["t_s"]) == 100
-    assert t["gpu"][0] == 100.0 and t["gpu"][45] == 0.0
-    assert t["inflight"]["decode"][10] == pytest.approx(1.0)
-    assert t["stalls"] == [pytest.approx((4.5, 6.0))]
-    assert "cpu" not in t  # neither py-spy nor host data
+    t = correlate_scenario(WINDOW, TABLE, GPU, {}, None).timeline
+    assert t.width_s == pytest.approx(0.1) and len(t.t_s) == 100
+    assert t.gpu[0] == 100.0 and t.gpu[45] == 0.0
+    assert t.inflight["decode"][10] == pytest.approx(1.0)
+    assert t.stalls == [pytest.approx((4.5, 6.0))]
+    assert t.cpu is None  # neither py-spy nor host data

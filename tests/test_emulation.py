@@ -22,6 +22,7 @@ from cputax.errors import CputaxError
 from cputax.records import RequestRecord, RequestTable
 from cputax.report.emulated import emulated_banner, emulated_section
 from cputax.report.markdown import study_table
+from cputax.results.correlation import CorrelationResult, Scenario
 from cputax.results.summary import ScenarioSummary, Summary
 from cputax.telemetry.emulated import EmulatedPoller
 
@@ -204,23 +205,23 @@ def test_correlation_busy_and_bubbles_agree_with_the_steps(tmp_path):
     gpu = gpu_busy(read_telemetry(samples), {"emulated": poller.close()})
     assert gpu is not None and gpu.backend == "emulated"
     states = pending_states(request_phases(table).clip(*window))
-    stalls = gpu_stalls(window, states, gpu, {})
+    stalls, _ = gpu_stalls(window, states, gpu, {})
     exact = sum(s.t1_ns - s.t0_ns for s in steps) / (1000 * MS) * 100
-    assert stalls["busy_pct"] == pytest.approx(exact, abs=2.0)
+    assert stalls.busy_pct == pytest.approx(exact, abs=2.0)
     bubbles = scenario_bubbles(window, steps, states, {})
-    assert bubbles["busy_pct"] == pytest.approx(exact)
+    assert bubbles.busy_pct == pytest.approx(exact)
     # gaps of 2 ms between 100 and 900 ms, each with the request at the engine
     inside = [
         b
         for a, b in zip(steps, steps[1:], strict=False)
         if a.t1_ns >= 100 * MS and b.t0_ns <= 900 * MS
     ]
-    assert bubbles["bubbles"] >= len(inside)
-    assert bubbles["bubble_ms"]["p50"] == pytest.approx(2.0)
-    assert bubbles["bubble_pct"] == pytest.approx(100 * 2 * len(inside) / 1000, abs=0.5)
-    assert bubbles["step_cpu_pct"] == pytest.approx(1.0)  # 50 µs of CPU per 5 ms step
-    assert bubbles["bubble_split"] == {
-        "unattributed (no py-spy data)": pytest.approx(bubbles["bubble_s"])
+    assert bubbles.bubbles >= len(inside)
+    assert bubbles.bubble_ms.p50 == pytest.approx(2.0)
+    assert bubbles.bubble_pct == pytest.approx(100 * 2 * len(inside) / 1000, abs=0.5)
+    assert bubbles.step_cpu_pct == pytest.approx(1.0)  # 50 µs of CPU per 5 ms step
+    assert bubbles.bubble_split == {
+        "unattributed (no py-spy data)": pytest.approx(bubbles.bubble_s)
     }
 
 
@@ -270,9 +271,8 @@ def test_report_says_the_gpu_is_emulated_and_puts_bubbles_beside_cpu_pct():
     em = scenario_bubbles(
         (0, 100 * MS), _steps_every(7.0, 5.0, 100.0), [(0, 100 * MS, "engine")], {}
     )
-    section = emulated_section(
-        Summary(scenarios=[scenario]), {"scenarios": [{"name": "c1", "emulated_gpu": em}]}
-    )
+    correlation = CorrelationResult(scenarios=[Scenario(name="c1", wall_s=0.1, emulated_gpu=em)])
+    section = emulated_section(Summary(scenarios=[scenario]), correlation)
     assert "| c1 |" in section and "2.5%" in section
 
 

@@ -13,11 +13,12 @@ from cputax.analysis.findings import (
     HTTP_OH_OVER_QUEUE,
     SHARED_STAMPS_PCT,
     TTFT_DISAGREEMENT,
-    WORKER_WAIT_SHARE,
     in_short,
     scenario_findings,
 )
+from cputax.analysis.profiling_findings import WAIT_SHARE
 from cputax.errors import CputaxError
+from cputax.results.attribution import AttributionResult, ThreadRow, Window
 from cputax.results.summary import (
     ClientLag,
     Finding,
@@ -185,18 +186,19 @@ def test_the_client_ceiling_is_crossed_past_its_share():
     assert ceiling_finding.threshold == 0.8 and "81 chunks/s" in ceiling_finding.text
 
 
-def _attribution(worker_wait: float) -> dict:
-    return {"windows": [{"name": "s", "threads": [
-        {"process": "engine_core_0", "thread": "MainThread",
-         "categories": {"worker_wait": worker_wait, "schedule": 0.02}}]}]}
+def _attribution(worker_wait: float) -> AttributionResult:
+    loop = ThreadRow(process="engine_core_0", thread="MainThread", samples=500,
+                     categories={"worker_wait": worker_wait, "schedule": 0.02})
+    return AttributionResult(rules="test", alignment_ms=1.0, rate=100.0,
+                             windows=[Window(name="s", threads=[loop])])
 
 
 def test_in_short_names_the_engine_loop_wait_past_its_share():
     s = [_scenario()]
     first = in_short(s, {}, None, None)
     assert "At s (4 at once, 1,000-token prompts) a request took 97.0 ms" in first
-    above = in_short(s, {}, None, _attribution(WORKER_WAIT_SHARE + 0.05))
-    below = in_short(s, {}, None, _attribution(WORKER_WAIT_SHARE - 0.05))
+    above = in_short(s, {}, None, _attribution(WAIT_SHARE + 0.05))
+    below = in_short(s, {}, None, _attribution(WAIT_SHARE - 0.05))
     assert "spent 25% of it waiting for the model step" in above
     assert "waiting for the model step" not in below
     assert in_short([_scenario(mean_ms=PhaseTimes())], {}, None, None) is None

@@ -10,6 +10,7 @@ import pytest
 from cputax.analysis.attribution import summarize
 from cputax.analysis.support import MIN_SAMPLES, agrees, wilson
 from cputax.report.profiling import thread_table
+from cputax.results.attribution import ThreadRow
 from cputax.sampling.classify import Frame, classifier_for
 from cputax.sampling.stacks import ThreadId
 
@@ -32,24 +33,24 @@ STACK = (Frame("EngineCore.step", "vllm/v1/engine/core.py"), Frame("Scheduler.sc
 IDLE = (Frame("select", "selectors.py"),)
 
 
-def _rows(samples: int, empty: int) -> list[dict]:
+def _rows(samples: int, empty: int) -> list[ThreadRow]:
     stacks = Counter({STACK: samples - empty - 10, IDLE: 10, (): empty})
     threads = {("engine_core 1", ThreadId(1, 2, "MainThread")): stacks}
-    return summarize(threads, classifier_for("vllm"))["threads"]
+    return summarize(threads, classifier_for("vllm")).threads
 
 
 def test_rows_carry_samples_empty_stacks_and_intervals():
     row = _rows(1000, 40)[0]
-    assert row["samples"] == 1000 and row["empty"] == 40 and not row["too_few"]
-    lo, hi = row["intervals"]["schedule"]
-    assert lo < row["categories"]["schedule"] < hi
-    assert row["active_interval"][0] < row["active"] < row["active_interval"][1]
+    assert row.samples == 1000 and row.empty == 40 and not row.too_few
+    lo, hi = row.intervals["schedule"]
+    assert lo < row.categories["schedule"] < hi
+    assert row.active_interval[0] < row.active < row.active_interval[1]
 
 
 def test_a_thread_with_too_few_samples_is_never_a_share():
     few = _rows(MIN_SAMPLES - 6, 30)[0]
-    assert few["too_few"]
+    assert few.too_few
     text = thread_table([few])
-    assert f"too few samples ({few['samples']})" in text and "0.0%" not in text and "30 empty" in text
+    assert f"too few samples ({few.samples})" in text and "0.0%" not in text and "30 empty" in text
     enough = thread_table(_rows(1000, 0))
     assert "too few" not in enough and "[" in enough  # the busy share's interval

@@ -14,8 +14,9 @@ from conftest import needs_vllm
 from cputax.analysis import analyse
 from cputax.analysis.sweep import analyse_sweep
 from cputax.errors import CputaxError
-from cputax.records import JsonlWriter, RequestRecord, write_json
+from cputax.records import JsonlWriter, RequestRecord
 from cputax.report.sweep import render_sweep
+from cputax.results.attribution import AttributionResult, ProcessView, ThreadRow, Window
 from cputax.rundir import RunDir, SweepDir
 from cputax.servers import get
 from cputax.workload.sweep import Knob, configurations, parse_help, parse_vary, plan
@@ -100,17 +101,20 @@ def _run(sweep: SweepDir, folder: str, http_overhead: tuple[float, float], decod
     analyse(run)  # summary.json and correlation.json from the records
     engine = {"worker_wait": worker_wait, "schedule": schedule, "idle": 1 - worker_wait - schedule}
     hash_thread = {"prefix_hash": prefix_hash, "idle": 1 - prefix_hash}
-    attribution = {"windows": [{"name": "s", "processes": [{"pid": 1, "role": "api_server"}, {"pid": 2, "role": "engine_core"}],
-                                "threads": [
-        {"process": "api_server 1", "pid": 1, "thread": "MainThread", "samples": 500, "active": 0.3,
-         "categories": {"tokenize": tokenize_loop, "sse": 0.2, "idle": 0.8 - tokenize_loop}},
-        {"process": "api_server 1", "pid": 1, "thread": "ThreadPoolExecutor-0_0", "samples": 500, "active": tokenize_pool,
-         "categories": {"tokenize": tokenize_pool, "idle": 1 - tokenize_pool}},
-        {"process": "engine_core 2", "pid": 2, "thread": "MainThread", "samples": 500,
-         "active": worker_wait + schedule, "categories": engine},
-        {"process": "engine_core 2", "pid": 2, "thread": "Thread-1 (process_input_sockets)", "samples": 500,
-         "active": prefix_hash, "categories": hash_thread}]}]}
-    write_json(run.attribution, attribution)
+    processes = [ProcessView(process="api_server 1", pid=1, role="api_server", status="ok"),
+                 ProcessView(process="engine_core 2", pid=2, role="engine_core", status="ok")]
+    threads = [
+        ThreadRow(process="api_server 1", pid=1, thread="MainThread", samples=500, active=0.3,
+                  categories={"tokenize": tokenize_loop, "sse": 0.2, "idle": 0.8 - tokenize_loop}),
+        ThreadRow(process="api_server 1", pid=1, thread="ThreadPoolExecutor-0_0", samples=500,
+                  active=tokenize_pool,
+                  categories={"tokenize": tokenize_pool, "idle": 1 - tokenize_pool}),
+        ThreadRow(process="engine_core 2", pid=2, thread="MainThread", samples=500,
+                  active=worker_wait + schedule, categories=engine),
+        ThreadRow(process="engine_core 2", pid=2, thread="Thread-1 (process_input_sockets)",
+                  samples=500, active=prefix_hash, categories=hash_thread)]
+    AttributionResult(rules="vllm", alignment_ms=15.0, rate=100, windows=[
+        Window(name="s", processes=processes, threads=threads)]).dump(run.attribution)
 
 
 @pytest.fixture

@@ -325,21 +325,22 @@ def test_host_poller_sees_child_processes_and_threads(busy_family):
     assert info["processes"] == 2 and info["thread_cpu"] == "schedstat ns"
     host = host_series(read_telemetry(rows))
     usage = host_usage(host, (t0, t1))
-    child = next(p for p in usage["processes"] if p["pid"] != busy_family.pid)
-    parent = next(p for p in usage["processes"] if p["pid"] == busy_family.pid)
-    assert child["pid"] == busy.pid
-    assert child["role"] == "server" and child["name"].startswith("python")
+    child = next(p for p in usage.processes if p.pid != busy_family.pid)
+    parent = next(p for p in usage.processes if p.pid == busy_family.pid)
+    assert child.pid == busy.pid
+    assert child.role == "server" and child.name.startswith("python")
     assert direct_pct > 5, "the machine left the busy child no CPU at all"
     # 10 points: the 10 ms ticks of cpu_times, twice over ~1 s, with room
-    assert child["cpu_pct"] == pytest.approx(direct_pct, abs=10)
-    assert parent["cpu_pct"] < min(10, direct_pct / 2)  # it only waits on the child
-    main = child["threads"][0]  # from schedstat, not cpu_times: it agrees with the process
-    assert main["tid"] == child["pid"]
-    assert main["cpu_pct"] == pytest.approx(child["cpu_pct"], abs=10)
-    cores_busy = usage["system_busy_pct"] * usage["cpus"]  # the child is part of the machine
-    assert usage["cpus"] >= 1 and cores_busy >= child["cpu_pct"] - 10
+    assert child.cpu_pct == pytest.approx(direct_pct, abs=10)
+    assert parent.cpu_pct < min(10, direct_pct / 2)  # it only waits on the child
+    main = child.threads[0]  # from schedstat, not cpu_times: it agrees with the process
+    assert main.tid == child.pid
+    assert main.cpu_pct == pytest.approx(child.cpu_pct, abs=10)
+    cores_busy = usage.system_busy_pct * usage.cpus  # the child is part of the machine
+    assert usage.cpus >= 1 and cores_busy >= child.cpu_pct - 10
     # both threads named once (the OS name: Python before 3.14 leaves it the process name)
-    assert sum(len(r["names"]) for r in rows if r["kind"] == "thread_names" and r["pid"] == child["pid"]) == 2
+    names = [r["names"] for r in rows if r["kind"] == "thread_names" and r["pid"] == child.pid]
+    assert sum(map(len, names)) == 2
     assert any(r["kind"] == "proc_info" and r["cmdline"][-1] == "child" for r in rows)
 
 

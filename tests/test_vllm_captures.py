@@ -15,8 +15,8 @@ WINDOWS = ("conc16_2k", "conc64_1k")
 
 def threads(window: str, role: str) -> dict[str, dict]:
     result = attribute_file(DATA / window / f"{role}.collapsed.txt", "auto")
-    assert result["server"] == "vllm"  # recognised from the stacks alone
-    return {row["thread"]: row["categories"] for row in result["threads"]}
+    assert result.server == "vllm"  # recognised from the stacks alone
+    return {row.thread: row.categories for row in result.threads}
 
 
 def busiest(categories: dict[str, float]) -> str:

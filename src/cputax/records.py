@@ -26,9 +26,12 @@ import numpy as np
 import orjson
 
 from cputax.errors import CputaxError
+from cputax.results.attribution import AttributionResult
+from cputax.results.correlation import CorrelationResult
 from cputax.results.summary import Summary
 
-__all__ = ["TIMES", "JsonlWriter", "RequestRecord", "RequestTable", "Results", "read_json", "read_jsonl", "read_request_table",
+__all__ = ["TIMES", "JsonlWriter", "NodeResults", "RequestRecord", "RequestTable", "Results",
+           "read_json", "read_jsonl", "read_request_table",
            "read_requests", "write_json"]
 
 
@@ -399,6 +402,16 @@ def read_json(path: Path) -> Any:
 
 
 @dataclass
+class NodeResults:
+    """A Ray run's server node: the clock conversion its times rest on (clock.json), its
+    CPU attribution and correlation (nodes/<node>/, as for the run's own machine)."""
+
+    clock: dict[str, Any] | None = None
+    attribution: AttributionResult | None = None
+    correlation: CorrelationResult | None = None
+
+
+@dataclass
 class Results:
     """What analysis derives from one run directory: everything the report renders.
 
@@ -410,9 +423,9 @@ class Results:
 
     info: dict[str, Any]
     summary: Summary
-    attribution: dict[str, Any] | None = None
-    correlation: dict[str, Any] | None = None
+    attribution: AttributionResult | None = None
+    correlation: CorrelationResult | None = None
     views: list[str] = field(default_factory=list)
     growth: list[dict[str, Any]] = field(default_factory=list)  # HTTP overhead vs concurrency per context
     name: str = ""  # the run directory's name, for titles
-    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)  # a Ray run's server nodes: clock, attribution, correlation
+    nodes: dict[str, NodeResults] = field(default_factory=dict)  # a Ray run's server nodes

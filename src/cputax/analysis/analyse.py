@@ -20,10 +20,12 @@ from cputax.analysis.decompose import http_overhead_growth, summarize_scenario
 from cputax.analysis.emulated import add_bubbles
 from cputax.analysis.findings import CLIENT_CEILING_SHARE, in_short, scenario_findings
 from cputax.analysis.invariants import failure_line, schedule_lag, verdict, withhold
+from cputax.analysis.profiling_findings import add_findings, scenario_figures
 from cputax.analysis.server_metrics import run_scenario_metrics
 from cputax.analysis.server_phases import server_phases
 from cputax.analysis.timeline import host_series, read_telemetry
-from cputax.records import RequestTable, Results
+from cputax.records import NodeResults, RequestTable, Results
+from cputax.results.attribution import AttributionResult
 from cputax.results.summary import (
     Interrupted,
     RunInfo,
@@ -148,13 +150,14 @@ def analyse(run: RunDir) -> Results:
     table = run.read_request_table()
     telemetry = read_telemetry(run.iter_telemetry())
     attribution = attribute_run(run, host_series(telemetry))
-    if attribution is not None:
-        run.write(run.attribution, attribution)
     correlation = correlate_run(run, info, table, telemetry)
     bubbles = add_bubbles(run, table, correlation)  # the emulated GPU's own steps
-    run.write(run.correlation, correlation)
+    correlation.dump(run.correlation)
     summary = summarize_run(run, info, table, bubbles, correlation, attribution)
     run.write_summary(summary)
+    if attribution is not None:  # what the py-spy shares mean, with the summary's figures
+        _judge(attribution, summary, info)
+        attribution.dump(run.attribution)
     return Results(info=info, summary=summary, attribution=attribution, correlation=correlation,
                    views=[p.as_posix() for p in run.views()],
                    growth=http_overhead_growth(summary.scenarios), name=run.path.name,
@@ -162,7 +165,13 @@ def analyse(run: RunDir) -> Results:
                           for node in run.nodes()})
 
 
-def analyse_node(node: RunDir, info: dict[str, Any], table: RequestTable) -> dict[str, Any]:
+def _judge(attribution: AttributionResult, summary: Summary, info: dict[str, Any]) -> None:
+    """What the py-spy shares mean (analysis.profiling_findings), with the summary's figures."""
+    figures = {s.name: scenario_figures(s) for s in summary.scenarios}
+    add_findings(attribution, figures, (info.get("host") or {}).get("cpus"))
+
+
+def analyse_node(node: RunDir, info: dict[str, Any], table: RequestTable) -> NodeResults:
     """A server node's folder of a Ray run (nodes/<node>/, its times already on the driver's
     clock): its CPU attribution and correlation, as for the run's own machine, written
     beside its files; the clock conversion they rest on (clock.json) goes with them."""
@@ -170,11 +179,11 @@ def analyse_node(node: RunDir, info: dict[str, Any], table: RequestTable) -> dic
     attribution = attribute_run(node, host_series(telemetry))
     if attribution is not None:
         prefix = f"nodes/{node.path.name}/"
-        for window in attribution["windows"]:
-            for process in window["processes"]:  # links from the run's report, not the node's folder
-                process["files"] = {k: prefix + v for k, v in process["files"].items()}
-        node.write(node.attribution, attribution)
+        for window in attribution.windows:
+            for process in window.processes:  # links from the run's report, not the node's folder
+                process.files = {k: prefix + v for k, v in process.files.items()}
+        attribution.dump(node.attribution)
     correlation = correlate_run(node, info, table, telemetry)
-    node.write(node.correlation, correlation)
-    return {"clock": node.read_optional(node.path / "clock.json"), "attribution": attribution,
-            "correlation": correlation}
+    correlation.dump(node.correlation)
+    return NodeResults(clock=node.read_optional(node.path / "clock.json"),
+                       attribution=attribution, correlation=correlation)

@@ -22,8 +22,18 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from cputax.analysis.profiling_findings import add_findings
 from cputax.analysis.support import agrees, too_few, wilson
 from cputax.analysis.timeline import Grid, HostSeries
+from cputax.results.attribution import (
+    AttributionResult,
+    FileAttribution,
+    GilThread,
+    ProcessView,
+    ThreadRow,
+    ThreadShares,
+    Window,
+)
 from cputax.rundir import RunDir
 from cputax.sampling.classify import Classifier, Stack, classifier_for, detect_server
 from cputax.sampling.stacks import ThreadId, Timeline, clip, collapse, read_chrometrace, read_raw
@@ -56,9 +66,10 @@ def _breakdown(stacks: Mapping[Stack, float], classifier: Classifier, other: Cou
     return cats
 
 
-def summarize(threads: Mapping[tuple[str, ThreadId], Mapping[Stack, float]], classifier: Classifier,
-              roles: Mapping[tuple[str, ThreadId], str] | None = None) -> dict[str, Any]:
-    """The `cputax attribute --json` shape: overall and per-thread shares, top `other` frames."""
+def summarize(threads: Mapping[tuple[str, ThreadId], Mapping[Stack, float]],
+              classifier: Classifier,
+              roles: Mapping[tuple[str, ThreadId], str] | None = None) -> ThreadShares:
+    """Overall and per-thread shares, top `other` frames (`cputax attribute --json`)."""
     other: Counter[str] = Counter()
     total: Counter[str] = Counter()
     rows = []
@@ -66,20 +77,19 @@ def summarize(threads: Mapping[tuple[str, ThreadId], Mapping[Stack, float]], cla
         cats = _breakdown(stacks, classifier, other)
         total.update(cats)
         samples = sum(cats.values())
-        row = {"process": process, "pid": thread.pid, "thread": thread.label, "tid": thread.tid,
-               "samples": round(samples), "categories": fractions(cats),
-               "active": 1.0 - cats[IDLE] / samples if samples else None}
+        shares = fractions(cats)
+        active = 1.0 - cats[IDLE] / samples if samples else None
         # every share's support (analysis.support): samples, empty stacks, a 95% interval
-        row["empty"] = round(sum(w for stack, w in stacks.items() if not stack))
-        row["too_few"] = too_few(samples)
-        row["intervals"] = {c: list(wilson(v, samples)) for c, v in row["categories"].items()}
-        if row["active"] is not None:
-            row["active_interval"] = list(wilson(row["active"], samples))
-        if roles and (role := roles.get((process, thread))):
-            row["role"] = role
-        rows.append(row)
-    return {"categories": fractions(total), "threads": rows,
-            "other_top": [[frame, round(n)] for frame, n in other.most_common(OTHER_TOP) if n >= 0.5]}
+        rows.append(ThreadRow(
+            process=process, pid=thread.pid, thread=thread.label, tid=thread.tid,
+            samples=round(samples), categories=shares, active=active,
+            empty=round(sum(w for stack, w in stacks.items() if not stack)),
+            too_few=too_few(samples),
+            intervals={c: wilson(v, samples) for c, v in shares.items()},
+            active_interval=None if active is None else wilson(active, samples),
+            role=(roles or {}).get((process, thread)) or None))
+    top = [(frame, round(n)) for frame, n in other.most_common(OTHER_TOP) if n >= 0.5]
+    return ThreadShares(categories=fractions(total), threads=rows, other_top=top)
 
 
 def thread_role(server: str | None, process_role: str, thread: str) -> str | None:
@@ -93,7 +103,7 @@ def thread_role(server: str | None, process_role: str, thread: str) -> str | Non
 
 
 # --- a file given to `cputax attribute` --------------------------------------------------------
-def attribute_file(path: Path, server: str = "auto", rate: float | None = None) -> dict[str, Any]:
+def attribute_file(path: Path, server: str = "auto", rate: float | None = None) -> FileAttribution:
     """Classify a py-spy raw (collapsed) or chrometrace file."""
     head = path.read_bytes()[:64].lstrip()
     if head.startswith((b"[", b"{")):
@@ -105,7 +115,9 @@ def attribute_file(path: Path, server: str = "auto", rate: float | None = None) 
         source = "raw (collapsed) stacks"
     name = detect_server(per_thread.values()) if server == "auto" else server
     threads = {(str(t.pid) if t.pid is not None else "", t): s for t, s in per_thread.items()}
-    return {"server": name, "source": source, **summarize(threads, classifier_for(name))}
+    shares = summarize(threads, classifier_for(name))
+    return FileAttribution(server=name, source=source, categories=shares.categories,
+                           threads=shares.threads, other_top=shares.other_top)
 
 
 # --- a run (or profile) directory ----------------------------------------------------------------
@@ -153,7 +165,8 @@ def _client_windows(run: RunDir) -> dict[str, tuple[int, int]]:
     return {w["scenario"]: (w["start_ns"], w["end_ns"]) for w in run.read_windows()}
 
 
-def _gil_shares(run: RunDir, entry: dict[str, Any], classifier: Classifier) -> dict[int | None, dict[str, Any]] | None:
+def _gil_shares(run: RunDir, entry: dict[str, Any],
+                classifier: Classifier) -> dict[int | None, GilThread] | None:
     """Per thread (by tid), from the --gil sampler (which records only the GIL holder): the
     share of samples in which it held the GIL (samples / (its duration x rate)), the part of
     those spent in frames the rules call idle (a loop written in C that holds the GIL while it
@@ -164,13 +177,14 @@ def _gil_shares(run: RunDir, entry: dict[str, Any], classifier: Classifier) -> d
     ticks = (sampler["t_stop_ns"] - sampler["t_launched_ns"]) / 1e9 * entry["rate"]
     if ticks <= 0:
         return None
-    out: dict[int | None, dict[str, Any]] = {}
+    out: dict[int | None, GilThread] = {}
     for thread, counter in read_raw(run.path / entry["files"]["gil"]).items():
         held = sum(counter.values())
-        idle = Counter({(stack[-1].text() if stack else NO_FRAME): w for stack, w in counter.items()
-                        if classifier.category(stack) == IDLE})
-        out[thread.tid] = {"share": held / ticks, "in_idle_frames": sum(idle.values()) / held if held else 0.0,
-                           "idle_frames": [[f, round(n)] for f, n in idle.most_common(3)]}
+        idle = Counter({(stack[-1].text() if stack else NO_FRAME): w
+                        for stack, w in counter.items() if classifier.category(stack) == IDLE})
+        out[thread.tid] = GilThread(
+            share=held / ticks, in_idle_frames=sum(idle.values()) / held if held else 0.0,
+            idle_frames=[(f, round(n)) for f, n in idle.most_common(3)])
     return out
 
 
@@ -188,32 +202,50 @@ def _host_shares(host: HostSeries | None, pid: int, tid: int | None,
             whole.sums(host.thread_wait.get((pid, tid), []))[0] / wall)
 
 
-def _process_view(entry: dict[str, Any], window: tuple[int, int] | None,
-                  timeline: Timeline | None) -> tuple[dict[str, Any], dict[ThreadId, Counter[Stack]]]:
+def _process_view(entry: dict[str, Any], window: tuple[int, int] | None, timeline: Timeline | None
+                  ) -> tuple[ProcessView, dict[ThreadId, Counter[Stack]]]:
     """One sampled process in one window: its per-thread stacks and what py-spy reported."""
-    label = f"{entry['role']} {entry['pid']}"
-    view: dict[str, Any] = {"process": label, "pid": entry["pid"], "role": entry["role"],
-                            "status": entry["status"], "message": entry.get("message"),
-                            "files": entry["files"], "behind_s": entry.get("behind_s", 0.0),
-                            "pyspy_cpu_s": entry.get("cpu_s")}
+    view = ProcessView(process=f"{entry['role']} {entry['pid']}", pid=entry["pid"],
+                       role=entry["role"], status=entry["status"], message=entry.get("message"),
+                       files=entry["files"], behind_s=entry.get("behind_s", 0.0),
+                       pyspy_cpu_s=entry.get("cpu_s"))
     if not timeline:
         return view, {}
     first = min(spans[0][0] for spans in timeline.values() if spans)
     last = max(spans[-1][1] for spans in timeline.values() if spans)
     seen_s = sum((b - a) for spans in timeline.values() for a, b, _ in spans) / 1e6
     if entry.get("samples") and seen_s > 0:
-        view["effective_rate"] = entry["samples"] / seen_s
-        view["fell_behind"] = view["effective_rate"] < BEHIND_RATIO * entry["rate"] or entry.get("behind_warnings", 0) > 0
+        view.effective_rate = entry["samples"] / seen_s
+        view.fell_behind = (view.effective_rate < BEHIND_RATIO * entry["rate"]
+                            or entry.get("behind_warnings", 0) > 0)
     lo, hi = (_ns(entry, first), _ns(entry, last)) if window is None else window
     t0, t1 = (lo - entry["t_launched_ns"]) / 1000, (hi - entry["t_launched_ns"]) / 1000
     if hi > lo:
         covered = max(0.0, min(t1, last) - max(t0, first))
-        view["coverage"] = covered / (t1 - t0)
-    stacks = {thread: collapse(clip(spans, t0, t1), entry["rate"]) for thread, spans in timeline.items()}
+        view.coverage = covered / (t1 - t0)
+    stacks = {thread: collapse(clip(spans, t0, t1), entry["rate"])
+              for thread, spans in timeline.items()}
     return view, {t: s for t, s in stacks.items() if s}
 
 
-def attribute_run(run: RunDir, host: HostSeries | None = None) -> dict[str, Any] | None:
+def _host_and_gil(row: ThreadRow, proc: ProcessView, host: HostSeries | None,
+                  span: tuple[int, int] | None, gil: dict[int | None, GilThread] | None) -> None:
+    """A thread's schedstat shares (and whether py-spy's busy share agrees) and its GIL."""
+    if (cpu := _host_shares(host, proc.pid, row.tid, span)) is not None:
+        row.on_cpu, row.runqueue = cpu
+        # py-spy's busy share against schedstat's (on a CPU or ready for one)
+        if row.active is not None and row.samples:
+            row.cpu_agrees = agrees(row.active, row.samples, sum(cpu))
+    if gil is None:
+        return
+    held = gil.get(row.tid) or GilThread(share=0.0)
+    row.gil, row.gil_in_idle_frames, row.gil_idle_frames = \
+        held.share, held.in_idle_frames, held.idle_frames
+    if row.on_cpu is not None and row.runqueue is not None and row.active is not None:
+        row.gil_wait = max(0.0, row.active - row.on_cpu - row.runqueue)
+
+
+def attribute_run(run: RunDir, host: HostSeries | None = None) -> AttributionResult | None:
     """Per window and per process/thread shares of a run (or profile) directory (what
     pyspy/attribution.json holds). None when nothing was sampled.
 
@@ -221,7 +253,11 @@ def attribute_run(run: RunDir, host: HostSeries | None = None) -> dict[str, Any]
     and in the run queue (schedstat), and with --pyspy-gil an estimate of the time it
     waited for the GIL: busy by its stack (not at a known wait) minus on a CPU minus
     ready for one. A thread blocked on the GIL sleeps, so it is in neither; a thread
-    blocked in a C call the rules do not know as a wait is counted too."""
+    blocked in a C call the rules do not know as a wait is counted too.
+
+    Each window carries its findings (analysis.profiling_findings), judged here from the
+    shares alone; analyse() judges again with the summary's figures (the engine's queue
+    time, cputax's /metrics polls) and adds the sampling overhead."""
     entries = run.read_manifest()
     if not entries:
         return None
@@ -229,48 +265,43 @@ def attribute_run(run: RunDir, host: HostSeries | None = None) -> dict[str, Any]
     server = next((e["server"] for e in entries if e.get("server")), None)
     timelines = {i: _timeline(run, e) for i, e in enumerate(entries)}
     if server is None:
-        server = detect_server(collapse(spans, 1.0) for tl in timelines.values() if tl for spans in tl.values())
+        server = detect_server(collapse(spans, 1.0) for tl in timelines.values() if tl
+                               for spans in tl.values())
     classifier = classifier_for(server)
     names = list(dict.fromkeys(e["window"] for e in entries))
     windows, other = [], Counter()
     for name in names:
         mine = [(i, e) for i, e in enumerate(entries) if e["window"] == name]
         span = client.get(name)
-        processes, threads, roles = [], {}, {}
+        processes, threads, roles, gils = [], {}, {}, {}
         for i, entry in mine:
             view, stacks = _process_view(entry, span, timelines[i])
             gil = _gil_shares(run, entry, classifier)
             for thread, counter in stacks.items():
-                key = (view["process"], thread)
+                key = (view.process, thread)
                 threads[key] = counter
                 roles[key] = thread_role(server, entry["role"], thread.label)
             processes.append(view)
             if gil is not None:
-                view["gil"] = sum(g["share"] for g in gil.values())
-                view["gil_threads"] = {str(tid): g for tid, g in gil.items()}
-        summary = summarize(threads, classifier, roles)
-        for row in summary["threads"]:
-            proc = next(p for p in processes if p["process"] == row["process"])
-            if (cpu := _host_shares(host, proc["pid"], row["tid"], span)) is not None:
-                row["on_cpu"], row["runqueue"] = cpu
-                # py-spy's busy share against schedstat's (on a CPU or ready for one)
-                if row["active"] is not None and row["samples"]:
-                    row["cpu_agrees"] = agrees(row["active"], row["samples"], sum(cpu))
-            if "gil_threads" in proc:
-                held = proc["gil_threads"].get(str(row["tid"])) or {"share": 0.0, "in_idle_frames": 0.0,
-                                                                     "idle_frames": []}
-                row["gil"] = held["share"]
-                row["gil_in_idle_frames"], row["gil_idle_frames"] = held["in_idle_frames"], held["idle_frames"]
-                if "on_cpu" in row and row["active"] is not None:
-                    row["gil_wait"] = max(0.0, row["active"] - row["on_cpu"] - row["runqueue"])
-        other.update({frame: n for frame, n in summary["other_top"]})
+                view.gil = sum(g.share for g in gil.values())
+                view.gil_threads = {str(tid): g for tid, g in gil.items()}
+            gils[view.process] = gil
+        shares = summarize(threads, classifier, roles)
+        by_process = {p.process: p for p in processes}
+        for row in shares.threads:
+            _host_and_gil(row, by_process[row.process], host, span, gils[row.process])
+        other.update(dict(shares.other_top))
         start, end = span or (None, None)
-        windows.append({"name": name, "start_ns": start, "end_ns": end,
-                        "wall_s": None if span is None else (end - start) / 1e9,
-                        "processes": processes, **summary})
-    result = {"server": server, "rules": server or "common only", "alignment_ms": ALIGNMENT_MS,
-              "rate": entries[0]["rate"], "windows": windows,
-              "other_top": [[f, n] for f, n in other.most_common(OTHER_TOP)]}
+        windows.append(Window(name=name, start_ns=start, end_ns=end,
+                              wall_s=None if span is None else (end - start) / 1e9,
+                              processes=processes, categories=shares.categories,
+                              threads=shares.threads, other_top=shares.other_top))
+    config = None
     if run.has_info():
-        result["config"] = ((run.info().get("monitors") or {}).get("pyspy") or {}).get("config")
+        config = ((run.info().get("monitors") or {}).get("pyspy") or {}).get("config")
+    result = AttributionResult(server=server, rules=server or "common only",
+                               alignment_ms=ALIGNMENT_MS, rate=entries[0]["rate"],
+                               windows=windows, config=config,
+                               other_top=[(f, n) for f, n in other.most_common(OTHER_TOP)])
+    add_findings(result, {})
     return result

@@ -37,6 +37,16 @@ from cputax.analysis.timeline import (
     source_names,
 )
 from cputax.records import RequestTable
+from cputax.results.correlation import (
+    CorrelationResult,
+    GpuStalls,
+    HostMeta,
+    HostProcess,
+    HostThread,
+    HostUsage,
+    Scenario,
+    Timeline,
+)
 from cputax.rundir import RunDir
 from cputax.servers import IDLE, process_role
 
@@ -201,9 +211,10 @@ def category_split(server_stalls: list[tuple[int, int]], categories: CategorySpa
     return {c: stall_s * ns / total for c, ns in thread_ns.items()}, thread_s
 
 
-def gpu_stalls(window: tuple[int, int], states: list[Span], gpu: GpuBusy, categories: CategorySpans,
-               idle_below: float = IDLE_BELOW_PCT) -> dict[str, Any]:
-    """GPU busy %, idle time and stalls over one window."""
+def gpu_stalls(window: tuple[int, int], states: list[Span], gpu: GpuBusy,
+               categories: CategorySpans, idle_below: float = IDLE_BELOW_PCT
+               ) -> tuple[GpuStalls, list[tuple[int, int]]]:
+    """GPU busy %, idle time and stalls over one window; and the stalls' spans (ns)."""
     w0, w1 = window
     res_ms, basis = gpu_resolution(gpu)
     grid = Grid(w0, w1, max(1, int(res_ms * 1e6)))
@@ -220,25 +231,26 @@ def gpu_stalls(window: tuple[int, int], states: list[Span], gpu: GpuBusy, catego
     if by_state["client"]:
         split["client-side gap"] = by_state["client"]
     wall = (w1 - w0) / 1e9
-    return {
-        "source": " + ".join(source_names()[s] for s in sources), "backend": gpu.backend,
-        "resolution_ms": res_ms, "resolution_basis": basis, "alignment_ms": gpu.alignment_ms, "idle_below_pct": idle_below,
-        "coverage_pct": 100.0 * covered / (w1 - w0) if w1 > w0 else None,
-        "busy_pct": (sum(b * n for n, b in zip(lengths, busy, strict=True) if b is not None) / covered) if covered else None,
-        "idle_pct": 100.0 * idle_s / wall if wall else None,
-        "idle_nothing_pending_pct": 100.0 * (idle_s - stall_s) / wall if wall else None,
-        "stall_s": stall_s, "stall_pct": 100.0 * stall_s / wall if wall else None,
-        "stalls": len(stalls), "longest_stall_ms": max((b - a for a, b in stalls), default=0) / 1e6,
-        "stall_by_state": by_state, "stall_split": split, "stall_thread_s": thread_s,
-        "stall_spans": stalls,
-    }
+    busy_pct = None
+    if covered:
+        busy_pct = sum(b * n for n, b in zip(lengths, busy, strict=True) if b is not None) / covered
+    return GpuStalls(
+        source=" + ".join(source_names()[s] for s in sources), backend=gpu.backend,
+        resolution_ms=res_ms, resolution_basis=basis, alignment_ms=gpu.alignment_ms,
+        idle_below_pct=idle_below,
+        coverage_pct=100.0 * covered / (w1 - w0) if w1 > w0 else None, busy_pct=busy_pct,
+        idle_pct=100.0 * idle_s / wall if wall else None,
+        idle_nothing_pending_pct=100.0 * (idle_s - stall_s) / wall if wall else None,
+        stall_s=stall_s, stall_pct=100.0 * stall_s / wall if wall else None,
+        stalls=len(stalls), longest_stall_ms=max((b - a for a, b in stalls), default=0) / 1e6,
+        stall_by_state=by_state, stall_split=split, stall_thread_s=thread_s), stalls
 
 
 def _label(host: HostSeries, pid: int) -> str:
     return f"{host.names.get(pid, '?')} ({pid})"
 
 
-def host_usage(host: HostSeries, window: tuple[int, int]) -> dict[str, Any]:
+def host_usage(host: HostSeries, window: tuple[int, int]) -> HostUsage:
     """Server (and client) CPU over one window: per process % of one core, run-queue wait,
     times scheduled in per second, the busiest threads; and the whole machine's CPU."""
     w0, w1 = window
@@ -252,41 +264,43 @@ def host_usage(host: HostSeries, window: tuple[int, int]) -> dict[str, Any]:
         threads = sorted(((tid, whole.sums(iv)[0] / 1e9) for (p, tid), iv in host.thread_cpu.items() if p == pid),
                          key=lambda x: -x[1])[:TOP_THREADS]
         found = process_role(" ".join(host.cmdlines.get(pid, [])))
-        processes.append({
-            "pid": pid, "name": host.names.get(pid, "?"), "role": host.roles.get(pid, "?"),
-            "server_role": found[1] if found and host.roles.get(pid) == "server" else None,
-            "cpu_pct": 100.0 * cpu_s / wall,
-            "wait_pct": 100.0 * whole.sums(host.wait.get(pid, []))[0] / 1e9 / wall,
-            "switches_per_s": whole.sums(host.switches.get(pid, []))[0] / wall,
-            "threads": [{"tid": tid, "name": host.thread_names.get((pid, tid), "?"), "cpu_pct": 100.0 * s / wall}
-                        for tid, s in threads if s > 0],
-        })
-    processes.sort(key=lambda p: (p["role"] != "server", -p["cpu_pct"]))
+        processes.append(HostProcess(
+            pid=pid, name=host.names.get(pid, "?"), role=host.roles.get(pid, "?"),
+            server_role=found[1] if found and host.roles.get(pid) == "server" else None,
+            cpu_pct=100.0 * cpu_s / wall,
+            wait_pct=100.0 * whole.sums(host.wait.get(pid, []))[0] / 1e9 / wall,
+            switches_per_s=whole.sums(host.switches.get(pid, []))[0] / wall,
+            threads=[HostThread(tid=tid, name=host.thread_names.get((pid, tid), "?"),
+                                cpu_pct=100.0 * s / wall) for tid, s in threads if s > 0]))
+    processes.sort(key=lambda p: (p.role != "server", -p.cpu_pct))
     system = whole.averages(host.system)[0]
-    return {"system_busy_pct": None if system is None else 100.0 * system, "cpus": host.cpus, "processes": processes}
+    return HostUsage(system_busy_pct=None if system is None else 100.0 * system, cpus=host.cpus,
+                     processes=processes)
 
 
-def timeline(window: tuple[int, int], phases: PhaseSpans, gpu: GpuBusy | None, categories: CategorySpans,
-             host: HostSeries | None, stalls: list[tuple[int, int]]) -> dict[str, Any]:
+def timeline(window: tuple[int, int], phases: PhaseSpans, gpu: GpuBusy | None,
+             categories: CategorySpans, host: HostSeries | None,
+             stalls: list[tuple[int, int]]) -> Timeline:
     """Binned series for the timeline plot: GPU busy, server CPU (by category with py-spy,
     else by process), requests in flight by phase, stall spans."""
     w0, w1 = window
     floor_ms = gpu_resolution(gpu)[0] if gpu else 100.0
     grid = Grid(w0, w1, max(int(floor_ms * 1e6), (w1 - w0) // PLOT_BINS + 1))
     width = [hi - lo for lo, hi in map(grid.bounds, range(grid.n))]
-    out: dict[str, Any] = {"t_s": [(grid.bounds(i)[0] - w0) / 1e9 for i in range(grid.n)], "end_s": (w1 - w0) / 1e9,
-                           "width_s": grid.width_ns / 1e9,
-                           "inflight": {p: grid.occupancy_of(*phases.of(p)) for p in PHASES if (phases.phase == PHASES.index(p)).any()},
-                           "stalls": [((a - w0) / 1e9, (b - w0) / 1e9) for a, b in stalls]}
+    out = Timeline(t_s=[(grid.bounds(i)[0] - w0) / 1e9 for i in range(grid.n)],
+                   end_s=(w1 - w0) / 1e9, width_s=grid.width_ns / 1e9,
+                   inflight={p: grid.occupancy_of(*phases.of(p)) for p in PHASES
+                             if (phases.phase == PHASES.index(p)).any()},
+                   stalls=[((a - w0) / 1e9, (b - w0) / 1e9) for a, b in stalls])
     if gpu:
-        out["gpu"] = _device_busy(grid, gpu)[0]
+        out.gpu = _device_busy(grid, gpu)[0]
     if categories:
         busy = [s for spans in categories.values() for s in spans if s[2] not in IDLE_CATEGORIES]
-        out["cpu"], out["cpu_by"] = grid.occupancy(busy), "category"
+        out.cpu, out.cpu_by = grid.occupancy(busy), "category"
     elif host:
-        out["cpu"] = {_label(host, pid): [ns / w for ns, w in zip(grid.sums(iv), width, strict=True)]
-                      for pid, iv in host.cpu.items() if host.roles.get(pid) == "server"}
-        out["cpu_by"] = "process"
+        out.cpu = {_label(host, pid): [ns / w for ns, w in zip(grid.sums(iv), width, strict=True)]
+                   for pid, iv in host.cpu.items() if host.roles.get(pid) == "server"}
+        out.cpu_by = "process"
     return out
 
 
@@ -307,23 +321,25 @@ def without_emulated_step(categories: CategorySpans) -> CategorySpans:
 
 def correlate_scenario(window: tuple[int, int], table: RequestTable, gpu: GpuBusy | None,
                        categories: CategorySpans, host: HostSeries | None,
-                       idle_below: float = IDLE_BELOW_PCT) -> dict[str, Any]:
+                       idle_below: float = IDLE_BELOW_PCT, name: str = "") -> Scenario:
     phases = request_phases(table).clip(*window)
-    result: dict[str, Any] = {"wall_s": (window[1] - window[0]) / 1e9}
+    result = Scenario(name=name, wall_s=(window[1] - window[0]) / 1e9)
     stalls: list[tuple[int, int]] = []
     if gpu:
-        result["gpu"] = gpu_stalls(window, pending_states(phases), gpu, categories, idle_below)
-        stalls = result["gpu"].pop("stall_spans")
+        result.gpu, stalls = gpu_stalls(window, pending_states(phases), gpu, categories,
+                                        idle_below)
     if host:
-        result["host"] = host_usage(host, window)
-    result["timeline"] = timeline(window, phases, gpu, categories, host, stalls)
+        result.host = host_usage(host, window)
+    result.timeline = timeline(window, phases, gpu, categories, host, stalls)
     return result
 
 
-def correlate_run(run: RunDir, info: dict[str, Any] | None = None, table: RequestTable | None = None,
-                  by_kind: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+def correlate_run(run: RunDir, info: dict[str, Any] | None = None,
+                  table: RequestTable | None = None,
+                  by_kind: dict[str, list[dict[str, Any]]] | None = None) -> CorrelationResult:
     """Per scenario: GPU busy, stalls and their split, server CPU; plus the timeline series.
-    `table` (requests.jsonl) and `by_kind` (telemetry.jsonl by kind) are read from the run when not given."""
+    `table` (requests.jsonl) and `by_kind` (telemetry.jsonl by kind) are read from the run
+    when not given."""
     info = info or run.info()
     meta = (info.get("monitors") or {}).get("telemetry") or {}
     by_kind = read_telemetry(run.iter_telemetry()) if by_kind is None else by_kind
@@ -335,14 +351,19 @@ def correlate_run(run: RunDir, info: dict[str, Any] | None = None, table: Reques
     stopped = [f"{name} telemetry stopped early: {m['cost']['error']}" for name, m in meta.items()
                if isinstance(m, dict) and (m.get("cost") or {}).get("error")]
     table = run.read_request_table() if table is None else table
-    windows = run.read_windows()
     scenarios = []
-    for w in windows:
+    for w in run.read_windows():
         if w.get("skipped"):
             continue  # never measured: no window to correlate
         mine = table.of_scenario(w["scenario"])
-        scenarios.append({"name": w["scenario"],
-                          **correlate_scenario((w["start_ns"], w["end_ns"]), mine, gpu, categories, host)})
-    return {"telemetry": run.telemetry.exists(), "gpu_backend": gpu.backend if gpu else None, "pyspy": bool(categories),
-            "pyspy_alignment_ms": PYSPY_ALIGNMENT_MS if categories else None,
-            "notes": meta.get("notes", []) + stopped, "host_meta": meta.get("host", {}), "scenarios": scenarios}
+        scenarios.append(correlate_scenario((w["start_ns"], w["end_ns"]), mine, gpu, categories,
+                                            host, name=w["scenario"]))
+    host_meta = meta.get("host") or {}
+    return CorrelationResult(
+        telemetry=run.telemetry.exists(), gpu_backend=gpu.backend if gpu else None,
+        pyspy=bool(categories), pyspy_alignment_ms=PYSPY_ALIGNMENT_MS if categories else None,
+        notes=meta.get("notes", []) + stopped,
+        host_meta=HostMeta(interval_ms=host_meta.get("interval_ms"),
+                           poll_gap_ms_p50=host_meta.get("poll_gap_ms_p50"),
+                           thread_cpu=host_meta.get("thread_cpu")) if host_meta else None,
+        scenarios=scenarios)

@@ -11,7 +11,6 @@ other.
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import Any
 
 from cputax.analysis.correlate import (
     CategorySpans,
@@ -24,15 +23,17 @@ from cputax.analysis.correlate import (
 )
 from cputax.emulation import StepRecord, read_steps
 from cputax.records import RequestTable
+from cputax.results.correlation import CorrelationResult, EmulatedGpu, Percentiles
 from cputax.rundir import RunDir
 from cputax.util import percentile
 
 __all__ = ["add_bubbles", "scenario_bubbles"]
 
 
-def _stats_ms(values_ns: list[int]) -> dict[str, float | None]:
+def _stats_ms(values_ns: list[int]) -> Percentiles:
     ms = [v / 1e6 for v in values_ns]
-    return {"p50": percentile(ms, 50) if ms else None, "p99": percentile(ms, 99) if ms else None}
+    return Percentiles(p50=percentile(ms, 50) if ms else None,
+                       p99=percentile(ms, 99) if ms else None)
 
 
 def scenario_bubbles(
@@ -40,7 +41,7 @@ def scenario_bubbles(
     steps: list[StepRecord],
     states: list[tuple[int, int, str]],
     categories: CategorySpans,
-) -> dict[str, Any]:
+) -> EmulatedGpu:
     """One window: busy % from the steps, the model's error, and the bubbles (the gaps between
     consecutive steps while at least one request was at the engine, in prefill or decode)."""
     w0, w1 = window
@@ -64,26 +65,26 @@ def scenario_bubbles(
     lengths = [b - a for a, b in bubbles]
     split, thread_s = category_split(merge(bubbles), categories)
     cpu = sum(s.cpu_ns for s in mine)
-    return {
-        "steps": len(mine),
-        "busy_pct": 100.0 * busy_ns / wall if wall else None,
-        "step_ms": _stats_ms([s.t1_ns - s.t0_ns for s in mine]),
-        "model_error_ms": _stats_ms(errors),
-        "model_error_ms_max": max(errors) / 1e6 if errors else None,
+    return EmulatedGpu(
+        steps=len(mine),
+        busy_pct=100.0 * busy_ns / wall if wall else None,
+        step_ms=_stats_ms([s.t1_ns - s.t0_ns for s in mine]),
+        model_error_ms=_stats_ms(errors),
+        model_error_ms_max=max(errors) / 1e6 if errors else None,
         # after the emulated GPU was done, until its thread ran again: the CPU side's lag
-        "wake_lag_ms": _stats_ms([s.woke_ns - s.t1_ns for s in mine if s.woke_ns]),
-        "step_cpu_pct": 100.0 * cpu / busy_ns if busy_ns else None,
-        "bubbles": len(bubbles),
-        "bubble_ms": _stats_ms(lengths),
-        "bubble_s": sum(lengths) / 1e9,
-        "bubble_pct": 100.0 * sum(lengths) / wall if wall else None,
-        "bubble_split": split,
-        "bubble_thread_s": thread_s,
-    }
+        wake_lag_ms=_stats_ms([s.woke_ns - s.t1_ns for s in mine if s.woke_ns]),
+        step_cpu_pct=100.0 * cpu / busy_ns if busy_ns else None,
+        bubbles=len(bubbles),
+        bubble_ms=_stats_ms(lengths),
+        bubble_s=sum(lengths) / 1e9,
+        bubble_pct=100.0 * sum(lengths) / wall if wall else None,
+        bubble_split=split,
+        bubble_thread_s=thread_s,
+    )
 
 
 def add_bubbles(
-    run: RunDir, table: RequestTable, correlation: dict[str, Any]
+    run: RunDir, table: RequestTable, correlation: CorrelationResult
 ) -> dict[str, float | None]:
     """For a run with an emulated GPU: `emulated_gpu` on each correlation scenario, and its
     bubble share by scenario name, for the summary's `gpu_bubble_pct` beside the study's
@@ -93,17 +94,17 @@ def add_bubbles(
     steps = sorted((s for s, _ in read_steps(run.emulated_gpu)), key=lambda s: s.t0_ns)
     if not steps:
         return {}
-    categories = without_emulated_step(category_spans(run)) if correlation.get("pyspy") else {}
+    categories = without_emulated_step(category_spans(run)) if correlation.pyspy else {}
     windows = {w["scenario"]: w for w in run.read_windows() if not w.get("skipped")}
     bubbles: dict[str, float | None] = {}
-    for scenario in correlation.get("scenarios", []):
-        w = windows.get(scenario["name"])
+    for scenario in correlation.scenarios:
+        w = windows.get(scenario.name)
         if w is None:
             continue
         window = (w["start_ns"], w["end_ns"])
-        states = pending_states(request_phases(table.of_scenario(scenario["name"])).clip(*window))
+        states = pending_states(request_phases(table.of_scenario(scenario.name)).clip(*window))
         result = scenario_bubbles(window, steps, states, categories)
-        scenario["emulated_gpu"] = result
-        bubbles[scenario["name"]] = result["bubble_pct"]
-    correlation["emulated_gpu"] = True
+        scenario.emulated_gpu = result
+        bubbles[scenario.name] = result.bubble_pct
+    correlation.emulated_gpu = True
     return bubbles

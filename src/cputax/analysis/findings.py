@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from cputax.analysis.decompose import PROMPT_TOLERANCE
+from cputax.analysis.profiling_findings import WAIT_SHARE
+from cputax.results.attribution import AttributionResult
+from cputax.results.correlation import CorrelationResult
 from cputax.results.summary import Finding, ScenarioSummary
 
 __all__ = [
@@ -19,7 +22,6 @@ __all__ = [
     "QUEUE_FLOOR_MS",
     "SHARED_STAMPS_PCT",
     "TTFT_DISAGREEMENT",
-    "WORKER_WAIT_SHARE",
     "in_short",
     "scenario_findings",
 ]
@@ -29,7 +31,6 @@ QUEUE_FLOOR_MS = 1.0  # a queue time below this counts as this (10x of ~0 is no 
 TTFT_DISAGREEMENT = 0.25  # client vs server TTFT apart by more than this share of the client's
 SHARED_STAMPS_PCT = 1.0  # % of tokens sharing a later token's stamp: the client fell behind
 CLIENT_CEILING_SHARE = 0.8  # default share of the calibrated client ceiling (cputax calibrate)
-WORKER_WAIT_SHARE = 0.2  # the EngineCore loop's share waiting on the model step worth a line
 
 
 def _ms(value: float | None) -> str:
@@ -122,7 +123,8 @@ def _share(part: float | None, total: float) -> str:
 
 
 def in_short(scenarios: list[ScenarioSummary], info: dict[str, Any],
-             correlation: dict[str, Any] | None, attribution: dict[str, Any] | None) -> str | None:
+             correlation: CorrelationResult | None,
+             attribution: AttributionResult | None) -> str | None:
     """Two lines for the top of the report: where the heaviest scenario's time went, and what
     held the GPU (or, without GPU telemetry, the engine) back."""
     rows = [s for s in scenarios if s.mean_ms.total]
@@ -135,14 +137,14 @@ def in_short(scenarios: list[ScenarioSummary], info: dict[str, Any],
              f"{_share(m.prefill, total)} engine queue + prefill, "
              f"{_share(m.http_overhead, total)} in the server's front end before the headers, "
              f"{_share(m.serialize, total)} building it on the client.")
-    gpu = next((c.get("gpu") for c in (correlation or {}).get("scenarios", [])
-                if c["name"] == s.name), None)
-    if gpu and gpu.get("busy_pct") is not None:
-        split = sorted(gpu["stall_split"].items(), key=lambda kv: -kv[1])[:2]
+    gpu = next((c.gpu for c in (correlation.scenarios if correlation else [])
+                if c.name == s.name), None)
+    if gpu and gpu.busy_pct is not None:
+        split = sorted(gpu.stall_split.items(), key=lambda kv: -kv[1])[:2]
         where = (", mostly " + " and ".join(name for name, _ in split)
-                 if split and gpu["stall_s"] else "")
-        second = (f"The GPU was busy {gpu['busy_pct']:.0f}% of that scenario and idle while "
-                  f"requests were in flight {gpu['stall_pct']:.1f}% of it{where}.")
+                 if split and gpu.stall_s else "")
+        second = (f"The GPU was busy {gpu.busy_pct:.0f}% of that scenario and idle while "
+                  f"requests were in flight {gpu.stall_pct or 0:.1f}% of it{where}.")
     else:
         second = "No GPU telemetry in this run, so GPU idle time is not measured"
         if info.get("target", {}).get("kind") == "embedded":
@@ -152,11 +154,12 @@ def in_short(scenarios: list[ScenarioSummary], info: dict[str, Any],
         second += (f" Between its steps, with requests at the engine, the emulated GPU sat idle "
                    f"{s.gpu_bubble_pct:.1f}% of the scenario, where the study's CPU% reads "
                    f"{_pct(s.cpu_pct)}.")
-    window = next((w for w in (attribution or {}).get("windows", []) if w["name"] == s.name), None)
-    loop = next((r for r in (window or {}).get("threads", [])
-                 if r["process"].startswith("engine_core") and r["thread"] == "MainThread"), None)
-    if loop and loop["categories"].get("worker_wait", 0) >= WORKER_WAIT_SHARE:
-        cats = loop["categories"]
+    window = next((w for w in (attribution.windows if attribution else [])
+                   if w.name == s.name), None)
+    loop = next((r for r in (window.threads if window else [])
+                 if r.process.startswith("engine_core") and r.thread == "MainThread"), None)
+    if loop and loop.categories.get("worker_wait", 0) >= WAIT_SHARE:
+        cats = loop.categories
         second += (f" The EngineCore's loop spent {100 * cats['worker_wait']:.0f}% of it waiting "
                    "for the model step and "
                    f"{100 * (cats.get('schedule', 0) + cats.get('kv_cache', 0)):.1f}% scheduling.")

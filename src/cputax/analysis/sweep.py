@@ -10,10 +10,13 @@ spread measure and says so.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from cputax.analysis.claims import claims
 from cputax.analysis.compare import delta_row, spreads
+from cputax.results.attribution import AttributionResult, ThreadRow, Window
+from cputax.results.correlation import CorrelationResult, HostUsage
 from cputax.results.summary import ScenarioSummary
 from cputax.rundir import SweepDir
 from cputax.servers import IDLE, OTHER
@@ -53,69 +56,84 @@ def load_config_runs(sweep: SweepDir, folders: list[str]) -> list[dict[str, Any]
         if not run.summary.exists():
             continue
         runs.append({"folder": folder, "summary": run.read_summary(), "info": run.info(),
-                     "attribution": run.read_optional(run.attribution), "correlation": run.read_optional(run.correlation),
+                     "attribution": _optional(AttributionResult, run.attribution),
+                     "correlation": _optional(CorrelationResult, run.correlation),
                      "table": run.read_request_table()})
     return runs
 
 
-def _window(run: dict[str, Any], name: str, key: str) -> dict[str, Any] | None:
-    found = (run.get(key) or {}).get("windows" if key == "attribution" else "scenarios", [])
-    return next((w for w in found if w["name"] == name), None)
+def _optional(kind: type[AttributionResult] | type[CorrelationResult],
+              path: Path) -> AttributionResult | CorrelationResult | None:
+    return kind.load(path) if path.exists() else None
 
 
-def _roles(window: dict[str, Any] | None) -> dict[int, str]:
-    return {p["pid"]: p["role"] for p in (window or {}).get("processes", [])}
+def _window(run: dict[str, Any], name: str) -> Window | None:
+    attribution: AttributionResult | None = run.get("attribution")
+    return next((w for w in attribution.windows if w.name == name), None) if attribution else None
 
 
-def role_categories(window: dict[str, Any] | None) -> dict[str, dict[str, float]]:
+def _host(run: dict[str, Any], name: str) -> HostUsage | None:
+    correlation: CorrelationResult | None = run.get("correlation")
+    found = [s for s in correlation.scenarios if s.name == name] if correlation else []
+    return found[0].host if found else None
+
+
+def _roles(window: Window | None) -> dict[int | None, str]:
+    return {p.pid: p.role for p in window.processes} if window else {}
+
+
+def _threads(window: Window | None) -> list[ThreadRow]:
+    return window.threads if window else []
+
+
+def role_categories(window: Window | None) -> dict[str, dict[str, float]]:
     """Per process role, where its threads' time went, in % of one core (summed over the
     role's processes and threads: two API servers' tokenize add up)."""
     out: dict[str, dict[str, float]] = {}
     roles = _roles(window)
-    for row in (window or {}).get("threads", []):
-        role = roles.get(row["pid"], "process")
+    for row in _threads(window):
+        role = roles.get(row.pid, "process")
         cats = out.setdefault(role, {})
-        for cat, share in row["categories"].items():
+        for cat, share in row.categories.items():
             if cat not in (IDLE, OTHER):
                 cats[cat] = cats.get(cat, 0.0) + 100.0 * share
     return out
 
 
-def engine_loop(window: dict[str, Any] | None) -> dict[str, float] | None:
+def engine_loop(window: Window | None) -> dict[str, float] | None:
     """The engine loop thread's shares (vLLM: EngineCore's MainThread), None without one."""
     roles = _roles(window)
-    rows = [r for r in (window or {}).get("threads", []) if roles.get(r["pid"]) == "engine_core" and r["thread"] == "MainThread"]
+    rows = [r for r in _threads(window)
+            if roles.get(r.pid) == "engine_core" and r.thread == "MainThread"]
     if not rows:
         return None
-    cats = rows[0]["categories"]
-    return {"worker_wait": cats.get("worker_wait", 0.0), "schedule": cats.get("schedule", 0.0) + cats.get("kv_cache", 0.0),
-            "ipc": cats.get("ipc", 0.0), "busy": rows[0].get("active") or 0.0, "samples": rows[0]["samples"]}
+    cats = rows[0].categories
+    return {"worker_wait": cats.get("worker_wait", 0.0),
+            "schedule": cats.get("schedule", 0.0) + cats.get("kv_cache", 0.0),
+            "ipc": cats.get("ipc", 0.0), "busy": rows[0].active or 0.0,
+            "samples": rows[0].samples}
 
 
-def _prefix_hash_share(window: dict[str, Any] | None) -> float | None:
+def _prefix_hash_share(window: Window | None) -> float | None:
     roles = _roles(window)
-    rows = [r for r in (window or {}).get("threads", []) if roles.get(r["pid"]) == "engine_core"]
-    busy = sum(r.get("active") or 0.0 for r in rows)
+    rows = [r for r in _threads(window) if roles.get(r.pid) == "engine_core"]
+    busy = sum(r.active or 0.0 for r in rows)
     if not rows or busy <= 0:
         return None
-    return 100.0 * sum(r["categories"].get("prefix_hash", 0.0) for r in rows) / busy
+    return 100.0 * sum(r.categories.get("prefix_hash", 0.0) for r in rows) / busy
 
 
-def gil_rows(window: dict[str, Any] | None) -> list[dict[str, Any]]:
+def gil_rows(window: Window | None) -> list[dict[str, Any]]:
     """Threads with GIL data (--pyspy-gil): held, estimated wait, held in idle frames."""
     roles = _roles(window)
-    out = []
-    for r in (window or {}).get("threads", []):
-        if "gil" not in r:
-            continue
-        out.append({"role": roles.get(r["pid"], "process"), "process": r["process"], "thread": r["thread"],
-                    "busy": r.get("active"), "held": r["gil"], "wait": r.get("gil_wait"),
-                    "in_idle_frames": r.get("gil_in_idle_frames"), "idle_frames": r.get("gil_idle_frames", [])})
-    return out
+    return [{"role": roles.get(r.pid, "process"), "process": r.process, "thread": r.thread,
+             "busy": r.active, "held": r.gil, "wait": r.gil_wait,
+             "in_idle_frames": r.gil_in_idle_frames, "idle_frames": r.gil_idle_frames}
+            for r in _threads(window) if r.gil is not None]
 
 
-def scenario_metrics(summary: ScenarioSummary, window: dict[str, Any] | None,
-                     host: dict[str, Any] | None) -> dict[str, float | None]:
+def scenario_metrics(summary: ScenarioSummary, window: Window | None,
+                     host: HostUsage | None) -> dict[str, float | None]:
     """One run's measurements of one scenario (METRICS)."""
     mean = summary.mean_ms
     server = summary.server.mean_ms if summary.server is not None else {}
@@ -137,9 +155,9 @@ def scenario_metrics(summary: ScenarioSummary, window: dict[str, Any] | None,
     values["worker_wait_share"] = None if loop is None else 100.0 * loop["worker_wait"]
     roles = _roles(window)
     for role in ("api_server", "engine_core", "worker"):
-        procs = [p for p in (host or {}).get("processes", [])
-                 if (roles.get(p["pid"]) or p.get("server_role")) == role]
-        values[f"{role}_cpu_pct"] = sum(p["cpu_pct"] for p in procs) if procs else None
+        procs = [p for p in (host.processes if host else [])
+                 if (roles.get(p.pid) or p.server_role) == role]
+        values[f"{role}_cpu_pct"] = sum(p.cpu_pct for p in procs) if procs else None
     return values
 
 
@@ -150,10 +168,10 @@ def _config_scenario(runs: list[dict[str, Any]], name: str) -> dict[str, Any] | 
         summary = run["summary"].scenario(name)
         if summary is None:
             continue
-        window, host = _window(run, name, "attribution"), _window(run, name, "correlation")
+        window, host = _window(run, name), _host(run, name)
         within = spreads(next(s for s in run["info"]["scenarios"] if s["name"] == name),
                          run["table"].of_scenario(name))
-        per_run.append((summary, window, (host or {}).get("host"), within))
+        per_run.append((summary, window, host, within))
     if not per_run:
         return None
     metrics = {}

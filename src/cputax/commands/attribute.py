@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import orjson
-
 from cputax.analysis.attribution import attribute_file
 from cputax.errors import CputaxError
 from cputax.report.profiling import file_text
+from cputax.results.format import encode
 
 __all__ = ["attribute"]
 
@@ -19,7 +18,7 @@ def attribute(path: Path, server: str, rate: float | None, as_json: bool = False
         raise CputaxError(f"{path}: no such file")
     result = attribute_file(path, server, rate)
     if as_json:
-        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+        print(encode(result).decode())
     else:
         print(file_text(result))
     return 0

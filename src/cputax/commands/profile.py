@@ -41,7 +41,7 @@ def profile(discovery: Discovery, duration_s: float, out: Path | None, config: S
     result = attribute_run(run)
     if result is None:
         raise CputaxError(f"py-spy recorded nothing (see the logs under {run.pyspy})")
-    run.write(run.attribution, result)
+    result.dump(run.attribution)
     print(attribution_text(result, run.path))
     console.print(f"wrote {run.attribution} and the flamegraphs under {run.pyspy}")
     return 0
@@ -95,7 +95,7 @@ def _profile_nodes(discovery: Discovery, duration_s: float, out: Path | None, co
             console.print(f"{node_run.path.name}: py-spy recorded nothing (see {node_run.pyspy})")
             continue
         found += 1
-        node_run.write(node_run.attribution, result)
+        result.dump(node_run.attribution)
         print(f"## node {node_run.path.name}\n")
         print(attribution_text(result, node_run.path))
     if not found:

@@ -37,7 +37,7 @@ def write_report(run: RunDir, results: Results) -> Path:
     """Write report.md, report.html and plots/*.png; the HTML's path."""
     markdown = render(results)
     run.report_md.write_text(markdown)
-    figures = render_figures(results.summary, results.correlation or {}, results.growth)
+    figures = render_figures(results.summary, results.correlation, results.growth)
     run.plots.mkdir(exist_ok=True)
     for name, png in figures.items():
         (run.plots / f"{name}.png").write_bytes(png)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from cputax.report.format import ms, number, pct, table
+from cputax.results.correlation import CorrelationResult, EmulatedGpu
 from cputax.results.summary import Summary
 
 __all__ = ["emulated_banner", "emulated_section"]
@@ -53,18 +54,18 @@ def emulated_banner(info: dict[str, Any]) -> list[str]:
     ]
 
 
-def _split(em: dict[str, Any]) -> str:
-    split = sorted(em.get("bubble_split", {}).items(), key=lambda kv: -kv[1])[:TOP_CATEGORIES]
-    total = sum(em.get("bubble_split", {}).values())
+def _split(em: EmulatedGpu) -> str:
+    split = sorted(em.bubble_split.items(), key=lambda kv: -kv[1])[:TOP_CATEGORIES]
+    total = sum(em.bubble_split.values())
     if not split or not total:
         return "-"
     return ", ".join(f"{name} {100 * s / total:.0f}%" for name, s in split)
 
 
-def emulated_section(summary: Summary, correlation: dict[str, Any] | None) -> str | None:
+def emulated_section(summary: Summary, correlation: CorrelationResult | None) -> str | None:
     """Per scenario: the emulated GPU's busy % (exact, and as the correlation binned it), its
     steps, and the bubbles between steps while requests waited at the engine."""
-    rows = [s for s in (correlation or {}).get("scenarios", []) if s.get("emulated_gpu")]
+    rows = [s for s in (correlation.scenarios if correlation else []) if s.emulated_gpu]
     if not rows:
         return None
     cpu = {s.name: s.cpu_pct for s in summary.scenarios}
@@ -84,23 +85,23 @@ def emulated_section(summary: Summary, correlation: dict[str, Any] | None) -> st
     ]
     body = []
     for s in rows:
-        em = s["emulated_gpu"]
-        corr = (s.get("gpu") or {}).get("busy_pct")
-        lag = em.get("wake_lag_ms") or {}
-        bubble_ms = f"{ms(em['bubble_ms']['p50'])} / {ms(em['bubble_ms']['p99'])}"
+        em = s.emulated_gpu
+        assert em is not None
+        corr = s.gpu.busy_pct if s.gpu else None
+        bubble_ms = f"{ms(em.bubble_ms.p50)} / {ms(em.bubble_ms.p99)}"
         body.append(
             [
-                s["name"],
-                pct(em["busy_pct"]),
+                s.name,
+                pct(em.busy_pct),
                 pct(corr),
-                number(em["steps"]),
-                ms(em["step_ms"]["p50"]),
-                f"{ms(em['model_error_ms']['p99'])} / {ms(lag.get('p99'))}",
-                pct(em["step_cpu_pct"]),
-                number(em["bubbles"]),
+                number(em.steps),
+                ms(em.step_ms.p50),
+                f"{ms(em.model_error_ms.p99)} / {ms(em.wake_lag_ms.p99)}",
+                pct(em.step_cpu_pct),
+                number(em.bubbles),
                 bubble_ms,
-                pct(em["bubble_pct"]),
-                pct(cpu.get(s["name"])),
+                pct(em.bubble_pct),
+                pct(cpu.get(s.name)),
                 _split(em),
             ]
         )

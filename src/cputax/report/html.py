@@ -11,6 +11,7 @@ from typing import Any
 from markdown_it import MarkdownIt
 
 from cputax.report import plots
+from cputax.results.correlation import CorrelationResult
 from cputax.results.summary import Summary
 
 # Readable from a phone (390 px) to a desktop: wide tables scroll inside themselves
@@ -39,15 +40,16 @@ def image(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def render_figures(summary: Summary, corr: dict[str, Any],
+def render_figures(summary: Summary, corr: CorrelationResult | None,
                    growth: list[dict[str, Any]]) -> dict[str, bytes]:
     """Every figure of the report, by file stem."""
     scenarios = summary.scenarios
     figures = {"decomposition": plots.decomposition_bars(scenarios),
                "http_overhead_vs_concurrency": plots.http_overhead_plot(scenarios, growth),
                "server_phases_split": plots.split_plot(scenarios)}
-    for s in corr.get("scenarios", []):
-        figures[f"timeline_{_slug(s['name'])}"] = plots.timeline_plot(s["name"], s["timeline"])
+    for s in corr.scenarios if corr else []:
+        if s.timeline is not None:
+            figures[f"timeline_{_slug(s.name)}"] = plots.timeline_plot(s.name, s.timeline)
     return {name: png for name, png in figures.items() if png}
 
 

@@ -44,16 +44,16 @@ def nodes_section(results: Results) -> str | None:
         return None
     parts = ["## Server nodes (Ray)", "", ABOUT, ""]
     for name, node in results.nodes.items():
-        clock = node.get("clock") or {}
+        clock = node.clock or {}
         parts += [f"### Node {name}", "", _clock_line(clock), ""]
         if clock.get("error"):
             parts += [f"_The node agent stopped ({clock['error']}); what it shipped before is below._", ""]
-        if node.get("correlation") and (telemetry := render_telemetry(node["correlation"])):
+        if node.correlation and (telemetry := render_telemetry(node.correlation)):
             parts += [_demote(telemetry), ""]
-        attribution = node.get("attribution")
+        attribution = node.attribution
         if attribution is None:
             parts += ["_py-spy recorded nothing on this node._", ""]
             continue
-        for window in attribution["windows"]:
-            parts += [_demote(window_text(window, attribution["rate"]), 1), ""]
+        for window in attribution.windows:
+            parts += [_demote(window_text(window, attribution.rate), 1), ""]
     return "\n".join(parts).rstrip()

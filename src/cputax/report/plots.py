@@ -11,6 +11,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from cputax.results.correlation import Timeline
 from cputax.results.summary import ScenarioSummary
 
 WALL_PHASES = (("serialize", "Serialize (client)", "#9ecae1"), ("http_overhead", "HTTP OH (front end)", "#fd8d3c"),
@@ -88,50 +89,53 @@ def http_overhead_plot(scenarios: list[ScenarioSummary],
     return _png(fig)
 
 
-def timeline_plot(name: str, t: dict[str, Any]) -> bytes:
+def timeline_plot(name: str, t: Timeline) -> bytes:
     """GPU busy, server CPU, requests in flight by phase, on one time axis; stalls shaded."""
     fig = Figure(figsize=(10.0, 6.5))
     axes = fig.subplots(3, 1, sharex=True)
-    x = t["t_s"] + [t["end_s"]]  # bin edges: each series repeats its last value to the end
+    x = t.t_s + [t.end_s]  # bin edges: each series repeats its last value to the end
 
     def edges(values: list[Any]) -> list[Any]:
         return values + values[-1:]
 
     ax = axes[0]
-    if "gpu" in t:
-        ax.step(x, edges([float("nan") if v is None else v for v in t["gpu"]]), where="post", color="#3182bd")
+    if t.gpu is not None:
+        busy = [float("nan") if v is None else v for v in t.gpu]
+        ax.step(x, edges(busy), where="post", color="#3182bd")
         ax.set_ylim(-5, 105)
         ax.set_ylabel("GPU busy %")
     else:
         ax.text(0.5, 0.5, "no GPU telemetry", ha="center", va="center", transform=ax.transAxes, color="grey")
         ax.set_yticks([])
     ax = axes[1]
-    if t.get("cpu"):
-        labels = sorted(t["cpu"], key=lambda k: -sum(t["cpu"][k]))
+    if t.cpu:
+        cpu = t.cpu
+        labels = sorted(cpu, key=lambda k: -sum(cpu[k]))
         top, rest = labels[:8], labels[8:]
-        series = [edges(t["cpu"][k]) for k in top]
+        series = [edges(cpu[k]) for k in top]
         if rest:
-            series.append(edges([sum(vals) for vals in zip(*(t["cpu"][k] for k in rest), strict=True)]))
+            series.append(edges([sum(vals) for vals in zip(*(cpu[k] for k in rest), strict=True)]))
             top.append("other")
         ax.stackplot(x, series, labels=top, step="post", alpha=0.85)
         ax.legend(fontsize=7, loc="upper right", ncols=2, frameon=False)
-        ax.set_ylabel(f"server CPU (cores)\nby {t['cpu_by']}")
+        ax.set_ylabel(f"server CPU (cores)\nby {t.cpu_by}")
     else:
         ax.text(0.5, 0.5, "no server CPU data (remote server, no py-spy)", ha="center", va="center",
                 transform=ax.transAxes, color="grey")
         ax.set_yticks([])
     ax = axes[2]
-    present = [(k, label, color) for k, label, color in INFLIGHT if k in t["inflight"]]
-    ax.stackplot(x, [edges(t["inflight"][k]) for k, _, _ in present], labels=[label for _, label, _ in present],
+    present = [(k, label, color) for k, label, color in INFLIGHT if k in t.inflight]
+    ax.stackplot(x, [edges(t.inflight[k]) for k, _, _ in present],
+                 labels=[label for _, label, _ in present],
                  colors=[c for _, _, c in present], step="post")
     ax.set_ylabel("requests in flight")
     ax.set_xlabel("seconds since the scenario started")
     ax.legend(fontsize=7, loc="upper right", ncols=4, frameon=False)
     for ax in axes:
-        for a, b in t["stalls"]:
+        for a, b in t.stalls:
             ax.axvspan(a, b, color=STALL_COLOR, alpha=0.15, linewidth=0)
-    stalled = " (red: GPU idle while requests were in flight)" if t["stalls"] else ""
-    fig.suptitle(f"{name}: {t['width_s'] * 1000:.0f} ms bins{stalled}", fontsize=10)
+    stalled = " (red: GPU idle while requests were in flight)" if t.stalls else ""
+    fig.suptitle(f"{name}: {t.width_s * 1000:.0f} ms bins{stalled}", fontsize=10)
     return _png(fig)
 
 
