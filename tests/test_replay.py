@@ -58,11 +58,6 @@ def write(path: Path, obj: dict, gz: bool = False) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
-
-
 # --- parsing -------------------------------------------------------------------------------------
 
 
