@@ -60,7 +60,8 @@ async def _requests(url: str, n: int, block_after_ms: float | None = None,
             if block_after_ms is not None:
                 # between the headers (5 ms) and the first token (25 ms): the loop is busy
                 # for BLOCK_MS when the first token arrives, and reads it only afterwards
-                asyncio.get_running_loop().call_later(block_after_ms / 1000, _busy, BLOCK_MS, blocked)
+                loop = asyncio.get_running_loop()
+                loop.call_later(block_after_ms / 1000, _busy, BLOCK_MS, blocked)
             records.append(await client.send(RequestRecord("wire", index=i), _payload))
         truth = await client.get_json("/stub/truth")
         return records, truth, client.clock, client.kernel_stamps, client.connections_opened
