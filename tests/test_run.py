@@ -6,6 +6,7 @@ import sys
 
 import orjson
 import pytest
+from helpers import expected_exit
 
 from cputax.commands.run import run
 from cputax.errors import CputaxError
@@ -46,16 +47,6 @@ def stub():
     config = StubConfig(headers_delay_ms=HEADERS_MS, first_token_delay_ms=FIRST_MS, inter_token_delay_ms=INTER_MS)
     with StubServer(config, process=True) as server:
         yield server
-
-
-def expected_exit(out) -> int:
-    """What `run` returns for the run in `out`: 1 where a scenario broke the run's own
-    invariants, else 0. On a loaded machine the client can be starved past their 5 ms bars
-    (a late read, a late start); the run catches that, withholds the scenario's CPU% and
-    exits 1, which is the product working (tests/test_invariants.py pins the bars down)."""
-    summary = orjson.loads((out / "summary.json").read_bytes())
-    assert all(s["errors"] == 0 for s in summary["scenarios"])  # no request failed, in any case
-    return 0 if all(s["invariants"]["ok"] for s in summary["scenarios"]) else 1
 
 
 @pytest.fixture(scope="module")

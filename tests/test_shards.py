@@ -9,7 +9,7 @@ import os
 import signal
 
 import orjson
-from loadgen_helpers import prepared_prompts
+from helpers import prepared_prompts
 
 from cputax.client.loadgen import Share, run_scenario
 from cputax.client.shards import auto_procs, run_sharded
