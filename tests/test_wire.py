@@ -74,6 +74,15 @@ def _busy(ms: float, blocks: list[tuple[int, int]]) -> None:
     blocks.append((start, time.monotonic_ns()))
 
 
+def _blocked(url: str, n: int):
+    """`n` requests, the loop blocked for BLOCK_MS from 12 ms into each: each record with
+    when its block began and ended; the stub's truth; the client's clock."""
+    blocks: list[tuple[int, int]] = []
+    records, truth, clock, _, _ = asyncio.run(_requests(url, n, 12.0, blocks))
+    assert len(blocks) == len(records) == n
+    return list(zip(records, blocks, strict=True)), truth, clock
+
+
 def test_clock_conversion_is_tight():
     clock = Clock.measure()
     assert 0 <= clock.error_ns < 1 * MS  # the best of several reads: one preempted read is not it
@@ -139,11 +148,9 @@ def test_kernel_stamps_lie_between_the_stubs_write_and_the_loops_read(stub):
 
 
 def test_a_blocked_loop_moves_the_loop_stamp_not_the_kernel_stamp(slow_stub):
-    blocks: list[tuple[int, int]] = []
-    records, truth, clock, _, _ = asyncio.run(_requests(slow_stub.url, 3, 12.0, blocks))
-    assert len(blocks) == len(records) == 3
+    runs, truth, clock = _blocked(slow_stub.url, 3)
     during = 0
-    for r, (block_start, block_end) in zip(records, blocks, strict=True):
+    for r, (block_start, block_end) in runs:
         sent = truth[r.extra["response_id"]]["first_token_ns"]
         assert r.t_first_token_kernel >= sent - clock.error_ns  # never before the stub wrote it
         assert r.shared_stamps == 0  # the next token comes 150 ms later
@@ -158,11 +165,9 @@ def test_a_blocked_loop_moves_the_loop_stamp_not_the_kernel_stamp(slow_stub):
 
 def test_a_loop_blocked_across_tokens_shares_one_stamp_and_counts_it(stub):
     # 60 ms from 12 ms: tokens at 25, 30, ... 70 ms queue up and are merged by the kernel
-    blocks: list[tuple[int, int]] = []
-    records, truth, clock, _, _ = asyncio.run(_requests(stub.url, 2, 12.0, blocks))
-    assert len(blocks) == len(records) == 2
+    runs, truth, clock = _blocked(stub.url, 2)
     merged = 0
-    for r, (block_start, block_end) in zip(records, blocks, strict=True):
+    for r, (block_start, block_end) in runs:
         sent = truth[r.extra["response_id"]]["token_ns"]
         stamps = [k for _, k in r.extra["token_ns"]]
         # the tokens the stub wrote while the loop was blocked (wherever this loaded
