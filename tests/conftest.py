@@ -19,6 +19,8 @@ import pytest
 from cputax.sampling.pyspy import INSTALL_HINT as PYSPY_HINT
 from cputax.sampling.pyspy import ptrace_problem
 from cputax.servers import get
+from cputax.targets.stub import StubServer
+from cputax.text.tokenizer import load_tokenizer
 
 VLLM = get("vllm")
 assert VLLM.launch is not None
@@ -38,4 +40,18 @@ def vllm(tmp_path_factory):
 
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     with EmbeddedServer(VLLM, log_path=log) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The default tokenizer (the real DeepSeek BPE), loaded once per test module."""
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def stub(request):
+    """A stub server in a child process, configured by the test module's STUB (a StubConfig);
+    a module with other needs defines its own `stub`."""
+    with StubServer(request.module.STUB, process=True) as server:
         yield server

@@ -25,7 +25,6 @@ MESSAGES = [
     {"role": "user", "content": "Fix the failing test in src/parser.py, then run the suite."},
 ]
 MS = 1_000_000
-LATE_MS = 40  # how late a measured time may be on a loaded machine
 
 
 def chat() -> dict:
@@ -147,20 +146,26 @@ def test_parser_rejects_broken_streams(data, message):
 
 
 def test_measured_components_match_the_injected_delays():
-    a, b, c, n = 100, 50, 10, 8
-    record, truth = send(StubConfig(headers_delay_ms=a, first_token_delay_ms=b, inter_token_delay_ms=c, output_tokens=n))
+    # 100 ms between events: a stamp taken at the wrong event is that far off, more than
+    # a loaded machine makes the client late
+    a, b, c, n = 100, 100, 100, 4
+    record, truth = send(StubConfig(headers_delay_ms=a, first_token_delay_ms=b, inter_token_delay_ms=c,
+                                    output_tokens=n, token_truth=True))
     assert record.ok, record.error
     assert record.t_start <= record.t_sent < record.t_headers <= record.t_first_data
     assert record.t_first_data <= record.t_first_token <= record.t_last_token <= record.t_end
-    http_overhead = (record.t_headers - record.t_sent) / MS
-    prefill = (record.t_first_token - record.t_headers) / MS
-    decode = (record.t_last_token - record.t_first_token) / MS
-    assert a - 1 <= http_overhead <= a + LATE_MS
-    assert b - 15 <= prefill <= b + LATE_MS
-    assert (n - 1) * c - 15 <= decode <= (n - 1) * c + LATE_MS
+    # Against the stub's own stamps (the same monotonic clock): each of the client's stamps
+    # lies between the stub's writing that event and its writing the next one. Never early
+    # (no bytes are read before they are written); and its own event's time, not a later
+    # one's. How late within that is this machine's, and not asserted.
     sent = truth[record.extra["response_id"]]
-    assert 0 <= record.t_first_token - sent["first_token_ns"] <= LATE_MS * MS
-    assert 0 <= record.t_headers - sent["headers_ns"] <= LATE_MS * MS
+    tokens = sent["token_ns"]
+    assert len(tokens) == n and tokens[0] == sent["first_token_ns"]
+    assert sent["headers_ns"] <= record.t_headers < sent["first_token_ns"]
+    assert sent["first_token_ns"] <= record.t_first_token < tokens[1]
+    assert sent["last_token_ns"] <= record.t_last_token <= record.t_end
+    # sent before the stub had the request: the HTTP overhead holds all of the headers' delay
+    assert sent["arrival_ns"] >= record.t_sent and (record.t_headers - record.t_sent) / MS >= a
     assert record.build_s > 0 and record.parse_s > 0
 
 
@@ -218,7 +223,8 @@ def test_connection_refused_is_a_record_not_an_exception():
 def test_per_request_timeout_covers_the_stream():
     record, _ = send(StubConfig(first_token_delay_ms=5000), timeout_s=0.3)
     assert not record.ok and record.error == "timed out after 0.3 s (per-request timeout)"
-    assert record.t_headers is not None and (record.t_end - record.t_start) / MS < 3000
+    # ended by the 0.3 s timeout, before the first token (5 s) could end it
+    assert record.t_headers is not None and (record.t_end - record.t_start) / MS < 5000
 
 
 def test_api_key_goes_in_the_header_only():

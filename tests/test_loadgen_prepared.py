@@ -6,34 +6,20 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
+from helpers import prepared_prompts
 
 from cputax.client.loadgen import WHOLE, Share, arrivals, planned_indices, prebuild, run_scenario
 from cputax.client.stream import StreamingClient
 from cputax.records import RequestRecord
-from cputax.targets.stub import StubConfig, StubServer
-from cputax.text.tokenizer import load_tokenizer
+from cputax.targets.stub import StubConfig
 from cputax.workload.profiles import Scenario
-from cputax.workload.prompts import ScenarioPrompts, local_counter
+from cputax.workload.prompts import ScenarioPrompts
 
 STUB = StubConfig(first_token_delay_ms=10.0, inter_token_delay_ms=1.0, output_tokens=4)
 
 
-@pytest.fixture(scope="module")
-def stub():
-    with StubServer(STUB, process=True) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
-
-
 def _prompts(tok, **kw) -> ScenarioPrompts:
-    prompts = ScenarioPrompts(Scenario(name="s", context_tokens=400, max_tokens=4, **kw), tok, model=STUB.model)
-    asyncio.run(prompts.prepare(local_counter(tok)))
-    return prompts
+    return prepared_prompts(tok, STUB, 400, **kw)
 
 
 def _run(url: str, prompts: ScenarioPrompts, seed: int = 3) -> tuple[list[RequestRecord], int, int]:

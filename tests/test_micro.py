@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from cputax.cli import build_parser, main
 from cputax.commands.micro import compare_files, suite_command
-from cputax.micro import SUITES as CLI_SUITES
+from cputax.micro import __main__ as micro_main
 from cputax.micro import chunks as sse
 from cputax.micro import hashing as hash_suite
 from cputax.micro.harness import SUITES, Report, suite_cases
@@ -42,18 +43,40 @@ def inputs() -> Inputs:
 # --- catalog ----------------------------------------------------------------
 
 
-def test_suites_are_the_suite_modules_and_the_cli_choices() -> None:
+def _bench_scripts() -> dict[str, str]:
+    """bench/*.py that run a pyperf suite: script name -> the suite its `run_suite` names."""
+    scripts = {}
+    for path in sorted((REPO / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "run_suite":
+                (arg,) = node.args
+                scripts[path.name] = ast.literal_eval(arg)
+    return scripts
+
+
+def test_suites_are_the_suite_modules_the_bench_scripts_and_the_cli_choices() -> None:
     """SUITES against things written independently of it: the files that define cases, the
-    literal names above, and what `cputax micro --suite` accepts."""
+    bench/ scripts that run a suite, the literal names above, and what `cputax micro
+    --suite` accepts."""
     micro_dir = REPO / "src" / "cputax" / "micro"
     with_cases = {p.stem for p in micro_dir.glob("*.py") if "\ndef cases()" in p.read_text()}
-    assert set(CLI_SUITES.values()) == with_cases
-    assert set(CLI_SUITES) == set(SUITES) == set(LITERAL_NAMES)
+    assert set(SUITES.values()) == with_cases
+    assert set(SUITES) == set(LITERAL_NAMES)
+    # one script per suite, bench/bench_<suite>.py, each running the suite it is named for
+    assert _bench_scripts() == {f"bench_{suite}.py": suite for suite in SUITES}
     parser = build_parser()
     for suite in LITERAL_NAMES:
         assert parser.parse_args(["micro", "--suite", suite]).suite == [suite]
     with pytest.raises(SystemExit):
         parser.parse_args(["micro", "--suite", "nosuchsuite"])
+
+
+def test_the_module_pyperf_reruns_names_every_suite(capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m cputax.micro SUITE` is what pyperf's workers run: it refuses an unknown
+    suite and lists the ones it can run."""
+    assert micro_main.main(["nosuchsuite"]) == 2
+    usage = capsys.readouterr().err
+    assert all(suite in usage for suite in LITERAL_NAMES), usage
 
 
 @pytest.mark.parametrize("suite", SUITES)

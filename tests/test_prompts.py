@@ -5,14 +5,8 @@ import asyncio
 import pytest
 
 from cputax.text.conversation import render_chat
-from cputax.text.tokenizer import load_tokenizer
 from cputax.workload.profiles import Scenario
 from cputax.workload.prompts import ScenarioPrompts, local_counter
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
 
 
 def prepared(tok, **kw):

@@ -4,40 +4,26 @@ process, against the stub over real HTTP. What each test checks follows from loa
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 
 import orjson
-import pytest
+from helpers import prepared_prompts
 
 from cputax.client.loadgen import Share, run_scenario
 from cputax.client.shards import auto_procs, run_sharded
 from cputax.client.stream import StreamingClient
 from cputax.records import RequestRecord
-from cputax.targets.stub import StubConfig, StubServer
-from cputax.text.tokenizer import load_tokenizer
-from cputax.workload.profiles import Scenario
-from cputax.workload.prompts import ScenarioPrompts, local_counter
+from cputax.targets.stub import StubConfig
+from cputax.workload.prompts import ScenarioPrompts
 
 MS = 1_000_000
 STUB = StubConfig(first_token_delay_ms=20.0, inter_token_delay_ms=2.0, output_tokens=8)
 
 
-@pytest.fixture(scope="module")
-def stub():
-    with StubServer(STUB, process=True) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
-
-
 def _prompts(tok, **kw) -> ScenarioPrompts:
-    prompts = ScenarioPrompts(Scenario(name="s", context_tokens=300, max_tokens=8, **kw), tok, model=STUB.model)
-    asyncio.run(prompts.prepare(local_counter(tok)))
-    return prompts
+    return prepared_prompts(tok, STUB, 300, **kw)
 
 
 def _sharded(url: str, prompts: ScenarioPrompts, procs: int, work=None):
@@ -89,14 +75,19 @@ def test_a_closed_loop_keeps_its_concurrency_over_the_shards(stub, tok):
 
 def test_bursts_fire_together_in_every_shard(stub, tok):
     prompts = _prompts(tok, concurrency=5, duration_s=0.85, arrival="burst", burst_size=5, burst_every_s=0.3)
-    _, records = _sharded(stub.url, prompts, 2)
+    window, records = _sharded(stub.url, prompts, 2)
     assert sorted({r.batch for r in records}) == [0, 1, 2]
-    for b in range(3):
-        burst = [r for r in records if r.batch == b]
+    bursts = [[r for r in records if r.batch == b] for b in range(3)]
+    for b, burst in enumerate(bursts):
         assert len(burst) == 5  # 3 from one shard, 2 from the other
-        # Together: a burst's spread is under half the burst period, so each request is
-        # nearer its own burst than the next; a loaded machine may delay a shard, not that much.
-        assert max(r.t_start for r in burst) - min(r.t_start for r in burst) < 0.3 / 2 * 1000 * MS
+        assert {r.index % 2 for r in burst} == {0, 1}  # Share.index: shard k sends k, k + 2, ...
+        # Together: every shard meant the burst for the same instant on the shared clock, a
+        # period after the last, and sent none early. How late each went is this machine's
+        # schedule lag (a shard that counted from its own start would differ by its fork time).
+        assert {r.t_intended for r in burst} == {window.start_ns + b * 300 * MS}
+        assert all(r.t_start >= r.t_intended for r in burst)
+    for before, after in itertools.pairwise(bursts):  # and in order: one burst, then the next
+        assert max(r.t_start for r in before) < min(r.t_start for r in after)
 
 
 def test_poisson_rate_is_split_over_shards(stub, tok):

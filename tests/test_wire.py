@@ -14,7 +14,6 @@ across several tokens stamps them all with the last one's time, and says so
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 
 import pytest
@@ -50,29 +49,46 @@ def slow_stub():
         yield server
 
 
-async def _requests(url: str, n: int, block_after_ms: float | None = None):
+async def _requests(url: str, n: int, block_after_ms: float | None = None,
+                    blocks: list[tuple[int, int]] | None = None):
+    """`n` requests one after another; with `block_after_ms`, the loop is blocked for BLOCK_MS
+    that long after each is sent, and when each block began and ended goes to `blocks`."""
+    blocked = [] if blocks is None else blocks
     async with StreamingClient(url, keep_chunks=True, max_connections=4) as client:
         records = []
         for i in range(n):
             if block_after_ms is not None:
                 # between the headers (5 ms) and the first token (25 ms): the loop is busy
                 # for BLOCK_MS when the first token arrives, and reads it only afterwards
-                asyncio.get_running_loop().call_later(block_after_ms / 1000, _busy, BLOCK_MS)
+                loop = asyncio.get_running_loop()
+                loop.call_later(block_after_ms / 1000, _busy, BLOCK_MS, blocked)
             records.append(await client.send(RequestRecord("wire", index=i), _payload))
         truth = await client.get_json("/stub/truth")
         return records, truth, client.clock, client.kernel_stamps, client.connections_opened
 
 
-def _busy(ms: float) -> None:
-    end = time.monotonic_ns() + int(ms * MS)
-    while time.monotonic_ns() < end:
+def _busy(ms: float, blocks: list[tuple[int, int]]) -> None:
+    start = time.monotonic_ns()
+    while time.monotonic_ns() < start + int(ms * MS):
         pass
+    blocks.append((start, time.monotonic_ns()))
+
+
+def _blocked(url: str, n: int):
+    """`n` requests, the loop blocked for BLOCK_MS from 12 ms into each: each record with
+    when its block began and ended; the stub's truth; the client's clock."""
+    blocks: list[tuple[int, int]] = []
+    records, truth, clock, _, _ = asyncio.run(_requests(url, n, 12.0, blocks))
+    assert len(blocks) == len(records) == n
+    return list(zip(records, blocks, strict=True)), truth, clock
 
 
 def test_clock_conversion_is_tight():
     clock = Clock.measure()
-    assert 0 <= clock.error_ns < 1 * MS
-    assert abs(clock.monotonic(time.time_ns()) - time.monotonic_ns()) < 1 * MS + clock.error_ns
+    assert 0 <= clock.error_ns < 1 * MS  # the best of several reads: one preempted read is not it
+    # a wall-clock read converts to a time between the monotonic reads around it
+    before, wall, after = time.monotonic_ns(), time.time_ns(), time.monotonic_ns()
+    assert before - clock.error_ns <= clock.monotonic(wall) <= after + clock.error_ns
 
 
 STEP_NS = 463_000  # the wall clock set by this much since the offset was read (what one CI run met)
@@ -116,48 +132,54 @@ def test_rereading_an_unchanged_offset_counts_no_step():
     assert pool.clock_steps == 0
 
 
-def test_kernel_stamps_never_follow_the_loop_and_match_it_on_an_idle_loop(stub):
+def test_kernel_stamps_lie_between_the_stubs_write_and_the_loops_read(stub):
     records, truth, clock, kernel, _ = asyncio.run(_requests(stub.url, 4))
     assert kernel and all(r.ok for r in records)
-    gaps = []
     for r in records:
         assert r.t_headers_kernel is not None and r.t_headers_kernel <= r.t_headers + clock.error_ns
         stamps = r.extra["token_ns"]
         assert len(stamps) == TIMED.output_tokens
         for loop, kern in stamps:
             assert kern <= loop + clock.error_ns  # the kernel had the bytes before the loop saw them
-            gaps.append(loop - kern)
-        # and never before the stub wrote them
+        # and never before the stub wrote them (a wrong conversion is seconds off one way
+        # or the other; how long the loop took to read them is this machine's, not asserted)
         sent = truth[r.extra["response_id"]]["token_ns"]
         assert all(kern >= s - clock.error_ns for (_, kern), s in zip(stamps, sent, strict=True))
-    # idle loop: the loop reads each chunk as it lands (wake-up only; a wrong conversion is seconds off)
-    assert statistics.median(gaps) < 5 * MS
 
 
 def test_a_blocked_loop_moves_the_loop_stamp_not_the_kernel_stamp(slow_stub):
-    records, truth, clock, _, _ = asyncio.run(_requests(slow_stub.url, 3, block_after_ms=12.0))
-    for r in records:
-        sent = truth[r.extra["response_id"]]
-        kernel_error = (r.t_first_token_kernel - sent["first_token_ns"]) / MS
-        loop_error = (r.t_first_token - sent["first_token_ns"]) / MS
-        # the kernel stamp: when it really arrived (what it takes the stub to write, and a
-        # descheduled stub on a busy machine); the loop saw it only after the block, which
-        # ends 12 + 60 ms after the request: the token came at ~25 ms
-        assert 0 <= kernel_error + clock.error_ns / MS < 10.0
-        assert loop_error - kernel_error > BLOCK_MS / 2
-        assert r.shared_stamps == 0
+    runs, truth, clock = _blocked(slow_stub.url, 3)
+    during = 0
+    for r, (block_start, block_end) in runs:
+        sent = truth[r.extra["response_id"]]["first_token_ns"]
+        assert r.t_first_token_kernel >= sent - clock.error_ns  # never before the stub wrote it
+        assert r.shared_stamps == 0  # the next token comes 150 ms later
+        # Written while the loop was blocked (at ~25 ms of 12-72 ms, unless this loaded
+        # machine moved the block or held the stub back): the kernel stamp is when it
+        # arrived, before the block ended; the loop could read it only after.
+        if block_start < sent < block_end:
+            during += 1
+            assert r.t_first_token_kernel < block_end <= r.t_first_token
+    assert during, "no first token was written while the loop was blocked"
 
 
 def test_a_loop_blocked_across_tokens_shares_one_stamp_and_counts_it(stub):
     # 60 ms from 12 ms: tokens at 25, 30, ... 70 ms queue up and are merged by the kernel
-    records, truth, clock, _, _ = asyncio.run(_requests(stub.url, 2, block_after_ms=12.0))
-    for r in records:
+    runs, truth, clock = _blocked(stub.url, 2)
+    merged = 0
+    for r, (block_start, block_end) in runs:
         sent = truth[r.extra["response_id"]]["token_ns"]
         stamps = [k for _, k in r.extra["token_ns"]]
-        first_read = stamps.count(stamps[0])
-        assert first_read >= 2 and r.shared_stamps >= first_read - 1
-        # the merged tokens carry the newest one's arrival: an upper bound, never before it
-        assert stamps[0] >= sent[first_read - 1] - clock.error_ns
+        # the tokens the stub wrote while the loop was blocked (wherever this loaded
+        # machine put the block) were read at once after it: one stamp, counted as shared
+        during = [i for i, t in enumerate(sent) if block_start < t < block_end]
+        if len(during) < 2:
+            continue
+        merged += 1
+        assert len({stamps[i] for i in during}) == 1 and r.shared_stamps >= len(during) - 1
+        # the newest one's arrival: an upper bound for the others, never before it was written
+        assert stamps[during[-1]] >= sent[during[-1]] - clock.error_ns
+    assert merged, "the stub wrote fewer than two tokens while the loop was blocked"
 
 
 def test_connections_are_kept_alive(stub):
