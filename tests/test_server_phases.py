@@ -21,7 +21,7 @@ from cputax.client.sse import StreamParser
 from cputax.client.stream import StreamingClient
 from cputax.errors import CputaxError
 from cputax.records import JsonlWriter, RequestRecord
-from cputax.results.summary import ScenarioSummary, ServerMetrics
+from cputax.results.summary import ScenarioSummary, ServerMetrics, Summary
 from cputax.rundir import RunDir
 from cputax.servers import get
 
@@ -458,3 +458,57 @@ def test_the_parser_marks_a_first_token_read_with_the_second():
     parser.feed(chunk, 5, 7)
     parser.feed(chunk * 2, 9, 11)  # the second and third together: the first stands alone
     assert "first_token_shared" not in alone.extra and alone.shared_stamps == 1
+
+
+def _skewed_run(tmp_path, skew_ns: int, local: bool, drift_ns: int = 0):
+    """Ten requests whose server stamps its spans on a clock `skew_ns` ahead of the
+    client's (and drifting `drift_ns` per request); http_in of request i is 1 + i/2 ms."""
+    t0 = 10**12
+    rows, spans = [], []
+    for i in range(10):
+        rid = f"{i + 1:032x}"
+        sent = t0 + i * 100 * MS
+        arrival = sent + MS + i * MS // 2
+        rows.append(_request(rid, sent, arrival + 3 * MS, arrival + 12 * MS, arrival + 30 * MS))
+        spans.append(_span(rid, arrival + skew_ns + i * drift_ns, 0.0, 0.004, 0.015, 0.010,
+                           0.030))
+    run = _run(tmp_path, rows, spans, [{"scenario": "a", "start_ns": t0, "end_ns": t0 + 10**9}])
+    run.write_info({"server": {"name": "vllm"}, "target": {"kind": "external", "local": local},
+                    "monitors": {"otlp": {"clock": {"offset_ns": OFFSET, "error_ns": 40}}}})
+    return server_phases(run, run.info(), [ScenarioSummary(name="a")])
+
+
+def test_a_remote_servers_clock_offset_is_bounded_by_its_requests_and_applied(tmp_path):
+    skew = 3_700 * MS  # the server's wall clock runs 3.7 s ahead of the client's
+    out, per_scenario = _skewed_run(tmp_path, skew, local=False)
+    clock = out.span_clock
+    # arrival lies between send and headers: the offset is bounded by the tightest request
+    # on each side (request 0: 1 ms after its send; every request: 3 ms before its headers)
+    assert clock.lo_ns == skew - 3 * MS and clock.hi_ns == skew + MS
+    assert clock.consistent and not clock.on_this_host and clock.applied_ns == skew - MS
+    assert out.clock_error_ns == 40 + 2 * MS  # the receiver's own, plus half the bounds
+    from cputax.report.server_phases import server_phases_section
+
+    text = server_phases_section(Summary(scenarios=[ScenarioSummary(
+        name="a", server_phases=per_scenario["a"])], server_phases=out))
+    assert "on another host" in text and "[+3697.000, +3701.000] ms" in text
+    assert "applied +3699.000 ms; clock error 2.000 ms" in text
+    http_in = per_scenario["a"].phases_ms.http_in
+    # the truth (1 to 5.5 ms) moved by the estimate's error (applied - skew = -1 ms), no more
+    assert http_in.min == pytest.approx(2.0) and http_in.mean == pytest.approx(1 + 2.25 + 1)
+    assert not [line for line in out.findings if "offset" in line or "[send, headers]" in line]
+
+
+def test_spans_that_no_single_offset_fits_are_a_finding(tmp_path):
+    # on this host, a skew of 3.7 s means the stamps are wrong: said, not applied
+    out, _ = _skewed_run(tmp_path / "local", 3_700 * MS, local=True)
+    assert out.span_clock.applied_ns == 0 and not out.span_clock.consistent
+    assert any("outside [send, headers]" in line for line in out.findings)
+    # elsewhere, a clock drifting 2 ms per request: no one offset fits all ten
+    out, _ = _skewed_run(tmp_path / "drift", 3_700 * MS, local=False, drift_ns=2 * MS)
+    assert not out.span_clock.consistent
+    assert any("no one clock offset" in line for line in out.findings)
+    # and a server on this host whose stamps fit: nothing to say, nothing applied
+    out, _ = _skewed_run(tmp_path / "fine", 0, local=True)
+    assert out.span_clock.consistent and out.span_clock.applied_ns == 0
+    assert not [line for line in out.findings if "offset" in line or "[send, headers]" in line]

@@ -303,7 +303,13 @@ def _target(opts: RunOptions, run: RunDir, spans: Any = None) -> Iterator[Reache
             raise CputaxError("--emulate-gpu and --gpu-speed apply to the embedded vLLM; a server "
                               "at --endpoint runs its own GPU (cputax serve-local --emulate-gpu "
                               "starts one)")
-        yield Reached(opts.endpoint.rstrip("/"), opts.model, {"kind": "external"})
+        from urllib.parse import urlsplit
+
+        from cputax.targets.processes import is_local_host
+
+        # a server elsewhere stamps its spans on its own wall clock (analysis.server_phases)
+        local = is_local_host(urlsplit(opts.endpoint).hostname or "")
+        yield Reached(opts.endpoint.rstrip("/"), opts.model, {"kind": "external", "local": local})
         return
     from cputax.servers import get
     from cputax.targets.embedded import EmbeddedServer, command_table

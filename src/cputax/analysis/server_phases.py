@@ -4,7 +4,10 @@ The client sends every request with a join key (X-Request-Id, and the same 32 he
 as the trace id of a W3C traceparent). The server's account comes from one of two places:
 - its OTLP span (spans.jsonl, client.otlp): arrival (wall clock, converted to the run's
   monotonic clock with the receiver's offset), queue, prefill, decode, TTFT from arrival,
-  e2e, tokens; source "otlp";
+  e2e, tokens; source "otlp". A server on another host stamps arrival on its own wall
+  clock: every request bounds that clock's offset (arrival lies between the send and the
+  response headers), and the middle of what all requests allow is applied, its half width
+  added to the clock error (span_clock);
 - the final usage chunk's per-request metrics (record.server, written by the client):
   queue, prefill, decode only; source "response".
 A span wins where both exist. From them, per request (ms):
@@ -40,6 +43,7 @@ from cputax.results.summary import (
     ServerMetrics,
     ServerPhasesRun,
     ServerPhaseTimes,
+    SpanClock,
 )
 from cputax.rundir import RunDir
 from cputax.servers import get
@@ -54,6 +58,7 @@ __all__ = [
     "join",
     "read_spans",
     "server_phases",
+    "span_clock",
     "span_phases",
 ]
 
@@ -61,6 +66,7 @@ PHASES = ("http_in", "front_end", "engine_queue", "model_prefill", "decode", "st
 SPLIT = ("http_in", "front_end", "engine_queue")  # the study's "HTTP overhead", measured
 TOLERANCE = (1.0, 0.05)  # ms + share of the client's figure: two measures of one interval agree
 NEGATIVE_MS = 0.05  # below -this a derived phase is negative beyond the clocks' error
+CLOCK_SLACK_NS = 50_000  # stamps of two clocks on one host, each read by its own process
 MS = 1e-6
 
 
@@ -339,6 +345,37 @@ def _offset(info: dict[str, Any]) -> tuple[int, int | None]:
     return 0, None
 
 
+def span_clock(rows: list[Joined], on_this_host: bool) -> SpanClock:
+    """The offset (server clock - client clock) the matched spans allow (SpanClock), and the
+    one to apply: none on this host (one clock; the bounds are then a check), else the
+    middle of the bounds, good to half their width."""
+    spans = [r for r in rows if r.server and r.server.get("source") == "otlp"
+             and r.server.get("arrival_ns") is not None]
+    if not spans:
+        return SpanClock(requests=0, on_this_host=on_this_host)
+    lo = max(r.server["arrival_ns"] - r.t_headers for r in spans)  # arrived before the headers
+    hi = min(r.server["arrival_ns"] - r.t_sent for r in spans)  # and after the send began
+    if on_this_host:  # one clock: an offset of 0 must fit every request
+        consistent = lo <= CLOCK_SLACK_NS and hi >= -CLOCK_SLACK_NS
+    else:
+        consistent = lo <= hi + CLOCK_SLACK_NS
+    return SpanClock(requests=len(spans), lo_ns=lo, hi_ns=hi, consistent=consistent,
+                     applied_ns=0 if on_this_host else (lo + hi) // 2, on_this_host=on_this_host)
+
+
+def _clock_finding(clock: SpanClock) -> str | None:
+    """One line when the spans cannot all be placed between their request's send and headers."""
+    if clock.consistent or clock.lo_ns is None or clock.hi_ns is None:
+        return None
+    if clock.on_this_host:
+        return (f"server arrival stamps fall outside [send, headers] by up to "
+                f"{max(clock.lo_ns, -clock.hi_ns) / 1e6:.2f} ms on one clock: the server's "
+                "stamps or the client's are wrong")
+    return (f"no one clock offset places every span between its request's send and headers "
+            f"(bounds {clock.lo_ns / 1e6:+.2f} > {clock.hi_ns / 1e6:+.2f} ms): the clocks drifted "
+            "during the run, or the stamps are wrong; http_in and stream_out are not reliable")
+
+
 def _tracing(info: dict[str, Any]) -> Tracing | None:
     name = (
         (info.get("server") or {}).get("name") or (info.get("target") or {}).get("server") or "vllm"
@@ -361,6 +398,12 @@ def server_phases(
         return None, {}
     offset, error = _offset(info)
     rows, unmatched = join(run, tracing, offset)
+    # a server elsewhere (run.json's target.local False) stamps spans on its own wall clock
+    clock = span_clock(rows, (info.get("target") or {}).get("local", True))
+    if clock.applied_ns:
+        rows, unmatched = join(run, tracing, offset + clock.applied_ns)
+        assert clock.lo_ns is not None and clock.hi_ns is not None
+        error = (error or 0) + max(0, clock.hi_ns - clock.lo_ns) // 2
     windows = [w for w in run.read_windows() if not w.get("skipped")]
     by_scenario: dict[str, list[Joined]] = {}
     for r in rows:
@@ -373,7 +416,7 @@ def server_phases(
             outside += 1  # warm-up requests, probes, other clients between scenarios
         else:
             stray[w["scenario"]] = stray.get(w["scenario"], 0) + 1
-    findings = []
+    findings = [line] if (line := _clock_finding(clock)) else []
     served = 0
     per_scenario = {}
     for scenario in scenarios:
@@ -403,6 +446,7 @@ def server_phases(
         spans_matched=matched,
         spans_outside_windows=outside,
         clock_error_ns=error,
+        span_clock=clock if clock.requests else None,
         findings=findings,
         note=note,
     ), per_scenario

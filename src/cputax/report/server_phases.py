@@ -4,7 +4,13 @@ its plot: the study's "HTTP overhead" split into HTTP in, front end and engine q
 from __future__ import annotations
 
 from cputax.report.format import fraction, ms, number, table
-from cputax.results.summary import PhaseStats, ScenarioServerPhases, ScenarioSummary, Summary
+from cputax.results.summary import (
+    PhaseStats,
+    ScenarioServerPhases,
+    ScenarioSummary,
+    SpanClock,
+    Summary,
+)
 
 __all__ = ["server_phases_section"]
 
@@ -111,6 +117,19 @@ def _means_table(scenarios: list[tuple[ScenarioSummary, ScenarioServerPhases]]) 
     return table(header, rows)
 
 
+def _clock_line(clock: SpanClock | None, error_ns: int | None) -> str | None:
+    """Which clock the span times were put on, and how well."""
+    if clock is None or clock.lo_ns is None or clock.hi_ns is None:
+        return None
+    bounds = (f"the {clock.requests} joined requests bound its offset to "
+              f"[{clock.lo_ns / 1e6:+.3f}, {clock.hi_ns / 1e6:+.3f}] ms")
+    error = "" if error_ns is None else f"; clock error {error_ns / 1e6:.3f} ms"
+    if clock.on_this_host:
+        return f"Span clock: the server is on this host (one clock, no offset applied); {bounds}."
+    return (f"Span clock: the server is on another host; {bounds} (arrival between the send and "
+            f"the headers); applied {clock.applied_ns / 1e6:+.3f} ms{error}.")
+
+
 def server_phases_section(summary: Summary) -> str | None:
     """The section, or None when the run has no per-request server account to show."""
     run = summary.server_phases
@@ -130,6 +149,8 @@ def server_phases_section(summary: Summary) -> str | None:
         f"probes). All ms, p50 / p99.",
         "",
     ]
+    if (clock := _clock_line(run.span_clock, run.clock_error_ns)) is not None:
+        parts += [clock, ""]
     parts += [
         _split_table(scenarios),
         "",

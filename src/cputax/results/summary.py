@@ -42,6 +42,7 @@ __all__ = [
     "ServerPhaseTimes",
     "ServerPhasesRun",
     "Skipped",
+    "SpanClock",
     "Stats",
     "Summary",
     "Throughput",
@@ -203,6 +204,23 @@ class ScenarioServerPhases(msgspec.Struct, kw_only=True):
     prometheus_mean_ms: ServerMeans = msgspec.field(default_factory=ServerMeans)
 
 
+class SpanClock(msgspec.Struct, kw_only=True):
+    """How the server's span times (its wall clock) were put on the client's clock.
+
+    Every matched request bounds the offset (server clock - client clock): the server saw
+    the request after the client began sending it and before the client received the
+    response headers. [lo_ns, hi_ns] is what all of them allow; `applied_ns` is the offset
+    used (0 for a server on this host, else the middle of the bounds), `consistent` whether
+    one offset fits every request."""
+
+    requests: int
+    lo_ns: int | None = None
+    hi_ns: int | None = None
+    applied_ns: int = 0
+    consistent: bool = True
+    on_this_host: bool = True
+
+
 class ServerPhasesRun(msgspec.Struct, kw_only=True):
     """The run's line of the server phases: which source, spans, findings, a note."""
 
@@ -211,6 +229,7 @@ class ServerPhasesRun(msgspec.Struct, kw_only=True):
     spans_matched: int = 0
     spans_outside_windows: int = 0
     clock_error_ns: int | None = None
+    span_clock: SpanClock | None = None
     findings: list[str] = []
     note: str | None = None
 
