@@ -68,6 +68,10 @@ def test_every_request_is_joined_to_its_span(traced):
     summary = _summary(traced)
     run = summary["server_phases"]
     assert run["source"] == "otlp" and run["spans_matched"] == 3 + 12
+    # one host, one clock: every arrival lies between its request's send and headers
+    clock = run["span_clock"]
+    assert clock["on_this_host"] and clock["applied_ns"] == 0 and clock["requests"] == 15
+    assert clock["consistent"], clock
     for s in summary["scenarios"]:
         sp = s["server_phases"]
         assert sp["records"] == s["requests"] and sp["coverage"] == 1.0, s["name"]
