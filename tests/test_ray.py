@@ -222,3 +222,52 @@ def test_an_interrupted_ray_run_keeps_its_requests_in_flight():
     records = [RequestRecord.from_dict(orjson.loads(line)) for line in lines]
     assert sorted(r.index for r in records) == [0, 1, 2, 3]
     assert all(r.error == "cancelled" and r.chunks > 0 and r.t_first_token for r in records)
+
+
+def test_ctrl_c_on_cputax_run_with_ray_keeps_every_request_and_says_so(tmp_path):
+    """`cputax run --ray` as a user runs it, and Ctrl-C from the terminal (SIGINT to the
+    whole process group: cputax, the local Ray cluster it started, the shards) while the
+    second batch streams: exit 128 + SIGINT, no traceback, every request a record (the
+    second batch's `cancelled`), the run and its report say so, and the cluster is gone."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    slow = StubConfig(inter_token_delay_ms=50.0, output_tokens=100)  # 5 s a request
+    profile = tmp_path / "p.toml"
+    profile.write_text(PROFILE.replace("max_tokens = 8", "max_tokens = 100"))
+    out = tmp_path / "out"
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    with StubServer(slow, process=True) as server:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cputax", "run", "--endpoint", server.url, "--profile",
+             str(profile), "--out", str(out), "--gpu", "none", "--client-procs", "2", "--ray"],
+            env={**os.environ, "PYTHONPATH": src}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, start_new_session=True)
+        deadline = time.monotonic() + 300
+        done = out / "requests.jsonl"
+        while time.monotonic() < deadline and proc.poll() is None:  # the first batch is in
+            if done.exists() and len(done.read_bytes().splitlines()) >= 4:
+                break
+            time.sleep(0.1)
+        time.sleep(1.5)  # the second batch is streaming
+        family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "interrupted by SIGINT" in err
+    records = read_requests(out / "requests.jsonl")
+    assert sorted(r.index for r in records) == list(range(8)), [r.index for r in records]
+    assert all(r.ok for r in records if r.batch == 0)
+    cancelled = [r for r in records if r.batch == 1]
+    assert all(r.error == "cancelled" for r in cancelled)
+    summary = orjson.loads((out / "summary.json").read_bytes())
+    assert summary["interrupted"]["signal"] == "SIGINT"
+    assert "**Interrupted**" in (out / "report.md").read_text()
+    time.sleep(2)
+    alive = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert not alive, [psutil.Process(p).cmdline()[:3] for p in alive]
