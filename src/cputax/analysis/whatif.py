@@ -41,9 +41,12 @@ __all__ = [
     "METRICS",
     "PLACEBO_METRICS",
     "analyse_whatif",
+    "backtest",
     "claim_verdict",
     "effect",
     "fit_line",
+    "judge_claims",
+    "judge_placebo",
     "point_values",
     "t95",
 ]
@@ -211,7 +214,7 @@ def _component_x(point: dict[str, Any], component: str, key: str) -> float:
     return sum(point["components"].get(m, {}).get(key, 0.0) for m in _members(component))
 
 
-def _backtest(xs: list[float], ys: list[float], ks: list[float], base: list[float]
+def backtest(xs: list[float], ys: list[float], ks: list[float], base: list[float]
               ) -> Backtest | None:
     """Predict the unslowed value from the slowed points alone; compare with the measured one:
     it holds inside the prediction's interval, or within BACKTEST_PCT."""
@@ -266,7 +269,7 @@ def _scenario_result(component: str, scenario: str, points: list[dict[str, Any]]
             fit=fit,
             faster_2x=effect(fit, own / 2, y0),
             free=effect(fit, own, y0),
-            backtest=_backtest(
+            backtest=backtest(
                 [x for x, _ in pairs],
                 [y for _, y in pairs],
                 [p["k"] for _, p in measured],
@@ -371,7 +374,8 @@ def _claim(claim: str, scenario: str, component: str, metric: str, found: Result
     return row
 
 
-def _claims(results: list[Result], scenarios: list[str], placebo_ok: bool) -> list[Claim]:
+def judge_claims(results: list[Result], scenarios: list[str], placebo_ok: bool) -> list[Claim]:
+    """One row per study claim (CLAIMS) and scenario, judged from the results."""
     found = {(r.component, r.scenario): r for r in results}
     return [
         _claim(claim, scenario, component, metric, found.get((component, scenario)), placebo_ok)
@@ -380,7 +384,7 @@ def _claims(results: list[Result], scenarios: list[str], placebo_ok: bool) -> li
     ]
 
 
-def _placebo(results: list[Result], placebo: str | None) -> dict[str, Placebo]:
+def judge_placebo(results: list[Result], placebo: str | None) -> dict[str, Placebo]:
     """Per scenario: the placebo's effect at the largest slowdown, per metric, and whether
     the intervals of the metrics the claims turn on (PLACEBO_METRICS) include zero: judging
     all seven at 95% would raise a false alarm one time in three."""
@@ -444,7 +448,7 @@ def analyse_whatif(exp: WhatIfDir) -> WhatIf:
             ]
             if (r := _scenario_result(component, scenario, per)) is not None:
                 results.append(r)
-    placebo = _placebo(results, plan.get("placebo"))
+    placebo = judge_placebo(results, plan.get("placebo"))
     placebo_clean = all(p.within_noise for p in placebo.values()) if placebo else None
     result = WhatIf(
         info=msgspec.convert({k: v for k, v in plan.items() if k != "points"}, Info),
@@ -452,7 +456,7 @@ def analyse_whatif(exp: WhatIfDir) -> WhatIf:
         results=results,
         placebo=placebo,
         placebo_clean=placebo_clean,
-        claims=_claims(results, plan["scenarios"], placebo_clean is not False),
+        claims=judge_claims(results, plan["scenarios"], placebo_clean is not False),
         notes=_notes(results, placebo_clean),
     )
     result.dump(exp.result)
