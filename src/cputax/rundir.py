@@ -344,7 +344,7 @@ class WhatIfDir:
         plan.json             the plan and each point's outcome, as it happens
         slowdown/             the plugin's control file and each server process's totals
         <point>/              a run directory (RunDir) against the one server
-        whatif.json           the fits and judgments (cputax.whatif.WhatIf)
+        whatif.json           the fits and judgments (cputax.results.whatif.WhatIf)
         whatif.md, whatif.html  rendered (report)
     """
 

@@ -12,24 +12,45 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from cputax.analysis.decompose import phases
+from cputax.results.whatif import (
+    METRICS,
+    Backtest,
+    Claim,
+    ClaimEffect,
+    Effect,
+    Fit,
+    Info,
+    MetricResult,
+    Placebo,
+    PlaceboEffect,
+    Point,
+    Result,
+    Slowdown,
+    Verdict,
+    WhatIf,
+)
 from cputax.rundir import RunDir, WhatIfDir
-from cputax.whatif import Effect, Fit, WhatIf
 
-__all__ = ["CLAIMS", "METRICS", "analyse_whatif", "effect", "fit_line", "point_values", "t95"]
+__all__ = [
+    "BACKTEST_PCT",
+    "CLAIMS",
+    "METRICS",
+    "PLACEBO_METRICS",
+    "analyse_whatif",
+    "backtest",
+    "claim_verdict",
+    "effect",
+    "fit_line",
+    "judge_claims",
+    "judge_placebo",
+    "point_values",
+    "t95",
+]
 
-# metric -> (label, unit, True when higher is better)
-METRICS: dict[str, tuple[str, str, bool]] = {
-    "throughput": ("output tokens/s", "tok/s", True),
-    "ttft_p50": ("TTFT p50", "ms", False),
-    "ttft_p99": ("TTFT p99", "ms", False),
-    "itl_p50": ("ITL p50", "ms", False),
-    "itl_p99": ("ITL p99", "ms", False),
-    "e2e_p50": ("e2e p50", "ms", False),
-    "e2e_p99": ("e2e p99", "ms", False),
-}
 # The study's recommendations (claim, the component that tests it, the metric it is about).
 CLAIMS = (
     ("move tokenization off the main event loop: 2-3%", "tokenize", "e2e_p50"),
@@ -38,6 +59,7 @@ CLAIMS = (
     ("pre-allocate KV blocks: 2-3%", "kv_cache", "e2e_p50"),
     ("even an infinitely fast GPU recovers only 85-90%", "gpu", "e2e_p50"),
 )
+NOT_A_SLOWDOWN = {"gpu"}  # claims measured another way (the emulated GPU's --gpu-speed)
 PLACEBO_METRICS = ("throughput", "e2e_p50")  # what the placebo is judged by
 BACKTEST_PCT = 5.0  # a back-test within this error holds even outside its interval (the issue's)
 _T95 = (
@@ -136,7 +158,14 @@ def effect(fit: Fit, removed_ms: float, base: float | None) -> Effect:
     """The change of the metric when `removed_ms` per request of the component's time goes."""
     lo, hi = sorted((-fit.slope_hi * removed_ms, -fit.slope_lo * removed_ms))
     value = -fit.slope * removed_ms
-    return Effect(value, lo, hi, _pct(value, base), _pct(lo, base), _pct(hi, base))
+    return Effect(
+        value=value,
+        lo=lo,
+        hi=hi,
+        pct=_pct(value, base),
+        pct_lo=_pct(lo, base),
+        pct_hi=_pct(hi, base),
+    )
 
 
 def point_values(run: RunDir, scenario: str) -> dict[str, Any] | None:
@@ -185,10 +214,10 @@ def _component_x(point: dict[str, Any], component: str, key: str) -> float:
     return sum(point["components"].get(m, {}).get(key, 0.0) for m in _members(component))
 
 
-def _backtest(
-    xs: list[float], ys: list[float], ks: list[float], base: list[float]
-) -> dict[str, Any] | None:
-    """Predict the unslowed value from the slowed points alone; compare with the measured one."""
+def backtest(xs: list[float], ys: list[float], ks: list[float], base: list[float]
+              ) -> Backtest | None:
+    """Predict the unslowed value from the slowed points alone; compare with the measured one:
+    it holds inside the prediction's interval, or within BACKTEST_PCT."""
     slowed = [(x, y) for x, y, k in zip(xs, ys, ks, strict=True) if k > 0]
     if not base or len(slowed) < 3:
         return None
@@ -199,33 +228,35 @@ def _backtest(
     measured = float(np.mean(base))
     error = predicted - measured
     pct = _pct(error, measured)
-    return {
-        "predicted": predicted,
-        "measured": measured,
-        "error": error,
-        "error_pct": pct,
-        "half_width": half,
-        "holds": abs(error) <= half or (pct is not None and abs(pct) <= BACKTEST_PCT),
-    }
+    return Backtest(
+        predicted=predicted,
+        measured=measured,
+        error=error,
+        error_pct=pct,
+        half_width=half,
+        holds=abs(error) <= half or (pct is not None and abs(pct) <= BACKTEST_PCT),
+    )
 
 
-def _scenario_result(
-    component: str, scenario: str, points: list[dict[str, Any]]
-) -> dict[str, Any] | None:
-    """Fits of every metric for one component in one scenario, from its points and the baseline."""
+def _mean_x(points: list[dict[str, Any]], component: str, key: str) -> float:
+    return float(np.mean([_component_x(p["values"], component, key) for p in points]))
+
+
+def _scenario_result(component: str, scenario: str, points: list[dict[str, Any]]
+                     ) -> Result | None:
+    """Fits of every metric for one component in one scenario, from its points and the
+    baseline."""
     use = [p for p in points if p["component"] in (None, component) and p["values"] is not None]
     base = [p for p in use if p["k"] == 0]
     if not base or len(use) < 3:
         return None
-    own = float(np.mean([_component_x(p["values"], component, "own_ms") for p in base]))
+    own = _mean_x(base, component, "own_ms")
     xs = [_component_x(p["values"], component, "added_ms") for p in use]
     metrics = {}
     for key in METRICS:
-        pairs = [
-            (x, p["values"]["values"][key])
-            for x, p in zip(xs, use, strict=True)
-            if p["values"]["values"][key] is not None
-        ]
+        measured = [(x, p) for x, p in zip(xs, use, strict=True)
+                    if p["values"]["values"][key] is not None]
+        pairs = [(x, p["values"]["values"][key]) for x, p in measured]
         fit = fit_line([x for x, _ in pairs], [y for _, y in pairs])
         if fit is None:
             continue
@@ -233,41 +264,40 @@ def _scenario_result(
             p["values"]["values"][key] for p in base if p["values"]["values"][key] is not None
         ]
         y0 = float(np.mean(base_values)) if base_values else None
-        metrics[key] = {
-            "base": y0,
-            "fit": fit.__dict__,
-            "faster_2x": effect(fit, own / 2, y0).__dict__,
-            "free": effect(fit, own, y0).__dict__,
-            "backtest": _backtest(
+        metrics[key] = MetricResult(
+            base=y0,
+            fit=fit,
+            faster_2x=effect(fit, own / 2, y0),
+            free=effect(fit, own, y0),
+            backtest=backtest(
                 [x for x, _ in pairs],
                 [y for _, y in pairs],
-                [p["k"] for p in use if p["values"]["values"][key] is not None],
+                [p["k"] for _, p in measured],
                 base_values,
             ),
-        }
+        )
     added = {}
     for k in sorted({p["k"] for p in use}):
         at = [p for p in use if p["k"] == k]
-        added[str(k)] = {
-            "added_ms": float(
-                np.mean([_component_x(p["values"], component, "added_ms") for p in at])
-            ),
-            "own_ms": float(np.mean([_component_x(p["values"], component, "own_ms") for p in at])),
-            "calls": float(np.mean([_component_x(p["values"], component, "calls") for p in at])),
-            "runs": len(at),
-        }
-    return {
-        "component": component,
-        "scenario": scenario,
-        "own_ms_per_request": own,
-        "points": added,
-        "metrics": metrics,
-        "nonlinear": sorted(k for k, m in metrics.items() if m["fit"]["linear"] is False),
-    }
+        added[str(k)] = Point(
+            added_ms=_mean_x(at, component, "added_ms"),
+            own_ms=_mean_x(at, component, "own_ms"),
+            calls=_mean_x(at, component, "calls"),
+            runs=len(at),
+        )
+    return Result(
+        component=component,
+        scenario=scenario,
+        own_ms_per_request=own,
+        points=added,
+        metrics=metrics,
+        nonlinear=sorted(k for k, m in metrics.items() if m.fit.linear is False),
+    )
 
 
-def _slowdown_error(points: list[dict[str, Any]], components: list[str]) -> dict[str, Any]:
-    """The time the slowdown added against what it was asked (k * d), per component, all windows."""
+def _slowdown_error(points: list[dict[str, Any]], components: list[str]) -> dict[str, Slowdown]:
+    """The time the slowdown added against what it was asked (k * d), per component, all
+    windows."""
     out = {}
     for comp in components:
         added = target = 0.0
@@ -279,118 +309,123 @@ def _slowdown_error(points: list[dict[str, Any]], components: list[str]) -> dict
                     continue
                 added += _component_x(values, comp, "added_ms") * values["requests"]
                 target += _component_x(values, comp, "target_ms") * values["requests"]
-        out[comp] = {
-            "added_ms": added,
-            "target_ms": target,
-            "error_pct": _pct(added - target, target) if target else None,
-        }
+        out[comp] = Slowdown(
+            added_ms=added,
+            target_ms=target,
+            error_pct=_pct(added - target, target) if target else None,
+        )
     return out
 
 
-def _claims(
-    results: list[dict[str, Any]], scenarios: list[str], placebo_ok: bool
-) -> list[dict[str, Any]]:
-    rows = []
-    for claim, component, metric in CLAIMS:
-        for scenario in scenarios:
-            found = next(
-                (r for r in results if r["component"] == component and r["scenario"] == scenario),
-                None,
-            )
-            m = (found or {}).get("metrics", {}).get(metric)
-            if component == "gpu":
-                rows.append(
-                    {
-                        "claim": claim,
-                        "scenario": scenario,
-                        "component": component,
-                        "metric": metric,
-                        "effect": None,
-                        "sentence": "not a slowdown: compare this experiment's baseline with "
-                        "one run with --gpu-speed inf (the emulated GPU free)",
-                    }
-                )
-                continue
-            if m is None:
-                rows.append(
-                    {
-                        "claim": claim,
-                        "scenario": scenario,
-                        "component": component,
-                        "metric": metric,
-                        "effect": None,
-                        "sentence": f"not measured: run with --component {component}",
-                    }
-                )
-                continue
-            free = m["free"]
-            better = (
-                free["pct"]
-                if METRICS[metric][2]
-                else (None if free["pct"] is None else -free["pct"])
-            )
-            lo, hi = (
-                (free["pct_lo"], free["pct_hi"])
-                if METRICS[metric][2]
-                else (
-                    None if free["pct_hi"] is None else -free["pct_hi"],
-                    None if free["pct_lo"] is None else -free["pct_lo"],
-                )
-            )
-            if not placebo_ok:
-                sentence = (
-                    "no conclusion: the placebo moved, so the method or the noise is the problem"
-                )
-            elif lo is not None and lo <= 0 <= hi:
-                sentence = (
-                    f"making {component} free buys nothing measurable here: its interval "
-                    f"({lo:+.1f}% to {hi:+.1f}%) includes zero"
-                )
-            else:
-                sentence = (
-                    f"making {component} free would improve {METRICS[metric][0]} by {better:+.1f}% "
-                    f"({lo:+.1f}% to {hi:+.1f}%)"
-                )
-            rows.append(
-                {
-                    "claim": claim,
-                    "scenario": scenario,
-                    "component": component,
-                    "metric": metric,
-                    "effect": {"pct": better, "pct_lo": lo, "pct_hi": hi, "ms": free["value"]},
-                    "sentence": sentence,
-                }
-            )
-    return rows
+def _as_gain(free: Effect, metric: str) -> ClaimEffect:
+    """The component being free as a gain in % (positive is better, whatever the metric)."""
+    if METRICS[metric].higher_is_better:
+        return ClaimEffect(pct=free.pct, pct_lo=free.pct_lo, pct_hi=free.pct_hi, ms=free.value)
+    return ClaimEffect(
+        pct=None if free.pct is None else -free.pct,
+        pct_lo=None if free.pct_hi is None else -free.pct_hi,
+        pct_hi=None if free.pct_lo is None else -free.pct_lo,
+        ms=free.value,
+    )
 
 
-def _placebo(results: list[dict[str, Any]], placebo: str | None) -> dict[str, Any]:
+def claim_verdict(gain: ClaimEffect | None, placebo_ok: bool) -> str:
+    """What a claim row concludes from the component's gain when free (None: not measured):
+    nothing when the placebo moved; nothing measurable when the interval includes zero."""
+    if gain is None:
+        return Verdict.NOT_MEASURED
+    if not placebo_ok:
+        return Verdict.NO_CONCLUSION
+    lo, hi = gain.pct_lo, gain.pct_hi
+    if lo is None or hi is None or lo <= 0 <= hi:
+        return Verdict.NOTHING_MEASURABLE
+    return Verdict.IMPROVES if lo > 0 else Verdict.WORSENS
+
+
+def _claim_sentence(verdict: str, component: str, metric: str, gain: ClaimEffect) -> str:
+    if verdict == Verdict.NO_CONCLUSION:
+        return "no conclusion: the placebo moved, so the method or the noise is the problem"
+    if verdict == Verdict.NOTHING_MEASURABLE and gain.pct_lo is not None:
+        return (f"making {component} free buys nothing measurable here: its interval "
+                f"({gain.pct_lo:+.1f}% to {gain.pct_hi:+.1f}%) includes zero")
+    if verdict == Verdict.NOTHING_MEASURABLE:
+        return f"making {component} free buys nothing measurable here (no unslowed value)"
+    return (f"making {component} free would improve {METRICS[metric].label} by "
+            f"{gain.pct:+.1f}% ({gain.pct_lo:+.1f}% to {gain.pct_hi:+.1f}%)")
+
+
+def _claim(claim: str, scenario: str, component: str, metric: str, found: Result | None,
+           placebo_ok: bool) -> Claim:
+    """One claim in one scenario: its verdict and the sentence that says it."""
+    row = Claim(claim=claim, scenario=scenario, component=component, metric=metric,
+                effect=None, sentence="")
+    m = None if found is None else found.metrics.get(metric)
+    if component in NOT_A_SLOWDOWN:
+        row.verdict = Verdict.NOT_A_SLOWDOWN
+        row.sentence = ("not a slowdown: compare this experiment's baseline with one run with "
+                        "--gpu-speed inf (the emulated GPU free)")
+    elif m is None:
+        row.verdict = Verdict.NOT_MEASURED
+        row.sentence = f"not measured: run with --component {component}"
+    else:
+        row.effect = _as_gain(m.free, metric)
+        row.verdict = claim_verdict(row.effect, placebo_ok)
+        row.sentence = _claim_sentence(row.verdict, component, metric, row.effect)
+    return row
+
+
+def judge_claims(results: list[Result], scenarios: list[str], placebo_ok: bool) -> list[Claim]:
+    """One row per study claim (CLAIMS) and scenario, judged from the results."""
+    found = {(r.component, r.scenario): r for r in results}
+    return [
+        _claim(claim, scenario, component, metric, found.get((component, scenario)), placebo_ok)
+        for claim, component, metric in CLAIMS
+        for scenario in scenarios
+    ]
+
+
+def judge_placebo(results: list[Result], placebo: str | None) -> dict[str, Placebo]:
     """Per scenario: the placebo's effect at the largest slowdown, per metric, and whether
     the intervals of the metrics the claims turn on (PLACEBO_METRICS) include zero: judging
     all seven at 95% would raise a false alarm one time in three."""
     out = {}
     for r in results:
-        if r["component"] != placebo:
+        if r.component != placebo:
             continue
-        biggest = max(v["added_ms"] for v in r["points"].values())
+        biggest = max(v.added_ms for v in r.points.values())
         effects = {}
-        for key, m in r["metrics"].items():
-            f = m["fit"]
-            lo, hi = sorted((f["slope_lo"] * biggest, f["slope_hi"] * biggest))
-            effects[key] = {
-                "value": f["slope"] * biggest,
-                "lo": lo,
-                "hi": hi,
-                "zero_inside": lo <= 0 <= hi,
-            }
-        out[r["scenario"]] = {
-            "added_ms": biggest,
-            "effects": effects,
-            "within_noise": all(
-                e["zero_inside"] for k, e in effects.items() if k in PLACEBO_METRICS
-            ),
-        }
+        for key, m in r.metrics.items():
+            f = m.fit
+            lo, hi = sorted((f.slope_lo * biggest, f.slope_hi * biggest))
+            effects[key] = PlaceboEffect(
+                value=f.slope * biggest, lo=lo, hi=hi, zero_inside=lo <= 0 <= hi
+            )
+        out[r.scenario] = Placebo(
+            added_ms=biggest,
+            effects=effects,
+            within_noise=all(e.zero_inside for k, e in effects.items() if k in PLACEBO_METRICS),
+        )
     return out
+
+
+def _notes(results: list[Result], placebo_clean: bool | None) -> list[str]:
+    notes = []
+    if placebo_clean is None:
+        notes.append(
+            "no placebo was run: nothing checks that the method sees no effect where there is none"
+        )
+    elif not placebo_clean:
+        notes.append(
+            "the placebo showed an effect outside its interval: the method or the noise is the "
+            "problem; the effects below are not conclusions"
+        )
+    for r in results:
+        if r.nonlinear:
+            notes.append(
+                f"{r.component} in {r.scenario}: the response is not linear in the added time "
+                f"({', '.join(r.nonlinear)}): the extrapolation is a guess there"
+            )
+    return notes
 
 
 def analyse_whatif(exp: WhatIfDir) -> WhatIf:
@@ -413,32 +448,16 @@ def analyse_whatif(exp: WhatIfDir) -> WhatIf:
             ]
             if (r := _scenario_result(component, scenario, per)) is not None:
                 results.append(r)
-    placebo = _placebo(results, plan.get("placebo"))
-    placebo_ok = all(p["within_noise"] for p in placebo.values()) if placebo else True
-    notes = []
-    if not placebo:
-        notes.append(
-            "no placebo was run: nothing checks that the method sees no effect where there is none"
-        )
-    elif not placebo_ok:
-        notes.append(
-            "the placebo showed an effect outside its interval: the method or the noise is the "
-            "problem; the effects below are not conclusions"
-        )
-    for r in results:
-        if r["nonlinear"]:
-            notes.append(
-                f"{r['component']} in {r['scenario']}: the response is not linear in the added "
-                "time "
-                f"({', '.join(r['nonlinear'])}): the extrapolation is a guess there"
-            )
+    placebo = judge_placebo(results, plan.get("placebo"))
+    placebo_clean = all(p.within_noise for p in placebo.values()) if placebo else None
     result = WhatIf(
-        info={k: v for k, v in plan.items() if k != "points"},
+        info=msgspec.convert({k: v for k, v in plan.items() if k != "points"}, Info),
         slowdown=_slowdown_error(points, plan["components"]),
         results=results,
         placebo=placebo,
-        claims=_claims(results, plan["scenarios"], placebo_ok),
-        notes=notes,
+        placebo_clean=placebo_clean,
+        claims=judge_claims(results, plan["scenarios"], placebo_clean is not False),
+        notes=_notes(results, placebo_clean),
     )
     result.dump(exp.result)
     return result
