@@ -185,7 +185,8 @@ def test_an_engine_loop_share_is_judged_by_its_interval(hand_made_sweep):
     schedule = comparison.configurations[0].scenarios["s"].metrics["schedule_share"]
     lo, hi = wilson(0.02, 500)
     assert schedule.value == pytest.approx(2.0)
-    assert schedule.spread == pytest.approx(100 * (hi - lo)) and schedule.spread_basis == ["interval"]
+    assert schedule.spread == pytest.approx(100 * (hi - lo))
+    assert schedule.spread_basis == ["interval"]
     row = comparison.delta("prefix-caching-hash-algo=xxhash", "s", "schedule_share")
     assert row.delta == pytest.approx(0.0) and row.within_spread is True
     assert row.delta_pct is None  # a share changes in points
@@ -233,7 +234,8 @@ def _config(share=None, loop=None, gil_rows=()):
     (HASHING_NEGLIGIBLE_PCT - 0.1, True), (HASHING_NEGLIGIBLE_PCT, False), (3.5, False)])
 def test_hashing_on_each_side_of_its_line(share, negligible):
     claim = hashing([], _config(share=share))
-    assert claim.decided and claim.sentence.startswith("Supported" if negligible else "Not negligible")
+    start = "Supported" if negligible else "Not negligible"
+    assert claim.decided and claim.sentence.startswith(start)
 
 
 @pytest.mark.parametrize(("wait", "long"), [(GIL_WAIT_LONG - 0.01, False), (GIL_WAIT_LONG, True)])

@@ -87,9 +87,10 @@ def scheduling(base: Configuration) -> Claim:
                     "(it is on by default) against a server on this host.", False)
     name, scenario = heaviest
     if loop.samples < MIN_SAMPLES:
-        return _row("scheduling", f"{name}: {loop.samples} samples of the engine loop", "Too few samples to tell "
-                    f"a few percent of scheduling from noise (fewer than {MIN_SAMPLES}): lengthen the scenarios "
-                    "(duration_s) or raise --pyspy-rate.", False)
+        return _row("scheduling", f"{name}: {loop.samples} samples of the engine loop",
+                    "Too few samples to tell a few percent of scheduling from noise (fewer than "
+                    f"{MIN_SAMPLES}): lengthen the scenarios (duration_s) or raise --pyspy-rate.",
+                    False)
     queue = _value(scenario, "queue_ms")
     finding = (f"{name}: engine loop {100 * loop.schedule:.1f}% scheduling + KV cache, "
                f"{100 * loop.worker_wait:.0f}% waiting for the model step; server queue "
@@ -198,7 +199,9 @@ def hashing(configs: list[Configuration], base: Configuration) -> Claim:
     finding = "; ".join(f"{algo}: {share:.1f}% of EngineCore busy time" for algo, share in known.items())
     biggest = max(known.values())
     sentence = ("Supported here: block hashing is a small share of the EngineCore's busy time."
-                if biggest < HASHING_NEGLIGIBLE_PCT else "Not negligible here: block hashing is a visible share of the EngineCore's time.")
+                if biggest < HASHING_NEGLIGIBLE_PCT
+                else "Not negligible here: block hashing is a visible share of the EngineCore's "
+                "time.")
     return _row("hashing", finding, sentence, True, shares=known)
 
 
