@@ -2,16 +2,20 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import orjson
 import pytest
 
-from cputax.analysis.compare import GROUPS, compare_runs, groups
+from cputax.analysis.compare import GROUPS, compare_runs, delta_row, groups
 from cputax.analysis.decompose import summarize_scenario
 from cputax.errors import CputaxError
 from cputax.records import JsonlWriter, RequestRecord, RequestTable, write_json
 from cputax.report.compare import render_compare
+from cputax.results.comparison import RunComparison
 from cputax.results.summary import RunInfo, Summary
+
+DATA = Path(__file__).parent / "data"
 
 MS = 1_000_000
 
@@ -51,30 +55,84 @@ def runs(tmp_path):
 
 
 def component(result, name):
-    (s,) = result["scenarios"]
-    return next(r for r in s["components"] if r["component"] == name)
+    (s,) = result.scenarios
+    return next(r for r in s.components if r.component == name)
 
 
 def test_known_differences_and_spread(runs):
     result = compare_runs(*runs, names=("HBM", "LMCache"))
     http = component(result, "http_overhead")
-    assert (http["a"], http["b"], http["delta"]) == (pytest.approx(50), pytest.approx(80), pytest.approx(30))
-    assert http["delta_pct"] == pytest.approx(60.0) and http["within_spread"] is False
+    assert (http.a, http.b, http.delta) == (pytest.approx(50), pytest.approx(80),
+                                            pytest.approx(30))
+    assert http.delta_pct == pytest.approx(60.0) and http.within_spread is False
     prefill = component(result, "prefill")
-    assert prefill["delta"] == pytest.approx(0) and prefill["spread_a"] == pytest.approx(20)  # batches 90/100/110 ms
-    assert prefill["within_spread"] is True
+    # batches 90/100/110 ms: a spread of 20 on both sides
+    assert prefill.delta == pytest.approx(0) and prefill.spread_a == pytest.approx(20)
+    assert prefill.within_spread is True and prefill.noise == pytest.approx(20)
     cpu = component(result, "cpu_pct")
-    assert cpu["b"] > cpu["a"] and cpu["within_spread"] is False
-    assert component(result, "gpu_stall_pct")["delta"] == pytest.approx(3.0)
-    assert component(result, "http_overhead")["p99_b"] == pytest.approx(80)
+    assert cpu.b > cpu.a and cpu.within_spread is False
+    assert cpu.delta_pct is None  # a percentage changes in points, not relative
+    assert component(result, "gpu_stall_pct").delta == pytest.approx(3.0)
+    assert component(result, "http_overhead").p99_b == pytest.approx(80)
+    assert result.groups == GROUPS
+
+
+@pytest.mark.parametrize(("b", "spread_b", "within"), [
+    (12.0, 1.0, True),  # |delta| 2 equals the larger spread (2): inside
+    (12.5, 1.0, False),  # 2.5 past it: beyond
+    (7.5, 1.0, False),  # the same below A
+    (12.0, 3.0, True),  # B's spread is the larger
+    (12.0, None, True),  # one side without a spread: the other's counts
+])
+def test_a_delta_is_judged_against_the_larger_spread(b, spread_b, within):
+    row = delta_row("prefill", 10.0, b, 2.0, spread_b)
+    assert row.within_spread is within
+    assert row.noise == max(s for s in (2.0, spread_b) if s is not None)
+    assert row.delta_pct == pytest.approx(100 * (b - 10.0) / 10.0)
+
+
+def test_a_delta_without_a_measure_is_not_judged():
+    assert delta_row("prefill", 10.0, 20.0, None, None).within_spread is None
+    assert delta_row("prefill", None, 20.0, 1.0, 1.0).within_spread is None
+    assert delta_row("prefill", 0.0, 20.0, 1.0, 1.0).delta_pct is None  # nothing to be relative to
+    assert delta_row("cpu_pct", 10.0, 20.0, 1.0, 1.0, in_points=True).delta_pct is None
 
 
 def test_markdown_has_the_studys_table_and_notes(runs):
-    md = render_compare(compare_runs(*runs, names=("HBM", "LMCache")), GROUPS)
+    md = render_compare(compare_runs(*runs, names=("HBM", "LMCache")))
     assert "| Scenario | HBM CPU% | LMCache CPU% | Delta | Note |" in md
     assert "| conc4 | HTTP OH | 50.0 (50.0 / 50.0) | 80.0 (80.0 / 80.0) | +30.0 ms | +60.0% | beyond the run-to-run spread" in md
     assert "| conc4 | Prefill |" in md and "inside the run-to-run spread (20.0 ms)" in md
     assert "Stall % of wall (telemetry)" in md
+    assert f"or {GROUPS} consecutive slices of an open-loop scenario" in md
+
+
+def test_json_round_trip_and_versions(runs, tmp_path):
+    result = compare_runs(*runs, names=("HBM", "LMCache"))
+    result.dump(tmp_path / "c.json")
+    assert orjson.loads((tmp_path / "c.json").read_bytes())["format_version"] == 2
+    again = RunComparison.load(tmp_path / "c.json")
+    assert again == result
+    assert render_compare(again) == render_compare(result)
+    newer = orjson.loads((tmp_path / "c.json").read_bytes()) | {"format_version": 3}
+    (tmp_path / "new.json").write_bytes(orjson.dumps(newer))
+    with pytest.raises(CputaxError) as err:
+        RunComparison.load(tmp_path / "new.json")
+    assert "\n" not in str(err.value)
+    assert "RunComparison format version 3; this cputax reads 1, 2" in str(err.value)
+
+
+def test_the_json_of_a_cputax_before_versions_reads(runs):
+    """data/compare-v1.json: `cputax compare --json` of these runs by the code before
+    versions (no format_version, noise or groups)."""
+    assert "format_version" not in orjson.loads((DATA / "compare-v1.json").read_bytes())
+    old = RunComparison.load(DATA / "compare-v1.json")
+    assert old.groups is None
+    new = compare_runs(*runs, names=("HBM", "LMCache"))
+    http_old, http_new = component(old, "http_overhead"), component(new, "http_overhead")
+    assert (http_old.delta, http_old.within_spread) == (http_new.delta, http_new.within_spread)
+    md = render_compare(old)
+    assert "| conc4 | HTTP OH | 50.0 (50.0 / 50.0) | 80.0 (80.0 / 80.0) | +30.0 ms |" in md
 
 
 def test_groups_for_the_spread():
@@ -97,7 +155,8 @@ def test_scenarios_present_in_one_run_only(runs, tmp_path):
     summary["scenarios"][0]["name"] = "renamed"
     write_json(other / "summary.json", summary)
     result = compare_runs(runs[0], other)
-    assert result["scenarios"] == [] and result["only_in_a"] == ["conc4"] and result["only_in_b"] == ["renamed"]
+    assert result.scenarios == [] and result.only_in_a == ["conc4"]
+    assert result.only_in_b == ["renamed"]
     with pytest.raises(CputaxError, match="no summary.json"):
         compare_runs(runs[0], tmp_path)
 
@@ -108,5 +167,6 @@ def test_cli_markdown_and_json(runs):
     assert md.startswith("# cputax comparison: HBM vs LMCache")
     data = orjson.loads(subprocess.run(cmd + ["--json"], capture_output=True, timeout=60, check=True).stdout)
     assert data["names"] == ["HBM", "LMCache"] and data["scenarios"][0]["name"] == "conc4"
+    assert data["format_version"] == 2
     bad = subprocess.run(cmd[:-1] + ["onlyone"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "expected two names" in bad.stderr

@@ -301,13 +301,15 @@ def test_plugin_is_inert_unless_asked():
     assert on.stdout.strip().splitlines()[-1] == "True", on.stderr[-2000:]
 
 
-def _config(name: str, totals: dict[str, float]) -> dict:
+def _config(name: str, totals: dict[str, float]):
+    from cputax.results.sweep import ConfigScenario, Configuration, MetricValue
+
     scenarios = {
-        n: {"metrics": {"total_ms": {"value": t, "spread": None}}, "concurrency": c,
-            "context_tokens": 1000}
+        n: ConfigScenario(metrics={"total_ms": MetricValue(value=t)}, concurrency=c,
+                          context_tokens=1000)
         for c, (n, t) in enumerate(totals.items(), start=1)
     }
-    return {"name": name, "scenarios": scenarios}
+    return Configuration(name=name, scenarios=scenarios)
 
 
 def test_cpu_floor_claim_from_a_gpu_speed_sweep():
@@ -323,13 +325,13 @@ def test_cpu_floor_claim_from_a_gpu_speed_sweep():
         _config("gpu-speed=4", {"single": 400.0, "conc8": 900.0}),
         _config("gpu-speed=inf", {"single": 100.0, "conc8": 240.0}),
     ])
-    assert row["decided"] and row["data"]["left_pct"] == {"single": 10.0, "conc8": 12.0}
-    assert "At conc8, an infinitely fast GPU leaves 12%" in row["sentence"]
-    assert "as the study says" in row["sentence"]
+    assert row.decided and row.data["left_pct"] == {"single": 10.0, "conc8": 12.0}
+    assert "At conc8, an infinitely fast GPU leaves 12%" in row.sentence
+    assert "as the study says" in row.sentence
     higher = cpu_floor([_config("gpu-speed=1", {"s": 100.0}),
                         _config("gpu-speed=inf", {"s": 60.0})])
-    assert "a higher floor than the study's" in higher["sentence"]
-    assert not cpu_floor([_config("api-server-count=1", {"s": 1.0})])["decided"]
+    assert "a higher floor than the study's" in higher.sentence
+    assert not cpu_floor([_config("api-server-count=1", {"s": 1.0})]).decided
     with pytest.raises(CputaxError, match="not a number"):
         configurations([parse_vary("gpu-speed=1,fast", {})[0]])[1].own_options()
 

@@ -4,24 +4,38 @@ of the embedded vLLM with one value it refuses."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import orjson
 import pytest
 from conftest import needs_vllm
 
 from cputax.analysis import analyse
+from cputax.analysis.claims import GIL_WAIT_LONG, HASHING_NEGLIGIBLE_PCT, gil, hashing, scheduling
+from cputax.analysis.support import wilson
 from cputax.analysis.sweep import analyse_sweep
 from cputax.errors import CputaxError
 from cputax.records import JsonlWriter, RequestRecord
-from cputax.report.sweep import render_sweep
+from cputax.report.sweep import render_sweep, summary_lines
 from cputax.results.attribution import AttributionResult, ProcessView, ThreadRow, Window
+from cputax.results.sweep import (
+    ConfigScenario,
+    Configuration,
+    EngineLoop,
+    GilRow,
+    MetricValue,
+    Step,
+    Sweep,
+)
 from cputax.rundir import RunDir, SweepDir
 from cputax.servers import get
 from cputax.workload.sweep import Knob, configurations, parse_help, parse_vary, plan
 
 PRESETS = get("vllm").presets
+DATA = Path(__file__).parent / "data"
 HELP = """usage: vllm serve [model_tag] [options]
   --api-server-count API_SERVER_COUNT, -asc API_SERVER_COUNT
   --async-scheduling, --no-async-scheduling
@@ -122,52 +136,168 @@ def hand_made_sweep(tmp_path):
     return make_hand_made_sweep(tmp_path / "sweep")
 
 
-def make_hand_made_sweep(path):
+def make_hand_made_sweep(path, xxhash_schedule=0.02):
     """Two configurations of one knob, two hand-made runs (also the browser test's sweep)."""
     sweep = SweepDir.create(path)
     configs = ["prefix-caching-hash-algo=sha256", "prefix-caching-hash-algo=xxhash"]
-    sweep.write_info({"profile": "p.toml", "target": "vllm", "serve_cmd": None, "varies": ["prefix-hash"], "repeat": 1,
-                      "notes": {}, "moves": {"prefix-caching-hash-algo": "prefix_hash_share"},
-                      "configurations": configs,
-                      "steps": [{"configuration": c, "repeat": 0, "folder": c.replace("=", "-"), "status": "ok"}
-                                for c in configs]})
+    sweep.write_info(Sweep(profile="p.toml", target="vllm", varies=["prefix-hash"],
+                           moves={"prefix-caching-hash-algo": "prefix_hash_share"},
+                           configurations=configs,
+                           steps=[Step(configuration=c, folder=c.replace("=", "-"), status="ok")
+                                  for c in configs]))
     # sha256: time to headers 10 and 14 ms (spread 4), engine loop 2% scheduling, 80% waiting
     _run(sweep, "prefix-caching-hash-algo-sha256", (10.0, 14.0), 100.0, 0.02, 0.80, 0.03, 0.0, 0.10)
     # xxhash: 20 and 22 ms (spread 2): +9 ms, beyond the larger spread (4)
-    _run(sweep, "prefix-caching-hash-algo-xxhash", (20.0, 22.0), 100.0, 0.02, 0.80, 0.01, 0.0, 0.10)
+    _run(sweep, "prefix-caching-hash-algo-xxhash", (20.0, 22.0), 100.0, xxhash_schedule, 0.80, 0.01,
+         0.0, 0.10)
     return sweep
 
 
 def test_comparison_of_hand_made_runs(hand_made_sweep):
     comparison = analyse_sweep(hand_made_sweep)
-    assert comparison["baseline"] == "prefix-caching-hash-algo=sha256"
-    base = comparison["configurations"][0]["scenarios"]["s"]["metrics"]
-    assert base["http_overhead_ms"]["value"] == pytest.approx(12.0) and base["http_overhead_ms"]["spread"] == pytest.approx(4.0)
-    assert base["itl_ms"]["value"] == pytest.approx(100.0 / 10)  # decode over the 10 gaps between 11 tokens
-    (delta,) = comparison["deltas"]
-    row = next(r for r in delta["rows"] if r["component"] == "http_overhead_ms")
-    assert row["delta"] == pytest.approx(9.0) and row["within_spread"] is False
+    assert comparison.baseline == "prefix-caching-hash-algo=sha256"
+    base = comparison.configurations[0].scenarios["s"].metrics
+    assert base["http_overhead_ms"].value == pytest.approx(12.0)
+    assert base["http_overhead_ms"].spread == pytest.approx(4.0)
+    assert base["http_overhead_ms"].half_spread == pytest.approx(2.0)
+    assert base["http_overhead_ms"].spread_basis == ["batches"]
+    assert base["itl_ms"].value == pytest.approx(100.0 / 10)  # decode over the 10 gaps of 11 tokens
+    (delta,) = comparison.deltas
+    row = comparison.delta("prefix-caching-hash-algo=xxhash", "s", "http_overhead_ms")
+    assert row in delta.rows
+    assert row.delta == pytest.approx(9.0) and row.within_spread is False
+    assert row.noise == pytest.approx(4.0)
     # prefix hashing: 3% of the EngineCore's busy time (0.82 + 0.03) -> 3.5%; xxhash 1 / 0.83
-    shares = {c["name"]: c["scenarios"]["s"]["metrics"]["prefix_hash_share"]["value"] for c in comparison["configurations"]}
+    shares = {c.name: c.scenarios["s"].metrics["prefix_hash_share"].value
+              for c in comparison.configurations}
     assert shares == pytest.approx({"prefix-caching-hash-algo=sha256": 100 * 0.03 / 0.85,
                                     "prefix-caching-hash-algo=xxhash": 100 * 0.01 / 0.83})
-    assert orjson.loads(hand_made_sweep.info_path.read_bytes())["comparison"]["baseline"] == comparison["baseline"]
+    written = orjson.loads(hand_made_sweep.info_path.read_bytes())
+    assert written["format_version"] == 2
+    assert written["comparison"]["baseline"] == comparison.baseline
+    assert hand_made_sweep.info().comparison == comparison  # the round trip through sweep.json
+
+
+def test_an_engine_loop_share_is_judged_by_its_interval(hand_made_sweep):
+    """One repeat and no batches of py-spy: the share's spread is its 95% Wilson interval, so
+    equal shares are inside it."""
+    comparison = analyse_sweep(hand_made_sweep)
+    schedule = comparison.configurations[0].scenarios["s"].metrics["schedule_share"]
+    lo, hi = wilson(0.02, 500)
+    assert schedule.value == pytest.approx(2.0)
+    assert schedule.spread == pytest.approx(100 * (hi - lo))
+    assert schedule.spread_basis == ["interval"]
+    row = comparison.delta("prefix-caching-hash-algo=xxhash", "s", "schedule_share")
+    assert row.delta == pytest.approx(0.0) and row.within_spread is True
+    assert row.delta_pct is None  # a share changes in points
+
+
+def test_a_loop_share_beyond_its_interval_is_a_change(tmp_path):
+    sweep = make_hand_made_sweep(tmp_path / "sweep", xxhash_schedule=0.10)
+    row = analyse_sweep(sweep).delta("prefix-caching-hash-algo=xxhash", "s", "schedule_share")
+    widths = [100 * (hi - lo) for lo, hi in (wilson(0.02, 500), wilson(0.10, 500))]
+    assert row.noise == pytest.approx(max(widths))  # 5.3 pt, the 10% share's
+    assert row.delta == pytest.approx(8.0) and row.within_spread is False
+    near = make_hand_made_sweep(tmp_path / "near", xxhash_schedule=0.03)
+    row = analyse_sweep(near).delta("prefix-caching-hash-algo=xxhash", "s", "schedule_share")
+    assert row.delta == pytest.approx(1.0) and row.within_spread is True  # 1 pt: inside
 
 
 def test_claims_of_hand_made_runs(hand_made_sweep):
-    claims = {c["claim"]: c for c in analyse_sweep(hand_made_sweep)["claims"]}
-    scheduling = claims["scheduling"]
-    assert scheduling["decided"] and scheduling["data"]["schedule"] == pytest.approx(0.02)
-    assert scheduling["sentence"].startswith("Not supported")
-    assert not claims["async_scheduling"]["decided"] and "did not vary async-scheduling" in claims["async_scheduling"]["sentence"]
-    assert claims["tokenization"]["data"]["tokenize_pct_of_core"] == pytest.approx(10.0)  # all on the pool
-    assert not claims["gil"]["decided"] and "--pyspy-gil" in claims["gil"]["sentence"]
-    hashing = claims["hashing"]
-    assert hashing["data"]["shares"] == pytest.approx({"sha256": 100 * 0.03 / 0.85, "xxhash": 100 * 0.01 / 0.83})
-    assert hashing["sentence"].startswith("Not negligible")  # 3.5% is past the 2% line
+    claims = {c.claim: c for c in analyse_sweep(hand_made_sweep).claims}
+    scheduling_ = claims["scheduling"]
+    assert scheduling_.decided and scheduling_.data["schedule"] == pytest.approx(0.02)
+    assert scheduling_.sentence.startswith("Not supported")
+    assert not claims["async_scheduling"].decided
+    assert "did not vary async-scheduling" in claims["async_scheduling"].sentence
+    # all on the pool
+    assert claims["tokenization"].data["tokenize_pct_of_core"] == pytest.approx(10.0)
+    assert not claims["gil"].decided and "--pyspy-gil" in claims["gil"].sentence
+    hashing_ = claims["hashing"]
+    assert hashing_.data["shares"] == pytest.approx({"sha256": 100 * 0.03 / 0.85,
+                                                     "xxhash": 100 * 0.01 / 0.83})
+    assert hashing_.sentence.startswith("Not negligible")  # 3.5% is past the 2% line
     text = render_sweep(hand_made_sweep.info(), analyse_sweep(hand_made_sweep))
     assert "## What the study claimed, and what this server shows" in text
     assert "| time to headers (ms) | 12.0 ±2.0 | 21.0 ±1.0; +9.0 (**beyond spread**) |" in text
+    assert "| scheduling + KV cache, of the engine loop (%) | 2.0% ±" in text
+    assert "+0.0 pt (inside spread)" in text
+
+
+def _config(share=None, loop=None, gil_rows=()):
+    metrics = {"prefix_hash_share": MetricValue(value=share)}
+    return Configuration(name="c", scenarios={"s": ConfigScenario(
+        metrics=metrics | {"queue_ms": MetricValue()}, engine_loop=loop, gil=list(gil_rows))})
+
+
+@pytest.mark.parametrize(("share", "negligible"), [
+    (HASHING_NEGLIGIBLE_PCT - 0.1, True), (HASHING_NEGLIGIBLE_PCT, False), (3.5, False)])
+def test_hashing_on_each_side_of_its_line(share, negligible):
+    claim = hashing([], _config(share=share))
+    start = "Supported" if negligible else "Not negligible"
+    assert claim.decided and claim.sentence.startswith(start)
+
+
+@pytest.mark.parametrize(("wait", "long"), [(GIL_WAIT_LONG - 0.01, False), (GIL_WAIT_LONG, True)])
+def test_gil_wait_on_each_side_of_its_line(wait, long):
+    row = GilRow(role="api_server", process="api_server 1", thread="MainThread", busy=0.5,
+                 held=0.4, wait=wait)
+    claim = gil(_config(gil_rows=[row]))
+    assert claim.sentence.startswith("Yes" if long else "Not here")
+
+
+@pytest.mark.parametrize(("samples", "schedule", "worker_wait", "start"), [
+    (99, 0.02, 0.8, "Too few samples"),  # under MIN_SAMPLES
+    (100, 0.02, 0.8, "Not supported"),  # waits 40x its scheduling
+    (100, 0.02, 0.11, "Not supported"),  # 5.5x: past the line
+    (100, 0.02, 0.10, "Partly"),  # 5x, not past it: scheduling is a sizeable share
+])
+def test_scheduling_on_each_side_of_its_lines(samples, schedule, worker_wait, start):
+    loop = EngineLoop(worker_wait=worker_wait, schedule=schedule, ipc=0.0, busy=0.9,
+                      samples=samples)
+    assert scheduling(_config(loop=loop)).sentence.startswith(start)
+
+
+def test_a_sweep_json_before_versions_reads(tmp_path):
+    """data/sweep-v1.json: the hand-made sweep's sweep.json as the code before versions wrote
+    it (no format_version, half_spread, spread_basis or noise)."""
+    raw = orjson.loads((DATA / "sweep-v1.json").read_bytes())
+    assert "format_version" not in raw
+    old = Sweep.load(DATA / "sweep-v1.json")
+    assert old.configurations == ["prefix-caching-hash-algo=sha256", "prefix-caching-hash-algo=xxhash"]
+    assert [s.status for s in old.steps] == ["ok", "ok"]
+    comparison = old.comparison
+    metric = comparison.configurations[0].scenarios["s"].metrics["http_overhead_ms"]
+    assert (metric.value, metric.spread, metric.half_spread) == (12.0, 4.0, None)
+    claims = {c.claim: c for c in comparison.claims}
+    assert claims["hashing"].sentence.startswith("Not negligible")
+    assert summary_lines(comparison)[0] == "prefix-caching-hash-algo=sha256: measured"
+    text = render_sweep(old, comparison)
+    assert "| time to headers (ms) | 12.0 | 21.0; +9.0 (**beyond spread**) |" in text
+    # a sweep directory with a version-1 sweep.json is analysed again as version 2
+    sweep = make_hand_made_sweep(tmp_path / "sweep")
+    shutil.copy(DATA / "sweep-v1.json", sweep.info_path)
+    assert analyse_sweep(sweep).baseline == "prefix-caching-hash-algo=sha256"
+    assert orjson.loads(sweep.info_path.read_bytes())["format_version"] == 2
+
+
+def test_an_unknown_sweep_version_is_one_line(tmp_path):
+    path = tmp_path / "sweep.json"
+    raw = orjson.loads((DATA / "sweep-v1.json").read_bytes()) | {"format_version": 9}
+    path.write_bytes(orjson.dumps(raw))
+    with pytest.raises(CputaxError) as err:
+        SweepDir(tmp_path).info()
+    assert "\n" not in str(err.value)
+    assert "Sweep format version 9; this cputax reads 1, 2" in str(err.value)
+
+
+def test_failed_steps_round_trip(tmp_path):
+    sweep = Sweep(profile="p.toml", target="vllm", configurations=["a", "b"], steps=[
+        Step(configuration="a", folder="a", status="ok", args=["--x", "1"]),
+        Step(configuration="b", folder="b", status="failed", message="bad value",
+             log_tail=["error: bad value"])])
+    sweep.dump(tmp_path / "sweep.json")
+    assert Sweep.load(tmp_path / "sweep.json") == sweep
 
 
 # --- a real sweep -------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from cputax.records import (
     write_json,
 )
 from cputax.results.summary import Summary
+from cputax.results.sweep import Sweep
 
 __all__ = ["RAW_FORMATS", "RUN_FORMAT", "RunDir", "SweepDir", "WhatIfDir", "safe_name"]
 
@@ -331,11 +332,13 @@ class SweepDir:
     def run(self, folder: str) -> RunDir:
         return RunDir(self.path / folder)
 
-    def info(self) -> dict[str, Any]:
-        return read_json(self.info_path)
+    def info(self) -> Sweep:
+        """sweep.json (results.sweep); one CputaxError line for a version this cputax does
+        not read."""
+        return Sweep.load(self.info_path)
 
-    def write_info(self, info: dict[str, Any]) -> None:
-        write_json(self.info_path, info)
+    def write_info(self, info: Sweep) -> None:
+        info.dump(self.info_path)
 
 
 class WhatIfDir:

@@ -14,9 +14,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CLAIMS", "MIN_SAMPLES", "claims"]
+from cputax.results.sweep import Claim, ConfigScenario, Configuration, Sweep
+
+__all__ = ["CLAIMS", "GIL_WAIT_LONG", "HASHING_NEGLIGIBLE_PCT", "LOOP_WAITS_X", "MIN_SAMPLES",
+           "STUDY_FLOOR_PCT", "claims"]
 
 MIN_SAMPLES = 100  # of the engine loop thread: fewer and a share of a few percent is noise
+LOOP_WAITS_X = 5  # the loop waits this many times its scheduling time: scheduling is no limit
+GIL_WAIT_LONG = 0.05  # a thread's estimated GIL wait from this share of its time is a finding
+HASHING_NEGLIGIBLE_PCT = 2.0  # prefix hashing under this share of EngineCore busy time
 
 CLAIMS = {
     "scheduling": "scheduling + queue wait is 94% of the CPU overhead",
@@ -29,35 +35,37 @@ CLAIMS = {
 STUDY_FLOOR_PCT = (10.0, 15.0)  # what an infinitely fast GPU leaves, by the study's claim
 
 
-def _heaviest(config: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """The scenario with the most concurrency (then the longest prompts): where a CPU limit shows first."""
-    if not config["scenarios"]:
+def _heaviest(config: Configuration) -> tuple[str, ConfigScenario] | None:
+    """The scenario with the most concurrency (then the longest prompts): where a CPU limit
+    shows first."""
+    if not config.scenarios:
         return None
-    name = max(config["scenarios"], key=lambda n: (config["scenarios"][n].get("concurrency") or 0,
-                                                     config["scenarios"][n].get("context_tokens") or 0))
-    return name, config["scenarios"][name]
+    name = max(config.scenarios, key=lambda n: (config.scenarios[n].concurrency or 0,
+                                                config.scenarios[n].context_tokens or 0))
+    return name, config.scenarios[name]
 
 
-def _value(scenario: dict[str, Any], key: str) -> float | None:
-    return scenario["metrics"][key]["value"]
+def _value(scenario: ConfigScenario, key: str) -> float | None:
+    return scenario.metrics[key].value
 
 
-def _spread(scenario: dict[str, Any], key: str) -> float | None:
-    return scenario["metrics"][key]["spread"]
+def _spread(scenario: ConfigScenario, key: str) -> float | None:
+    return scenario.metrics[key].spread
 
 
-def _row(key: str, finding: str, sentence: str, decided: bool, spread: str | None = None, **data: Any) -> dict[str, Any]:
-    return {"claim": key, "study": CLAIMS[key], "finding": finding, "spread": spread, "sentence": sentence,
-            "decided": decided, "data": data}
+def _row(key: str, finding: str, sentence: str, decided: bool, spread: str | None = None,
+         **data: Any) -> Claim:
+    return Claim(claim=key, study=CLAIMS[key], finding=finding, spread=spread,
+                 sentence=sentence, decided=decided, data=data)
 
 
-def _varied(configs: list[dict[str, Any]], flag: str) -> dict[str, dict[str, Any]]:
+def _varied(configs: list[Configuration], flag: str) -> dict[str, Configuration]:
     """Configurations by their value of `flag` (only when the sweep varied it)."""
     out = {}
     for c in configs:
-        for part in c["name"].split(","):
+        for part in c.name.split(","):
             f, _, v = part.partition("=")
-            if f == flag and c["scenarios"]:
+            if f == flag and c.scenarios:
                 out[v] = c
     return out if len(out) >= 2 else {}
 
@@ -71,33 +79,34 @@ def _beyond(a: float | None, b: float | None, sa: float | None, sb: float | None
     return "inside the run-to-run spread" if abs(b - a) <= noise else "beyond the run-to-run spread"
 
 
-def scheduling(base: dict[str, Any]) -> dict[str, Any]:
+def scheduling(base: Configuration) -> Claim:
     heaviest = _heaviest(base)
-    loop = heaviest[1]["engine_loop"] if heaviest else None
+    loop = heaviest[1].engine_loop if heaviest else None
     if loop is None:
         return _row("scheduling", "absent", "No py-spy data of the engine loop: run the sweep with py-spy "
                     "(it is on by default) against a server on this host.", False)
     name, scenario = heaviest
-    if loop.get("samples", MIN_SAMPLES) < MIN_SAMPLES:
-        return _row("scheduling", f"{name}: {loop['samples']} samples of the engine loop", "Too few samples to tell "
-                    f"a few percent of scheduling from noise (fewer than {MIN_SAMPLES}): lengthen the scenarios "
-                    "(duration_s) or raise --pyspy-rate.", False)
+    if loop.samples < MIN_SAMPLES:
+        return _row("scheduling", f"{name}: {loop.samples} samples of the engine loop",
+                    "Too few samples to tell a few percent of scheduling from noise (fewer than "
+                    f"{MIN_SAMPLES}): lengthen the scenarios (duration_s) or raise --pyspy-rate.",
+                    False)
     queue = _value(scenario, "queue_ms")
-    finding = (f"{name}: engine loop {100 * loop['schedule']:.1f}% scheduling + KV cache, "
-               f"{100 * loop['worker_wait']:.0f}% waiting for the model step; server queue "
+    finding = (f"{name}: engine loop {100 * loop.schedule:.1f}% scheduling + KV cache, "
+               f"{100 * loop.worker_wait:.0f}% waiting for the model step; server queue "
                + ("absent" if queue is None else f"{queue:,.0f} ms"))
-    if loop["worker_wait"] > 5 * max(loop["schedule"], 1e-9):
+    if loop.worker_wait > LOOP_WAITS_X * max(loop.schedule, 1e-9):
         sentence = ("Not supported: the scheduler's own CPU is a few percent of the engine loop, which spends "
                     "most of its time waiting for the model step; the queue time is requests waiting for batch "
                     "capacity, not for scheduler CPU.")
     else:
         sentence = ("Partly: scheduling is a sizeable share of the engine loop here; compare it with the queue "
                     "time before calling it the bottleneck.")
-    return _row("scheduling", finding, sentence, True, schedule=loop["schedule"], worker_wait=loop["worker_wait"],
-                queue_ms=queue)
+    return _row("scheduling", finding, sentence, True, schedule=loop.schedule,
+                worker_wait=loop.worker_wait, queue_ms=queue)
 
 
-def async_scheduling(configs: list[dict[str, Any]], notes: dict[str, str]) -> dict[str, Any]:
+def async_scheduling(configs: list[Configuration], notes: dict[str, str]) -> Claim:
     by_value = _varied(configs, "async-scheduling")
     note = notes.get("async-scheduling")
     if not by_value:
@@ -107,14 +116,15 @@ def async_scheduling(configs: list[dict[str, Any]], notes: dict[str, str]) -> di
     if on is None or off is None:
         return _row("async_scheduling", "not varied", "async-scheduling needs an on and an off configuration.", False)
     heaviest = _heaviest(off)
+    assert heaviest is not None  # _varied keeps measured configurations only
     name = heaviest[0]
-    a, b = off["scenarios"][name], on["scenarios"].get(name)
+    a, b = off.scenarios[name], on.scenarios.get(name)
     if b is None:
         return _row("async_scheduling", "absent", f"{name} did not run with async scheduling on.", False)
     ia, ib = _value(a, "itl_ms"), _value(b, "itl_ms")
     verdict = _beyond(ia, ib, _spread(a, "itl_ms"), _spread(b, "itl_ms"))
     finding = f"{name}: time between tokens off {ia:,.1f} ms, on {ib:,.1f} ms" if ia is not None and ib is not None else "absent"
-    cpu_backend = any((c.get("target") or {}).get("kind") == "embedded" for c in (on, off))
+    cpu_backend = any(c.target is not None and c.target.kind == "embedded" for c in (on, off))
     if cpu_backend and note:
         return _row("async_scheduling", finding, f"Cannot decide here: {note}. The difference measured is {verdict}.",
                     False, spread=verdict, off_ms=ia, on_ms=ib)
@@ -122,11 +132,11 @@ def async_scheduling(configs: list[dict[str, Any]], notes: dict[str, str]) -> di
                 spread=verdict, off_ms=ia, on_ms=ib)
 
 
-def tokenization(configs: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
+def tokenization(configs: list[Configuration], base: Configuration) -> Claim:
     heaviest = _heaviest(base)
-    roles = heaviest[1]["roles"] if heaviest else {}
+    roles = heaviest[1].roles if heaviest else {}
     api = roles.get("api_server", {})
-    if not api:
+    if not api or heaviest is None:
         return _row("tokenization", "absent", "No py-spy data of the API server: the data cannot decide.", False)
     name, scenario = heaviest
     finding = f"{name}: API server tokenize {api.get('tokenize', 0):.1f}% of a core, sse {api.get('sse', 0):.1f}%"
@@ -136,7 +146,7 @@ def tokenization(configs: list[dict[str, Any]], base: dict[str, Any]) -> dict[st
     data: dict[str, Any] = {"tokenize_pct_of_core": api.get("tokenize", 0.0)}
     spread = None
     if "1" in two and "2" in two:
-        a, b = two["1"]["scenarios"].get(name), two["2"]["scenarios"].get(name)
+        a, b = two["1"].scenarios.get(name), two["2"].scenarios.get(name)
         if a and b:
             ha, hb = _value(a, "http_overhead_ms"), _value(b, "http_overhead_ms")
             ta, tb = _value(a, "output_tokens_per_s"), _value(b, "output_tokens_per_s")
@@ -148,31 +158,35 @@ def tokenization(configs: list[dict[str, Any]], base: dict[str, Any]) -> dict[st
     return _row("tokenization", finding, sentence, True, spread=spread, **data)
 
 
-def gil(base: dict[str, Any]) -> dict[str, Any]:
+def gil(base: Configuration) -> Claim:
     heaviest = _heaviest(base)
-    rows = heaviest[1]["gil"] if heaviest else []
-    if not rows:
+    rows = heaviest[1].gil if heaviest else []
+    if not rows or heaviest is None:
         return _row("gil", "absent", "No GIL data: run the sweep with --pyspy-gil.", False)
     name = heaviest[0]
-    worst = max(rows, key=lambda r: r["wait"] or 0.0)
-    loop = next((r for r in rows if r["role"] == "api_server" and r["thread"] == "MainThread"), None)
-    finding = f"{name}: the longest estimated GIL wait is {100 * (worst['wait'] or 0):.1f}% ({worst['process']} {worst['thread']})"
+    worst = max(rows, key=lambda r: r.wait or 0.0)
+    loop = next((r for r in rows if r.role == "api_server" and r.thread == "MainThread"), None)
+    finding = (f"{name}: the longest estimated GIL wait is {100 * (worst.wait or 0):.1f}% "
+               f"({worst.process} {worst.thread})")
     parts = []
     if loop is not None:
-        finding += f"; the event loop holds it {100 * loop['held']:.0f}% of the time, busy {100 * (loop['busy'] or 0):.0f}%"
-        if loop["in_idle_frames"]:
-            frames = ", ".join(f"`{f}`" for f, _ in loop["idle_frames"][:2])
-            parts.append(f"{100 * loop['in_idle_frames']:.0f}% of the event loop's GIL samples are in frames the "
-                         f"rules call idle ({frames}): the loop written in C holds the GIL while it dispatches")
-    decided = worst["wait"] is not None
-    verdict = ("Not here: no thread waits long for the GIL; each process has its own." if decided and (worst["wait"] or 0) < 0.05
-               else "Yes for the thread named: it waits for the GIL a large share of its time." if decided
-               else "Needs host telemetry per thread to estimate the wait.")
+        finding += (f"; the event loop holds it {100 * (loop.held or 0):.0f}% of the time, "
+                    f"busy {100 * (loop.busy or 0):.0f}%")
+        if loop.in_idle_frames:
+            frames = ", ".join(f"`{f}`" for f, _ in loop.idle_frames[:2])
+            parts.append(f"{100 * loop.in_idle_frames:.0f}% of the event loop's GIL samples are "
+                         f"in frames the rules call idle ({frames}): the loop written in C holds "
+                         "the GIL while it dispatches")
+    decided = worst.wait is not None
+    verdict = ("Not here: no thread waits long for the GIL; each process has its own."
+               if decided and (worst.wait or 0) < GIL_WAIT_LONG
+               else "Yes for the thread named: it waits for the GIL a large share of its time."
+               if decided else "Needs host telemetry per thread to estimate the wait.")
     return _row("gil", finding, " ".join([verdict, *[p + "." for p in parts]]), decided,
-                worst_wait=worst["wait"], event_loop_held=loop["held"] if loop else None)
+                worst_wait=worst.wait, event_loop_held=loop.held if loop else None)
 
 
-def hashing(configs: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
+def hashing(configs: list[Configuration], base: Configuration) -> Claim:
     by_algo = _varied(configs, "prefix-caching-hash-algo") or {"sha256 (vLLM's default)": base}
     shares = {}
     for algo, config in by_algo.items():
@@ -185,11 +199,13 @@ def hashing(configs: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, An
     finding = "; ".join(f"{algo}: {share:.1f}% of EngineCore busy time" for algo, share in known.items())
     biggest = max(known.values())
     sentence = ("Supported here: block hashing is a small share of the EngineCore's busy time."
-                if biggest < 2.0 else "Not negligible here: block hashing is a visible share of the EngineCore's time.")
+                if biggest < HASHING_NEGLIGIBLE_PCT
+                else "Not negligible here: block hashing is a visible share of the EngineCore's "
+                "time.")
     return _row("hashing", finding, sentence, True, shares=known)
 
 
-def cpu_floor(configs: list[dict[str, Any]]) -> dict[str, Any]:
+def cpu_floor(configs: list[Configuration]) -> Claim:
     """`--vary gpu-speed=1,...,inf` on the emulated GPU: per scenario, the share of a request's
     time left when the GPU takes none (the CPU floor)."""
     by_value = {k.lower(): v for k, v in _varied(configs, "gpu-speed").items()}
@@ -199,8 +215,8 @@ def cpu_floor(configs: list[dict[str, Any]]) -> dict[str, Any]:
         return _row("cpu_floor", "not varied", "This sweep did not run the emulated GPU at speed 1 "
                     "and inf (`--vary gpu-speed=1,4,inf`): the data cannot decide.", False)
     shares = {}
-    for name, a in base["scenarios"].items():
-        b = floor["scenarios"].get(name)
+    for name, a in base.scenarios.items():
+        b = floor.scenarios.get(name)
         ta, tb = _value(a, "total_ms"), _value(b, "total_ms") if b else None
         if ta and tb is not None:
             shares[name] = 100.0 * tb / ta
@@ -220,10 +236,10 @@ def cpu_floor(configs: list[dict[str, Any]]) -> dict[str, Any]:
     return _row("cpu_floor", finding, sentence, True, left_pct=shares)
 
 
-def claims(info: dict[str, Any], configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    base = next((c for c in configs if c["scenarios"]), None)
+def claims(info: Sweep, configs: list[Configuration]) -> list[Claim]:
+    base = next((c for c in configs if c.scenarios), None)
     if base is None:
         return [_row(key, "absent", "No configuration was measured.", False) for key in CLAIMS]
-    notes = info.get("notes") or {}
+    notes = info.notes
     return [scheduling(base), async_scheduling(configs, notes), tokenization(configs, base), gil(base),
             hashing(configs, base), cpu_floor(configs)]

@@ -23,6 +23,7 @@ from cputax.analysis.sweep import analyse_sweep
 from cputax.commands.run import run_profile
 from cputax.errors import CputaxError
 from cputax.report.sweep import summary_lines, write_sweep_report
+from cputax.results.sweep import Step, Sweep
 from cputax.rundir import SweepDir
 from cputax.servers import get
 from cputax.session import RunOptions, failures_of
@@ -84,26 +85,28 @@ def sweep(opts: SweepOptions) -> int:
         config.own_options()  # a bad value of cputax's own knobs: one line before anything starts
     out = SweepDir.create(opts.out)
     notes = {p.flag: p.note for _, p in varied if p is not None and p.note}
-    info: dict[str, Any] = {
-        "profile": str(profile), "target": table.name, "serve_cmd": opts.serve_cmd, "varies": opts.varies,
-        "repeat": opts.repeat, "notes": notes,
-        "moves": {knobs[0].flag: p.moves for knobs, p in varied if p is not None},
-        "configurations": [c.name for c in configs],
-        "steps": [{"configuration": s.configuration.name, "repeat": s.repeat, "folder": s.folder,
-                   "args": list(s.configuration.args()), "status": "planned"} for s in steps],
-    }
+    info = Sweep(
+        profile=str(profile), target=table.name, serve_cmd=opts.serve_cmd, varies=opts.varies,
+        repeat=opts.repeat, notes=notes,
+        moves={knobs[0].flag: p.moves for knobs, p in varied if p is not None},
+        configurations=[c.name for c in configs],
+        steps=[Step(configuration=s.configuration.name, repeat=s.repeat, folder=s.folder,
+                    args=list(s.configuration.args())) for s in steps],
+    )
     out.write_info(info)
     console.print(f"sweep directory: {out}; {len(configs)} configurations x {opts.repeat} = {len(steps)} runs "
                   f"of {profile.name}")
     for note in dict.fromkeys(notes.values()):
         console.print(f"[yellow]note: {note}[/]")
-    for i, (step, record) in enumerate(zip(steps, info["steps"], strict=True)):
+    for i, (step, record) in enumerate(zip(steps, info.steps, strict=True)):
         name = step.configuration.name
         console.rule(f"[{i + 1}/{len(steps)}] {name}" + (f" (repeat {step.repeat})" if opts.repeat > 1 else ""))
         unknown = [k.flag for k in step.configuration.knobs if flags is not None and not flags.knows(k)]
         if unknown:
-            record.update(status="refused", message=f"unknown knob --{unknown[0]}: `{table.name} serve --help` does not list it")
-            console.print(f"[red]{name}: {record['message']}[/]")
+            record.status = "refused"
+            record.message = (f"unknown knob --{unknown[0]}: `{table.name} serve --help` does "
+                              "not list it")
+            console.print(f"[red]{name}: {record.message}[/]")
         else:
             run_opts = dataclasses.replace(opts.run, out=out.run(step.folder).path,
                                            server_args=step.configuration.args(),
@@ -113,18 +116,18 @@ def sweep(opts: SweepOptions) -> int:
                 results = run_profile(run_opts)
             except CputaxError as exc:
                 first, tail = _one_line(exc)
-                record.update(status="failed", message=first, log_tail=tail)
+                record.status, record.message, record.log_tail = "failed", first, tail
                 console.print(f"[red]{name}: {first}[/]")
                 for line in tail:
                     console.print(f"    {line}", markup=False)
             else:
                 problems = failures_of(results)
-                record.update(status="errors" if problems else "ok", problems=problems)
+                record.status, record.problems = ("errors" if problems else "ok"), problems
         out.write_info(info)
-    comparison = analyse_sweep(out)
+    comparison = analyse_sweep(out)  # kept in sweep.json
     write_sweep_report(out, comparison)
     for line in summary_lines(comparison):
         console.print(line, markup=False)
     console.print(f"wrote {out.report_md} and {out.report_html}")
-    bad = [s for s in info["steps"] if s["status"] != "ok"]
+    bad = [s for s in info.steps if s.status != "ok"]
     return 1 if bad else 0
