@@ -13,11 +13,11 @@ Format versions:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
 
 import msgspec
 
 from cputax.results import format as result_format
+from cputax.results.metric import Metric
 
 __all__ = [
     "FORMAT_VERSION",
@@ -45,14 +45,6 @@ __all__ = [
 FORMAT_VERSION = 2
 READS = (1, 2)  # version 1: the same field names, untyped; its claims have no verdict
 REBUILD = "rerun the experiment with `cputax whatif` (same options) to make a current one"
-
-
-class Metric(NamedTuple):
-    """How a metric reads: its label, unit, and whether a higher value is better."""
-
-    label: str
-    unit: str
-    higher_is_better: bool
 
 
 # The metrics every point measures, fitted against the added time (names as in whatif.json)
