@@ -22,11 +22,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import orjson
-
 from cputax.commands.calibrate import show_peers
-from cputax.peers.calibrate import peers
+from cputax.peers.calibrate import failed, peers
 from cputax.peers.clients import AIOHTTP, PEERS
+from cputax.results import format as result_format
 
 
 def main() -> int:
@@ -46,9 +45,9 @@ def main() -> int:
     clients = PEERS + ((AIOHTTP,) if args.aiohttp else ())
     result = peers(streams, requests, clients=clients, repeat=repeat)
     if args.json:
-        args.json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+        args.json.write_bytes(result_format.encode(result))
     show_peers(result)
-    return 1 if any(r["errors"] for r in result["peers"]) else 0
+    return 1 if failed(result) else 0
 
 
 if __name__ == "__main__":

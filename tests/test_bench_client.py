@@ -14,6 +14,7 @@ from cputax.peers import aiperf as peer_aiperf
 from cputax.peers import guidellm as peer_guidellm
 from cputax.peers.calibrate import TIMED, errors_against_truth
 from cputax.peers.clients import available, run_peer
+from cputax.results.calibration import PeerRun
 from cputax.targets.stub import StubServer
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_client.py"
@@ -37,20 +38,23 @@ def test_the_peer_benchmark_produces_its_table(tmp_path):
     assert "Load clients side by side" in proc.stdout and "max chunk/s" in proc.stdout
 
 
+def _run(cpu: float, ttft_p99: float, itl_p99: float | None, max_chunks: float) -> PeerRun:
+    return PeerRun(client="x", streams=4, requests=8, stamps="loop", errors=0,
+                   cpu_us_per_chunk=cpu, ttft_error_ms_p50=None, ttft_error_ms_p99=ttft_p99,
+                   itl_error_ms_p99=itl_p99, ttft_error_loop_ms_p99=None,
+                   itl_error_loop_ms_p99=None, max_chunks_per_s=max_chunks)
+
+
 def test_ratios_to_cputax_are_taken_repeat_by_repeat():
     from cputax.peers.calibrate import paired_ratios
 
-    ours = [{"cpu_us_per_chunk": 5.0, "ttft_error_ms_p99": 1.0, "itl_error_ms_p99": None, "max_chunks_per_s": 10.0},
-            {"cpu_us_per_chunk": 10.0, "ttft_error_ms_p99": 1.0, "itl_error_ms_p99": None, "max_chunks_per_s": 10.0},
-            {"cpu_us_per_chunk": 30.0, "ttft_error_ms_p99": 2.0, "itl_error_ms_p99": None, "max_chunks_per_s": 10.0}]
-    theirs = [{"cpu_us_per_chunk": 10.0, "ttft_error_ms_p99": 3.0, "itl_error_ms_p99": 1.0, "max_chunks_per_s": 5.0},
-              {"cpu_us_per_chunk": 40.0, "ttft_error_ms_p99": 3.0, "itl_error_ms_p99": 1.0, "max_chunks_per_s": 5.0},
-              {"cpu_us_per_chunk": 30.0, "ttft_error_ms_p99": 3.0, "itl_error_ms_p99": 1.0, "max_chunks_per_s": 5.0}]
+    ours = [_run(5.0, 1.0, None, 10.0), _run(10.0, 1.0, None, 10.0), _run(30.0, 2.0, None, 10.0)]
+    theirs = [_run(10.0, 3.0, 1.0, 5.0), _run(40.0, 3.0, 1.0, 5.0), _run(30.0, 3.0, 1.0, 5.0)]
     out = paired_ratios(theirs, ours)
     # pairs 2, 4, 1: median 2 (the ratio of the medians would say 30 / 10 = 3)
-    assert out["cpu_us_per_chunk"] == 2.0 and out["cpu_us_per_chunk_range"] == [1.0, 4.0]
-    assert out["ttft_error_ms_p99"] == 3.0 and out["max_chunks_per_s"] == 0.5
-    assert out["itl_error_ms_p99"] is None  # no pair where both had a figure
+    assert out.cpu_us_per_chunk == 2.0 and out.cpu_us_per_chunk_range == [1.0, 4.0]
+    assert out.ttft_error_ms_p99 == 3.0 and out.max_chunks_per_s == 0.5
+    assert out.itl_error_ms_p99 is None  # no pair where both had a figure
 
 
 @pytest.mark.slow

@@ -239,14 +239,18 @@ def test_api_key_goes_in_the_header_only():
 @pytest.mark.slow
 def test_calibrate_json_has_the_documented_keys(capsys, tmp_path, monkeypatch):
     from cputax.commands.calibrate import calibrate
-    from cputax.peers.calibrate import KEYS, load_ceiling
+    from cputax.peers.calibrate import CEILING_SHARE, KEYS, load_ceiling
+    from cputax.results.calibration import FORMAT_VERSION
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert calibrate([1, 4], as_json=True, requests_per_level=8) == 0
     result = orjson.loads(capsys.readouterr().out)
     kept = load_ceiling()  # for `cputax run`: the most chunks/s this machine's client took in
-    assert kept["max_chunks_per_s"] == max(level["max_chunks_per_s"] for level in result["levels"])
+    best = max(level["max_chunks_per_s"] for level in result["levels"])
+    assert kept is not None and kept.max_chunks_per_s == best and kept.share == CEILING_SHARE
+    assert result["format_version"] == FORMAT_VERSION
     assert "same" in result["note"] and result["cpus"] >= 1
+    assert "first_error" not in result["levels"][0]  # only a level with a failed request has one
     assert [level["concurrency"] for level in result["levels"]] == [1, 4]
     for level in result["levels"]:
         assert set(KEYS) <= set(level) and level["errors"] == 0

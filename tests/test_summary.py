@@ -19,6 +19,7 @@ from cputax.analysis.findings import (
 from cputax.analysis.profiling_findings import WAIT_SHARE
 from cputax.errors import CputaxError
 from cputax.results.attribution import AttributionResult, ThreadRow, Window
+from cputax.results.calibration import Ceiling
 from cputax.results.summary import (
     ClientLag,
     Finding,
@@ -176,12 +177,12 @@ def test_shared_stamps_past_one_percent_and_the_other_scenario_findings():
 
 
 def test_the_client_ceiling_is_crossed_past_its_share():
-    ceiling = {"max_chunks_per_s": 100, "share": 0.8}
+    ceiling = Ceiling(max_chunks_per_s=100, share=0.8)
     assert past_ceiling(_scenario(throughput=Throughput(chunks_per_s=81.0)), ceiling) is True
     assert past_ceiling(_scenario(throughput=Throughput(chunks_per_s=79.0)), ceiling) is False
     assert past_ceiling(_scenario(throughput=Throughput(chunks_per_s=81.0)), None) is None
     found = _kinds(_scenario(throughput=Throughput(chunks_per_s=81.0), past_client_ceiling=True),
-                   {"client_ceiling": ceiling})
+                   {"client_ceiling": {"max_chunks_per_s": 100, "share": 0.8}})
     ceiling_finding = found["client_ceiling"]
     assert ceiling_finding.threshold == 0.8 and "81 chunks/s" in ceiling_finding.text
 

@@ -40,6 +40,7 @@ from cputax.peers.calibrate import load_ceiling
 from cputax.records import JsonlWriter, RequestRecord, Results
 from cputax.report import write_report
 from cputax.report.terminal import summary_table
+from cputax.results.format import to_builtins
 from cputax.rundir import RunDir
 from cputax.sampling.pyspy_monitor import PyspyMonitor, PyspyOptions
 from cputax.telemetry.runner import TelemetryConfig, TelemetryMonitor
@@ -496,7 +497,7 @@ async def _drive(opts: RunOptions, job: Job, reached: Reached, cluster: Any = No
             "server_metrics": endpoint.has_metrics, "ignore_eos": endpoint.ignore_eos,
             "tools": {"mode": endpoint.tool_mode, "refused": found.refused}, "host": host_info(),
             "probe_notes": found.notes,
-            "client_ceiling": load_ceiling(),
+            "client_ceiling": to_builtins(load_ceiling()),  # None: not calibrated here
             "clock": {"monotonic_ns": time.monotonic_ns(), "time_ns": time.time_ns()},
             **job.info,
         })

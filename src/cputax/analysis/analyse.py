@@ -18,7 +18,7 @@ from cputax.analysis.attribution import attribute_run
 from cputax.analysis.correlate import correlate_run
 from cputax.analysis.decompose import http_overhead_growth, summarize_scenario
 from cputax.analysis.emulated import add_bubbles
-from cputax.analysis.findings import CLIENT_CEILING_SHARE, in_short, scenario_findings
+from cputax.analysis.findings import in_short, scenario_findings
 from cputax.analysis.invariants import failure_line, schedule_lag, verdict, withhold
 from cputax.analysis.profiling_findings import add_findings, scenario_figures
 from cputax.analysis.server_metrics import run_scenario_metrics
@@ -26,6 +26,7 @@ from cputax.analysis.server_phases import server_phases
 from cputax.analysis.timeline import host_series, read_telemetry
 from cputax.records import NodeResults, RequestTable, Results
 from cputax.results.attribution import AttributionResult
+from cputax.results.calibration import Ceiling
 from cputax.results.summary import (
     Interrupted,
     RunInfo,
@@ -63,7 +64,7 @@ def summarize_run(run: RunDir, info: dict[str, Any], table: RequestTable,
                                None if server is None else msgspec.convert(server, ServerMetrics))
         s = withhold(s, verdict(mine))  # the run checks itself (analysis.invariants)
         summaries.append(msgspec.structs.replace(
-            s, past_client_ceiling=past_ceiling(s, info.get("client_ceiling")),
+            s, past_client_ceiling=past_ceiling(s, Ceiling.of_run(info)),
             schedule_lag_ms=schedule_lag(mine),
             gpu_bubble_pct=(bubbles or {}).get(s.name)))
     # each request's own server phases, joined
@@ -116,14 +117,14 @@ def interrupted_line(summary: Summary) -> str | None:
             "scenarios did not run, and requests in flight are records with error `cancelled`")
 
 
-def past_ceiling(scenario: ScenarioSummary, ceiling: dict[str, Any] | None) -> bool | None:
+def past_ceiling(scenario: ScenarioSummary, ceiling: Ceiling | None) -> bool | None:
     """Whether the scenario's chunk rate came past the share of this machine's client ceiling
     (`cputax calibrate` stores it) where the client measures itself falling behind; None
     without a calibration."""
     rate = scenario.throughput.chunks_per_s if scenario.throughput else None
-    if not ceiling or rate is None:
+    if ceiling is None or rate is None:
         return None
-    return rate > ceiling.get("share", CLIENT_CEILING_SHARE) * ceiling["max_chunks_per_s"]
+    return rate > ceiling.share * ceiling.max_chunks_per_s
 
 
 def failures(summary: Summary) -> list[str]:

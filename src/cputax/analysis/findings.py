@@ -12,11 +12,11 @@ from typing import Any
 from cputax.analysis.decompose import PROMPT_TOLERANCE
 from cputax.analysis.profiling_findings import WAIT_SHARE
 from cputax.results.attribution import AttributionResult
+from cputax.results.calibration import Ceiling
 from cputax.results.correlation import CorrelationResult
 from cputax.results.summary import Finding, ScenarioSummary
 
 __all__ = [
-    "CLIENT_CEILING_SHARE",
     "HTTP_OH_OVER_QUEUE",
     "PROMPT_TOLERANCE",
     "QUEUE_FLOOR_MS",
@@ -30,7 +30,6 @@ HTTP_OH_OVER_QUEUE = 10.0  # HTTP OH this many times the engine's queue: the wai
 QUEUE_FLOOR_MS = 1.0  # a queue time below this counts as this (10x of ~0 is no finding)
 TTFT_DISAGREEMENT = 0.25  # client vs server TTFT apart by more than this share of the client's
 SHARED_STAMPS_PCT = 1.0  # % of tokens sharing a later token's stamp: the client fell behind
-CLIENT_CEILING_SHARE = 0.8  # default share of the calibrated client ceiling (cputax calibrate)
 
 
 def _ms(value: float | None) -> str:
@@ -72,13 +71,13 @@ def scenario_findings(s: ScenarioSummary, info: dict[str, Any]) -> list[Finding]
             f"prompts averaged {_number(s.prompt_tokens_mean)} tokens, "
             f"{s.prompt_tokens_off_pct:+.1f}% off the {s.context_tokens:,} asked for"),
             PROMPT_TOLERANCE))
-    ceiling = info.get("client_ceiling")
+    ceiling = Ceiling.of_run(info)
     if s.past_client_ceiling and ceiling and s.throughput:
-        share = ceiling.get("share", CLIENT_CEILING_SHARE)
+        share = ceiling.share
         out.append(_finding(s, "client_ceiling", (
             f"{s.throughput.chunks_per_s:,.0f} chunks/s, past {share:.0%} of what this machine's "
             "client took in when `cputax calibrate` measured it "
-            f"({ceiling['max_chunks_per_s']:,} chunks/s): the client's own lag is in the loop's "
+            f"({ceiling.max_chunks_per_s:,} chunks/s): the client's own lag is in the loop's "
             "stamps, and in the kernel's once it is a token behind (shared stamps)"), share))
     if (s.shared_stamps_pct or 0) > SHARED_STAMPS_PCT:
         out.append(_finding(s, "shared_stamps", (
