@@ -94,7 +94,7 @@ def test_http_overhead_growth_is_relative_to_lowest_concurrency_per_context():
                                p99_ms=PhaseTimes(http_overhead=oh * 2))
     rows = http_overhead_growth([scen("c4", 4, 8000, 30.0), scen("c1", 1, 8000, 10.0), scen("x", 2, 500, 5.0)])
     # the 500-token context has one concurrency level only: no growth to show
-    assert [(r["context_tokens"], r["concurrency"], r["growth"]) for r in rows] == [(8000, 1, 1.0), (8000, 4, 3.0)]
+    assert [(r.context_tokens, r.concurrency, r.growth) for r in rows] == [(8000, 1, 1.0), (8000, 4, 3.0)]
 
 
 BEFORE = """\

@@ -26,6 +26,7 @@ from cputax.analysis.server_phases import server_phases
 from cputax.analysis.timeline import host_series, read_telemetry
 from cputax.records import NodeResults, RequestTable, Results
 from cputax.results.attribution import AttributionResult
+from cputax.results.nodes import NodeClock
 from cputax.results.summary import (
     Interrupted,
     RunInfo,
@@ -68,6 +69,11 @@ def summarize_run(run: RunDir, info: dict[str, Any], table: RequestTable,
             gpu_bubble_pct=(bubbles or {}).get(s.name)))
     # each request's own server phases, joined
     phases, per_scenario = server_phases(run, info, summaries)
+    if phases is not None:  # the run's totals over the scenarios that had records
+        joined = [sp for sp in per_scenario.values() if sp.records]
+        phases = msgspec.structs.replace(
+            phases, records_without_span=sum(sp.records_without_span for sp in joined),
+            spans_without_record=sum(sp.spans_without_record for sp in joined))
     summaries = [msgspec.structs.replace(s, server_phases=per_scenario.get(s.name))
                  for s in summaries]
     shards = [f"{name}: {line}" for name, w in windows.items()
@@ -171,6 +177,16 @@ def _judge(attribution: AttributionResult, summary: Summary, info: dict[str, Any
     add_findings(attribution, figures, (info.get("host") or {}).get("cpus"))
 
 
+def node_clock(raw: dict[str, Any] | None) -> NodeClock | None:
+    """clock.json as the report shows it; `same_machine` when the conversion had nothing to
+    do (no offset, no error: the driver's own machine)."""
+    if not raw:
+        return None
+    clock = NodeClock.from_json(raw)
+    clock.same_machine = clock.converted and not clock.error_ns and not clock.offset_ns
+    return clock
+
+
 def analyse_node(node: RunDir, info: dict[str, Any], table: RequestTable) -> NodeResults:
     """A server node's folder of a Ray run (nodes/<node>/, its times already on the driver's
     clock): its CPU attribution and correlation, as for the run's own machine, written
@@ -185,5 +201,5 @@ def analyse_node(node: RunDir, info: dict[str, Any], table: RequestTable) -> Nod
         attribution.dump(node.attribution)
     correlation = correlate_run(node, info, table, telemetry)
     correlation.dump(node.correlation)
-    return NodeResults(clock=node.read_optional(node.path / "clock.json"),
+    return NodeResults(clock=node_clock(node.read_optional(node.path / "clock.json")),
                        attribution=attribution, correlation=correlation)
