@@ -427,6 +427,7 @@ class Results:
     attribution: AttributionResult | None = None
     correlation: CorrelationResult | None = None
     views: list[str] = field(default_factory=list)
-    growth: list[GrowthRow] = field(default_factory=list)  # HTTP overhead vs concurrency per context
+    # HTTP overhead vs concurrency per context size (analysis.decompose.http_overhead_growth)
+    growth: list[GrowthRow] = field(default_factory=list)
     name: str = ""  # the run directory's name, for titles
     nodes: dict[str, NodeResults] = field(default_factory=dict)  # a Ray run's server nodes

@@ -203,7 +203,8 @@ def overhead_text(overhead: SamplingOverhead | None) -> str | None:
         return None
     rows = [[p.name, f"{number(p.tps_on, 1)} / {number(p.tps_off, 1)}",
              signed_pct(p.tps_change_pct), f"{ms(p.ttft_on_ms)} / {ms(p.ttft_off_ms)}",
-             signed_pct(p.ttft_change_pct), _core(p.pyspy_core_pct, p.pyspy_cores_pct, overhead.cpus)]
+             signed_pct(p.ttft_change_pct),
+             _core(p.pyspy_core_pct, p.pyspy_cores_pct, overhead.cpus)]
             for p in overhead.pairs]
     text = table(["Scenario", "output tok/s sampled / not", "Δ", "TTFT ms sampled / not", "Δ",
                   "py-spy CPU: % of one core (of all cores)"], rows)

@@ -124,8 +124,8 @@ def server_phases_section(summary: Summary) -> str | None:
     parts += [
         f"Source: {run.source}; spans received {number(run.spans_received)}, joined "
         f"{number(run.spans_matched)}; records without a span {run.records_without_span}; "
-        f"spans without a record {run.spans_without_record} in the scenarios' windows, {run.spans_outside_windows} outside them (warm-up, "
-        f"probes). All ms, p50 / p99.",
+        f"spans without a record {run.spans_without_record} in the scenarios' windows, "
+        f"{run.spans_outside_windows} outside them (warm-up, probes). All ms, p50 / p99.",
         "",
     ]
     parts += [

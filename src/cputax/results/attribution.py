@@ -228,7 +228,6 @@ class ThreadShares(msgspec.Struct, kw_only=True):
     categories: dict[str, float]
     threads: list[ThreadRow]
     other_top: list[FrameCount]
-    columns: list[str] = []  # as Window.columns
 
 
 class FileAttribution(msgspec.Struct, kw_only=True):
@@ -239,3 +238,4 @@ class FileAttribution(msgspec.Struct, kw_only=True):
     categories: dict[str, float]
     threads: list[ThreadRow]
     other_top: list[FrameCount]
+    columns: list[str] = []  # as Window.columns
