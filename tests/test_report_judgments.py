@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cputax.analysis.agentic import agentic_summary
-from cputax.analysis.analyse import node_clock
+from cputax.analysis.analyse import node_clock, with_totals
 from cputax.analysis.attribution import MIN_SHARE, columns, headline
 from cputax.analysis.correlate import QUIET_PCT, host_usage, top_shares
 from cputax.analysis.timeline import HostSeries, Interval
@@ -14,10 +14,16 @@ from cputax.records import NodeResults, RequestRecord, Results
 from cputax.report.agentic import agentic_section
 from cputax.report.format import instant
 from cputax.report.nodes import nodes_section
+from cputax.report.server_phases import server_phases_section
 from cputax.report.telemetry import host_table
 from cputax.results.attribution import ThreadRow
 from cputax.results.correlation import Scenario, Share
-from cputax.results.summary import Summary
+from cputax.results.summary import (
+    ScenarioServerPhases,
+    ScenarioSummary,
+    ServerPhasesRun,
+    Summary,
+)
 
 S = 1_000_000_000
 MS = 1_000_000
@@ -107,3 +113,20 @@ def test_agentic_shares_and_the_replays_counts_are_analysis_figures():
 def test_a_timeline_instant_has_decimals_only_on_a_short_timeline():
     assert instant(1.234, 9.9) == "1.23" and instant(12.345, 10.0) == "12"
     assert instant(3.0, None) == "3"
+
+
+def test_the_server_phases_totals_are_over_the_scenarios_with_records():
+    per_scenario = {
+        "a": ScenarioServerPhases(records=4, with_server=3, records_without_span=1,
+                                  spans_without_record=2),
+        "b": ScenarioServerPhases(records=5, with_server=5, spans_without_record=1),
+        "none": ScenarioServerPhases(records=0, spans_without_record=7),  # not joined at all
+    }
+    run = with_totals(ServerPhasesRun(source="otlp", spans_received=11, spans_matched=8),
+                      per_scenario)
+    assert (run.records_without_span, run.spans_without_record) == (1, 3)
+    assert with_totals(None, per_scenario) is None
+    summary = Summary(server_phases=run, scenarios=[
+        ScenarioSummary(name=name, server_phases=sp) for name, sp in per_scenario.items()])
+    text = server_phases_section(summary)
+    assert "records without a span 1; spans without a record 3 in the scenarios' windows" in text

@@ -30,8 +30,10 @@ from cputax.results.nodes import NodeClock
 from cputax.results.summary import (
     Interrupted,
     RunInfo,
+    ScenarioServerPhases,
     ScenarioSummary,
     ServerMetrics,
+    ServerPhasesRun,
     Skipped,
     Summary,
 )
@@ -69,11 +71,7 @@ def summarize_run(run: RunDir, info: dict[str, Any], table: RequestTable,
             gpu_bubble_pct=(bubbles or {}).get(s.name)))
     # each request's own server phases, joined
     phases, per_scenario = server_phases(run, info, summaries)
-    if phases is not None:  # the run's totals over the scenarios that had records
-        joined = [sp for sp in per_scenario.values() if sp.records]
-        phases = msgspec.structs.replace(
-            phases, records_without_span=sum(sp.records_without_span for sp in joined),
-            spans_without_record=sum(sp.spans_without_record for sp in joined))
+    phases = with_totals(phases, per_scenario)
     summaries = [msgspec.structs.replace(s, server_phases=per_scenario.get(s.name))
                  for s in summaries]
     shards = [f"{name}: {line}" for name, w in windows.items()
@@ -99,6 +97,18 @@ def summarize_run(run: RunDir, info: dict[str, Any], table: RequestTable,
         findings=[f for s in summaries for f in scenario_findings(s, info)],
         in_short=in_short(summaries, info, correlation, attribution),
     )
+
+
+def with_totals(run: ServerPhasesRun | None, per_scenario: dict[str, ScenarioServerPhases]
+                ) -> ServerPhasesRun | None:
+    """The run's line of the server phases with its totals over the scenarios that had
+    records: records no span joined, spans no record joined."""
+    if run is None:
+        return None
+    joined = [sp for sp in per_scenario.values() if sp.records]
+    return msgspec.structs.replace(
+        run, records_without_span=sum(sp.records_without_span for sp in joined),
+        spans_without_record=sum(sp.spans_without_record for sp in joined))
 
 
 def _interrupted(info: dict[str, Any], windows: dict[str, dict[str, Any]]) -> Interrupted | None:
