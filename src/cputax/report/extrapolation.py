@@ -36,8 +36,9 @@ def render(result: Extrapolation, run_dir: Path) -> str:
         "| Scenario | Conc | Prompt tok | HTTP OH ms | fitted | CPU% | fitted |",
         "|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {q.name} | {q.concurrency} | {q.prompt_tokens:,.0f} | {q.http_overhead_ms:,.1f} | "
-              f"{q.fitted_ms:,.1f} | {q.cpu_pct:.1f}% | {q.fitted_cpu_pct:.1f}% |"
+    lines += [f"| {q.name} | {q.concurrency} | {q.prompt_tokens:,.0f} | "
+              f"{q.http_overhead_ms:,.1f} | {q.fitted_ms:,.1f} | {q.cpu_pct:.1f}% | "
+              f"{q.fitted_cpu_pct:.1f}% |"
               for q in result.points]
     lines += [
         "",

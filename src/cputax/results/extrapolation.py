@@ -10,7 +10,7 @@ __all__ = ["Extrapolation", "FitPoint", "FrontEndModel", "FrontEndParams", "Leav
 
 
 class FrontEndParams(msgspec.Struct, kw_only=True):
-    L_ms: float  # noqa: N815 (the model's own symbol)
+    L_ms: float  # the model's L (ms): the JSON field keeps its name
     s0_ms: float
     s1_us_per_token: float
     q: float
