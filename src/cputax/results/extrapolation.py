@@ -58,6 +58,9 @@ class TableRow(msgspec.Struct, kw_only=True):
 
 
 class Extrapolation(msgspec.Struct, kw_only=True):
+    """extrapolation.json (written by `cputax extrapolate`, never read back by cputax)."""
+
+    format_version: int = 1
     model: FrontEndModel
     client_ms: str
     rest_ms: str
