@@ -12,6 +12,7 @@ import pytest
 
 from cputax.analysis.attribution import attribute_file, attribute_run, category_timeline, summarize
 from cputax.records import JsonlWriter, Results
+from cputax.results.attribution import ProcessView, Window
 from cputax.results.summary import Summary
 from cputax.rundir import RunDir
 from cputax.sampling.classify import Classifier, Frame, detect_server, short_path
@@ -337,7 +338,22 @@ def test_run_attribution_uses_the_client_window(tmp_path):
     # the window starts 20 ms in: 20 ms idle, 60 ms tokenize
     assert row.categories == {"tokenize": pytest.approx(0.75), "idle": pytest.approx(0.25)}
     assert row.samples == 8 and row.role.startswith("event loop")
-    assert window.processes[0].coverage == pytest.approx(1.0)
+    assert window.processes[0].coverage == pytest.approx(1.0) and not window.processes[0].partial
+    assert window.columns == ["tokenize", "idle"]
+    assert window.headline.category == "tokenize" and window.headline.share == pytest.approx(0.75)
+
+
+def test_a_window_py_spy_saw_only_part_of_is_partial(tmp_path):
+    from cputax.analysis.attribution import FULL_COVERAGE
+
+    launched = 1_000_000_000
+    run = _synthetic_run(tmp_path, launched)
+    # the trace spans launched .. +100 ms; a window from 50 ms before: 100 of 150 ms seen
+    window = {"scenario": "w", "start_ns": launched - 50_000_000, "end_ns": launched + 100_000_000}
+    (tmp_path / "windows.jsonl").write_bytes(orjson.dumps(window) + b"\n")
+    view = attribute_run(run).windows[0].processes[0]
+    assert view.coverage == pytest.approx(2 / 3) and view.coverage < FULL_COVERAGE
+    assert view.partial
 
 
 def test_category_timeline_is_on_the_run_clock(tmp_path):
@@ -381,4 +397,10 @@ def test_overhead_pairs_scenarios_and_the_report_renders_them():
     assert "| a | 97.0 / 100.0 | -3.0% | 110 / 100 | +10.0% |" in text
     assert "Mean over 2 pairs: throughput -1.0% (pairs from -3.0% to +1.0%), TTFT +5.0%" in text
     assert sampling_overhead({"a": scen(1.0, 20.0)}, []) is None
+    window = Window(name="a", wall_s=10.0, processes=[ProcessView(
+        process="server 5", pid=5, role="server", status="ok", pyspy_cpu_s=2.0)])
+    per_core = sampling_overhead(figures, [window], cpus=8).pairs[0]
+    assert per_core.pyspy_core_pct == pytest.approx(20.0)  # 2 s of CPU in 10 s
+    assert per_core.pyspy_cores_pct == pytest.approx(20.0 / 8)
+    assert "20.0% (2.5% of 8)" in overhead_text(sampling_overhead(figures, [window], cpus=8))
     assert overhead_text(None) is None

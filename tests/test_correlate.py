@@ -77,6 +77,10 @@ def test_stalls_split_by_state_and_category():
     assert g.stall_by_state == pytest.approx({"engine": 0.5, "front_end": 0.9, "client": 0.1})
     split = {"tokenize": 0.9, "schedule": 0.5, "client-side gap": 0.1}
     assert g.stall_split == pytest.approx(split)
+    # the report names the largest parts, each as % of the stall time (1.5 s)
+    assert [(s.name, s.pct) for s in g.stall_split_top] == [
+        ("tokenize", pytest.approx(60.0)), ("schedule", pytest.approx(100 / 3)),
+        ("client-side gap", pytest.approx(20 / 3))]
     assert g.stalls == 1 and g.longest_stall_ms == pytest.approx(1500.0)
     assert g.resolution_ms == 100.0 and g.coverage_pct == pytest.approx(100.0)
 

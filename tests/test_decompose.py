@@ -53,8 +53,14 @@ def test_received_moments_are_the_kernels_where_stamped():
     assert p["http_overhead"] == pytest.approx(9.0 - 3.0)
     assert p["prefill"] == pytest.approx(30.0 - 5.0 + 3.0)
     assert p["decode"] == pytest.approx(60.0 + 5.0)  # no kernel stamp for the last token: the loop's
-    s = summarize_scenario({"name": "s", "concurrency": 1, "context_tokens": 1000}, RequestTable.from_records([r]))
+    s = summarize_scenario({"name": "s", "concurrency": 1, "context_tokens": 1000},
+                           RequestTable.from_records([r]))
     assert s.clock == "kernel"
+    # each phase's mean as % of the mean total: the report's stacked bars draw these
+    total = s.mean_ms.total
+    assert s.mean_share_pct.http_overhead == pytest.approx(100 * 6.0 / total)
+    assert s.mean_share_pct.decode == pytest.approx(100 * 65.0 / total)
+    assert s.mean_share_pct.total is None
     assert s.client_lag_ms.first_token_p99 == pytest.approx(5.0)
 
 
@@ -94,7 +100,8 @@ def test_http_overhead_growth_is_relative_to_lowest_concurrency_per_context():
                                p99_ms=PhaseTimes(http_overhead=oh * 2))
     rows = http_overhead_growth([scen("c4", 4, 8000, 30.0), scen("c1", 1, 8000, 10.0), scen("x", 2, 500, 5.0)])
     # the 500-token context has one concurrency level only: no growth to show
-    assert [(r["context_tokens"], r["concurrency"], r["growth"]) for r in rows] == [(8000, 1, 1.0), (8000, 4, 3.0)]
+    assert [(r.context_tokens, r.concurrency, r.growth) for r in rows] == [(8000, 1, 1.0),
+                                                                          (8000, 4, 3.0)]
 
 
 BEFORE = """\

@@ -223,6 +223,9 @@ def test_correlation_busy_and_bubbles_agree_with_the_steps(tmp_path):
     assert bubbles.bubble_split == {
         "unattributed (no py-spy data)": pytest.approx(bubbles.bubble_s)
     }
+    # the report's split: its largest parts, % of the split's whole
+    assert [(s.name, s.pct) for s in bubbles.bubble_split_top] == [
+        ("unattributed (no py-spy data)", pytest.approx(100.0))]
 
 
 def test_a_real_gpus_samples_do_not_mix_with_the_emulated_ones():

@@ -19,7 +19,7 @@ from cputax.analysis.profiling_findings import (
     scenario_figures,
 )
 from cputax.errors import CputaxError
-from cputax.report.profiling import window_text
+from cputax.report.profiling import finding_text, window_text
 from cputax.results.attribution import (
     AttributionResult,
     GilInIdleFrames,
@@ -415,6 +415,8 @@ def test_scrape_cost_needs_the_polls():
     assert (
         isinstance(found, ScrapeCost) and found.thread_s == pytest.approx(0.1) and found.polls == 20
     )
+    assert found.per_poll_s == pytest.approx(0.1 / 20)  # the report prints it, as ms a scrape
+    assert "took 100 ms of server thread time, 5.0 ms a scrape" in finding_text(found)
     assert engine_findings(window) == []  # without the polls the cost per scrape is unknown
 
 
@@ -443,6 +445,7 @@ def test_the_report_only_renders_what_analysis_judged():
 
 
 def test_the_report_reads_the_typed_results_of_a_run_and_of_its_nodes():
+    from cputax.analysis.analyse import node_clock
     from cputax.analysis.findings import in_short
     from cputax.records import NodeResults, Results
     from cputax.report.nodes import nodes_section
@@ -456,7 +459,7 @@ def test_the_report_reads_the_typed_results_of_a_run_and_of_its_nodes():
         "The GPU was busy 80% of that scenario" in short and "15.0% of it, mostly tokenize" in short
     )
     assert "EngineCore's loop spent 50% of it waiting for the model step" in short
-    clock = {"converted": True, "offset_ns": 2_000_000, "error_ns": 50_000}
+    clock = node_clock({"converted": True, "offset_ns": 2_000_000, "error_ns": 50_000})
     node = NodeResults(clock=clock, attribution=attribution, correlation=correlation)
     text = nodes_section(Results({}, summary, nodes={"10.0.0.2": node}))
     assert "### Node 10.0.0.2" in text and "offset +2.000 ms" in text

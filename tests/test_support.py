@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from cputax.analysis.attribution import summarize
+from cputax.analysis.attribution import columns, summarize
 from cputax.analysis.support import MIN_SAMPLES, agrees, wilson
 from cputax.report.profiling import thread_table
 from cputax.results.attribution import ThreadRow
@@ -50,7 +50,8 @@ def test_rows_carry_samples_empty_stacks_and_intervals():
 def test_a_thread_with_too_few_samples_is_never_a_share():
     few = _rows(MIN_SAMPLES - 6, 30)[0]
     assert few.too_few
-    text = thread_table([few])
+    text = thread_table([few], columns([few]))
     assert f"too few samples ({few.samples})" in text and "0.0%" not in text and "30 empty" in text
-    enough = thread_table(_rows(1000, 0))
+    rows = _rows(1000, 0)
+    enough = thread_table(rows, columns(rows))
     assert "too few" not in enough and "[" in enough  # the busy share's interval

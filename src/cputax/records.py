@@ -28,7 +28,8 @@ import orjson
 from cputax.errors import CputaxError
 from cputax.results.attribution import AttributionResult
 from cputax.results.correlation import CorrelationResult
-from cputax.results.summary import Summary
+from cputax.results.nodes import NodeClock
+from cputax.results.summary import GrowthRow, Summary
 
 __all__ = ["TIMES", "JsonlWriter", "NodeResults", "RequestRecord", "RequestTable", "Results",
            "read_json", "read_jsonl", "read_request_table",
@@ -406,7 +407,7 @@ class NodeResults:
     """A Ray run's server node: the clock conversion its times rest on (clock.json), its
     CPU attribution and correlation (nodes/<node>/, as for the run's own machine)."""
 
-    clock: dict[str, Any] | None = None
+    clock: NodeClock | None = None  # None: the node wrote no clock.json
     attribution: AttributionResult | None = None
     correlation: CorrelationResult | None = None
 
@@ -426,6 +427,7 @@ class Results:
     attribution: AttributionResult | None = None
     correlation: CorrelationResult | None = None
     views: list[str] = field(default_factory=list)
-    growth: list[dict[str, Any]] = field(default_factory=list)  # HTTP overhead vs concurrency per context
+    # HTTP overhead vs concurrency per context size (analysis.decompose.http_overhead_growth)
+    growth: list[GrowthRow] = field(default_factory=list)
     name: str = ""  # the run directory's name, for titles
     nodes: dict[str, NodeResults] = field(default_factory=dict)  # a Ray run's server nodes

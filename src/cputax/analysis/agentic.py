@@ -19,10 +19,19 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-import msgspec
-
 from cputax.records import RequestRecord
-from cputax.results.summary import Agentic
+from cputax.results.summary import (
+    Agentic,
+    AgentSession,
+    Concurrency,
+    CriticalPath,
+    PartTimes,
+    PrefixCache,
+    Stats,
+    TimelineBucket,
+    TurnParts,
+    Turns,
+)
 from cputax.util import percentile
 
 PARTS = ("think", "client", "front_end", "engine")
@@ -65,7 +74,13 @@ def _turns_with_parts(turns: list[RequestRecord]) -> list[tuple[RequestRecord, d
     return out
 
 
-def _critical_path(session: str, agents: dict[tuple[str, str | None], list[RequestRecord]]) -> dict[str, Any]:
+def _shares(parts: dict[str, float], whole: float) -> PartTimes | None:
+    """Each part as % of `whole` (None when the whole is nothing)."""
+    return PartTimes(**{k: 100.0 * parts[k] / whole for k in PARTS}) if whole else None
+
+
+def _critical_path(session: str,
+                   agents: dict[tuple[str, str | None], list[RequestRecord]]) -> CriticalPath:
     """The chain that ended last: its agent's turns, the wait before it was spawned, the
     parent's turns up to the one it hangs off, and so on up to the main agent."""
     mine = {sub: turns for (s, sub), turns in agents.items() if s == session}
@@ -94,8 +109,10 @@ def _critical_path(session: str, agents: dict[tuple[str, str | None], list[Reque
             totals["think"] += (_agent_start(turns) - _agent_start(mine.get(parent, turns))) * MS
         agent = parent
     start = _agent_start(mine.get(None) or mine[last])
-    return {"agent": last or "main", "chain": chain[::-1], "turns": turns_on_path,
-            "wall_s": (end - start) / 1e9, "ms": totals}
+    wall_s = (end - start) / 1e9
+    return CriticalPath(agent=last or "main", chain=chain[::-1], turns=turns_on_path,
+                        wall_s=wall_s, ms=PartTimes(**totals),
+                        share_pct=_shares(totals, 1000 * wall_s))
 
 
 def _in_flight(intervals: list[tuple[int, int]], lo: int, hi: int) -> float:
@@ -114,7 +131,8 @@ def _peak(intervals: list[tuple[int, int]]) -> int:
     return peak
 
 
-def _concurrency(records: list[RequestRecord], agents: dict[tuple[str, str | None], list[RequestRecord]]) -> dict[str, Any]:
+def _concurrency(records: list[RequestRecord],
+                 agents: dict[tuple[str, str | None], list[RequestRecord]]) -> Concurrency:
     requests = [(r.t_start, r.t_end or r.t_start) for r in records]
     subs = [(r.t_start, r.t_end or r.t_start) for r in records if r.subagent is not None]
     active = [(_agent_start(t), max(r.t_end or r.t_start for r in t)) for t in agents.values()]
@@ -124,20 +142,22 @@ def _concurrency(records: list[RequestRecord], agents: dict[tuple[str, str | Non
     timeline = []
     for k in range(TIMELINE_BUCKETS):
         a, b = lo + k * step, (hi if k == TIMELINE_BUCKETS - 1 else lo + (k + 1) * step)
-        timeline.append({"t_s": (a - lo) / 1e9, "agents": _in_flight(active, a, b),
-                         "requests": _in_flight(requests, a, b), "subagent_requests": _in_flight(subs, a, b)})
-    return {
-        "agents_mean": _in_flight(active, lo, hi), "agents_max": _peak(active),
-        "requests_mean": _in_flight(requests, lo, hi), "requests_max": _peak(requests),
-        "subagent_requests_max": _peak(subs) if subs else 0,
-        "timeline": timeline,
-    }
+        timeline.append(TimelineBucket(t_s=(a - lo) / 1e9, agents=_in_flight(active, a, b),
+                                       requests=_in_flight(requests, a, b),
+                                       subagent_requests=_in_flight(subs, a, b)))
+    return Concurrency(
+        agents_mean=_in_flight(active, lo, hi), agents_max=_peak(active),
+        requests_mean=_in_flight(requests, lo, hi), requests_max=_peak(requests),
+        subagent_requests_max=_peak(subs) if subs else 0,
+        timeline=timeline,
+    )
 
 
-def _stats(values: list[float]) -> dict[str, float | None]:
+def _stats(values: list[float]) -> Stats:
     if not values:
-        return {"mean": None, "p50": None, "p99": None}
-    return {"mean": sum(values) / len(values), "p50": percentile(values, 50), "p99": percentile(values, 99)}
+        return Stats()
+    return Stats(mean=sum(values) / len(values), p50=percentile(values, 50),
+                 p99=percentile(values, 99))
 
 
 def agentic_summary(records: list[RequestRecord], replay: dict[str, Any],
@@ -149,27 +169,30 @@ def agentic_summary(records: list[RequestRecord], replay: dict[str, Any],
     agents = _agents(records)
     parts = [p for turns in agents.values() for _, p in _turns_with_parts(turns)]
     turns = {key: _stats([p[key] for p in parts]) for key in PARTS}
-    cycle = [sum(p.values()) for p in parts]
+    cycle = _stats([sum(p.values()) for p in parts])
+    means = {key: turns[key].mean or 0.0 for key in PARTS}
     sessions = []
-    for session in sorted({r.session for r in records}):
+    for session in sorted({r.session for r in records if r.session is not None}):
         mine = [r for r in records if r.session == session]
-        sessions.append({
-            "session": session, "requests": len(mine), "errors": sum(not r.ok for r in mine),
-            "subagents": len({r.subagent for r in mine if r.subagent is not None}),
-            "critical_path": _critical_path(session, agents),
-        })
+        sessions.append(AgentSession(
+            session=session, requests=len(mine), errors=sum(not r.ok for r in mine),
+            subagents=len({r.subagent for r in mine if r.subagent is not None}),
+            critical_path=_critical_path(session, agents),
+        ))
     convs = replay.get("conversations", [])
     file_tokens = sum(c.get("in_tokens", 0) for c in convs)
     file_rate = (sum(c["trace_hit_rate"] * c["in_tokens"] for c in convs if c.get("trace_hit_rate") is not None)
                  / file_tokens) if file_tokens else None
     sent_in = sum(r.extra.get("trace_in", 0) for r in records)
-    return msgspec.convert({  # the parts below are built as dicts, checked here
-        "turns": {"count": len(parts), "ms": turns, "cycle_ms": _stats(cycle)},
-        "sessions": sessions,
-        "concurrency": _concurrency(records, agents),
-        "prefix_cache": {
-            "trace_file": file_rate,
-            "replayed_ideal": sum(r.extra.get("ideal_hit_tokens", 0) for r in records) / sent_in if sent_in else None,
-            "server": server_hit_rate,
-        },
-    }, Agentic)
+    ideal = sum(r.extra.get("ideal_hit_tokens", 0) for r in records)
+    return Agentic(
+        turns=Turns(count=len(parts), ms=TurnParts(**turns), cycle_ms=cycle,
+                    share_of_cycle_pct=_shares(means, cycle.mean or 0.0)),
+        sessions=sessions,
+        concurrency=_concurrency(records, agents),
+        prefix_cache=PrefixCache(trace_file=file_rate,
+                                 replayed_ideal=ideal / sent_in if sent_in else None,
+                                 server=server_hit_rate),
+        skipped_over_context=sum(c.get("skipped_over_context", 0) for c in convs),
+        dropped_by_limit=sum(c.get("dropped_by_limit", 0) for c in convs),
+    )

@@ -27,11 +27,14 @@ from cputax.analysis.timeline import host_series, read_telemetry
 from cputax.records import NodeResults, RequestTable, Results
 from cputax.results.attribution import AttributionResult
 from cputax.results.calibration import Ceiling
+from cputax.results.nodes import NodeClock
 from cputax.results.summary import (
     Interrupted,
     RunInfo,
+    ScenarioServerPhases,
     ScenarioSummary,
     ServerMetrics,
+    ServerPhasesRun,
     Skipped,
     Summary,
 )
@@ -69,6 +72,7 @@ def summarize_run(run: RunDir, info: dict[str, Any], table: RequestTable,
             gpu_bubble_pct=(bubbles or {}).get(s.name)))
     # each request's own server phases, joined
     phases, per_scenario = server_phases(run, info, summaries)
+    phases = with_totals(phases, per_scenario)
     summaries = [msgspec.structs.replace(s, server_phases=per_scenario.get(s.name))
                  for s in summaries]
     shards = [f"{name}: {line}" for name, w in windows.items()
@@ -94,6 +98,18 @@ def summarize_run(run: RunDir, info: dict[str, Any], table: RequestTable,
         findings=[f for s in summaries for f in scenario_findings(s, info)],
         in_short=in_short(summaries, info, correlation, attribution),
     )
+
+
+def with_totals(run: ServerPhasesRun | None, per_scenario: dict[str, ScenarioServerPhases]
+                ) -> ServerPhasesRun | None:
+    """The run's line of the server phases with its totals over the scenarios that had
+    records: records no span joined, spans no record joined."""
+    if run is None:
+        return None
+    joined = [sp for sp in per_scenario.values() if sp.records]
+    return msgspec.structs.replace(
+        run, records_without_span=sum(sp.records_without_span for sp in joined),
+        spans_without_record=sum(sp.spans_without_record for sp in joined))
 
 
 def _interrupted(info: dict[str, Any], windows: dict[str, dict[str, Any]]) -> Interrupted | None:
@@ -172,6 +188,16 @@ def _judge(attribution: AttributionResult, summary: Summary, info: dict[str, Any
     add_findings(attribution, figures, (info.get("host") or {}).get("cpus"))
 
 
+def node_clock(raw: dict[str, Any] | None) -> NodeClock | None:
+    """clock.json as the report shows it; `same_machine` when the conversion had nothing to
+    do (no offset, no error: the driver's own machine)."""
+    if not raw:
+        return None
+    clock = NodeClock.from_json(raw)
+    clock.same_machine = clock.converted and not clock.error_ns and not clock.offset_ns
+    return clock
+
+
 def analyse_node(node: RunDir, info: dict[str, Any], table: RequestTable) -> NodeResults:
     """A server node's folder of a Ray run (nodes/<node>/, its times already on the driver's
     clock): its CPU attribution and correlation, as for the run's own machine, written
@@ -186,5 +212,5 @@ def analyse_node(node: RunDir, info: dict[str, Any], table: RequestTable) -> Nod
         attribution.dump(node.attribution)
     correlation = correlate_run(node, info, table, telemetry)
     correlation.dump(node.correlation)
-    return NodeResults(clock=node.read_optional(node.path / "clock.json"),
+    return NodeResults(clock=node_clock(node.read_optional(node.path / "clock.json")),
                        attribution=attribution, correlation=correlation)

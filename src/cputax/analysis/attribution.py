@@ -29,6 +29,7 @@ from cputax.results.attribution import (
     AttributionResult,
     FileAttribution,
     GilThread,
+    Headline,
     ProcessView,
     ThreadRow,
     ThreadShares,
@@ -43,6 +44,8 @@ ALIGNMENT_MS = 15.0  # py-spy timestamps vs the run's clock, worst case seen (se
 PYSPY_DEFAULT_RATE = 100  # py-spy's own default: assumed for a chrometrace cputax did not record
 BEHIND_RATIO = 0.8  # fewer than 80% of the asked samples: py-spy fell behind
 OTHER_TOP = 10
+MIN_SHARE = 0.01  # a category gets a column when some thread spends 1% of its time there
+FULL_COVERAGE = 0.9  # py-spy saw less of a window than this: the report warns
 NO_FRAME = "(no Python frame: native code, or a thread between Python calls)"
 
 CategorySpan = tuple[int, int, str]
@@ -102,6 +105,28 @@ def thread_role(server: str | None, process_role: str, thread: str) -> str | Non
     return None
 
 
+def columns(rows: list[ThreadRow]) -> list[str]:
+    """The categories worth a column: those some thread spends MIN_SHARE of its time in,
+    busiest first (by their largest share), then other and idle where present."""
+    seen: dict[str, float] = {}
+    for row in rows:
+        for cat, value in row.categories.items():
+            seen[cat] = max(seen.get(cat, 0.0), value)
+    cols = [c for c, value in sorted(seen.items(), key=lambda kv: -kv[1])
+            if value >= MIN_SHARE and c not in (IDLE, OTHER)]
+    return cols + [c for c in (OTHER, IDLE) if c in seen]
+
+
+def headline(rows: list[ThreadRow]) -> Headline | None:
+    """The busiest (thread, category) pair, idle and other left out; None under MIN_SHARE."""
+    best = max(((cat, value, r) for r in rows for cat, value in r.categories.items()
+                if cat not in (IDLE, OTHER)), key=lambda x: x[1], default=None)
+    if best is None or best[1] < MIN_SHARE:
+        return None
+    cat, value, r = best
+    return Headline(process=r.process, thread=r.thread, role=r.role, category=cat, share=value)
+
+
 # --- a file given to `cputax attribute` --------------------------------------------------------
 def attribute_file(path: Path, server: str = "auto", rate: float | None = None) -> FileAttribution:
     """Classify a py-spy raw (collapsed) or chrometrace file."""
@@ -117,7 +142,8 @@ def attribute_file(path: Path, server: str = "auto", rate: float | None = None) 
     threads = {(str(t.pid) if t.pid is not None else "", t): s for t, s in per_thread.items()}
     shares = summarize(threads, classifier_for(name))
     return FileAttribution(server=name, source=source, categories=shares.categories,
-                           threads=shares.threads, other_top=shares.other_top)
+                           threads=shares.threads, other_top=shares.other_top,
+                           columns=columns(shares.threads))
 
 
 # --- a run (or profile) directory ----------------------------------------------------------------
@@ -223,6 +249,7 @@ def _process_view(entry: dict[str, Any], window: tuple[int, int] | None, timelin
     if hi > lo:
         covered = max(0.0, min(t1, last) - max(t0, first))
         view.coverage = covered / (t1 - t0)
+        view.partial = view.coverage < FULL_COVERAGE
     stacks = {thread: collapse(clip(spans, t0, t1), entry["rate"])
               for thread, spans in timeline.items()}
     return view, {t: s for t, s in stacks.items() if s}
@@ -233,6 +260,7 @@ def _host_and_gil(row: ThreadRow, proc: ProcessView, host: HostSeries | None,
     """A thread's schedstat shares (and whether py-spy's busy share agrees) and its GIL."""
     if (cpu := _host_shares(host, proc.pid, row.tid, span)) is not None:
         row.on_cpu, row.runqueue = cpu
+        row.schedstat = sum(cpu)
         # py-spy's busy share against schedstat's (on a CPU or ready for one)
         if row.active is not None and row.samples:
             row.cpu_agrees = agrees(row.active, row.samples, sum(cpu))
@@ -295,7 +323,9 @@ def attribute_run(run: RunDir, host: HostSeries | None = None) -> AttributionRes
         windows.append(Window(name=name, start_ns=start, end_ns=end,
                               wall_s=None if span is None else (end - start) / 1e9,
                               processes=processes, categories=shares.categories,
-                              threads=shares.threads, other_top=shares.other_top))
+                              threads=shares.threads, other_top=shares.other_top,
+                              columns=columns(shares.threads),
+                              headline=headline(shares.threads)))
     config = None
     if run.has_info():
         config = ((run.info().get("monitors") or {}).get("pyspy") or {}).get("config")

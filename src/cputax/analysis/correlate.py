@@ -45,6 +45,7 @@ from cputax.results.correlation import (
     HostThread,
     HostUsage,
     Scenario,
+    Share,
     Timeline,
 )
 from cputax.rundir import RunDir
@@ -55,6 +56,8 @@ IDLE_CATEGORIES = frozenset({IDLE})
 PHASES = ("client", "front_end", "prefill", "decode")
 PLOT_BINS = 400  # timeline plots: at most this many bins, and never finer than the sources
 TOP_THREADS = 5
+QUIET_PCT = 0.5  # a process under this CPU (% of one core) is counted in the report, not listed
+STALL_SPLIT_TOP = 4  # the stall split's parts the report names
 Span = tuple[int, int, str]
 CategorySpans = Mapping[tuple[int, Any], Sequence[Span]]
 NO_PYSPY = "unattributed (no py-spy data)"
@@ -211,6 +214,16 @@ def category_split(server_stalls: list[tuple[int, int]], categories: CategorySpa
     return {c: stall_s * ns / total for c, ns in thread_ns.items()}, thread_s
 
 
+def top_shares(split: Mapping[str, float], top: int, whole: float | None = None) -> list[Share]:
+    """The `top` largest parts of `split`, each as % of `whole` (default: the sum of its
+    parts); [] when the whole is nothing."""
+    total = sum(split.values()) if whole is None else whole
+    if not total:
+        return []
+    ranked = sorted(split.items(), key=lambda kv: -kv[1])[:top]
+    return [Share(name=name, pct=100.0 * part / total) for name, part in ranked]
+
+
 def gpu_stalls(window: tuple[int, int], states: list[Span], gpu: GpuBusy,
                categories: CategorySpans, idle_below: float = IDLE_BELOW_PCT
                ) -> tuple[GpuStalls, list[tuple[int, int]]]:
@@ -243,7 +256,9 @@ def gpu_stalls(window: tuple[int, int], states: list[Span], gpu: GpuBusy,
         idle_nothing_pending_pct=100.0 * (idle_s - stall_s) / wall if wall else None,
         stall_s=stall_s, stall_pct=100.0 * stall_s / wall if wall else None,
         stalls=len(stalls), longest_stall_ms=max((b - a for a, b in stalls), default=0) / 1e6,
-        stall_by_state=by_state, stall_split=split, stall_thread_s=thread_s), stalls
+        stall_by_state=by_state, stall_split=split,
+        stall_split_top=top_shares(split, STALL_SPLIT_TOP, stall_s),
+        stall_thread_s=thread_s), stalls
 
 
 def _label(host: HostSeries, pid: int) -> str:
@@ -264,10 +279,11 @@ def host_usage(host: HostSeries, window: tuple[int, int]) -> HostUsage:
         threads = sorted(((tid, whole.sums(iv)[0] / 1e9) for (p, tid), iv in host.thread_cpu.items() if p == pid),
                          key=lambda x: -x[1])[:TOP_THREADS]
         found = process_role(" ".join(host.cmdlines.get(pid, [])))
+        cpu_pct = 100.0 * cpu_s / wall
         processes.append(HostProcess(
             pid=pid, name=host.names.get(pid, "?"), role=host.roles.get(pid, "?"),
             server_role=found[1] if found and host.roles.get(pid) == "server" else None,
-            cpu_pct=100.0 * cpu_s / wall,
+            cpu_pct=cpu_pct, quiet=cpu_pct < QUIET_PCT,
             wait_pct=100.0 * whole.sums(host.wait.get(pid, []))[0] / 1e9 / wall,
             switches_per_s=whole.sums(host.switches.get(pid, []))[0] / wall,
             threads=[HostThread(tid=tid, name=host.thread_names.get((pid, tid), "?"),
@@ -275,7 +291,7 @@ def host_usage(host: HostSeries, window: tuple[int, int]) -> HostUsage:
     processes.sort(key=lambda p: (p.role != "server", -p.cpu_pct))
     system = whole.averages(host.system)[0]
     return HostUsage(system_busy_pct=None if system is None else 100.0 * system, cpus=host.cpus,
-                     processes=processes)
+                     processes=processes, quiet_below_pct=QUIET_PCT)
 
 
 def timeline(window: tuple[int, int], phases: PhaseSpans, gpu: GpuBusy | None,

@@ -26,6 +26,7 @@ from cputax.records import RequestTable
 from cputax.results.summary import (
     ClientCpu,
     ClientLag,
+    GrowthRow,
     PhaseTimes,
     ScenarioSummary,
     ServerMetrics,
@@ -175,11 +176,22 @@ def summarize_scenario(
                                 parse_per_chunk_us=average(parse_per_chunk)),
         cpu_pct=None if not total else 100.0 * cpu / total,
         gpu_pct=None if not total else 100.0 * gpu / total,
+        mean_share_pct=_shares(mean),
         server=server,
         wall_s=wall,
         throughput=throughput,
         achieved_concurrency=achieved,
     )
+
+
+def _shares(mean: PhaseTimes) -> PhaseTimes | None:
+    """Each phase's mean as % of the mean total (the report's stacked bars); None without
+    a total."""
+    total = mean.total
+    if not total:
+        return None
+    return PhaseTimes(**{k: None if (v := getattr(mean, k)) is None else 100.0 * v / total
+                         for k in PhaseTimes.__struct_fields__ if k != "total"})
 
 
 def _achieved_concurrency(table: RequestTable, window: dict[str, Any]) -> float | None:
@@ -192,23 +204,23 @@ def _achieved_concurrency(table: RequestTable, window: dict[str, Any]) -> float 
     return float(np.where(np.isnan(end), 0.0, end - start).sum()) / wall
 
 
-def http_overhead_growth(scenarios: list[ScenarioSummary]) -> list[dict[str, Any]]:
-    """http_overhead by concurrency for each context size, relative to the lowest concurrency."""
-    by_ctx: dict[int, list[ScenarioSummary]] = {}
+def http_overhead_growth(scenarios: list[ScenarioSummary]) -> list[GrowthRow]:
+    """http_overhead by concurrency for each context size, relative to the lowest concurrency;
+    only context sizes measured at two concurrency levels or more."""
+    by_ctx: dict[int | None, list[ScenarioSummary]] = {}
     for s in scenarios:
         if s.mean_ms.http_overhead is not None:
             by_ctx.setdefault(s.context_tokens, []).append(s)
     rows = []
-    for ctx, group in sorted(by_ctx.items()):
+    for ctx, group in sorted(by_ctx.items(), key=lambda kv: kv[0] or 0):
         if len({s.concurrency for s in group}) < 2:
             continue  # growth needs two concurrency levels at one context size
-        group.sort(key=lambda s: s.concurrency)
+        group.sort(key=lambda s: s.concurrency or 0)
         base = group[0].mean_ms.http_overhead
         for s in group:
             oh = s.mean_ms.http_overhead
-            rows.append({
-                "context_tokens": ctx, "concurrency": s.concurrency, "scenario": s.name,
-                "http_overhead_ms": oh, "p99_ms": s.p99_ms.http_overhead,
-                "growth": oh / base if base else None,
-            })
+            assert oh is not None
+            rows.append(GrowthRow(context_tokens=ctx, concurrency=s.concurrency, scenario=s.name,
+                                  http_overhead_ms=oh, p99_ms=s.p99_ms.http_overhead,
+                                  growth=oh / base if base else None))
     return rows

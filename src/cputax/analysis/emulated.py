@@ -19,6 +19,7 @@ from cputax.analysis.correlate import (
     merge,
     pending_states,
     request_phases,
+    top_shares,
     without_emulated_step,
 )
 from cputax.emulation import StepRecord, read_steps
@@ -26,6 +27,8 @@ from cputax.records import RequestTable
 from cputax.results.correlation import CorrelationResult, EmulatedGpu, Percentiles
 from cputax.rundir import RunDir
 from cputax.util import percentile
+
+BUBBLE_SPLIT_TOP = 3  # the bubble split's parts the report names
 
 __all__ = ["add_bubbles", "scenario_bubbles"]
 
@@ -79,6 +82,7 @@ def scenario_bubbles(
         bubble_s=sum(lengths) / 1e9,
         bubble_pct=100.0 * sum(lengths) / wall if wall else None,
         bubble_split=split,
+        bubble_split_top=top_shares(split, BUBBLE_SPLIT_TOP),
         bubble_thread_s=thread_s,
     )
 

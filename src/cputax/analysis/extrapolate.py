@@ -25,9 +25,16 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from cputax.errors import CputaxError
+from cputax.results.extrapolation import (
+    Extrapolation,
+    FitPoint,
+    FrontEndModel,
+    FrontEndParams,
+    LeaveOneOut,
+    TableRow,
+)
 from cputax.rundir import RunDir
 
 Q_GRID = [i / 100 for i in range(0, 151)]
@@ -205,7 +212,7 @@ def _linear(points: list[Point], target: Callable[[Point], float]) -> tuple[Call
 
 
 def extrapolate(points: list[Point], users: list[int], subagents: list[int],
-                context: int | None = None) -> dict[str, Any]:
+                context: int | None = None) -> Extrapolation:
     if len({p.concurrency for p in points}) < 2:
         raise CputaxError("extrapolation needs scenarios at two or more concurrency levels (closed-loop "
                           "batches), e.g. `cputax run --profile smoke`")
@@ -239,31 +246,35 @@ def extrapolate(points: list[Point], users: list[int], subagents: list[int],
     rows = []
     for u, k in sorted(itertools.product(users, subagents), key=lambda uk: (uk[0] * (1 + uk[1]), uk)):
         c = u * (1 + k)
-        rows.append({"users": u, "subagents": k, "concurrency": c, "http_overhead_ms": model(c, context),
-                     "cpu_pct": cpu_pct(c, context), "measured_range": c <= max_c, "beyond": c > BEYOND * max_c})
-    if any(r["beyond"] for r in rows):
+        rows.append(TableRow(users=u, subagents=k, concurrency=c,
+                             http_overhead_ms=model(c, context), cpu_pct=cpu_pct(c, context),
+                             measured_range=c <= max_c, beyond=c > BEYOND * max_c))
+    if any(r.beyond for r in rows):
         warnings.append(f"rows marked ⚠ ask for more than {BEYOND:g}x the largest measured concurrency "
                         f"({max_c}): the model is extrapolated far past the data; measure there to trust it")
-    return {
-        "model": {
-            "name": "queue with contention" if use_contention else "queue",
-            "formula": "OH(c, n) = L + (s0 + s1*n) * (c+1)/2 * c^q",
-            "params": {"L_ms": model.L, "s0_ms": model.s0, "s1_us_per_token": 1000 * model.s1, "q": model.q,
-                       "service_ms_at_context": model.service_ms(context),
-                       "proportional_to_tokens": model.proportional},
-            "fit_rms_pct": 100 * (_rms(oh_errors) or 0.0),
-            "fit_max_pct": 100 * max(abs(e) for e in oh_errors),
-            "loo_rms_pct": {k: None if v is None else 100 * v for k, v in loo.items()},
-            "alternative_q": contention[0].q,
-        },
-        "client_ms": " + ".join(client_terms),
-        "rest_ms": " + ".join(rest_terms),
-        "cpu_fit_rms_points": _rms(cpu_errors),
-        "points": [{"name": p.name, "concurrency": p.concurrency, "prompt_tokens": p.tokens,
-                    "http_overhead_ms": p.http_overhead, "fitted_ms": model(p.concurrency, p.tokens),
-                    "cpu_pct": p.cpu_pct, "fitted_cpu_pct": cpu_pct(p.concurrency, p.tokens)} for p in points],
-        "context_tokens": context,
-        "max_measured_concurrency": max_c,
-        "table": rows,
-        "warnings": warnings,
-    }
+    params = FrontEndParams(L_ms=model.L, s0_ms=model.s0, s1_us_per_token=1000 * model.s1,
+                            q=model.q, service_ms_at_context=model.service_ms(context),
+                            proportional_to_tokens=model.proportional)
+    loo_pct = {k: None if v is None else 100 * v for k, v in loo.items()}
+    return Extrapolation(
+        model=FrontEndModel(
+            name="queue with contention" if use_contention else "queue",
+            formula="OH(c, n) = L + (s0 + s1*n) * (c+1)/2 * c^q",
+            params=params,
+            fit_rms_pct=100 * (_rms(oh_errors) or 0.0),
+            fit_max_pct=100 * max(abs(e) for e in oh_errors),
+            loo_rms_pct=LeaveOneOut(**loo_pct),
+            alternative_q=contention[0].q,
+        ),
+        client_ms=" + ".join(client_terms),
+        rest_ms=" + ".join(rest_terms),
+        cpu_fit_rms_points=_rms(cpu_errors),
+        points=[FitPoint(name=p.name, concurrency=p.concurrency, prompt_tokens=p.tokens,
+                         http_overhead_ms=p.http_overhead,
+                         fitted_ms=model(p.concurrency, p.tokens), cpu_pct=p.cpu_pct,
+                         fitted_cpu_pct=cpu_pct(p.concurrency, p.tokens)) for p in points],
+        context_tokens=context,
+        max_measured_concurrency=max_c,
+        table=rows,
+        warnings=warnings,
+    )

@@ -124,7 +124,8 @@ def engine_findings(window: Window, figures: ScenarioFigures | None = None) -> l
             )
     scrape_s = sum(_sum(row, "metrics_scrape") for row in window.threads) * (window.wall_s or 0.0)
     if scrape_s > 0 and figures.gauge_polls:
-        out.append(ScrapeCost(polls=figures.gauge_polls, thread_s=scrape_s))
+        out.append(ScrapeCost(polls=figures.gauge_polls, thread_s=scrape_s,
+                              per_poll_s=scrape_s / figures.gauge_polls))
     return out
 
 
@@ -151,6 +152,7 @@ def sampling_overhead(
     for name in names:
         on, off = figures[name], figures[name + CONTROL_SUFFIX]
         cpu_s, wall = cpu.get(name, (None, None))
+        core = 100 * cpu_s / wall if cpu_s and wall else None  # py-spy's CPU, % of one core
         pairs.append(
             OverheadPair(
                 name=name,
@@ -160,7 +162,8 @@ def sampling_overhead(
                 ttft_on_ms=on.ttft_ms,
                 ttft_off_ms=off.ttft_ms,
                 ttft_change_pct=_pct_change(on.ttft_ms, off.ttft_ms),
-                pyspy_core_pct=100 * cpu_s / wall if cpu_s and wall else None,
+                pyspy_core_pct=core,
+                pyspy_cores_pct=core / cpus if core is not None and cpus else None,
             )
         )
     tps = [p.tps_change_pct for p in pairs if p.tps_change_pct is not None]

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import orjson
-
 from cputax.analysis.extrapolate import extrapolate as fit
 from cputax.analysis.extrapolate import points_from_run
 from cputax.errors import CputaxError
 from cputax.report.extrapolation import render
+from cputax.results import format as result_format
 from cputax.rundir import RunDir
 
 __all__ = ["extrapolate"]
@@ -24,12 +23,12 @@ def extrapolate(run_dir: Path, users: list[int], subagents: list[int], context: 
         raise CputaxError(f"{run_dir}: extrapolation needs batch scenarios at two or more concurrency levels; "
                           f"left out: {'; '.join(left_out)}")
     result = fit(points, users, subagents, context)
-    result["left_out"] = left_out
-    text = render(result, run_dir, left_out)
-    run.write(run.extrapolation("json"), result)
+    result.left_out = left_out
+    text = render(result, run_dir)
+    result_format.dump(run.extrapolation("json"), result)
     run.extrapolation("md").write_text(text)
     if as_json:
-        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+        print(result_format.encode(result).decode())
     else:
         print(text, end="")
     return 0

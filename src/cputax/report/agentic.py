@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cputax.report.format import fraction, ms, number, pct, table
+from cputax.report.format import fraction, instant, ms, number, pct, table
 from cputax.results.summary import Summary, TurnParts
 
 PART_LABELS = {"think": "Think", "client": "Client build", "front_end": "Server front end", "engine": "Server engine"}
@@ -28,29 +28,28 @@ def agentic_section(summary: Summary, info: dict[str, Any]) -> str | None:
     replay = info.get("replay", {})
     turns = agentic.turns
     part_names = TurnParts.__struct_fields__  # the parts of a turn, in the analysis's order
-    cycle = turns.cycle_ms.mean or 0.0
+    turn_share = turns.share_of_cycle_pct
     turn_rows = []
     for k in part_names:
         st = getattr(turns.ms, k)
         turn_rows.append([PART_LABELS[k], ms(st.mean), ms(st.p50), ms(st.p99),
-                          pct(100 * (st.mean or 0.0) / cycle if cycle else None)])
-    turn_rows.append(["Turn cycle", ms(cycle), ms(turns.cycle_ms.p50), ms(turns.cycle_ms.p99),
-                      "100%"])
+                          pct(getattr(turn_share, k) if turn_share else None)])
+    turn_rows.append(["Turn cycle", ms(turns.cycle_ms.mean), ms(turns.cycle_ms.p50),
+                      ms(turns.cycle_ms.p99), "100%"])
     session_rows = []
     for s in agentic.sessions:
         path = s.critical_path
-        wall_ms = 1000 * path.wall_s
+        share_pct = path.share_pct
         session_rows.append(
             [s.session, f"{s.requests - s.errors}/{s.requests}", str(s.subagents),
              f"{path.wall_s:,.1f}", " > ".join(path.chain), str(path.turns)]
-            + [pct(100 * getattr(path.ms, k) / wall_ms if wall_ms else None) for k in part_names])
+            + [pct(getattr(share_pct, k) if share_pct else None) for k in part_names])
     conc = agentic.concurrency
-    digits = 2 if conc.timeline and conc.timeline[-1].t_s < 10 else 0
-    timeline_rows = [[f"{b.t_s:,.{digits}f}", number(b.agents, 1), number(b.requests, 1),
+    span = conc.timeline[-1].t_s if conc.timeline else None
+    timeline_rows = [[instant(b.t_s, span), number(b.agents, 1), number(b.requests, 1),
                       number(b.subagent_requests, 1)] for b in conc.timeline]
     cache = agentic.prefix_cache
-    skipped = sum(c.get("skipped_over_context", 0) for c in replay.get("conversations", []))
-    dropped = sum(c.get("dropped_by_limit", 0) for c in replay.get("conversations", []))
+    skipped, dropped = agentic.skipped_over_context, agentic.dropped_by_limit
     lines = [
         "## Agentic replay",
         "",

@@ -6,12 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from cputax.report.format import ms, number, pct, table
-from cputax.results.correlation import CorrelationResult, EmulatedGpu
+from cputax.report.telemetry import split_text
+from cputax.results.correlation import CorrelationResult
 from cputax.results.summary import Summary
 
 __all__ = ["emulated_banner", "emulated_section"]
 
-TOP_CATEGORIES = 3
 LAYOUTS = {
     "uni": "the model in the EngineCore process, as a single-GPU vLLM runs it (uni)",
     "mp": "the CPU platform's worker process on a shared-memory ring (mp)",
@@ -54,14 +54,6 @@ def emulated_banner(info: dict[str, Any]) -> list[str]:
     ]
 
 
-def _split(em: EmulatedGpu) -> str:
-    split = sorted(em.bubble_split.items(), key=lambda kv: -kv[1])[:TOP_CATEGORIES]
-    total = sum(em.bubble_split.values())
-    if not split or not total:
-        return "-"
-    return ", ".join(f"{name} {100 * s / total:.0f}%" for name, s in split)
-
-
 def emulated_section(summary: Summary, correlation: CorrelationResult | None) -> str | None:
     """Per scenario: the emulated GPU's busy % (exact, and as the correlation binned it), its
     steps, and the bubbles between steps while requests waited at the engine."""
@@ -102,7 +94,7 @@ def emulated_section(summary: Summary, correlation: CorrelationResult | None) ->
                 bubble_ms,
                 pct(em.bubble_pct),
                 pct(cpu.get(s.name)),
-                _split(em),
+                split_text(em.bubble_split_top),
             ]
         )
     return "\n".join(

@@ -7,8 +7,8 @@ import re
 
 from cputax.results.summary import ScenarioSummary
 
-__all__ = ["ABSENT", "WITHHELD", "fraction", "ms", "number", "pct", "ratio_cell", "scenario_cell", "share",
-           "signed_pct", "table"]
+__all__ = ["ABSENT", "WITHHELD", "fraction", "instant", "ms", "number", "pct", "ratio_cell",
+           "scenario_cell", "share", "signed_pct", "table"]
 
 ABSENT = "absent"
 WITHHELD = "withheld"  # a ratio of a scenario whose records break the run's invariants
@@ -24,6 +24,12 @@ def ms(value: float | None) -> str:
     if value is None:
         return ABSENT
     return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
+
+
+def instant(seconds: float, span: float | None) -> str:
+    """A moment on a timeline of `span` seconds: two decimals on one shorter than 10 s."""
+    digits = 2 if span is not None and span < 10 else 0
+    return f"{seconds:,.{digits}f}"
 
 
 def pct(value: float | None) -> str:

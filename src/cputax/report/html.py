@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import base64
 import html
-from typing import Any
 
 from markdown_it import MarkdownIt
 
 from cputax.report import plots
 from cputax.results.correlation import CorrelationResult
-from cputax.results.summary import Summary
+from cputax.results.summary import GrowthRow, Summary
 
 # Readable from a phone (390 px) to a desktop: wide tables scroll inside themselves
 # rather than pushing the page sideways, and figures take the column's width.
@@ -41,7 +40,7 @@ def image(png: bytes, alt: str) -> str:
 
 
 def render_figures(summary: Summary, corr: CorrelationResult | None,
-                   growth: list[dict[str, Any]]) -> dict[str, bytes]:
+                   growth: list[GrowthRow]) -> dict[str, bytes]:
     """Every figure of the report, by file stem."""
     scenarios = summary.scenarios
     figures = {"decomposition": plots.decomposition_bars(scenarios),

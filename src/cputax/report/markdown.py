@@ -6,7 +6,14 @@ from typing import Any
 
 from cputax.report.emulated import emulated_banner
 from cputax.report.format import ms, number, pct, ratio_cell, scenario_cell, table
-from cputax.results.summary import GaugeStats, Interrupted, ScenarioSummary, Summary, Throughput
+from cputax.results.summary import (
+    GaugeStats,
+    GrowthRow,
+    Interrupted,
+    ScenarioSummary,
+    Summary,
+    Throughput,
+)
 from cputax.workload.prompts import TOOL_MODES
 
 STUDY_COLUMNS = (("http_overhead", "HTTP OH"), ("prefill", "Prefill"), ("decode", "Decode"), ("total", "Total"))
@@ -125,14 +132,15 @@ def server_table(scenarios: list[ScenarioSummary]) -> str | None:
     return table(header, rows)
 
 
-def growth_table(rows: list[dict[str, Any]]) -> str | None:
-    """HTTP overhead against concurrency per context size (analysis.decompose.http_overhead_growth)."""
-    if len({r["concurrency"] for r in rows}) < 2:
+def growth_table(rows: list[GrowthRow]) -> str | None:
+    """HTTP overhead against concurrency per context size; analysis
+    (decompose.http_overhead_growth) keeps only the sizes measured at two concurrencies."""
+    if not rows:
         return None
     return table(
         ["Ctx", "Conc", "Scenario", "HTTP OH ms", "p99 ms", "Growth"],
-        [[f"{r['context_tokens']:,}", str(r["concurrency"]), r["scenario"], ms(r["http_overhead_ms"]),
-          ms(r["p99_ms"]), "absent" if r["growth"] is None else f"{r['growth']:.1f}x"] for r in rows],
+        [[number(r.context_tokens), str(r.concurrency), r.scenario, ms(r.http_overhead_ms),
+          ms(r.p99_ms), "absent" if r.growth is None else f"{r.growth:.1f}x"] for r in rows],
     )
 
 
@@ -191,7 +199,7 @@ def _interrupted_banner(stopped: Interrupted) -> str:
 
 
 def render_report(summary: Summary, info: dict[str, Any], sections: list[str] | None = None,
-                  growth: list[dict[str, Any]] | None = None) -> str:
+                  growth: list[GrowthRow] | None = None) -> str:
     """The report; `sections` are extra markdown sections (profiling, telemetry...) placed
     before the notes."""
     scenarios = summary.scenarios

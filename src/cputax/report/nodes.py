@@ -4,11 +4,11 @@ where its server's CPU time went, as the run's own sections show them for this m
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from cputax.records import Results
 from cputax.report.profiling import window_text
 from cputax.report.telemetry import render_telemetry
+from cputax.results.nodes import NodeClock
 
 __all__ = ["nodes_section"]
 
@@ -26,17 +26,19 @@ def _demote(text: str, levels: int = 2) -> str:
     return re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + levels) + " ", text, flags=re.M)
 
 
-def _clock_line(clock: dict[str, Any] | None) -> str:
-    if not clock:
+def _clock_line(clock: NodeClock | None) -> str:
+    if clock is None:
         return "_no clock estimate: this node's times could not be converted_"
-    if not clock.get("converted"):
-        return "_this node's times were not converted (the run stopped before its clock was estimated)_"
-    if not clock.get("error_ns") and not clock.get("offset_ns"):
+    if not clock.converted:
+        return ("_this node's times were not converted (the run stopped before its clock was "
+                "estimated)_")
+    if clock.same_machine:
         return "Clock: the driver's own machine (one kernel, one clock): no conversion error."
-    drift, spread = clock.get("drift_ppm"), clock.get("drift_error_ppm")
-    drift_text = f", drift {drift:+.2f} ± {spread:.2f} ppm" if drift is not None and spread is not None else ""
-    return (f"Clock: offset {clock['offset_ns'] / 1e6:+.3f} ms to the driver, error bound "
-            f"± {clock['error_ns'] / 1e3:.0f} µs{drift_text}.")
+    drift, spread = clock.drift_ppm, clock.drift_error_ppm
+    drift_text = (f", drift {drift:+.2f} ± {spread:.2f} ppm"
+                  if drift is not None and spread is not None else "")
+    return (f"Clock: offset {(clock.offset_ns or 0) / 1e6:+.3f} ms to the driver, error bound "
+            f"± {(clock.error_ns or 0) / 1e3:.0f} µs{drift_text}.")
 
 
 def nodes_section(results: Results) -> str | None:
@@ -44,10 +46,11 @@ def nodes_section(results: Results) -> str | None:
         return None
     parts = ["## Server nodes (Ray)", "", ABOUT, ""]
     for name, node in results.nodes.items():
-        clock = node.clock or {}
+        clock = node.clock
         parts += [f"### Node {name}", "", _clock_line(clock), ""]
-        if clock.get("error"):
-            parts += [f"_The node agent stopped ({clock['error']}); what it shipped before is below._", ""]
+        if clock is not None and clock.error:
+            parts += [f"_The node agent stopped ({clock.error}); what it shipped before is "
+                      "below._", ""]
         if node.correlation and (telemetry := render_telemetry(node.correlation)):
             parts += [_demote(telemetry), ""]
         attribution = node.attribution

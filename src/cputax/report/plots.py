@@ -12,7 +12,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from cputax.results.correlation import Timeline
-from cputax.results.summary import ScenarioSummary
+from cputax.results.summary import GrowthRow, ScenarioSummary
 
 WALL_PHASES = (("serialize", "Serialize (client)", "#9ecae1"), ("http_overhead", "HTTP OH (front end)", "#fd8d3c"),
                ("prefill", "Prefill (queue + prefill)", "#74c476"), ("decode", "Decode", "#31a354"))
@@ -30,7 +30,7 @@ def _png(fig: Figure) -> bytes:
 def decomposition_bars(scenarios: list[ScenarioSummary]) -> bytes | None:
     """The study's stacked bars: each scenario's mean request split into its wall-time
     phases (share of the mean total), with CPU% and the total on top."""
-    rows = [s for s in scenarios if s.mean_ms.total]
+    rows = [s for s in scenarios if s.mean_ms.total and s.mean_share_pct is not None]
     if not rows:
         return None
     fig = Figure(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.5))
@@ -38,7 +38,7 @@ def decomposition_bars(scenarios: list[ScenarioSummary]) -> bytes | None:
     x = range(len(rows))
     bottom = [0.0] * len(rows)
     for key, label, color in WALL_PHASES:
-        share = [100.0 * (getattr(s.mean_ms, key) or 0.0) / s.mean_ms.total for s in rows]
+        share = [getattr(s.mean_share_pct, key) or 0.0 for s in rows]
         ax.bar(x, share, bottom=bottom, label=label, color=color, width=0.7)
         bottom = [b + v for b, v in zip(bottom, share, strict=True)]
     for i, s in enumerate(rows):
@@ -57,13 +57,13 @@ def decomposition_bars(scenarios: list[ScenarioSummary]) -> bytes | None:
 
 
 def http_overhead_plot(scenarios: list[ScenarioSummary],
-                       growth_rows: list[dict[str, Any]]) -> bytes | None:
+                       growth_rows: list[GrowthRow]) -> bytes | None:
     """HTTP overhead (mean, p99 dashed) against concurrency, one line per context size
     (`growth_rows`: analysis.decompose.http_overhead_growth)."""
     rows = [s for s in scenarios if s.mean_ms.http_overhead is not None and s.concurrency]
     if not rows:
         return None
-    growth = {r["scenario"]: r["growth"] for r in growth_rows}
+    growth = {r.scenario: r.growth for r in growth_rows}
     fig = Figure(figsize=(6.5, 4.0))
     ax = fig.subplots()
     for ctx in sorted({s.context_tokens or 0 for s in rows}):

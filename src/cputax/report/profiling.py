@@ -22,10 +22,8 @@ from cputax.results.attribution import (
     WorkerWait,
 )
 from cputax.sampling.pyspy import SamplerConfig
-from cputax.servers import CATEGORIES, IDLE, MEANINGS, OTHER
+from cputax.servers import CATEGORIES, MEANINGS
 from cputax.workload.profiles import CONTROL_SUFFIX
-
-MIN_SHARE = 0.01  # a category gets a column when some thread spends 1% of its time there
 
 HOW = """\
 {version} sampled every server process during each scenario ({config}). Every sample
@@ -45,16 +43,6 @@ a thread blocked on the GIL sleeps, so it is in neither (nor is one blocked in a
 the rules do not know as a wait, which the estimate also counts)."""
 
 
-def _columns(rows: list[ThreadRow]) -> list[str]:
-    seen: dict[str, float] = {}
-    for row in rows:
-        for cat, value in row.categories.items():
-            seen[cat] = max(seen.get(cat, 0.0), value)
-    cols = [c for c, value in sorted(seen.items(), key=lambda kv: -kv[1])
-            if value >= MIN_SHARE and c not in (IDLE, OTHER)]
-    return cols + [c for c in (OTHER, IDLE) if c in seen]
-
-
 def _samples(r: ThreadRow) -> str:
     """The sample count, and how many of them had no stack at all."""
     return f"{r.samples:,}" + (f" ({r.empty:,} empty)" if r.empty else "")
@@ -68,13 +56,14 @@ def _busy(r: ThreadRow) -> str:
     lo, hi = r.active_interval or (active, active)
     mark = ""
     if r.cpu_agrees is False:
-        mark = " ⚠ schedstat " + share((r.on_cpu or 0.0) + (r.runqueue or 0.0))
+        mark = " ⚠ schedstat " + share(r.schedstat)
     return f"{share(active, '0%')} [{share(lo, '0%')}-{share(hi, '0%')}]{mark}"
 
 
-def thread_table(rows: list[ThreadRow], views: dict[str, str] | None = None) -> str:
-    """One row per thread: samples, busy share, a column per category that matters."""
-    cols = _columns(rows)
+def thread_table(rows: list[ThreadRow], cols: list[str],
+                 views: dict[str, str] | None = None) -> str:
+    """One row per thread: samples, busy share, a column per category in `cols` (those that
+    matter, analysis.attribution.columns)."""
     gil = any(r.gil is not None for r in rows)
     waits = any(r.gil_wait is not None for r in rows)
     header = ["Process", "Thread", "Samples", "Busy", *cols] + (["GIL held"] if gil else []) \
@@ -109,15 +98,13 @@ def _views(window: Window) -> dict[str, str]:
 
 
 def _headline(window: Window) -> str | None:
-    """The busiest (thread, category) pair, as a sentence."""
-    best = max(((cat, value, r) for r in window.threads for cat, value in r.categories.items()
-                if cat not in (IDLE, OTHER)), key=lambda x: x[1], default=None)
-    if best is None or best[1] < MIN_SHARE:
+    """The busiest (thread, category) pair (analysis.attribution.headline), as a sentence."""
+    best = window.headline
+    if best is None:
         return None
-    cat, value, r = best
-    role = f" ({r.role.split(':')[0]})" if r.role else ""
-    return (f"During {window.name}, the {r.process} thread {r.thread}{role} spent "
-            f"{100 * value:.0f}% of its time in {cat}.")
+    role = f" ({best.role.split(':')[0]})" if best.role else ""
+    return (f"During {window.name}, the {best.process} thread {best.thread}{role} spent "
+            f"{100 * best.share:.0f}% of its time in {best.category}.")
 
 
 def _warnings(window: Window, rate: float) -> list[str]:
@@ -130,7 +117,7 @@ def _warnings(window: Window, rate: float) -> list[str]:
             out.append(f"- {p.process}: py-spy took {number(p.effective_rate, 0)} samples/s per "
                        f"thread of the {rate:g} asked{late} (CPU saturated, or too high a rate): "
                        "shares are still estimates of time, with fewer samples")
-        if p.coverage is not None and p.coverage < 0.9:
+        if p.partial and p.coverage is not None:
             out.append(f"- {p.process}: sampled {100 * p.coverage:.0f}% of the window "
                        "(py-spy attaches after the scenario starts)")
     return out
@@ -169,7 +156,7 @@ def finding_text(finding: Finding) -> str:
         case ScrapeCost():
             return (f"- Answering cputax's {finding.polls} gauge polls of /metrics "
                     f"(`metrics_scrape`) took {1000 * finding.thread_s:,.0f} ms of server thread "
-                    f"time, {1000 * finding.thread_s / finding.polls:,.1f} ms a scrape.")
+                    f"time, {1000 * finding.per_poll_s:,.1f} ms a scrape.")
     raise TypeError(f"not a finding: {finding!r}")
 
 
@@ -179,7 +166,8 @@ def window_text(window: Window, rate: float, links: bool = True) -> str:
         parts += [headline, ""]
     if window.findings:
         parts += [*map(finding_text, window.findings), ""]
-    parts += [thread_table(window.threads, _views(window) if links else None) if window.threads
+    parts += [thread_table(window.threads, window.columns, _views(window) if links else None)
+              if window.threads
               else "_no samples in this window_", ""]
     parts += _warnings(window, rate)
     return "\n".join(parts).rstrip()
@@ -187,8 +175,7 @@ def window_text(window: Window, rate: float, links: bool = True) -> str:
 
 def categories_text(windows: list[Window]) -> str | None:
     """What each category that appears in these windows means, in one line each."""
-    seen = {c for w in windows for row in w.threads for c, v in row.categories.items()
-            if v >= MIN_SHARE}
+    seen = {c for w in windows for c in w.columns}
     if not seen:
         return None
     lines = [f"- `{c}`: {MEANINGS[c]}" for c in CATEGORIES if c in seen]
@@ -203,10 +190,10 @@ def other_text(other_top: list[FrameCount]) -> str | None:
             f"them):\n\n{frames}")
 
 
-def _core(core: float | None, cpus: int | None) -> str:
+def _core(core: float | None, cores: float | None, cpus: int | None) -> str:
     if core is None:
         return "absent"
-    return f"{core:.1f}%" + (f" ({core / cpus:.1f}% of {cpus})" if cpus else "")
+    return f"{core:.1f}%" + (f" ({cores:.1f}% of {cpus})" if cores is not None else "")
 
 
 def overhead_text(overhead: SamplingOverhead | None) -> str | None:
@@ -216,7 +203,8 @@ def overhead_text(overhead: SamplingOverhead | None) -> str | None:
         return None
     rows = [[p.name, f"{number(p.tps_on, 1)} / {number(p.tps_off, 1)}",
              signed_pct(p.tps_change_pct), f"{ms(p.ttft_on_ms)} / {ms(p.ttft_off_ms)}",
-             signed_pct(p.ttft_change_pct), _core(p.pyspy_core_pct, overhead.cpus)]
+             signed_pct(p.ttft_change_pct),
+             _core(p.pyspy_core_pct, p.pyspy_cores_pct, overhead.cpus)]
             for p in overhead.pairs]
     text = table(["Scenario", "output tok/s sampled / not", "Δ", "TTFT ms sampled / not", "Δ",
                   "py-spy CPU: % of one core (of all cores)"], rows)
@@ -284,7 +272,7 @@ def file_text(result: FileAttribution) -> str:
                         sorted(result.categories.items(), key=lambda kv: -kv[1]) if share(v))
     server = result.server or "not recognised (common rules only)"
     parts = [f"server: {server}; {result.source}", f"all threads: {overall}", "",
-             thread_table(result.threads)]
+             thread_table(result.threads, result.columns)]
     if other := other_text(result.other_top):
         parts += ["", other]
     return "\n".join(parts)

@@ -140,13 +140,11 @@ def server_phases_section(summary: Summary) -> str | None:
         return "\n".join(parts + [f"_{run.note}_", ""])
     scenarios = [(s, s.server_phases) for s in summary.scenarios
                  if s.server_phases is not None and s.server_phases.records]
-    without = sum(sp.records_without_span for _, sp in scenarios)
-    stray = sum(sp.spans_without_record for _, sp in scenarios)
     parts += [
         f"Source: {run.source}; spans received {number(run.spans_received)}, joined "
-        f"{number(run.spans_matched)}; records without a span {without}; spans without a record "
-        f"{stray} in the scenarios' windows, {run.spans_outside_windows} outside them (warm-up, "
-        f"probes). All ms, p50 / p99.",
+        f"{number(run.spans_matched)}; records without a span {run.records_without_span}; "
+        f"spans without a record {run.spans_without_record} in the scenarios' windows, "
+        f"{run.spans_outside_windows} outside them (warm-up, probes). All ms, p50 / p99.",
         "",
     ]
     if (clock := _clock_line(run.span_clock, run.clock_error_ns)) is not None:

@@ -4,17 +4,17 @@ rendered from correlation.json's content (analysis.correlate)."""
 from __future__ import annotations
 
 from cputax.report.format import number, pct, table
-from cputax.results.correlation import CorrelationResult, Scenario
+from cputax.results.correlation import CorrelationResult, Scenario, Share
+
+__all__ = ["host_table", "render_telemetry", "split_text", "stall_table"]
 
 STATE_LABELS = (("engine", "at the engine"), ("front_end", "in the front end"),
                 ("client", "client side"))
 
 
-def _split(split: dict[str, float], stall_s: float, top: int = 4) -> str:
-    if not stall_s:
-        return "-"
-    items = sorted(split.items(), key=lambda kv: -kv[1])[:top]
-    return ", ".join(f"{name} {100 * s / stall_s:.0f}%" for name, s in items)
+def split_text(top: list[Share]) -> str:
+    """The largest parts of a split (analysis.correlate.top_shares), "-" for none."""
+    return ", ".join(f"{s.name} {s.pct:.0f}%" for s in top) or "-"
 
 
 def stall_table(scenarios: list[Scenario]) -> str | None:
@@ -27,7 +27,7 @@ def stall_table(scenarios: list[Scenario]) -> str | None:
             s.name, f"{s.wall_s:.1f}", pct(g.busy_pct), pct(g.idle_nothing_pending_pct),
             pct(g.stall_pct), f"{g.stalls} ({number(g.longest_stall_ms)})",
             *[number(g.stall_by_state.get(k, 0.0), 2) for k, _ in STATE_LABELS],
-            _split(g.stall_split, g.stall_s),
+            split_text(g.stall_split_top),
             f"{g.resolution_ms:.0f} ms / ±{g.alignment_ms or 0:.1f} ms",
         ])
     if not rows:
@@ -39,18 +39,15 @@ def stall_table(scenarios: list[Scenario]) -> str | None:
     return table(header, rows)
 
 
-QUIET_PCT = 0.5  # processes below this CPU (% of one core) are counted, not listed
-
-
 def host_table(scenarios: list[Scenario]) -> str | None:
     rows = []
     for s in scenarios:
         h = s.host
         if not h:
             continue
-        quiet = [p for p in h.processes if p.cpu_pct < QUIET_PCT]
+        quiet = [p for p in h.processes if p.quiet]  # analysis.correlate.QUIET_PCT
         for p in h.processes:
-            if p.cpu_pct < QUIET_PCT:
+            if p.quiet:
                 continue
             threads = ", ".join(f"{t.name}:{t.tid} {t.cpu_pct:.0f}%" for t in p.threads[:3]) or "-"
             role = p.role + (f": {p.server_role}" if p.server_role else "")
@@ -58,7 +55,7 @@ def host_table(scenarios: list[Scenario]) -> str | None:
                          f"{p.wait_pct:.1f}%", f"{p.switches_per_s:,.0f}", threads,
                          pct(h.system_busy_pct)])
         if quiet:
-            rows.append([s.name, f"{len(quiet)} more, each under {QUIET_PCT:g}% of a core",
+            rows.append([s.name, f"{len(quiet)} more, each under {h.quiet_below_pct:g}% of a core",
                          "", "", "", "", "", pct(h.system_busy_pct)])
     if not rows:
         return None

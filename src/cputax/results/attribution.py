@@ -23,6 +23,7 @@ __all__ = [
     "FrameCount",
     "GilInIdleFrames",
     "GilThread",
+    "Headline",
     "OverheadPair",
     "OwnMetrics",
     "ProcessView",
@@ -66,6 +67,7 @@ class ProcessView(msgspec.Struct, kw_only=True, omit_defaults=True):
     effective_rate: float | None = None
     fell_behind: bool = False
     coverage: float | None = None  # share of the window the sampler saw
+    partial: bool = False  # coverage under analysis.attribution.FULL_COVERAGE: a warning
     gil: float | None = None  # with --pyspy-gil: the GIL held, summed over its threads
     gil_threads: dict[str, GilThread] | None = None  # by tid (as text)
 
@@ -89,6 +91,7 @@ class ThreadRow(msgspec.Struct, kw_only=True, omit_defaults=True):
     on_cpu: float | None = None
     runqueue: float | None = None
     cpu_agrees: bool | None = None
+    schedstat: float | None = None  # on_cpu + runqueue: schedstat's busy, beside py-spy's
     # with --pyspy-gil
     gil: float | None = None
     gil_in_idle_frames: float | None = None
@@ -135,9 +138,20 @@ class ScrapeCost(msgspec.Struct, tag="scrape", kw_only=True):
 
     polls: int
     thread_s: float
+    per_poll_s: float = 0.0  # thread_s / polls
 
 
 Finding = WorkerWait | StepWait | OwnMetrics | GilInIdleFrames | ScrapeCost
+
+
+class Headline(msgspec.Struct, kw_only=True):
+    """A window's busiest (thread, category) pair, idle and other left out."""
+
+    process: str
+    thread: str
+    role: str | None = None
+    category: str
+    share: float
 
 
 class Window(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -152,6 +166,10 @@ class Window(msgspec.Struct, kw_only=True, omit_defaults=True):
     threads: list[ThreadRow] = []
     other_top: list[FrameCount] = []  # innermost frames no rule matched
     findings: list[Finding] = []  # analysis.profiling_findings
+    # the categories worth a column (analysis.attribution.MIN_SHARE), busiest first, then
+    # other and idle; and the busiest pair, None when no category reaches MIN_SHARE
+    columns: list[str] = []
+    headline: Headline | None = None
 
 
 class OverheadPair(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -165,6 +183,7 @@ class OverheadPair(msgspec.Struct, kw_only=True, omit_defaults=True):
     ttft_off_ms: float | None = None
     ttft_change_pct: float | None = None
     pyspy_core_pct: float | None = None  # py-spy's own CPU, % of one core
+    pyspy_cores_pct: float | None = None  # the same, % of all the machine's cores
 
 
 class SamplingOverhead(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -219,3 +238,4 @@ class FileAttribution(msgspec.Struct, kw_only=True):
     categories: dict[str, float]
     threads: list[ThreadRow]
     other_top: list[FrameCount]
+    columns: list[str] = []  # as Window.columns

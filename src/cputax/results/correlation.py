@@ -27,12 +27,20 @@ __all__ = [
     "HostUsage",
     "Percentiles",
     "Scenario",
+    "Share",
     "Timeline",
 ]
 
 FORMAT_VERSION = 2
 ACCEPTS = (1, 2)
 REBUILD = "rebuild it with `cputax report DIR`"
+
+
+class Share(msgspec.Struct, kw_only=True, frozen=True):
+    """One part's share of a whole, as analysis chose and ordered it for the report."""
+
+    name: str
+    pct: float  # % of the whole
 
 
 class GpuStalls(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -55,6 +63,7 @@ class GpuStalls(msgspec.Struct, kw_only=True, omit_defaults=True):
     longest_stall_ms: float = 0.0
     stall_by_state: dict[str, float] = {}  # engine, front_end, client -> seconds
     stall_split: dict[str, float] = {}  # category (or why none) -> seconds
+    stall_split_top: list[Share] = []  # the largest parts of stall_split, % of stall_s
     stall_thread_s: dict[str, float] = {}  # category -> busy thread seconds during stalls
 
 
@@ -75,12 +84,14 @@ class HostProcess(msgspec.Struct, kw_only=True, omit_defaults=True):
     wait_pct: float = 0.0
     switches_per_s: float = 0.0
     threads: list[HostThread] = []
+    quiet: bool = False  # under HostUsage.quiet_below_pct: counted in the report, not listed
 
 
 class HostUsage(msgspec.Struct, kw_only=True, omit_defaults=True):
     system_busy_pct: float | None = None
     cpus: int | None = None
     processes: list[HostProcess] = []
+    quiet_below_pct: float | None = None  # a process under this CPU (% of one core) is quiet
 
 
 class Timeline(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -116,6 +127,7 @@ class EmulatedGpu(msgspec.Struct, kw_only=True, omit_defaults=True):
     bubble_s: float = 0.0
     bubble_pct: float | None = None
     bubble_split: dict[str, float] = {}
+    bubble_split_top: list[Share] = []  # the largest parts of bubble_split, % of its total
     bubble_thread_s: dict[str, float] = {}
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "CriticalPath",
     "Finding",
     "GaugeStats",
+    "GrowthRow",
     "Interrupted",
     "PartTimes",
     "PhaseStats",
@@ -230,6 +231,9 @@ class ServerPhasesRun(msgspec.Struct, kw_only=True):
     spans_outside_windows: int = 0
     clock_error_ns: int | None = None
     span_clock: SpanClock | None = None
+    # over the scenarios with records: records no span joined, spans no record joined
+    records_without_span: int = 0
+    spans_without_record: int = 0
     findings: list[str] = []
     note: str | None = None
 
@@ -250,6 +254,7 @@ class ScenarioSummary(msgspec.Struct, kw_only=True):
     output_tokens_mean: float | None = None
     output_tokens_source: list[str] = []
     mean_ms: PhaseTimes = msgspec.field(default_factory=PhaseTimes)
+    mean_share_pct: PhaseTimes | None = None  # each phase's mean, % of the mean total
     p50_ms: PhaseTimes = msgspec.field(default_factory=PhaseTimes)
     p99_ms: PhaseTimes = msgspec.field(default_factory=PhaseTimes)
     clock: str | None = None
@@ -268,6 +273,18 @@ class ScenarioSummary(msgspec.Struct, kw_only=True):
     schedule_lag_ms: ScheduleLag | None = None
     server_phases: ScenarioServerPhases | None = None
     gpu_bubble_pct: float | None = None  # the emulated GPU's idle share with work pending
+
+
+class GrowthRow(msgspec.Struct, kw_only=True):
+    """One scenario's HTTP overhead against the lowest concurrency at its context size
+    (analysis.decompose.http_overhead_growth); not written to summary.json."""
+
+    context_tokens: int | None
+    concurrency: int | None
+    scenario: str
+    http_overhead_ms: float
+    p99_ms: float | None = None
+    growth: float | None = None  # mean HTTP overhead / the lowest concurrency's; None: it was 0
 
 
 class Host(msgspec.Struct, kw_only=True):
@@ -325,6 +342,7 @@ class Turns(msgspec.Struct, kw_only=True):
     count: int
     ms: TurnParts
     cycle_ms: Stats
+    share_of_cycle_pct: PartTimes | None = None  # each part's mean, % of the mean cycle
 
 
 class CriticalPath(msgspec.Struct, kw_only=True):
@@ -333,6 +351,7 @@ class CriticalPath(msgspec.Struct, kw_only=True):
     turns: int
     wall_s: float
     ms: PartTimes
+    share_pct: PartTimes | None = None  # each part, % of wall_s
 
 
 class AgentSession(msgspec.Struct, kw_only=True):
@@ -372,6 +391,8 @@ class Agentic(msgspec.Struct, kw_only=True):
     sessions: list[AgentSession]
     concurrency: Concurrency
     prefix_cache: PrefixCache
+    skipped_over_context: int = 0  # requests longer than --max-context, over all conversations
+    dropped_by_limit: int = 0  # requests past --limit-requests
 
 
 class Finding(msgspec.Struct, kw_only=True):
