@@ -136,8 +136,10 @@ class Setup:
             say(f"[3] installing {' '.join(peer.packages)} into {venv} ...")
             try:
                 self.make_venv(venv)
-                self._must([str(self.python(venv)), "-m", "pip", "install", "-q", *peer.packages],
-                           f"installing {peer.name}")
+                self._must(
+                    [str(self.python(venv)), "-m", "pip", "install", "-q", *peer.packages],
+                    f"installing {peer.name}",
+                )
             except SetupError as exc:
                 say(f"[3] could not install {peer.name} ({exc}): its peer test will be skipped")
                 return
@@ -151,18 +153,23 @@ class Setup:
             say("[4] chromium: there")
             return
         if not (shutil.which("apt-get") and os.geteuid() == 0):
-            say("[4] chromium: not found, and installing it needs root and apt-get: "
-                "the browser test will be skipped")
+            say(
+                "[4] chromium: not found, and installing it needs root and apt-get: "
+                "the browser test will be skipped"
+            )
             return
         say("[4] installing Debian's chromium ...")
         env = "DEBIAN_FRONTEND=noninteractive"
-        if self.run(["apt-get", "update", "-qq"]) != 0 or self.run(
-                ["env", env, "apt-get", "install", "-y", "-qq", "chromium"]) != 0:
+        if (
+            self.run(["apt-get", "update", "-qq"]) != 0
+            or self.run(["env", env, "apt-get", "install", "-y", "-qq", "chromium"]) != 0
+        ):
             say("[4] could not install chromium: the browser test will be skipped")
 
 
-USAGE = ("usage: python3 dev.py [--venv DIR] [--peers DIR] run [cputax run args] | "
-         "test [pytest args]")
+USAGE = (
+    "usage: python3 dev.py [--venv DIR] [--peers DIR] run [cputax run args] | test [pytest args]"
+)
 
 
 def parse(argv: list[str]) -> tuple[dict[str, Path], str, list[str]]:
@@ -179,8 +186,11 @@ def parse(argv: list[str]) -> tuple[dict[str, Path], str, list[str]]:
     return places, argv[0], argv[1:]
 
 
-def main(argv: list[str], runner: Runner = run_command,
-         execute: Callable[[str, list[str], dict[str, str]], object] = os.execve) -> int:
+def main(
+    argv: list[str],
+    runner: Runner = run_command,
+    execute: Callable[[str, list[str], dict[str, str]], object] = os.execve,
+) -> int:
     """Set up what the command needs, then replace this process with it."""
     try:
         if sys.version_info < (3, 10):  # noqa: UP036 (this file may meet an older python3)
@@ -203,8 +213,12 @@ def main(argv: list[str], runner: Runner = run_command,
     os.chdir(ROOT)
     # as if the venv were activated: its scripts (py-spy, lint-imports, cputax) on PATH
     bin_dir = str(setup.venv / "bin")
-    env = {**os.environ, **setup.env, "VIRTUAL_ENV": str(setup.venv),
-           "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+    env = {
+        **os.environ,
+        **setup.env,
+        "VIRTUAL_ENV": str(setup.venv),
+        "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
+    }
     execute(cmd[0], cmd, env)
     return 0
 

@@ -29,19 +29,41 @@ from cputax.results import format as result_format
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--streams", default="32,256", help="comma-separated stream counts (default 32,256)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per client and level, alternating (default 3)")
-    parser.add_argument("--requests", type=int, default=None, help="requests per run (default 4 x streams, at least 32)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--streams", default="32,256", help="comma-separated stream counts (default 32,256)"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs per client and level, alternating (default 3)"
+    )
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="requests per run (default 4 x streams, at least 32)",
+    )
     parser.add_argument("--json", type=Path, help="also write the result here")
-    parser.add_argument("--quick", action="store_true", help="4 streams, 8 requests, once: that it runs, not a figure")
-    parser.add_argument("--aiohttp", action="store_true",
-                        help="also cputax streaming through aiohttp (loop stamps only), beside its own HTTP path")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="4 streams, 8 requests, once: that it runs, not a figure",
+    )
+    parser.add_argument(
+        "--aiohttp",
+        action="store_true",
+        help="also cputax streaming through aiohttp (loop stamps only), beside its own HTTP path",
+    )
     args = parser.parse_args()
     if args.quick:
         streams, repeat, requests = [4], 1, 8
     else:
-        streams, repeat, requests = [int(s) for s in args.streams.split(",")], args.repeat, args.requests
+        streams, repeat, requests = (
+            [int(s) for s in args.streams.split(",")],
+            args.repeat,
+            args.requests,
+        )
     clients = PEERS + ((AIOHTTP,) if args.aiohttp else ())
     result = peers(streams, requests, clients=clients, repeat=repeat)
     if args.json:

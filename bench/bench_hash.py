@@ -1,6 +1,6 @@
 """pyperf suite "hash" (workloads in cputax.micro.hashing).
 
-    python bench/bench_hash.py --fast -o hash.json [--tokenizer PATH]
+python bench/bench_hash.py --fast -o hash.json [--tokenizer PATH]
 """
 
 from cputax.micro.harness import run_suite

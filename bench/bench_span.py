@@ -26,12 +26,19 @@ from pathlib import Path
 
 GROUP = 1000
 ATTRIBUTES = {
-    "gen_ai.latency.time_to_first_token": 0.01, "gen_ai.latency.e2e": 0.1,
-    "gen_ai.latency.time_in_queue": 0.001, "gen_ai.usage.prompt_tokens": 1000,
-    "gen_ai.usage.completion_tokens": 32, "gen_ai.latency.time_in_model_prefill": 0.01,
-    "gen_ai.latency.time_in_model_decode": 0.09, "gen_ai.latency.time_in_model_inference": 0.1,
-    "gen_ai.request.id": "chatcmpl-" + "a" * 32, "gen_ai.request.top_p": 1.0,
-    "gen_ai.request.max_tokens": 32, "gen_ai.request.temperature": 1.0, "gen_ai.request.n": 1,
+    "gen_ai.latency.time_to_first_token": 0.01,
+    "gen_ai.latency.e2e": 0.1,
+    "gen_ai.latency.time_in_queue": 0.001,
+    "gen_ai.usage.prompt_tokens": 1000,
+    "gen_ai.usage.completion_tokens": 32,
+    "gen_ai.latency.time_in_model_prefill": 0.01,
+    "gen_ai.latency.time_in_model_decode": 0.09,
+    "gen_ai.latency.time_in_model_inference": 0.1,
+    "gen_ai.request.id": "chatcmpl-" + "a" * 32,
+    "gen_ai.request.top_p": 1.0,
+    "gen_ai.request.max_tokens": 32,
+    "gen_ai.request.temperature": 1.0,
+    "gen_ai.request.n": 1,
 }
 
 
@@ -58,8 +65,9 @@ def child(endpoint: str, spans: int) -> None:
         for _ in range(GROUP):
             parent = f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
             context = propagator.extract({"traceparent": parent})
-            span = tracer.start_span("llm_request", context=context, start_time=time.time_ns(),
-                                     kind=SpanKind.SERVER)
+            span = tracer.start_span(
+                "llm_request", context=context, start_time=time.time_ns(), kind=SpanKind.SERVER
+            )
             span.set_attributes(ATTRIBUTES)
             span.end()
         hot += _cpu() - before
@@ -67,8 +75,11 @@ def child(endpoint: str, spans: int) -> None:
     total = _cpu() - start
     provider.shutdown()
     n = spans // GROUP * GROUP
-    print(f"{n} spans: {hot / n * 1e6:.1f} us CPU per span on the request path, "
-          f"{total / n * 1e6:.1f} us with the export thread", flush=True)
+    print(
+        f"{n} spans: {hot / n * 1e6:.1f} us CPU per span on the request path, "
+        f"{total / n * 1e6:.1f} us with the export thread",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -89,8 +100,18 @@ def main() -> None:
         env = {**os.environ, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
         try:
             for _ in range(args.repeat):
-                subprocess.run([sys.executable, __file__, "--child", receiver.endpoint,
-                                "--spans", str(args.spans)], check=True, env=env)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        receiver.endpoint,
+                        "--spans",
+                        str(args.spans),
+                    ],
+                    check=True,
+                    env=env,
+                )
         finally:
             meta = receiver.stop()
     print(f"receiver: {meta['spans']} spans in {meta['posts']} posts, {meta['refused']} refused")

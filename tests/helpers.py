@@ -25,8 +25,9 @@ def prepared_prompts(
 ) -> ScenarioPrompts:
     """Scenario "s": `context_tokens`-token prompts asking for as many tokens as `stub` sends,
     prepared (counted with `tok`) as a run prepares them before its clock starts."""
-    scenario_ = Scenario(name="s", context_tokens=context_tokens, max_tokens=stub.output_tokens,
-                         **scenario)
+    scenario_ = Scenario(
+        name="s", context_tokens=context_tokens, max_tokens=stub.output_tokens, **scenario
+    )
     prompts = ScenarioPrompts(scenario_, tok, model=stub.model)
     asyncio.run(prompts.prepare(local_counter(tok)))
     return prompts

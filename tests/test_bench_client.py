@@ -23,26 +23,52 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_client.py"
 @pytest.mark.slow
 def test_the_peer_benchmark_produces_its_table(tmp_path):
     out = tmp_path / "peers.json"
-    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = orjson.loads(out.read_bytes())
     clients = {r["client"] for r in result["peers"]}
-    expected = ({"cputax"} | ({"vllm-bench"} if importlib.util.find_spec("vllm") else set())
-                | {peer for peer in ("aiperf", "guidellm") if available(peer) is None})
+    expected = (
+        {"cputax"}
+        | ({"vllm-bench"} if importlib.util.find_spec("vllm") else set())
+        | {peer for peer in ("aiperf", "guidellm") if available(peer) is None}
+    )
     assert clients == expected
     for row in result["peers"]:
-        assert {"client", "streams", "cpu_us_per_chunk", "ttft_error_ms_p50", "ttft_error_ms_p99",
-                "max_chunks_per_s"} <= set(row) and row["errors"] == 0
-    assert {s["client"] for s in result["skipped"]} >= {"aiperf", "guidellm"} - {r["client"] for r in result["peers"]}
+        assert {
+            "client",
+            "streams",
+            "cpu_us_per_chunk",
+            "ttft_error_ms_p50",
+            "ttft_error_ms_p99",
+            "max_chunks_per_s",
+        } <= set(row) and row["errors"] == 0
+    assert {s["client"] for s in result["skipped"]} >= {"aiperf", "guidellm"} - {
+        r["client"] for r in result["peers"]
+    }
     assert "Load clients side by side" in proc.stdout and "max chunk/s" in proc.stdout
 
 
 def _run(cpu: float, ttft_p99: float, itl_p99: float | None, max_chunks: float) -> PeerRun:
-    return PeerRun(client="x", streams=4, requests=8, stamps="loop", errors=0,
-                   cpu_us_per_chunk=cpu, ttft_error_ms_p50=None, ttft_error_ms_p99=ttft_p99,
-                   itl_error_ms_p99=itl_p99, ttft_error_loop_ms_p99=None,
-                   itl_error_loop_ms_p99=None, max_chunks_per_s=max_chunks)
+    return PeerRun(
+        client="x",
+        streams=4,
+        requests=8,
+        stamps="loop",
+        errors=0,
+        cpu_us_per_chunk=cpu,
+        ttft_error_ms_p50=None,
+        ttft_error_ms_p99=ttft_p99,
+        itl_error_ms_p99=itl_p99,
+        ttft_error_loop_ms_p99=None,
+        itl_error_loop_ms_p99=None,
+        max_chunks_per_s=max_chunks,
+    )
 
 
 def test_ratios_to_cputax_are_taken_repeat_by_repeat():
@@ -58,7 +84,10 @@ def test_ratios_to_cputax_are_taken_repeat_by_repeat():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(peer_aiperf.find() is None, reason=f"aiperf not found (.ci/run installs it; or set {peer_aiperf.ENV})")
+@pytest.mark.skipif(
+    peer_aiperf.find() is None,
+    reason=f"aiperf not found (.ci/run installs it; or set {peer_aiperf.ENV})",
+)
 def test_aiperf_runs_as_a_user_runs_it_and_its_requests_meet_the_stubs_truth():
     with StubServer(TIMED, process=True) as stub:
         run = run_peer("aiperf", stub.url, TIMED.model, 4, 12, TIMED.output_tokens)
@@ -94,17 +123,23 @@ def _truth(url):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(peer_guidellm.find() is None,
-                    reason=f"guidellm not found (.ci/run installs it; or set {peer_guidellm.ENV})")
+@pytest.mark.skipif(
+    peer_guidellm.find() is None,
+    reason=f"guidellm not found (.ci/run installs it; or set {peer_guidellm.ENV})",
+)
 def test_guidellm_runs_as_a_user_runs_it_and_its_requests_meet_the_stubs_truth():
     with StubServer(TIMED, process=True) as stub:
         run = run_peer("guidellm", stub.url, TIMED.model, 4, 12, TIMED.output_tokens)
         sent = _truth(stub.url)
     # its warm-up (4 finished, and the requests started before its end) is not among them
     assert _requests(sent) == 16 and 0 < len(run.requests) <= 12
-    assert all(r["ok"] and r["key"] in sent for r in run.requests)  # keyed by the stub's response id
+    assert all(
+        r["ok"] and r["key"] in sent for r in run.requests
+    )  # keyed by the stub's response id
     errors = errors_against_truth(run.requests, sent)
-    assert len(errors["ttft"]) == len(run.requests) and not errors["itl"]  # it keeps no time per token
+    assert (
+        len(errors["ttft"]) == len(run.requests) and not errors["itl"]
+    )  # it keeps no time per token
     assert min(errors["ttft"]) > -1.0 and max(errors["ttft"]) < 1000.0
     assert run.cpu_s > 0 and 0 < run.wall_ns < 60e9
 
@@ -113,14 +148,34 @@ def test_guidellms_warmup_share_of_the_window_is_taken_out(tmp_path):
     from cputax.client.wire import Clock
 
     def request(start, first, last, tokens=10, rid="x"):
-        return {"response_id": rid, "info": {"timings": {"request_start": start, "first_token_iteration": first,
-                                                         "last_token_iteration": last, "request_end": last,
-                                                         "token_iterations": tokens}}}
+        return {
+            "response_id": rid,
+            "info": {
+                "timings": {
+                    "request_start": start,
+                    "first_token_iteration": first,
+                    "last_token_iteration": last,
+                    "request_end": last,
+                    "token_iterations": tokens,
+                }
+            },
+        }
 
     # the benchmark starts at 100 s: a warm-up request still streams its 10 tokens from 99.5
     # to 100.5 s, half of them inside the measured request's 100.0-101.0 s
-    report = {"benchmarks": [{"start_time": 100.0, "requests": {"successful": [
-        request(99.0, 99.5, 100.5, rid="warm"), request(100.0, 100.0, 101.0, rid="measured")]}}]}
+    report = {
+        "benchmarks": [
+            {
+                "start_time": 100.0,
+                "requests": {
+                    "successful": [
+                        request(99.0, 99.5, 100.5, rid="warm"),
+                        request(100.0, 100.0, 101.0, rid="measured"),
+                    ]
+                },
+            }
+        ]
+    }
     path = tmp_path / "benchmarks.json"
     path.write_bytes(orjson.dumps(report))
     found = peer_guidellm.parse_report(path, Clock(offset_ns=0, error_ns=0))
@@ -132,7 +187,12 @@ def test_guidellms_warmup_share_of_the_window_is_taken_out(tmp_path):
 
 def test_a_peer_named_by_a_wrong_path_says_so(monkeypatch, tmp_path):
     monkeypatch.setenv(peer_aiperf.ENV, str(tmp_path / "no-such-aiperf"))
-    assert available("aiperf") == f"${peer_aiperf.ENV} is {tmp_path / 'no-such-aiperf'}, which is not an executable file"
+    assert (
+        available("aiperf")
+        == f"${peer_aiperf.ENV} is {tmp_path / 'no-such-aiperf'}, which is not an executable file"
+    )
     monkeypatch.delenv(peer_guidellm.ENV, raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert available("guidellm").startswith("not found: install it in a venv of its own (pip install guidellm)")
+    assert available("guidellm").startswith(
+        "not found: install it in a venv of its own (pip install guidellm)"
+    )

@@ -34,12 +34,21 @@ except ImportError:  # pragma: no cover - the [test] extra has it
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run does)"),
+    pytest.mark.skipif(
+        CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run does)"
+    ),
     pytest.mark.skipif(sync_playwright is None, reason="needs playwright (the [test] extra)"),
 ]
 # As root, Chromium needs --no-sandbox; the rest keeps it off a network this machine does not have.
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 WIDTHS = (1280, 390)
 FAKES = Path(__file__).parent / "fakegpu"
 PROFILE = """
@@ -68,8 +77,15 @@ def run_dir(tmp_path_factory):
         with StubServer(config, process=True) as stub:
             port = int(stub.url.rsplit(":", 1)[1])
             pyspy = PyspyOptions(discovery=Discovery(port=port)) if HAVE_PYSPY else None
-            run(RunOptions(endpoint=stub.url, profile=tmp / "p.toml", out=tmp / "run", pyspy=pyspy,
-                           telemetry=TelemetryConfig(gpu="nvidia", host_interval_ms=50)))
+            run(
+                RunOptions(
+                    endpoint=stub.url,
+                    profile=tmp / "p.toml",
+                    out=tmp / "run",
+                    pyspy=pyspy,
+                    telemetry=TelemetryConfig(gpu="nvidia", host_interval_ms=50),
+                )
+            )
     finally:
         if old is None:
             del os.environ["PYTHONPATH"]
@@ -92,7 +108,9 @@ def check_page(browser, page_path: Path) -> dict[int, dict]:
     for width in WIDTHS:
         page = browser.new_page(viewport={"width": width, "height": 900})
         errors: list[str] = []
-        page.on("console", lambda m, errors=errors: errors.append(m.text) if m.type == "error" else None)
+        page.on(
+            "console", lambda m, errors=errors: errors.append(m.text) if m.type == "error" else None
+        )
         page.on("pageerror", lambda e, errors=errors: errors.append(str(e)))
         page.goto(page_path.resolve().as_uri())
         images = page.evaluate("""Array.from(document.images).map(i => ({alt: i.alt, complete: i.complete,
@@ -100,12 +118,16 @@ def check_page(browser, page_path: Path) -> dict[int, dict]:
             visible: getComputedStyle(i).display !== 'none' && getComputedStyle(i).visibility !== 'hidden'}))""")
         links = page.evaluate("Array.from(document.links).map(a => a.getAttribute('href'))")
         found[width] = {
-            "errors": errors, "images": images, "links": links,
+            "errors": errors,
+            "images": images,
+            "links": links,
             "page_width": page.evaluate("document.documentElement.scrollWidth"),
             "title_first": page.evaluate("document.body.firstElementChild.tagName"),
             "font_px": page.evaluate("parseFloat(getComputedStyle(document.body).fontSize)"),
         }
-        page.screenshot(path=str(page_path.parent / f"{page_path.stem}-{width}.png"), full_page=False)
+        page.screenshot(
+            path=str(page_path.parent / f"{page_path.stem}-{width}.png"), full_page=False
+        )
         page.close()
     return found
 
@@ -116,8 +138,13 @@ def _assert_reads_well(found: dict[int, dict], page_path: Path, figures: int) ->
         assert len(seen["images"]) == figures
         for img in seen["images"]:
             assert img["complete"] and img["natural"] > 0, img  # it decoded
-            assert img["visible"] and 0 < img["shown"] <= width, (width, img)  # it shows, inside the window
-        assert seen["page_width"] <= width, f"at {width} px the page is {seen['page_width']} px wide"
+            assert img["visible"] and 0 < img["shown"] <= width, (
+                width,
+                img,
+            )  # it shows, inside the window
+        assert seen["page_width"] <= width, (
+            f"at {width} px the page is {seen['page_width']} px wide"
+        )
         assert seen["title_first"] == "H1" and seen["font_px"] >= 14
         for href in seen["links"]:
             target = urlsplit(href)
@@ -134,7 +161,9 @@ def test_report_html_in_chromium(run_dir, browser):
     if HAVE_PYSPY:
         assert any(h.endswith(".svg") for h in found[1280]["links"])  # the flamegraphs are linked
     text = page.read_text()
-    assert text.index("<h1>") < text.index("In short") < text.index("<img")  # title, the answer, then figures
+    assert (
+        text.index("<h1>") < text.index("In short") < text.index("<img")
+    )  # title, the answer, then figures
 
 
 def test_sweep_html_in_chromium(browser, tmp_path):

@@ -81,14 +81,18 @@ def test_decoder_gives_the_same_lines_whatever_the_split():
 def test_decoder_joins_a_line_spread_over_many_reads():
     line = b"data: " + b"x" * 100_000
     decoder = SSEDecoder()
-    pieces = [line[i:i + 1000] for i in range(0, len(line), 1000)]
+    pieces = [line[i : i + 1000] for i in range(0, len(line), 1000)]
     assert all(decoder.feed(p) == [] for p in pieces)
     assert decoder.feed(b"\n") == [line]
 
 
 def test_parser_reads_usage_and_counts_delta_chunks():
     record = parse(STREAM)
-    assert (record.prompt_tokens, record.output_tokens, record.output_tokens_source) == (7, 2, "usage")
+    assert (record.prompt_tokens, record.output_tokens, record.output_tokens_source) == (
+        7,
+        2,
+        "usage",
+    )
     assert record.chunks == 3  # role-only + two content chunks; the usage chunk has no choices
     assert record.extra["response_id"] == "chatcmpl-1"
 
@@ -97,7 +101,11 @@ def test_role_only_and_empty_deltas_are_not_the_first_token():
     record = RequestRecord("unit")
     parser = StreamParser(record)
     parser.feed(chunk({"role": "assistant", "content": ""}), 10)
-    parser.feed(chunk({"content": ""}) + chunk({"tool_calls": [{"index": 0, "function": {"arguments": ""}}]}), 20)
+    parser.feed(
+        chunk({"content": ""})
+        + chunk({"tool_calls": [{"index": 0, "function": {"arguments": ""}}]}),
+        20,
+    )
     assert record.t_first_data == 10 and record.t_first_token is None
     parser.feed(chunk({"content": "x"}), 30)
     parser.feed(chunk({"content": "y"}) + b"data: [DONE]\n\n", 40)
@@ -106,12 +114,19 @@ def test_role_only_and_empty_deltas_are_not_the_first_token():
     assert (record.output_tokens, record.output_tokens_source, record.chunks) == (2, "chunks", 5)
 
 
-@pytest.mark.parametrize("delta", [
-    {"reasoning_content": "Let me think"},
-    {"reasoning": "Let me think"},
-    {"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "run_shell"}}]},
-    {"tool_calls": [{"index": 0, "function": {"arguments": "{\"command\""}}]},
-])
+@pytest.mark.parametrize(
+    "delta",
+    [
+        {"reasoning_content": "Let me think"},
+        {"reasoning": "Let me think"},
+        {
+            "tool_calls": [
+                {"index": 0, "id": "call_1", "type": "function", "function": {"name": "run_shell"}}
+            ]
+        },
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"command"'}}]},
+    ],
+)
 def test_reasoning_and_tool_call_deltas_are_tokens(delta):
     assert parse(chunk(delta) + b"data: [DONE]\n\n").t_first_token == 1
 
@@ -123,20 +138,27 @@ def test_completions_tokens_are_non_empty_text():
 
 def test_a_stream_closed_after_its_finish_reason_is_complete_without_done():
     # transformers serve never sends [DONE]: its last chunk has the finish_reason and usage.
-    record = parse(chunk({"content": "x"})
-                   + b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"length"}],'
-                   + b'"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}\n\n')
+    record = parse(
+        chunk({"content": "x"})
+        + b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"length"}],'
+        + b'"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}\n\n'
+    )
     assert (record.output_tokens, record.output_tokens_source, record.chunks) == (1, "usage", 2)
 
 
-@pytest.mark.parametrize("data, message", [
-    (b"garbage without a field\n\n", "malformed SSE line 'garbage without a field'"),
-    (b"data: {oops\n\n", "non-JSON data line '{oops'"),
-    (b"data: [1, 2]\n\n", "not a JSON object"),
-    (b'data: {"error": {"message": "engine died", "code": 500}}\n\ndata: [DONE]\n\n',
-     "server error in stream: engine died"),
-    (chunk({"content": "x"}), "stream ended before [DONE]"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"garbage without a field\n\n", "malformed SSE line 'garbage without a field'"),
+        (b"data: {oops\n\n", "non-JSON data line '{oops'"),
+        (b"data: [1, 2]\n\n", "not a JSON object"),
+        (
+            b'data: {"error": {"message": "engine died", "code": 500}}\n\ndata: [DONE]\n\n',
+            "server error in stream: engine died",
+        ),
+        (chunk({"content": "x"}), "stream ended before [DONE]"),
+    ],
+)
 def test_parser_rejects_broken_streams(data, message):
     with pytest.raises(StreamError, match=re.escape(message)):
         parse(data)
@@ -149,8 +171,15 @@ def test_measured_components_match_the_injected_delays():
     # 100 ms between events: a stamp taken at the wrong event is that far off, more than
     # a loaded machine makes the client late
     a, b, c, n = 100, 100, 100, 4
-    record, truth = send(StubConfig(headers_delay_ms=a, first_token_delay_ms=b, inter_token_delay_ms=c,
-                                    output_tokens=n, token_truth=True))
+    record, truth = send(
+        StubConfig(
+            headers_delay_ms=a,
+            first_token_delay_ms=b,
+            inter_token_delay_ms=c,
+            output_tokens=n,
+            token_truth=True,
+        )
+    )
     assert record.ok, record.error
     assert record.t_start <= record.t_sent < record.t_headers <= record.t_first_data
     assert record.t_first_data <= record.t_first_token <= record.t_last_token <= record.t_end
@@ -180,25 +209,35 @@ def test_usage_counts_are_read_and_the_role_chunk_is_not_a_token():
 def test_tokens_are_counted_from_chunks_without_usage():
     record, _ = send(StubConfig(output_tokens=8, fault="no_usage"))
     assert record.ok, record.error
-    assert (record.output_tokens, record.output_tokens_source, record.prompt_tokens) == (8, "chunks", None)
+    assert (record.output_tokens, record.output_tokens_source, record.prompt_tokens) == (
+        8,
+        "chunks",
+        None,
+    )
 
 
 def test_max_tokens_and_completions_api():
-    record, _ = send(StubConfig(output_tokens=8), build=lambda: {"prompt": "def add(a, b):", "max_tokens": 3},
-                     api="completions")
+    record, _ = send(
+        StubConfig(output_tokens=8),
+        build=lambda: {"prompt": "def add(a, b):", "max_tokens": 3},
+        api="completions",
+    )
     assert record.ok, record.error
     assert (record.output_tokens, record.chunks) == (3, 3)  # no role chunk in completions
     assert record.prompt_tokens == load_tokenizer().count("def add(a, b):")
 
 
-@pytest.mark.parametrize("fault, message", [
-    ("http_500", "HTTP 500: stub fault: injected internal server error"),
-    ("error_event", "server error in stream: stub fault: injected engine error"),
-    ("malformed_sse", "malformed SSE line 'this line is not server-sent events'"),
-    ("non_json_data", "non-JSON data line '{not json'"),
-    ("reset_midstream", "connection broken mid-stream"),
-    ("truncated", "stream ended before [DONE]"),
-])
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        ("http_500", "HTTP 500: stub fault: injected internal server error"),
+        ("error_event", "server error in stream: stub fault: injected engine error"),
+        ("malformed_sse", "malformed SSE line 'this line is not server-sent events'"),
+        ("non_json_data", "non-JSON data line '{not json'"),
+        ("reset_midstream", "connection broken mid-stream"),
+        ("truncated", "stream ended before [DONE]"),
+    ],
+)
 def test_broken_streams_give_ok_false_and_a_clear_error(fault, message):
     record, _ = send(StubConfig(output_tokens=4, fault=fault))
     assert not record.ok

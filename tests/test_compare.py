@@ -31,17 +31,30 @@ def make_run(path, http_ms, prefill_jitter, gpu=None, batches=3, conc=4):
             sent = t0 + 2 * MS
             headers = sent + int(http_ms * MS)
             first = headers + int(prefill * MS)
-            records.append(RequestRecord(scenario="conc4", index=b * conc + i, batch=b, ok=True, t_start=t0,
-                                         t_sent=sent, t_headers=headers, t_first_token=first,
-                                         t_last_token=first + 500 * MS, t_end=first + 501 * MS, parse_s=0.001))
+            records.append(
+                RequestRecord(
+                    scenario="conc4",
+                    index=b * conc + i,
+                    batch=b,
+                    ok=True,
+                    t_start=t0,
+                    t_sent=sent,
+                    t_headers=headers,
+                    t_first_token=first,
+                    t_last_token=first + 500 * MS,
+                    t_end=first + 501 * MS,
+                    parse_s=0.001,
+                )
+            )
     path.mkdir()
     with JsonlWriter(path / "requests.jsonl") as w:
         for r in records:
             w.write(r)
     scenario = {"name": "conc4", "concurrency": conc, "context_tokens": 8000}
-    Summary(run=RunInfo(model="m", endpoint="http://x"),
-            scenarios=[summarize_scenario(scenario, RequestTable.from_records(records))]
-            ).dump(path / "summary.json")
+    Summary(
+        run=RunInfo(model="m", endpoint="http://x"),
+        scenarios=[summarize_scenario(scenario, RequestTable.from_records(records))],
+    ).dump(path / "summary.json")
     if gpu:
         write_json(path / "correlation.json", {"scenarios": [{"name": "conc4", "gpu": gpu}]})
     return path
@@ -49,8 +62,15 @@ def make_run(path, http_ms, prefill_jitter, gpu=None, batches=3, conc=4):
 
 @pytest.fixture
 def runs(tmp_path):
-    a = make_run(tmp_path / "hbm", http_ms=50, prefill_jitter=10, gpu={"busy_pct": 90.0, "stall_pct": 4.0})
-    b = make_run(tmp_path / "lmcache", http_ms=80, prefill_jitter=10, gpu={"busy_pct": 85.0, "stall_pct": 7.0})
+    a = make_run(
+        tmp_path / "hbm", http_ms=50, prefill_jitter=10, gpu={"busy_pct": 90.0, "stall_pct": 4.0}
+    )
+    b = make_run(
+        tmp_path / "lmcache",
+        http_ms=80,
+        prefill_jitter=10,
+        gpu={"busy_pct": 85.0, "stall_pct": 7.0},
+    )
     return a, b
 
 
@@ -62,8 +82,7 @@ def component(result, name):
 def test_known_differences_and_spread(runs):
     result = compare_runs(*runs, names=("HBM", "LMCache"))
     http = component(result, "http_overhead")
-    assert (http.a, http.b, http.delta) == (pytest.approx(50), pytest.approx(80),
-                                            pytest.approx(30))
+    assert (http.a, http.b, http.delta) == (pytest.approx(50), pytest.approx(80), pytest.approx(30))
     assert http.delta_pct == pytest.approx(60.0) and http.within_spread is False
     prefill = component(result, "prefill")
     # batches 90/100/110 ms: a spread of 20 on both sides
@@ -77,13 +96,16 @@ def test_known_differences_and_spread(runs):
     assert result.groups == GROUPS
 
 
-@pytest.mark.parametrize(("b", "spread_b", "within"), [
-    (12.0, 1.0, True),  # |delta| 2 equals the larger spread (2): inside
-    (12.5, 1.0, False),  # 2.5 past it: beyond
-    (7.5, 1.0, False),  # the same below A
-    (12.0, 3.0, True),  # B's spread is the larger
-    (12.0, None, True),  # one side without a spread: the other's counts
-])
+@pytest.mark.parametrize(
+    ("b", "spread_b", "within"),
+    [
+        (12.0, 1.0, True),  # |delta| 2 equals the larger spread (2): inside
+        (12.5, 1.0, False),  # 2.5 past it: beyond
+        (7.5, 1.0, False),  # the same below A
+        (12.0, 3.0, True),  # B's spread is the larger
+        (12.0, None, True),  # one side without a spread: the other's counts
+    ],
+)
 def test_a_delta_is_judged_against_the_larger_spread(b, spread_b, within):
     row = delta_row("prefill", 10.0, b, 2.0, spread_b)
     assert row.within_spread is within
@@ -101,7 +123,10 @@ def test_a_delta_without_a_measure_is_not_judged():
 def test_markdown_has_the_studys_table_and_notes(runs):
     md = render_compare(compare_runs(*runs, names=("HBM", "LMCache")))
     assert "| Scenario | HBM CPU% | LMCache CPU% | Delta | Note |" in md
-    assert "| conc4 | HTTP OH | 50.0 (50.0 / 50.0) | 80.0 (80.0 / 80.0) | +30.0 ms | +60.0% | beyond the run-to-run spread" in md
+    assert (
+        "| conc4 | HTTP OH | 50.0 (50.0 / 50.0) | 80.0 (80.0 / 80.0) | +30.0 ms | +60.0% | beyond the run-to-run spread"
+        in md
+    )
     assert "| conc4 | Prefill |" in md and "inside the run-to-run spread (20.0 ms)" in md
     assert "Stall % of wall (telemetry)" in md
     assert f"or {GROUPS} consecutive slices of an open-loop scenario" in md
@@ -137,15 +162,30 @@ def test_the_json_of_a_cputax_before_versions_reads(runs):
 
 def test_groups_for_the_spread():
     def rec(i, batch):
-        return RequestRecord(scenario="s", ok=True, batch=batch, t_start=i, t_sent=i + 1, t_headers=i + 2,
-                             t_first_token=i + 3, t_last_token=i + 4, t_end=i + 5)
+        return RequestRecord(
+            scenario="s",
+            ok=True,
+            batch=batch,
+            t_start=i,
+            t_sent=i + 1,
+            t_headers=i + 2,
+            t_first_token=i + 3,
+            t_last_token=i + 4,
+            t_end=i + 5,
+        )
+
     def table(records):
         return RequestTable.from_records(records)
 
     batched = groups(table([rec(i, i % 3) for i in range(9)]))
     assert [len(g) for g in batched] == [3, 3, 3]
     assert [g["t_start"].tolist() for g in batched][1] == [1, 4, 7]  # batch 1, in start order
-    assert [len(g) for g in groups(table([rec(i, None) for i in range(10)]))] == [2, 3, 2, 3]  # open loop: 4 slices
+    assert [len(g) for g in groups(table([rec(i, None) for i in range(10)]))] == [
+        2,
+        3,
+        2,
+        3,
+    ]  # open loop: 4 slices
     assert groups(table([rec(i, None) for i in range(3)])) == []  # too few to measure a spread
 
 
@@ -162,10 +202,21 @@ def test_scenarios_present_in_one_run_only(runs, tmp_path):
 
 
 def test_cli_markdown_and_json(runs):
-    cmd = [sys.executable, "-m", "cputax.cli", "compare", str(runs[0]), str(runs[1]), "--names", "HBM,LMCache"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cputax.cli",
+        "compare",
+        str(runs[0]),
+        str(runs[1]),
+        "--names",
+        "HBM,LMCache",
+    ]
     md = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
     assert md.startswith("# cputax comparison: HBM vs LMCache")
-    data = orjson.loads(subprocess.run(cmd + ["--json"], capture_output=True, timeout=60, check=True).stdout)
+    data = orjson.loads(
+        subprocess.run(cmd + ["--json"], capture_output=True, timeout=60, check=True).stdout
+    )
     assert data["names"] == ["HBM", "LMCache"] and data["scenarios"][0]["name"] == "conc4"
     assert data["format_version"] == 2
     bad = subprocess.run(cmd[:-1] + ["onlyone"], capture_output=True, text=True, timeout=60)

@@ -31,7 +31,17 @@ def test_same_seed_same_text_other_seed_other_text(tok):
 
 def test_agent_shaped_and_not_padded_by_repetition(tok):
     text = make_corpus(60_000, tok, seed=1)
-    for marker in ("def ", "fn ", "func ", "Traceback", "diff --git", "$ ls -la", "$ rg -n", "PASSED", '"id":'):
+    for marker in (
+        "def ",
+        "fn ",
+        "func ",
+        "Traceback",
+        "diff --git",
+        "$ ls -la",
+        "$ rg -n",
+        "PASSED",
+        '"id":',
+    ):
         assert marker in text, marker
     long_lines = [line for line in text.splitlines() if len(line) >= 40]
     assert len(long_lines) > 1000
@@ -61,11 +71,15 @@ def test_tokenizer_spec_errors(tmp_path):
 def test_tokenizer_from_file_and_directory(tmp_path, tok):
     (tmp_path / "tokenizer.json").write_bytes(Path(tok.source).read_bytes())
     assert load_tokenizer(str(tmp_path)).vocab_size == tok.vocab_size
-    assert load_tokenizer(str(tmp_path / "tokenizer.json")).count("def f(): pass") == tok.count("def f(): pass")
+    assert load_tokenizer(str(tmp_path / "tokenizer.json")).count("def f(): pass") == tok.count(
+        "def f(): pass"
+    )
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "cputax.cli", *args], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "cputax.cli", *args], capture_output=True, text=True
+    )
 
 
 def test_corpus_command_writes_text_and_reports_count(tmp_path, tok):

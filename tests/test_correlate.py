@@ -16,9 +16,17 @@ MS = 1_000_000
 
 
 def req(start, sent, headers, first, last, end, **kw):
-    return RequestRecord(scenario="s", ok=True, t_start=int(start * S), t_sent=int(sent * S),
-                         t_headers=int(headers * S), t_first_token=int(first * S), t_last_token=int(last * S),
-                         t_end=int(end * S), **kw)
+    return RequestRecord(
+        scenario="s",
+        ok=True,
+        t_start=int(start * S),
+        t_sent=int(sent * S),
+        t_headers=int(headers * S),
+        t_first_token=int(first * S),
+        t_last_token=int(last * S),
+        t_end=int(end * S),
+        **kw,
+    )
 
 
 def seconds(spans):
@@ -49,25 +57,51 @@ WINDOW = (0, 10 * S)
 
 def test_request_phases_and_pending_states():
     phases = request_phases(RequestTable.from_records(RECORDS[:1])).spans()
-    assert phases == [(0, int(0.1 * S), "client"), (int(0.1 * S), int(0.2 * S), "front_end"),
-                      (int(0.2 * S), int(0.5 * S), "prefill"), (int(0.5 * S), int(3.9 * S), "decode"),
-                      (int(3.9 * S), int(4.0 * S), "client")]
+    assert phases == [
+        (0, int(0.1 * S), "client"),
+        (int(0.1 * S), int(0.2 * S), "front_end"),
+        (int(0.2 * S), int(0.5 * S), "prefill"),
+        (int(0.5 * S), int(3.9 * S), "decode"),
+        (int(3.9 * S), int(4.0 * S), "client"),
+    ]
     states = pending_states(request_phases(RequestTable.from_records(RECORDS)))
     assert seconds(states) == [
-        (0.0, 0.1, "client"), (0.1, 0.2, "front_end"), (0.2, 3.9, "engine"), (3.9, 4.0, "client"),
-        (4.5, 4.6, "client"), (4.6, 5.5, "front_end"), (5.5, 9.5, "engine"), (9.5, 9.6, "client")]
+        (0.0, 0.1, "client"),
+        (0.1, 0.2, "front_end"),
+        (0.2, 3.9, "engine"),
+        (3.9, 4.0, "client"),
+        (4.5, 4.6, "client"),
+        (4.6, 5.5, "front_end"),
+        (5.5, 9.5, "engine"),
+        (9.5, 9.6, "client"),
+    ]
 
 
 def test_overlapping_requests_take_the_most_advanced_state():
     # A at the engine while B waits for headers: the state is "engine", not "front_end"
-    states = pending_states(request_phases(RequestTable.from_records([req(0, 0.1, 0.2, 0.3, 2.0, 2.1), req(1.0, 1.1, 1.5, 1.6, 1.8, 1.9)])))
+    states = pending_states(
+        request_phases(
+            RequestTable.from_records(
+                [req(0, 0.1, 0.2, 0.3, 2.0, 2.1), req(1.0, 1.1, 1.5, 1.6, 1.8, 1.9)]
+            )
+        )
+    )
     assert seconds(states) == [
-        (0.0, 0.1, "client"), (0.1, 0.2, "front_end"), (0.2, 2.0, "engine"), (2.0, 2.1, "client")]
+        (0.0, 0.1, "client"),
+        (0.1, 0.2, "front_end"),
+        (0.2, 2.0, "engine"),
+        (2.0, 2.1, "client"),
+    ]
 
 
 def test_stalls_split_by_state_and_category():
-    categories = {(1, 1): [(int(4.6 * S), int(5.5 * S), "tokenize"), (int(5.5 * S), int(6.0 * S), "schedule")],
-                  (1, 2): [(0, 10 * S, "idle")]}
+    categories = {
+        (1, 1): [
+            (int(4.6 * S), int(5.5 * S), "tokenize"),
+            (int(5.5 * S), int(6.0 * S), "schedule"),
+        ],
+        (1, 2): [(0, 10 * S, "idle")],
+    }
     g = correlate_scenario(WINDOW, TABLE, GPU, categories, None).gpu
     assert g.busy_pct == pytest.approx(80.0)
     assert g.idle_pct == pytest.approx(20.0)
@@ -79,8 +113,10 @@ def test_stalls_split_by_state_and_category():
     assert g.stall_split == pytest.approx(split)
     # the report names the largest parts, each as % of the stall time (1.5 s)
     assert [(s.name, s.pct) for s in g.stall_split_top] == [
-        ("tokenize", pytest.approx(60.0)), ("schedule", pytest.approx(100 / 3)),
-        ("client-side gap", pytest.approx(20 / 3))]
+        ("tokenize", pytest.approx(60.0)),
+        ("schedule", pytest.approx(100 / 3)),
+        ("client-side gap", pytest.approx(20 / 3)),
+    ]
     assert g.stalls == 1 and g.longest_stall_ms == pytest.approx(1500.0)
     assert g.resolution_ms == 100.0 and g.coverage_pct == pytest.approx(100.0)
 
@@ -92,8 +128,10 @@ def test_without_pyspy_the_server_part_is_unattributed():
 
 def test_category_time_is_shared_in_proportion_to_thread_time():
     # two threads busy in the whole server-side stall: 2 thread-seconds of tokenize per 1 of schedule
-    categories = {(1, 1): [(int(4.6 * S), int(6.0 * S), "tokenize")],
-                  (1, 2): [(int(4.6 * S), int(5.3 * S), "schedule"), (int(5.3 * S), int(6.0 * S), "idle")]}
+    categories = {
+        (1, 1): [(int(4.6 * S), int(6.0 * S), "tokenize")],
+        (1, 2): [(int(4.6 * S), int(5.3 * S), "schedule"), (int(5.3 * S), int(6.0 * S), "idle")],
+    }
     g = correlate_scenario(WINDOW, TABLE, GPU, categories, None).gpu
     assert g.stall_thread_s == pytest.approx({"tokenize": 1.4, "schedule": 0.7})
     assert g.stall_split["tokenize"] == pytest.approx(1.4 * 2 / 3)
@@ -129,18 +167,41 @@ def test_devices_are_averaged_and_gaps_filled_from_the_next_source():
 
 
 def test_gpu_series_from_telemetry_records():
-    rows = [{"t_ns": (i + 1) * 200 * MS, "src": "nvidia", "kind": "util", "dev": 0, "gpu": 100 if i < 5 else 0}
-            for i in range(10)]
-    rows += [{"t_ns": t * MS, "src": "nvidia", "kind": "rates", "dev": 0, "gpu": 0, "mem": 0} for t in (0, 1000)]
-    meta = {"nvidia": {"alignment_ms": 0.02, "series": {"0": {"samples": {"resolution_ms": 200.0},
-                                                                "rates": {"resolution_ms": 167.0}}}}}
+    rows = [
+        {
+            "t_ns": (i + 1) * 200 * MS,
+            "src": "nvidia",
+            "kind": "util",
+            "dev": 0,
+            "gpu": 100 if i < 5 else 0,
+        }
+        for i in range(10)
+    ]
+    rows += [
+        {"t_ns": t * MS, "src": "nvidia", "kind": "rates", "dev": 0, "gpu": 0, "mem": 0}
+        for t in (0, 1000)
+    ]
+    meta = {
+        "nvidia": {
+            "alignment_ms": 0.02,
+            "series": {
+                "0": {"samples": {"resolution_ms": 200.0}, "rates": {"resolution_ms": 167.0}}
+            },
+        }
+    }
     busy = gpu_busy(read_telemetry(rows), meta)
     assert busy.backend == "nvidia" and busy.alignment_ms == 0.02
     assert list(busy.intervals) == [(0, "util"), (0, "rates")]  # best source first
     util = busy.intervals[(0, "util")]
-    assert (util[0].t0_ns, util[0].t1_ns, util[0].value) == (0, 200 * MS, 100)  # each covers the period before it
+    assert (util[0].t0_ns, util[0].t1_ns, util[0].value) == (
+        0,
+        200 * MS,
+        100,
+    )  # each covers the period before it
     assert (util[5].t0_ns, util[5].t1_ns, util[5].value) == (1000 * MS, 1200 * MS, 0)
-    assert busy.intervals[(0, "rates")][0] == Interval(0, 1000 * MS, 0)  # holds until the next value
+    assert busy.intervals[(0, "rates")][0] == Interval(
+        0, 1000 * MS, 0
+    )  # holds until the next value
     assert busy.resolution_ms[(0, "util")] == 200.0
 
 
@@ -166,14 +227,28 @@ def test_occupancy_of_columns_matches_the_span_by_span_loop():
 
 def test_host_series_and_usage_from_cumulative_counters():
     def proc(t_ms, threads, cpu_s=0.0):
-        return {"t_ns": t_ms * MS, "src": "host", "kind": "proc", "pid": 7, "role": "server", "cpu_s": cpu_s,
-                "threads": threads}
+        return {
+            "t_ns": t_ms * MS,
+            "src": "host",
+            "kind": "proc",
+            "pid": 7,
+            "role": "server",
+            "cpu_s": cpu_s,
+            "threads": threads,
+        }
+
     rows = [
         {"t_ns": 0, "kind": "proc_info", "pid": 7, "role": "server", "name": "vllm", "cmdline": []},
         {"t_ns": 0, "kind": "thread_names", "pid": 7, "names": {"7": "main", "8": "worker"}},
-        proc(0, {"7": [5 * S, 0, 10], "8": [1 * S, 0, 5]}),  # baseline: CPU before the run is not counted
-        proc(1000, {"7": [int(5.5 * S), 100 * MS, 20]}),  # main ran 0.5 s, waited 0.1 s; worker idle (absent)
-        proc(2000, {"8": [int(1.2 * S), 0, 6], "9": [300 * MS, 0, 1]}),  # worker 0.2 s; thread 9 new: all of it
+        proc(
+            0, {"7": [5 * S, 0, 10], "8": [1 * S, 0, 5]}
+        ),  # baseline: CPU before the run is not counted
+        proc(
+            1000, {"7": [int(5.5 * S), 100 * MS, 20]}
+        ),  # main ran 0.5 s, waited 0.1 s; worker idle (absent)
+        proc(
+            2000, {"8": [int(1.2 * S), 0, 6], "9": [300 * MS, 0, 1]}
+        ),  # worker 0.2 s; thread 9 new: all of it
         {"t_ns": 0, "kind": "system", "busy_s": 0.0, "total_s": 0.0, "cpus": 2},
         {"t_ns": 2000 * MS, "kind": "system", "busy_s": 1.0, "total_s": 4.0, "cpus": 2},
     ]

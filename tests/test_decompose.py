@@ -16,14 +16,27 @@ from cputax.results.summary import PhaseTimes, ScenarioSummary
 MS = 1_000_000
 
 
-def record(start_ms: float, send=1.0, headers=10.0, first=40.0, last=100.0, end=101.0, ok=True, **kw):
+def record(
+    start_ms: float, send=1.0, headers=10.0, first=40.0, last=100.0, end=101.0, ok=True, **kw
+):
     """A request whose phases are known: serialize=send, http=headers-send, ..."""
     t0 = int(start_ms * MS)
     return RequestRecord(
-        scenario="s", ok=ok, t_start=t0, t_sent=t0 + int(send * MS), t_headers=t0 + int(headers * MS),
-        t_first_token=t0 + int(first * MS), t_last_token=t0 + int(last * MS), t_end=t0 + int(end * MS),
-        parse_s=0.002, build_s=0.0005, prompt_tokens=kw.pop("prompt_tokens", 1000), output_tokens=64,
-        output_tokens_source="usage", chunks=64, **kw,
+        scenario="s",
+        ok=ok,
+        t_start=t0,
+        t_sent=t0 + int(send * MS),
+        t_headers=t0 + int(headers * MS),
+        t_first_token=t0 + int(first * MS),
+        t_last_token=t0 + int(last * MS),
+        t_end=t0 + int(end * MS),
+        parse_s=0.002,
+        build_s=0.0005,
+        prompt_tokens=kw.pop("prompt_tokens", 1000),
+        output_tokens=64,
+        output_tokens_source="usage",
+        chunks=64,
+        **kw,
     )
 
 
@@ -34,8 +47,16 @@ def phases_ms(r: RequestRecord) -> dict[str, float] | None:
 
 def test_phases_of_one_request():
     p = phases_ms(record(5.0))
-    assert p == pytest.approx({"serialize": 1.0, "http_overhead": 9.0, "prefill": 30.0, "decode": 60.0,
-                               "response_parse": 2.0, "total": 101.0})
+    assert p == pytest.approx(
+        {
+            "serialize": 1.0,
+            "http_overhead": 9.0,
+            "prefill": 30.0,
+            "decode": 60.0,
+            "response_parse": 2.0,
+            "total": 101.0,
+        }
+    )
 
 
 def test_failed_or_incomplete_requests_have_no_phases():
@@ -52,9 +73,12 @@ def test_received_moments_are_the_kernels_where_stamped():
     p = phases_ms(r)
     assert p["http_overhead"] == pytest.approx(9.0 - 3.0)
     assert p["prefill"] == pytest.approx(30.0 - 5.0 + 3.0)
-    assert p["decode"] == pytest.approx(60.0 + 5.0)  # no kernel stamp for the last token: the loop's
-    s = summarize_scenario({"name": "s", "concurrency": 1, "context_tokens": 1000},
-                           RequestTable.from_records([r]))
+    assert p["decode"] == pytest.approx(
+        60.0 + 5.0
+    )  # no kernel stamp for the last token: the loop's
+    s = summarize_scenario(
+        {"name": "s", "concurrency": 1, "context_tokens": 1000}, RequestTable.from_records([r])
+    )
     assert s.clock == "kernel"
     # each phase's mean as % of the mean total: the report's stacked bars draw these
     total = s.mean_ms.total
@@ -71,9 +95,16 @@ def test_percentile_interpolates():
 
 
 def test_summary_means_ratios_and_errors():
-    recs = [record(0), record(0, headers=20.0, first=50.0), record(0, ok=False, error="HTTP 500: boom")]
-    s = summarize_scenario({"name": "s", "concurrency": 2, "context_tokens": 1000}, RequestTable.from_records(recs),
-                           window={"start_ns": 0, "end_ns": 200 * MS})
+    recs = [
+        record(0),
+        record(0, headers=20.0, first=50.0),
+        record(0, ok=False, error="HTTP 500: boom"),
+    ]
+    s = summarize_scenario(
+        {"name": "s", "concurrency": 2, "context_tokens": 1000},
+        RequestTable.from_records(recs),
+        window={"start_ns": 0, "end_ns": 200 * MS},
+    )
     assert (s.requests, s.errors, s.error_kinds) == (3, 1, {"HTTP 500": 1})
     assert s.mean_ms.http_overhead == pytest.approx(14.0)
     cpu = 1.0 + 14.0 + 2.0
@@ -87,21 +118,36 @@ def test_summary_means_ratios_and_errors():
 
 
 def test_prompt_size_flag_beyond_two_percent():
-    s = summarize_scenario({"name": "s", "concurrency": 1, "context_tokens": 1000}, RequestTable.from_records([record(0, prompt_tokens=1030)]))
+    s = summarize_scenario(
+        {"name": "s", "concurrency": 1, "context_tokens": 1000},
+        RequestTable.from_records([record(0, prompt_tokens=1030)]),
+    )
     assert s.prompt_tokens_flagged and s.prompt_tokens_off_pct == pytest.approx(3.0)
-    s = summarize_scenario({"name": "s", "concurrency": 1, "context_tokens": 1000}, RequestTable.from_records([record(0, prompt_tokens=1015)]))
+    s = summarize_scenario(
+        {"name": "s", "concurrency": 1, "context_tokens": 1000},
+        RequestTable.from_records([record(0, prompt_tokens=1015)]),
+    )
     assert not s.prompt_tokens_flagged
 
 
 def test_http_overhead_growth_is_relative_to_lowest_concurrency_per_context():
     def scen(name, conc, ctx, oh):
-        return ScenarioSummary(name=name, concurrency=conc, context_tokens=ctx,
-                               mean_ms=PhaseTimes(http_overhead=oh),
-                               p99_ms=PhaseTimes(http_overhead=oh * 2))
-    rows = http_overhead_growth([scen("c4", 4, 8000, 30.0), scen("c1", 1, 8000, 10.0), scen("x", 2, 500, 5.0)])
+        return ScenarioSummary(
+            name=name,
+            concurrency=conc,
+            context_tokens=ctx,
+            mean_ms=PhaseTimes(http_overhead=oh),
+            p99_ms=PhaseTimes(http_overhead=oh * 2),
+        )
+
+    rows = http_overhead_growth(
+        [scen("c4", 4, 8000, 30.0), scen("c1", 1, 8000, 10.0), scen("x", 2, 500, 5.0)]
+    )
     # the 500-token context has one concurrency level only: no growth to show
-    assert [(r.context_tokens, r.concurrency, r.growth) for r in rows] == [(8000, 1, 1.0),
-                                                                          (8000, 4, 3.0)]
+    assert [(r.context_tokens, r.concurrency, r.growth) for r in rows] == [
+        (8000, 1, 1.0),
+        (8000, 4, 3.0),
+    ]
 
 
 BEFORE = """\
@@ -132,8 +178,12 @@ process_cpu_seconds_total 9.0
 
 
 def test_server_metric_deltas_sum_engines_and_absent_is_none():
-    m = scenario_server_metrics(parse_metrics(BEFORE), parse_metrics(AFTER), requests=10,
-                                gauge_polls=[{"vllm:num_requests_running": 2.0}, {"vllm:num_requests_running": 6.0}])
+    m = scenario_server_metrics(
+        parse_metrics(BEFORE),
+        parse_metrics(AFTER),
+        requests=10,
+        gauge_polls=[{"vllm:num_requests_running": 2.0}, {"vllm:num_requests_running": 6.0}],
+    )
     # (1.5 + 0.5 - 1.0) s over (15 + 5 - 10) requests = 100 ms
     assert m["mean_ms"]["queue"] == pytest.approx(100.0)
     assert m["prefix_cache_hit_rate"] == pytest.approx(500 / 2000)

@@ -45,24 +45,28 @@ class Recorder:
         return 0
 
     def pip(self) -> list[list[str]]:
-        return [c[c.index("pip") + 1:] for c in self.calls if "pip" in c]
+        return [c[c.index("pip") + 1 :] for c in self.calls if "pip" in c]
 
 
 def setup(tmp_path: Path, recorder: Recorder) -> dev.Setup:
     pyproject = tmp_path / "pyproject.toml"
     if not pyproject.exists():
         pyproject.write_text('[project]\nname = "x"\n')
-    return dev.Setup(venv=tmp_path / "venv", peers_dir=tmp_path / "peers", run=recorder,
-                     pyproject=pyproject)
+    return dev.Setup(
+        venv=tmp_path / "venv", peers_dir=tmp_path / "peers", run=recorder, pyproject=pyproject
+    )
 
 
 def test_first_call_installs_torch_first_then_the_extras_then_uninstalls(tmp_path):
     rec = Recorder()
     setup(tmp_path, rec).project()
     assert rec.calls[0][1:] == ["-m", "venv", str(tmp_path / "venv")]
-    assert rec.pip() == [["install", "-q", "--upgrade", "pip"], ["install", "-q", "torch==2.13.0"],
-                         ["install", "-q", "-e", ".[local,test,ray]"],
-                         ["uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec"]]
+    assert rec.pip() == [
+        ["install", "-q", "--upgrade", "pip"],
+        ["install", "-q", "torch==2.13.0"],
+        ["install", "-q", "-e", ".[local,test,ray]"],
+        ["uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec"],
+    ]
     assert all(c[0] == str(tmp_path / "venv" / "bin" / "python") for c in rec.calls[1:])
 
 
@@ -96,7 +100,8 @@ def test_peers_each_in_its_venv_a_failure_only_skips_that_peer(tmp_path, capsys)
     guidellm = tmp_path / "peers" / "guidellm" / "bin" / "guidellm"
     assert s.env == {"CPUTAX_GUIDELLM": str(guidellm)}
     assert [c for c in rec.pip() if "guidellm==0.8.1" in c] == [
-        ["install", "-q", "torch==2.13.0", "guidellm==0.8.1"]]  # the CPU torch, pinned
+        ["install", "-q", "torch==2.13.0", "guidellm==0.8.1"]
+    ]  # the CPU torch, pinned
     again = Recorder()
     s2 = setup(tmp_path, again)
     for peer in dev.PEERS:
@@ -116,9 +121,10 @@ def test_chromium_is_installed_as_root_with_apt_get_else_said(tmp_path, capsys, 
     assert "needs root and apt-get: the browser test will be skipped" in capsys.readouterr().out
     monkeypatch.setattr(dev.os, "geteuid", lambda: 0)
     setup(tmp_path, rec).chromium()
-    assert rec.calls == [["apt-get", "update", "-qq"],
-                         ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y",
-                          "-qq", "chromium"]]
+    assert rec.calls == [
+        ["apt-get", "update", "-qq"],
+        ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-qq", "chromium"],
+    ]
     setup(tmp_path, Recorder(fail="install")).chromium()  # no network, no package: go on
     assert "could not install chromium: the browser test will be skipped" in capsys.readouterr().out
 
@@ -129,15 +135,27 @@ def test_main_sets_up_then_replaces_itself_with_the_command(tmp_path, monkeypatc
     monkeypatch.setattr(dev.shutil, "which", lambda name: "/usr/bin/chromium")
     ran = []
     args = ["--venv", str(tmp_path / "v"), "--peers", str(tmp_path / "p")]
-    assert dev.main([*args, "test", "-q", "-rs"], runner=Recorder(),
-                    execute=lambda exe, argv, env: ran.append((argv, env))) == 0
-    (argv, env), = ran
+    assert (
+        dev.main(
+            [*args, "test", "-q", "-rs"],
+            runner=Recorder(),
+            execute=lambda exe, argv, env: ran.append((argv, env)),
+        )
+        == 0
+    )
+    ((argv, env),) = ran
     assert argv == [str(tmp_path / "v" / "bin" / "python"), "-m", "pytest", "-q", "-rs"]
     assert env["CPUTAX_AIPERF"] == str(tmp_path / "p" / "aiperf" / "bin" / "aiperf")
     assert env["PATH"].split(":")[0] == str(tmp_path / "v" / "bin")  # as if activated
     assert env["VIRTUAL_ENV"] == str(tmp_path / "v")
-    assert dev.main([*args, "run", "--profile", "x.toml"], runner=Recorder(),
-                    execute=lambda exe, argv, env: ran.append((argv, env))) == 0
+    assert (
+        dev.main(
+            [*args, "run", "--profile", "x.toml"],
+            runner=Recorder(),
+            execute=lambda exe, argv, env: ran.append((argv, env)),
+        )
+        == 0
+    )
     assert ran[1][0][1:] == ["-m", "cputax", "run", "--profile", "x.toml"]
     out = capsys.readouterr().out
     assert "installed (.cputax-dev-stamp matches pyproject.toml)" in out  # the second call
@@ -153,14 +171,22 @@ def test_bad_usage_is_one_line_and_exit_1(capsys):
 def test_the_venv_step_for_real(tmp_path):
     s = dev.Setup(venv=tmp_path / "venv", peers_dir=tmp_path / "peers")
     assert s.make_venv(s.venv) is True
-    out = subprocess.run([str(s.python()), "-c", "import sys; print(sys.prefix)"],
-                         capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [str(s.python()), "-c", "import sys; print(sys.prefix)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert Path(out) == s.venv
     assert s.make_venv(s.venv) is False  # there: not made again
 
 
 def test_the_script_runs_with_the_system_python_alone(tmp_path):
     """Standard library only: `python3 dev.py` works before anything is installed."""
-    proc = subprocess.run([sys.executable, "-I", "-S", str(ROOT / "dev.py"), "nothing"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", str(ROOT / "dev.py"), "nothing"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1 and proc.stderr.startswith("dev.py: usage:")

@@ -44,9 +44,19 @@ def default_run(tmp_path_factory):
     (base / "p.toml").write_text(PROFILE)
     out = base / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "cputax.cli", "run", "--profile", str(base / "p.toml"),
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "cputax.cli",
+            "run",
+            "--profile",
+            str(base / "p.toml"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out

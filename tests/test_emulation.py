@@ -225,7 +225,8 @@ def test_correlation_busy_and_bubbles_agree_with_the_steps(tmp_path):
     }
     # the report's split: its largest parts, % of the split's whole
     assert [(s.name, s.pct) for s in bubbles.bubble_split_top] == [
-        ("unattributed (no py-spy data)", pytest.approx(100.0))]
+        ("unattributed (no py-spy data)", pytest.approx(100.0))
+    ]
 
 
 def test_a_real_gpus_samples_do_not_mix_with_the_emulated_ones():
@@ -252,20 +253,23 @@ def test_report_says_the_gpu_is_emulated_and_puts_bubbles_beside_cpu_pct():
     assert banner.startswith("> **The GPU is emulated; the CPU side is real.**")
     assert "h100-llama3.1-8b" in banner and "26,674 blocks" in banner
     assert emulated_banner({"target": {"kind": "embedded"}}) == []
-    scenario = msgspec.convert({
-        "name": "c1",
-        "concurrency": 1,
-        "context_tokens": 1000,
-        "prompt_tokens_mean": 1000,
-        "mean_ms": dict.fromkeys(("http_overhead", "prefill", "decode", "total"), 1.0),
-        "p50_ms": dict.fromkeys(("http_overhead", "prefill", "decode", "total"), 1.0),
-        "p99_ms": dict.fromkeys(("http_overhead", "prefill", "decode", "total"), 1.0),
-        "cpu_pct": 2.5,
-        "gpu_pct": 97.5,
-        "errors": 0,
-        "requests": 4,
-        "gpu_bubble_pct": 31.25,
-    }, ScenarioSummary)
+    scenario = msgspec.convert(
+        {
+            "name": "c1",
+            "concurrency": 1,
+            "context_tokens": 1000,
+            "prompt_tokens_mean": 1000,
+            "mean_ms": dict.fromkeys(("http_overhead", "prefill", "decode", "total"), 1.0),
+            "p50_ms": dict.fromkeys(("http_overhead", "prefill", "decode", "total"), 1.0),
+            "p99_ms": dict.fromkeys(("http_overhead", "prefill", "decode", "total"), 1.0),
+            "cpu_pct": 2.5,
+            "gpu_pct": 97.5,
+            "errors": 0,
+            "requests": 4,
+            "gpu_bubble_pct": 31.25,
+        },
+        ScenarioSummary,
+    )
     header, _, row = study_table([scenario]).splitlines()
     cells = [c.strip() for c in header.split("|")]
     values = [c.strip() for c in row.split("|")]
@@ -308,8 +312,9 @@ def _config(name: str, totals: dict[str, float]):
     from cputax.results.sweep import ConfigScenario, Configuration, MetricValue
 
     scenarios = {
-        n: ConfigScenario(metrics={"total_ms": MetricValue(value=t)}, concurrency=c,
-                          context_tokens=1000)
+        n: ConfigScenario(
+            metrics={"total_ms": MetricValue(value=t)}, concurrency=c, context_tokens=1000
+        )
         for c, (n, t) in enumerate(totals.items(), start=1)
     }
     return Configuration(name=name, scenarios=scenarios)
@@ -323,16 +328,19 @@ def test_cpu_floor_claim_from_a_gpu_speed_sweep():
     configs = configurations([knobs])
     assert [c.args() for c in configs] == [(), (), ()]  # not a server flag: cputax's own knob
     assert [c.own_options()["gpu_speed"] for c in configs] == [1.0, 4.0, math.inf]
-    row = cpu_floor([
-        _config("gpu-speed=1", {"single": 1000.0, "conc8": 2000.0}),
-        _config("gpu-speed=4", {"single": 400.0, "conc8": 900.0}),
-        _config("gpu-speed=inf", {"single": 100.0, "conc8": 240.0}),
-    ])
+    row = cpu_floor(
+        [
+            _config("gpu-speed=1", {"single": 1000.0, "conc8": 2000.0}),
+            _config("gpu-speed=4", {"single": 400.0, "conc8": 900.0}),
+            _config("gpu-speed=inf", {"single": 100.0, "conc8": 240.0}),
+        ]
+    )
     assert row.decided and row.data["left_pct"] == {"single": 10.0, "conc8": 12.0}
     assert "At conc8, an infinitely fast GPU leaves 12%" in row.sentence
     assert "as the study says" in row.sentence
-    higher = cpu_floor([_config("gpu-speed=1", {"s": 100.0}),
-                        _config("gpu-speed=inf", {"s": 60.0})])
+    higher = cpu_floor(
+        [_config("gpu-speed=1", {"s": 100.0}), _config("gpu-speed=inf", {"s": 60.0})]
+    )
     assert "a higher floor than the study's" in higher.sentence
     assert not cpu_floor([_config("api-server-count=1", {"s": 1.0})]).decided
     with pytest.raises(CputaxError, match="not a number"):
@@ -356,10 +364,25 @@ def test_which_gpu_the_embedded_server_gets():
 
 def test_emulate_gpu_against_an_endpoint_is_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "cputax.cli", "run", "--endpoint", "http://127.0.0.1:9",
-         "--emulate-gpu", "study", "--out", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "cputax.cli",
+            "run",
+            "--endpoint",
+            "http://127.0.0.1:9",
+            "--emulate-gpu",
+            "study",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        "cputax run: error: --emulate-gpu and --gpu-speed apply to the embedded vLLM")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("cputax run: error: --emulate-gpu and --gpu-speed apply to the embedded vLLM")
+    )

@@ -39,10 +39,17 @@ def send_all(url: str, n: int = 1, **options) -> list[RequestRecord]:
     """`n` requests at once through StreamingClient; their records."""
 
     async def go() -> list[RequestRecord]:
-        async with StreamingClient(url, timeout_s=options.pop("timeout_s", 20.0), **options) as client:
-            return await asyncio.gather(*(client.send(RequestRecord("s", index=i),
-                                                      lambda: {"model": MODEL, "messages": MESSAGES})
-                                          for i in range(n)))
+        async with StreamingClient(
+            url, timeout_s=options.pop("timeout_s", 20.0), **options
+        ) as client:
+            return await asyncio.gather(
+                *(
+                    client.send(
+                        RequestRecord("s", index=i), lambda: {"model": MODEL, "messages": MESSAGES}
+                    )
+                    for i in range(n)
+                )
+            )
 
     return asyncio.run(go())
 
@@ -60,8 +67,15 @@ WRONG_TYPES = {
     "usage is a number": {**HEAD, "choices": [], "usage": 5},
     "tool_calls holds a number": {**HEAD, "choices": [{"index": 0, "delta": {"tool_calls": [5]}}]},
     "tool_calls is a string": {**HEAD, "choices": [{"index": 0, "delta": {"tool_calls": "x"}}]},
-    "function is a list": {**HEAD, "choices": [{"index": 0, "delta": {"tool_calls": [{"function": [1]}]}}]},
-    "usage count is text": {**HEAD, "choices": [], "usage": {"prompt_tokens": "abc", "completion_tokens": 1}},
+    "function is a list": {
+        **HEAD,
+        "choices": [{"index": 0, "delta": {"tool_calls": [{"function": [1]}]}}],
+    },
+    "usage count is text": {
+        **HEAD,
+        "choices": [],
+        "usage": {"prompt_tokens": "abc", "completion_tokens": 1},
+    },
 }
 
 
@@ -120,24 +134,50 @@ WELL_HANDLED = {
     "content-length body": (stream(events(), framing="length"), True, None),
     "CRLF endings": (stream(events(), newline=b"\r\n"), True, None),
     "bare CR endings": (stream(events(), newline=b"\r"), True, None),
-    "comments, event and id fields": (stream([b": keep-alive\n\n", b"event: message\nid: 7\n"] + events()),
-                                      True, None),
+    "comments, event and id fields": (
+        stream([b": keep-alive\n\n", b"event: message\nid: 7\n"] + events()),
+        True,
+        None,
+    ),
     "1-byte writes": (stream(events(), piece=1), True, None),
     # own client: valid HTTP, taken; aiohttp: past its header limit, one line
     "10 MB headers": (stream(events(), headers=b"X-Big: " + b"a" * (10 << 20) + b"\r\n"), None, ""),
     "reset mid-stream": (stream(events()[:2], end="reset"), False, "connection broken mid-stream"),
-    "clean close mid-stream": (stream(events()[:2], framing="close"), False, "stream ended before [DONE]"),
+    "clean close mid-stream": (
+        stream(events()[:2], framing="close"),
+        False,
+        "stream ended before [DONE]",
+    ),
     "close mid-chunk": (stream(events()[:2], end="close"), False, "connection broken mid-stream"),
     "reset before answering": (reset(), False, "connection broken mid-stream"),
-    "500 with HTML": (answer(500, b"<html><body>oops</body></html>", "text/html"), False, "HTTP 500: <html>"),
+    "500 with HTML": (
+        answer(500, b"<html><body>oops</body></html>", "text/html"),
+        False,
+        "HTTP 500: <html>",
+    ),
     "429": (answer(429, {"error": {"message": "slow down"}}), False, "HTTP 429: slow down"),
     "400": (answer(400, {"detail": "bad field"}), False, "HTTP 400: bad field"),
-    "error body ended by the close": (answer(503, b"busy", "text/plain", length=False), False, "HTTP 503: busy"),
-    "non-JSON data line": (stream(events()[:2] + [b"data: {nope\n\n"]), False, "non-JSON data line"),
+    "error body ended by the close": (
+        answer(503, b"busy", "text/plain", length=False),
+        False,
+        "HTTP 503: busy",
+    ),
+    "non-JSON data line": (
+        stream(events()[:2] + [b"data: {nope\n\n"]),
+        False,
+        "non-JSON data line",
+    ),
     "not SSE": (stream(events()[:2] + [b"hello there\n\n"]), False, "malformed SSE line"),
-    "10 MB line": (stream(events()[:2] + [b"data: " + b"x" * (10 << 20) + b"\n\n"]), False, "non-JSON data line"),
-    "error object": (stream(events()[:2] + [chunk({"error": {"message": "engine died"}})]), False,
-                     "server error in stream: engine died"),
+    "10 MB line": (
+        stream(events()[:2] + [b"data: " + b"x" * (10 << 20) + b"\n\n"]),
+        False,
+        "non-JSON data line",
+    ),
+    "error object": (
+        stream(events()[:2] + [chunk({"error": {"message": "engine died"}})]),
+        False,
+        "server error in stream: engine died",
+    ),
     "JSON, not SSE": (answer(200, {"choices": []}), False, "expected a text/event-stream response"),
 }
 
@@ -155,7 +195,9 @@ def test_transport_faults(name, wire):
         assert record.ok is ok, record.error
         if ok:
             assert record.output_tokens == 3 and record.error is None
-        elif wire or not error.startswith("connection broken"):  # aiohttp words transport errors its own way
+        elif wire or not error.startswith(
+            "connection broken"
+        ):  # aiohttp words transport errors its own way
             assert record.error.startswith(error), record.error
         else:
             assert record.error and "\n" not in record.error
@@ -218,7 +260,9 @@ def test_auxiliary_endpoints_that_hang_cost_one_bound_each_and_say_so():
 def test_a_chat_endpoint_that_hangs_is_probed_once_and_ignore_eos_is_not_claimed():
     found, took = run_probe({"/v1/chat/completions": hang()})
     assert not found.ignore_eos and found.tools == "auto"
-    assert found.ignore_eos_words().startswith("not sent (ignore_eos: its probe failed (no answer within")
+    assert found.ignore_eos_words().startswith(
+        "not sent (ignore_eos: its probe failed (no answer within"
+    )
     assert found.refused.startswith("not probed")
     assert took < 2 * BOUND_S + 10
 
@@ -230,7 +274,9 @@ def test_a_server_that_answers_nothing_stops_the_run_within_the_bound():
     assert time.monotonic() - start < BOUND_S + 10
 
 
-@pytest.mark.parametrize("listing", [{"data": 5}, {"data": [{"id": 5}]}, [1, 2], {"data": [7, None]}])
+@pytest.mark.parametrize(
+    "listing", [{"data": 5}, {"data": [{"id": 5}]}, [1, 2], {"data": [7, None]}]
+)
 def test_a_malformed_model_list_is_one_line(listing):
     with pytest.raises(CputaxError, match="lists no model; pass --model NAME"):
         run_probe({"/v1/models": answer(200, listing)})
@@ -252,17 +298,29 @@ def test_metrics_that_are_not_prometheus_text_are_left_out_with_one_line():
 
 
 # --- the command line -----------------------------------------------------------------------
-def cputax(*args: str, timeout: float = 300, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def cputax(
+    *args: str, timeout: float = 300, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": SRC, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "cputax", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cputax", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
 
 
-@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:99999", "http://", "ftp://x", "127.0.0.1:8000"])
+@pytest.mark.parametrize(
+    "endpoint", ["http://127.0.0.1:99999", "http://", "ftp://x", "127.0.0.1:8000"]
+)
 def test_a_bad_endpoint_is_one_line(endpoint, tmp_path):
     done = cputax("run", "--endpoint", endpoint, "--out", str(tmp_path / "o"))
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip().startswith("cputax run: error: --endpoint") and "\n" not in done.stderr.strip()
+    assert (
+        done.stderr.strip().startswith("cputax run: error: --endpoint")
+        and "\n" not in done.stderr.strip()
+    )
 
 
 def test_a_profile_that_is_a_directory_is_one_line(tmp_path):
@@ -304,12 +362,28 @@ def test_a_run_goes_on_past_bad_metrics_and_bad_chunks_and_keeps_the_key_out(tmp
 
     by_scenario = probe_or(each)
 
-    routes = {"/metrics": answer(200, b"<html>nope</html>", "text/html"), "/tokenize": hang(),
-              "/v1/chat/completions": by_scenario}
+    routes = {
+        "/metrics": answer(200, b"<html>nope</html>", "text/html"),
+        "/tokenize": hang(),
+        "/v1/chat/completions": by_scenario,
+    }
     with FaultServer(routes) as server:
-        done = cputax("run", "--endpoint", server.url, "--profile", str(profile), "--out", str(tmp_path / "o"),
-                      "--probe-timeout", "1", "--api-key-env", "FAULT_KEY", "--gpu", "none",
-                      env_extra={"FAULT_KEY": key})
+        done = cputax(
+            "run",
+            "--endpoint",
+            server.url,
+            "--profile",
+            str(profile),
+            "--out",
+            str(tmp_path / "o"),
+            "--probe-timeout",
+            "1",
+            "--api-key-env",
+            "FAULT_KEY",
+            "--gpu",
+            "none",
+            env_extra={"FAULT_KEY": key},
+        )
     out = tmp_path / "o"
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 1  # it measured errors
@@ -328,8 +402,11 @@ def test_a_run_goes_on_past_bad_metrics_and_bad_chunks_and_keeps_the_key_out(tmp
 SLOW = stream(events(20), delay_s=0.1)  # a request takes about 2 s: a batch is in flight for long
 
 
-@pytest.mark.parametrize(("sig", "procs"), [(signal.SIGINT, "1"), (signal.SIGTERM, "1"), (signal.SIGINT, "2"),
-                                            (signal.SIGTERM, "2")], ids=["int", "term", "int-shards", "term-shards"])
+@pytest.mark.parametrize(
+    ("sig", "procs"),
+    [(signal.SIGINT, "1"), (signal.SIGTERM, "1"), (signal.SIGINT, "2"), (signal.SIGTERM, "2")],
+    ids=["int", "term", "int-shards", "term-shards"],
+)
 def test_an_interrupted_run_keeps_every_request_and_says_so(sig, procs, tmp_path):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) and SIGTERM (to
     cputax alone, as `kill`, `timeout` and Kubernetes send it) end a run the same way."""
@@ -337,10 +414,29 @@ def test_an_interrupted_run_keeps_every_request_and_says_so(sig, procs, tmp_path
     profile.write_text(PROFILE)
     out = tmp_path / "o"
     with FaultServer({"/v1/chat/completions": probe_or(SLOW)}) as server:
-        proc = subprocess.Popen([sys.executable, "-m", "cputax", "run", "--endpoint", server.url, "--profile",
-                                 str(profile), "--out", str(out), "--gpu", "none", "--client-procs", procs],
-                                env={**os.environ, "PYTHONPATH": SRC}, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cputax",
+                "run",
+                "--endpoint",
+                server.url,
+                "--profile",
+                str(profile),
+                "--out",
+                str(out),
+                "--gpu",
+                "none",
+                "--client-procs",
+                procs,
+            ],
+            env={**os.environ, "PYTHONPATH": SRC},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 240
         while len(server.measured()) < 8 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)  # the second batch of "first" is in flight
@@ -360,7 +456,9 @@ def test_an_interrupted_run_keeps_every_request_and_says_so(sig, procs, tmp_path
     assert len(cancelled) == 4 and all(r.batch == 1 and r.t_end and r.t_headers for r in cancelled)
     assert all(r.ok for r in records if r not in cancelled)
     windows = [orjson.loads(line) for line in (out / "windows.jsonl").read_bytes().splitlines()]
-    assert [(w["scenario"], w.get("interrupted"), w["sent"]) for w in windows] == [("first", True, 8)]
+    assert [(w["scenario"], w.get("interrupted"), w["sent"]) for w in windows] == [
+        ("first", True, 8)
+    ]
     summary = orjson.loads((out / "summary.json").read_bytes())
     assert summary["interrupted"] == {"signal": signal.Signals(sig).name, "scenarios": ["first"]}
     assert summary["scenarios"][0]["errors"] == 4 and summary["scenarios"][0]["requests"] == 8
@@ -379,12 +477,21 @@ def test_an_old_run_with_an_html_scrape_and_a_connect_failure_is_analysed(tmp_pa
     (record,) = send_all(url, 1)
     record.scenario = "s"
     run = RunDir.create(tmp_path / "run")
-    run.write_info({"endpoint": url, "model": "m", "api": "chat", "server_metrics": True,
-                    "scenarios": [{"name": "s", "concurrency": 1, "context_tokens": 10, "batches": 1}]})
+    run.write_info(
+        {
+            "endpoint": url,
+            "model": "m",
+            "api": "chat",
+            "server_metrics": True,
+            "scenarios": [{"name": "s", "concurrency": 1, "context_tokens": 10, "batches": 1}],
+        }
+    )
     with JsonlWriter(run.requests) as writer:
         writer.write(record)
     with JsonlWriter(run.windows) as writer:
-        writer.write({"scenario": "s", "start_ns": record.t_start, "end_ns": record.t_end, "sent": 1})
+        writer.write(
+            {"scenario": "s", "start_ns": record.t_start, "end_ns": record.t_end, "sent": 1}
+        )
     for when in ("before", "after"):
         run.scrape("s", when).write_text("<html><body>sign in</body></html>")
     scenario = analyse(run).summary.scenarios[0]
@@ -403,10 +510,28 @@ def test_a_shard_killed_mid_scenario_loses_nothing_it_finished(tmp_path):
     profile.write_text(PROFILE)
     out = tmp_path / "o"
     with FaultServer({"/v1/chat/completions": probe_or(SLOW)}) as server:
-        proc = subprocess.Popen([sys.executable, "-m", "cputax", "run", "--endpoint", server.url, "--profile",
-                                 str(profile), "--out", str(out), "--gpu", "none", "--client-procs", "2"],
-                                env={**os.environ, "PYTHONPATH": SRC}, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cputax",
+                "run",
+                "--endpoint",
+                server.url,
+                "--profile",
+                str(profile),
+                "--out",
+                str(out),
+                "--gpu",
+                "none",
+                "--client-procs",
+                "2",
+            ],
+            env={**os.environ, "PYTHONPATH": SRC},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 240
         while len(server.measured()) < 8 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
@@ -419,7 +544,12 @@ def test_a_shard_killed_mid_scenario_loses_nothing_it_finished(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in err, err
     records = read_requests(out / "requests.jsonl")
     first = [r for r in records if r.scenario == "first"]
-    assert sorted(r.index for r in first if r.batch == 0) == [0, 1, 2, 3]  # both shards' finished batch
+    assert sorted(r.index for r in first if r.batch == 0) == [
+        0,
+        1,
+        2,
+        3,
+    ]  # both shards' finished batch
     assert all(r.ok for r in first)
     assert len([r for r in records if r.scenario == "second"]) == 2  # the next scenario ran
     summary = orjson.loads((out / "summary.json").read_bytes())

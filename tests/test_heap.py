@@ -43,8 +43,11 @@ def test_a_scenario_streams_with_its_heap_frozen():
             return record
 
     tok = load_tokenizer()
-    prompts = ScenarioPrompts(Scenario(name="s", context_tokens=200, max_tokens=4, batches=2, concurrency=3),
-                              tok, model="m")
+    prompts = ScenarioPrompts(
+        Scenario(name="s", context_tokens=200, max_tokens=4, batches=2, concurrency=3),
+        tok,
+        model="m",
+    )
     asyncio.run(prompts.prepare(local_counter(tok)))
     records: list[RequestRecord] = []
     asyncio.run(run_scenario(Client(), prompts, records.append))

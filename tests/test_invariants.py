@@ -24,10 +24,23 @@ def record(t0_ms: float = 0.0, sent_ms: float = 0.1, **changes) -> RequestRecord
     read by the loop 0.1 ms after the kernel had each moment. `sent_ms` after its start it
     is sent, and its answer comes that much later too."""
     t0 = int(t0_ms * MS) + int((sent_ms - 0.1) * MS)
-    r = RequestRecord(scenario="s", ok=True, t_start=t0, t_sent=t0 + int(0.1 * MS), build_s=0.00005,
-                      write_s=0.00002, t_headers=t0 + 10 * MS, t_first_data=t0 + 10 * MS,
-                      t_first_token=t0 + 40 * MS, t_last_token=t0 + 100 * MS, t_end=t0 + 101 * MS,
-                      prompt_tokens=1000, output_tokens=32, output_tokens_source="usage", chunks=32)
+    r = RequestRecord(
+        scenario="s",
+        ok=True,
+        t_start=t0,
+        t_sent=t0 + int(0.1 * MS),
+        build_s=0.00005,
+        write_s=0.00002,
+        t_headers=t0 + 10 * MS,
+        t_first_data=t0 + 10 * MS,
+        t_first_token=t0 + 40 * MS,
+        t_last_token=t0 + 100 * MS,
+        t_end=t0 + 101 * MS,
+        prompt_tokens=1000,
+        output_tokens=32,
+        output_tokens_source="usage",
+        chunks=32,
+    )
     for name in ("t_headers", "t_first_data", "t_first_token", "t_last_token"):
         setattr(r, name + "_kernel", getattr(r, name) - int(0.1 * MS))
     r.t_start = int(t0_ms * MS)
@@ -39,7 +52,11 @@ def record(t0_ms: float = 0.0, sent_ms: float = 0.1, **changes) -> RequestRecord
 def broken(*records: RequestRecord, bounds: Bounds | None = None) -> dict[str, list[int]]:
     """Per cause, the indices of the records that break it."""
     masks = check(RequestTable.from_records(list(records)), bounds or Bounds())
-    return {cause: [i for i, bad in enumerate(mask) if bad] for cause, mask in masks.items() if mask.any()}
+    return {
+        cause: [i for i, bad in enumerate(mask) if bad]
+        for cause, mask in masks.items()
+        if mask.any()
+    }
 
 
 def test_a_clean_record_keeps_every_invariant():
@@ -105,8 +122,15 @@ def test_an_open_loop_request_started_late_is_caught_and_its_lag_reported():
 
 
 def test_a_failed_request_has_no_phases_to_be_negative():
-    failed = record(ok=False, t_first_token=None, t_last_token=None, t_first_token_kernel=None,
-                    t_last_token_kernel=None, t_end=int(5 * MS), error="HTTP 400: bad")
+    failed = record(
+        ok=False,
+        t_first_token=None,
+        t_last_token=None,
+        t_first_token_kernel=None,
+        t_last_token_kernel=None,
+        t_end=int(5 * MS),
+        error="HTTP 400: bad",
+    )
     assert broken(failed) == {}
 
 
@@ -123,7 +147,11 @@ def test_a_broken_scenario_is_marked_its_ratios_withheld_and_the_run_fails():
     assert bad.cpu_pct is None and bad.gpu_pct is None
     assert "1 of 2 requests" in bad.withheld
     lines = failures(Summary(scenarios=[clean, bad]))
-    assert len(lines) == 1 and lines[0].startswith("s: 1 of 2 requests break") and "withheld" in lines[0]
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("s: 1 of 2 requests break")
+        and "withheld" in lines[0]
+    )
 
 
 def test_every_table_marks_a_broken_scenario():

@@ -77,10 +77,26 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def cputax_run(endpoint: str, profile, out, *, hog: bool = False) -> subprocess.CompletedProcess[str]:
+def cputax_run(
+    endpoint: str, profile, out, *, hog: bool = False
+) -> subprocess.CompletedProcess[str]:
     code = ["-c", HOG] if hog else ["-m", "cputax.cli"]
-    return subprocess.run([sys.executable, *code, "run", "--endpoint", endpoint, "--profile", str(profile),
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            *code,
+            "run",
+            "--endpoint",
+            endpoint,
+            "--profile",
+            str(profile),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_closed_loop_and_poisson_keep_every_invariant(vllm, tmp_path):

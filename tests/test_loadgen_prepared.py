@@ -54,7 +54,9 @@ def test_no_prompt_text_is_made_once_the_clock_runs(stub, tok, monkeypatch):
 
     monkeypatch.setattr(prompts, "_parts", refuse)
     records, opened, _ = _run(stub.url, prompts)
-    assert sorted(r.index for r in records) == list(range(8)) and all(r.ok for r in records), records
+    assert sorted(r.index for r in records) == list(range(8)) and all(r.ok for r in records), (
+        records
+    )
     assert prompts.built_late == 0
     assert opened == 4  # every stream's connection open before the first request
     assert prompts.messages(5) == expected[5]  # the store gives the same prompt as before
@@ -91,6 +93,18 @@ def test_planned_indices_cover_every_shard_once():
     whole = planned_indices(sc, 0, WHOLE)
     parts = [planned_indices(sc, 0, Share(k, 2)) for k in range(2)]
     assert sorted(whole) == sorted(parts[0] + parts[1]) == list(range(15))
-    bursts = Scenario(name="b", concurrency=4, context_tokens=100, duration_s=1.0, arrival="burst",
-                      burst_size=4, burst_every_s=0.25)
-    assert [a.offset_ns for a in arrivals(bursts, 0)][::4] == [0, 250_000_000, 500_000_000, 750_000_000]
+    bursts = Scenario(
+        name="b",
+        concurrency=4,
+        context_tokens=100,
+        duration_s=1.0,
+        arrival="burst",
+        burst_size=4,
+        burst_every_s=0.25,
+    )
+    assert [a.offset_ns for a in arrivals(bursts, 0)][::4] == [
+        0,
+        250_000_000,
+        500_000_000,
+        750_000_000,
+    ]

@@ -25,13 +25,27 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Literal names, so that renaming a case (and breaking saved results) fails here.
 LITERAL_NAMES = {
-    "tokenize": ["tokenize.encode[679]", "tokenize.encode[101615]", "tokenize.chat_template[100000]",
-                 "tokenize.encode_loop[32x8000]", "tokenize.encode_batch[32x8000]"],
+    "tokenize": [
+        "tokenize.encode[679]",
+        "tokenize.encode[101615]",
+        "tokenize.chat_template[100000]",
+        "tokenize.encode_loop[32x8000]",
+        "tokenize.encode_batch[32x8000]",
+    ],
     "json": ["json.build_stdlib[1000]", "json.build_orjson[100000]", "json.parse_orjson[32000]"],
-    "hash": ["hash.sha256[100000]", "hash.sha256_cbor[100000]", "hash.xxhash[100000]",
-             "hash.lmcache_sha256[100000]", "hash.sha256_buffer[100000]"],
+    "hash": [
+        "hash.sha256[100000]",
+        "hash.sha256_cbor[100000]",
+        "hash.xxhash[100000]",
+        "hash.lmcache_sha256[100000]",
+        "hash.sha256_buffer[100000]",
+    ],
     "sse": ["sse.chunk_stdlib[content]", "sse.chunk_orjson[tool_args]", "sse.stream_orjson[1024]"],
-    "detok": ["detok.decode_stream[128]", "detok.decode_each[1024]", "detok.first_token_primed[100000]"],
+    "detok": [
+        "detok.decode_stream[128]",
+        "detok.decode_each[1024]",
+        "detok.first_token_primed[100000]",
+    ],
 }
 
 
@@ -83,7 +97,9 @@ def test_the_module_pyperf_reruns_names_every_suite(capsys: pytest.CaptureFixtur
 def test_case_names_are_unique_and_well_formed(suite: str) -> None:
     names = [case.name for case in suite_cases(suite)]
     assert len(names) == len(set(names))
-    assert all(name.startswith(f"{suite}.") and name.endswith("]") and "[" in name for name in names)
+    assert all(
+        name.startswith(f"{suite}.") and name.endswith("]") and "[" in name for name in names
+    )
     assert set(LITERAL_NAMES[suite]) <= set(names)
 
 
@@ -109,7 +125,9 @@ def test_every_study_figure_has_a_case() -> None:
         ("some.unknown[1]", 0.002, 2.0, "ms/call"),
     ],
 )
-def test_display_converts_seconds_per_call(name: str, seconds: float, value: float, unit: str) -> None:
+def test_display_converts_seconds_per_call(
+    name: str, seconds: float, value: float, unit: str
+) -> None:
     got_value, got_unit = display(name, seconds)
     assert got_unit == unit
     assert got_value == pytest.approx(value, rel=1e-4)
@@ -133,7 +151,10 @@ def test_block_hashes_chain_like_vllm() -> None:
     # A change in block 0 changes every later key; one in block 1 leaves block 0 alone.
     changed = hash_suite.block_hashes([99, *ids[1:]], hash_suite.HASH_FNS["sha256"])
     assert changed[0] != keys[0] and changed[1] != keys[1]
-    assert hash_suite.block_hashes([*ids[:20], 99, *ids[21:]], hash_suite.HASH_FNS["sha256"])[0] == keys[0]
+    assert (
+        hash_suite.block_hashes([*ids[:20], 99, *ids[21:]], hash_suite.HASH_FNS["sha256"])[0]
+        == keys[0]
+    )
 
 
 def test_lmcache_keys_cover_the_partial_chunk() -> None:
@@ -150,7 +171,9 @@ def test_sse_stream_accumulates_content_and_tool_call(inputs: Inputs) -> None:
     for loads in sse.LOADS.values():
         message = sse.consume_stream(reads, loads)
         assert message["content"] == "".join(prose)
-        assert message["tool_calls"] == [{"id": sse.CALL_ID, "name": name, "arguments": "".join(arguments)}]
+        assert message["tool_calls"] == [
+            {"id": sse.CALL_ID, "name": name, "arguments": "".join(arguments)}
+        ]
         assert message["usage"]["completion_tokens"] == len(prose) + len(arguments)
 
 
@@ -182,14 +205,18 @@ def test_input_cache_reuses_built_inputs(tmp_path: Path) -> None:
     assert first.memo("k", lambda: built.append(1) or [1, 2]) == [1, 2]
     assert Inputs(cache_dir=tmp_path).memo("k", lambda: built.append(1) or [3]) == [1, 2]
     assert built == [1]
-    assert Inputs("other.json", cache_dir=tmp_path).memo("k", lambda: [4]) == [4]  # keyed by tokenizer
+    assert Inputs("other.json", cache_dir=tmp_path).memo("k", lambda: [4]) == [
+        4
+    ]  # keyed by tokenizer
 
 
 # --- command -------------------------------------------------------------------
 
 
 def test_suite_command_passes_tokenizer_mode_and_extra(tmp_path: Path) -> None:
-    cmd = suite_command("hash", "debug", tmp_path / "o.json", "tok.json", tmp_path, ["--affinity", "1"])
+    cmd = suite_command(
+        "hash", "debug", tmp_path / "o.json", "tok.json", tmp_path, ["--affinity", "1"]
+    )
     assert cmd[1:4] == ["-m", "cputax.micro", "hash"]
     assert "--debug-single-value" in cmd and cmd[-2:] == ["--affinity", "1"]
     assert cmd[cmd.index("--tokenizer") + 1] == "tok.json"
@@ -197,8 +224,12 @@ def test_suite_command_passes_tokenizer_mode_and_extra(tmp_path: Path) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cputax.cli", "micro", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "cputax.cli", "micro", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_unknown_suite_is_rejected() -> None:
@@ -209,14 +240,24 @@ def test_unknown_suite_is_rejected() -> None:
 
 def test_missing_tokenizer_is_one_clear_line(tmp_path: Path) -> None:
     out = tmp_path / "never.json"
-    proc = _cli("--suite", "hash", "--debug-single-value", "--tokenizer", str(tmp_path / "none.json"), "-o", str(out))
+    proc = _cli(
+        "--suite",
+        "hash",
+        "--debug-single-value",
+        "--tokenizer",
+        str(tmp_path / "none.json"),
+        "-o",
+        str(out),
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "none.json: no such file" in lines[0]
     assert not out.exists()  # no suite started
 
 
-def test_existing_output_is_not_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_existing_output_is_not_overwritten(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "taken.json"
     out.write_text("{}")
     assert main(["micro", "--suite", "hash", "-o", str(out)]) == 2
@@ -238,7 +279,9 @@ def _names(path: Path) -> set[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("suite", SUITES)
-def test_suite_runs_under_pyperf(suite: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_suite_runs_under_pyperf(
+    suite: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / f"{suite}.json"
     assert main(["micro", "--suite", suite, "--debug-single-value", "-o", str(out)]) == 0
     names = _names(out)
@@ -254,8 +297,20 @@ def test_suite_runs_under_pyperf(suite: str, tmp_path: Path, capsys: pytest.Capt
 @pytest.mark.slow
 def test_bench_script_and_compare(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "sse.json"
-    subprocess.run([sys.executable, str(REPO / "bench" / "bench_sse.py"), "--debug-single-value", "-q",
-                    "-o", str(out), "--input-cache", str(tmp_path)], check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "bench_sse.py"),
+            "--debug-single-value",
+            "-q",
+            "-o",
+            str(out),
+            "--input-cache",
+            str(tmp_path),
+        ],
+        check=True,
+        timeout=300,
+    )
     assert _names(out) == {case.name for case in suite_cases("sse")}
     assert json.loads(out.read_text())["benchmarks"][0]["metadata"]["chunk_bytes"] > 0
     assert compare_files(str(out), str(out)) == 0

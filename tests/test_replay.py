@@ -30,23 +30,49 @@ from cputax.workload.blocks import BlockTexts
 from cputax.workload.prompts import ReplayPrompts, local_counter
 from cputax.workload.traces import TraceError, load_conversations, parse_trace, trace_hit_rate, trim
 
-REAL_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "kv-cache-tester" / "trace_0010.json.gz"
+REAL_TRACE = (
+    Path(__file__).resolve().parents[2]
+    / "shared"
+    / "traces"
+    / "kv-cache-tester"
+    / "trace_0010.json.gz"
+)
 MS = 1_000_000
 
 
-def req(t: float, n_in: int, ids: list[int], think: float = 0.0, out: int = 4, api: float = 0.1) -> dict:
-    return {"t": t, "type": "n", "in": n_in, "out": out, "hash_ids": ids, "think_time": think, "api_time": api}
+def req(
+    t: float, n_in: int, ids: list[int], think: float = 0.0, out: int = 4, api: float = 0.1
+) -> dict:
+    return {
+        "t": t,
+        "type": "n",
+        "in": n_in,
+        "out": out,
+        "hash_ids": ids,
+        "think_time": think,
+        "api_time": api,
+    }
 
 
 def agent_trace(trace_id: str = "t1", think: float = 1.0) -> dict:
     """A parent with three turns and one sub-agent spawned right after the first response."""
     return {
-        "id": trace_id, "block_size": 64, "hash_id_scope": "local", "tool_tokens": 100, "system_tokens": 50,
+        "id": trace_id,
+        "block_size": 64,
+        "hash_id_scope": "local",
+        "tool_tokens": 100,
+        "system_tokens": 50,
         "requests": [
             req(0.0, 300, [1, 2, 3, 4], api=1.0),
-            {"t": 1.0, "type": "subagent", "agent_id": "sa", "requests": [
-                req(0.0, 200, [10, 11, 12], api=0.2),
-                req(0.7, 260, [10, 11, 12, 13], think=0.5)]},
+            {
+                "t": 1.0,
+                "type": "subagent",
+                "agent_id": "sa",
+                "requests": [
+                    req(0.0, 200, [10, 11, 12], api=0.2),
+                    req(0.7, 260, [10, 11, 12, 13], think=0.5),
+                ],
+            },
             req(2.0, 420, [1, 2, 3, 4, 5, 6], think=think),
             req(4.0, 500, [1, 2, 3, 4, 5, 6, 7], think=think),
         ],
@@ -66,21 +92,35 @@ def test_parse_keeps_order_subagents_and_delays():
     conv = parse_trace(json.dumps(agent_trace()).encode(), "t1.json")
     assert conv.id == "t1" and conv.block_size == 64 and conv.scope == "t1"
     requests = conv.main.requests()
-    assert [r.turn for r in requests] == [0, 1, 2] and [r.in_tokens for r in requests] == [300, 420, 500]
+    assert [r.turn for r in requests] == [0, 1, 2] and [r.in_tokens for r in requests] == [
+        300,
+        420,
+        500,
+    ]
     (sub,) = conv.main.subagents()
-    assert sub.agent.id == "sa" and sub.delay_s == pytest.approx(0.0)  # spawned as the first response ended
+    assert sub.agent.id == "sa" and sub.delay_s == pytest.approx(
+        0.0
+    )  # spawned as the first response ended
     assert [r.think_s for r in sub.agent.requests()] == [0.0, 0.5]
     assert [r.in_tokens for _, _, r in conv.timeline()] == [300, 200, 260, 420, 500]
     assert conv.count_requests() == 5 and conv.count_subagents() == 1
 
 
 def test_trim_skips_over_context_and_limits_in_trace_time():
-    conv = trim(parse_trace(json.dumps(agent_trace()).encode(), "t1.json"), max_context=420, limit=3)
-    assert conv.skipped == 1 and conv.dropped == 1  # 500 is over; then the first 3 of 300, 200, 260, 420
+    conv = trim(
+        parse_trace(json.dumps(agent_trace()).encode(), "t1.json"), max_context=420, limit=3
+    )
+    assert (
+        conv.skipped == 1 and conv.dropped == 1
+    )  # 500 is over; then the first 3 of 300, 200, 260, 420
     assert [r.in_tokens for _, _, r in conv.timeline()] == [300, 200, 260]
     assert conv.count_subagents() == 1
-    conv = trim(parse_trace(json.dumps(agent_trace()).encode(), "t1.json"), max_context=None, limit=1)
-    assert conv.count_subagents() == 0 and conv.count_requests() == 1  # the sub-agent lost all its requests
+    conv = trim(
+        parse_trace(json.dumps(agent_trace()).encode(), "t1.json"), max_context=None, limit=1
+    )
+    assert (
+        conv.count_subagents() == 0 and conv.count_requests() == 1
+    )  # the sub-agent lost all its requests
 
 
 def test_trace_hit_rate_counts_blocks_seen_before():
@@ -89,13 +129,20 @@ def test_trace_hit_rate_counts_blocks_seen_before():
     assert trace_hit_rate(conv) == pytest.approx((4 + 6 + 3) * 64 / (300 + 200 + 260 + 420 + 500))
 
 
-@pytest.mark.parametrize("mutate, where, field", [
-    (lambda d: d["requests"][2].pop("in"), "requests[2]", "in"),
-    (lambda d: d["requests"][1]["requests"][1].update(out=-1), "requests[1].requests[1]", "out"),
-    (lambda d: d["requests"][0].update(hash_ids="abc"), "requests[0]", "hash_ids"),
-    (lambda d: d["requests"][0].update(hash_ids=list(range(9))), "requests[0]", "hash_ids"),
-    (lambda d: d["requests"][3].update(t=None), "requests[3]", "t"),
-])
+@pytest.mark.parametrize(
+    "mutate, where, field",
+    [
+        (lambda d: d["requests"][2].pop("in"), "requests[2]", "in"),
+        (
+            lambda d: d["requests"][1]["requests"][1].update(out=-1),
+            "requests[1].requests[1]",
+            "out",
+        ),
+        (lambda d: d["requests"][0].update(hash_ids="abc"), "requests[0]", "hash_ids"),
+        (lambda d: d["requests"][0].update(hash_ids=list(range(9))), "requests[0]", "hash_ids"),
+        (lambda d: d["requests"][3].update(t=None), "requests[3]", "t"),
+    ],
+)
 def test_bad_fields_name_file_request_and_field(tok, tmp_path, mutate, where, field):
     data = agent_trace()
     mutate(data)
@@ -113,7 +160,9 @@ def test_unreadable_files_are_one_error_each(tok, tmp_path):
     (tmp_path / "README.md").write_text("not a trace")
     conversations, errors = load_conversations([tmp_path], tok)
     assert not conversations and len(errors) == 2
-    assert errors[0].startswith("a.json: not valid JSON") and errors[1].startswith("b.json.gz: not a readable gzip")
+    assert errors[0].startswith("a.json: not valid JSON") and errors[1].startswith(
+        "b.json.gz: not a readable gzip"
+    )
     with pytest.raises(TraceError, match="top level: expected a JSON object"):
         parse_trace(b"[1, 2]", "c.json")
 
@@ -128,10 +177,17 @@ def test_jsonl_conversations_become_one_request_per_assistant_turn(tok, tmp_path
         {"role": "user", "content": "Thanks, summarize."},
     ]
     path = tmp_path / "mine.jsonl"
-    path.write_text(json.dumps(messages) + "\n" + json.dumps({"id": "x", "messages": [{"role": "nobody"}]}) + "\n")
+    path.write_text(
+        json.dumps(messages)
+        + "\n"
+        + json.dumps({"id": "x", "messages": [{"role": "nobody"}]})
+        + "\n"
+    )
     _, errors = load_conversations([path], tok)
-    assert errors == ["mine.jsonl: line 2: messages[0]: field 'role': expected one of system, developer, "
-                      "user, assistant, tool, got 'nobody'"]
+    assert errors == [
+        "mine.jsonl: line 2: messages[0]: field 'role': expected one of system, developer, "
+        "user, assistant, tool, got 'nobody'"
+    ]
     path.write_text(json.dumps(messages) + "\n")
     (conv,), errors = load_conversations([path], tok)
     requests = conv.main.requests()
@@ -159,9 +215,12 @@ def _tiny_bpe() -> LoadedTokenizer:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    bpe.train_from_iterator([make_corpus(3000, load_tokenizer(), seed=s) for s in range(3)], trainer)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(
+        [make_corpus(3000, load_tokenizer(), seed=s) for s in range(3)], trainer
+    )
     return LoadedTokenizer(bpe, "tiny-bpe", "trained in the test")
 
 
@@ -189,7 +248,9 @@ class RecordingClient:
     async def send(self, record: RequestRecord, build) -> RequestRecord:
         record.t_start = time.monotonic_ns()
         self.payloads.append(build())
-        record.t_sent = record.t_headers = record.t_first_token = record.t_last_token = time.monotonic_ns()
+        record.t_sent = record.t_headers = record.t_first_token = record.t_last_token = (
+            time.monotonic_ns()
+        )
         record.t_end, record.ok = time.monotonic_ns(), True
         return record
 
@@ -204,7 +265,10 @@ def _replay_offline(tok, conversations, users: int = 10, scale: float = 0.0):
 def test_equal_hash_ids_give_identical_text_and_tokens(tok):
     conv = parse_trace(json.dumps(agent_trace()).encode(), "t1.json")
     payloads, records = _replay_offline(tok, [conv])
-    by_in = {r.target_prompt_tokens: p["messages"][0]["content"] for r, p in zip(records, payloads, strict=True)}
+    by_in = {
+        r.target_prompt_tokens: p["messages"][0]["content"]
+        for r, p in zip(records, payloads, strict=True)
+    }
     first, second, third = by_in[300], by_in[420], by_in[500]
     ids = [tok.tokenizer.encode(t, add_special_tokens=False).ids for t in (first, second, third)]
     assert ids[1][: 4 * 64] == ids[0][: 4 * 64] and ids[2][: 6 * 64] == ids[1][: 6 * 64]
@@ -231,11 +295,18 @@ def test_ideal_cache_and_turn_order_offline(tok):
     assert [r.turn for r in parent] == [0, 1, 2]
     assert [r.extra["ideal_hit_tokens"] for r in parent] == [0, 256, 384]
     sub = [r for r in records if r.subagent == "sa"]
-    assert [r.turn for r in sub] == [0, 1] and sub[0].extra["parent"] == "main" and sub[0].extra["after_turn"] == 0
+    assert (
+        [r.turn for r in sub] == [0, 1]
+        and sub[0].extra["parent"] == "main"
+        and sub[0].extra["after_turn"] == 0
+    )
 
 
 def test_users_cap_sessions_at_once(tok):
-    convs = [parse_trace(json.dumps(agent_trace(f"c{i}", think=0.01)).encode(), f"c{i}.json") for i in range(3)]
+    convs = [
+        parse_trace(json.dumps(agent_trace(f"c{i}", think=0.01)).encode(), f"c{i}.json")
+        for i in range(3)
+    ]
     for c in convs:
         c.scope = c.id
     _, records = _replay_offline(tok, convs, users=1, scale=1.0)
@@ -286,7 +357,9 @@ def test_replay_sends_every_request_in_order(replay_dir):
     assert all(r.session == "t1" and r.scenario == "replay" for r in records)
     parent = sorted((r for r in records if r.subagent is None), key=lambda r: r.t_start)
     assert [r.turn for r in parent] == [0, 1, 2]
-    assert [r.turn for r in sorted((r for r in records if r.subagent == "sa"), key=lambda r: r.t_start)] == [0, 1]
+    assert [
+        r.turn for r in sorted((r for r in records if r.subagent == "sa"), key=lambda r: r.t_start)
+    ] == [0, 1]
     # the stub counts prompts with the same tokenizer and template: every prompt is `in` tokens
     assert all(r.prompt_tokens == r.target_prompt_tokens for r in records)
 
@@ -320,7 +393,9 @@ def test_subagent_runs_beside_its_parent(replay_dir):
 
 def test_bad_file_reported_and_the_rest_replayed(replay_dir):
     info = read_json(replay_dir / "run.json")
-    assert info["replay"]["trace_errors"] == ["bad.json: request requests[1].requests[0]: field 'in': missing"]
+    assert info["replay"]["trace_errors"] == [
+        "bad.json: request requests[1].requests[0]: field 'in': missing"
+    ]
     report = (replay_dir / "report.md").read_text()
     assert "## Agentic replay" in report and "not replayed: bad.json" in report
     assert "| replay | 1 |" in report
@@ -343,9 +418,24 @@ def test_cli_bad_trace_only_is_one_clear_line(tmp_path):
     data = agent_trace()
     data["requests"][2]["hash_ids"] = None
     write(tmp_path / "bad.json", data)
-    proc = subprocess.run([sys.executable, "-m", "cputax.cli", "replay", str(tmp_path / "bad.json"),
-                           "--endpoint", "http://127.0.0.1:9", "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cputax.cli",
+            "replay",
+            str(tmp_path / "bad.json"),
+            "--endpoint",
+            "http://127.0.0.1:9",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert "bad.json: request requests[2]: field 'hash_ids'" in last and last.startswith("cputax replay: error")
+    assert "bad.json: request requests[2]: field 'hash_ids'" in last and last.startswith(
+        "cputax replay: error"
+    )

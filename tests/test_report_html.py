@@ -47,8 +47,14 @@ def run_dir(tmp_path_factory):
     try:
         config = StubConfig(headers_delay_ms=20, first_token_delay_ms=60, inter_token_delay_ms=10)
         with StubServer(config, process=True) as stub:
-            run(RunOptions(endpoint=stub.url, profile=tmp / "p.toml", out=tmp / "run",
-                           telemetry=TelemetryConfig(gpu="nvidia", host_interval_ms=50)))
+            run(
+                RunOptions(
+                    endpoint=stub.url,
+                    profile=tmp / "p.toml",
+                    out=tmp / "run",
+                    telemetry=TelemetryConfig(gpu="nvidia", host_interval_ms=50),
+                )
+            )
     finally:
         if old is None:
             del os.environ["PYTHONPATH"]
@@ -60,7 +66,9 @@ def run_dir(tmp_path_factory):
 def test_html_is_self_contained(run_dir):
     html = (run_dir / "report.html").read_text()
     assert html.startswith("<!doctype html>")
-    assert html.count("data:image/png;base64,") == 2 + len(SCENARIOS)  # bars, HTTP OH, one timeline each
+    assert html.count("data:image/png;base64,") == 2 + len(
+        SCENARIOS
+    )  # bars, HTTP OH, one timeline each
     for external in ("<script", "<link", 'src="http', "src='http"):
         assert external not in html
     assert "<table>" in html and "GPU stalls" in html and "Server CPU per process" in html
@@ -68,7 +76,9 @@ def test_html_is_self_contained(run_dir):
 
 def test_pngs_are_written_and_readable(run_dir):
     names = {p.name for p in (run_dir / "plots").glob("*.png")}
-    assert names == {"decomposition.png", "http_overhead_vs_concurrency.png"} | {f"timeline_{s}.png" for s in SCENARIOS}
+    assert names == {"decomposition.png", "http_overhead_vs_concurrency.png"} | {
+        f"timeline_{s}.png" for s in SCENARIOS
+    }
     for p in (run_dir / "plots").glob("*.png"):
         assert matplotlib.image.imread(p).shape[0] > 200
 
@@ -116,5 +126,7 @@ def test_report_of_a_run_without_telemetry(run_dir, tmp_path):
     (bare / "run.json").write_bytes(orjson.dumps(info))
     rebuild_report(RunDir(bare))
     html = (bare / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2 + len(SCENARIOS)  # timelines still show requests in flight
+    assert html.count("data:image/png;base64,") == 2 + len(
+        SCENARIOS
+    )  # timelines still show requests in flight
     assert "GPU stalls" not in html and "none in this run" in html

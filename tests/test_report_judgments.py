@@ -60,8 +60,10 @@ def _row(thread: str, categories: dict[str, float]) -> ThreadRow:
 
 
 def test_a_category_gets_a_column_and_the_headline_from_min_share():
-    rows = [_row("a", {"tokenize": MIN_SHARE + EPS, "schedule": MIN_SHARE - EPS, "idle": 0.9}),
-            _row("b", {"http": 0.05, "other": 0.001})]
+    rows = [
+        _row("a", {"tokenize": MIN_SHARE + EPS, "schedule": MIN_SHARE - EPS, "idle": 0.9}),
+        _row("b", {"http": 0.05, "other": 0.001}),
+    ]
     assert columns(rows) == ["http", "tokenize", "other", "idle"]  # schedule: under the line
     best = headline(rows)
     assert (best.thread, best.category, best.share) == ("b", "http", 0.05)
@@ -71,13 +73,26 @@ def test_a_category_gets_a_column_and_the_headline_from_min_share():
 
 def test_a_node_clock_is_the_drivers_own_only_without_offset_and_error():
     own = node_clock({"converted": True, "offset_ns": 0, "error_ns": 0})
-    far = node_clock({"converted": True, "offset_ns": 0, "error_ns": 40_000, "node": "n",
-                      "drift_ppm": 1.5, "drift_error_ppm": 0.25, "start": {"offset_ns": 0}})
+    far = node_clock(
+        {
+            "converted": True,
+            "offset_ns": 0,
+            "error_ns": 40_000,
+            "node": "n",
+            "drift_ppm": 1.5,
+            "drift_error_ppm": 0.25,
+            "start": {"offset_ns": 0},
+        }
+    )
     unconverted = node_clock({"converted": False, "error": "actor died"})
     assert own.same_machine and not far.same_machine and not unconverted.same_machine
     assert node_clock(None) is None and node_clock({}) is None
-    nodes = {"a": NodeResults(clock=own), "b": NodeResults(clock=far),
-             "c": NodeResults(clock=unconverted), "d": NodeResults()}
+    nodes = {
+        "a": NodeResults(clock=own),
+        "b": NodeResults(clock=far),
+        "c": NodeResults(clock=unconverted),
+        "d": NodeResults(),
+    }
     text = nodes_section(Results({}, Summary(), nodes=nodes))
     assert "the driver's own machine" in text
     assert "offset +0.000 ms to the driver, error bound ± 40 µs, drift +1.50 ± 0.25 ppm" in text
@@ -85,23 +100,36 @@ def test_a_node_clock_is_the_drivers_own_only_without_offset_and_error():
     assert "no clock estimate" in text
 
 
-def _turn(turn: int, ready_ms: float, sent_ms: float, headers_ms: float, end_ms: float
-          ) -> RequestRecord:
-    return RequestRecord(scenario="replay", ok=True, session="s1", turn=turn,
-                         t_start=int(ready_ms * MS), t_sent=int(sent_ms * MS),
-                         t_headers=int(headers_ms * MS), t_end=int(end_ms * MS),
-                         extra={"ready_ns": int(ready_ms * MS), "agent_start_ns": 0})
+def _turn(
+    turn: int, ready_ms: float, sent_ms: float, headers_ms: float, end_ms: float
+) -> RequestRecord:
+    return RequestRecord(
+        scenario="replay",
+        ok=True,
+        session="s1",
+        turn=turn,
+        t_start=int(ready_ms * MS),
+        t_sent=int(sent_ms * MS),
+        t_headers=int(headers_ms * MS),
+        t_end=int(end_ms * MS),
+        extra={"ready_ns": int(ready_ms * MS), "agent_start_ns": 0},
+    )
 
 
 def test_agentic_shares_and_the_replays_counts_are_analysis_figures():
     # turn 0: think 0, client 1, front end 2, engine 7 ms; turn 1: think 5, 1, 2, 12 ms
     records = [_turn(0, 0, 1, 3, 10), _turn(1, 15, 16, 18, 30)]
-    replay = {"conversations": [{"skipped_over_context": 2, "dropped_by_limit": 1},
-                                {"skipped_over_context": 1}]}
+    replay = {
+        "conversations": [
+            {"skipped_over_context": 2, "dropped_by_limit": 1},
+            {"skipped_over_context": 1},
+        ]
+    }
     agentic = agentic_summary(records, replay, None)
     cycle = agentic.turns.share_of_cycle_pct  # of the mean cycle, 15 ms
     assert (cycle.think, cycle.client, cycle.front_end, cycle.engine) == pytest.approx(
-        (100 * 2.5 / 15, 100 * 1 / 15, 100 * 2 / 15, 100 * 9.5 / 15))
+        (100 * 2.5 / 15, 100 * 1 / 15, 100 * 2 / 15, 100 * 9.5 / 15)
+    )
     path = agentic.sessions[0].critical_path.share_pct  # of the session's 30 ms
     assert (path.think, path.engine) == pytest.approx((100 * 5 / 30, 100 * 19 / 30))
     assert (agentic.skipped_over_context, agentic.dropped_by_limit) == (3, 1)
@@ -117,16 +145,22 @@ def test_a_timeline_instant_has_decimals_only_on_a_short_timeline():
 
 def test_the_server_phases_totals_are_over_the_scenarios_with_records():
     per_scenario = {
-        "a": ScenarioServerPhases(records=4, with_server=3, records_without_span=1,
-                                  spans_without_record=2),
+        "a": ScenarioServerPhases(
+            records=4, with_server=3, records_without_span=1, spans_without_record=2
+        ),
         "b": ScenarioServerPhases(records=5, with_server=5, spans_without_record=1),
         "none": ScenarioServerPhases(records=0, spans_without_record=7),  # not joined at all
     }
-    run = with_totals(ServerPhasesRun(source="otlp", spans_received=11, spans_matched=8),
-                      per_scenario)
+    run = with_totals(
+        ServerPhasesRun(source="otlp", spans_received=11, spans_matched=8), per_scenario
+    )
     assert (run.records_without_span, run.spans_without_record) == (1, 3)
     assert with_totals(None, per_scenario) is None
-    summary = Summary(server_phases=run, scenarios=[
-        ScenarioSummary(name=name, server_phases=sp) for name, sp in per_scenario.items()])
+    summary = Summary(
+        server_phases=run,
+        scenarios=[
+            ScenarioSummary(name=name, server_phases=sp) for name, sp in per_scenario.items()
+        ],
+    )
     text = server_phases_section(summary)
     assert "records without a span 1; spans without a record 3 in the scenarios' windows" in text

@@ -47,8 +47,13 @@ def _bound_number(node: ast.expr, namespace: dict[str, object]) -> object | None
     if isinstance(node, ast.Name):
         value = namespace.get(node.id)
     elif isinstance(node, ast.Attribute):
-        owner = _bound_number(node.value, namespace) if isinstance(node.value, ast.Attribute) \
-            else namespace.get(node.value.id) if isinstance(node.value, ast.Name) else None
+        owner = (
+            _bound_number(node.value, namespace)
+            if isinstance(node.value, ast.Attribute)
+            else namespace.get(node.value.id)
+            if isinstance(node.value, ast.Name)
+            else None
+        )
         value = getattr(owner, node.attr, None) if isinstance(owner, ModuleType) else None
     else:
         return None
@@ -67,7 +72,9 @@ def _is_len(node: ast.expr) -> bool:
     return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "len"
 
 
-def violations(source: str, namespace: dict[str, object] | None = None, name: str = "") -> list[str]:
+def violations(
+    source: str, namespace: dict[str, object] | None = None, name: str = ""
+) -> list[str]:
     """What breaks the rule (module docstring) in `source`; `namespace` resolves the names
     the module binds (its __dict__), `name` is its file name (for the two exceptions)."""
     namespace = namespace or {}
@@ -83,18 +90,27 @@ def violations(source: str, namespace: dict[str, object] | None = None, name: st
             divisor = node.right
             literal = isinstance(divisor, ast.Constant) and _number(divisor.value)
             path = isinstance(divisor, ast.JoinedStr) or (
-                isinstance(divisor, ast.Constant) and isinstance(divisor.value, str))
+                isinstance(divisor, ast.Constant) and isinstance(divisor.value, str)
+            )
             if not (literal or path or _is_len(divisor)):  # `dir / "name"` joins a path
                 found.append(f"{where}: ratio {ast.unparse(node)}")
         elif isinstance(node, ast.Call) and name not in GEOMETRY:
             func = node.func
-            called = func.id if isinstance(func, ast.Name) else \
-                func.attr if isinstance(func, ast.Attribute) else None
+            called = (
+                func.id
+                if isinstance(func, ast.Name)
+                else func.attr
+                if isinstance(func, ast.Attribute)
+                else None
+            )
             if called in AGGREGATES:
                 found.append(f"{where}: aggregate {ast.unparse(node)}")
         elif isinstance(node, ast.Import | ast.ImportFrom):
-            modules = [a.name for a in node.names] if isinstance(node, ast.Import) \
+            modules = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
                 else [node.module or ""]
+            )
             for module in modules:
                 if module.startswith(FORBIDDEN_IMPORTS):
                     found.append(f"{where}: imports {module}")
@@ -107,12 +123,15 @@ def _modules() -> list[Path]:
 
 @pytest.mark.parametrize("path", _modules(), ids=lambda p: p.name)
 def test_report_module_computes_nothing(path: Path) -> None:
-    module = importlib.import_module(f"cputax.report.{path.stem}") if path.stem != "__init__" \
+    module = (
+        importlib.import_module(f"cputax.report.{path.stem}")
+        if path.stem != "__init__"
         else cputax.report
+    )
     assert violations(path.read_text(), vars(module), path.name) == []
 
 
-PLANTED = '''
+PLANTED = """
 import numpy as np
 from cputax.util import percentile
 MIN_SHARE = 0.01
@@ -124,7 +143,7 @@ def cell(value, total, rows):
         return "low"
     share = value / total
     return f"{sum(rows)} {share}"
-'''
+"""
 
 
 def test_checker_finds_each_planted_break() -> None:
@@ -141,12 +160,12 @@ def test_checker_finds_each_planted_break() -> None:
 
 
 def test_checker_allows_what_renders() -> None:
-    clean = '''
+    clean = """
 def cell(value, rows, ns):
     if value is None or value == 0 or len(rows) > 1 or value == "x":
         return "absent"
     return f"{100 * value:.1f}% {ns / 1e6:.2f} ms {0.8 / len(rows)}"
-'''
+"""
     assert violations(clean, {}, "clean.py") == []
 
 

@@ -451,8 +451,9 @@ def test_the_report_reads_the_typed_results_of_a_run_and_of_its_nodes():
     from cputax.report.nodes import nodes_section
 
     means = PhaseTimes(total=100.0, decode=60.0, prefill=20.0, http_overhead=15.0, serialize=5.0)
-    summary = Summary(scenarios=[ScenarioSummary(name="s", concurrency=4, context_tokens=1000,
-                                                 mean_ms=means)])
+    summary = Summary(
+        scenarios=[ScenarioSummary(name="s", concurrency=4, context_tokens=1000, mean_ms=means)]
+    )
     attribution, correlation = _attribution(), _correlation()
     short = in_short(summary.scenarios, {}, correlation, attribution)
     assert (

@@ -46,7 +46,9 @@ SIDE_BY_SIDE_MS = 7 * INTER_MS / 2
 
 @pytest.fixture(scope="module")
 def stub():
-    config = StubConfig(headers_delay_ms=HEADERS_MS, first_token_delay_ms=FIRST_MS, inter_token_delay_ms=INTER_MS)
+    config = StubConfig(
+        headers_delay_ms=HEADERS_MS, first_token_delay_ms=FIRST_MS, inter_token_delay_ms=INTER_MS
+    )
     with StubServer(config, process=True) as server:
         yield server
 
@@ -81,8 +83,20 @@ def test_summary_matches_the_stubs_injected_delays(run_dir):
     names = [s["name"] for s in summary["scenarios"]]
     assert names == ["single_2k", "conc4_1k", "open"]
     single = summary["scenarios"][0]
-    for key in ("name", "concurrency", "context_tokens", "requests", "errors", "prompt_tokens_mean",
-                "mean_ms", "p50_ms", "p99_ms", "cpu_pct", "gpu_pct", "server"):
+    for key in (
+        "name",
+        "concurrency",
+        "context_tokens",
+        "requests",
+        "errors",
+        "prompt_tokens_mean",
+        "mean_ms",
+        "p50_ms",
+        "p99_ms",
+        "cpu_pct",
+        "gpu_pct",
+        "server",
+    ):
         assert key in single
     mean, server = single["mean_ms"], single["server"]["mean_ms"]
     injected = {"http_overhead": HEADERS_MS, "prefill": FIRST_MS, "decode": 7 * INTER_MS}
@@ -135,22 +149,37 @@ def test_refuses_to_overwrite_a_run(stub, run_dir):
 
 def test_errors_are_recorded_and_the_run_fails(tmp_path, capsys):
     profile = tmp_path / "p.toml"
-    profile.write_text('[[scenario]]\nname = "x"\nconcurrency = 2\ncontext_tokens = 300\nbatches = 1\nwarmup = 0\n')
+    profile.write_text(
+        '[[scenario]]\nname = "x"\nconcurrency = 2\ncontext_tokens = 300\nbatches = 1\nwarmup = 0\n'
+    )
     with StubServer(StubConfig(fault="http_500")) as server:
         assert run(RunOptions(endpoint=server.url, profile=profile, out=tmp_path / "o")) == 1
     assert "x: 2 of 2 requests failed: HTTP 500 (2)" in capsys.readouterr().err
     summary = orjson.loads((tmp_path / "o" / "summary.json").read_bytes())
     (scenario,) = summary["scenarios"]
     assert scenario["errors"] == 2 and scenario["requests"] == 2
-    assert all(r.status == 500 and "HTTP 500" in r.error for r in read_requests(tmp_path / "o" / "requests.jsonl"))
+    assert all(
+        r.status == 500 and "HTTP 500" in r.error
+        for r in read_requests(tmp_path / "o" / "requests.jsonl")
+    )
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "cputax.cli", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "cputax.cli", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_unreachable_endpoint_fails_fast_with_one_line(tmp_path):
-    proc = cli("run", "--endpoint", "http://127.0.0.1:9", "--profile", "smoke", "--out", str(tmp_path / "o"))
+    proc = cli(
+        "run",
+        "--endpoint",
+        "http://127.0.0.1:9",
+        "--profile",
+        "smoke",
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert "cannot reach http://127.0.0.1:9" in lines[-1]
@@ -158,7 +187,9 @@ def test_unreachable_endpoint_fails_fast_with_one_line(tmp_path):
 
 def test_bad_profile_is_one_line_naming_file_scenario_key(tmp_path):
     profile = tmp_path / "bad.toml"
-    profile.write_text('[[scenario]]\nname = "s"\nconcurrency = 1\ncontext_tokens = 100\nwarmpu = 1\n')
+    profile.write_text(
+        '[[scenario]]\nname = "s"\nconcurrency = 1\ncontext_tokens = 100\nwarmpu = 1\n'
+    )
     proc = cli("run", "--endpoint", "http://127.0.0.1:9", "--profile", str(profile))
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
@@ -172,10 +203,14 @@ def test_the_same_profile_in_two_load_processes(stub, tmp_path):
     code = run(RunOptions(endpoint=stub.url, profile=profile, out=out, client_procs=2))
     assert code == expected_exit(out)
     records = read_requests(out / "requests.jsonl")
-    counts = {name: sum(r.scenario == name for r in records) for name in ("single_2k", "conc4_1k", "open")}
+    counts = {
+        name: sum(r.scenario == name for r in records) for name in ("single_2k", "conc4_1k", "open")
+    }
     assert counts == {"single_2k": 2, "conc4_1k": 8, "open": 6}  # as with one process
     windows = [orjson.loads(line) for line in (out / "windows.jsonl").read_bytes().splitlines()]
-    assert [w["client_procs"] for w in windows] == [2, 2, 2] and all(w["shard_failures"] == [] for w in windows)
+    assert [w["client_procs"] for w in windows] == [2, 2, 2] and all(
+        w["shard_failures"] == [] for w in windows
+    )
     assert windows[1]["shard_records"] == [4, 4]
     summary = orjson.loads((out / "summary.json").read_bytes())
     conc = next(s for s in summary["scenarios"] if s["name"] == "conc4_1k")
@@ -186,8 +221,15 @@ def test_the_same_profile_in_two_load_processes(stub, tmp_path):
 
 
 # what a run derives or renders (analysis, report) or keeps verbatim: not raw files
-NOT_RAW = {"run.json", "summary.json", "correlation.json", "report.md", "report.html", "plots/",
-           "server.log"}
+NOT_RAW = {
+    "run.json",
+    "summary.json",
+    "correlation.json",
+    "report.md",
+    "report.html",
+    "plots/",
+    "server.log",
+}
 
 
 def test_run_json_names_the_format_of_every_raw_file_written(run_dir):

@@ -37,37 +37,61 @@ from cputax.workload.profiles import CONTROL_SUFFIX, Scenario, is_control, with_
 
 HAVE_PYSPY = shutil.which("py-spy") is not None or (Path(sys.executable).parent / "py-spy").exists()
 needs_pyspy = pytest.mark.skipif(not HAVE_PYSPY, reason=f"needs py-spy: {pyspy.INSTALL_HINT}")
-can_ptrace = pytest.mark.skipif(ptrace_problem([os.getpid()]) is not None, reason="no ptrace permission here")
+can_ptrace = pytest.mark.skipif(
+    ptrace_problem([os.getpid()]) is not None, reason="no ptrace permission here"
+)
 
 
 def ev(ph, name, file, ts, tid=1, pid=9):
-    return {"args": {"filename": file, "line": 3}, "cat": "py-spy", "name": name, "ph": ph, "pid": pid, "tid": tid, "ts": ts}
+    return {
+        "args": {"filename": file, "line": 3},
+        "cat": "py-spy",
+        "name": name,
+        "ph": ph,
+        "pid": pid,
+        "tid": tid,
+        "ts": ts,
+    }
 
 
 # --- formats ----------------------------------------------------------------------------------------
 def test_chrometrace_to_spans(tmp_path):
     root = "thread (42): Thread-3 (_run_generation_loop)"
-    events = [ev("B", root, "", 10), ev("B", "loop", "/x/site-packages/pkg/a.py", 10), ev("B", "f", "/x/site-packages/pkg/b.py", 10),
-              ev("E", "f", "", 30), ev("B", "g", "/x/site-packages/pkg/b.py", 30),
-              {"name": "thread_name", "ph": "M", "pid": 9, "tid": 1, "ts": 0, "args": {"name": "meta"}},
-              ev("B", "other", "/usr/lib/python3.12/threading.py", 35, tid=2),
-              ev("E", "g", "", 70), ev("E", "loop", "", 70), ev("E", root, "", 70), ev("E", "other", "", 70, tid=2)]
+    events = [
+        ev("B", root, "", 10),
+        ev("B", "loop", "/x/site-packages/pkg/a.py", 10),
+        ev("B", "f", "/x/site-packages/pkg/b.py", 10),
+        ev("E", "f", "", 30),
+        ev("B", "g", "/x/site-packages/pkg/b.py", 30),
+        {"name": "thread_name", "ph": "M", "pid": 9, "tid": 1, "ts": 0, "args": {"name": "meta"}},
+        ev("B", "other", "/usr/lib/python3.12/threading.py", 35, tid=2),
+        ev("E", "g", "", 70),
+        ev("E", "loop", "", 70),
+        ev("E", root, "", 70),
+        ev("E", "other", "", 70, tid=2),
+    ]
     path = tmp_path / "t.json"
     path.write_bytes(orjson.dumps(events))
     timeline = read_chrometrace(path)
     gen = ThreadId(9, 42, "Thread-3 (_run_generation_loop)")
     loop, f, g = Frame("loop", "pkg/a.py"), Frame("f", "pkg/b.py"), Frame("g", "pkg/b.py")
     assert timeline[gen] == [(10, 30, (loop, f)), (30, 70, (loop, g))]
-    assert timeline[ThreadId(9, 2, "")] == [(35, 70, (Frame("other", "threading.py"),))]  # no --threads root
+    assert timeline[ThreadId(9, 2, "")] == [
+        (35, 70, (Frame("other", "threading.py"),))
+    ]  # no --threads root
     assert gen.label == "Thread-3 (_run_generation_loop)" and ThreadId(9, 2, "").label == "thread 2"
     assert clip(timeline[gen], 20, 40) == [(20, 30, (loop, f)), (30, 40, (loop, g))]
-    assert collapse(timeline[gen], rate=100_000) == pytest.approx(Counter({(loop, f): 2.0, (loop, g): 4.0}))
+    assert collapse(timeline[gen], rate=100_000) == pytest.approx(
+        Counter({(loop, f): 2.0, (loop, g): 4.0})
+    )
 
 
 def test_raw_roundtrip_and_roots(tmp_path):
     raw = tmp_path / "raw.txt"
-    raw.write_text('process 77:"python srv.py";thread (5): Thread-1 (worker);run (srv.py:3);work (srv.py:9) 4\n'
-                   "thread (6): MainThread;<module> (srv.py:1) 2\n\n")
+    raw.write_text(
+        'process 77:"python srv.py";thread (5): Thread-1 (worker);run (srv.py:3);work (srv.py:9) 4\n'
+        "thread (6): MainThread;<module> (srv.py:1) 2\n\n"
+    )
     stacks = read_raw(raw)
     worker = ThreadId(77, 5, "Thread-1 (worker)")
     assert stacks[worker] == Counter({(Frame("run", "srv.py"), Frame("work", "srv.py")): 4})
@@ -88,14 +112,25 @@ def test_speedscope_events_nest(tmp_path):
     data = orjson.loads(path.read_bytes())
     names = [f["name"] for f in data["shared"]["frames"]]
     events = [(e["type"], names[e["frame"]], e["at"]) for e in data["profiles"][0]["events"]]
-    assert events == [("O", "a", 0), ("O", "b", 0), ("C", "b", 10), ("O", "c", 10), ("C", "c", 20), ("C", "a", 20),
-                      ("O", "a", 30), ("C", "a", 40)]
+    assert events == [
+        ("O", "a", 0),
+        ("O", "b", 0),
+        ("C", "b", 10),
+        ("O", "c", 10),
+        ("C", "c", 20),
+        ("C", "a", 20),
+        ("O", "a", 30),
+        ("C", "a", 40),
+    ]
     assert data["profiles"][0]["type"] == "evented"
 
 
 def test_flamegraph_svg_is_valid():
-    svg = render_svg({("thread (1): T", "a (m.py)", "b <&> (m.py)"): 30.0, ("thread (1): T", "a (m.py)"): 10.0},
-                     "title", {"a (m.py)": "tokenize"}.get)
+    svg = render_svg(
+        {("thread (1): T", "a (m.py)", "b <&> (m.py)"): 30.0, ("thread (1): T", "a (m.py)"): 10.0},
+        "title",
+        {"a (m.py)": "tokenize"}.get,
+    )
     root = ET.fromstring(svg)
     titles = [t.text for t in root.iter("{http://www.w3.org/2000/svg}title")]
     assert "a (m.py) — 40 samples (100.0%)" in titles
@@ -104,15 +139,34 @@ def test_flamegraph_svg_is_valid():
 
 # --- py-spy's messages ------------------------------------------------------------------------------
 def test_read_log():
-    ok = read_log("py-spy> Stopped sampling because Control-C pressed\npy-spy> Wrote chrome trace to 'x'. Samples: 450 Errors: 1\n", 0)
+    ok = read_log(
+        "py-spy> Stopped sampling because Control-C pressed\npy-spy> Wrote chrome trace to 'x'. Samples: 450 Errors: 1\n",
+        0,
+    )
     assert (ok.status, ok.samples, ok.errors) == ("ok", 450, 1)
-    exited = read_log("py-spy> Stopped sampling because process exited\npy-spy> Wrote chrome trace to 'x'. Samples: 227 Errors: 0", 0)
+    exited = read_log(
+        "py-spy> Stopped sampling because process exited\npy-spy> Wrote chrome trace to 'x'. Samples: 227 Errors: 0",
+        0,
+    )
     assert exited.status == "exited" and "partial data is kept" in exited.message
-    denied = read_log("Permission Denied: Try running again with elevated permissions by going 'sudo env \"PATH=$PATH\" !!'", 1)
-    assert denied.status == "permission" and "CAP_SYS_PTRACE" in denied.message and "ptrace_scope" in denied.message
-    assert read_log("Error: Failed to find python version from target process", 1).status == "not_python"
-    behind = read_log("py-spy> 1.52s behind in sampling, results may be inaccurate. Try reducing the sampling rate\n"
-                      "py-spy> 250.3ms behind in sampling, results may be inaccurate.\nSamples: 9 Errors: 0", 0)
+    denied = read_log(
+        "Permission Denied: Try running again with elevated permissions by going 'sudo env \"PATH=$PATH\" !!'",
+        1,
+    )
+    assert (
+        denied.status == "permission"
+        and "CAP_SYS_PTRACE" in denied.message
+        and "ptrace_scope" in denied.message
+    )
+    assert (
+        read_log("Error: Failed to find python version from target process", 1).status
+        == "not_python"
+    )
+    behind = read_log(
+        "py-spy> 1.52s behind in sampling, results may be inaccurate. Try reducing the sampling rate\n"
+        "py-spy> 250.3ms behind in sampling, results may be inaccurate.\nSamples: 9 Errors: 0",
+        0,
+    )
     assert behind.behind_warnings == 2 and behind.behind_s == pytest.approx(1.52)
     assert read_log("Error: something else broke", 1).message == "Error: something else broke"
 
@@ -128,7 +182,11 @@ def test_ptrace_problem_names_the_fix(monkeypatch):
     monkeypatch.setattr(pyspy, "_has_cap", lambda bit: False)
     monkeypatch.setattr(pyspy, "_read", lambda path: "1" if "ptrace_scope" in path else None)
     message = ptrace_problem([os.getpid()])
-    assert "root" in message and "CAP_SYS_PTRACE" in message and "kernel.yama.ptrace_scope=0` (now 1)" in message
+    assert (
+        "root" in message
+        and "CAP_SYS_PTRACE" in message
+        and "kernel.yama.ptrace_scope=0` (now 1)" in message
+    )
     monkeypatch.setattr(pyspy, "_has_cap", lambda bit: True)
     assert ptrace_problem([os.getpid()]) is None
 
@@ -136,7 +194,11 @@ def test_ptrace_problem_names_the_fix(monkeypatch):
 def test_monitor_without_permission_continues_without_profiles(tmp_path, monkeypatch):
     from cputax.sampling import pyspy_monitor as monitor_module
 
-    monkeypatch.setattr(monitor_module, "ptrace_problem", lambda pids: "no permission to ptrace process 1: run as root")
+    monkeypatch.setattr(
+        monitor_module,
+        "ptrace_problem",
+        lambda pids: "no permission to ptrace process 1: run as root",
+    )
     monkeypatch.setattr(monitor_module, "find_pyspy", lambda: "/bin/true")
     m = PyspyMonitor(SamplerConfig(), Discovery(pid=os.getpid()))
     m.start(RunDir(tmp_path), {"kind": "external"})
@@ -165,7 +227,11 @@ FAKE_VLLM = textwrap.dedent("""\
 
 @pytest.fixture
 def fake_vllm():
-    proc = subprocess.Popen([sys.executable, "-c", FAKE_VLLM, "vllm", "serve", "fake-model"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FAKE_VLLM, "vllm", "serve", "fake-model"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     port, child = map(int, proc.stdout.readline().split())
     time.sleep(0.3)  # let the child exec
     yield proc.pid, port, child
@@ -211,7 +277,9 @@ TARGET = textwrap.dedent("""\
 
 
 def _target(tmp_path: Path, seconds: float) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", TARGET, str(seconds)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TARGET, str(seconds)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "ready"
     return proc
 
@@ -221,7 +289,13 @@ def _target(tmp_path: Path, seconds: float) -> subprocess.Popen:
 @pytest.mark.slow
 def test_process_exiting_mid_sampling_keeps_its_data(tmp_path):
     proc = _target(tmp_path, 1.0)
-    sampler = PyspyProcess(pyspy.find_pyspy(), proc.pid, tmp_path / "t.json", tmp_path / "t.log", SamplerConfig(rate=100))
+    sampler = PyspyProcess(
+        pyspy.find_pyspy(),
+        proc.pid,
+        tmp_path / "t.json",
+        tmp_path / "t.log",
+        SamplerConfig(rate=100),
+    )
     sampler.start()
     proc.wait()
     time.sleep(0.5)
@@ -250,7 +324,13 @@ def test_timeline_is_on_the_run_clock(tmp_path):
     """)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     switch = int(proc.stdout.readline())
-    sampler = PyspyProcess(pyspy.find_pyspy(), proc.pid, tmp_path / "t.json", tmp_path / "t.log", SamplerConfig(rate=500))
+    sampler = PyspyProcess(
+        pyspy.find_pyspy(),
+        proc.pid,
+        tmp_path / "t.json",
+        tmp_path / "t.log",
+        SamplerConfig(rate=500),
+    )
     sampler.start()
     proc.wait()
     sampler.stop()
@@ -265,7 +345,9 @@ def test_timeline_is_on_the_run_clock(tmp_path):
 def test_non_python_process_is_reported(tmp_path):
     proc = subprocess.Popen(["sleep", "30"])
     try:
-        sampler = PyspyProcess(pyspy.find_pyspy(), proc.pid, tmp_path / "t.json", tmp_path / "t.log", SamplerConfig())
+        sampler = PyspyProcess(
+            pyspy.find_pyspy(), proc.pid, tmp_path / "t.json", tmp_path / "t.log", SamplerConfig()
+        )
         sampler.start()
         time.sleep(1.0)
         assert sampler.stop().status in ("not_python", "permission")
@@ -281,30 +363,72 @@ def test_profile_command(tmp_path):
     proc = _target(tmp_path, 4.0)
     try:
         out = tmp_path / "prof"
-        run = subprocess.run([sys.executable, "-m", "cputax.cli", "profile", "--pid", str(proc.pid), "--duration", "1.5",
-                              "--out", str(out), "--rate", "100", "--gil"], capture_output=True, text=True, timeout=120)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cputax.cli",
+                "profile",
+                "--pid",
+                str(proc.pid),
+                "--duration",
+                "1.5",
+                "--out",
+                str(out),
+                "--rate",
+                "100",
+                "--gil",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         proc.wait()
     assert run.returncode == 0, run.stderr
     result = orjson.loads((out / "pyspy" / "attribution.json").read_bytes())
     threads = {r["thread"]: r for r in result["windows"][0]["threads"]}
     assert threads["busy-thread"]["active"] > 0.5 and threads["busy-thread"]["gil"] > 0
-    assert threads["busy-thread"]["categories"].get("other", 0) > 0.5  # no server's code: nothing matches
+    assert (
+        threads["busy-thread"]["categories"].get("other", 0) > 0.5
+    )  # no server's code: nothing matches
     assert "| process" in run.stdout and "busy-thread" in run.stdout
 
 
 @needs_pyspy
 @pytest.mark.slow
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to drop it")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to drop it"
+)
 def test_profile_without_permission_says_how_to_fix(tmp_path):
     proc = _target(tmp_path, 10.0)
-    home = Path(tempfile.mkdtemp(prefix="cputax-nobody-"))  # pytest's tmp_path is not reachable by nobody
+    home = Path(
+        tempfile.mkdtemp(prefix="cputax-nobody-")
+    )  # pytest's tmp_path is not reachable by nobody
     home.chmod(0o777)
     try:
-        run = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
-                              "cputax.cli", "profile", "--pid", str(proc.pid), "--duration", "1", "--out",
-                              str(home / "prof")], capture_output=True, text=True, timeout=60,
-                             env={**os.environ, "HOME": str(home)})
+        run = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                sys.executable,
+                "-m",
+                "cputax.cli",
+                "profile",
+                "--pid",
+                str(proc.pid),
+                "--duration",
+                "1",
+                "--out",
+                str(home / "prof"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "HOME": str(home)},
+        )
     finally:
         proc.kill()
         proc.wait()

@@ -331,9 +331,7 @@ def test_spans_join_their_records_and_the_phases_follow_from_the_moments(tmp_pat
     assert s.records == s.with_server == 3 and s.sources == {"otlp": 2, "response": 1}
     assert s.records_without_span == 1 and s.spans_without_record == 1
     assert (
-        out.spans_received == 4
-        and out.spans_outside_windows == 1
-        and out.source == "otlp+response"
+        out.spans_received == 4 and out.spans_outside_windows == 1 and out.source == "otlp+response"
     )
     assert s.prometheus_mean_ms.queue == 1.0
     assert s.per_request_mean_ms.queue == pytest.approx((1.0 + 0.0 + 2.0) / 3)
@@ -470,11 +468,15 @@ def _skewed_run(tmp_path, skew_ns: int, local: bool, drift_ns: int = 0):
         sent = t0 + i * 100 * MS
         arrival = sent + MS + i * MS // 2
         rows.append(_request(rid, sent, arrival + 3 * MS, arrival + 12 * MS, arrival + 30 * MS))
-        spans.append(_span(rid, arrival + skew_ns + i * drift_ns, 0.0, 0.004, 0.015, 0.010,
-                           0.030))
+        spans.append(_span(rid, arrival + skew_ns + i * drift_ns, 0.0, 0.004, 0.015, 0.010, 0.030))
     run = _run(tmp_path, rows, spans, [{"scenario": "a", "start_ns": t0, "end_ns": t0 + 10**9}])
-    run.write_info({"server": {"name": "vllm"}, "target": {"kind": "external", "local": local},
-                    "monitors": {"otlp": {"clock": {"offset_ns": OFFSET, "error_ns": 40}}}})
+    run.write_info(
+        {
+            "server": {"name": "vllm"},
+            "target": {"kind": "external", "local": local},
+            "monitors": {"otlp": {"clock": {"offset_ns": OFFSET, "error_ns": 40}}},
+        }
+    )
     return server_phases(run, run.info(), [ScenarioSummary(name="a")])
 
 
@@ -489,8 +491,12 @@ def test_a_remote_servers_clock_offset_is_bounded_by_its_requests_and_applied(tm
     assert out.clock_error_ns == 40 + 2 * MS  # the receiver's own, plus half the bounds
     from cputax.report.server_phases import server_phases_section
 
-    text = server_phases_section(Summary(scenarios=[ScenarioSummary(
-        name="a", server_phases=per_scenario["a"])], server_phases=out))
+    text = server_phases_section(
+        Summary(
+            scenarios=[ScenarioSummary(name="a", server_phases=per_scenario["a"])],
+            server_phases=out,
+        )
+    )
     assert "on another host" in text and "[+3697.000, +3701.000] ms" in text
     assert "applied +3699.000 ms; clock error 2.000 ms" in text
     http_in = per_scenario["a"].phases_ms.http_in

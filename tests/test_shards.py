@@ -30,11 +30,15 @@ def _sharded(url: str, prompts: ScenarioPrompts, procs: int, work=None):
     lines: list[tuple[bytes, bool]] = []
 
     def default(client, share, start_ns, on_record, barrier):
-        return run_scenario(client, prompts, on_record, seed=7, share=share, start_ns=start_ns, barrier=barrier)
+        return run_scenario(
+            client, prompts, on_record, seed=7, share=share, start_ns=start_ns, barrier=barrier
+        )
 
     async def go():
         async with StreamingClient(url) as client:
-            return await run_sharded(procs, client, work or default, lambda line, ok: lines.append((line, ok)), 64)
+            return await run_sharded(
+                procs, client, work or default, lambda line, ok: lines.append((line, ok)), 64
+            )
 
     window = asyncio.run(go())
     return window, [RequestRecord.from_dict(orjson.loads(line)) for line, _ in lines]
@@ -64,7 +68,10 @@ def test_a_closed_loop_keeps_its_concurrency_over_the_shards(stub, tok):
     window, records = _sharded(stub.url, prompts, 2)
     assert window.failures == [] and len(records) == window.sent > 10
     assert len({r.index for r in records}) == len(records)
-    events = sorted([(r.t_start, 1) for r in records] + [(r.t_end, -1) for r in records], key=lambda e: (e[0], e[1]))
+    events = sorted(
+        [(r.t_start, 1) for r in records] + [(r.t_end, -1) for r in records],
+        key=lambda e: (e[0], e[1]),
+    )
     level = peak = 0
     for _, step in events:
         level += step
@@ -74,7 +81,9 @@ def test_a_closed_loop_keeps_its_concurrency_over_the_shards(stub, tok):
 
 
 def test_bursts_fire_together_in_every_shard(stub, tok):
-    prompts = _prompts(tok, concurrency=5, duration_s=0.85, arrival="burst", burst_size=5, burst_every_s=0.3)
+    prompts = _prompts(
+        tok, concurrency=5, duration_s=0.85, arrival="burst", burst_size=5, burst_every_s=0.3
+    )
     window, records = _sharded(stub.url, prompts, 2)
     assert sorted({r.batch for r in records}) == [0, 1, 2]
     bursts = [[r for r in records if r.batch == b] for b in range(3)]
@@ -103,14 +112,22 @@ def test_a_killed_shard_keeps_its_finished_requests_and_is_named(stub, tok):
 
     async def work(client, share, start_ns, on_record, barrier):
         if share.k == 1:  # one request, then the process dies as if the OOM killer took it
-            on_record(await client.send(prompts.record(1, 0), lambda: prompts.payload(prompts.messages(1))))
+            on_record(
+                await client.send(
+                    prompts.record(1, 0), lambda: prompts.payload(prompts.messages(1))
+                )
+            )
             await asyncio.sleep(0.05)
             os.kill(os.getpid(), signal.SIGKILL)
-        return await run_scenario(client, prompts, on_record, share=share, start_ns=start_ns, barrier=barrier)
+        return await run_scenario(
+            client, prompts, on_record, share=share, start_ns=start_ns, barrier=barrier
+        )
 
     window, records = _sharded(stub.url, prompts, 2, work)
     assert window.records == [6, 1] and len(records) == 7
-    assert window.failures == ["load shard 1 of 2 stopped (killed by SIGKILL) after 1 finished requests; those are kept"]
+    assert window.failures == [
+        "load shard 1 of 2 stopped (killed by SIGKILL) after 1 finished requests; those are kept"
+    ]
 
 
 def test_a_shard_that_raises_says_why(stub, tok):
@@ -119,12 +136,16 @@ def test_a_shard_that_raises_says_why(stub, tok):
     async def work(client, share, start_ns, on_record, barrier):
         if share.k == 0:
             raise RuntimeError("no more file descriptors")
-        return await run_scenario(client, prompts, on_record, share=share, start_ns=start_ns, barrier=barrier)
+        return await run_scenario(
+            client, prompts, on_record, share=share, start_ns=start_ns, barrier=barrier
+        )
 
     window, records = _sharded(stub.url, prompts, 2, work)
     assert len(records) == 1 and window.records == [0, 1]
-    assert window.failures == ["load shard 0 of 2 stopped (RuntimeError: no more file descriptors) after 0 "
-                               "finished requests; those are kept"]
+    assert window.failures == [
+        "load shard 0 of 2 stopped (RuntimeError: no more file descriptors) after 0 "
+        "finished requests; those are kept"
+    ]
 
 
 def test_share_parts_add_up_and_auto_procs():

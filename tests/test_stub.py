@@ -26,7 +26,11 @@ def post_raw(config: StubConfig, path: str, body: dict) -> tuple[int, str, bytes
         async def go() -> tuple[int, str, bytes, dict]:
             async with aiohttp.ClientSession() as session:
                 async with session.post(stub.url + path, json=body) as resp:
-                    status, content_type, raw = resp.status, resp.headers.get("Content-Type", ""), await resp.read()
+                    status, content_type, raw = (
+                        resp.status,
+                        resp.headers.get("Content-Type", ""),
+                        await resp.read(),
+                    )
                 async with session.get(stub.url + "/stub/truth") as truth:
                     return status, content_type, raw, await truth.json()
 
@@ -41,23 +45,40 @@ def events(raw: bytes) -> list[bytes]:
 
 
 def test_chat_stream_is_shaped_like_vllm():
-    body = {"model": "cputax-stub", "messages": MESSAGES, "max_tokens": 3, "stream": True,
-            "stream_options": {"include_usage": True}}
-    status, content_type, raw, _ = post_raw(StubConfig(output_tokens=8), "/v1/chat/completions", body)
+    body = {
+        "model": "cputax-stub",
+        "messages": MESSAGES,
+        "max_tokens": 3,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    status, content_type, raw, _ = post_raw(
+        StubConfig(output_tokens=8), "/v1/chat/completions", body
+    )
     assert status == 200 and content_type.startswith("text/event-stream")
     *chunks, done = events(raw)
     assert done == b"[DONE]"
     role, *tokens, usage = [orjson.loads(c) for c in chunks]
     assert list(role) == ["id", "object", "created", "model", "choices"]
     assert role["object"] == "chat.completion.chunk" and role["model"] == "cputax-stub"
-    assert role["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None, "finish_reason": None}]
+    assert role["choices"] == [
+        {
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+    ]
     assert len(tokens) == 3 and all(t["id"] == role["id"] for t in tokens)
     assert all(t["choices"][0]["delta"]["content"] for t in tokens)
     assert [t["choices"][0]["finish_reason"] for t in tokens] == [None, None, "length"]
     prompt = load_tokenizer().count(render_chat(MESSAGES))
     assert usage["choices"] == []
-    assert usage["usage"] == {"prompt_tokens": prompt, "total_tokens": prompt + 3, "completion_tokens": 3}
+    assert usage["usage"] == {
+        "prompt_tokens": prompt,
+        "total_tokens": prompt + 3,
+        "completion_tokens": 3,
+    }
 
 
 def test_completions_stream_has_no_role_chunk_and_no_usage_unless_asked():
@@ -72,8 +93,12 @@ def test_completions_stream_has_no_role_chunk_and_no_usage_unless_asked():
 
 def test_truth_follows_the_absolute_deadlines():
     a, b, c, n = 30, 20, 5, 6
-    config = StubConfig(headers_delay_ms=a, first_token_delay_ms=b, inter_token_delay_ms=c, output_tokens=n)
-    _, _, raw, truth = post_raw(config, "/v1/chat/completions", {"messages": MESSAGES, "stream": True})
+    config = StubConfig(
+        headers_delay_ms=a, first_token_delay_ms=b, inter_token_delay_ms=c, output_tokens=n
+    )
+    _, _, raw, truth = post_raw(
+        config, "/v1/chat/completions", {"messages": MESSAGES, "stream": True}
+    )
     rid = orjson.loads(events(raw)[0])["id"]
     steps = truth[rid]
     ms = 1_000_000
@@ -84,18 +109,22 @@ def test_truth_follows_the_absolute_deadlines():
 
 
 def test_non_streaming_answer_carries_usage():
-    status, content_type, raw, _ = post_raw(StubConfig(output_tokens=5), "/v1/chat/completions",
-                                            {"messages": MESSAGES})
+    status, content_type, raw, _ = post_raw(
+        StubConfig(output_tokens=5), "/v1/chat/completions", {"messages": MESSAGES}
+    )
     answer = orjson.loads(raw)
     assert status == 200 and content_type.startswith("application/json")
     assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["content"]
     assert answer["usage"]["completion_tokens"] == 5
 
 
-@pytest.mark.parametrize("body, status, message", [
-    ({"model": "other", "messages": MESSAGES}, 404, "The model `other` does not exist."),
-    ({"model": "cputax-stub"}, 400, "`messages` is required"),
-])
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"model": "other", "messages": MESSAGES}, 404, "The model `other` does not exist."),
+        ({"model": "cputax-stub"}, 400, "`messages` is required"),
+    ],
+)
 def test_bad_requests_get_vllm_error_bodies(body, status, message):
     got, _, raw, _ = post_raw(StubConfig(), "/v1/chat/completions", body)
     assert got == status and orjson.loads(raw)["error"]["message"] == message
@@ -116,9 +145,13 @@ def test_models_health_and_tokenize():
     async def calls(client):
         models = await client.get_json("/v1/models")
         health = await client.get_text("/health")
-        by_prompt = await client.post_json("/tokenize", {"model": "cputax-stub", "prompt": "hello world"})
-        by_chat = await client.post_json("/tokenize", {"model": "cputax-stub", "messages": MESSAGES,
-                                                       "add_generation_prompt": True})
+        by_prompt = await client.post_json(
+            "/tokenize", {"model": "cputax-stub", "prompt": "hello world"}
+        )
+        by_chat = await client.post_json(
+            "/tokenize",
+            {"model": "cputax-stub", "messages": MESSAGES, "add_generation_prompt": True},
+        )
         return models, health, by_prompt, by_chat
 
     models, health, by_prompt, by_chat = side_endpoints(StubConfig(max_model_len=4096), calls)
@@ -126,23 +159,30 @@ def test_models_health_and_tokenize():
     assert [m["id"] for m in models["data"]] == ["cputax-stub"]
     assert health[0] == 200
     status, answer = by_prompt
-    assert status == 200 and answer["count"] == tokenizer.count("hello world") == len(answer["tokens"])
+    assert status == 200 and answer["count"] == tokenizer.count("hello world") == len(
+        answer["tokens"]
+    )
     assert answer["max_model_len"] == 4096
     assert by_chat[1]["count"] == tokenizer.count(render_chat(MESSAGES))
 
 
 def metric(text: str, name: str) -> float:
-    found = re.search(rf'^{re.escape(name)}\{{engine="0",model_name="cputax-stub"\}} (\S+)$', text, re.M)
+    found = re.search(
+        rf'^{re.escape(name)}\{{engine="0",model_name="cputax-stub"\}} (\S+)$', text, re.M
+    )
     assert found, name
     return float(found.group(1))
 
 
 def test_metrics_expose_the_true_delays():
-    config = StubConfig(headers_delay_ms=20, first_token_delay_ms=30, inter_token_delay_ms=2, output_tokens=4)
+    config = StubConfig(
+        headers_delay_ms=20, first_token_delay_ms=30, inter_token_delay_ms=2, output_tokens=4
+    )
 
     async def calls(client):
         async def one(_):
             return await client.send(RequestRecord("m"), lambda: {"messages": MESSAGES})
+
         records = await asyncio.gather(*map(one, range(3)))
         return records, await client.get_text("/metrics")
 
@@ -151,7 +191,9 @@ def test_metrics_expose_the_true_delays():
     assert metric(text, "vllm:time_to_first_token_seconds_count") == 3
     ttft = metric(text, "vllm:time_to_first_token_seconds_sum") / 3
     assert 0.050 <= ttft < 0.5
-    assert 0.015 <= metric(text, "vllm:request_prefill_time_seconds_sum") / 3 < 0.5  # B, less late headers
+    assert (
+        0.015 <= metric(text, "vllm:request_prefill_time_seconds_sum") / 3 < 0.5
+    )  # B, less late headers
     assert metric(text, "vllm:request_queue_time_seconds_sum") == 0
     assert metric(text, "vllm:e2e_request_latency_seconds_count") == 3
     assert metric(text, "vllm:prompt_tokens_total") == 3 * records[0].prompt_tokens

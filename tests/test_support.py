@@ -29,7 +29,10 @@ def test_schedstat_outside_the_interval_disagrees():
     assert not agrees(0.34, 1000, 0.82)  # issue 17's worker: py-spy 34% busy, host 82% of a core
 
 
-STACK = (Frame("EngineCore.step", "vllm/v1/engine/core.py"), Frame("Scheduler.schedule", "vllm/v1/core/sched/scheduler.py"))
+STACK = (
+    Frame("EngineCore.step", "vllm/v1/engine/core.py"),
+    Frame("Scheduler.schedule", "vllm/v1/core/sched/scheduler.py"),
+)
 IDLE = (Frame("select", "selectors.py"),)
 
 

@@ -69,7 +69,9 @@ def test_nvidia_open_describes_devices(nvml):
     poller = NvidiaPoller(nvml=nvml)
     info = poller.open()
     assert info["driver"] == "580.159.04"
-    assert info["devices"] == [{"index": 0, "name": "NVIDIA H200", "uuid": "GPU-0000-0", "gpm": True}]
+    assert info["devices"] == [
+        {"index": 0, "name": "NVIDIA H200", "uuid": "GPU-0000-0", "gpm": True}
+    ]
 
 
 def test_nvidia_driver_samples_on_the_monotonic_clock_only_once(nvml):
@@ -107,7 +109,13 @@ def test_nvidia_gpm_windows_and_slow_metrics(nvml):
     assert gpm["gr_util"] == pytest.approx(100.0) and gpm["sm_util"] == pytest.approx(60.0)
     assert gpm["t0_ns"] < gpm["t_ns"]
     (power,) = [s for s in samples if s["kind"] == "power"]
-    assert power == {**power, "power_w": 350.0, "sm_mhz": 1980, "mem_mhz": 2619, "mem_used_mb": 81920.0}
+    assert power == {
+        **power,
+        "power_w": 350.0,
+        "sm_mhz": 1980,
+        "mem_mhz": 2619,
+        "mem_used_mb": 81920.0,
+    }
     (proc,) = [s for s in samples if s["kind"] == "proc_util"]
     assert (proc["pid"], proc["sm"]) == (4242, 100)
     time.sleep(0.11)  # GPM is never windowed below 100 ms
@@ -135,7 +143,9 @@ def test_nvidia_resolution_is_measured_not_assumed(nvml):
         polled(poller)
     info = poller.close()
     series = info["series"]["0"]
-    assert series["samples"]["period_ms"] == series["samples"]["resolution_ms"] == pytest.approx(100.0)
+    assert (
+        series["samples"]["period_ms"] == series["samples"]["resolution_ms"] == pytest.approx(100.0)
+    )
     assert series["samples"]["basis"].startswith("driver sample period")
     assert series["gpm"]["resolution_ms"] >= 100.0
     # rates: the gaps between their value changes, but never finer than their 1/6 s window
@@ -147,14 +157,18 @@ def test_nvidia_resolution_is_measured_not_assumed(nvml):
 
 def test_nvidia_missing_library_or_driver_is_one_line(nvml, monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # as if nvidia-ml-py were not installed
-    with pytest.raises(TelemetryUnavailable, match=r"nvidia-ml-py is not installed: pip install 'cputax\[nvidia\]'"):
+    with pytest.raises(
+        TelemetryUnavailable, match=r"nvidia-ml-py is not installed: pip install 'cputax\[nvidia\]'"
+    ):
         import_nvml()
     poller, info, notes = gpu_poller("nvidia", TelemetryConfig())
     assert poller is None and info == {}
     (line,) = notes
     assert "\n" not in line and "cputax[nvidia]" in line
     nvml.INIT_ERROR = nvml.NVML_ERROR_LIBRARY_NOT_FOUND
-    with pytest.raises(TelemetryUnavailable, match="NVML Shared Library Not Found.*install the NVIDIA driver"):
+    with pytest.raises(
+        TelemetryUnavailable, match="NVML Shared Library Not Found.*install the NVIDIA driver"
+    ):
         NvidiaPoller(nvml=nvml).open()
 
 
@@ -166,7 +180,9 @@ def test_auto_picks_the_backend_that_answers(nvml, monkeypatch):
     assert poller.name == "amd" and notes == []
     monkeypatch.setitem(sys.modules, "amdsmi", None)
     poller, _, (line,) = gpu_poller("auto", TelemetryConfig())
-    assert poller is None and "nvidia-ml-py is not installed" in line and "amdsmi cannot load" in line
+    assert (
+        poller is None and "nvidia-ml-py is not installed" in line and "amdsmi cannot load" in line
+    )
     assert "cputax[nvidia]" in line and "cputax[amd]" in line
     assert gpu_poller("none", TelemetryConfig()) == (None, {}, [])
 
@@ -176,15 +192,23 @@ def test_auto_picks_the_backend_that_answers(nvml, monkeypatch):
 
 def metrics(counter, gfx, umc, xcc):
     m = fake("amdsmi").METRICS
-    return dict(m, accumulation_counter=counter, gfx_activity_acc=gfx, mem_activity_acc=umc, average_gfx_activity=40,
-                xcp_stats=[dict(m["xcp_stats"][0], gfx_busy_acc=xcc)] + m["xcp_stats"][1:])
+    return dict(
+        m,
+        accumulation_counter=counter,
+        gfx_activity_acc=gfx,
+        mem_activity_acc=umc,
+        average_gfx_activity=40,
+        xcp_stats=[dict(m["xcp_stats"][0], gfx_busy_acc=xcc)] + m["xcp_stats"][1:],
+    )
 
 
 def test_amd_interval_busy_from_accumulators():
     smi = fake("amdsmi")
-    smi.SCRIPT = [metrics(1000, 0, 0, [0] * 8),
-                  metrics(1000, 0, 0, [0] * 8),  # the firmware has not refreshed: no interval yet
-                  metrics(1010, 5, 1, [10] * 4 + [0] * 4)]
+    smi.SCRIPT = [
+        metrics(1000, 0, 0, [0] * 8),
+        metrics(1000, 0, 0, [0] * 8),  # the firmware has not refreshed: no interval yet
+        metrics(1010, 5, 1, [10] * 4 + [0] * 4),
+    ]
     poller = AmdPoller(slow_interval_s=1e9, amdsmi=smi)
     assert poller.open() == {"devices": [{"index": 0, "name": "AMD Instinct MI300X"}]}
     first = polled(poller)
@@ -193,9 +217,13 @@ def test_amd_interval_busy_from_accumulators():
     (sample,) = [s for s in polled(poller) if s["kind"] == "activity"]
     assert sample["gfx"] == pytest.approx(50.0)  # 5 / 10 refreshes, x100 (RDC's formula)
     assert sample["umc"] == pytest.approx(10.0)
-    assert sample["xcp_gfx"] == [pytest.approx(50.0)]  # 4 of 8 XCCs fully busy; N/A partitions left out
+    assert sample["xcp_gfx"] == [
+        pytest.approx(50.0)
+    ]  # 4 of 8 XCCs fully busy; N/A partitions left out
     assert sample["avg_gfx"] == 40
-    assert sample["t0_ns"] == first[0]["t_ns"] < sample["t_ns"]  # since the read that first saw counter 1000
+    assert (
+        sample["t0_ns"] == first[0]["t_ns"] < sample["t_ns"]
+    )  # since the read that first saw counter 1000
     assert poller.close()["accumulator_scale"] == "fraction (x100)"
 
 
@@ -216,8 +244,14 @@ def test_amd_values_power_clocks_vram():
     poller = AmdPoller(slow_interval_s=0.0, amdsmi=fake("amdsmi"))
     poller.open()
     (power,) = [s for s in polled(poller) if s["kind"] == "power"]
-    assert power == {**power, "power_w": 152, "gfx_mhz": 132.0, "mem_mhz": 900, "vram_used_mb": 181200,
-                     "vram_total_mb": 196592}
+    assert power == {
+        **power,
+        "power_w": 152,
+        "gfx_mhz": 132.0,
+        "mem_mhz": 900,
+        "vram_used_mb": 181200,
+        "vram_total_mb": 196592,
+    }
 
 
 def test_amd_without_metrics_table_falls_back_to_activity():
@@ -255,16 +289,23 @@ def test_amd_resolution_measured_from_the_firmware_refresh():
 
 def test_amd_missing_library_is_one_line(monkeypatch, tmp_path, capsys):
     # what `import amdsmi` does without ROCm: print an OSError, then raise KeyError
-    (tmp_path / "amdsmi.py").write_text(textwrap.dedent("""
+    (tmp_path / "amdsmi.py").write_text(
+        textwrap.dedent("""
         print("OSError: libamd_smi.so: cannot open shared object file")
         raise KeyError("libamd_smi.so")
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "amdsmi", raising=False)
     with pytest.raises(TelemetryUnavailable) as exc:
         import_amdsmi()
     line = str(exc.value)
-    assert "\n" not in line and "KeyError" in line and "cputax[amd]" in line and "libamd_smi.so" in line
+    assert (
+        "\n" not in line
+        and "KeyError" in line
+        and "cputax[amd]" in line
+        and "libamd_smi.so" in line
+    )
     assert capsys.readouterr().out == ""  # its print went to stderr: stdout carries JSONL
     smi = fake("amdsmi")
     smi.INIT_ERROR = True
@@ -304,10 +345,15 @@ def busy_family(tmp_path):
 
 
 def test_redact_hides_credentials():
-    assert redact(["vllm", "serve", "m", "--api-key", "sk-1", "--hf-token=abc", "--port", "8000"]) == [
-        "vllm", "serve", "m", "--api-key", "***", "--hf-token=***", "--port", "8000"]
+    assert redact(
+        ["vllm", "serve", "m", "--api-key", "sk-1", "--hf-token=abc", "--port", "8000"]
+    ) == ["vllm", "serve", "m", "--api-key", "***", "--hf-token=***", "--port", "8000"]
     assert redact(["python", "-m", "cputax.targets.stub", '{"api_key": "sk-2"}']) == [
-        "python", "-m", "cputax.targets.stub", "***"]
+        "python",
+        "-m",
+        "cputax.targets.stub",
+        "***",
+    ]
 
 
 def test_host_poller_sees_child_processes_and_threads(busy_family):
@@ -366,20 +412,26 @@ def test_telemetry_monitor_runs_beside_the_run(busy_family, tmp_path):
     monitor = TelemetryMonitor(TelemetryConfig(gpu="none", host_interval_ms=50))
     monitor.start(RunDir(tmp_path), {"kind": "embedded", "pid": busy_family.pid})
     # until the server's process has been polled 5 times (0.25 s, unloaded), not a fixed time
-    _wait_for(tmp_path / "telemetry.jsonl",
-              lambda rows: sum(r["kind"] == "proc" and r["pid"] == busy_family.pid for r in rows) >= 5)
+    _wait_for(
+        tmp_path / "telemetry.jsonl",
+        lambda rows: sum(r["kind"] == "proc" and r["pid"] == busy_family.pid for r in rows) >= 5,
+    )
     meta = monitor.stop()
     assert meta["host"]["roots"][str(busy_family.pid)] == "server" and meta["notes"] == []
     assert meta["host"]["cost"]["polls"] >= 5
     rows = list(read_jsonl(tmp_path / "telemetry.jsonl"))
     assert rows[0]["kind"] == "clock"
-    assert {r["pid"] for r in rows if r["kind"] == "proc" and r["role"] == "server"} >= {busy_family.pid}
+    assert {r["pid"] for r in rows if r["kind"] == "proc" and r["role"] == "server"} >= {
+        busy_family.pid
+    }
 
 
 def test_telemetry_monitor_with_a_gpu_backend(tmp_path, monkeypatch):
     """The child process imports `pynvml`: the stand-in, through PYTHONPATH."""
     monkeypatch.setenv("PYTHONPATH", str(FAKES))
-    monitor = TelemetryMonitor(TelemetryConfig(gpu="nvidia", gpu_interval_ms=20, slow_interval_ms=100))
+    monitor = TelemetryMonitor(
+        TelemetryConfig(gpu="nvidia", gpu_interval_ms=20, slow_interval_ms=100)
+    )
     monitor.start(RunDir(tmp_path), {"kind": "external", "endpoint": "http://10.255.255.1:8000"})
     wanted = {"clock", "util", "rates", "gpm", "power", "system"}
     _wait_for(tmp_path / "telemetry.jsonl", lambda rows: wanted <= {r["kind"] for r in rows})
@@ -425,5 +477,8 @@ def test_a_failing_poller_is_stopped_and_the_others_go_on():
     guard.start()
     stats = run_pollers([Broken(), ok], out.append, stop)
     guard.cancel()
-    assert "AttributeError" in stats["broken"].summary()["error"] and stats["broken"].summary()["polls"] == 0
+    assert (
+        "AttributeError" in stats["broken"].summary()["error"]
+        and stats["broken"].summary()["polls"] == 0
+    )
     assert ok.polls >= 5 and len(out) == ok.polls and stats["counting"].summary()["error"] is None

@@ -49,8 +49,10 @@ def test_api_server_streams_on_the_loop_and_tokenizes_on_the_renderer_pool(windo
         assert loop.get(category, 0) > 0, category
     assert busiest(loop) == "sse"
     assert loop.get("model_execute", 0) == 0 and loop.get("worker_wait", 0) == 0
-    pool = max((c for name, c in rows.items() if name.startswith("ThreadPoolExecutor")),
-               key=lambda c: c.get("tokenize", 0))
+    pool = max(
+        (c for name, c in rows.items() if name.startswith("ThreadPoolExecutor")),
+        key=lambda c: c.get("tokenize", 0),
+    )
     assert pool["tokenize"] > 5 * loop.get("tokenize", 0)
     assert all(c.get("other", 0) < 0.02 for c in rows.values())
 

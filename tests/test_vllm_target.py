@@ -31,8 +31,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.local, needs_vllm]
 
 
 def cputax(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cputax.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cputax.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +55,17 @@ def _window(out, name: str) -> dict:
 
 
 def _thread(window: dict, role: str, thread: str) -> dict:
-    return next(r for r in window["threads"] if r["process"].startswith(role) and r["thread"].startswith(thread))
+    return next(
+        r
+        for r in window["threads"]
+        if r["process"].startswith(role) and r["thread"].startswith(thread)
+    )
 
 
 def _busiest(row: dict) -> str:
-    return max((c for c in row["categories"] if c not in ("idle", "other")), key=row["categories"].get)
+    return max(
+        (c for c in row["categories"] if c not in ("idle", "other")), key=row["categories"].get
+    )
 
 
 @needs_pyspy
@@ -67,7 +74,9 @@ def test_smoke_profile_runs_clean_on_vllm(smoke):
     summary = _summary(smoke)
     assert [s["name"] for s in summary["scenarios"]] == [s.name for s in scenarios]
     for planned, got in zip(scenarios, summary["scenarios"], strict=True):
-        assert got["requests"] == planned.planned_requests and got["errors"] == 0, got["error_kinds"]
+        assert got["requests"] == planned.planned_requests and got["errors"] == 0, got[
+            "error_kinds"
+        ]
         assert not got["prompt_tokens_flagged"], (got["name"], got["prompt_tokens_mean"])
         assert got["output_tokens_mean"] == planned.max_tokens  # ignore_eos taken
         server = got["server"]  # vLLM's own metrics, joined per scenario
@@ -82,9 +91,14 @@ def test_tools_go_with_tool_choice_none(smoke):
     info = orjson.loads((smoke / "run.json").read_bytes())
     assert info["tools"]["mode"] == "none"
     assert '"auto" tool choice requires --enable-auto-tool-choice' in info["tools"]["refused"]
-    windows = {w["scenario"]: w for w in map(orjson.loads, (smoke / "windows.jsonl").read_bytes().splitlines())}
+    windows = {
+        w["scenario"]: w
+        for w in map(orjson.loads, (smoke / "windows.jsonl").read_bytes().splitlines())
+    }
     with_tools = [name for name, w in windows.items() if w["tools"]]
-    assert "single_8k" in with_tools and "conc8_4k" in with_tools  # the scenarios that failed before
+    assert (
+        "single_8k" in with_tools and "conc8_4k" in with_tools
+    )  # the scenarios that failed before
     by_name = {s["name"]: s for s in _summary(smoke)["scenarios"]}
     for name in with_tools:
         assert by_name[name]["errors"] == 0 and abs(by_name[name]["prompt_tokens_off_pct"]) < 0.1
@@ -106,8 +120,14 @@ def test_categories_sit_where_vllm_does_the_work(smoke):
     assert engine["categories"].get("schedule", 0) < engine["categories"]["worker_wait"] / 5
     loop = _thread(window, "api_server", "MainThread")["categories"]
     assert loop.get("sse", 0) > 0 and loop.get("model_execute", 0) == 0
-    pools = [r for r in window["threads"] if r["process"].startswith("api_server") and "ThreadPoolExecutor" in r["thread"]]
-    assert max(r["categories"].get("tokenize", 0) for r in pools) > loop.get("tokenize", 0)  # the renderer pool
+    pools = [
+        r
+        for r in window["threads"]
+        if r["process"].startswith("api_server") and "ThreadPoolExecutor" in r["thread"]
+    ]
+    assert max(r["categories"].get("tokenize", 0) for r in pools) > loop.get(
+        "tokenize", 0
+    )  # the renderer pool
     assert _busiest(_thread(window, "worker", "MainThread")) == "model_execute"
 
 
@@ -116,7 +136,7 @@ def test_report_says_what_the_engine_waited_for(smoke):
     report = (smoke / "report.md").read_text()
     assert "waiting for its workers' model step (`worker_wait`; vLLM waits by spinning" in report
     assert "not for scheduler CPU" in report  # vLLM's queue time set against its scheduling
-    assert "- server: vllm 0.32" in report and "tool_choice: \"none\"" in report
+    assert "- server: vllm 0.32" in report and 'tool_choice: "none"' in report
 
 
 @needs_pyspy
@@ -134,7 +154,9 @@ def test_host_table_keeps_processes_of_its_own_scenario(smoke, vllm):
     for scenario in corr["scenarios"]:
         for p in scenario["host"]["processes"]:
             seen.setdefault(p["pid"], set()).add(scenario["name"])
-    samplers = {p["pid"] for s in corr["scenarios"] for p in s["host"]["processes"] if p["name"] == "py-spy"}
+    samplers = {
+        p["pid"] for s in corr["scenarios"] for p in s["host"]["processes"] if p["name"] == "py-spy"
+    }
     assert samplers, "py-spy's processes are the client's children: host telemetry sees them"
     assert all(len(seen[pid]) == 1 for pid in samplers)  # each under the one scenario it sampled
     assert len(seen[vllm.pid]) == len(corr["scenarios"])  # the server lived through all of them
@@ -150,11 +172,22 @@ def test_discovery_finds_the_live_tree(vllm):
 
 def test_wrong_model_fails_preflight_naming_the_served_ones(vllm, tmp_path):
     out = tmp_path / "run"
-    proc = cputax("run", "--endpoint", vllm.endpoint, "--model", "no-such-model", "--out", str(out), timeout=120)
+    proc = cputax(
+        "run",
+        "--endpoint",
+        vllm.endpoint,
+        "--model",
+        "no-such-model",
+        "--out",
+        str(out),
+        timeout=120,
+    )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert last == (f"cputax run: error: --model no-such-model: {vllm.endpoint} does not serve it; "
-                    f"it serves {vllm.model}")
+    assert last == (
+        f"cputax run: error: --model no-such-model: {vllm.endpoint} does not serve it; "
+        f"it serves {vllm.model}"
+    )
     assert not (out / "requests.jsonl").exists()
 
 
@@ -180,15 +213,30 @@ context_tokens = 500
 def test_a_refused_warmup_skips_its_scenario_and_fails_the_run(vllm, tmp_path):
     (tmp_path / "p.toml").write_text(REFUSED_PROFILE)
     out = tmp_path / "run"
-    proc = cputax("run", "--endpoint", vllm.endpoint, "--profile", str(tmp_path / "p.toml"), "--out", str(out),
-                  timeout=300)
+    proc = cputax(
+        "run",
+        "--endpoint",
+        vllm.endpoint,
+        "--profile",
+        str(tmp_path / "p.toml"),
+        "--out",
+        str(out),
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     summary = _summary(out)
-    assert [s["name"] for s in summary["scenarios"]] == ["fine"] and summary["scenarios"][0]["errors"] == 0
+    assert [s["name"] for s in summary["scenarios"]] == ["fine"] and summary["scenarios"][0][
+        "errors"
+    ] == 0
     (skipped,) = summary["skipped"]
-    assert skipped["name"] == "too_long_output" and skipped["reason"].startswith("warm-up request failed: HTTP 400")
+    assert skipped["name"] == "too_long_output" and skipped["reason"].startswith(
+        "warm-up request failed: HTTP 400"
+    )
     assert "too_long_output: skipped (warm-up request failed: HTTP 400" in proc.stderr
-    assert "**too_long_output**: not measured: warm-up request failed" in (out / "report.md").read_text()
+    assert (
+        "**too_long_output**: not measured: warm-up request failed"
+        in (out / "report.md").read_text()
+    )
     assert {r.scenario for r in read_requests(out / "requests.jsonl")} == {"fine"}
 
 
@@ -206,14 +254,27 @@ def test_stub_refuses_tools_as_vllm_does(vllm):
         assert _probe(stub.url, stub.config.model) == _probe(vllm.endpoint, vllm.model)
     mode, refused = _probe(vllm.endpoint, vllm.model)
     assert mode == "none" and refused.startswith('auto: HTTP 400: "auto" tool choice requires')
-    assert get("stub").capabilities.auto_tool_choice == get("vllm").capabilities.auto_tool_choice is False
+    assert (
+        get("stub").capabilities.auto_tool_choice
+        == get("vllm").capabilities.auto_tool_choice
+        is False
+    )
 
 
 def _stream_shape(url: str, model: str) -> list[tuple[str, ...]]:
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": True}
-    request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
+    request = urllib.request.Request(
+        url + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     shape = []
     with urllib.request.urlopen(request, timeout=60) as resp:
         for line in resp:
@@ -224,27 +285,41 @@ def _stream_shape(url: str, model: str) -> list[tuple[str, ...]]:
                 continue
             chunk = json.loads(line[6:])
             choice = chunk["choices"][0] if chunk["choices"] else {}
-            shape.append(tuple(sorted(choice.get("delta", {}))) + (("usage",) if chunk.get("usage") else ())
-                         + (("finish",) if choice.get("finish_reason") else ()))
+            shape.append(
+                tuple(sorted(choice.get("delta", {})))
+                + (("usage",) if chunk.get("usage") else ())
+                + (("finish",) if choice.get("finish_reason") else ())
+            )
     return shape
 
 
 def test_stub_streams_in_vllms_shape(vllm):
     with StubServer() as stub:
-        assert _stream_shape(stub.url, stub.config.model) == _stream_shape(vllm.endpoint, vllm.model)
+        assert _stream_shape(stub.url, stub.config.model) == _stream_shape(
+            vllm.endpoint, vllm.model
+        )
 
 
 def test_stub_metric_names_are_vllms(vllm):
     with StubServer() as stub:
-        stub_names = set(parse_metrics(urllib.request.urlopen(stub.url + "/metrics", timeout=10).read().decode()))
-    real = set(parse_metrics(urllib.request.urlopen(vllm.endpoint + "/metrics", timeout=10).read().decode()))
+        stub_names = set(
+            parse_metrics(urllib.request.urlopen(stub.url + "/metrics", timeout=10).read().decode())
+        )
+    real = set(
+        parse_metrics(
+            urllib.request.urlopen(vllm.endpoint + "/metrics", timeout=10).read().decode()
+        )
+    )
     assert {n for n in stub_names if n.startswith("vllm:")} <= real
 
 
 def _prompt_tokens(url: str, model: str, content) -> int:
     body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 1}
-    request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=60) as resp:
         return json.loads(resp.read())["usage"]["prompt_tokens"]
 
@@ -252,7 +327,10 @@ def _prompt_tokens(url: str, model: str, content) -> int:
 def test_stub_takes_content_parts_as_vllm_does(vllm):
     # guidellm (and the OpenAI API's own examples) send content as a list of parts: vLLM
     # renders a text model's parts joined by newlines, and so must the stub
-    parts = [{"type": "text", "text": "Run the tests."}, {"type": "text", "text": "Then fix the first failure."}]
+    parts = [
+        {"type": "text", "text": "Run the tests."},
+        {"type": "text", "text": "Then fix the first failure."},
+    ]
     joined = "Run the tests.\nThen fix the first failure."
     with StubServer() as stub:
         for url, model in ((stub.url, stub.config.model), (vllm.endpoint, vllm.model)):

@@ -67,8 +67,9 @@ def test_the_slowdown_adds_k_times_the_calls_own_time(gil):
             start = time.perf_counter_ns()
             assert fn(20000) == expected
             outside = time.perf_counter_ns() - start
-            n, own, added, target = (a - b for a, b in zip(slowdown._stats[name], before,
-                                                             strict=True))
+            n, own, added, target = (
+                a - b for a, b in zip(slowdown._stats[name], before, strict=True)
+            )
             calls.append((n, own, added, target, outside))
     finally:
         slowdown._slowdowns.pop(name)
@@ -273,17 +274,21 @@ def _placebo_result(slopes: dict[str, tuple[float, float]]) -> Result:
     fits = {
         key: MetricResult(
             base=100.0,
-            fit=Fit(slope=(lo + hi) / 2, slope_lo=lo, slope_hi=hi, intercept=100.0, points=6,
-                    r2=None),
+            fit=Fit(
+                slope=(lo + hi) / 2, slope_lo=lo, slope_hi=hi, intercept=100.0, points=6, r2=None
+            ),
             faster_2x=_NO_EFFECT,
             free=_NO_EFFECT,
         )
         for key, (lo, hi) in slopes.items()
     }
-    points = {"0.0": Point(added_ms=0.0, own_ms=0.1, calls=1.0, runs=2),
-              "2.0": Point(added_ms=0.2, own_ms=0.1, calls=1.0, runs=2)}
-    return Result(component="placebo", scenario="s", own_ms_per_request=0.1, points=points,
-                  metrics=fits)
+    points = {
+        "0.0": Point(added_ms=0.0, own_ms=0.1, calls=1.0, runs=2),
+        "2.0": Point(added_ms=0.2, own_ms=0.1, calls=1.0, runs=2),
+    }
+    return Result(
+        component="placebo", scenario="s", own_ms_per_request=0.1, points=points, metrics=fits
+    )
 
 
 def test_the_placebo_is_judged_by_its_metrics_intervals_at_the_largest_slowdown():

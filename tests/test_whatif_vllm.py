@@ -37,10 +37,26 @@ def experiment(tmp_path_factory):
     (root / "small.toml").write_text(PROFILE)
     out = root / "exp"
     proc = subprocess.run(
-        [sys.executable, "-m", "cputax.cli", "whatif", "--component", "schedule",
-         "--slowdowns", ",".join(str(k) for k in (0.0, *SLOWDOWNS)), "--repeat", "2",
-         "--profile", str(root / "small.toml"), "--out", str(out)],
-        capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "cputax.cli",
+            "whatif",
+            "--component",
+            "schedule",
+            "--slowdowns",
+            ",".join(str(k) for k in (0.0, *SLOWDOWNS)),
+            "--repeat",
+            "2",
+            "--profile",
+            str(root / "small.toml"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return WhatIf.load(out / "whatif.json"), out
 

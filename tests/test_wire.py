@@ -24,17 +24,31 @@ from cputax.records import RequestRecord
 from cputax.targets.stub import StubConfig, StubServer
 
 MS = 1_000_000
-TIMED = StubConfig(headers_delay_ms=5.0, first_token_delay_ms=20.0, inter_token_delay_ms=5.0, output_tokens=16,
-                   token_truth=True)
+TIMED = StubConfig(
+    headers_delay_ms=5.0,
+    first_token_delay_ms=20.0,
+    inter_token_delay_ms=5.0,
+    output_tokens=16,
+    token_truth=True,
+)
 # headers at 5 ms, first token at 25 ms, then one every 150 ms: a 60 ms block started at
 # 12 ms ends before the second token comes
-SLOW = StubConfig(headers_delay_ms=5.0, first_token_delay_ms=20.0, inter_token_delay_ms=150.0, output_tokens=3,
-                  token_truth=True)
+SLOW = StubConfig(
+    headers_delay_ms=5.0,
+    first_token_delay_ms=20.0,
+    inter_token_delay_ms=150.0,
+    output_tokens=3,
+    token_truth=True,
+)
 BLOCK_MS = 60.0
 
 
 def _payload() -> dict:
-    return {"model": TIMED.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": TIMED.output_tokens}
+    return {
+        "model": TIMED.model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": TIMED.output_tokens,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +63,12 @@ def slow_stub():
         yield server
 
 
-async def _requests(url: str, n: int, block_after_ms: float | None = None,
-                    blocks: list[tuple[int, int]] | None = None):
+async def _requests(
+    url: str,
+    n: int,
+    block_after_ms: float | None = None,
+    blocks: list[tuple[int, int]] | None = None,
+):
     """`n` requests one after another; with `block_after_ms`, the loop is blocked for BLOCK_MS
     that long after each is sent, and when each block began and ended goes to `blocks`."""
     blocked = [] if blocks is None else blocks
@@ -140,7 +158,9 @@ def test_kernel_stamps_lie_between_the_stubs_write_and_the_loops_read(stub):
         stamps = r.extra["token_ns"]
         assert len(stamps) == TIMED.output_tokens
         for loop, kern in stamps:
-            assert kern <= loop + clock.error_ns  # the kernel had the bytes before the loop saw them
+            assert (
+                kern <= loop + clock.error_ns
+            )  # the kernel had the bytes before the loop saw them
         # and never before the stub wrote them (a wrong conversion is seconds off one way
         # or the other; how long the loop took to read them is this machine's, not asserted)
         sent = truth[r.extra["response_id"]]["token_ns"]

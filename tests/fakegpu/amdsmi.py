@@ -31,7 +31,9 @@ class AmdSmiLibraryException(AmdSmiException):
     def __init__(self, err_code):
         super().__init__(err_code)
         self.err_code = err_code
-        self.err_info = "AMDSMI_STATUS_NOT_SUPPORTED" if err_code == 2 else "AMDSMI_STATUS_INIT_ERROR"
+        self.err_info = (
+            "AMDSMI_STATUS_NOT_SUPPORTED" if err_code == 2 else "AMDSMI_STATUS_INIT_ERROR"
+        )
 
     def __str__(self):
         return f"An error occurred with code: {self.err_code}({self.err_info})"
@@ -51,16 +53,42 @@ def BUSY_TIME(t: float) -> float:  # noqa: N802
 
 
 METRICS = {
-    "temperature_edge": "N/A", "temperature_hotspot": 44, "temperature_mem": 37,
-    "average_gfx_activity": 0, "average_umc_activity": 0, "average_mm_activity": "N/A",
-    "average_socket_power": "N/A", "current_socket_power": 152, "energy_accumulator": 1_398_265_128_472,
-    "system_clock_counter": 0, "firmware_timestamp": 0,
-    "current_gfxclk": "N/A", "current_gfxclks": [132] * XCC, "current_uclk": 900,
-    "throttle_status": "N/A", "gfx_activity_acc": 0, "mem_activity_acc": 0, "accumulation_counter": 0,
+    "temperature_edge": "N/A",
+    "temperature_hotspot": 44,
+    "temperature_mem": 37,
+    "average_gfx_activity": 0,
+    "average_umc_activity": 0,
+    "average_mm_activity": "N/A",
+    "average_socket_power": "N/A",
+    "current_socket_power": 152,
+    "energy_accumulator": 1_398_265_128_472,
+    "system_clock_counter": 0,
+    "firmware_timestamp": 0,
+    "current_gfxclk": "N/A",
+    "current_gfxclks": [132] * XCC,
+    "current_uclk": 900,
+    "throttle_status": "N/A",
+    "gfx_activity_acc": 0,
+    "mem_activity_acc": 0,
+    "accumulation_counter": 0,
     "num_partition": 1,
-    "xcp_stats": [{"gfx_busy_inst": [0] * XCC, "jpeg_busy": [0] * 32, "vcn_busy": [0] * 4, "gfx_busy_acc": [0] * XCC}]
-    + [{"gfx_busy_inst": ["N/A"] * XCC, "jpeg_busy": ["N/A"] * 32, "vcn_busy": ["N/A"] * 4,
-        "gfx_busy_acc": ["N/A"] * XCC} for _ in range(7)],
+    "xcp_stats": [
+        {
+            "gfx_busy_inst": [0] * XCC,
+            "jpeg_busy": [0] * 32,
+            "vcn_busy": [0] * 4,
+            "gfx_busy_acc": [0] * XCC,
+        }
+    ]
+    + [
+        {
+            "gfx_busy_inst": ["N/A"] * XCC,
+            "jpeg_busy": ["N/A"] * 32,
+            "vcn_busy": ["N/A"] * 4,
+            "gfx_busy_acc": ["N/A"] * XCC,
+        }
+        for _ in range(7)
+    ],
 }
 
 
@@ -85,8 +113,14 @@ def amdsmi_get_processor_handles():
 
 
 def amdsmi_get_gpu_asic_info(h):
-    return {"market_name": "AMD Instinct MI300X", "vendor_id": "0x1002", "device_id": "0x74a1",
-            "rev_id": "0x00", "asic_serial": "0x1234", "oam_id": 0}
+    return {
+        "market_name": "AMD Instinct MI300X",
+        "vendor_id": "0x1002",
+        "device_id": "0x74a1",
+        "rev_id": "0x00",
+        "asic_serial": "0x1234",
+        "oam_id": 0,
+    }
 
 
 def amdsmi_get_gpu_metrics_info(h):
@@ -98,10 +132,19 @@ def amdsmi_get_gpu_metrics_info(h):
     t = k * REFRESH_S
     acc = round(ACC_SCALE * BUSY_TIME(t) / REFRESH_S)
     inst = 100 if t - int(t) < 0.5 else 0
-    m = dict(METRICS, accumulation_counter=k, gfx_activity_acc=acc, mem_activity_acc=acc // 4,
-             average_gfx_activity=inst, average_umc_activity=inst // 4,
-             system_clock_counter=int(t * 1e9), firmware_timestamp=int(t * 1e8))
-    m["xcp_stats"] = [dict(METRICS["xcp_stats"][0], gfx_busy_inst=[inst] * XCC, gfx_busy_acc=[acc] * XCC)]
+    m = dict(
+        METRICS,
+        accumulation_counter=k,
+        gfx_activity_acc=acc,
+        mem_activity_acc=acc // 4,
+        average_gfx_activity=inst,
+        average_umc_activity=inst // 4,
+        system_clock_counter=int(t * 1e9),
+        firmware_timestamp=int(t * 1e8),
+    )
+    m["xcp_stats"] = [
+        dict(METRICS["xcp_stats"][0], gfx_busy_inst=[inst] * XCC, gfx_busy_acc=[acc] * XCC)
+    ]
     m["xcp_stats"] += METRICS["xcp_stats"][1:]
     return m
 

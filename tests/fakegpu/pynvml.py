@@ -35,7 +35,12 @@ NVML_GPM_METRIC_SM_UTIL = 2
 NVML_GPM_METRIC_SM_OCCUPANCY = 3
 NVML_GPM_METRIC_ANY_TENSOR_UTIL = 5
 NVML_GPM_METRIC_DRAM_BW_UTIL = 10
-_NAMES = {3: "Not Supported", 6: "Not Found", 9: "Driver Not Loaded", 12: "NVML Shared Library Not Found"}
+_NAMES = {
+    3: "Not Supported",
+    6: "Not Found",
+    9: "Driver Not Loaded",
+    12: "NVML Shared Library Not Found",
+}
 
 SAMPLE_PERIOD_US = 100_000
 DEVICES = [b"NVIDIA H200"]  # older nvidia-ml-py returns bytes, newer str: the backend takes both
@@ -99,7 +104,14 @@ class c_nvmlMemory_t:  # noqa: N801
 
 class c_nvmlProcessUtilizationSample_t:  # noqa: N801
     def __init__(self, pid, ts, sm, mem):
-        self.pid, self.timeStamp, self.smUtil, self.memUtil, self.encUtil, self.decUtil = pid, ts, sm, mem, 0, 0
+        self.pid, self.timeStamp, self.smUtil, self.memUtil, self.encUtil, self.decUtil = (
+            pid,
+            ts,
+            sm,
+            mem,
+            0,
+            0,
+        )
 
 
 class c_nvmlGpmSupport_t:  # noqa: N801
@@ -163,7 +175,11 @@ def nvmlDeviceGetSamples(h, sampling_type, last_us):
     now_us = int(NOW() * 1e6)
     newest = now_us - now_us % SAMPLE_PERIOD_US
     stamps = [newest - k * SAMPLE_PERIOD_US for k in range(100)][::-1]  # the driver keeps ~10 s
-    samples = [c_nvmlSample_t(ts, round(BUSY((ts - SAMPLE_PERIOD_US) / 1e6, ts / 1e6))) for ts in stamps if ts > last_us]
+    samples = [
+        c_nvmlSample_t(ts, round(BUSY((ts - SAMPLE_PERIOD_US) / 1e6, ts / 1e6)))
+        for ts in stamps
+        if ts > last_us
+    ]
     if not samples:
         raise NVMLError(NVML_ERROR_NOT_FOUND)
     return NVML_VALUE_TYPE_UNSIGNED_INT, samples
@@ -194,7 +210,9 @@ def nvmlDeviceGetProcessUtilization(h, last_us):
     now_us = int(NOW() * 1e6)
     if now_us <= last_us or not PROCESSES:
         raise NVMLError(NVML_ERROR_NOT_FOUND)
-    return [c_nvmlProcessUtilizationSample_t(pid, now_us, _utilization(NOW()), 5) for pid in PROCESSES]
+    return [
+        c_nvmlProcessUtilizationSample_t(pid, now_us, _utilization(NOW()), 5) for pid in PROCESSES
+    ]
 
 
 def nvmlGpmQueryDeviceSupport(h):
@@ -218,9 +236,13 @@ def nvmlGpmSampleGet(h, sample):
 def nvmlGpmMetricsGet(mg):
     _check("nvmlGpmMetricsGet")
     busy = BUSY(mg.sample1.t, mg.sample2.t)
-    values = {NVML_GPM_METRIC_GRAPHICS_UTIL: busy, NVML_GPM_METRIC_SM_UTIL: 0.6 * busy,
-              NVML_GPM_METRIC_SM_OCCUPANCY: 0.3 * busy, NVML_GPM_METRIC_ANY_TENSOR_UTIL: 0.5 * busy,
-              NVML_GPM_METRIC_DRAM_BW_UTIL: 0.2 * busy}
-    for m in mg.metrics[:mg.numMetrics]:
+    values = {
+        NVML_GPM_METRIC_GRAPHICS_UTIL: busy,
+        NVML_GPM_METRIC_SM_UTIL: 0.6 * busy,
+        NVML_GPM_METRIC_SM_OCCUPANCY: 0.3 * busy,
+        NVML_GPM_METRIC_ANY_TENSOR_UTIL: 0.5 * busy,
+        NVML_GPM_METRIC_DRAM_BW_UTIL: 0.2 * busy,
+    }
+    for m in mg.metrics[: mg.numMetrics]:
         m.value, m.nvmlReturn = values.get(m.metricId, 0.0), NVML_SUCCESS
     return mg

@@ -79,8 +79,9 @@ def _shares(parts: dict[str, float], whole: float) -> PartTimes | None:
     return PartTimes(**{k: 100.0 * parts[k] / whole for k in PARTS}) if whole else None
 
 
-def _critical_path(session: str,
-                   agents: dict[tuple[str, str | None], list[RequestRecord]]) -> CriticalPath:
+def _critical_path(
+    session: str, agents: dict[tuple[str, str | None], list[RequestRecord]]
+) -> CriticalPath:
     """The chain that ended last: its agent's turns, the wait before it was spawned, the
     parent's turns up to the one it hangs off, and so on up to the main agent."""
     mine = {sub: turns for (s, sub), turns in agents.items() if s == session}
@@ -104,15 +105,22 @@ def _critical_path(session: str,
         upto = first.get("after_turn")
         anchor = next((r.t_end for r in mine.get(parent, []) if r.turn == upto), None)
         if anchor is not None:
-            totals["think"] += (_agent_start(turns) - anchor) * MS  # the trace's wait before the spawn
+            totals["think"] += (
+                _agent_start(turns) - anchor
+            ) * MS  # the trace's wait before the spawn
         else:
             totals["think"] += (_agent_start(turns) - _agent_start(mine.get(parent, turns))) * MS
         agent = parent
     start = _agent_start(mine.get(None) or mine[last])
     wall_s = (end - start) / 1e9
-    return CriticalPath(agent=last or "main", chain=chain[::-1], turns=turns_on_path,
-                        wall_s=wall_s, ms=PartTimes(**totals),
-                        share_pct=_shares(totals, 1000 * wall_s))
+    return CriticalPath(
+        agent=last or "main",
+        chain=chain[::-1],
+        turns=turns_on_path,
+        wall_s=wall_s,
+        ms=PartTimes(**totals),
+        share_pct=_shares(totals, 1000 * wall_s),
+    )
 
 
 def _in_flight(intervals: list[tuple[int, int]], lo: int, hi: int) -> float:
@@ -131,8 +139,9 @@ def _peak(intervals: list[tuple[int, int]]) -> int:
     return peak
 
 
-def _concurrency(records: list[RequestRecord],
-                 agents: dict[tuple[str, str | None], list[RequestRecord]]) -> Concurrency:
+def _concurrency(
+    records: list[RequestRecord], agents: dict[tuple[str, str | None], list[RequestRecord]]
+) -> Concurrency:
     requests = [(r.t_start, r.t_end or r.t_start) for r in records]
     subs = [(r.t_start, r.t_end or r.t_start) for r in records if r.subagent is not None]
     active = [(_agent_start(t), max(r.t_end or r.t_start for r in t)) for t in agents.values()]
@@ -142,12 +151,19 @@ def _concurrency(records: list[RequestRecord],
     timeline = []
     for k in range(TIMELINE_BUCKETS):
         a, b = lo + k * step, (hi if k == TIMELINE_BUCKETS - 1 else lo + (k + 1) * step)
-        timeline.append(TimelineBucket(t_s=(a - lo) / 1e9, agents=_in_flight(active, a, b),
-                                       requests=_in_flight(requests, a, b),
-                                       subagent_requests=_in_flight(subs, a, b)))
+        timeline.append(
+            TimelineBucket(
+                t_s=(a - lo) / 1e9,
+                agents=_in_flight(active, a, b),
+                requests=_in_flight(requests, a, b),
+                subagent_requests=_in_flight(subs, a, b),
+            )
+        )
     return Concurrency(
-        agents_mean=_in_flight(active, lo, hi), agents_max=_peak(active),
-        requests_mean=_in_flight(requests, lo, hi), requests_max=_peak(requests),
+        agents_mean=_in_flight(active, lo, hi),
+        agents_max=_peak(active),
+        requests_mean=_in_flight(requests, lo, hi),
+        requests_max=_peak(requests),
         subagent_requests_max=_peak(subs) if subs else 0,
         timeline=timeline,
     )
@@ -156,12 +172,14 @@ def _concurrency(records: list[RequestRecord],
 def _stats(values: list[float]) -> Stats:
     if not values:
         return Stats()
-    return Stats(mean=sum(values) / len(values), p50=percentile(values, 50),
-                 p99=percentile(values, 99))
+    return Stats(
+        mean=sum(values) / len(values), p50=percentile(values, 50), p99=percentile(values, 99)
+    )
 
 
-def agentic_summary(records: list[RequestRecord], replay: dict[str, Any],
-                    server_hit_rate: float | None) -> Agentic | None:
+def agentic_summary(
+    records: list[RequestRecord], replay: dict[str, Any], server_hit_rate: float | None
+) -> Agentic | None:
     """summary.json's `agentic` entry for a replay's records (None when there are none)."""
     records = [r for r in records if r.session is not None]
     if not records:
@@ -174,25 +192,45 @@ def agentic_summary(records: list[RequestRecord], replay: dict[str, Any],
     sessions = []
     for session in sorted({r.session for r in records if r.session is not None}):
         mine = [r for r in records if r.session == session]
-        sessions.append(AgentSession(
-            session=session, requests=len(mine), errors=sum(not r.ok for r in mine),
-            subagents=len({r.subagent for r in mine if r.subagent is not None}),
-            critical_path=_critical_path(session, agents),
-        ))
+        sessions.append(
+            AgentSession(
+                session=session,
+                requests=len(mine),
+                errors=sum(not r.ok for r in mine),
+                subagents=len({r.subagent for r in mine if r.subagent is not None}),
+                critical_path=_critical_path(session, agents),
+            )
+        )
     convs = replay.get("conversations", [])
     file_tokens = sum(c.get("in_tokens", 0) for c in convs)
-    file_rate = (sum(c["trace_hit_rate"] * c["in_tokens"] for c in convs if c.get("trace_hit_rate") is not None)
-                 / file_tokens) if file_tokens else None
+    file_rate = (
+        (
+            sum(
+                c["trace_hit_rate"] * c["in_tokens"]
+                for c in convs
+                if c.get("trace_hit_rate") is not None
+            )
+            / file_tokens
+        )
+        if file_tokens
+        else None
+    )
     sent_in = sum(r.extra.get("trace_in", 0) for r in records)
     ideal = sum(r.extra.get("ideal_hit_tokens", 0) for r in records)
     return Agentic(
-        turns=Turns(count=len(parts), ms=TurnParts(**turns), cycle_ms=cycle,
-                    share_of_cycle_pct=_shares(means, cycle.mean or 0.0)),
+        turns=Turns(
+            count=len(parts),
+            ms=TurnParts(**turns),
+            cycle_ms=cycle,
+            share_of_cycle_pct=_shares(means, cycle.mean or 0.0),
+        ),
         sessions=sessions,
         concurrency=_concurrency(records, agents),
-        prefix_cache=PrefixCache(trace_file=file_rate,
-                                 replayed_ideal=ideal / sent_in if sent_in else None,
-                                 server=server_hit_rate),
+        prefix_cache=PrefixCache(
+            trace_file=file_rate,
+            replayed_ideal=ideal / sent_in if sent_in else None,
+            server=server_hit_rate,
+        ),
         skipped_over_context=sum(c.get("skipped_over_context", 0) for c in convs),
         dropped_by_limit=sum(c.get("dropped_by_limit", 0) for c in convs),
     )

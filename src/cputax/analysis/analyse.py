@@ -43,17 +43,22 @@ from cputax.rundir import RunDir
 SUMMARY_RUN_KEYS = ("endpoint", "model", "profile", "prompt_counter", "host")
 
 
-def summarize_run(run: RunDir, info: dict[str, Any], table: RequestTable,
-                  bubbles: dict[str, float | None] | None = None,
-                  correlation: dict[str, Any] | None = None,
-                  attribution: dict[str, Any] | None = None) -> Summary:
+def summarize_run(
+    run: RunDir,
+    info: dict[str, Any],
+    table: RequestTable,
+    bubbles: dict[str, float | None] | None = None,
+    correlation: dict[str, Any] | None = None,
+    attribution: dict[str, Any] | None = None,
+) -> Summary:
     """summary.json: per scenario the decomposition and the server's own metrics; with a
     replay, the agentic metrics; the findings drawn from them. `bubbles` are the emulated
     GPU's idle shares by scenario (analysis.emulated.add_bubbles); `correlation` and
     `attribution` feed the report's two opening lines."""
     windows = {w["scenario"]: w for w in run.read_windows()}
-    skipped = [Skipped(name=name, reason=w["skipped"]) for name, w in windows.items()
-               if w.get("skipped")]
+    skipped = [
+        Skipped(name=name, reason=w["skipped"]) for name, w in windows.items() if w.get("skipped")
+    ]
     summaries = []
     for scenario in info["scenarios"]:
         mine = table.of_scenario(scenario["name"])
@@ -61,31 +66,44 @@ def summarize_run(run: RunDir, info: dict[str, Any], table: RequestTable,
             continue
         ended = ~np.isnan(mine["t_end"])
         sent = np.where(np.isnan(mine["t_sent"]), mine["t_start"], mine["t_sent"])
-        server = run_scenario_metrics(run, scenario["name"], int(mine.ok.sum()),
-                                      (sent[ended], mine["t_end"][ended]))
-        s = summarize_scenario(scenario, mine, windows.get(scenario["name"]),
-                               None if server is None else msgspec.convert(server, ServerMetrics))
+        server = run_scenario_metrics(
+            run, scenario["name"], int(mine.ok.sum()), (sent[ended], mine["t_end"][ended])
+        )
+        s = summarize_scenario(
+            scenario,
+            mine,
+            windows.get(scenario["name"]),
+            None if server is None else msgspec.convert(server, ServerMetrics),
+        )
         s = withhold(s, verdict(mine))  # the run checks itself (analysis.invariants)
-        summaries.append(msgspec.structs.replace(
-            s, past_client_ceiling=past_ceiling(s, Ceiling.of_run(info)),
-            schedule_lag_ms=schedule_lag(mine),
-            gpu_bubble_pct=(bubbles or {}).get(s.name)))
+        summaries.append(
+            msgspec.structs.replace(
+                s,
+                past_client_ceiling=past_ceiling(s, Ceiling.of_run(info)),
+                schedule_lag_ms=schedule_lag(mine),
+                gpu_bubble_pct=(bubbles or {}).get(s.name),
+            )
+        )
     # each request's own server phases, joined
     phases, per_scenario = server_phases(run, info, summaries)
     phases = with_totals(phases, per_scenario)
-    summaries = [msgspec.structs.replace(s, server_phases=per_scenario.get(s.name))
-                 for s in summaries]
-    shards = [f"{name}: {line}" for name, w in windows.items()
-              for line in w.get("shard_failures") or []]
+    summaries = [
+        msgspec.structs.replace(s, server_phases=per_scenario.get(s.name)) for s in summaries
+    ]
+    shards = [
+        f"{name}: {line}" for name, w in windows.items() for line in w.get("shard_failures") or []
+    ]
     # the wall clock set during the run (client.wire): in this process, and in each sharded
     # scenario
-    steps = ((info.get("stamps") or {}).get("clock_steps", 0)
-             + sum(w.get("clock_steps", 0) for w in windows.values()))
+    steps = (info.get("stamps") or {}).get("clock_steps", 0) + sum(
+        w.get("clock_steps", 0) for w in windows.values()
+    )
     agentic = None
     if "replay" in info:
         server = summaries[0].server if summaries else None
-        agentic = agentic_summary(table.replayed, info["replay"],
-                                  server.prefix_cache_hit_rate if server else None)
+        agentic = agentic_summary(
+            table.replayed, info["replay"], server.prefix_cache_hit_rate if server else None
+        )
     return Summary(
         run=msgspec.convert({k: info[k] for k in SUMMARY_RUN_KEYS if k in info}, RunInfo),
         scenarios=summaries,
@@ -100,16 +118,19 @@ def summarize_run(run: RunDir, info: dict[str, Any], table: RequestTable,
     )
 
 
-def with_totals(run: ServerPhasesRun | None, per_scenario: dict[str, ScenarioServerPhases]
-                ) -> ServerPhasesRun | None:
+def with_totals(
+    run: ServerPhasesRun | None, per_scenario: dict[str, ScenarioServerPhases]
+) -> ServerPhasesRun | None:
     """The run's line of the server phases with its totals over the scenarios that had
     records: records no span joined, spans no record joined."""
     if run is None:
         return None
     joined = [sp for sp in per_scenario.values() if sp.records]
     return msgspec.structs.replace(
-        run, records_without_span=sum(sp.records_without_span for sp in joined),
-        spans_without_record=sum(sp.spans_without_record for sp in joined))
+        run,
+        records_without_span=sum(sp.records_without_span for sp in joined),
+        spans_without_record=sum(sp.spans_without_record for sp in joined),
+    )
 
 
 def _interrupted(info: dict[str, Any], windows: dict[str, dict[str, Any]]) -> Interrupted | None:
@@ -129,8 +150,10 @@ def interrupted_line(summary: Summary) -> str | None:
     if not stopped:
         return None
     where = f" during {', '.join(stopped.scenarios)}" if stopped.scenarios else ""
-    return (f"the run was interrupted by {stopped.signal or 'a signal'}{where}: later "
-            "scenarios did not run, and requests in flight are records with error `cancelled`")
+    return (
+        f"the run was interrupted by {stopped.signal or 'a signal'}{where}: later "
+        "scenarios did not run, and requests in flight are records with error `cancelled`"
+    )
 
 
 def past_ceiling(scenario: ScenarioSummary, ceiling: Ceiling | None) -> bool | None:
@@ -175,11 +198,16 @@ def analyse(run: RunDir) -> Results:
     if attribution is not None:  # what the py-spy shares mean, with the summary's figures
         _judge(attribution, summary, info)
         attribution.dump(run.attribution)
-    return Results(info=info, summary=summary, attribution=attribution, correlation=correlation,
-                   views=[p.as_posix() for p in run.views()],
-                   growth=http_overhead_growth(summary.scenarios), name=run.path.name,
-                   nodes={node.path.name: analyse_node(node, info, table)
-                          for node in run.nodes()})
+    return Results(
+        info=info,
+        summary=summary,
+        attribution=attribution,
+        correlation=correlation,
+        views=[p.as_posix() for p in run.views()],
+        growth=http_overhead_growth(summary.scenarios),
+        name=run.path.name,
+        nodes={node.path.name: analyse_node(node, info, table) for node in run.nodes()},
+    )
 
 
 def _judge(attribution: AttributionResult, summary: Summary, info: dict[str, Any]) -> None:
@@ -212,5 +240,8 @@ def analyse_node(node: RunDir, info: dict[str, Any], table: RequestTable) -> Nod
         attribution.dump(node.attribution)
     correlation = correlate_run(node, info, table, telemetry)
     correlation.dump(node.correlation)
-    return NodeResults(clock=node_clock(node.read_optional(node.path / "clock.json")),
-                       attribution=attribution, correlation=correlation)
+    return NodeResults(
+        clock=node_clock(node.read_optional(node.path / "clock.json")),
+        attribution=attribution,
+        correlation=correlation,
+    )

@@ -59,7 +59,9 @@ def fractions(counter: Mapping[str, float]) -> dict[str, float]:
     return {c: counter[c] / total for c in CATEGORIES if counter.get(c, 0) > 0}
 
 
-def _breakdown(stacks: Mapping[Stack, float], classifier: Classifier, other: Counter[str]) -> Counter[str]:
+def _breakdown(
+    stacks: Mapping[Stack, float], classifier: Classifier, other: Counter[str]
+) -> Counter[str]:
     cats: Counter[str] = Counter()
     for stack, weight in stacks.items():
         cat = classifier.category(stack)
@@ -69,9 +71,11 @@ def _breakdown(stacks: Mapping[Stack, float], classifier: Classifier, other: Cou
     return cats
 
 
-def summarize(threads: Mapping[tuple[str, ThreadId], Mapping[Stack, float]],
-              classifier: Classifier,
-              roles: Mapping[tuple[str, ThreadId], str] | None = None) -> ThreadShares:
+def summarize(
+    threads: Mapping[tuple[str, ThreadId], Mapping[Stack, float]],
+    classifier: Classifier,
+    roles: Mapping[tuple[str, ThreadId], str] | None = None,
+) -> ThreadShares:
     """Overall and per-thread shares, top `other` frames (`cputax attribute --json`)."""
     other: Counter[str] = Counter()
     total: Counter[str] = Counter()
@@ -83,14 +87,22 @@ def summarize(threads: Mapping[tuple[str, ThreadId], Mapping[Stack, float]],
         shares = fractions(cats)
         active = 1.0 - cats[IDLE] / samples if samples else None
         # every share's support (analysis.support): samples, empty stacks, a 95% interval
-        rows.append(ThreadRow(
-            process=process, pid=thread.pid, thread=thread.label, tid=thread.tid,
-            samples=round(samples), categories=shares, active=active,
-            empty=round(sum(w for stack, w in stacks.items() if not stack)),
-            too_few=too_few(samples),
-            intervals={c: wilson(v, samples) for c, v in shares.items()},
-            active_interval=None if active is None else wilson(active, samples),
-            role=(roles or {}).get((process, thread)) or None))
+        rows.append(
+            ThreadRow(
+                process=process,
+                pid=thread.pid,
+                thread=thread.label,
+                tid=thread.tid,
+                samples=round(samples),
+                categories=shares,
+                active=active,
+                empty=round(sum(w for stack, w in stacks.items() if not stack)),
+                too_few=too_few(samples),
+                intervals={c: wilson(v, samples) for c, v in shares.items()},
+                active_interval=None if active is None else wilson(active, samples),
+                role=(roles or {}).get((process, thread)) or None,
+            )
+        )
     top = [(frame, round(n)) for frame, n in other.most_common(OTHER_TOP) if n >= 0.5]
     return ThreadShares(categories=fractions(total), threads=rows, other_top=top)
 
@@ -112,15 +124,26 @@ def columns(rows: list[ThreadRow]) -> list[str]:
     for row in rows:
         for cat, value in row.categories.items():
             seen[cat] = max(seen.get(cat, 0.0), value)
-    cols = [c for c, value in sorted(seen.items(), key=lambda kv: -kv[1])
-            if value >= MIN_SHARE and c not in (IDLE, OTHER)]
+    cols = [
+        c
+        for c, value in sorted(seen.items(), key=lambda kv: -kv[1])
+        if value >= MIN_SHARE and c not in (IDLE, OTHER)
+    ]
     return cols + [c for c in (OTHER, IDLE) if c in seen]
 
 
 def headline(rows: list[ThreadRow]) -> Headline | None:
     """The busiest (thread, category) pair, idle and other left out; None under MIN_SHARE."""
-    best = max(((cat, value, r) for r in rows for cat, value in r.categories.items()
-                if cat not in (IDLE, OTHER)), key=lambda x: x[1], default=None)
+    best = max(
+        (
+            (cat, value, r)
+            for r in rows
+            for cat, value in r.categories.items()
+            if cat not in (IDLE, OTHER)
+        ),
+        key=lambda x: x[1],
+        default=None,
+    )
     if best is None or best[1] < MIN_SHARE:
         return None
     cat, value, r = best
@@ -141,9 +164,14 @@ def attribute_file(path: Path, server: str = "auto", rate: float | None = None) 
     name = detect_server(per_thread.values()) if server == "auto" else server
     threads = {(str(t.pid) if t.pid is not None else "", t): s for t, s in per_thread.items()}
     shares = summarize(threads, classifier_for(name))
-    return FileAttribution(server=name, source=source, categories=shares.categories,
-                           threads=shares.threads, other_top=shares.other_top,
-                           columns=columns(shares.threads))
+    return FileAttribution(
+        server=name,
+        source=source,
+        categories=shares.categories,
+        threads=shares.threads,
+        other_top=shares.other_top,
+        columns=columns(shares.threads),
+    )
 
 
 # --- a run (or profile) directory ----------------------------------------------------------------
@@ -191,8 +219,9 @@ def _client_windows(run: RunDir) -> dict[str, tuple[int, int]]:
     return {w["scenario"]: (w["start_ns"], w["end_ns"]) for w in run.read_windows()}
 
 
-def _gil_shares(run: RunDir, entry: dict[str, Any],
-                classifier: Classifier) -> dict[int | None, GilThread] | None:
+def _gil_shares(
+    run: RunDir, entry: dict[str, Any], classifier: Classifier
+) -> dict[int | None, GilThread] | None:
     """Per thread (by tid), from the --gil sampler (which records only the GIL holder): the
     share of samples in which it held the GIL (samples / (its duration x rate)), the part of
     those spent in frames the rules call idle (a loop written in C that holds the GIL while it
@@ -206,16 +235,24 @@ def _gil_shares(run: RunDir, entry: dict[str, Any],
     out: dict[int | None, GilThread] = {}
     for thread, counter in read_raw(run.path / entry["files"]["gil"]).items():
         held = sum(counter.values())
-        idle = Counter({(stack[-1].text() if stack else NO_FRAME): w
-                        for stack, w in counter.items() if classifier.category(stack) == IDLE})
+        idle = Counter(
+            {
+                (stack[-1].text() if stack else NO_FRAME): w
+                for stack, w in counter.items()
+                if classifier.category(stack) == IDLE
+            }
+        )
         out[thread.tid] = GilThread(
-            share=held / ticks, in_idle_frames=sum(idle.values()) / held if held else 0.0,
-            idle_frames=[(f, round(n)) for f, n in idle.most_common(3)])
+            share=held / ticks,
+            in_idle_frames=sum(idle.values()) / held if held else 0.0,
+            idle_frames=[(f, round(n)) for f, n in idle.most_common(3)],
+        )
     return out
 
 
-def _host_shares(host: HostSeries | None, pid: int, tid: int | None,
-                 window: tuple[int, int] | None) -> tuple[float, float] | None:
+def _host_shares(
+    host: HostSeries | None, pid: int, tid: int | None, window: tuple[int, int] | None
+) -> tuple[float, float] | None:
     """A thread's share of the window on a CPU and ready but waiting for one (schedstat)."""
     if host is None or tid is None or window is None or (pid, tid) not in host.thread_cpu:
         return None
@@ -224,17 +261,26 @@ def _host_shares(host: HostSeries | None, pid: int, tid: int | None,
     wall = w1 - w0
     if wall <= 0:
         return None
-    return (whole.sums(host.thread_cpu[(pid, tid)])[0] / wall,
-            whole.sums(host.thread_wait.get((pid, tid), []))[0] / wall)
+    return (
+        whole.sums(host.thread_cpu[(pid, tid)])[0] / wall,
+        whole.sums(host.thread_wait.get((pid, tid), []))[0] / wall,
+    )
 
 
-def _process_view(entry: dict[str, Any], window: tuple[int, int] | None, timeline: Timeline | None
-                  ) -> tuple[ProcessView, dict[ThreadId, Counter[Stack]]]:
+def _process_view(
+    entry: dict[str, Any], window: tuple[int, int] | None, timeline: Timeline | None
+) -> tuple[ProcessView, dict[ThreadId, Counter[Stack]]]:
     """One sampled process in one window: its per-thread stacks and what py-spy reported."""
-    view = ProcessView(process=f"{entry['role']} {entry['pid']}", pid=entry["pid"],
-                       role=entry["role"], status=entry["status"], message=entry.get("message"),
-                       files=entry["files"], behind_s=entry.get("behind_s", 0.0),
-                       pyspy_cpu_s=entry.get("cpu_s"))
+    view = ProcessView(
+        process=f"{entry['role']} {entry['pid']}",
+        pid=entry["pid"],
+        role=entry["role"],
+        status=entry["status"],
+        message=entry.get("message"),
+        files=entry["files"],
+        behind_s=entry.get("behind_s", 0.0),
+        pyspy_cpu_s=entry.get("cpu_s"),
+    )
     if not timeline:
         return view, {}
     first = min(spans[0][0] for spans in timeline.values() if spans)
@@ -242,21 +288,29 @@ def _process_view(entry: dict[str, Any], window: tuple[int, int] | None, timelin
     seen_s = sum((b - a) for spans in timeline.values() for a, b, _ in spans) / 1e6
     if entry.get("samples") and seen_s > 0:
         view.effective_rate = entry["samples"] / seen_s
-        view.fell_behind = (view.effective_rate < BEHIND_RATIO * entry["rate"]
-                            or entry.get("behind_warnings", 0) > 0)
+        view.fell_behind = (
+            view.effective_rate < BEHIND_RATIO * entry["rate"]
+            or entry.get("behind_warnings", 0) > 0
+        )
     lo, hi = (_ns(entry, first), _ns(entry, last)) if window is None else window
     t0, t1 = (lo - entry["t_launched_ns"]) / 1000, (hi - entry["t_launched_ns"]) / 1000
     if hi > lo:
         covered = max(0.0, min(t1, last) - max(t0, first))
         view.coverage = covered / (t1 - t0)
         view.partial = view.coverage < FULL_COVERAGE
-    stacks = {thread: collapse(clip(spans, t0, t1), entry["rate"])
-              for thread, spans in timeline.items()}
+    stacks = {
+        thread: collapse(clip(spans, t0, t1), entry["rate"]) for thread, spans in timeline.items()
+    }
     return view, {t: s for t, s in stacks.items() if s}
 
 
-def _host_and_gil(row: ThreadRow, proc: ProcessView, host: HostSeries | None,
-                  span: tuple[int, int] | None, gil: dict[int | None, GilThread] | None) -> None:
+def _host_and_gil(
+    row: ThreadRow,
+    proc: ProcessView,
+    host: HostSeries | None,
+    span: tuple[int, int] | None,
+    gil: dict[int | None, GilThread] | None,
+) -> None:
     """A thread's schedstat shares (and whether py-spy's busy share agrees) and its GIL."""
     if (cpu := _host_shares(host, proc.pid, row.tid, span)) is not None:
         row.on_cpu, row.runqueue = cpu
@@ -267,8 +321,11 @@ def _host_and_gil(row: ThreadRow, proc: ProcessView, host: HostSeries | None,
     if gil is None:
         return
     held = gil.get(row.tid) or GilThread(share=0.0)
-    row.gil, row.gil_in_idle_frames, row.gil_idle_frames = \
-        held.share, held.in_idle_frames, held.idle_frames
+    row.gil, row.gil_in_idle_frames, row.gil_idle_frames = (
+        held.share,
+        held.in_idle_frames,
+        held.idle_frames,
+    )
     if row.on_cpu is not None and row.runqueue is not None and row.active is not None:
         row.gil_wait = max(0.0, row.active - row.on_cpu - row.runqueue)
 
@@ -293,8 +350,9 @@ def attribute_run(run: RunDir, host: HostSeries | None = None) -> AttributionRes
     server = next((e["server"] for e in entries if e.get("server")), None)
     timelines = {i: _timeline(run, e) for i, e in enumerate(entries)}
     if server is None:
-        server = detect_server(collapse(spans, 1.0) for tl in timelines.values() if tl
-                               for spans in tl.values())
+        server = detect_server(
+            collapse(spans, 1.0) for tl in timelines.values() if tl for spans in tl.values()
+        )
     classifier = classifier_for(server)
     names = list(dict.fromkeys(e["window"] for e in entries))
     windows, other = [], Counter()
@@ -320,18 +378,31 @@ def attribute_run(run: RunDir, host: HostSeries | None = None) -> AttributionRes
             _host_and_gil(row, by_process[row.process], host, span, gils[row.process])
         other.update(dict(shares.other_top))
         start, end = span or (None, None)
-        windows.append(Window(name=name, start_ns=start, end_ns=end,
-                              wall_s=None if span is None else (end - start) / 1e9,
-                              processes=processes, categories=shares.categories,
-                              threads=shares.threads, other_top=shares.other_top,
-                              columns=columns(shares.threads),
-                              headline=headline(shares.threads)))
+        windows.append(
+            Window(
+                name=name,
+                start_ns=start,
+                end_ns=end,
+                wall_s=None if span is None else (end - start) / 1e9,
+                processes=processes,
+                categories=shares.categories,
+                threads=shares.threads,
+                other_top=shares.other_top,
+                columns=columns(shares.threads),
+                headline=headline(shares.threads),
+            )
+        )
     config = None
     if run.has_info():
         config = ((run.info().get("monitors") or {}).get("pyspy") or {}).get("config")
-    result = AttributionResult(server=server, rules=server or "common only",
-                               alignment_ms=ALIGNMENT_MS, rate=entries[0]["rate"],
-                               windows=windows, config=config,
-                               other_top=[(f, n) for f, n in other.most_common(OTHER_TOP)])
+    result = AttributionResult(
+        server=server,
+        rules=server or "common only",
+        alignment_ms=ALIGNMENT_MS,
+        rate=entries[0]["rate"],
+        windows=windows,
+        config=config,
+        other_top=[(f, n) for f, n in other.most_common(OTHER_TOP)],
+    )
     add_findings(result, {})
     return result

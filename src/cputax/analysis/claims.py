@@ -16,8 +16,15 @@ from typing import Any
 
 from cputax.results.sweep import Claim, ConfigScenario, Configuration, Sweep
 
-__all__ = ["CLAIMS", "GIL_WAIT_LONG", "HASHING_NEGLIGIBLE_PCT", "LOOP_WAITS_X", "MIN_SAMPLES",
-           "STUDY_FLOOR_PCT", "claims"]
+__all__ = [
+    "CLAIMS",
+    "GIL_WAIT_LONG",
+    "HASHING_NEGLIGIBLE_PCT",
+    "LOOP_WAITS_X",
+    "MIN_SAMPLES",
+    "STUDY_FLOOR_PCT",
+    "claims",
+]
 
 MIN_SAMPLES = 100  # of the engine loop thread: fewer and a share of a few percent is noise
 LOOP_WAITS_X = 5  # the loop waits this many times its scheduling time: scheduling is no limit
@@ -40,8 +47,13 @@ def _heaviest(config: Configuration) -> tuple[str, ConfigScenario] | None:
     shows first."""
     if not config.scenarios:
         return None
-    name = max(config.scenarios, key=lambda n: (config.scenarios[n].concurrency or 0,
-                                                config.scenarios[n].context_tokens or 0))
+    name = max(
+        config.scenarios,
+        key=lambda n: (
+            config.scenarios[n].concurrency or 0,
+            config.scenarios[n].context_tokens or 0,
+        ),
+    )
     return name, config.scenarios[name]
 
 
@@ -53,10 +65,18 @@ def _spread(scenario: ConfigScenario, key: str) -> float | None:
     return scenario.metrics[key].spread
 
 
-def _row(key: str, finding: str, sentence: str, decided: bool, spread: str | None = None,
-         **data: Any) -> Claim:
-    return Claim(claim=key, study=CLAIMS[key], finding=finding, spread=spread,
-                 sentence=sentence, decided=decided, data=data)
+def _row(
+    key: str, finding: str, sentence: str, decided: bool, spread: str | None = None, **data: Any
+) -> Claim:
+    return Claim(
+        claim=key,
+        study=CLAIMS[key],
+        finding=finding,
+        spread=spread,
+        sentence=sentence,
+        decided=decided,
+        data=data,
+    )
 
 
 def _varied(configs: list[Configuration], flag: str) -> dict[str, Configuration]:
@@ -83,53 +103,104 @@ def scheduling(base: Configuration) -> Claim:
     heaviest = _heaviest(base)
     loop = heaviest[1].engine_loop if heaviest else None
     if loop is None:
-        return _row("scheduling", "absent", "No py-spy data of the engine loop: run the sweep with py-spy "
-                    "(it is on by default) against a server on this host.", False)
+        return _row(
+            "scheduling",
+            "absent",
+            "No py-spy data of the engine loop: run the sweep with py-spy "
+            "(it is on by default) against a server on this host.",
+            False,
+        )
     name, scenario = heaviest
     if loop.samples < MIN_SAMPLES:
-        return _row("scheduling", f"{name}: {loop.samples} samples of the engine loop",
-                    "Too few samples to tell a few percent of scheduling from noise (fewer than "
-                    f"{MIN_SAMPLES}): lengthen the scenarios (duration_s) or raise --pyspy-rate.",
-                    False)
+        return _row(
+            "scheduling",
+            f"{name}: {loop.samples} samples of the engine loop",
+            "Too few samples to tell a few percent of scheduling from noise (fewer than "
+            f"{MIN_SAMPLES}): lengthen the scenarios (duration_s) or raise --pyspy-rate.",
+            False,
+        )
     queue = _value(scenario, "queue_ms")
-    finding = (f"{name}: engine loop {100 * loop.schedule:.1f}% scheduling + KV cache, "
-               f"{100 * loop.worker_wait:.0f}% waiting for the model step; server queue "
-               + ("absent" if queue is None else f"{queue:,.0f} ms"))
+    finding = (
+        f"{name}: engine loop {100 * loop.schedule:.1f}% scheduling + KV cache, "
+        f"{100 * loop.worker_wait:.0f}% waiting for the model step; server queue "
+        + ("absent" if queue is None else f"{queue:,.0f} ms")
+    )
     if loop.worker_wait > LOOP_WAITS_X * max(loop.schedule, 1e-9):
-        sentence = ("Not supported: the scheduler's own CPU is a few percent of the engine loop, which spends "
-                    "most of its time waiting for the model step; the queue time is requests waiting for batch "
-                    "capacity, not for scheduler CPU.")
+        sentence = (
+            "Not supported: the scheduler's own CPU is a few percent of the engine loop, which spends "
+            "most of its time waiting for the model step; the queue time is requests waiting for batch "
+            "capacity, not for scheduler CPU."
+        )
     else:
-        sentence = ("Partly: scheduling is a sizeable share of the engine loop here; compare it with the queue "
-                    "time before calling it the bottleneck.")
-    return _row("scheduling", finding, sentence, True, schedule=loop.schedule,
-                worker_wait=loop.worker_wait, queue_ms=queue)
+        sentence = (
+            "Partly: scheduling is a sizeable share of the engine loop here; compare it with the queue "
+            "time before calling it the bottleneck."
+        )
+    return _row(
+        "scheduling",
+        finding,
+        sentence,
+        True,
+        schedule=loop.schedule,
+        worker_wait=loop.worker_wait,
+        queue_ms=queue,
+    )
 
 
 def async_scheduling(configs: list[Configuration], notes: dict[str, str]) -> Claim:
     by_value = _varied(configs, "async-scheduling")
     note = notes.get("async-scheduling")
     if not by_value:
-        return _row("async_scheduling", "not varied", "This sweep did not vary async-scheduling "
-                    "(`--vary async-scheduling`): the data cannot decide.", False)
+        return _row(
+            "async_scheduling",
+            "not varied",
+            "This sweep did not vary async-scheduling "
+            "(`--vary async-scheduling`): the data cannot decide.",
+            False,
+        )
     on, off = by_value.get("on"), by_value.get("off")
     if on is None or off is None:
-        return _row("async_scheduling", "not varied", "async-scheduling needs an on and an off configuration.", False)
+        return _row(
+            "async_scheduling",
+            "not varied",
+            "async-scheduling needs an on and an off configuration.",
+            False,
+        )
     heaviest = _heaviest(off)
     assert heaviest is not None  # _varied keeps measured configurations only
     name = heaviest[0]
     a, b = off.scenarios[name], on.scenarios.get(name)
     if b is None:
-        return _row("async_scheduling", "absent", f"{name} did not run with async scheduling on.", False)
+        return _row(
+            "async_scheduling", "absent", f"{name} did not run with async scheduling on.", False
+        )
     ia, ib = _value(a, "itl_ms"), _value(b, "itl_ms")
     verdict = _beyond(ia, ib, _spread(a, "itl_ms"), _spread(b, "itl_ms"))
-    finding = f"{name}: time between tokens off {ia:,.1f} ms, on {ib:,.1f} ms" if ia is not None and ib is not None else "absent"
+    finding = (
+        f"{name}: time between tokens off {ia:,.1f} ms, on {ib:,.1f} ms"
+        if ia is not None and ib is not None
+        else "absent"
+    )
     cpu_backend = any(c.target is not None and c.target.kind == "embedded" for c in (on, off))
     if cpu_backend and note:
-        return _row("async_scheduling", finding, f"Cannot decide here: {note}. The difference measured is {verdict}.",
-                    False, spread=verdict, off_ms=ia, on_ms=ib)
-    return _row("async_scheduling", finding, f"The change in time between tokens is {verdict}.", True,
-                spread=verdict, off_ms=ia, on_ms=ib)
+        return _row(
+            "async_scheduling",
+            finding,
+            f"Cannot decide here: {note}. The difference measured is {verdict}.",
+            False,
+            spread=verdict,
+            off_ms=ia,
+            on_ms=ib,
+        )
+    return _row(
+        "async_scheduling",
+        finding,
+        f"The change in time between tokens is {verdict}.",
+        True,
+        spread=verdict,
+        off_ms=ia,
+        on_ms=ib,
+    )
 
 
 def tokenization(configs: list[Configuration], base: Configuration) -> Claim:
@@ -137,11 +208,18 @@ def tokenization(configs: list[Configuration], base: Configuration) -> Claim:
     roles = heaviest[1].roles if heaviest else {}
     api = roles.get("api_server", {})
     if not api or heaviest is None:
-        return _row("tokenization", "absent", "No py-spy data of the API server: the data cannot decide.", False)
+        return _row(
+            "tokenization",
+            "absent",
+            "No py-spy data of the API server: the data cannot decide.",
+            False,
+        )
     name, scenario = heaviest
     finding = f"{name}: API server tokenize {api.get('tokenize', 0):.1f}% of a core, sse {api.get('sse', 0):.1f}%"
-    sentence = ("vLLM already tokenizes off the event loop (its renderer pool); what is left on the loop is "
-                "streaming (sse), HTTP and detokenizing.")
+    sentence = (
+        "vLLM already tokenizes off the event loop (its renderer pool); what is left on the loop is "
+        "streaming (sse), HTTP and detokenizing."
+    )
     two = _varied(configs, "api-server-count")
     data: dict[str, Any] = {"tokenize_pct_of_core": api.get("tokenize", 0.0)}
     spread = None
@@ -151,8 +229,12 @@ def tokenization(configs: list[Configuration], base: Configuration) -> Claim:
             ha, hb = _value(a, "http_overhead_ms"), _value(b, "http_overhead_ms")
             ta, tb = _value(a, "output_tokens_per_s"), _value(b, "output_tokens_per_s")
             spread = _beyond(ha, hb, _spread(a, "http_overhead_ms"), _spread(b, "http_overhead_ms"))
-            finding += (f"; a second API server: time to headers {ha:,.1f} -> {hb:,.1f} ms, "
-                        f"throughput {ta:,.0f} -> {tb:,.0f} tok/s" if None not in (ha, hb, ta, tb) else "")
+            finding += (
+                f"; a second API server: time to headers {ha:,.1f} -> {hb:,.1f} ms, "
+                f"throughput {ta:,.0f} -> {tb:,.0f} tok/s"
+                if None not in (ha, hb, ta, tb)
+                else ""
+            )
             sentence += f" A second API server changed the time to headers by an amount {spread}."
             data.update(http_overhead_ms=[ha, hb], output_tokens_per_s=[ta, tb])
     return _row("tokenization", finding, sentence, True, spread=spread, **data)
@@ -166,24 +248,39 @@ def gil(base: Configuration) -> Claim:
     name = heaviest[0]
     worst = max(rows, key=lambda r: r.wait or 0.0)
     loop = next((r for r in rows if r.role == "api_server" and r.thread == "MainThread"), None)
-    finding = (f"{name}: the longest estimated GIL wait is {100 * (worst.wait or 0):.1f}% "
-               f"({worst.process} {worst.thread})")
+    finding = (
+        f"{name}: the longest estimated GIL wait is {100 * (worst.wait or 0):.1f}% "
+        f"({worst.process} {worst.thread})"
+    )
     parts = []
     if loop is not None:
-        finding += (f"; the event loop holds it {100 * (loop.held or 0):.0f}% of the time, "
-                    f"busy {100 * (loop.busy or 0):.0f}%")
+        finding += (
+            f"; the event loop holds it {100 * (loop.held or 0):.0f}% of the time, "
+            f"busy {100 * (loop.busy or 0):.0f}%"
+        )
         if loop.in_idle_frames:
             frames = ", ".join(f"`{f}`" for f, _ in loop.idle_frames[:2])
-            parts.append(f"{100 * loop.in_idle_frames:.0f}% of the event loop's GIL samples are "
-                         f"in frames the rules call idle ({frames}): the loop written in C holds "
-                         "the GIL while it dispatches")
+            parts.append(
+                f"{100 * loop.in_idle_frames:.0f}% of the event loop's GIL samples are "
+                f"in frames the rules call idle ({frames}): the loop written in C holds "
+                "the GIL while it dispatches"
+            )
     decided = worst.wait is not None
-    verdict = ("Not here: no thread waits long for the GIL; each process has its own."
-               if decided and (worst.wait or 0) < GIL_WAIT_LONG
-               else "Yes for the thread named: it waits for the GIL a large share of its time."
-               if decided else "Needs host telemetry per thread to estimate the wait.")
-    return _row("gil", finding, " ".join([verdict, *[p + "." for p in parts]]), decided,
-                worst_wait=worst.wait, event_loop_held=loop.held if loop else None)
+    verdict = (
+        "Not here: no thread waits long for the GIL; each process has its own."
+        if decided and (worst.wait or 0) < GIL_WAIT_LONG
+        else "Yes for the thread named: it waits for the GIL a large share of its time."
+        if decided
+        else "Needs host telemetry per thread to estimate the wait."
+    )
+    return _row(
+        "gil",
+        finding,
+        " ".join([verdict, *[p + "." for p in parts]]),
+        decided,
+        worst_wait=worst.wait,
+        event_loop_held=loop.held if loop else None,
+    )
 
 
 def hashing(configs: list[Configuration], base: Configuration) -> Claim:
@@ -195,13 +292,18 @@ def hashing(configs: list[Configuration], base: Configuration) -> Claim:
             shares[algo] = (heaviest[0], _value(heaviest[1], "prefix_hash_share"))
     known = {a: v for a, (_, v) in shares.items() if v is not None}
     if not known:
-        return _row("hashing", "absent", "No py-spy data of the EngineCore: the data cannot decide.", False)
-    finding = "; ".join(f"{algo}: {share:.1f}% of EngineCore busy time" for algo, share in known.items())
+        return _row(
+            "hashing", "absent", "No py-spy data of the EngineCore: the data cannot decide.", False
+        )
+    finding = "; ".join(
+        f"{algo}: {share:.1f}% of EngineCore busy time" for algo, share in known.items()
+    )
     biggest = max(known.values())
-    sentence = ("Supported here: block hashing is a small share of the EngineCore's busy time."
-                if biggest < HASHING_NEGLIGIBLE_PCT
-                else "Not negligible here: block hashing is a visible share of the EngineCore's "
-                "time.")
+    sentence = (
+        "Supported here: block hashing is a small share of the EngineCore's busy time."
+        if biggest < HASHING_NEGLIGIBLE_PCT
+        else "Not negligible here: block hashing is a visible share of the EngineCore's time."
+    )
     return _row("hashing", finding, sentence, True, shares=known)
 
 
@@ -212,8 +314,13 @@ def cpu_floor(configs: list[Configuration]) -> Claim:
     base = next((by_value[k] for k in ("1", "1.0") if k in by_value), None)
     floor = next((by_value[k] for k in ("inf", "infinity") if k in by_value), None)
     if base is None or floor is None:
-        return _row("cpu_floor", "not varied", "This sweep did not run the emulated GPU at speed 1 "
-                    "and inf (`--vary gpu-speed=1,4,inf`): the data cannot decide.", False)
+        return _row(
+            "cpu_floor",
+            "not varied",
+            "This sweep did not run the emulated GPU at speed 1 "
+            "and inf (`--vary gpu-speed=1,4,inf`): the data cannot decide.",
+            False,
+        )
     shares = {}
     for name, a in base.scenarios.items():
         b = floor.scenarios.get(name)
@@ -227,12 +334,17 @@ def cpu_floor(configs: list[Configuration]) -> Claim:
     finding = "; ".join(f"{n}: {s:.0f}% left" for n, s in shares.items())
     lo, hi = STUDY_FLOOR_PCT
     left = shares[name]
-    verdict = "as the study says" if lo <= left <= hi else (
-        "a higher floor than the study's" if left > hi else "a lower floor than the study's")
-    sentence = (f"At {name}, an infinitely fast GPU leaves {left:.0f}% of a request's time "
-                f"(it recovers {100 - left:.0f}%): {verdict} "
-                f"({100 - hi:.0f}-{100 - lo:.0f}% recovered). "
-                "The rest is the CPU side of this machine: front end, engine loop, worker, client.")
+    verdict = (
+        "as the study says"
+        if lo <= left <= hi
+        else ("a higher floor than the study's" if left > hi else "a lower floor than the study's")
+    )
+    sentence = (
+        f"At {name}, an infinitely fast GPU leaves {left:.0f}% of a request's time "
+        f"(it recovers {100 - left:.0f}%): {verdict} "
+        f"({100 - hi:.0f}-{100 - lo:.0f}% recovered). "
+        "The rest is the CPU side of this machine: front end, engine loop, worker, client."
+    )
     return _row("cpu_floor", finding, sentence, True, left_pct=shares)
 
 
@@ -241,5 +353,11 @@ def claims(info: Sweep, configs: list[Configuration]) -> list[Claim]:
     if base is None:
         return [_row(key, "absent", "No configuration was measured.", False) for key in CLAIMS]
     notes = info.notes
-    return [scheduling(base), async_scheduling(configs, notes), tokenization(configs, base), gil(base),
-            hashing(configs, base), cpu_floor(configs)]
+    return [
+        scheduling(base),
+        async_scheduling(configs, notes),
+        tokenization(configs, base),
+        gil(base),
+        hashing(configs, base),
+        cpu_floor(configs),
+    ]

@@ -24,8 +24,17 @@ from cputax.results.comparison import Delta, RunComparison, ScenarioComparison
 from cputax.results.summary import ScenarioSummary
 from cputax.rundir import RunDir
 
-__all__ = ["GROUPS", "RATIOS", "TELEMETRY", "compare_runs", "compare_scenario", "delta_row",
-           "groups", "load_run", "spreads"]
+__all__ = [
+    "GROUPS",
+    "RATIOS",
+    "TELEMETRY",
+    "compare_runs",
+    "compare_scenario",
+    "delta_row",
+    "groups",
+    "load_run",
+    "spreads",
+]
 
 GROUPS = 4  # slices of an open-loop scenario (or one batch) for the spread
 RATIOS = ("cpu_pct", "gpu_pct")
@@ -35,9 +44,15 @@ TELEMETRY = ("busy_pct", "stall_pct")  # from correlation.json, when both runs h
 def load_run(run_dir: Path) -> dict[str, Any]:
     run = RunDir(run_dir)
     if not run.summary.exists():
-        raise CputaxError(f"{run_dir}: no summary.json; is it a run directory? (`cputax report {run_dir}` rebuilds it)")
-    return {"dir": run_dir, "summary": run.read_summary(), "table": run.read_request_table(),
-            "correlation": run.read_optional(run.correlation)}
+        raise CputaxError(
+            f"{run_dir}: no summary.json; is it a run directory? (`cputax report {run_dir}` rebuilds it)"
+        )
+    return {
+        "dir": run_dir,
+        "summary": run.read_summary(),
+        "table": run.read_request_table(),
+        "correlation": run.read_optional(run.correlation),
+    }
 
 
 def groups(table: RequestTable) -> list[RequestTable]:
@@ -69,18 +84,33 @@ def spreads(scenario: dict[str, Any], table: RequestTable) -> dict[str, float | 
     return out
 
 
-def delta_row(component: str, a: float | None, b: float | None, spread_a: float | None,
-              spread_b: float | None, in_points: bool = False, **quantiles: float | None) -> Delta:
+def delta_row(
+    component: str,
+    a: float | None,
+    b: float | None,
+    spread_a: float | None,
+    spread_b: float | None,
+    in_points: bool = False,
+    **quantiles: float | None,
+) -> Delta:
     """B - A for one component, marked inside the run-to-run spread when no larger than the
     larger of the two runs' spreads (None: no spread measure). `in_points`: the component is
     a percentage, whose change is in points and has no relative change."""
     delta = None if a is None or b is None else b - a
     noise = max((s for s in (spread_a, spread_b) if s is not None), default=None)
     relative = None if delta is None or not a or in_points else 100.0 * delta / a
-    return Delta(component=component, a=a, b=b, delta=delta, delta_pct=relative,
-                 spread_a=spread_a, spread_b=spread_b, noise=noise,
-                 within_spread=None if delta is None or noise is None else abs(delta) <= noise,
-                 **quantiles)
+    return Delta(
+        component=component,
+        a=a,
+        b=b,
+        delta=delta,
+        delta_pct=relative,
+        spread_a=spread_a,
+        spread_b=spread_b,
+        noise=noise,
+        within_spread=None if delta is None or noise is None else abs(delta) <= noise,
+        **quantiles,
+    )
 
 
 def _gpu(run: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -93,8 +123,9 @@ def _asked(s: ScenarioSummary) -> dict[str, Any]:
     return {"name": s.name, "concurrency": s.concurrency, "context_tokens": s.context_tokens}
 
 
-def compare_scenario(a: dict[str, Any], b: dict[str, Any], sa: ScenarioSummary,
-                     sb: ScenarioSummary) -> ScenarioComparison:
+def compare_scenario(
+    a: dict[str, Any], b: dict[str, Any], sa: ScenarioSummary, sb: ScenarioSummary
+) -> ScenarioComparison:
     name = sa.name
     spread_a = spreads(_asked(sa), a["table"].of_scenario(name))
     spread_b = spreads(_asked(sb), b["table"].of_scenario(name))
@@ -102,27 +133,49 @@ def compare_scenario(a: dict[str, Any], b: dict[str, Any], sa: ScenarioSummary,
     for component in (*PHASES, *RATIOS):
         quantiles = {}
         if component not in RATIOS:
-            quantiles = {f"{q}_{side}": getattr(getattr(s, f"{q}_ms"), component)
-                         for q in ("p50", "p99") for side, s in (("a", sa), ("b", sb))}
-        rows.append(delta_row(component, _value(sa, component), _value(sb, component),
-                              spread_a[component], spread_b[component],
-                              in_points=component in RATIOS, **quantiles))
+            quantiles = {
+                f"{q}_{side}": getattr(getattr(s, f"{q}_ms"), component)
+                for q in ("p50", "p99")
+                for side, s in (("a", sa), ("b", sb))
+            }
+        rows.append(
+            delta_row(
+                component,
+                _value(sa, component),
+                _value(sb, component),
+                spread_a[component],
+                spread_b[component],
+                in_points=component in RATIOS,
+                **quantiles,
+            )
+        )
     ga, gb = _gpu(a, name), _gpu(b, name)
     if ga and gb:
-        rows += [delta_row(f"gpu_{k}", ga[k], gb[k], None, None, in_points=True)
-                 for k in TELEMETRY]
-    return ScenarioComparison(name=name, concurrency=sa.concurrency,
-                              context_tokens=sa.context_tokens,
-                              requests=[sa.requests, sb.requests], components=rows)
+        rows += [delta_row(f"gpu_{k}", ga[k], gb[k], None, None, in_points=True) for k in TELEMETRY]
+    return ScenarioComparison(
+        name=name,
+        concurrency=sa.concurrency,
+        context_tokens=sa.context_tokens,
+        requests=[sa.requests, sb.requests],
+        components=rows,
+    )
 
 
 def compare_runs(dir_a: Path, dir_b: Path, names: tuple[str, str] = ("A", "B")) -> RunComparison:
     a, b = load_run(dir_a), load_run(dir_b)
     by_name_b = {s.name: s for s in b["summary"].scenarios}
     names_a = [s.name for s in a["summary"].scenarios]
-    scenarios = [compare_scenario(a, b, s, by_name_b[s.name])
-                 for s in a["summary"].scenarios if s.name in by_name_b]
-    return RunComparison(names=list(names), runs=[str(dir_a), str(dir_b)],
-                         run_info=[a["summary"].run, b["summary"].run], scenarios=scenarios,
-                         only_in_a=[n for n in names_a if n not in by_name_b],
-                         only_in_b=[n for n in by_name_b if n not in names_a], groups=GROUPS)
+    scenarios = [
+        compare_scenario(a, b, s, by_name_b[s.name])
+        for s in a["summary"].scenarios
+        if s.name in by_name_b
+    ]
+    return RunComparison(
+        names=list(names),
+        runs=[str(dir_a), str(dir_b)],
+        run_info=[a["summary"].run, b["summary"].run],
+        scenarios=scenarios,
+        only_in_a=[n for n in names_a if n not in by_name_b],
+        only_in_b=[n for n in by_name_b if n not in names_a],
+        groups=GROUPS,
+    )

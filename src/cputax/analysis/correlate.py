@@ -76,7 +76,9 @@ class PhaseSpans:
     def clip(self, w0: int, w1: int) -> PhaseSpans:
         """The spans within [w0, w1), cut at its ends."""
         keep = (self.t1 > w0) & (self.t0 < w1)
-        return PhaseSpans(np.maximum(self.t0[keep], w0), np.minimum(self.t1[keep], w1), self.phase[keep])
+        return PhaseSpans(
+            np.maximum(self.t0[keep], w0), np.minimum(self.t1[keep], w1), self.phase[keep]
+        )
 
     def of(self, phase: str) -> tuple[np.ndarray, np.ndarray]:
         mine = self.phase == PHASES.index(phase)
@@ -84,14 +86,21 @@ class PhaseSpans:
 
     def spans(self) -> list[Span]:
         """As (t0, t1, phase) tuples of ints, ordered by request and then by time."""
-        return [(int(a), int(b), PHASES[p]) for a, b, p in zip(self.t0, self.t1, self.phase, strict=True)]
+        return [
+            (int(a), int(b), PHASES[p])
+            for a, b, p in zip(self.t0, self.t1, self.phase, strict=True)
+        ]
 
 
 # (from, to, phase): the moments that bound each phase; a request that failed early ends in
 # the phase it was in
-_BOUNDS = (("t_start", "t_sent", "client"), ("t_sent", "t_headers", "front_end"),
-           ("t_headers", "t_first_token", "prefill"), ("t_first_token", "t_last_token", "decode"),
-           ("t_last_token", "t_end", "client"))
+_BOUNDS = (
+    ("t_start", "t_sent", "client"),
+    ("t_sent", "t_headers", "front_end"),
+    ("t_headers", "t_first_token", "prefill"),
+    ("t_first_token", "t_last_token", "decode"),
+    ("t_last_token", "t_end", "client"),
+)
 
 
 def request_phases(table: RequestTable) -> PhaseSpans:
@@ -100,8 +109,13 @@ def request_phases(table: RequestTable) -> PhaseSpans:
     decode (first -> last token). A missing moment is skipped: the span before it runs to
     the next moment the request has. Received moments are the kernel's where recorded."""
     names = [b[0] for b in _BOUNDS] + ["t_end"]
-    marks = np.stack([received(table, n) if n in ("t_headers", "t_first_token", "t_last_token") else table[n]
-                      for n in names], axis=1)  # rows x 6 moments, NaN where missing
+    marks = np.stack(
+        [
+            received(table, n) if n in ("t_headers", "t_first_token", "t_last_token") else table[n]
+            for n in names
+        ],
+        axis=1,
+    )  # rows x 6 moments, NaN where missing
     n_rows, n_marks = marks.shape
     # the next moment present after each one: fill from the right
     nxt = np.full_like(marks, np.nan)
@@ -110,7 +124,9 @@ def request_phases(table: RequestTable) -> PhaseSpans:
         nxt[:, k] = later
         later = np.where(np.isnan(marks[:, k]), later, marks[:, k])
     t0, t1 = marks[:, :-1], nxt[:, :-1]
-    phase = np.broadcast_to(np.array([PHASES.index(b[2]) for b in _BOUNDS], dtype=np.int8), t0.shape)
+    phase = np.broadcast_to(
+        np.array([PHASES.index(b[2]) for b in _BOUNDS], dtype=np.int8), t0.shape
+    )
     keep = ~np.isnan(t0) & ~np.isnan(t1) & (t1 > t0)
     return PhaseSpans(t0[keep], t1[keep], phase[keep])
 
@@ -131,8 +147,13 @@ def pending_states(phases: PhaseSpans) -> list[Span]:
     step = np.concatenate([np.ones(len(phases.t0)), -np.ones(len(phases.t1))])[order]
     phase = np.concatenate([phases.phase, phases.phase])[order]
     open_ = {p: np.cumsum(np.where(phase == PHASES.index(p), step, 0.0)) for p in PHASES}
-    state = np.where(open_["prefill"] + open_["decode"] > 0, _ENGINE,
-                     np.where(open_["front_end"] > 0, _FRONT_END, np.where(open_["client"] > 0, _CLIENT, _NOTHING)))
+    state = np.where(
+        open_["prefill"] + open_["decode"] > 0,
+        _ENGINE,
+        np.where(
+            open_["front_end"] > 0, _FRONT_END, np.where(open_["client"] > 0, _CLIENT, _NOTHING)
+        ),
+    )
     # the state after the last event at a moment holds until the next moment
     a, b, st = times[:-1], times[1:], state[:-1]
     keep = (b > a) & (st != _NOTHING)
@@ -195,7 +216,9 @@ def gpu_resolution(gpu: GpuBusy) -> tuple[float, str]:
     return max(best.values())
 
 
-def category_split(server_stalls: list[tuple[int, int]], categories: CategorySpans) -> tuple[dict[str, float], dict[str, float]]:
+def category_split(
+    server_stalls: list[tuple[int, int]], categories: CategorySpans
+) -> tuple[dict[str, float], dict[str, float]]:
     """Server-side stall seconds split by the categories the server's threads were busy in
     (in proportion to their thread time during the stalls), and that thread time itself."""
     stall_s = sum(b - a for a, b in server_stalls) / 1e9
@@ -205,7 +228,9 @@ def category_split(server_stalls: list[tuple[int, int]], categories: CategorySpa
     thread_ns: dict[str, int] = {}
     for spans in categories.values():
         for t0, t1, category in spans:
-            if category not in IDLE_CATEGORIES and (ov := overlap_ns(server_stalls, starts, t0, t1)):
+            if category not in IDLE_CATEGORIES and (
+                ov := overlap_ns(server_stalls, starts, t0, t1)
+            ):
                 thread_ns[category] = thread_ns.get(category, 0) + ov
     total = sum(thread_ns.values())
     thread_s = {c: ns / 1e9 for c, ns in sorted(thread_ns.items(), key=lambda kv: -kv[1])}
@@ -224,9 +249,13 @@ def top_shares(split: Mapping[str, float], top: int, whole: float | None = None)
     return [Share(name=name, pct=100.0 * part / total) for name, part in ranked]
 
 
-def gpu_stalls(window: tuple[int, int], states: list[Span], gpu: GpuBusy,
-               categories: CategorySpans, idle_below: float = IDLE_BELOW_PCT
-               ) -> tuple[GpuStalls, list[tuple[int, int]]]:
+def gpu_stalls(
+    window: tuple[int, int],
+    states: list[Span],
+    gpu: GpuBusy,
+    categories: CategorySpans,
+    idle_below: float = IDLE_BELOW_PCT,
+) -> tuple[GpuStalls, list[tuple[int, int]]]:
     """GPU busy %, idle time and stalls over one window; and the stalls' spans (ns)."""
     w0, w1 = window
     res_ms, basis = gpu_resolution(gpu)
@@ -235,12 +264,19 @@ def gpu_stalls(window: tuple[int, int], states: list[Span], gpu: GpuBusy,
     lengths = [hi - lo for lo, hi in map(grid.bounds, range(grid.n))]
     covered = sum(n for n, b in zip(lengths, busy, strict=True) if b is not None)
     idle = [b is not None and b < idle_below for b in busy]
-    pieces = [(lo, hi, state) for a, b, state in states for i, lo, hi in grid.overlaps(a, b) if idle[i]]
-    by_state = {s: sum(hi - lo for lo, hi, st in pieces if st == s) / 1e9 for s in ("engine", "front_end", "client")}
+    pieces = [
+        (lo, hi, state) for a, b, state in states for i, lo, hi in grid.overlaps(a, b) if idle[i]
+    ]
+    by_state = {
+        s: sum(hi - lo for lo, hi, st in pieces if st == s) / 1e9
+        for s in ("engine", "front_end", "client")
+    }
     stalls = merge((lo, hi) for lo, hi, _ in pieces)
     stall_s = sum(b - a for a, b in stalls) / 1e9
     idle_s = sum(n for n, i in zip(lengths, idle, strict=True) if i) / 1e9
-    split, thread_s = category_split(merge((lo, hi) for lo, hi, st in pieces if st != "client"), categories)
+    split, thread_s = category_split(
+        merge((lo, hi) for lo, hi, st in pieces if st != "client"), categories
+    )
     if by_state["client"]:
         split["client-side gap"] = by_state["client"]
     wall = (w1 - w0) / 1e9
@@ -248,17 +284,25 @@ def gpu_stalls(window: tuple[int, int], states: list[Span], gpu: GpuBusy,
     if covered:
         busy_pct = sum(b * n for n, b in zip(lengths, busy, strict=True) if b is not None) / covered
     return GpuStalls(
-        source=" + ".join(source_names()[s] for s in sources), backend=gpu.backend,
-        resolution_ms=res_ms, resolution_basis=basis, alignment_ms=gpu.alignment_ms,
+        source=" + ".join(source_names()[s] for s in sources),
+        backend=gpu.backend,
+        resolution_ms=res_ms,
+        resolution_basis=basis,
+        alignment_ms=gpu.alignment_ms,
         idle_below_pct=idle_below,
-        coverage_pct=100.0 * covered / (w1 - w0) if w1 > w0 else None, busy_pct=busy_pct,
+        coverage_pct=100.0 * covered / (w1 - w0) if w1 > w0 else None,
+        busy_pct=busy_pct,
         idle_pct=100.0 * idle_s / wall if wall else None,
         idle_nothing_pending_pct=100.0 * (idle_s - stall_s) / wall if wall else None,
-        stall_s=stall_s, stall_pct=100.0 * stall_s / wall if wall else None,
-        stalls=len(stalls), longest_stall_ms=max((b - a for a, b in stalls), default=0) / 1e6,
-        stall_by_state=by_state, stall_split=split,
+        stall_s=stall_s,
+        stall_pct=100.0 * stall_s / wall if wall else None,
+        stalls=len(stalls),
+        longest_stall_ms=max((b - a for a, b in stalls), default=0) / 1e6,
+        stall_by_state=by_state,
+        stall_split=split,
         stall_split_top=top_shares(split, STALL_SPLIT_TOP, stall_s),
-        stall_thread_s=thread_s), stalls
+        stall_thread_s=thread_s,
+    ), stalls
 
 
 def _label(host: HostSeries, pid: int) -> str:
@@ -276,46 +320,83 @@ def host_usage(host: HostSeries, window: tuple[int, int]) -> HostUsage:
         if not any(iv.t0_ns < w1 and iv.t1_ns > w0 for iv in intervals):
             continue  # did not live in this window (a py-spy of another scenario, a restarted child)
         cpu_s = whole.sums(intervals)[0] / 1e9
-        threads = sorted(((tid, whole.sums(iv)[0] / 1e9) for (p, tid), iv in host.thread_cpu.items() if p == pid),
-                         key=lambda x: -x[1])[:TOP_THREADS]
+        threads = sorted(
+            (
+                (tid, whole.sums(iv)[0] / 1e9)
+                for (p, tid), iv in host.thread_cpu.items()
+                if p == pid
+            ),
+            key=lambda x: -x[1],
+        )[:TOP_THREADS]
         found = process_role(" ".join(host.cmdlines.get(pid, [])))
         cpu_pct = 100.0 * cpu_s / wall
-        processes.append(HostProcess(
-            pid=pid, name=host.names.get(pid, "?"), role=host.roles.get(pid, "?"),
-            server_role=found[1] if found and host.roles.get(pid) == "server" else None,
-            cpu_pct=cpu_pct, quiet=cpu_pct < QUIET_PCT,
-            wait_pct=100.0 * whole.sums(host.wait.get(pid, []))[0] / 1e9 / wall,
-            switches_per_s=whole.sums(host.switches.get(pid, []))[0] / wall,
-            threads=[HostThread(tid=tid, name=host.thread_names.get((pid, tid), "?"),
-                                cpu_pct=100.0 * s / wall) for tid, s in threads if s > 0]))
+        processes.append(
+            HostProcess(
+                pid=pid,
+                name=host.names.get(pid, "?"),
+                role=host.roles.get(pid, "?"),
+                server_role=found[1] if found and host.roles.get(pid) == "server" else None,
+                cpu_pct=cpu_pct,
+                quiet=cpu_pct < QUIET_PCT,
+                wait_pct=100.0 * whole.sums(host.wait.get(pid, []))[0] / 1e9 / wall,
+                switches_per_s=whole.sums(host.switches.get(pid, []))[0] / wall,
+                threads=[
+                    HostThread(
+                        tid=tid,
+                        name=host.thread_names.get((pid, tid), "?"),
+                        cpu_pct=100.0 * s / wall,
+                    )
+                    for tid, s in threads
+                    if s > 0
+                ],
+            )
+        )
     processes.sort(key=lambda p: (p.role != "server", -p.cpu_pct))
     system = whole.averages(host.system)[0]
-    return HostUsage(system_busy_pct=None if system is None else 100.0 * system, cpus=host.cpus,
-                     processes=processes, quiet_below_pct=QUIET_PCT)
+    return HostUsage(
+        system_busy_pct=None if system is None else 100.0 * system,
+        cpus=host.cpus,
+        processes=processes,
+        quiet_below_pct=QUIET_PCT,
+    )
 
 
-def timeline(window: tuple[int, int], phases: PhaseSpans, gpu: GpuBusy | None,
-             categories: CategorySpans, host: HostSeries | None,
-             stalls: list[tuple[int, int]]) -> Timeline:
+def timeline(
+    window: tuple[int, int],
+    phases: PhaseSpans,
+    gpu: GpuBusy | None,
+    categories: CategorySpans,
+    host: HostSeries | None,
+    stalls: list[tuple[int, int]],
+) -> Timeline:
     """Binned series for the timeline plot: GPU busy, server CPU (by category with py-spy,
     else by process), requests in flight by phase, stall spans."""
     w0, w1 = window
     floor_ms = gpu_resolution(gpu)[0] if gpu else 100.0
     grid = Grid(w0, w1, max(int(floor_ms * 1e6), (w1 - w0) // PLOT_BINS + 1))
     width = [hi - lo for lo, hi in map(grid.bounds, range(grid.n))]
-    out = Timeline(t_s=[(grid.bounds(i)[0] - w0) / 1e9 for i in range(grid.n)],
-                   end_s=(w1 - w0) / 1e9, width_s=grid.width_ns / 1e9,
-                   inflight={p: grid.occupancy_of(*phases.of(p)) for p in PHASES
-                             if (phases.phase == PHASES.index(p)).any()},
-                   stalls=[((a - w0) / 1e9, (b - w0) / 1e9) for a, b in stalls])
+    out = Timeline(
+        t_s=[(grid.bounds(i)[0] - w0) / 1e9 for i in range(grid.n)],
+        end_s=(w1 - w0) / 1e9,
+        width_s=grid.width_ns / 1e9,
+        inflight={
+            p: grid.occupancy_of(*phases.of(p))
+            for p in PHASES
+            if (phases.phase == PHASES.index(p)).any()
+        },
+        stalls=[((a - w0) / 1e9, (b - w0) / 1e9) for a, b in stalls],
+    )
     if gpu:
         out.gpu = _device_busy(grid, gpu)[0]
     if categories:
         busy = [s for spans in categories.values() for s in spans if s[2] not in IDLE_CATEGORIES]
         out.cpu, out.cpu_by = grid.occupancy(busy), "category"
     elif host:
-        out.cpu = {_label(host, pid): [ns / w for ns, w in zip(grid.sums(iv), width, strict=True)]
-                   for pid, iv in host.cpu.items() if host.roles.get(pid) == "server"}
+        out.cpu = {
+            _label(host, pid): [ns / w for ns, w in zip(grid.sums(iv), width, strict=True)]
+            for pid, iv in host.cpu.items()
+            if host.roles.get(pid) == "server"
+        }
         out.cpu_by = "process"
     return out
 
@@ -335,24 +416,32 @@ def without_emulated_step(categories: CategorySpans) -> CategorySpans:
     return {key: [s for s in spans if s[2] != EMULATED_STEP] for key, spans in categories.items()}
 
 
-def correlate_scenario(window: tuple[int, int], table: RequestTable, gpu: GpuBusy | None,
-                       categories: CategorySpans, host: HostSeries | None,
-                       idle_below: float = IDLE_BELOW_PCT, name: str = "") -> Scenario:
+def correlate_scenario(
+    window: tuple[int, int],
+    table: RequestTable,
+    gpu: GpuBusy | None,
+    categories: CategorySpans,
+    host: HostSeries | None,
+    idle_below: float = IDLE_BELOW_PCT,
+    name: str = "",
+) -> Scenario:
     phases = request_phases(table).clip(*window)
     result = Scenario(name=name, wall_s=(window[1] - window[0]) / 1e9)
     stalls: list[tuple[int, int]] = []
     if gpu:
-        result.gpu, stalls = gpu_stalls(window, pending_states(phases), gpu, categories,
-                                        idle_below)
+        result.gpu, stalls = gpu_stalls(window, pending_states(phases), gpu, categories, idle_below)
     if host:
         result.host = host_usage(host, window)
     result.timeline = timeline(window, phases, gpu, categories, host, stalls)
     return result
 
 
-def correlate_run(run: RunDir, info: dict[str, Any] | None = None,
-                  table: RequestTable | None = None,
-                  by_kind: dict[str, list[dict[str, Any]]] | None = None) -> CorrelationResult:
+def correlate_run(
+    run: RunDir,
+    info: dict[str, Any] | None = None,
+    table: RequestTable | None = None,
+    by_kind: dict[str, list[dict[str, Any]]] | None = None,
+) -> CorrelationResult:
     """Per scenario: GPU busy, stalls and their split, server CPU; plus the timeline series.
     `table` (requests.jsonl) and `by_kind` (telemetry.jsonl by kind) are read from the run
     when not given."""
@@ -364,22 +453,35 @@ def correlate_run(run: RunDir, info: dict[str, Any] | None = None,
     categories = category_spans(run)
     if gpu is not None and gpu.backend == "emulated":
         categories = without_emulated_step(categories)
-    stopped = [f"{name} telemetry stopped early: {m['cost']['error']}" for name, m in meta.items()
-               if isinstance(m, dict) and (m.get("cost") or {}).get("error")]
+    stopped = [
+        f"{name} telemetry stopped early: {m['cost']['error']}"
+        for name, m in meta.items()
+        if isinstance(m, dict) and (m.get("cost") or {}).get("error")
+    ]
     table = run.read_request_table() if table is None else table
     scenarios = []
     for w in run.read_windows():
         if w.get("skipped"):
             continue  # never measured: no window to correlate
         mine = table.of_scenario(w["scenario"])
-        scenarios.append(correlate_scenario((w["start_ns"], w["end_ns"]), mine, gpu, categories,
-                                            host, name=w["scenario"]))
+        scenarios.append(
+            correlate_scenario(
+                (w["start_ns"], w["end_ns"]), mine, gpu, categories, host, name=w["scenario"]
+            )
+        )
     host_meta = meta.get("host") or {}
     return CorrelationResult(
-        telemetry=run.telemetry.exists(), gpu_backend=gpu.backend if gpu else None,
-        pyspy=bool(categories), pyspy_alignment_ms=PYSPY_ALIGNMENT_MS if categories else None,
+        telemetry=run.telemetry.exists(),
+        gpu_backend=gpu.backend if gpu else None,
+        pyspy=bool(categories),
+        pyspy_alignment_ms=PYSPY_ALIGNMENT_MS if categories else None,
         notes=meta.get("notes", []) + stopped,
-        host_meta=HostMeta(interval_ms=host_meta.get("interval_ms"),
-                           poll_gap_ms_p50=host_meta.get("poll_gap_ms_p50"),
-                           thread_cpu=host_meta.get("thread_cpu")) if host_meta else None,
-        scenarios=scenarios)
+        host_meta=HostMeta(
+            interval_ms=host_meta.get("interval_ms"),
+            poll_gap_ms_p50=host_meta.get("poll_gap_ms_p50"),
+            thread_cpu=host_meta.get("thread_cpu"),
+        )
+        if host_meta
+        else None,
+        scenarios=scenarios,
+    )

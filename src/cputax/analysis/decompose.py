@@ -34,8 +34,17 @@ from cputax.results.summary import (
 )
 from cputax.util import average, percentile
 
-__all__ = ["CPU_PHASES", "GPU_PHASES", "PHASES", "completed", "http_overhead_growth",
-           "percentile", "phases", "received", "summarize_scenario"]
+__all__ = [
+    "CPU_PHASES",
+    "GPU_PHASES",
+    "PHASES",
+    "completed",
+    "http_overhead_growth",
+    "percentile",
+    "phases",
+    "received",
+    "summarize_scenario",
+]
 
 PHASES = ("serialize", "http_overhead", "prefill", "decode", "response_parse", "total")
 CPU_PHASES = ("serialize", "http_overhead", "response_parse")
@@ -97,8 +106,12 @@ def _client_lag(table: RequestTable) -> ClientLag | None:
     if not len(lags[0]):
         return None
     both = np.concatenate(lags)
-    return ClientLag(p50=float(np.percentile(both, 50)), p99=float(np.percentile(both, 99)),
-                     max=float(both.max()), first_token_p99=float(np.percentile(lags[0], 99)))
+    return ClientLag(
+        p50=float(np.percentile(both, 50)),
+        p99=float(np.percentile(both, 99)),
+        max=float(both.max()),
+        first_token_p99=float(np.percentile(lags[0], 99)),
+    )
 
 
 def _shared_pct(table: RequestTable) -> float | None:
@@ -142,8 +155,9 @@ def summarize_scenario(
         errors[kind] = errors.get(kind, 0) + 1
     chunks = table["chunks"][ok]
     output = table["output_tokens"][ok]
-    parse_per_chunk = np.divide(table["parse_s"][ok] * 1e6, chunks, where=chunks > 0,
-                                out=np.full(len(chunks), np.nan))
+    parse_per_chunk = np.divide(
+        table["parse_s"][ok] * 1e6, chunks, where=chunks > 0, out=np.full(len(chunks), np.nan)
+    )
     wall = throughput = achieved = None
     if window:
         wall = (window["end_ns"] - window["start_ns"]) / 1e9
@@ -172,8 +186,10 @@ def summarize_scenario(
         clock=_clock(table, done),
         client_lag_ms=_client_lag(table),
         shared_stamps_pct=_shared_pct(table),
-        client_cpu_ms=ClientCpu(build=average(table["build_s"][ok] * 1000.0),
-                                parse_per_chunk_us=average(parse_per_chunk)),
+        client_cpu_ms=ClientCpu(
+            build=average(table["build_s"][ok] * 1000.0),
+            parse_per_chunk_us=average(parse_per_chunk),
+        ),
         cpu_pct=None if not total else 100.0 * cpu / total,
         gpu_pct=None if not total else 100.0 * gpu / total,
         mean_share_pct=_shares(mean),
@@ -190,8 +206,13 @@ def _shares(mean: PhaseTimes) -> PhaseTimes | None:
     total = mean.total
     if not total:
         return None
-    return PhaseTimes(**{k: None if (v := getattr(mean, k)) is None else 100.0 * v / total
-                         for k in PhaseTimes.__struct_fields__ if k != "total"})
+    return PhaseTimes(
+        **{
+            k: None if (v := getattr(mean, k)) is None else 100.0 * v / total
+            for k in PhaseTimes.__struct_fields__
+            if k != "total"
+        }
+    )
 
 
 def _achieved_concurrency(table: RequestTable, window: dict[str, Any]) -> float | None:
@@ -220,7 +241,14 @@ def http_overhead_growth(scenarios: list[ScenarioSummary]) -> list[GrowthRow]:
         for s in group:
             oh = s.mean_ms.http_overhead
             assert oh is not None
-            rows.append(GrowthRow(context_tokens=ctx, concurrency=s.concurrency, scenario=s.name,
-                                  http_overhead_ms=oh, p99_ms=s.p99_ms.http_overhead,
-                                  growth=oh / base if base else None))
+            rows.append(
+                GrowthRow(
+                    context_tokens=ctx,
+                    concurrency=s.concurrency,
+                    scenario=s.name,
+                    http_overhead_ms=oh,
+                    p99_ms=s.p99_ms.http_overhead,
+                    growth=oh / base if base else None,
+                )
+            )
     return rows

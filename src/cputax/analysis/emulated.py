@@ -35,8 +35,9 @@ __all__ = ["add_bubbles", "scenario_bubbles"]
 
 def _stats_ms(values_ns: list[int]) -> Percentiles:
     ms = [v / 1e6 for v in values_ns]
-    return Percentiles(p50=percentile(ms, 50) if ms else None,
-                       p99=percentile(ms, 99) if ms else None)
+    return Percentiles(
+        p50=percentile(ms, 50) if ms else None, p99=percentile(ms, 99) if ms else None
+    )
 
 
 def scenario_bubbles(

@@ -30,8 +30,16 @@ import numpy as np
 from cputax.records import RequestTable
 from cputax.results.summary import ScenarioSummary, ScheduleLag, Verdict, VerdictBounds
 
-__all__ = ["CAUSES", "Bounds", "check", "describe", "failure_line", "schedule_lag", "verdict",
-           "withhold"]
+__all__ = [
+    "CAUSES",
+    "Bounds",
+    "check",
+    "describe",
+    "failure_line",
+    "schedule_lag",
+    "verdict",
+    "withhold",
+]
 
 MS = 1e-6
 
@@ -66,6 +74,8 @@ CAUSES = {
 }
 RECEIVED = ("t_headers", "t_first_data", "t_first_token", "t_last_token", "t_end")
 KERNEL = ("t_headers", "t_first_data", "t_first_token", "t_last_token")
+
+
 def _gt(a: np.ndarray, b: np.ndarray | float) -> np.ndarray:
     """a > b where both are known (NaN: not recorded, never a violation)."""
     with np.errstate(invalid="ignore"):
@@ -81,8 +91,11 @@ def _excess(table: RequestTable) -> dict[str, np.ndarray]:
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row: no kernel stamps
         lag = np.nanmax(lags, axis=0) if len(table) else np.empty(0)
-    return {"serialize": serialize, "client_lag": lag,
-            "schedule_lag": (table["t_start"] - table["t_intended"]) * MS}
+    return {
+        "serialize": serialize,
+        "client_lag": lag,
+        "schedule_lag": (table["t_start"] - table["t_intended"]) * MS,
+    }
 
 
 def check(table: RequestTable, bounds: Bounds = DEFAULT) -> dict[str, np.ndarray]:
@@ -97,15 +110,22 @@ def check(table: RequestTable, bounds: Bounds = DEFAULT) -> dict[str, np.ndarray
         after |= _gt(sent, table[name + "_kernel"] + tol)
     negative = np.zeros(n, dtype=bool)
     ok = table.ok
-    moments = [start, sent, *(_received(table, name) for name in ("t_headers", "t_first_token",
-                                                                   "t_last_token")), table["t_end"]]
+    moments = [
+        start,
+        sent,
+        *(_received(table, name) for name in ("t_headers", "t_first_token", "t_last_token")),
+        table["t_end"],
+    ]
     for earlier, later in zip(moments, moments[1:], strict=False):
         negative |= ok & _gt(earlier, later + tol)
     excess = _excess(table)
-    return {"sent_after_response": after, "negative_phase": negative,
-            "serialize_unexplained": _gt(excess["serialize"], bounds.stall_ms),
-            "client_lag": _gt(excess["client_lag"], bounds.stall_ms),
-            "schedule_lag": _gt(excess["schedule_lag"], bounds.stall_ms)}
+    return {
+        "sent_after_response": after,
+        "negative_phase": negative,
+        "serialize_unexplained": _gt(excess["serialize"], bounds.stall_ms),
+        "client_lag": _gt(excess["client_lag"], bounds.stall_ms),
+        "schedule_lag": _gt(excess["schedule_lag"], bounds.stall_ms),
+    }
 
 
 def _p99_breaks(table: RequestTable, bounds: Bounds) -> dict[str, np.ndarray]:
@@ -132,25 +152,34 @@ def verdict(table: RequestTable, bounds: Bounds = DEFAULT) -> Verdict:
     for mask in masks.values():
         bad |= mask
     counts = {cause: int(mask.sum()) for cause, mask in masks.items() if mask.any()}
-    return Verdict(ok=not counts, checked=len(table), broken=int(bad.sum()), causes=counts,
-                   bounds=VerdictBounds(**asdict(bounds)))
+    return Verdict(
+        ok=not counts,
+        checked=len(table),
+        broken=int(bad.sum()),
+        causes=counts,
+        bounds=VerdictBounds(**asdict(bounds)),
+    )
 
 
 def describe(verdict: Verdict) -> str:
     """The causes of a broken verdict in words, with counts."""
     bounds = msgspec.structs.asdict(verdict.bounds)
-    return "; ".join(f"{n} {CAUSES.get(cause, cause).format(**bounds)}"
-                     for cause, n in verdict.causes.items())
+    return "; ".join(
+        f"{n} {CAUSES.get(cause, cause).format(**bounds)}" for cause, n in verdict.causes.items()
+    )
 
 
 def withhold(summary: ScenarioSummary, verdict: Verdict) -> ScenarioSummary:
     """The scenario's summary with its verdict; a broken one has its CPU%/GPU% withheld."""
     if verdict.ok:
         return msgspec.structs.replace(summary, invariants=verdict)
-    why = (f"{verdict.broken} of {verdict.checked} requests break the run's invariants: "
-           f"{describe(verdict)}")
-    return msgspec.structs.replace(summary, invariants=verdict, cpu_pct=None, gpu_pct=None,
-                                   withheld=why)
+    why = (
+        f"{verdict.broken} of {verdict.checked} requests break the run's invariants: "
+        f"{describe(verdict)}"
+    )
+    return msgspec.structs.replace(
+        summary, invariants=verdict, cpu_pct=None, gpu_pct=None, withheld=why
+    )
 
 
 def failure_line(summary: ScenarioSummary) -> str | None:
@@ -169,8 +198,12 @@ def schedule_lag(table: RequestTable) -> ScheduleLag | None:
     if not known.any():
         return None
     lag = (table["t_start"][known] - intended[known]) * MS
-    out: dict[str, Any] = {"requests": int(known.sum()), "p50": float(np.percentile(lag, 50)),
-                           "p99": float(np.percentile(lag, 99)), "max": float(lag.max())}
+    out: dict[str, Any] = {
+        "requests": int(known.sum()),
+        "p50": float(np.percentile(lag, 50)),
+        "p99": float(np.percentile(lag, 99)),
+        "max": float(lag.max()),
+    }
     done = known & table.ok
     for name, column in (("ttft", _received(table, "t_first_token")), ("total", table["t_end"])):
         values = (column[done] - intended[done]) * MS

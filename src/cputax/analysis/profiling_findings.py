@@ -124,8 +124,13 @@ def engine_findings(window: Window, figures: ScenarioFigures | None = None) -> l
             )
     scrape_s = sum(_sum(row, "metrics_scrape") for row in window.threads) * (window.wall_s or 0.0)
     if scrape_s > 0 and figures.gauge_polls:
-        out.append(ScrapeCost(polls=figures.gauge_polls, thread_s=scrape_s,
-                              per_poll_s=scrape_s / figures.gauge_polls))
+        out.append(
+            ScrapeCost(
+                polls=figures.gauge_polls,
+                thread_s=scrape_s,
+                per_poll_s=scrape_s / figures.gauge_polls,
+            )
+        )
     return out
 
 

@@ -28,7 +28,9 @@ def _first(values: dict[str, float], names: tuple[str, ...], suffix: str = "") -
     return None
 
 
-def _delta(before: dict[str, float], after: dict[str, float], names: tuple[str, ...], suffix: str = "") -> float | None:
+def _delta(
+    before: dict[str, float], after: dict[str, float], names: tuple[str, ...], suffix: str = ""
+) -> float | None:
     a = _first(after, names, suffix)
     if a is None:
         return None
@@ -51,7 +53,10 @@ def in_flight(polls: list[dict[str, Any]], busy: Busy | None) -> list[dict[str, 
 
 
 def scenario_server_metrics(
-    before: dict[str, float], after: dict[str, float], requests: int, gauge_polls: list[dict[str, float]]
+    before: dict[str, float],
+    after: dict[str, float],
+    requests: int,
+    gauge_polls: list[dict[str, float]],
 ) -> dict[str, Any]:
     """The server's own view of a scenario: histogram means (ms), cache hit rate, gauges, CPU."""
     means: dict[str, float | None] = {}
@@ -78,8 +83,9 @@ def scenario_server_metrics(
     }
 
 
-def run_scenario_metrics(run: RunDir, name: str, requests: int,
-                         busy: Busy | None = None) -> dict[str, Any] | None:
+def run_scenario_metrics(
+    run: RunDir, name: str, requests: int, busy: Busy | None = None
+) -> dict[str, Any] | None:
     """A scenario's server-side numbers from the scrapes a run directory holds; None without
     them. Gauges count only polls taken while requests were in flight (`busy`)."""
     before, after = run.read_scrape(name, "before"), run.read_scrape(name, "after")

@@ -199,9 +199,17 @@ def join(
                 if not row.ok or any(m is None for m in moments):
                     continue
                 merged = bool(row.extra.get("first_token_shared")) or (
-                    moments[2] == moments[3] and (row.output_tokens or 0) > 1)
-                joined.append(Joined(row.scenario, row.request_id, *moments, server=row.server,
-                                     first_merged=merged))
+                    moments[2] == moments[3] and (row.output_tokens or 0) > 1
+                )
+                joined.append(
+                    Joined(
+                        row.scenario,
+                        row.request_id,
+                        *moments,
+                        server=row.server,
+                        first_merged=merged,
+                    )
+                )
     ids = {j.request_id: i for i, j in enumerate(joined) if j.request_id}
     unmatched = []
     for span in read_spans(run, tracing):
@@ -224,8 +232,13 @@ def _stats(values: list[float]) -> PhaseStats | None:
     if not values:
         return None
     v = np.asarray(values)
-    return PhaseStats(n=len(v), mean=float(v.mean()), p50=float(np.percentile(v, 50)),
-                      p99=float(np.percentile(v, 99)), min=float(v.min()))
+    return PhaseStats(
+        n=len(v),
+        mean=float(v.mean()),
+        p50=float(np.percentile(v, 50)),
+        p99=float(np.percentile(v, 99)),
+        min=float(v.min()),
+    )
 
 
 def _comparison(
@@ -284,9 +297,9 @@ def summarize(
     sources: dict[str, int] = {}
     for r in served:
         sources[r.server["source"]] = sources.get(r.server["source"], 0) + 1
-    phases = ServerPhaseTimes(**{
-        p: _stats([r.phases[p] for r in served if r.phases.get(p) is not None]) for p in PHASES
-    })
+    phases = ServerPhaseTimes(
+        **{p: _stats([r.phases[p] for r in served if r.phases.get(p) is not None]) for p in PHASES}
+    )
     negative = {
         p: sum(1 for r in served if (r.phases.get(p) or 0.0) < -NEGATIVE_MS) for p in PHASES
     }
@@ -349,8 +362,11 @@ def span_clock(rows: list[Joined], on_this_host: bool) -> SpanClock:
     """The offset (server clock - client clock) the matched spans allow (SpanClock), and the
     one to apply: none on this host (one clock; the bounds are then a check), else the
     middle of the bounds, good to half their width."""
-    spans = [r for r in rows if r.server and r.server.get("source") == "otlp"
-             and r.server.get("arrival_ns") is not None]
+    spans = [
+        r
+        for r in rows
+        if r.server and r.server.get("source") == "otlp" and r.server.get("arrival_ns") is not None
+    ]
     if not spans:
         return SpanClock(requests=0, on_this_host=on_this_host)
     lo = max(r.server["arrival_ns"] - r.t_headers for r in spans)  # arrived before the headers
@@ -359,8 +375,14 @@ def span_clock(rows: list[Joined], on_this_host: bool) -> SpanClock:
         consistent = lo <= CLOCK_SLACK_NS and hi >= -CLOCK_SLACK_NS
     else:
         consistent = lo <= hi + CLOCK_SLACK_NS
-    return SpanClock(requests=len(spans), lo_ns=lo, hi_ns=hi, consistent=consistent,
-                     applied_ns=0 if on_this_host else (lo + hi) // 2, on_this_host=on_this_host)
+    return SpanClock(
+        requests=len(spans),
+        lo_ns=lo,
+        hi_ns=hi,
+        consistent=consistent,
+        applied_ns=0 if on_this_host else (lo + hi) // 2,
+        on_this_host=on_this_host,
+    )
 
 
 def _clock_finding(clock: SpanClock) -> str | None:
@@ -368,12 +390,16 @@ def _clock_finding(clock: SpanClock) -> str | None:
     if clock.consistent or clock.lo_ns is None or clock.hi_ns is None:
         return None
     if clock.on_this_host:
-        return (f"server arrival stamps fall outside [send, headers] by up to "
-                f"{max(clock.lo_ns, -clock.hi_ns) / 1e6:.2f} ms on one clock: the server's "
-                "stamps or the client's are wrong")
-    return (f"no one clock offset places every span between its request's send and headers "
-            f"(bounds {clock.lo_ns / 1e6:+.2f} > {clock.hi_ns / 1e6:+.2f} ms): the clocks drifted "
-            "during the run, or the stamps are wrong; http_in and stream_out are not reliable")
+        return (
+            f"server arrival stamps fall outside [send, headers] by up to "
+            f"{max(clock.lo_ns, -clock.hi_ns) / 1e6:.2f} ms on one clock: the server's "
+            "stamps or the client's are wrong"
+        )
+    return (
+        f"no one clock offset places every span between its request's send and headers "
+        f"(bounds {clock.lo_ns / 1e6:+.2f} > {clock.hi_ns / 1e6:+.2f} ms): the clocks drifted "
+        "during the run, or the stamps are wrong; http_in and stream_out are not reliable"
+    )
 
 
 def _tracing(info: dict[str, Any]) -> Tracing | None:

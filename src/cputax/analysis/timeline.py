@@ -46,7 +46,9 @@ class Grid:
         a, b = max(t0, self.start_ns), min(t1, self.end_ns)
         if b <= a:
             return
-        for i in range((a - self.start_ns) // self.width_ns, (b - 1 - self.start_ns) // self.width_ns + 1):
+        for i in range(
+            (a - self.start_ns) // self.width_ns, (b - 1 - self.start_ns) // self.width_ns + 1
+        ):
             lo, hi = self.bounds(i)
             yield i, max(a, lo), min(b, hi)
 
@@ -74,9 +76,15 @@ class Grid:
         """`occupancy` of one label's spans given as columns, without a loop over them:
         per bin edge x, the open time so far is sum(clip(x - t0, 0, t1 - t0)), from sorted
         starts and ends and their running sums; a bin's mean is the difference over its width."""
-        edges = np.array([self.bounds(i)[0] for i in range(self.n)] + [self.end_ns], dtype=np.float64) - self.start_ns
+        edges = (
+            np.array([self.bounds(i)[0] for i in range(self.n)] + [self.end_ns], dtype=np.float64)
+            - self.start_ns
+        )
         a, b = np.sort(t0 - self.start_ns), np.sort(t1 - self.start_ns)
-        sums_a, sums_b = np.concatenate([[0.0], np.cumsum(a)]), np.concatenate([[0.0], np.cumsum(b)])
+        sums_a, sums_b = (
+            np.concatenate([[0.0], np.cumsum(a)]),
+            np.concatenate([[0.0], np.cumsum(b)]),
+        )
         ia, ib = np.searchsorted(a, edges), np.searchsorted(b, edges)
         opened = (ia * edges - sums_a[ia]) - (ib * edges - sums_b[ib])
         return (np.diff(opened) / np.diff(edges)).tolist()
@@ -106,6 +114,7 @@ def read_telemetry(samples: Iterable[dict[str, Any] | Sample]) -> dict[str, list
 
 # -- GPU ---------------------------------------------------------------------------
 
+
 # Sources of "GPU busy" (% of time any kernel / the GFX engine was active), best first:
 # every sample kind that declares a BusySeries (telemetry.base), e.g. the emulated GPU's
 # exact steps, NVML GPM, the driver's samples, utilization rates, amdsmi's accumulators.
@@ -117,6 +126,8 @@ def busy_sources() -> dict[str, BusySeries]:
 def source_names() -> dict[str, str]:
     """Kind -> the name reports give the source, best first."""
     return {kind: series.label for kind, series in busy_sources().items()}
+
+
 STEP_CAP_NS = 1_500_000_000  # a value written on change holds at most this long
 
 
@@ -126,7 +137,9 @@ class GpuBusy:
 
     intervals: dict[tuple[int, str], list[Interval]] = field(default_factory=dict)
     resolution_ms: dict[tuple[int, str], float] = field(default_factory=dict)
-    basis: dict[tuple[int, str], str] = field(default_factory=dict)  # how each resolution was established
+    basis: dict[tuple[int, str], str] = field(
+        default_factory=dict
+    )  # how each resolution was established
     alignment_ms: float = 0.0
     backend: str = ""
 
@@ -152,12 +165,16 @@ def _source_intervals(series: BusySeries, rows: list[Any]) -> dict[int, list[Int
         period = gaps[len(gaps) // 2]
         if series.covers == "since_previous":  # a gap over two periods: nothing recorded, unknown
             starts = [rs[0].t_ns - period] + [r.t_ns for r in rs[:-1]]
-            out[dev] = [Interval(max(s, r.t_ns - 2 * period), r.t_ns, v)
-                        for s, r, v in zip(starts, rs, values, strict=True)]
+            out[dev] = [
+                Interval(max(s, r.t_ns - 2 * period), r.t_ns, v)
+                for s, r, v in zip(starts, rs, values, strict=True)
+            ]
         else:
             ends = [r.t_ns for r in rs[1:]] + [rs[-1].t_ns + period]
-            out[dev] = [Interval(r.t_ns, min(end, r.t_ns + STEP_CAP_NS), v)
-                        for r, end, v in zip(rs, ends, values, strict=True)]
+            out[dev] = [
+                Interval(r.t_ns, min(end, r.t_ns + STEP_CAP_NS), v)
+                for r, end, v in zip(rs, ends, values, strict=True)
+            ]
     return out
 
 
@@ -200,7 +217,9 @@ class HostSeries:
     wait: dict[int, list[Interval]] = field(default_factory=dict)  # pid -> run-queue wait ns
     switches: dict[int, list[Interval]] = field(default_factory=dict)  # pid -> times scheduled in
     thread_cpu: dict[tuple[int, int], list[Interval]] = field(default_factory=dict)
-    thread_wait: dict[tuple[int, int], list[Interval]] = field(default_factory=dict)  # run-queue wait ns
+    thread_wait: dict[tuple[int, int], list[Interval]] = field(
+        default_factory=dict
+    )  # run-queue wait ns
     system: list[Interval] = field(default_factory=list)  # busy fraction of all CPUs
     cpus: int = 0
 

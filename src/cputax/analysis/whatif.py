@@ -214,8 +214,9 @@ def _component_x(point: dict[str, Any], component: str, key: str) -> float:
     return sum(point["components"].get(m, {}).get(key, 0.0) for m in _members(component))
 
 
-def backtest(xs: list[float], ys: list[float], ks: list[float], base: list[float]
-              ) -> Backtest | None:
+def backtest(
+    xs: list[float], ys: list[float], ks: list[float], base: list[float]
+) -> Backtest | None:
     """Predict the unslowed value from the slowed points alone; compare with the measured one:
     it holds inside the prediction's interval, or within BACKTEST_PCT."""
     slowed = [(x, y) for x, y, k in zip(xs, ys, ks, strict=True) if k > 0]
@@ -242,8 +243,7 @@ def _mean_x(points: list[dict[str, Any]], component: str, key: str) -> float:
     return float(np.mean([_component_x(p["values"], component, key) for p in points]))
 
 
-def _scenario_result(component: str, scenario: str, points: list[dict[str, Any]]
-                     ) -> Result | None:
+def _scenario_result(component: str, scenario: str, points: list[dict[str, Any]]) -> Result | None:
     """Fits of every metric for one component in one scenario, from its points and the
     baseline."""
     use = [p for p in points if p["component"] in (None, component) and p["values"] is not None]
@@ -254,8 +254,9 @@ def _scenario_result(component: str, scenario: str, points: list[dict[str, Any]]
     xs = [_component_x(p["values"], component, "added_ms") for p in use]
     metrics = {}
     for key in METRICS:
-        measured = [(x, p) for x, p in zip(xs, use, strict=True)
-                    if p["values"]["values"][key] is not None]
+        measured = [
+            (x, p) for x, p in zip(xs, use, strict=True) if p["values"]["values"][key] is not None
+        ]
         pairs = [(x, p["values"]["values"][key]) for x, p in measured]
         fit = fit_line([x for x, _ in pairs], [y for _, y in pairs])
         if fit is None:
@@ -346,24 +347,32 @@ def _claim_sentence(verdict: str, component: str, metric: str, gain: ClaimEffect
     if verdict == Verdict.NO_CONCLUSION:
         return "no conclusion: the placebo moved, so the method or the noise is the problem"
     if verdict == Verdict.NOTHING_MEASURABLE and gain.pct_lo is not None:
-        return (f"making {component} free buys nothing measurable here: its interval "
-                f"({gain.pct_lo:+.1f}% to {gain.pct_hi:+.1f}%) includes zero")
+        return (
+            f"making {component} free buys nothing measurable here: its interval "
+            f"({gain.pct_lo:+.1f}% to {gain.pct_hi:+.1f}%) includes zero"
+        )
     if verdict == Verdict.NOTHING_MEASURABLE:
         return f"making {component} free buys nothing measurable here (no unslowed value)"
-    return (f"making {component} free would improve {METRICS[metric].label} by "
-            f"{gain.pct:+.1f}% ({gain.pct_lo:+.1f}% to {gain.pct_hi:+.1f}%)")
+    return (
+        f"making {component} free would improve {METRICS[metric].label} by "
+        f"{gain.pct:+.1f}% ({gain.pct_lo:+.1f}% to {gain.pct_hi:+.1f}%)"
+    )
 
 
-def _claim(claim: str, scenario: str, component: str, metric: str, found: Result | None,
-           placebo_ok: bool) -> Claim:
+def _claim(
+    claim: str, scenario: str, component: str, metric: str, found: Result | None, placebo_ok: bool
+) -> Claim:
     """One claim in one scenario: its verdict and the sentence that says it."""
-    row = Claim(claim=claim, scenario=scenario, component=component, metric=metric,
-                effect=None, sentence="")
+    row = Claim(
+        claim=claim, scenario=scenario, component=component, metric=metric, effect=None, sentence=""
+    )
     m = None if found is None else found.metrics.get(metric)
     if component in NOT_A_SLOWDOWN:
         row.verdict = Verdict.NOT_A_SLOWDOWN
-        row.sentence = ("not a slowdown: compare this experiment's baseline with one run with "
-                        "--gpu-speed inf (the emulated GPU free)")
+        row.sentence = (
+            "not a slowdown: compare this experiment's baseline with one run with "
+            "--gpu-speed inf (the emulated GPU free)"
+        )
     elif m is None:
         row.verdict = Verdict.NOT_MEASURED
         row.sentence = f"not measured: run with --component {component}"

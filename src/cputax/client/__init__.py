@@ -31,8 +31,22 @@ from cputax.client.sse import StreamError, StreamParser
 from cputax.client.stream import StreamingClient
 
 __all__ = [
-    "REPLAY_SCENARIO", "Pacing", "Probes", "Replay", "StreamError", "StreamParser",
-    "StreamingClient", "Window", "accepts_ignore_eos", "poll_gauges", "preflight", "probe",
-    "run_scenario", "scrape",
-    "server_counter", "server_version", "tool_mode", "warm_up",
+    "REPLAY_SCENARIO",
+    "Pacing",
+    "Probes",
+    "Replay",
+    "StreamError",
+    "StreamParser",
+    "StreamingClient",
+    "Window",
+    "accepts_ignore_eos",
+    "poll_gauges",
+    "preflight",
+    "probe",
+    "run_scenario",
+    "scrape",
+    "server_counter",
+    "server_version",
+    "tool_mode",
+    "warm_up",
 ]

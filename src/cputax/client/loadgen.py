@@ -72,9 +72,14 @@ class Window:
     sent: int
 
 
-async def _one(client: Client, prompts: ScenarioPrompts, index: int, batch: int | None,
-               intended_ns: int | None = None,
-               on_cancel: Callable[[RequestRecord], None] | None = None) -> RequestRecord:
+async def _one(
+    client: Client,
+    prompts: ScenarioPrompts,
+    index: int,
+    batch: int | None,
+    intended_ns: int | None = None,
+    on_cancel: Callable[[RequestRecord], None] | None = None,
+) -> RequestRecord:
     messages = prompts.messages(index)  # prepared before the clock (prebuild): a join of texts
     record = prompts.record(index, batch)
     record.t_intended = intended_ns
@@ -131,8 +136,11 @@ def arrivals(sc: Scenario, seed: int, share: Share = WHOLE) -> list[Arrival]:
 def planned_indices(sc: Scenario, seed: int, share: Share = WHOLE) -> list[int]:
     """The request indices the share will send (closed loop for a duration: an estimate)."""
     if sc.batches is not None:
-        return [b * sc.concurrency + j for b in range(sc.batches)
-                for j in range(share.k, sc.concurrency, share.n)]
+        return [
+            b * sc.concurrency + j
+            for b in range(sc.batches)
+            for j in range(share.k, sc.concurrency, share.n)
+        ]
     if sc.arrival == "closed":
         per_worker = max(1, math.ceil((sc.duration_s or 0) / CLOSED_PLAN_S))
         return [share.index(c) for c in range(share.part(sc.concurrency) * per_worker)]
@@ -166,8 +174,15 @@ async def run_scenario(
         return await _run(client, prompts, on_record, seed, share, start_ns, barrier)
 
 
-async def _run(client: Client, prompts: ScenarioPrompts, on_record: Callable[[RequestRecord], None],
-               seed: int, share: Share, start_ns: int | None, barrier: Barrier | None) -> Window:
+async def _run(
+    client: Client,
+    prompts: ScenarioPrompts,
+    on_record: Callable[[RequestRecord], None],
+    seed: int,
+    share: Share,
+    start_ns: int | None,
+    barrier: Barrier | None,
+) -> Window:
     sc = prompts.scenario
     # Everything the requests need is made before the start: prompts (if the caller has not
     # already: session does it before forking shards) and the open-loop schedule.
@@ -188,7 +203,9 @@ async def _run(client: Client, prompts: ScenarioPrompts, on_record: Callable[[Re
     if sc.batches is not None:
         for batch in range(sc.batches):
             base = batch * sc.concurrency
-            await asyncio.gather(*(fire(base + j, batch) for j in range(share.k, sc.concurrency, share.n)))
+            await asyncio.gather(
+                *(fire(base + j, batch) for j in range(share.k, sc.concurrency, share.n))
+            )
             if barrier is not None:
                 await barrier(batch)
     elif sc.arrival == "closed":

@@ -218,8 +218,9 @@ def _endpoint(host: str, port: int) -> str:
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}/v1/traces"
 
 
-def _wait_quiet(last_ns: Callable[[], int | None], since_ns: int, delay_s: float,
-                timeout_s: float) -> None:
+def _wait_quiet(
+    last_ns: Callable[[], int | None], since_ns: int, delay_s: float, timeout_s: float
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         now = time.monotonic_ns()
@@ -268,8 +269,12 @@ class ReceiverProcess:
     def start(self) -> ReceiverProcess:
         ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(str(self.path), self.host, self.port, child),
-                                 name="cputax-otlp", daemon=True)
+        self._proc = ctx.Process(
+            target=_serve,
+            args=(str(self.path), self.host, self.port, child),
+            name="cputax-otlp",
+            daemon=True,
+        )
         self._proc.start()
         child.close()
         if not self._conn.poll(60):
@@ -313,8 +318,14 @@ class ReceiverProcess:
             if self._proc.is_alive():
                 self._proc.kill()
             if self._result is None:
-                self._result = {"endpoint": self.endpoint, "spans": 0, "posts": 0,
-                                "refused": 0, "clock": None, "lost": "the receiver died"}
+                self._result = {
+                    "endpoint": self.endpoint,
+                    "spans": 0,
+                    "posts": 0,
+                    "refused": 0,
+                    "clock": None,
+                    "lost": "the receiver died",
+                }
         return dict(self._result or {})
 
 
@@ -327,8 +338,9 @@ class SpanMonitor:
 
     name = "otlp"
 
-    def __init__(self, receiver: SpanReceiver | ReceiverProcess, export_delay_ms: int,
-                 expect: bool) -> None:
+    def __init__(
+        self, receiver: SpanReceiver | ReceiverProcess, export_delay_ms: int, expect: bool
+    ) -> None:
         self.receiver = receiver
         self.export_delay_ms = export_delay_ms
         self.expect = expect

@@ -23,8 +23,17 @@ from cputax.text.conversation import render_chat
 from cputax.text.tokenizer import LoadedTokenizer
 from cputax.workload.prompts import CountFn, local_counter
 
-__all__ = ["PREFLIGHT_TIMEOUT_S", "PROBE_TIMEOUT_S", "Probes", "accepts_ignore_eos", "preflight",
-           "probe", "server_counter", "server_version", "tool_mode"]
+__all__ = [
+    "PREFLIGHT_TIMEOUT_S",
+    "PROBE_TIMEOUT_S",
+    "Probes",
+    "accepts_ignore_eos",
+    "preflight",
+    "probe",
+    "server_counter",
+    "server_version",
+    "tool_mode",
+]
 
 # each probe's bound (--probe-timeout): a healthy server answers in milliseconds
 PROBE_TIMEOUT_S = 5.0
@@ -37,8 +46,9 @@ def _why(exc: BaseException, timeout_s: float) -> str:
     return str(exc) if isinstance(exc, CputaxError) else f"{type(exc).__name__}: {exc}"
 
 
-async def preflight(client: Any, endpoint: str, model: str | None,
-                    timeout_s: float = PROBE_TIMEOUT_S) -> str:
+async def preflight(
+    client: Any, endpoint: str, model: str | None, timeout_s: float = PROBE_TIMEOUT_S
+) -> str:
     """Fail within `timeout_s` on an unreachable or silent endpoint, or on a model the
     server does not serve (naming the ones it has); pick the model if not given."""
     try:
@@ -57,14 +67,19 @@ async def preflight(client: Any, endpoint: str, model: str | None,
         # Hugging Face cache): the model must then be named.
         if model:
             return model
-        raise CputaxError(f"{endpoint}/v1/models answered HTTP {status} without a model list; pass --model NAME")
+        raise CputaxError(
+            f"{endpoint}/v1/models answered HTTP {status} without a model list; pass --model NAME"
+        )
     data = models.get("data") if isinstance(models, dict) else None
     cards = data if isinstance(data, list) else []
-    ids = [m["id"] for m in cards if isinstance(m, dict) and isinstance(m.get("id"), str)
-           and m["id"]]
+    ids = [
+        m["id"] for m in cards if isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"]
+    ]
     if model:
         if ids and model not in ids:
-            raise CputaxError(f"--model {model}: {endpoint} does not serve it; it serves {', '.join(ids)}")
+            raise CputaxError(
+                f"--model {model}: {endpoint} does not serve it; it serves {', '.join(ids)}"
+            )
         return model
     if not ids:
         raise CputaxError(f"{endpoint}/v1/models lists no model; pass --model NAME")
@@ -77,12 +92,18 @@ def _count_of(status: int, body: Any) -> int | None:
     return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
 
 
-async def server_counter(client: Any, model: str, api: str, tokenizer: LoadedTokenizer,
-                         timeout_s: float = PROBE_TIMEOUT_S) -> tuple[CountFn, str]:
+async def server_counter(
+    client: Any,
+    model: str,
+    api: str,
+    tokenizer: LoadedTokenizer,
+    timeout_s: float = PROBE_TIMEOUT_S,
+) -> tuple[CountFn, str]:
     """The server's /tokenize when it answers with a count (vLLM does), else the local tokenizer."""
     try:
         status, body = await asyncio.wait_for(
-            client.post_json("/tokenize", {"model": model, "prompt": "hello"}), timeout_s)
+            client.post_json("/tokenize", {"model": model, "prompt": "hello"}), timeout_s
+        )
     except Exception:
         status, body = 0, None
     if _count_of(status, body) is None:
@@ -90,7 +111,11 @@ async def server_counter(client: Any, model: str, api: str, tokenizer: LoadedTok
 
     async def count(messages: list[dict], tools: list[dict] | None) -> int:
         if api == "chat":
-            req: dict[str, Any] = {"model": model, "messages": messages, "add_generation_prompt": True}
+            req: dict[str, Any] = {
+                "model": model,
+                "messages": messages,
+                "add_generation_prompt": True,
+            }
             if tools:
                 req["tools"] = tools
         else:
@@ -104,13 +129,23 @@ async def server_counter(client: Any, model: str, api: str, tokenizer: LoadedTok
     return count, "server /tokenize"
 
 
-_PROBE_TOOL = {"type": "function", "function": {
-    "name": "read_file", "description": "Read a file.",
-    "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}
+_PROBE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "read_file",
+        "description": "Read a file.",
+        "parameters": {
+            "type": "object",
+            "properties": {"path": {"type": "string"}},
+            "required": ["path"],
+        },
+    },
+}
 
 
-async def tool_mode(client: Any, model: str, api: str,
-                    timeout_s: float | None = None) -> tuple[str, str | None]:
+async def tool_mode(
+    client: Any, model: str, api: str, timeout_s: float | None = None
+) -> tuple[str, str | None]:
     """How this server takes tool definitions (workload.prompts.TOOL_MODES), and the server's
     message when it refused plain `tools`.
 
@@ -123,9 +158,15 @@ async def tool_mode(client: Any, model: str, api: str,
         return "auto", None
     refused: list[str] = []
     for mode, extra in (("auto", {}), ("none", {"tool_choice": "none"})):
+
         def build(extra: dict[str, Any] = extra) -> dict[str, Any]:
-            return {"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}],
-                    "tools": [_PROBE_TOOL], **extra}
+            return {
+                "model": model,
+                "max_tokens": 1,
+                "messages": [{"role": "user", "content": "hi"}],
+                "tools": [_PROBE_TOOL],
+                **extra,
+            }
 
         record = await _send(client, build, timeout_s)
         if record.ok:
@@ -159,8 +200,9 @@ def _ignore_eos_body(model: str, api: str) -> dict[str, Any]:
 
 async def accepts_ignore_eos(client: Any, model: str, api: str) -> bool:
     """vLLM and SGLang take `ignore_eos` (fixed output lengths); strict servers answer 400/422."""
-    record = await client.send(RequestRecord(scenario="probe"),
-                               lambda: _ignore_eos_body(model, api))
+    record = await client.send(
+        RequestRecord(scenario="probe"), lambda: _ignore_eos_body(model, api)
+    )
     return record.status not in (400, 422)
 
 
@@ -202,8 +244,14 @@ class Probes:
         return f"not sent ({failed})" if failed else "refused by the server: output may stop early"
 
 
-async def probe(client: Any, endpoint: str, model: str | None, api: str, tokenizer: LoadedTokenizer,
-                timeout_s: float = PROBE_TIMEOUT_S) -> Probes:
+async def probe(
+    client: Any,
+    endpoint: str,
+    model: str | None,
+    api: str,
+    tokenizer: LoadedTokenizer,
+    timeout_s: float = PROBE_TIMEOUT_S,
+) -> Probes:
     """Every probe once, each within `timeout_s`. CputaxError only when /v1/models answers
     nothing usable; any other probe that fails is a note and the feature is left out."""
     from cputax.client.scrape import metrics_probe
@@ -224,5 +272,6 @@ async def probe(client: Any, endpoint: str, model: str | None, api: str, tokeniz
     else:
         tools, refused = await tool_mode(client, model, api, timeout_s)
     version = await server_version(client, timeout_s)
-    return Probes(model, count, counter_name, has_metrics, ignore_eos, tools, refused, version,
-                  notes)
+    return Probes(
+        model, count, counter_name, has_metrics, ignore_eos, tools, refused, version, notes
+    )

@@ -12,8 +12,14 @@ from typing import Any
 from cputax.prometheus import gauge_values, parse_metrics
 from cputax.records import JsonlWriter
 
-__all__ = ["FIRST_POLL_S", "GAUGE_POLL_S", "SCRAPE_TIMEOUT_S", "metrics_probe", "poll_gauges",
-           "scrape"]
+__all__ = [
+    "FIRST_POLL_S",
+    "GAUGE_POLL_S",
+    "SCRAPE_TIMEOUT_S",
+    "metrics_probe",
+    "poll_gauges",
+    "scrape",
+]
 
 # /metrics costs the API server CPU (vLLM 0.32, 389 series: ~10 ms a scrape on the 2-core
 # development machine), so the gauges are polled once a second, the first time a quarter of a
@@ -44,8 +50,9 @@ async def _fetch(client: Any, timeout_s: float) -> tuple[str | None, dict[str, f
     return text, values, None
 
 
-async def metrics_probe(client: Any,
-                        timeout_s: float = SCRAPE_TIMEOUT_S) -> tuple[bool, str | None]:
+async def metrics_probe(
+    client: Any, timeout_s: float = SCRAPE_TIMEOUT_S
+) -> tuple[bool, str | None]:
     """Whether the server has a usable /metrics; when not, why (None: it has none, a 404)."""
     text, _, why = await _fetch(client, timeout_s)
     if text is not None:

@@ -34,8 +34,14 @@ class Pacing:
 
 
 class Replay:
-    def __init__(self, client: Client, prompts: ReplayPrompts, pacing: Pacing,
-                 on_record: Callable[[RequestRecord], None], local_count: bool = False):
+    def __init__(
+        self,
+        client: Client,
+        prompts: ReplayPrompts,
+        pacing: Pacing,
+        on_record: Callable[[RequestRecord], None],
+        local_count: bool = False,
+    ):
         self.client = client
         self.prompts = prompts
         self.pacing = pacing
@@ -45,17 +51,19 @@ class Replay:
         self._share = WHOLE
         self._seen: dict[str, set[tuple[int, int]]] = {}  # scope -> blocks an ideal cache holds
 
-    async def run(self, conversations: list[Conversation], share: Share = WHOLE,
-                  start_ns: int | None = None) -> Window:
+    async def run(
+        self, conversations: list[Conversation], share: Share = WHOLE, start_ns: int | None = None
+    ) -> Window:
         """Replay the conversations (a load shard: every n-th of them, from the common start,
         with its part of the users; needs share.n <= users)."""
         with steady_heap():  # collected and frozen before the start: see client.heap
-            return await self._replay(conversations, share,
-                                      start_ns if start_ns is not None else time.monotonic_ns())
+            return await self._replay(
+                conversations, share, start_ns if start_ns is not None else time.monotonic_ns()
+            )
 
     async def _replay(self, conversations: list[Conversation], share: Share, start: int) -> Window:
         await sleep_until(start)
-        conversations = conversations[share.k::share.n]
+        conversations = conversations[share.k :: share.n]
         slots = asyncio.Semaphore(max(1, share.part(self.pacing.users)))
         self._share = share
 
@@ -69,40 +77,68 @@ class Replay:
     def _scaled_ns(self, seconds: float) -> int:
         return int(seconds * self.pacing.time_scale * 1e9)
 
-    async def _agent(self, conv: Conversation, agent: Agent, parent: Agent | None,
-                     after_turn: int | None, start_ns: int) -> None:
+    async def _agent(
+        self,
+        conv: Conversation,
+        agent: Agent,
+        parent: Agent | None,
+        after_turn: int | None,
+        start_ns: int,
+    ) -> None:
         last_end, last_turn = start_ns, None
         children: list[asyncio.Task] = []
         for step in agent.steps:
             if isinstance(step, SubAgent):
-                children.append(asyncio.create_task(
-                    self._subagent(conv, step, agent, last_turn, last_end)))
+                children.append(
+                    asyncio.create_task(self._subagent(conv, step, agent, last_turn, last_end))
+                )
                 continue
             think_ns = self._scaled_ns(step.think_s)
             await sleep_until(last_end + think_ns)
-            context = {"parent": None if parent is None else (parent.id or "main"), "after_turn": after_turn,
-                       "agent_start_ns": start_ns, "think_s": think_ns / 1e9}
+            context = {
+                "parent": None if parent is None else (parent.id or "main"),
+                "after_turn": after_turn,
+                "agent_start_ns": start_ns,
+                "think_s": think_ns / 1e9,
+            }
             record = await self._send(conv, agent, step, context)
             last_end, last_turn = record.t_end or time.monotonic_ns(), step.turn
         await asyncio.gather(*children)
 
-    async def _subagent(self, conv: Conversation, sub: SubAgent, parent: Agent, after_turn: int | None,
-                        anchor_ns: int) -> None:
+    async def _subagent(
+        self,
+        conv: Conversation,
+        sub: SubAgent,
+        parent: Agent,
+        after_turn: int | None,
+        anchor_ns: int,
+    ) -> None:
         start = anchor_ns + self._scaled_ns(sub.delay_s)
         await sleep_until(start)
         await self._agent(conv, sub.agent, parent, after_turn, start)
 
-    async def _send(self, conv: Conversation, agent: Agent, request: TraceRequest,
-                    context: dict) -> RequestRecord:
+    async def _send(
+        self, conv: Conversation, agent: Agent, request: TraceRequest, context: dict
+    ) -> RequestRecord:
         ready = time.monotonic_ns()
         messages = self.prompts.messages(conv, agent, request)  # client prompt building
         hits = ideal_hits(request.hash_ids, self._seen.setdefault(conv.scope, set()))
         record = RequestRecord(
-            scenario=SCENARIO, index=self._share.index(next(self._index)), session=conv.id, turn=request.turn,
-            subagent=agent.id, target_prompt_tokens=request.in_tokens,
-            extra={**context, "ready_ns": ready, "trace": conv.source, "trace_in": request.in_tokens,
-                   "trace_out": request.out_tokens, "max_tokens": self.prompts.max_tokens(request),
-                   "ideal_hit_tokens": hits * conv.block_size},
+            scenario=SCENARIO,
+            index=self._share.index(next(self._index)),
+            session=conv.id,
+            turn=request.turn,
+            subagent=agent.id,
+            target_prompt_tokens=request.in_tokens,
+            extra={
+                **context,
+                "ready_ns": ready,
+                "trace": conv.source,
+                "trace_in": request.in_tokens,
+                "trace_out": request.out_tokens,
+                "max_tokens": self.prompts.max_tokens(request),
+                "ideal_hit_tokens": hits * conv.block_size,
+            },
         )
         try:
             await self.client.send(record, lambda: self.prompts.payload(messages, request))
@@ -110,8 +146,13 @@ class Replay:
             record.ok, record.error = False, record.error or "cancelled"
             self.on_record(record)
             raise
-        if (self.local_count and record.ok and record.prompt_tokens and record.output_tokens_source == "usage"
-                and request.messages is None):
+        if (
+            self.local_count
+            and record.ok
+            and record.prompt_tokens
+            and record.output_tokens_source == "usage"
+            and request.messages is None
+        ):
             self.prompts.correct(request.in_tokens, record.prompt_tokens)
         self.on_record(record)
         return record

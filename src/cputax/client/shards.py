@@ -49,8 +49,16 @@ MAX_PROCS = 16
 STOP_S = 10.0  # an interrupted shard's time to send its cancelled records
 
 # what one shard runs: (its client, its share, the common start, on_record, barrier) -> its Window
-ShardWork = Callable[[StreamingClient, Share, int, Callable[[RequestRecord], None],
-                      Callable[[int], Awaitable[None]]], Awaitable[Window]]
+ShardWork = Callable[
+    [
+        StreamingClient,
+        Share,
+        int,
+        Callable[[RequestRecord], None],
+        Callable[[int], Awaitable[None]],
+    ],
+    Awaitable[Window],
+]
 
 
 def auto_procs(streams: int, cpus: int | None = None) -> int:
@@ -65,8 +73,12 @@ class ShardedWindow(Window):
     procs: int = 1
     records: list[int] = field(default_factory=list)  # records written, per shard
     failures: list[str] = field(default_factory=list)  # one line per shard that did not finish
-    clocks: list[dict[str, Any]] = field(default_factory=list)  # per shard on another node: cluster.clock
-    clock_steps: int = 0  # times a shard found the wall clock set (StreamingClient.clock_steps), all shards
+    clocks: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # per shard on another node: cluster.clock
+    clock_steps: int = (
+        0  # times a shard found the wall clock set (StreamingClient.clock_steps), all shards
+    )
 
 
 def _describe_exit(code: int | None) -> str:
@@ -82,7 +94,9 @@ def _describe_exit(code: int | None) -> str:
 class _Shard:
     """The parent's side of one shard."""
 
-    def __init__(self, k: int, process: multiprocessing.process.BaseProcess, data_fd: int, control_fd: int):
+    def __init__(
+        self, k: int, process: multiprocessing.process.BaseProcess, data_fd: int, control_fd: int
+    ):
         self.k = k
         self.process = process
         self.data_fd = data_fd
@@ -104,8 +118,13 @@ class _Shard:
             self.alive = False
 
 
-async def run_sharded(procs: int, client: StreamingClient, work: ShardWork,
-                      on_line: Callable[[bytes, bool], None], max_connections: int) -> ShardedWindow:
+async def run_sharded(
+    procs: int,
+    client: StreamingClient,
+    work: ShardWork,
+    on_line: Callable[[bytes, bool], None],
+    max_connections: int,
+) -> ShardedWindow:
     """Run `work` in `procs` forked shards; every record line goes to on_line(json, ok) as
     it arrives. Returns the joined window (the common start, the last shard's end)."""
     if sys.platform != "linux":
@@ -121,9 +140,15 @@ async def run_sharded(procs: int, client: StreamingClient, work: ShardWork,
                 control_r, control_w = os.pipe()
                 share = Share(k, procs)
                 # the parent's ends of every pipe so far: the child closes its copies
-                theirs = [data_r, control_w] + [fd for s in shards for fd in (s.data_fd, s.control_fd)]
-                process = ctx.Process(target=_child, name=f"cputax-shard-{k}", daemon=True,
-                                      args=(client.like(max_connections), share, work, data_w, control_r, theirs))
+                theirs = [data_r, control_w] + [
+                    fd for s in shards for fd in (s.data_fd, s.control_fd)
+                ]
+                process = ctx.Process(
+                    target=_child,
+                    name=f"cputax-shard-{k}",
+                    daemon=True,
+                    args=(client.like(max_connections), share, work, data_w, control_r, theirs),
+                )
                 process.start()
                 os.close(data_w)
                 os.close(control_r)
@@ -142,7 +167,11 @@ async def run_sharded(procs: int, client: StreamingClient, work: ShardWork,
                 # there would be reused by the next scenario's pipes
                 if shard.transport is not None:
                     shard.transport.close()
-                for fd in (shard.control_fd,) if shard.transport is not None else (shard.data_fd, shard.control_fd):
+                for fd in (
+                    (shard.control_fd,)
+                    if shard.transport is not None
+                    else (shard.data_fd, shard.control_fd)
+                ):
                     with contextlib.suppress(OSError):
                         os.close(fd)
 
@@ -151,8 +180,10 @@ async def _lead(shards: list[_Shard], on_line: Callable[[bytes, bool], None]) ->
     loop = asyncio.get_running_loop()
     for shard in shards:
         shard.reader = asyncio.StreamReader(limit=1 << 26)  # a record echoing a 100k-token error
-        shard.transport, _ = await loop.connect_read_pipe(lambda r=shard.reader: asyncio.StreamReaderProtocol(r),
-                                                          os.fdopen(shard.data_fd, "rb", buffering=0))
+        shard.transport, _ = await loop.connect_read_pipe(
+            lambda r=shard.reader: asyncio.StreamReaderProtocol(r),
+            os.fdopen(shard.data_fd, "rb", buffering=0),
+        )
     ready = await asyncio.gather(*(_until_ready(s) for s in shards))
     start_ns = None
     if all(ready):
@@ -177,13 +208,21 @@ async def _lead(shards: list[_Shard], on_line: Callable[[bytes, bool], None]) ->
         if shard.window is None:
             await loop.run_in_executor(None, shard.process.join, 10)
             why = shard.error or _describe_exit(shard.process.exitcode)
-            failures.append(f"load shard {shard.k} of {len(shards)} stopped ({why}) after {shard.records} "
-                            "finished requests; those are kept")
+            failures.append(
+                f"load shard {shard.k} of {len(shards)} stopped ({why}) after {shard.records} "
+                "finished requests; those are kept"
+            )
     windows = [s.window for s in shards if s.window is not None]
     end = max((w["end_ns"] for w in windows), default=start_ns or 0)
-    return ShardedWindow(start_ns=start_ns or end, end_ns=end, sent=sum(w["sent"] for w in windows),
-                         procs=len(shards), records=[s.records for s in shards], failures=failures,
-                         clock_steps=sum(w.get("clock_steps", 0) for w in windows))
+    return ShardedWindow(
+        start_ns=start_ns or end,
+        end_ns=end,
+        sent=sum(w["sent"] for w in windows),
+        procs=len(shards),
+        records=[s.records for s in shards],
+        failures=failures,
+        clock_steps=sum(w.get("clock_steps", 0) for w in windows),
+    )
 
 
 async def _interrupt(shards: list[_Shard], on_line: Callable[[bytes, bool], None]) -> None:
@@ -211,7 +250,9 @@ async def _until_ready(shard: _Shard) -> bool:
     return True
 
 
-async def _follow(shard: _Shard, on_line: Callable[[bytes, bool], None], batch_done: Callable[[], None]) -> None:
+async def _follow(
+    shard: _Shard, on_line: Callable[[bytes, bool], None], batch_done: Callable[[], None]
+) -> None:
     reader = shard.reader
     assert reader is not None
     while shard.alive:
@@ -235,8 +276,14 @@ async def _follow(shard: _Shard, on_line: Callable[[bytes, bool], None], batch_d
 
 
 # --- the shard's side -----------------------------------------------------------------------
-def _child(client: StreamingClient, share: Share, work: ShardWork, data_fd: int, control_fd: int,
-           parents: list[int]) -> None:
+def _child(
+    client: StreamingClient,
+    share: Share,
+    work: ShardWork,
+    data_fd: int,
+    control_fd: int,
+    parents: list[int],
+) -> None:
     for fd in parents:
         os.close(fd)
     from cputax.util import die_with_parent
@@ -256,11 +303,17 @@ def _child(client: StreamingClient, share: Share, work: ShardWork, data_fd: int,
     os._exit(code)  # no atexit handlers or buffers inherited from the parent
 
 
-async def _shard_main(client: StreamingClient, share: Share, work: ShardWork, data_fd: int, control_fd: int) -> None:
+async def _shard_main(
+    client: StreamingClient, share: Share, work: ShardWork, data_fd: int, control_fd: int
+) -> None:
     loop = asyncio.get_running_loop()
-    transport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(data_fd, "wb", buffering=0))
+    transport, _ = await loop.connect_write_pipe(
+        asyncio.Protocol, os.fdopen(data_fd, "wb", buffering=0)
+    )
     control = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(control), os.fdopen(control_fd, "rb", buffering=0))
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(control), os.fdopen(control_fd, "rb", buffering=0)
+    )
 
     async def command() -> str:
         line = await control.readline()
@@ -291,8 +344,18 @@ async def _shard_main(client: StreamingClient, share: Share, work: ShardWork, da
         while transport.get_write_buffer_size():
             await asyncio.sleep(0.001)
         raise
-    transport.write(b"E " + orjson.dumps({"start_ns": window.start_ns, "end_ns": window.end_ns,
-                                          "sent": window.sent, "clock_steps": client.clock_steps}) + b"\n")
+    transport.write(
+        b"E "
+        + orjson.dumps(
+            {
+                "start_ns": window.start_ns,
+                "end_ns": window.end_ns,
+                "sent": window.sent,
+                "clock_steps": client.clock_steps,
+            }
+        )
+        + b"\n"
+    )
     # let the pipe drain before the process ends
     while transport.get_write_buffer_size():
         await asyncio.sleep(0.001)

@@ -26,12 +26,17 @@ def response_phases(metrics: dict[str, Any], usage: dict[str, Any]) -> dict[str,
     scheduling) and decode, in ms. The response carries no arrival time, so no TTFT from
     arrival, e2e or HTTP in: those need the span."""
     phases: dict[str, Any] = dict.fromkeys(
-        ("arrival_ns", "queue_ms", "prefill_ms", "decode_ms", "ttft_ms", "e2e_ms"))
+        ("arrival_ns", "queue_ms", "prefill_ms", "decode_ms", "ttft_ms", "e2e_ms")
+    )
     for name, key in RESPONSE_METRICS.response_fields.items():
         value = metrics.get(key)
         phases[name] = float(value) if isinstance(value, (int, float)) else None
-    return {**phases, "prompt_tokens": usage.get("prompt_tokens"),
-            "completion_tokens": usage.get("completion_tokens"), "source": "response"}
+    return {
+        **phases,
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "source": "response",
+    }
 
 
 class StreamError(Exception):
@@ -207,7 +212,9 @@ class StreamParser:
         if not isinstance(obj, dict):
             raise StreamError(f"data line is not a JSON object: {_quote(payload)}")
         choices = obj.get("choices")
-        message = None if choices is not None else error_message(obj)  # an error object has no choices
+        message = (
+            None if choices is not None else error_message(obj)
+        )  # an error object has no choices
         if message is not None:
             raise StreamError(f"server error in stream: {message}")
         if choices is not None and not isinstance(choices, list):

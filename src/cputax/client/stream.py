@@ -96,8 +96,9 @@ def check_endpoint(endpoint: str) -> str:
     """The base URL without its trailing slash; CputaxError when it cannot be one."""
     url = urlsplit(endpoint)
     if url.scheme not in ("http", "https") or not url.hostname:
-        raise CputaxError(f"--endpoint {endpoint!r}: expected a base URL such as "
-                          "http://127.0.0.1:8000")
+        raise CputaxError(
+            f"--endpoint {endpoint!r}: expected a base URL such as http://127.0.0.1:8000"
+        )
     try:
         url.port  # noqa: B018 (urlsplit checks the port only when asked)
     except ValueError as exc:
@@ -113,7 +114,9 @@ class _RecordExchange(Exchange):
         self.parser = StreamParser(record, api, keep_chunks=keep_chunks)
         self.error_body: list[bytes] | None = None  # an HTTP error's body, collected
 
-    def on_headers(self, status: int, headers: dict[bytes, bytes], t_loop: int, t_kernel: int | None) -> None:
+    def on_headers(
+        self, status: int, headers: dict[bytes, bytes], t_loop: int, t_kernel: int | None
+    ) -> None:
         record = self.record
         record.t_headers, record.t_headers_kernel, record.status = t_loop, t_kernel, status
         if status >= 400:
@@ -121,7 +124,9 @@ class _RecordExchange(Exchange):
             return
         content_type = headers.get(b"content-type", b"").decode("latin-1")
         if not content_type.startswith("text/event-stream"):
-            raise StreamError(f"expected a text/event-stream response, got {content_type or 'no content type'!r}")
+            raise StreamError(
+                f"expected a text/event-stream response, got {content_type or 'no content type'!r}"
+            )
 
     def on_body(self, data: bytes, t_loop: int, t_kernel: int | None) -> None:
         if self.error_body is not None:
@@ -144,9 +149,17 @@ class StreamingClient:
     for plain HTTP, with the loop's stamps only: the peer benchmark's comparison of the two.
     """
 
-    def __init__(self, endpoint: str, *, api: str = "chat", api_key: str | None = None,
-                 timeout_s: float = 600.0, max_connections: int = 1024, keep_chunks: bool = False,
-                 wire: bool = True):
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        api: str = "chat",
+        api_key: str | None = None,
+        timeout_s: float = 600.0,
+        max_connections: int = 1024,
+        keep_chunks: bool = False,
+        wire: bool = True,
+    ):
         if api not in PATHS:
             raise CputaxError(f"api must be one of {', '.join(PATHS)}, got {api!r}")
         self.endpoint = check_endpoint(endpoint)
@@ -167,9 +180,15 @@ class StreamingClient:
 
     def like(self, max_connections: int | None = None) -> StreamingClient:
         """A new, unopened client with these settings (a load shard's, in its own process)."""
-        return StreamingClient(self.endpoint, api=self.api, api_key=self._key, timeout_s=self.timeout_s,
-                               max_connections=max_connections or self._max_connections,
-                               keep_chunks=self.keep_chunks, wire=self.wire)
+        return StreamingClient(
+            self.endpoint,
+            api=self.api,
+            api_key=self._key,
+            timeout_s=self.timeout_s,
+            max_connections=max_connections or self._max_connections,
+            keep_chunks=self.keep_chunks,
+            wire=self.wire,
+        )
 
     async def __aenter__(self) -> StreamingClient:
         trace = aiohttp.TraceConfig()
@@ -189,9 +208,14 @@ class StreamingClient:
             self._pool = Pool(url.hostname, url.port or 80, self._max_connections, self._clock)
             host = url.netloc.encode()
             auth = b"".join(f"{k}: {v}\r\n".encode() for k, v in self._auth.items())
-            self._head = (b"POST " + (url.path or "/").encode() + b" HTTP/1.1\r\nHost: " + host +
-                          b"\r\nUser-Agent: cputax\r\nAccept: text/event-stream\r\nContent-Type: application/json\r\n"
-                          + auth)
+            self._head = (
+                b"POST "
+                + (url.path or "/").encode()
+                + b" HTTP/1.1\r\nHost: "
+                + host
+                + b"\r\nUser-Agent: cputax\r\nAccept: text/event-stream\r\nContent-Type: application/json\r\n"
+                + auth
+            )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -200,7 +224,10 @@ class StreamingClient:
             self._session = None
         if self._pool is not None:
             self._pool.close()
-            self._clock, self._clock_steps = self._pool.clock, self._clock_steps + self._pool.clock_steps
+            self._clock, self._clock_steps = (
+                self._pool.clock,
+                self._clock_steps + self._pool.clock_steps,
+            )
             self._pool = None
 
     async def open_connections(self, count: int) -> None:
@@ -246,8 +273,11 @@ class StreamingClient:
         record.t_start = time.monotonic_ns()
         cpu = time.thread_time_ns()
         payload = build()
-        payload = {**payload, "stream": True,
-                   "stream_options": {**(payload.get("stream_options") or {}), "include_usage": True}}
+        payload = {
+            **payload,
+            "stream": True,
+            "stream_options": {**(payload.get("stream_options") or {}), "include_usage": True},
+        }
         body = orjson.dumps(payload)
         record.build_s = (time.thread_time_ns() - cpu) / 1e9
         try:
@@ -258,8 +288,11 @@ class StreamingClient:
         except StreamError as exc:
             record.error = str(exc)
         except ExchangeError as exc:
-            record.error = (f"cannot connect to {self.endpoint}: {exc}" if exc.kind == "connect"
-                            else f"connection broken mid-stream: {_truncate(str(exc))}")
+            record.error = (
+                f"cannot connect to {self.endpoint}: {exc}"
+                if exc.kind == "connect"
+                else f"connection broken mid-stream: {_truncate(str(exc))}"
+            )
         except asyncio.TimeoutError:
             record.error = f"timed out after {self.timeout_s:g} s (per-request timeout)"
         except aiohttp.ClientConnectorError as exc:
@@ -308,15 +341,18 @@ class StreamingClient:
 
     async def _stream(self, record: RequestRecord, body: bytes) -> None:
         headers = {**JSON_HEADERS, **trace_headers(record.request_id or new_request_id())}
-        async with self.session.post(self._url, data=body, headers=headers,
-                                     trace_request_ctx=record) as resp:
+        async with self.session.post(
+            self._url, data=body, headers=headers, trace_request_ctx=record
+        ) as resp:
             record.t_headers = time.monotonic_ns()
             record.status = resp.status
             if resp.status >= 400:
                 raise StreamError(f"HTTP {resp.status}: {_error_text(await resp.read())}")
             content_type = resp.headers.get("Content-Type", "")
             if not content_type.startswith("text/event-stream"):
-                raise StreamError(f"expected a text/event-stream response, got {content_type or 'no content type'!r}")
+                raise StreamError(
+                    f"expected a text/event-stream response, got {content_type or 'no content type'!r}"
+                )
             parser = StreamParser(record, self.api, keep_chunks=self.keep_chunks)
             async for data in resp.content.iter_any():
                 t = time.monotonic_ns()
@@ -350,7 +386,9 @@ class StreamingClient:
         status, raw = await self._request("GET", path)
         return status, raw.decode("utf-8", "replace")
 
-    async def _request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    async def _request(
+        self, method: str, path: str, body: bytes | None = None
+    ) -> tuple[int, bytes]:
         url = self.endpoint + path
         try:
             async with self.session.request(method, url, data=body, headers=JSON_HEADERS) as resp:
@@ -364,4 +402,6 @@ class StreamingClient:
         except asyncio.TimeoutError as exc:
             raise CputaxError(f"{method} {url}: timed out after {self.timeout_s:g} s") from exc
         except (aiohttp.ClientError, OSError) as exc:
-            raise CputaxError(f"{method} {url}: {type(exc).__name__}: {_truncate(str(exc))}") from exc
+            raise CputaxError(
+                f"{method} {url}: {type(exc).__name__}: {_truncate(str(exc))}"
+            ) from exc

@@ -93,7 +93,9 @@ class ExchangeError(Exception):
 class Exchange:
     """What one request's response delivers, read by read: the subclass decides what to keep."""
 
-    def on_headers(self, status: int, headers: dict[bytes, bytes], t_loop: int, t_kernel: int | None) -> None:
+    def on_headers(
+        self, status: int, headers: dict[bytes, bytes], t_loop: int, t_kernel: int | None
+    ) -> None:
         """The status line and headers are complete."""
 
     def on_body(self, data: bytes, t_loop: int, t_kernel: int | None) -> None:
@@ -108,8 +110,13 @@ class _Connection:
     a read costs one callback and no task switch.
     """
 
-    def __init__(self, sock: socket.socket, to_monotonic: Callable[[int, int], int], loop: asyncio.AbstractEventLoop,
-                 buffer: memoryview) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        to_monotonic: Callable[[int, int], int],
+        loop: asyncio.AbstractEventLoop,
+        buffer: memoryview,
+    ) -> None:
         self.sock = sock
         self._buffer = buffer  # the pool's: a read is fed (and copied out) before the next one
         self._to_monotonic = to_monotonic  # the pool's (it keeps one offset for all connections)
@@ -157,10 +164,18 @@ class _Connection:
         except OSError:
             return False
 
-    async def exchange(self, request: bytes, sink: Exchange, on_sent: Callable[[int, int], None]) -> bool:
+    async def exchange(
+        self, request: bytes, sink: Exchange, on_sent: Callable[[int, int], None]
+    ) -> bool:
         """Send `request`, feed the response to `sink`; True when the connection can be reused.
         on_sent(t_write, t_sent): when the write began, and when the kernel took its last byte."""
-        self._exchange, self._headers, self._complete, self._error, self._got_any = sink, {}, False, None, False
+        self._exchange, self._headers, self._complete, self._error, self._got_any = (
+            sink,
+            {},
+            False,
+            None,
+            False,
+        )
         self._headers_seen = False
         self._pieces = []
         self._parser = httptools.HttpResponseParser(self)
@@ -234,15 +249,25 @@ class _Connection:
             except BlockingIOError:
                 return
             except OSError as exc:
-                self._finish(error=ExchangeError("broken", f"{type(exc).__name__}: {os.strerror(exc.errno or errno.ECONNRESET)}"))
+                self._finish(
+                    error=ExchangeError(
+                        "broken",
+                        f"{type(exc).__name__}: {os.strerror(exc.errno or errno.ECONNRESET)}",
+                    )
+                )
                 return
             t_loop = time.monotonic_ns()
             if not size:
                 if self._close_delimited():
                     self._finish(False)  # the close was the body's end (no length given)
                     return
-                self._finish(error=ExchangeError("broken", "the server closed the connection"
-                                                 + (" before the response ended" if self._got_any else " before answering")))
+                self._finish(
+                    error=ExchangeError(
+                        "broken",
+                        "the server closed the connection"
+                        + (" before the response ended" if self._got_any else " before answering"),
+                    )
+                )
                 return
             self._got_any = True
             more = size == len(self._buffer)
@@ -279,7 +304,11 @@ class _Connection:
 
     def _kernel(self, anc: list[tuple[int, int, bytes]], t_loop: int) -> int | None:
         for level, kind, data in anc:
-            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+            if (
+                level == socket.SOL_SOCKET
+                and kind == SO_TIMESTAMPNS
+                and len(data) >= _TIMESPEC.size
+            ):
                 sec, nsec = _TIMESPEC.unpack_from(data)
                 return self._to_monotonic(sec * 1_000_000_000 + nsec, t_loop)
         return None
@@ -292,8 +321,14 @@ class _Connection:
 class Pool:
     """Keep-alive connections to one host, at most `limit` at a time."""
 
-    def __init__(self, host: str, port: int, limit: int, clock: Clock | None = None,
-                 recheck_ns: int = RECHECK_NS) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        limit: int,
+        clock: Clock | None = None,
+        recheck_ns: int = RECHECK_NS,
+    ) -> None:
         self.host, self.port = host, port
         self.clock = clock or Clock.measure()
         self.clock_steps = 0  # times the offset was found changed: the wall clock was set meanwhile
@@ -302,7 +337,9 @@ class Pool:
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(limit)
         self.kernel_stamps = True  # False once a socket refused SO_TIMESTAMPNS
-        self.connects = 0  # connections opened (keep-alive working: about `limit`, not one per request)
+        self.connects = (
+            0  # connections opened (keep-alive working: about `limit`, not one per request)
+        )
         self._buffer = memoryview(bytearray(READ_SIZE))
 
     async def _connect(self) -> _Connection:
@@ -319,8 +356,10 @@ class Pool:
                 last = exc
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            for options, size in (((SO_RCVBUFFORCE, socket.SO_RCVBUF), RECEIVE_BUFFER),
-                                  ((SO_SNDBUFFORCE, socket.SO_SNDBUF), SEND_BUFFER)):
+            for options, size in (
+                ((SO_RCVBUFFORCE, socket.SO_RCVBUF), RECEIVE_BUFFER),
+                ((SO_SNDBUFFORCE, socket.SO_SNDBUF), SEND_BUFFER),
+            ):
                 for option in options:
                     try:
                         sock.setsockopt(socket.SOL_SOCKET, option, size)
@@ -364,7 +403,9 @@ class Pool:
         while len(self._idle) < count:
             self._idle.append(await self._connect())
 
-    async def request(self, request: bytes, sink: Exchange, on_sent: Callable[[int, int], None]) -> None:
+    async def request(
+        self, request: bytes, sink: Exchange, on_sent: Callable[[int, int], None]
+    ) -> None:
         """One exchange on a pooled (or new) connection."""
         async with self._slots:
             conn = None

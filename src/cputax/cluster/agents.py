@@ -44,8 +44,13 @@ CONVERTED = ("telemetry.jsonl", "pyspy/manifest.jsonl")  # the node files with m
 class NodeAgent:
     """The monitors of one server node (a Ray actor on that node)."""
 
-    def __init__(self, telemetry: TelemetryConfig, pyspy: PyspyOptions | None, target: dict[str, Any],
-                 clock_skew_ns: int = 0) -> None:
+    def __init__(
+        self,
+        telemetry: TelemetryConfig,
+        pyspy: PyspyOptions | None,
+        target: dict[str, Any],
+        clock_skew_ns: int = 0,
+    ) -> None:
         self.telemetry, self.pyspy, self.target = telemetry, pyspy, target
         self.skew = clock_skew_ns  # tests only: a node whose clock reads this far off
         self.dir = Path(tempfile.mkdtemp(prefix="cputax-node-"))
@@ -103,7 +108,11 @@ class NodeAgent:
         if not self.skew or rel not in CONVERTED:
             return data
         ahead = NodeClock("", Offset(-self.skew, 0, 0, 0))
-        return b"".join(orjson.dumps(shift_line(orjson.loads(line), ahead)) + b"\n" for line in data.splitlines() if line)
+        return b"".join(
+            orjson.dumps(shift_line(orjson.loads(line), ahead)) + b"\n"
+            for line in data.splitlines()
+            if line
+        )
 
 
 class NodesMonitor:
@@ -111,11 +120,19 @@ class NodesMonitor:
 
     name = "nodes"
 
-    def __init__(self, cluster: Cluster, nodes: list[tuple[Node, int | None]], telemetry: TelemetryConfig,
-                 pyspy: PyspyOptions | None, skews: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        nodes: list[tuple[Node, int | None]],
+        telemetry: TelemetryConfig,
+        pyspy: PyspyOptions | None,
+        skews: dict[str, int] | None = None,
+    ) -> None:
         self.cluster = cluster
         self.nodes = [node for node, _ in nodes]
-        self.ports = {node.name: port for node, port in nodes}  # the server's port there, when not the endpoint's
+        self.ports = {
+            node.name: port for node, port in nodes
+        }  # the server's port there, when not the endpoint's
         self.telemetry, self.pyspy = telemetry, pyspy
         self.skews = skews or {}
         self.agents: dict[str, Any] = {}
@@ -135,16 +152,19 @@ class NodesMonitor:
         for node in self.nodes:
             node_target = _node_target(target, server, self.ports.get(node.name))
             self.agents[node.name] = actor.options(**self.cluster.on(node)).remote(
-                self.telemetry, pyspy, node_target, self.skews.get(node.name, 0))
+                self.telemetry, pyspy, node_target, self.skews.get(node.name, 0)
+            )
         for node in self.nodes:
             agent = self._call(node, "start")
             if agent is None:
                 continue
             self.notes[node.name] = agent
             self.clocks[node.name] = self._clock(node)
-            self.console.print(f"node agent on {node.ip}: clock offset {self.clocks[node.name].start.offset_ns / 1e6:+.3f} ms "
-                               f"± {self.clocks[node.name].error_ns / 1e3:.0f} µs"
-                               + (f"; {'; '.join(agent)}" if agent else ""))
+            self.console.print(
+                f"node agent on {node.ip}: clock offset {self.clocks[node.name].start.offset_ns / 1e6:+.3f} ms "
+                f"± {self.clocks[node.name].error_ns / 1e3:.0f} µs"
+                + (f"; {'; '.join(agent)}" if agent else "")
+            )
 
     def _clock(self, node: Node) -> NodeClock:
         agent = self.agents[node.name]
@@ -158,12 +178,18 @@ class NodesMonitor:
         if node.name in self.errors or node.name not in self.agents:
             return None
         try:
-            return self.cluster.ray.get(getattr(self.agents[node.name], method).remote(*args), timeout=CALL_TIMEOUT_S)
+            return self.cluster.ray.get(
+                getattr(self.agents[node.name], method).remote(*args), timeout=CALL_TIMEOUT_S
+            )
         except Exception as exc:  # its node died, or the actor did
             line = str(exc).strip().splitlines()
-            self.errors[node.name] = f"{method}: " + (line[-1] if line else type(exc).__name__)[:300]
-            self.console.print(f"[red]node agent on {node.ip} stopped ({self.errors[node.name]}); its files so "
-                               "far are kept, the other nodes go on[/]")
+            self.errors[node.name] = (
+                f"{method}: " + (line[-1] if line else type(exc).__name__)[:300]
+            )
+            self.console.print(
+                f"[red]node agent on {node.ip} stopped ({self.errors[node.name]}); its files so "
+                "far are kept, the other nodes go on[/]"
+            )
             return None
 
     def scenario_start(self, scenario: str, t_ns: int) -> None:
@@ -174,7 +200,12 @@ class NodesMonitor:
     def scenario_end(self, scenario: str, t_ns: int) -> None:
         for node in self.nodes:
             if node.name in self.clocks:
-                self._store(node, self._call(node, "scenario_end", scenario, self.clocks[node.name].to_node(t_ns)))
+                self._store(
+                    node,
+                    self._call(
+                        node, "scenario_end", scenario, self.clocks[node.name].to_node(t_ns)
+                    ),
+                )
 
     def _store(self, node: Node, files: dict[str, bytes] | None) -> None:
         assert self.run is not None
@@ -194,14 +225,24 @@ class NodesMonitor:
                     meta[node.name], files = result
                     self._store(node, files)
                 with contextlib.suppress(Exception):
-                    self.clocks[node.name] = self.clocks[node.name].with_end(self._clock(node).start)
+                    self.clocks[node.name] = self.clocks[node.name].with_end(
+                        self._clock(node).start
+                    )
             self._convert(node)
         for agent in self.agents.values():
             with contextlib.suppress(Exception):
                 self.cluster.ray.kill(agent)
-        return {node.name: {"ip": node.ip, "id": node.id, "clock": c.as_dict() if (c := self.clocks.get(node.name)) else None,
-                            "monitors": meta.get(node.name), "notes": self.notes.get(node.name, []),
-                            "error": self.errors.get(node.name)} for node in self.nodes}
+        return {
+            node.name: {
+                "ip": node.ip,
+                "id": node.id,
+                "clock": c.as_dict() if (c := self.clocks.get(node.name)) else None,
+                "monitors": meta.get(node.name),
+                "notes": self.notes.get(node.name, []),
+                "error": self.errors.get(node.name),
+            }
+            for node in self.nodes
+        }
 
     def _convert(self, node: Node) -> None:
         """The node's monotonic times onto the driver's clock, once; windows.jsonl copied in,
@@ -214,11 +255,20 @@ class NodesMonitor:
             for rel in CONVERTED:
                 path = folder / rel
                 if path.exists():
-                    lines = [orjson.dumps(shift_line(orjson.loads(line), clock))
-                             for line in path.read_bytes().splitlines() if line.strip()]
+                    lines = [
+                        orjson.dumps(shift_line(orjson.loads(line), clock))
+                        for line in path.read_bytes().splitlines()
+                        if line.strip()
+                    ]
                     path.write_bytes(b"".join(line + b"\n" for line in lines))
-        write_json(folder / "clock.json", {"converted": clock is not None, **(clock.as_dict() if clock else {}),
-                                           "error": self.errors.get(node.name)})
+        write_json(
+            folder / "clock.json",
+            {
+                "converted": clock is not None,
+                **(clock.as_dict() if clock else {}),
+                "error": self.errors.get(node.name),
+            },
+        )
         if self.run.windows.exists():
             shutil.copyfile(self.run.windows, folder / "windows.jsonl")
 

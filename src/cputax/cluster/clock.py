@@ -35,7 +35,9 @@ class Offset:
     at_ns: int
 
 
-def measure(node_now: Callable[[], int], driver_now: Callable[[], int], samples: int = SAMPLES) -> Offset:
+def measure(
+    node_now: Callable[[], int], driver_now: Callable[[], int], samples: int = SAMPLES
+) -> Offset:
     """The offset of the clock `node_now` reads against `driver_now`, from the round trip
     with the smallest RTT of `samples`."""
     best: Offset | None = None
@@ -45,7 +47,12 @@ def measure(node_now: Callable[[], int], driver_now: Callable[[], int], samples:
         t1 = driver_now()
         rtt = t1 - t0
         if best is None or rtt < best.rtt_ns:
-            best = Offset(offset_ns=remote - (t0 + t1) // 2, error_ns=(rtt + 1) // 2, rtt_ns=rtt, at_ns=(t0 + t1) // 2)
+            best = Offset(
+                offset_ns=remote - (t0 + t1) // 2,
+                error_ns=(rtt + 1) // 2,
+                rtt_ns=rtt,
+                at_ns=(t0 + t1) // 2,
+            )
     assert best is not None
     return best
 
@@ -70,7 +77,9 @@ class NodeClock:
     def drift_ppm(self) -> float | None:
         if self.end is None or self.end.at_ns <= self.start.at_ns:
             return None
-        return 1e6 * (self.end.offset_ns - self.start.offset_ns) / (self.end.at_ns - self.start.at_ns)
+        return (
+            1e6 * (self.end.offset_ns - self.start.offset_ns) / (self.end.at_ns - self.start.at_ns)
+        )
 
     @property
     def drift_error_ppm(self) -> float | None:
@@ -103,9 +112,15 @@ class NodeClock:
 
     def as_dict(self) -> dict[str, Any]:
         """What run.json keeps per node (`clocks`)."""
-        return {"node": self.node, "offset_ns": self.start.offset_ns, "error_ns": self.error_ns,
-                "drift_ppm": self.drift_ppm, "drift_error_ppm": self.drift_error_ppm, "start": asdict(self.start),
-                "end": asdict(self.end) if self.end else None}
+        return {
+            "node": self.node,
+            "offset_ns": self.start.offset_ns,
+            "error_ns": self.error_ns,
+            "drift_ppm": self.drift_ppm,
+            "drift_error_ppm": self.drift_error_ppm,
+            "start": asdict(self.start),
+            "end": asdict(self.end) if self.end else None,
+        }
 
 
 def shift_record(record: dict[str, Any], clock: NodeClock) -> dict[str, Any]:
@@ -121,7 +136,9 @@ def shift_record(record: dict[str, Any], clock: NodeClock) -> dict[str, Any]:
             extra[key] = clock.to_driver(value)
     token_ns = extra.get("token_ns")
     if token_ns:
-        extra["token_ns"] = [[clock.to_driver(a), None if b is None else clock.to_driver(b)] for a, b in token_ns]
+        extra["token_ns"] = [
+            [clock.to_driver(a), None if b is None else clock.to_driver(b)] for a, b in token_ns
+        ]
     return record
 
 

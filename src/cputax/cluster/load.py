@@ -44,15 +44,32 @@ class ClientSpec:
     """How a shard makes its StreamingClient: the endpoint's settings, and the name of the
     environment variable holding the API key (never the key)."""
 
-    def __init__(self, endpoint: str, api: str, timeout_s: float, max_connections: int,
-                 api_key_env: str | None, keep_chunks: bool = False) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        api: str,
+        timeout_s: float,
+        max_connections: int,
+        api_key_env: str | None,
+        keep_chunks: bool = False,
+    ) -> None:
         self.endpoint, self.api, self.timeout_s = endpoint, api, timeout_s
-        self.max_connections, self.api_key_env, self.keep_chunks = max_connections, api_key_env, keep_chunks
+        self.max_connections, self.api_key_env, self.keep_chunks = (
+            max_connections,
+            api_key_env,
+            keep_chunks,
+        )
 
     def client(self) -> StreamingClient:
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        return StreamingClient(self.endpoint, api=self.api, api_key=key, timeout_s=self.timeout_s,
-                               max_connections=self.max_connections, keep_chunks=self.keep_chunks)
+        return StreamingClient(
+            self.endpoint,
+            api=self.api,
+            api_key=key,
+            timeout_s=self.timeout_s,
+            max_connections=self.max_connections,
+            keep_chunks=self.keep_chunks,
+        )
 
 
 class BatchBarrier:
@@ -87,7 +104,9 @@ class LoadShard:
         self.spec = spec
         self._task: asyncio.Task | None = None  # the running load
         self._lines: list[tuple[bytes, bool]] = []  # every record of this run, in order
-        self.skew = clock_skew_ns  # tests only: a node whose clock reads this far off (its records too)
+        self.skew = (
+            clock_skew_ns  # tests only: a node whose clock reads this far off (its records too)
+        )
         self._ahead = NodeClock("", Offset(-clock_skew_ns, 0, 0, 0))
 
     async def now(self) -> int:
@@ -102,11 +121,17 @@ class LoadShard:
         """Run this share from `start_ns` (this node's clock); yields ("records", [(line,
         ok), ...]) as requests finish and ("window", {...}) at the end."""
         queue: asyncio.Queue[tuple[bytes, bool]] = asyncio.Queue()
-        spool = Path(spool_dir or tempfile.gettempdir()) / f"cputax-shard-{share.k}-{os.getpid()}.jsonl"
+        spool = (
+            Path(spool_dir or tempfile.gettempdir()) / f"cputax-shard-{share.k}-{os.getpid()}.jsonl"
+        )
         with spool.open("ab") as fh:
 
             def on_record(record: RequestRecord) -> None:
-                line = record.to_json() if not self.skew else orjson.dumps(shift_record(orjson.loads(record.to_json()), self._ahead))
+                line = (
+                    record.to_json()
+                    if not self.skew
+                    else orjson.dumps(shift_record(orjson.loads(record.to_json()), self._ahead))
+                )
                 fh.write(line + b"\n")
                 fh.flush()  # on this node's disk before the driver has it
                 queue.put_nowait((line, record.ok))
@@ -134,8 +159,16 @@ class LoadShard:
             if task.cancelled():  # interrupt(): the driver takes what it misses from there
                 return
             window, steps = task.result()  # raises what the load raised: the driver names the shard
-        yield ("window", {"start_ns": window.start_ns + self.skew, "end_ns": window.end_ns + self.skew,
-                          "sent": window.sent, "spool": str(spool), "clock_steps": steps})
+        yield (
+            "window",
+            {
+                "start_ns": window.start_ns + self.skew,
+                "end_ns": window.end_ns + self.skew,
+                "sent": window.sent,
+                "spool": str(spool),
+                "clock_steps": steps,
+            },
+        )
 
     async def interrupt(self) -> list[tuple[bytes, bool]]:
         """The run was interrupted: cancel the load (requests in flight become `cancelled`
@@ -148,24 +181,34 @@ class LoadShard:
         return self._lines
 
 
-async def _interrupt(placed: list[tuple[Node, Any]], clocks: list[NodeClock | None],
-                     records: list[int], on_line: Callable[[bytes, bool], None]) -> None:
+async def _interrupt(
+    placed: list[tuple[Node, Any]],
+    clocks: list[NodeClock | None],
+    records: list[int],
+    on_line: Callable[[bytes, bool], None],
+) -> None:
     """Cancel every shard's load; pass on the records the driver had not received yet."""
+
     async def one(k: int) -> None:
         clock = clocks[k]
         if clock is None:
             return
         lines = await placed[k][1].interrupt.remote()
-        for line, ok in lines[records[k]:]:
+        for line, ok in lines[records[k] :]:
             records[k] += 1
             on_line(orjson.dumps(shift_record(orjson.loads(line), clock)), ok)
 
     await asyncio.gather(*(one(k) for k in range(len(placed))), return_exceptions=True)
 
 
-async def run_ray_shards(cluster: Cluster, procs: int, spec: ClientSpec, work: ShardWork,
-                         on_line: Callable[[bytes, bool], None],
-                         skews: dict[int, int] | None = None) -> ShardedWindow:
+async def run_ray_shards(
+    cluster: Cluster,
+    procs: int,
+    spec: ClientSpec,
+    work: ShardWork,
+    on_line: Callable[[bytes, bool], None],
+    skews: dict[int, int] | None = None,
+) -> ShardedWindow:
     """`procs` LoadShard actors spread over the client nodes, round robin; every record goes
     to on_line(json, ok) on the driver's clock. `skews` (tests) offsets a shard's clock."""
     ray = cluster.ray
@@ -176,16 +219,22 @@ async def run_ray_shards(cluster: Cluster, procs: int, spec: ClientSpec, work: S
     placed: list[tuple[Node, Any]] = []
     for k in range(procs):
         node = nodes[k % len(nodes)]
-        placed.append((node, shard_actor.options(**cluster.on(node)).remote(spec, (skews or {}).get(k, 0))))
+        placed.append(
+            (node, shard_actor.options(**cluster.on(node)).remote(spec, (skews or {}).get(k, 0)))
+        )
     records = [0] * procs
     windows: list[dict[str, Any] | None] = [None] * procs
     failures: list[str] = []
     work_ref = ray.put(work)
-    ready = await asyncio.gather(*(actor.prepare.remote(work_ref) for _, actor in placed), return_exceptions=True)
+    ready = await asyncio.gather(
+        *(actor.prepare.remote(work_ref) for _, actor in placed), return_exceptions=True
+    )
     clocks: list[NodeClock | None] = []
     for k, ((node, actor), outcome) in enumerate(zip(placed, ready, strict=True)):
         if isinstance(outcome, BaseException):
-            failures.append(f"load shard {k} of {procs} on node {node.ip} did not start ({_why(outcome)})")
+            failures.append(
+                f"load shard {k} of {procs} on node {node.ip} did not start ({_why(outcome)})"
+            )
             await barrier.drop.remote(k)
             clocks.append(None)
         else:
@@ -198,7 +247,9 @@ async def run_ray_shards(cluster: Cluster, procs: int, spec: ClientSpec, work: S
         if clock is None:
             return
         try:
-            stream = actor.run.options(num_returns="streaming").remote(Share(k, procs), clock.to_node(start), barrier)
+            stream = actor.run.options(num_returns="streaming").remote(
+                Share(k, procs), clock.to_node(start), barrier
+            )
             async for ref in stream:
                 kind, value = await ref
                 if kind == "records":
@@ -206,11 +257,16 @@ async def run_ray_shards(cluster: Cluster, procs: int, spec: ClientSpec, work: S
                         records[k] += 1
                         on_line(orjson.dumps(shift_record(orjson.loads(line), clock)), ok)
                 else:
-                    windows[k] = {**value, "start_ns": clock.to_driver(value["start_ns"]),
-                                  "end_ns": clock.to_driver(value["end_ns"])}
+                    windows[k] = {
+                        **value,
+                        "start_ns": clock.to_driver(value["start_ns"]),
+                        "end_ns": clock.to_driver(value["end_ns"]),
+                    }
         except Exception as exc:  # the actor or its node died, or the load raised
-            failures.append(f"load shard {k} of {procs} on node {node.ip} stopped ({_why(exc)}) after "
-                            f"{records[k]} finished requests; those are kept")
+            failures.append(
+                f"load shard {k} of {procs} on node {node.ip} stopped ({_why(exc)}) after "
+                f"{records[k]} finished requests; those are kept"
+            )
             with contextlib.suppress(Exception):
                 await barrier.drop.remote(k)
 
@@ -228,9 +284,16 @@ async def run_ray_shards(cluster: Cluster, procs: int, spec: ClientSpec, work: S
             ray.kill(barrier)
     done = [w for w in windows if w is not None]
     end = max((w["end_ns"] for w in done), default=start)
-    return ShardedWindow(start_ns=start, end_ns=end, sent=sum(w["sent"] for w in done), procs=procs,
-                         records=records, failures=sorted(failures), clocks=[c.as_dict() for c in clocks if c],
-                         clock_steps=sum(w.get("clock_steps", 0) for w in done))
+    return ShardedWindow(
+        start_ns=start,
+        end_ns=end,
+        sent=sum(w["sent"] for w in done),
+        procs=procs,
+        records=records,
+        failures=sorted(failures),
+        clocks=[c.as_dict() for c in clocks if c],
+        clock_steps=sum(w.get("clock_steps", 0) for w in done),
+    )
 
 
 async def node_clock(cluster: Cluster, node: Node, actor: Any, skewed: bool = False) -> NodeClock:
@@ -240,7 +303,9 @@ async def node_clock(cluster: Cluster, node: Node, actor: Any, skewed: bool = Fa
     if cluster.same_host(node) and not skewed:
         return NodeClock.of_driver(node.name, time.monotonic_ns())
     ray = cluster.ray
-    offset = await asyncio.to_thread(measure, lambda: ray.get(actor.now.remote()), time.monotonic_ns)
+    offset = await asyncio.to_thread(
+        measure, lambda: ray.get(actor.now.remote()), time.monotonic_ns
+    )
     return NodeClock(node.name, offset)
 
 
@@ -251,8 +316,10 @@ def _why(exc: BaseException) -> str:
     name = type(exc).__name__
     message = str(exc)
     if "ActorDied" in name or "actor is dead" in message.lower():
-        detail = message.split("Worker exit detail:", 1)[1].split(".", 1)[0].strip() \
-            if "Worker exit detail:" in message else ""
+        detail = (
+            message.split("Worker exit detail:", 1)[1].split(".", 1)[0].strip()
+            if "Worker exit detail:" in message
+            else ""
+        )
         return "its actor died" + (f": {detail}" if detail else "")
     return last[:300]
-

@@ -72,21 +72,32 @@ class Cluster:
         self._ray = ray
         env = {name: os.environ[name] for name in self.env_vars if name in os.environ}
         runtime_env = {"env_vars": env} if env else None
-        kwargs: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False, "runtime_env": runtime_env,
-                                  "configure_logging": False}
+        kwargs: dict[str, Any] = {
+            "namespace": NAMESPACE,
+            "log_to_driver": False,
+            "runtime_env": runtime_env,
+            "configure_logging": False,
+        }
         if self.started_local:
-            kwargs.update(num_cpus=self.options.num_cpus or os.cpu_count(), include_dashboard=False,
-                          resources=self.options.resources or None)
+            kwargs.update(
+                num_cpus=self.options.num_cpus or os.cpu_count(),
+                include_dashboard=False,
+                resources=self.options.resources or None,
+            )
         else:
             kwargs["address"] = self.options.address
         try:
             ray.init(**kwargs)
         except (ConnectionError, ValueError, RuntimeError) as exc:
-            raise CputaxError(f"--ray {self.options.address}: cannot connect to the Ray cluster ({exc})") from exc
+            raise CputaxError(
+                f"--ray {self.options.address}: cannot connect to the Ray cluster ({exc})"
+            ) from exc
         if self.started_local and any(n.ip != "127.0.0.1" for n in self.nodes()):
             ray.shutdown()
-            raise CputaxError("the local Ray cluster would listen beyond loopback (Ray was imported before "
-                              "cputax could tell it not to); start cputax in a fresh process")
+            raise CputaxError(
+                "the local Ray cluster would listen beyond loopback (Ray was imported before "
+                "cputax could tell it not to); start cputax in a fresh process"
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -102,8 +113,11 @@ class Cluster:
         return "a local cluster on loopback" if self.started_local else self.options.address
 
     def nodes(self) -> list[Node]:
-        return [Node(n["NodeID"], n.get("NodeManagerAddress", "?"), dict(n.get("Resources") or {}))
-                for n in self._ray.nodes() if n.get("Alive")]
+        return [
+            Node(n["NodeID"], n.get("NodeManagerAddress", "?"), dict(n.get("Resources") or {}))
+            for n in self._ray.nodes()
+            if n.get("Alive")
+        ]
 
     def client_nodes(self) -> list[Node]:
         nodes = self.nodes()
@@ -121,9 +135,13 @@ class Cluster:
             match = [n for n in nodes if wanted in (n.id, n.ip) or n.id.startswith(wanted)]
             if not match or (port and not port.isdigit()):
                 known = ", ".join(f"{n.ip} ({n.id[:8]})" for n in nodes)
-                raise CputaxError(f"--server-nodes {entry}: no such live node in the Ray cluster (nodes: {known}); "
-                                  "give a node's IP or id, optionally :PORT")
-            found += [(n, int(port) if port else None) for n in match if all(n is not f for f, _ in found)]
+                raise CputaxError(
+                    f"--server-nodes {entry}: no such live node in the Ray cluster (nodes: {known}); "
+                    "give a node's IP or id, optionally :PORT"
+                )
+            found += [
+                (n, int(port) if port else None) for n in match if all(n is not f for f, _ in found)
+            ]
         return found
 
     def driver_node_id(self) -> str:

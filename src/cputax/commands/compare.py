@@ -12,8 +12,9 @@ from cputax.results.format import encode
 __all__ = ["compare"]
 
 
-def compare(run_a: Path, run_b: Path, names: tuple[str, str] = ("A", "B"),
-            as_json: bool = False) -> int:
+def compare(
+    run_a: Path, run_b: Path, names: tuple[str, str] = ("A", "B"), as_json: bool = False
+) -> int:
     result = compare_runs(run_a, run_b, names)
     if as_json:
         sys.stdout.buffer.write(encode(result) + b"\n")  # results.comparison.RunComparison

@@ -14,14 +14,21 @@ from cputax.rundir import RunDir
 __all__ = ["extrapolate"]
 
 
-def extrapolate(run_dir: Path, users: list[int], subagents: list[int], context: int | None = None,
-                as_json: bool = False) -> int:
+def extrapolate(
+    run_dir: Path,
+    users: list[int],
+    subagents: list[int],
+    context: int | None = None,
+    as_json: bool = False,
+) -> int:
     """Print the table; keep extrapolation.json / .md in the run directory."""
     run = RunDir.existing(run_dir)
     points, left_out = points_from_run(run)
     if len({p.concurrency for p in points}) < 2 and left_out:
-        raise CputaxError(f"{run_dir}: extrapolation needs batch scenarios at two or more concurrency levels; "
-                          f"left out: {'; '.join(left_out)}")
+        raise CputaxError(
+            f"{run_dir}: extrapolation needs batch scenarios at two or more concurrency levels; "
+            f"left out: {'; '.join(left_out)}"
+        )
     result = fit(points, users, subagents, context)
     result.left_out = left_out
     text = render(result, run_dir)

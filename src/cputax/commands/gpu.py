@@ -20,9 +20,15 @@ from cputax.telemetry.base import Poller, Sample, kind_of, run_pollers
 from cputax.telemetry.host import HostPoller, Proc, System
 from cputax.telemetry.runner import TelemetryConfig, clock_sample, gpu_poller
 
-SHOWN = {"util": ("gpu",), "rates": ("gpu", "mem"), "gpm": ("gr_util", "sm_util", "sm_occupancy", "tensor_util"),
-         "activity": ("gfx", "umc", "xcp_gfx"), "activity_avg": ("gfx", "umc"),
-         "power": ("power_w", "sm_mhz", "gfx_mhz", "mem_used_mb", "vram_used_mb"), "proc_util": ("pid", "sm", "mem")}
+SHOWN = {
+    "util": ("gpu",),
+    "rates": ("gpu", "mem"),
+    "gpm": ("gr_util", "sm_util", "sm_occupancy", "tensor_util"),
+    "activity": ("gfx", "umc", "xcp_gfx"),
+    "activity_avg": ("gfx", "umc"),
+    "power": ("power_w", "sm_mhz", "gfx_mhz", "mem_used_mb", "vram_used_mb"),
+    "proc_util": ("pid", "sm", "mem"),
+}
 
 
 class LiveView:
@@ -80,8 +86,13 @@ def _pollers(backend: str, interval_ms: float, pid: int | None) -> list[Poller]:
     return [gpu, host] if pid else [gpu]
 
 
-def gpu_monitor(backend: str = "auto", interval_ms: float = 20.0, output: Path | None = None,
-                duration_s: float | None = None, pid: int | None = None) -> int:
+def gpu_monitor(
+    backend: str = "auto",
+    interval_ms: float = 20.0,
+    output: Path | None = None,
+    duration_s: float | None = None,
+    pid: int | None = None,
+) -> int:
     pollers = _pollers(backend, interval_ms, pid)
     console = Console(stderr=True)
     live = Console().is_terminal
@@ -108,7 +119,9 @@ def gpu_monitor(backend: str = "auto", interval_ms: float = 20.0, output: Path |
 
     sink(clock_sample())
     stats: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: stats.update(run_pollers(pollers, sink, stop)), daemon=True)
+    thread = threading.Thread(
+        target=lambda: stats.update(run_pollers(pollers, sink, stop)), daemon=True
+    )
     thread.start()
     end = time.monotonic() + duration_s if duration_s else float("inf")
     try:
@@ -131,9 +144,13 @@ def gpu_monitor(backend: str = "auto", interval_ms: float = 20.0, output: Path |
         info = p.close()
         for dev, series in info.get("series", {}).items():
             for name, res in series.items():
-                console.print(f"{p.name} {dev} {name}: resolution {res['resolution_ms']:.0f} ms ({res['basis']})")
+                console.print(
+                    f"{p.name} {dev} {name}: resolution {res['resolution_ms']:.0f} ms ({res['basis']})"
+                )
         if stats.get(p.name):
             cost = stats[p.name].summary()
-            console.print(f"{p.name}: {cost['polls']} polls, {cost['poll_ms_p50'] or 0:.2f} ms each (p50), "
-                          f"{cost['late']} late")
+            console.print(
+                f"{p.name}: {cost['polls']} polls, {cost['poll_ms_p50'] or 0:.2f} ms each (p50), "
+                f"{cost['late']} late"
+            )
     return 0

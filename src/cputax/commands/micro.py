@@ -42,21 +42,37 @@ def default_output() -> Path:
     return Path("results") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
 
 
-def suite_command(suite: str, mode: str, output: Path, tokenizer: str | None, cache_dir: Path,
-                  extra: list[str]) -> list[str]:
+def suite_command(
+    suite: str, mode: str, output: Path, tokenizer: str | None, cache_dir: Path, extra: list[str]
+) -> list[str]:
     """The pyperf command line of one suite; `extra` comes last so the user's options win."""
-    cmd = [sys.executable, "-m", "cputax.micro", suite, *MODE_FLAGS[mode], "--append", str(output),
-           "--inherit-environ", ",".join(THREAD_ENV), "--input-cache", str(cache_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cputax.micro",
+        suite,
+        *MODE_FLAGS[mode],
+        "--append",
+        str(output),
+        "--inherit-environ",
+        ",".join(THREAD_ENV),
+        "--input-cache",
+        str(cache_dir),
+    ]
     if tokenizer:
         cmd += ["--tokenizer", tokenizer]
     return cmd + list(extra)
 
 
-def _run_suite(cmd: list[str], names: set[str], progress: Progress, task: int) -> tuple[int, list[str]]:
+def _run_suite(
+    cmd: list[str], names: set[str], progress: Progress, task: int
+) -> tuple[int, list[str]]:
     """Run one suite, advancing its progress line per finished benchmark; keep the log's tail."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     tail: deque[str] = deque(maxlen=LOG_TAIL)
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             tail.append(line.rstrip("\n"))
@@ -66,8 +82,13 @@ def _run_suite(cmd: list[str], names: set[str], progress: Progress, task: int) -
     return proc.returncode, list(tail)
 
 
-def run_micro(suites: list[str], mode: str = "fast", output: Path | None = None,
-              tokenizer: str | None = None, extra: list[str] | None = None) -> int:
+def run_micro(
+    suites: list[str],
+    mode: str = "fast",
+    output: Path | None = None,
+    tokenizer: str | None = None,
+    extra: list[str] | None = None,
+) -> int:
     """Run `suites` in pyperf `mode` into `output`, print the summary; 0 if every suite passed."""
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
@@ -82,10 +103,18 @@ def run_micro(suites: list[str], mode: str = "fast", output: Path | None = None,
 
     console = Console(stderr=True)
     failed: list[str] = []
-    columns = (SpinnerColumn(), TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("benchmarks"), TimeElapsedColumn())
-    with tempfile.TemporaryDirectory(prefix="cputax-micro-") as cache_dir, \
-            Progress(*columns, console=console) as progress:
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("benchmarks"),
+        TimeElapsedColumn(),
+    )
+    with (
+        tempfile.TemporaryDirectory(prefix="cputax-micro-") as cache_dir,
+        Progress(*columns, console=console) as progress,
+    ):
         for suite in suites:
             names = {case.name for case in suite_cases(suite)}
             task = progress.add_task(suite, total=len(names))
@@ -93,14 +122,19 @@ def run_micro(suites: list[str], mode: str = "fast", output: Path | None = None,
             code, tail = _run_suite(cmd, names, progress, task)
             if code != 0:
                 failed.append(suite)
-                progress.console.print(f"[red]suite {suite} failed (exit {code}); last lines:[/red]")
+                progress.console.print(
+                    f"[red]suite {suite} failed (exit {code}); last lines:[/red]"
+                )
                 progress.console.print("\n".join(tail), markup=False, highlight=False)
     if output.exists():
         out = Console()
         if not out.is_terminal:
             out.width = SUMMARY_WIDTH  # rich assumes 80 columns for pipes and files
         out.print(table(output))
-        console.print(f"results: {output}  (compare runs: cputax micro --compare A.json B.json)", soft_wrap=True)
+        console.print(
+            f"results: {output}  (compare runs: cputax micro --compare A.json B.json)",
+            soft_wrap=True,
+        )
     if failed:
         console.print(f"[red]failed suites: {', '.join(failed)}[/red]")
         return 1

@@ -24,8 +24,13 @@ if TYPE_CHECKING:
 __all__ = ["profile"]
 
 
-def profile(discovery: Discovery, duration_s: float, out: Path | None, config: SamplerConfig,
-            ray: RayOptions | None = None) -> int:
+def profile(
+    discovery: Discovery,
+    duration_s: float,
+    out: Path | None,
+    config: SamplerConfig,
+    ray: RayOptions | None = None,
+) -> int:
     """Sample a running server for duration_s (while the user's own load runs), then attribute."""
     if ray is not None:
         return _profile_nodes(discovery, duration_s, out, config, ray)
@@ -35,7 +40,9 @@ def profile(discovery: Discovery, duration_s: float, out: Path | None, config: S
     monitor.start(run, {"kind": "external"})
     if monitor.problem:
         raise CputaxError(monitor.problem)
-    console.print(f"sampling for {duration_s:g} s (Ctrl-C stops early and keeps what was sampled)...")
+    console.print(
+        f"sampling for {duration_s:g} s (Ctrl-C stops early and keeps what was sampled)..."
+    )
     t0, _ = _sample(monitor, duration_s, console)
     run.write(run.profile_info, {"started_ns": t0, "duration_s": duration_s, **monitor.stop()})
     result = attribute_run(run)
@@ -47,7 +54,9 @@ def profile(discovery: Discovery, duration_s: float, out: Path | None, config: S
     return 0
 
 
-def _sample(monitor: PyspyMonitor | NodesMonitor, duration_s: float, console: Console) -> tuple[int, int]:
+def _sample(
+    monitor: PyspyMonitor | NodesMonitor, duration_s: float, console: Console
+) -> tuple[int, int]:
     """The one profile window, until `duration_s` has passed or Ctrl-C: its start and end (ns)."""
     t0 = time.monotonic_ns()
     monitor.scenario_start(PROFILE_WINDOW, t0)
@@ -60,34 +69,54 @@ def _sample(monitor: PyspyMonitor | NodesMonitor, duration_s: float, console: Co
     return t0, t1
 
 
-def _profile_nodes(discovery: Discovery, duration_s: float, out: Path | None, config: SamplerConfig,
-                   ray: RayOptions) -> int:
+def _profile_nodes(
+    discovery: Discovery,
+    duration_s: float,
+    out: Path | None,
+    config: SamplerConfig,
+    ray: RayOptions,
+) -> int:
     """`cputax profile --ray`: a node agent samples each server node (cluster.agents); files
     under nodes/<node>/, an attribution per node."""
     from cputax.cluster.agents import NodesMonitor
     from cputax.cluster.ray_env import Cluster
 
     if discovery.pid is not None:
-        raise CputaxError("--pid names a process on this host, not on the server nodes: with --ray give --port "
-                          "or --target, and each node's agent finds the server there")
+        raise CputaxError(
+            "--pid names a process on this host, not on the server nodes: with --ray give --port "
+            "or --target, and each node's agent finds the server there"
+        )
     console = Console(stderr=True)
     run = RunDir.create(out, prefix="profile-")
     with Cluster(ray) as cluster:
         nodes = cluster.server_nodes()
         if not nodes:
-            raise CputaxError("no server nodes: give --server-nodes NODE[:PORT],... or start the server nodes' Ray "
-                              "with --resources '{\"cputax-server\": 1}'")
-        target = {"kind": "external", "server": None if discovery.server == "auto" else discovery.server}
+            raise CputaxError(
+                "no server nodes: give --server-nodes NODE[:PORT],... or start the server nodes' Ray "
+                "with --resources '{\"cputax-server\": 1}'"
+            )
+        target = {
+            "kind": "external",
+            "server": None if discovery.server == "auto" else discovery.server,
+        }
         if discovery.port:
             target["endpoint"] = f"http://127.0.0.1:{discovery.port}"
-        monitor = NodesMonitor(cluster, nodes, TelemetryConfig(gpu="none"), PyspyOptions(config, discovery))
+        monitor = NodesMonitor(
+            cluster, nodes, TelemetryConfig(gpu="none"), PyspyOptions(config, discovery)
+        )
         monitor.start(run, target)
-        console.print(f"sampling {len(nodes)} node(s) for {duration_s:g} s (Ctrl-C stops early and keeps what was "
-                      "sampled)...")
+        console.print(
+            f"sampling {len(nodes)} node(s) for {duration_s:g} s (Ctrl-C stops early and keeps what was "
+            "sampled)..."
+        )
         t0, t1 = _sample(monitor, duration_s, console)
-        run.windows.write_bytes(orjson.dumps({"scenario": PROFILE_WINDOW, "start_ns": t0, "end_ns": t1,
-                                              "sent": 0}) + b"\n")
-        run.write(run.profile_info, {"started_ns": t0, "duration_s": duration_s, "nodes": monitor.stop()})
+        run.windows.write_bytes(
+            orjson.dumps({"scenario": PROFILE_WINDOW, "start_ns": t0, "end_ns": t1, "sent": 0})
+            + b"\n"
+        )
+        run.write(
+            run.profile_info, {"started_ns": t0, "duration_s": duration_s, "nodes": monitor.stop()}
+        )
     found = 0
     for node_run in run.nodes():
         result = attribute_run(node_run)

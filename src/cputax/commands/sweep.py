@@ -38,7 +38,9 @@ LOG_LINES = 6  # of a server that did not come up, shown under its one line
 
 @dataclass
 class SweepOptions:
-    run: RunOptions = field(default_factory=RunOptions)  # profile, scenarios, tokenizer, py-spy, telemetry
+    run: RunOptions = field(
+        default_factory=RunOptions
+    )  # profile, scenarios, tokenizer, py-spy, telemetry
     varies: list[str] = field(default_factory=list)
     repeat: int = 1
     out: Path | None = None
@@ -69,8 +71,10 @@ def _one_line(exc: CputaxError) -> tuple[str, list[str]]:
 def sweep(opts: SweepOptions) -> int:
     console = Console(stderr=True)
     if opts.run.endpoint:
-        raise CputaxError("cputax sweep starts the server itself for each configuration: drop --endpoint "
-                          "(use --serve-cmd 'vllm serve ... --port {port} {args}' for your own command)")
+        raise CputaxError(
+            "cputax sweep starts the server itself for each configuration: drop --endpoint "
+            "(use --serve-cmd 'vllm serve ... --port {port} {args}' for your own command)"
+        )
     table = get("vllm" if opts.run.target == "auto" else opts.run.target)
     if opts.serve_cmd is not None:
         table = command_table(table, opts.serve_cmd)
@@ -86,32 +90,54 @@ def sweep(opts: SweepOptions) -> int:
     out = SweepDir.create(opts.out)
     notes = {p.flag: p.note for _, p in varied if p is not None and p.note}
     info = Sweep(
-        profile=str(profile), target=table.name, serve_cmd=opts.serve_cmd, varies=opts.varies,
-        repeat=opts.repeat, notes=notes,
+        profile=str(profile),
+        target=table.name,
+        serve_cmd=opts.serve_cmd,
+        varies=opts.varies,
+        repeat=opts.repeat,
+        notes=notes,
         moves={knobs[0].flag: p.moves for knobs, p in varied if p is not None},
         configurations=[c.name for c in configs],
-        steps=[Step(configuration=s.configuration.name, repeat=s.repeat, folder=s.folder,
-                    args=list(s.configuration.args())) for s in steps],
+        steps=[
+            Step(
+                configuration=s.configuration.name,
+                repeat=s.repeat,
+                folder=s.folder,
+                args=list(s.configuration.args()),
+            )
+            for s in steps
+        ],
     )
     out.write_info(info)
-    console.print(f"sweep directory: {out}; {len(configs)} configurations x {opts.repeat} = {len(steps)} runs "
-                  f"of {profile.name}")
+    console.print(
+        f"sweep directory: {out}; {len(configs)} configurations x {opts.repeat} = {len(steps)} runs "
+        f"of {profile.name}"
+    )
     for note in dict.fromkeys(notes.values()):
         console.print(f"[yellow]note: {note}[/]")
     for i, (step, record) in enumerate(zip(steps, info.steps, strict=True)):
         name = step.configuration.name
-        console.rule(f"[{i + 1}/{len(steps)}] {name}" + (f" (repeat {step.repeat})" if opts.repeat > 1 else ""))
-        unknown = [k.flag for k in step.configuration.knobs if flags is not None and not flags.knows(k)]
+        console.rule(
+            f"[{i + 1}/{len(steps)}] {name}"
+            + (f" (repeat {step.repeat})" if opts.repeat > 1 else "")
+        )
+        unknown = [
+            k.flag for k in step.configuration.knobs if flags is not None and not flags.knows(k)
+        ]
         if unknown:
             record.status = "refused"
-            record.message = (f"unknown knob --{unknown[0]}: `{table.name} serve --help` does "
-                              "not list it")
+            record.message = (
+                f"unknown knob --{unknown[0]}: `{table.name} serve --help` does not list it"
+            )
             console.print(f"[red]{name}: {record.message}[/]")
         else:
-            run_opts = dataclasses.replace(opts.run, out=out.run(step.folder).path,
-                                           server_args=step.configuration.args(),
-                                           serve_cmd=opts.serve_cmd,
-                                           **step.configuration.own_options())
+            run_opts = dataclasses.replace(
+                opts.run,
+                out=out.run(step.folder).path,
+                server_args=step.configuration.args(),
+                serve_cmd=opts.serve_cmd,
+                **step.configuration.own_options(),
+            )
             try:
                 results = run_profile(run_opts)
             except CputaxError as exc:

@@ -70,8 +70,14 @@ def plan_points(
     is slower), then per repeat the baseline and every (component, k>0), components
     interleaved within each k; every other repeat reversed."""
     points: list[dict[str, Any]] = [
-        {"component": None, "k": 0.0, "repeat": -1, "folder": "warmup", "status": "planned",
-         "warmup": True}
+        {
+            "component": None,
+            "k": 0.0,
+            "repeat": -1,
+            "folder": "warmup",
+            "status": "planned",
+            "warmup": True,
+        }
     ]
     for r in range(repeat):
         one = [(None, 0.0)] + [(c, k) for k in slowdowns if k > 0 for c in components]

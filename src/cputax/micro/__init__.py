@@ -4,7 +4,12 @@
 """
 
 # suite name (benchmark prefix, `cputax micro --suite`) -> its module in cputax.micro
-SUITES = {"tokenize": "tokenization", "json": "payloads", "hash": "hashing", "sse": "chunks",
-          "detok": "detokenization"}
+SUITES = {
+    "tokenize": "tokenization",
+    "json": "payloads",
+    "hash": "hashing",
+    "sse": "chunks",
+    "detok": "detokenization",
+}
 
 __all__ = ["SUITES"]

@@ -13,7 +13,10 @@ from cputax.micro.harness import SUITES, run_suite
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in SUITES:
-        print(f"usage: python -m cputax.micro {{{','.join(SUITES)}}} [pyperf options]", file=sys.stderr)
+        print(
+            f"usage: python -m cputax.micro {{{','.join(SUITES)}}} [pyperf options]",
+            file=sys.stderr,
+        )
         return 2
     suite = argv[0]
     run_suite(suite, argv[1:], program_args=("-m", "cputax.micro", suite))

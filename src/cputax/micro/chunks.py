@@ -39,13 +39,23 @@ DONE = b"data: [DONE]\n\n"
 READ_MIN, READ_MAX = 1448, 16384
 
 
-def event(delta: dict[str, Any] | None, finish_reason: str | None = None,
-          usage: dict[str, int] | None = None) -> bytes:
+def event(
+    delta: dict[str, Any] | None,
+    finish_reason: str | None = None,
+    usage: dict[str, int] | None = None,
+) -> bytes:
     """One SSE event as vLLM writes it (pydantic's compact JSON; choices empty on the usage chunk)."""
-    chunk: dict[str, Any] = {"id": COMPLETION_ID, "object": "chat.completion.chunk",
-                             "created": CREATED, "model": MODEL, "choices": []}
+    chunk: dict[str, Any] = {
+        "id": COMPLETION_ID,
+        "object": "chat.completion.chunk",
+        "created": CREATED,
+        "model": MODEL,
+        "choices": [],
+    }
     if delta is not None:
-        chunk["choices"].append({"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason})
+        chunk["choices"].append(
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        )
     if usage is not None:
         chunk["usage"] = usage
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
@@ -67,13 +77,36 @@ def stream_events(prose: list[str], arguments: list[str], tool_name: str) -> lis
     """Every event of one streamed response that ends in a tool call."""
     events = [event({"role": "assistant", "content": ""})]
     events += [event({"content": piece}) for piece in prose]
-    events.append(event({"tool_calls": [{"id": CALL_ID, "type": "function", "index": 0,
-                                         "function": {"name": tool_name, "arguments": ""}}]}))
-    events += [event({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}) for piece in arguments]
+    events.append(
+        event(
+            {
+                "tool_calls": [
+                    {
+                        "id": CALL_ID,
+                        "type": "function",
+                        "index": 0,
+                        "function": {"name": tool_name, "arguments": ""},
+                    }
+                ]
+            }
+        )
+    )
+    events += [
+        event({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+        for piece in arguments
+    ]
     events.append(event({}, finish_reason="tool_calls"))
     n_out = len(prose) + len(arguments)
-    events.append(event(None, usage={"prompt_tokens": PROMPT_TOKENS, "total_tokens": PROMPT_TOKENS + n_out,
-                                     "completion_tokens": n_out}))
+    events.append(
+        event(
+            None,
+            usage={
+                "prompt_tokens": PROMPT_TOKENS,
+                "total_tokens": PROMPT_TOKENS + n_out,
+                "completion_tokens": n_out,
+            },
+        )
+    )
     return events
 
 
@@ -116,13 +149,17 @@ def consume_stream(reads: list[bytes], loads: Loads) -> dict[str, Any]:
                 if delta.get("content"):
                     content.append(delta["content"])
                 for call in delta.get("tool_calls", ()):
-                    slot = calls.setdefault(call["index"], {"id": None, "name": None, "arguments": []})
+                    slot = calls.setdefault(
+                        call["index"], {"id": None, "name": None, "arguments": []}
+                    )
                     slot["id"] = call.get("id", slot["id"])
                     function = call.get("function", {})
                     slot["name"] = function.get("name", slot["name"])
                     slot["arguments"].append(function.get("arguments", ""))
-    tool_calls = [{"id": c["id"], "name": c["name"], "arguments": "".join(c["arguments"])}
-                  for _, c in sorted(calls.items())]
+    tool_calls = [
+        {"id": c["id"], "name": c["name"], "arguments": "".join(c["arguments"])}
+        for _, c in sorted(calls.items())
+    ]
     return {"content": "".join(content), "tool_calls": tool_calls, "usage": usage}
 
 
@@ -136,7 +173,9 @@ def stream_parts(inputs: Inputs) -> tuple[list[str], list[str], str]:
         n_args = STREAM_CHUNKS - 4 - CONTENT_CHUNKS  # role, tool-call header, finish, usage
         body = inputs.corpus(n_args + 64, seed=701).text
         arguments_text = orjson.dumps({"path": "src/agent/loop.py", "content": body}).decode()
-        arguments = token_pieces(arguments_text, tok.encode(arguments_text, add_special_tokens=False).offsets)
+        arguments = token_pieces(
+            arguments_text, tok.encode(arguments_text, add_special_tokens=False).offsets
+        )
         # Trim to exactly STREAM_CHUNKS events; the arguments then stop mid-string, which
         # the parser does not care about.
         return prose[:CONTENT_CHUNKS], arguments[:n_args], "write_file"
@@ -150,8 +189,14 @@ def _chunk(shape: str, loads: Loads, inputs: Inputs) -> Prepared:
         "role": event({"role": "assistant", "content": ""}),
         "content": event({"content": prose[1]}),
         "tool_args": event({"tool_calls": [{"index": 0, "function": {"arguments": arguments[1]}}]}),
-        "usage": event(None, usage={"prompt_tokens": PROMPT_TOKENS, "total_tokens": PROMPT_TOKENS + 64,
-                                    "completion_tokens": 64}),
+        "usage": event(
+            None,
+            usage={
+                "prompt_tokens": PROMPT_TOKENS,
+                "total_tokens": PROMPT_TOKENS + 64,
+                "completion_tokens": 64,
+            },
+        ),
     }[shape]
     return Prepared((raw, loads), {"chunk_bytes": len(raw)})
 
@@ -169,13 +214,22 @@ def _stream(loads: Loads, inputs: Inputs) -> Prepared:
 
 def cases() -> list[Case]:
     out = [
-        Case(f"sse.chunk_{lib}[{shape}]", parse_event, partial(_chunk, shape, loads), Report("us/chunk"))
+        Case(
+            f"sse.chunk_{lib}[{shape}]",
+            parse_event,
+            partial(_chunk, shape, loads),
+            Report("us/chunk"),
+        )
         for shape in SHAPES
         for lib, loads in LOADS.items()
     ]
     out += [
-        Case(f"sse.stream_{lib}[{STREAM_CHUNKS}]", consume_stream, partial(_stream, loads),
-             Report("us/chunk", STREAM_CHUNKS))
+        Case(
+            f"sse.stream_{lib}[{STREAM_CHUNKS}]",
+            consume_stream,
+            partial(_stream, loads),
+            Report("us/chunk", STREAM_CHUNKS),
+        )
         for lib, loads in LOADS.items()
     ]
     return out

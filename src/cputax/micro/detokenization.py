@@ -52,7 +52,9 @@ def first_token_primed(tokenizer: Tokenizer, prompt: list[int], first: int) -> s
 
 def _generated(n_tokens: int, inputs: Inputs) -> Prepared:
     ids = inputs.corpus(n_tokens, seed=OUTPUT_SEED).ids
-    return Prepared((inputs.tokenizer.tokenizer, ids), {"input_tokens": len(ids), "output_tokens": len(ids)})
+    return Prepared(
+        (inputs.tokenizer.tokenizer, ids), {"input_tokens": len(ids), "output_tokens": len(ids)}
+    )
 
 
 def _primed(n_prompt: int, inputs: Inputs) -> Prepared:
@@ -68,7 +70,12 @@ def cases() -> list[Case]:
         for step in (decode_stream, decode_full, decode_each)
     ]
     out += [
-        Case(f"detok.first_token_primed[{p}]", first_token_primed, partial(_primed, p), Report("ms/request"))
+        Case(
+            f"detok.first_token_primed[{p}]",
+            first_token_primed,
+            partial(_primed, p),
+            Report("ms/request"),
+        )
         for p in PROMPT_SIZES
     ]
     return out

@@ -99,13 +99,21 @@ def _runs_here(args: Any, index: int) -> bool:
     return bool(args.in_process)
 
 
-def run_suite(suite: str, argv: Sequence[str] | None = None, program_args: tuple[str, ...] | None = None) -> None:
+def run_suite(
+    suite: str, argv: Sequence[str] | None = None, program_args: tuple[str, ...] | None = None
+) -> None:
     """Run one suite under pyperf; `argv` holds pyperf options plus --tokenizer and --input-cache."""
-    runner = pyperf.Runner(processes=PROCESSES, program_args=program_args, add_cmdline_args=_worker_args)
+    runner = pyperf.Runner(
+        processes=PROCESSES, program_args=program_args, add_cmdline_args=_worker_args
+    )
     if program_args:
         runner.argparser.prog = " ".join(("python", *program_args))
-    runner.argparser.add_argument("--tokenizer", help="tokenizer.json path, model directory or hub id")
-    runner.argparser.add_argument("--input-cache", help="directory where workers share built inputs")
+    runner.argparser.add_argument(
+        "--tokenizer", help="tokenizer.json path, model directory or hub id"
+    )
+    runner.argparser.add_argument(
+        "--input-cache", help="directory where workers share built inputs"
+    )
     args = runner.parse_args(list(argv) if argv is not None else None)
     inputs = Inputs(args.tokenizer, Path(args.input_cache) if args.input_cache else None)
     for index, case in enumerate(suite_cases(suite)):
@@ -115,4 +123,3 @@ def run_suite(suite: str, argv: Sequence[str] | None = None, program_args: tuple
         prepared = case.prepare(inputs)
         metadata = {**library_metadata(), **inputs.tokenizer_metadata(), **prepared.metadata}
         runner.bench_func(case.name, case.step, *prepared.args, metadata=metadata)
-

@@ -54,7 +54,9 @@ HASH_FNS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def block_hashes(ids: list[int], hash_fn: Callable[[Any], Any], block_size: int = BLOCK_SIZE) -> list[Any]:
+def block_hashes(
+    ids: list[int], hash_fn: Callable[[Any], Any], block_size: int = BLOCK_SIZE
+) -> list[Any]:
     """vLLM's chained per-block keys (full blocks only; no extra keys: no LoRA, images, salt)."""
     parent = hash_fn(SEED)
     keys = []
@@ -96,6 +98,8 @@ def cases() -> list[Case]:
         Case(f"hash.{algo}[{N_TOKENS}]", block_hashes, partial(_ids, (fn,)), report)
         for algo, fn in HASH_FNS.items()
     ]
-    out.append(Case(f"hash.lmcache_sha256[{N_TOKENS}]", lmcache_chunk_keys, partial(_ids, ()), report))
+    out.append(
+        Case(f"hash.lmcache_sha256[{N_TOKENS}]", lmcache_chunk_keys, partial(_ids, ()), report)
+    )
     out.append(Case(f"hash.sha256_buffer[{N_TOKENS}]", sha256_buffer, _buffer, report))
     return out

@@ -71,8 +71,12 @@ def _prepare(n_tokens: int, parse: bool, inputs: Inputs) -> Prepared:
 
 
 def cases() -> list[Case]:
-    steps = (("build_stdlib", build_stdlib, False), ("build_orjson", build_orjson, False),
-             ("parse_stdlib", parse_stdlib, True), ("parse_orjson", parse_orjson, True))
+    steps = (
+        ("build_stdlib", build_stdlib, False),
+        ("build_orjson", build_orjson, False),
+        ("parse_stdlib", parse_stdlib, True),
+        ("parse_orjson", parse_orjson, True),
+    )
     return [
         Case(f"json.{label}[{n}]", step, partial(_prepare, n, parse), Report("ms/request"))
         for n in SIZES

@@ -86,9 +86,18 @@ def rows(suite: pyperf.BenchmarkSuite) -> list[Row]:
         value, unit = display(name, mean)
         study_s = STUDY_SECONDS.get(name)
         tokens = bench.get_metadata().get("input_tokens")
-        out.append(Row(name, tokens, mean, rel, value, unit,
-                       display(name, study_s)[0] if study_s else None,
-                       mean / study_s if study_s else None))
+        out.append(
+            Row(
+                name,
+                tokens,
+                mean,
+                rel,
+                value,
+                unit,
+                display(name, study_s)[0] if study_s else None,
+                mean / study_s if study_s else None,
+            )
+        )
     return out
 
 

@@ -33,7 +33,9 @@ def encode(tokenizer: Tokenizer, text: str) -> Encoding:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def render_and_encode(tokenizer: Tokenizer, messages: list[Message], tools: list[dict[str, Any]] | None) -> Encoding:
+def render_and_encode(
+    tokenizer: Tokenizer, messages: list[Message], tools: list[dict[str, Any]] | None
+) -> Encoding:
     # The template already holds the special tokens, as in vLLM's chat path.
     return tokenizer.encode(render_chat(messages, tools), add_special_tokens=False)
 
@@ -56,7 +58,11 @@ def _conversation(n_tokens: int, with_tokenizer: bool, inputs: Inputs) -> Prepar
     args = (conv.messages, conv.tools)
     if with_tokenizer:
         args = (inputs.tokenizer.tokenizer, *args)
-    meta = {"input_tokens": conv.tokens, "messages": len(conv.messages), "tools": len(conv.tools or ())}
+    meta = {
+        "input_tokens": conv.tokens,
+        "messages": len(conv.messages),
+        "tools": len(conv.tools or ()),
+    }
     return Prepared(args, meta)
 
 
@@ -73,9 +79,21 @@ def cases() -> list[Case]:
         for n in STUDY_SIZES
     ]
     for n in TEMPLATE_SIZES:
-        out.append(Case(f"tokenize.render[{n}]", render_chat, partial(_conversation, n, False), Report("tokens/s", n)))
         out.append(
-            Case(f"tokenize.chat_template[{n}]", render_and_encode, partial(_conversation, n, True), Report("tokens/s", n))
+            Case(
+                f"tokenize.render[{n}]",
+                render_chat,
+                partial(_conversation, n, False),
+                Report("tokens/s", n),
+            )
+        )
+        out.append(
+            Case(
+                f"tokenize.chat_template[{n}]",
+                render_and_encode,
+                partial(_conversation, n, True),
+                Report("tokens/s", n),
+            )
         )
     batch = Report("tokens/s", BATCH_PROMPTS * BATCH_TOKENS)
     out.append(Case(f"tokenize.encode_loop[{BATCH_PARAM}]", encode_loop, _batch, batch))

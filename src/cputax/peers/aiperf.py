@@ -28,14 +28,39 @@ def find() -> str | None:
     return find_cli(ENV, "aiperf")
 
 
-def command(exe: str, url: str, model: str, streams: int, requests: int, tokens: int, out: Path) -> list[str]:
+def command(
+    exe: str, url: str, model: str, streams: int, requests: int, tokens: int, out: Path
+) -> list[str]:
     """`aiperf profile` for this load: streaming chat, a closed loop of `streams`, one
     warm-up request per stream, a short synthetic prompt, no UI."""
-    return [exe, "profile", "--model", model, "--url", url, "--endpoint-type", "chat", "--streaming",
-            "--tokenizer", tokenizer_dir(), "--concurrency", str(streams), "--request-count", str(requests),
-            "--warmup-request-count", str(streams), "--prompt-input-tokens-mean", "32",
-            "--prompt-output-tokens-mean", str(tokens), "--output-artifact-dir", str(out),
-            "--ui-type", "none", "--no-auto-plot"]
+    return [
+        exe,
+        "profile",
+        "--model",
+        model,
+        "--url",
+        url,
+        "--endpoint-type",
+        "chat",
+        "--streaming",
+        "--tokenizer",
+        tokenizer_dir(),
+        "--concurrency",
+        str(streams),
+        "--request-count",
+        str(requests),
+        "--warmup-request-count",
+        str(streams),
+        "--prompt-input-tokens-mean",
+        "32",
+        "--prompt-output-tokens-mean",
+        str(tokens),
+        "--output-artifact-dir",
+        str(out),
+        "--ui-type",
+        "none",
+        "--no-auto-plot",
+    ]
 
 
 def run(url: str, model: str, streams: int, requests: int, tokens: int) -> dict[str, Any]:
@@ -78,7 +103,15 @@ def parse_export(path: Path, clock: Clock) -> dict[str, Any]:
             tokens.append(first)
             for gap in (metrics.get("inter_chunk_latency") or {}).get("value") or []:
                 tokens.append(tokens[-1] + round(gap * 1e6))
-        requests.append({"key": meta.get("x_request_id"), "ok": error is None and first is not None,
-                         "error": (error or {}).get("message") if isinstance(error, dict) else error,
-                         "first": first, "first_kernel": None, "tokens": tokens, "tokens_kernel": []})
+        requests.append(
+            {
+                "key": meta.get("x_request_id"),
+                "ok": error is None and first is not None,
+                "error": (error or {}).get("message") if isinstance(error, dict) else error,
+                "first": first,
+                "first_kernel": None,
+                "tokens": tokens,
+                "tokens_kernel": [],
+            }
+        )
     return {"requests": requests, "start_ns": start or 0, "end_ns": end or 0}

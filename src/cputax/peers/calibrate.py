@@ -53,33 +53,83 @@ from cputax.targets.model import default_cache_dir
 from cputax.targets.stub import StubConfig, StubServer
 from cputax.util import cpu_model, percentile
 
-__all__ = ["CEILING_SHARE", "FAST", "KEYS", "PEER_KEYS", "TIMED", "ceiling_line",
-           "errors_against_truth", "failed", "load_ceiling", "paired_ratios", "peers",
-           "run_calibration", "save_ceiling"]
+__all__ = [
+    "CEILING_SHARE",
+    "FAST",
+    "KEYS",
+    "PEER_KEYS",
+    "TIMED",
+    "ceiling_line",
+    "errors_against_truth",
+    "failed",
+    "load_ceiling",
+    "paired_ratios",
+    "peers",
+    "run_calibration",
+    "save_ceiling",
+]
 
-TIMED = StubConfig(headers_delay_ms=5.0, first_token_delay_ms=20.0, inter_token_delay_ms=5.0,
-                   output_tokens=64, token_truth=True)
+TIMED = StubConfig(
+    headers_delay_ms=5.0,
+    first_token_delay_ms=20.0,
+    inter_token_delay_ms=5.0,
+    output_tokens=64,
+    token_truth=True,
+)
 FAST = StubConfig(output_tokens=64)
 # an offered rate above this share of the ceiling measures the client falling behind
 CEILING_SHARE = 0.8
 _MESSAGES = [
-    {"role": "system",
-     "content": "You are a coding agent. Use the tools to read, edit and test code."},
-    {"role": "user",
-     "content": "Run the test suite and fix the first failing test in src/parser.py."},
+    {
+        "role": "system",
+        "content": "You are a coding agent. Use the tools to read, edit and test code.",
+    },
+    {
+        "role": "user",
+        "content": "Run the test suite and fix the first failing test in src/parser.py.",
+    },
 ]
 # every level's fields (results.calibration.Level), as `calibrate --json` documents them
-KEYS = ("concurrency", "requests", "errors", "client_cpu_us_per_chunk", "parse_cpu_us_per_chunk",
-        "client_build_cpu_us", "offered_chunks_per_s", "max_chunks_per_s", "past_ceiling",
-        "ttft_error_ms_p50", "ttft_error_ms_p99", "ttft_error_kernel_ms_p50",
-        "ttft_error_kernel_ms_p99", "itl_error_ms_p99", "itl_error_kernel_ms_p99",
-        "headers_error_ms_p50", "headers_error_ms_p99", "client_lag_ms_p50", "client_lag_ms_p99",
-        "shared_stamps_pct")
-PEER_KEYS = ("client", "streams", "cpu_us_per_chunk", "ttft_error_ms_p50", "ttft_error_ms_p99",
-             "max_chunks_per_s")
+KEYS = (
+    "concurrency",
+    "requests",
+    "errors",
+    "client_cpu_us_per_chunk",
+    "parse_cpu_us_per_chunk",
+    "client_build_cpu_us",
+    "offered_chunks_per_s",
+    "max_chunks_per_s",
+    "past_ceiling",
+    "ttft_error_ms_p50",
+    "ttft_error_ms_p99",
+    "ttft_error_kernel_ms_p50",
+    "ttft_error_kernel_ms_p99",
+    "itl_error_ms_p99",
+    "itl_error_kernel_ms_p99",
+    "headers_error_ms_p50",
+    "headers_error_ms_p99",
+    "client_lag_ms_p50",
+    "client_lag_ms_p99",
+    "shared_stamps_pct",
+)
+PEER_KEYS = (
+    "client",
+    "streams",
+    "cpu_us_per_chunk",
+    "ttft_error_ms_p50",
+    "ttft_error_ms_p99",
+    "max_chunks_per_s",
+)
 # a peer's figures taken as the median over its repeats (peers_row)
-_MEDIANS = ("cpu_us_per_chunk", "ttft_error_ms_p50", "ttft_error_ms_p99", "itl_error_ms_p99",
-            "ttft_error_loop_ms_p99", "itl_error_loop_ms_p99", "max_chunks_per_s")
+_MEDIANS = (
+    "cpu_us_per_chunk",
+    "ttft_error_ms_p50",
+    "ttft_error_ms_p99",
+    "itl_error_ms_p99",
+    "ttft_error_loop_ms_p99",
+    "itl_error_loop_ms_p99",
+    "max_chunks_per_s",
+)
 _RATIOS = ("cpu_us_per_chunk", "ttft_error_ms_p99", "itl_error_ms_p99", "max_chunks_per_s")
 
 
@@ -101,8 +151,9 @@ def _chunks_sent(requests: int, tokens: int) -> int:
     return requests * (tokens + 2)
 
 
-async def _closed_loop(client: StreamingClient, concurrency: int,
-                       n: int) -> tuple[list[RequestRecord], int, float]:
+async def _closed_loop(
+    client: StreamingClient, concurrency: int, n: int
+) -> tuple[list[RequestRecord], int, float]:
     """n requests from `concurrency` workers; the records, the wall time, the process's CPU
     seconds."""
     records: list[RequestRecord] = []
@@ -120,8 +171,9 @@ async def _closed_loop(client: StreamingClient, concurrency: int,
     return records, time.monotonic_ns() - start, cpu
 
 
-def errors_against_truth(seen: list[dict[str, Any]],
-                         truth: dict[str, dict[str, Any]]) -> dict[str, list[float]]:
+def errors_against_truth(
+    seen: list[dict[str, Any]], truth: dict[str, dict[str, Any]]
+) -> dict[str, list[float]]:
     """Per request seen (key, first, first_kernel, tokens, tokens_kernel), the error of its
     first-token time and of each gap between tokens against the stub's send times, ms."""
     out: dict[str, list[float]] = {"ttft": [], "ttft_kernel": [], "itl": [], "itl_kernel": []}
@@ -138,23 +190,29 @@ def errors_against_truth(seen: list[dict[str, Any]],
             if n >= 2 and len(tokens) == n:
                 out["itl" + suffix] += [
                     ((tokens[k] - tokens[k - 1]) - (true_tokens[k] - true_tokens[k - 1])) / 1e6
-                    for k in range(1, n)]
+                    for k in range(1, n)
+                ]
     return out
 
 
 def _seen(records: list[RequestRecord]) -> list[dict[str, Any]]:
-    return [{"key": r.extra.get("response_id"), "first": r.t_first_token,
-             "first_kernel": r.t_first_token_kernel,
-             "tokens": [t for t, _ in r.extra.get("token_ns", [])],
-             "tokens_kernel": [k for _, k in r.extra.get("token_ns", [])]} for r in records]
+    return [
+        {
+            "key": r.extra.get("response_id"),
+            "first": r.t_first_token,
+            "first_kernel": r.t_first_token_kernel,
+            "tokens": [t for t, _ in r.extra.get("token_ns", [])],
+            "tokens_kernel": [k for _, k in r.extra.get("token_ns", [])],
+        }
+        for r in records
+    ]
 
 
 def _abs_p99(values: list[float]) -> float | None:
     return _rounded(_percentile([abs(v) for v in values], 0.99))
 
 
-async def _level(timed: StreamingClient, fast: StreamingClient, concurrency: int,
-                 n: int) -> Level:
+async def _level(timed: StreamingClient, fast: StreamingClient, concurrency: int, n: int) -> Level:
     for client in (timed, fast):  # open the connections; their setup is not what we measure
         await _closed_loop(client, concurrency, concurrency)
     await timed.get_json("/stub/truth")  # forget the warm-up
@@ -165,11 +223,16 @@ async def _level(timed: StreamingClient, fast: StreamingClient, concurrency: int
     failures = [r for r in records + fast_records if not r.ok]
     chunks = _chunks_sent(len(records), TIMED.output_tokens)
     errors = errors_against_truth(_seen(records), truth)
-    headers = [(r.t_headers - truth[r.extra["response_id"]]["headers_ns"]) / 1e6
-               for r in records
-               if r.t_headers is not None and r.extra.get("response_id") in truth]
-    lag = [(r.t_first_token - r.t_first_token_kernel) / 1e6 for r in records
-           if r.t_first_token is not None and r.t_first_token_kernel is not None]
+    headers = [
+        (r.t_headers - truth[r.extra["response_id"]]["headers_ns"]) / 1e6
+        for r in records
+        if r.t_headers is not None and r.extra.get("response_id") in truth
+    ]
+    lag = [
+        (r.t_first_token - r.t_first_token_kernel) / 1e6
+        for r in records
+        if r.t_first_token is not None and r.t_first_token_kernel is not None
+    ]
     parsed = sum(r.chunks for r in records)
     offered = round(concurrency * 1000 / TIMED.inter_token_delay_ms)
     ceiling = round(_chunks_sent(len(fast_records), FAST.output_tokens) / (wall_ns / 1e9))
@@ -179,7 +242,8 @@ async def _level(timed: StreamingClient, fast: StreamingClient, concurrency: int
         errors=len(failures),
         client_cpu_us_per_chunk=_rounded(cpu_s / chunks * 1e6 if chunks else None),
         parse_cpu_us_per_chunk=_rounded(
-            sum(r.parse_s for r in records) / parsed * 1e6 if parsed else None),
+            sum(r.parse_s for r in records) / parsed * 1e6 if parsed else None
+        ),
         client_build_cpu_us=_rounded(sum(r.build_s for r in records) / len(records) * 1e6),
         offered_chunks_per_s=offered,
         max_chunks_per_s=ceiling,
@@ -195,17 +259,20 @@ async def _level(timed: StreamingClient, fast: StreamingClient, concurrency: int
         client_lag_ms_p50=_rounded(_percentile(lag, 0.5)),
         client_lag_ms_p99=_rounded(_percentile(lag, 0.99)),
         shared_stamps_pct=_rounded(
-            100 * sum(r.shared_stamps for r in records) / parsed if parsed else None),
+            100 * sum(r.shared_stamps for r in records) / parsed if parsed else None
+        ),
         first_error=failures[0].error if failures else None,
     )
 
 
 def _note(cpus: int) -> str:
-    return (f"the stub runs in child processes on the same {cpus} CPUs as the client: "
-            "max_chunks_per_s is for client and stub together, a lower bound for the client "
-            "alone; a level past the ceiling (offered above "
-            f"{CEILING_SHARE:.0%} of it) measures the client falling behind, which the loop's "
-            "stamps carry and the kernel's do not")
+    return (
+        f"the stub runs in child processes on the same {cpus} CPUs as the client: "
+        "max_chunks_per_s is for client and stub together, a lower bound for the client "
+        "alone; a level past the ceiling (offered above "
+        f"{CEILING_SHARE:.0%} of it) measures the client falling behind, which the loop's "
+        "stamps carry and the kernel's do not"
+    )
 
 
 def ceiling_line(result: Calibration) -> str | None:
@@ -213,10 +280,12 @@ def ceiling_line(result: Calibration) -> str | None:
     past = [str(level.concurrency) for level in result.levels if level.past_ceiling]
     if not past:
         return None
-    return (f"Past the ceiling at concurrency {', '.join(past)}: the offered rate is above "
-            f"{CEILING_SHARE:.0%} of what client and stub can do together here; the loop's "
-            "stamps there include the client falling behind, the kernel's do not. A run whose "
-            "chunk rate is that high measures this machine as much as the server.")
+    return (
+        f"Past the ceiling at concurrency {', '.join(past)}: the offered rate is above "
+        f"{CEILING_SHARE:.0%} of what client and stub can do together here; the loop's "
+        "stamps there include the client falling behind, the kernel's do not. A run whose "
+        "chunk rate is that high measures this machine as much as the server."
+    )
 
 
 def failed(result: Calibration | PeersResult) -> bool:
@@ -225,25 +294,30 @@ def failed(result: Calibration | PeersResult) -> bool:
     return any(row.errors for row in rows)
 
 
-async def run_calibration(concurrencies: list[int],
-                          requests_per_level: int | None = None) -> Calibration:
+async def run_calibration(
+    concurrencies: list[int], requests_per_level: int | None = None
+) -> Calibration:
     """Measure every level against fresh stub processes; the result is what --json prints."""
     limit = max(concurrencies)
-    with StubServer(TIMED, process=True) as timed_stub, \
-            StubServer(FAST, process=True) as fast_stub:
-        async with StreamingClient(timed_stub.url, max_connections=limit,
-                                   keep_chunks=True) as timed, \
-                StreamingClient(fast_stub.url, max_connections=limit) as fast:
+    with StubServer(TIMED, process=True) as timed_stub, StubServer(FAST, process=True) as fast_stub:
+        async with (
+            StreamingClient(timed_stub.url, max_connections=limit, keep_chunks=True) as timed,
+            StreamingClient(fast_stub.url, max_connections=limit) as fast,
+        ):
             kernel = timed.kernel_stamps
-            levels = [await _level(timed, fast, c, requests_per_level or max(32, 4 * c))
-                      for c in concurrencies]
+            levels = [
+                await _level(timed, fast, c, requests_per_level or max(32, 4 * c))
+                for c in concurrencies
+            ]
             clock, steps = timed.clock, timed.clock_steps
     cpus = os.cpu_count() or 1
     return Calibration(
-        timed_stub=StubTimings(headers_delay_ms=TIMED.headers_delay_ms,
-                               first_token_delay_ms=TIMED.first_token_delay_ms,
-                               inter_token_delay_ms=TIMED.inter_token_delay_ms,
-                               output_tokens=TIMED.output_tokens),
+        timed_stub=StubTimings(
+            headers_delay_ms=TIMED.headers_delay_ms,
+            first_token_delay_ms=TIMED.first_token_delay_ms,
+            inter_token_delay_ms=TIMED.inter_token_delay_ms,
+            output_tokens=TIMED.output_tokens,
+        ),
         cpus=cpus,
         kernel_stamps=kernel,
         clock_conversion_error_us=round(clock.error_ns / 1e3, 3),
@@ -253,8 +327,12 @@ async def run_calibration(concurrencies: list[int],
     )
 
 
-def peers(streams: list[int], requests_per_level: int | None = None,
-          clients: tuple[str, ...] = PEERS, repeat: int = 1) -> PeersResult:
+def peers(
+    streams: list[int],
+    requests_per_level: int | None = None,
+    clients: tuple[str, ...] = PEERS,
+    repeat: int = 1,
+) -> PeersResult:
     """Every client that can run here, at each level, against one timed and one fast stub,
     the order alternating between levels and repeats; the result is what `calibrate --peers
     --json` prints. A client's TTFT and ITL errors are those of the times it reports: for
@@ -268,8 +346,10 @@ def peers(streams: list[int], requests_per_level: int | None = None,
         else:
             runnable.append(client)
     runs: dict[tuple[str, int], list[PeerRun]] = {}
-    with StubServer(TIMED, process=True) as timed_stub, \
-            StubServer(replace(FAST, token_truth=False), process=True) as fast_stub:
+    with (
+        StubServer(TIMED, process=True) as timed_stub,
+        StubServer(replace(FAST, token_truth=False), process=True) as fast_stub,
+    ):
         turn = 0
         for _ in range(repeat):
             for n_streams in streams:
@@ -278,14 +358,23 @@ def peers(streams: list[int], requests_per_level: int | None = None,
                 turn += 1
                 for client in order:
                     runs.setdefault((client, n_streams), []).append(
-                        _peer_once(client, timed_stub.url, fast_stub.url, n_streams, n))
-    rows = [_median_row(found, runs.get(("cputax", n_streams)))
-            for (_, n_streams), found in runs.items()]
+                        _peer_once(client, timed_stub.url, fast_stub.url, n_streams, n)
+                    )
+    rows = [
+        _median_row(found, runs.get(("cputax", n_streams)))
+        for (_, n_streams), found in runs.items()
+    ]
     rows.sort(key=lambda r: (r.streams, r.client != "cputax", r.client))
     cpus = os.cpu_count() or 1
-    return PeersResult(peers=rows, skipped=skipped, cpus=cpus, cpu_model=cpu_model(),
-                       repeat=repeat, timed_stub=msgspec.convert(asdict(TIMED), PeerStub),
-                       note=_note(cpus))
+    return PeersResult(
+        peers=rows,
+        skipped=skipped,
+        cpus=cpus,
+        cpu_model=cpu_model(),
+        repeat=repeat,
+        timed_stub=msgspec.convert(asdict(TIMED), PeerStub),
+        note=_note(cpus),
+    )
 
 
 def _peer_once(client: str, timed_url: str, fast_url: str, n_streams: int, n: int) -> PeerRun:
@@ -300,7 +389,10 @@ def _peer_once(client: str, timed_url: str, fast_url: str, n_streams: int, n: in
     chunks = _chunks_sent(len(timed_run.requests), TIMED.output_tokens)
     fast_chunks = _chunks_sent(len(fast_run.requests), FAST.output_tokens)
     return PeerRun(
-        client=client, streams=n_streams, requests=n, stamps="kernel" if kernel else "loop",
+        client=client,
+        streams=n_streams,
+        requests=n,
+        stamps="kernel" if kernel else "loop",
         errors=sum(not r["ok"] for r in timed_run.requests + fast_run.requests),
         cpu_us_per_chunk=_rounded(timed_run.cpu_s / chunks * 1e6),
         ttft_error_ms_p50=_rounded(_percentile(errors["ttft" + reported], 0.5)),
@@ -320,11 +412,13 @@ def paired_ratios(theirs: list[PeerRun], ours: list[PeerRun]) -> PairedRatios:
     for key in _RATIOS:
         both = [(getattr(t, key), getattr(o, key)) for t, o in zip(theirs, ours, strict=True)]
         pairs[key] = [t / o for t, o in both if t and o]
-    median = {key: _rounded(percentile(found, 50), 2) if found else None
-              for key, found in pairs.items()}
+    median = {
+        key: _rounded(percentile(found, 50), 2) if found else None for key, found in pairs.items()
+    }
     cpu = pairs["cpu_us_per_chunk"]
-    return PairedRatios(**median, cpu_us_per_chunk_range=(
-        [round(min(cpu), 2), round(max(cpu), 2)] if cpu else None))
+    return PairedRatios(
+        **median, cpu_us_per_chunk_range=([round(min(cpu), 2), round(max(cpu), 2)] if cpu else None)
+    )
 
 
 def _median_row(found: list[PeerRun], ours: list[PeerRun] | None) -> PeerRow:
@@ -337,10 +431,16 @@ def _median_row(found: list[PeerRun], ours: list[PeerRun] | None) -> PeerRow:
         medians[key] = _rounded(percentile(values, 50)) if values else None
     cpu = [f.cpu_us_per_chunk for f in found if f.cpu_us_per_chunk is not None]
     return PeerRow(
-        client=first.client, streams=first.streams, requests=first.requests,
-        stamps=first.stamps, errors=sum(f.errors for f in found), **medians,
-        runs=len(found), cpu_us_per_chunk_range=[min(cpu), max(cpu)] if cpu else None,
-        vs_cputax=paired_ratios(found, ours) if ours and first.client != "cputax" else None)
+        client=first.client,
+        streams=first.streams,
+        requests=first.requests,
+        stamps=first.stamps,
+        errors=sum(f.errors for f in found),
+        **medians,
+        runs=len(found),
+        cpu_us_per_chunk_range=[min(cpu), max(cpu)] if cpu else None,
+        vs_cputax=paired_ratios(found, ours) if ours and first.client != "cputax" else None,
+    )
 
 
 def ceiling_path() -> Path:
@@ -351,9 +451,13 @@ def save_ceiling(result: Calibration, path: Path | None = None) -> Path:
     """Keep the machine's ceiling (the most chunks/s client and stub took in together) where
     `cputax run` finds it, to tell a run whose chunk rate came near it."""
     path = path or ceiling_path()
-    Ceiling(max_chunks_per_s=max(level.max_chunks_per_s for level in result.levels),
-            share=CEILING_SHARE, cpus=result.cpus, cpu_model=cpu_model(),
-            measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())).dump(path)
+    Ceiling(
+        max_chunks_per_s=max(level.max_chunks_per_s for level in result.levels),
+        share=CEILING_SHARE,
+        cpus=result.cpus,
+        cpu_model=cpu_model(),
+        measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    ).dump(path)
     return path
 
 

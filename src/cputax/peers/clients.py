@@ -40,8 +40,14 @@ PEERS = ("cputax", "vllm-bench", "aiperf", "guidellm")
 # other way the kernel stamps could have gone, measured beside it (bench/bench_client.py --aiohttp)
 AIOHTTP = "cputax-aiohttp"
 MESSAGES = [
-    {"role": "system", "content": "You are a coding agent. Use the tools to read, edit and test code."},
-    {"role": "user", "content": "Run the test suite and fix the first failing test in src/parser.py."},
+    {
+        "role": "system",
+        "content": "You are a coding agent. Use the tools to read, edit and test code.",
+    },
+    {
+        "role": "user",
+        "content": "Run the test suite and fix the first failing test in src/parser.py.",
+    },
 ]
 RUN_TIMEOUT_S = 900.0
 
@@ -51,7 +57,11 @@ def available(client: str) -> str | None:
     if client in ("cputax", AIOHTTP):
         return None
     if client == "vllm-bench":
-        return None if importlib.util.find_spec("vllm") else "vLLM is not installed (the [local] extra brings it)"
+        return (
+            None
+            if importlib.util.find_spec("vllm")
+            else "vLLM is not installed (the [local] extra brings it)"
+        )
     cli = _cli(client)
     if cli is None:
         return f"unknown client {client!r} (one of {', '.join(PEERS)})"
@@ -60,8 +70,10 @@ def available(client: str) -> str | None:
     named = os.environ.get(cli.ENV)
     if named:
         return f"${cli.ENV} is {named}, which is not an executable file"
-    return (f"not found: install it in a venv of its own (pip install {client}) "
-            f"and put its {client} on PATH or in ${cli.ENV}")
+    return (
+        f"not found: install it in a venv of its own (pip install {client}) "
+        f"and put its {client} on PATH or in ${cli.ENV}"
+    )
 
 
 def _cli(client: str) -> Any:
@@ -81,20 +93,35 @@ def _cli(client: str) -> Any:
 class PeerRun:
     client: str
     streams: int
-    requests: list[dict[str, Any]]  # key, ok, error, first (loop ns), first_kernel, tokens [loop ns], tokens_kernel
+    requests: list[
+        dict[str, Any]
+    ]  # key, ok, error, first (loop ns), first_kernel, tokens [loop ns], tokens_kernel
     wall_ns: int
     cpu_s: float  # user + system of the client's whole process tree
 
 
-def run_peer(client: str, url: str, model: str, streams: int, requests: int, tokens: int) -> PeerRun:
+def run_peer(
+    client: str, url: str, model: str, streams: int, requests: int, tokens: int
+) -> PeerRun:
     """One client's closed loop against `url`, in a child process."""
     cli = _cli(client)
     if cli is not None:
         result = cli.run(url, model, streams, requests, tokens)
         return PeerRun(client, streams, result["requests"], result["wall_ns"], result["cpu_s"])
-    cmd = [sys.executable, "-m", "cputax.peers.clients", client, url, model, str(streams),
-           str(requests), str(tokens)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        "-m",
+        "cputax.peers.clients",
+        client,
+        url,
+        model,
+        str(streams),
+        str(requests),
+        str(tokens),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
     out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
     if proc.returncode != 0:
         tail = err.decode(errors="replace").strip().splitlines()[-3:]
@@ -142,7 +169,10 @@ async def _measured(send: Send, streams: int, n: int, steady: bool) -> _Timed:
 def _tree_cpu_s() -> float:
     """User + system seconds of this process and the children it waited for, to the
     microsecond (os.times counts in clock ticks: 10 ms, a few per cent of a short run)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
@@ -150,7 +180,9 @@ def _import_cputax() -> None:
     from cputax.client import stream  # noqa: F401
 
 
-async def _cputax(url: str, model: str, streams: int, n: int, tokens: int, wire: bool = True) -> _Timed:
+async def _cputax(
+    url: str, model: str, streams: int, n: int, tokens: int, wire: bool = True
+) -> _Timed:
     from cputax.client.stream import StreamingClient
     from cputax.records import RequestRecord
 
@@ -160,9 +192,15 @@ async def _cputax(url: str, model: str, streams: int, n: int, tokens: int, wire:
         async def send(i: int) -> dict[str, Any]:
             r = await client.send(RequestRecord("peer", index=i), lambda: payload)
             stamps = r.extra.get("token_ns", [])
-            return {"key": r.extra.get("response_id"), "ok": r.ok, "error": r.error,
-                    "first": r.t_first_token, "first_kernel": r.t_first_token_kernel,
-                    "tokens": [t for t, _ in stamps], "tokens_kernel": [k for _, k in stamps]}
+            return {
+                "key": r.extra.get("response_id"),
+                "ok": r.ok,
+                "error": r.error,
+                "first": r.t_first_token,
+                "first_kernel": r.t_first_token_kernel,
+                "tokens": [t for t, _ in stamps],
+                "tokens_kernel": [k for _, k in stamps],
+            }
 
         return await _measured(send, streams, n, steady=True)
 
@@ -181,14 +219,21 @@ async def _vllm_bench(url: str, model: str, streams: int, n: int, tokens: int) -
 
     # as `vllm bench serve` opens it: one session, a connector sized to the concurrency
     connector = aiohttp.TCPConnector(limit=streams, limit_per_host=streams, keepalive_timeout=60)
-    async with aiohttp.ClientSession(connector=connector, trust_env=True,
-                                     timeout=aiohttp.ClientTimeout(total=6 * 60 * 60)) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, trust_env=True, timeout=aiohttp.ClientTimeout(total=6 * 60 * 60)
+    ) as session:
 
         async def send(i: int) -> dict[str, Any]:
             key = f"peer-{i}"
-            inp = RequestFuncInput(prompt=MESSAGES[-1]["content"], api_url=url + "/v1/chat/completions",
-                                   prompt_len=0, output_len=tokens, model=model, chat_messages=MESSAGES,
-                                   request_id=key)
+            inp = RequestFuncInput(
+                prompt=MESSAGES[-1]["content"],
+                api_url=url + "/v1/chat/completions",
+                prompt_len=0,
+                output_len=tokens,
+                model=model,
+                chat_messages=MESSAGES,
+                request_id=key,
+            )
             r = await async_request_openai_chat_completions(inp, session)
             first = r.start_time + r.ttft
             times, t = [first], first
@@ -196,8 +241,15 @@ async def _vllm_bench(url: str, model: str, streams: int, n: int, tokens: int) -
                 t += gap
                 times.append(t)
             ns = [int(x * 1e9) for x in times]
-            return {"key": key, "ok": r.success, "error": r.error or None, "first": ns[0] if r.success else None,
-                    "first_kernel": None, "tokens": ns, "tokens_kernel": []}
+            return {
+                "key": key,
+                "ok": r.success,
+                "error": r.error or None,
+                "first": ns[0] if r.success else None,
+                "first_kernel": None,
+                "tokens": ns,
+                "tokens_kernel": [],
+            }
 
         return await _measured(send, streams, n, steady=False)
 
@@ -209,15 +261,20 @@ def _child(argv: list[str]) -> int:
     async def over_aiohttp(*args: Any) -> _Timed:
         return await _cputax(*args, wire=False)
 
-    run, prepare = {"cputax": (_cputax, _import_cputax), AIOHTTP: (over_aiohttp, _import_cputax),
-                    "vllm-bench": (_vllm_bench, _import_vllm_bench)}.get(client, (None, None))
+    run, prepare = {
+        "cputax": (_cputax, _import_cputax),
+        AIOHTTP: (over_aiohttp, _import_cputax),
+        "vllm-bench": (_vllm_bench, _import_vllm_bench),
+    }.get(client, (None, None))
     if run is None or prepare is None:
         print(f"cputax peers: {client}: {available(client)}", file=sys.stderr)
         return 2
     prepare()
     timed = asyncio.run(run(url, model, streams, n, tokens))
-    sys.stdout.buffer.write(orjson.dumps({"requests": timed.requests, "wall_ns": timed.wall_ns,
-                                          "cpu_s": timed.cpu_s}) + b"\n")
+    sys.stdout.buffer.write(
+        orjson.dumps({"requests": timed.requests, "wall_ns": timed.wall_ns, "cpu_s": timed.cpu_s})
+        + b"\n"
+    )
     return 0
 
 

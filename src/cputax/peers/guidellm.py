@@ -31,17 +31,30 @@ def find() -> str | None:
     return find_cli(ENV, "guidellm")
 
 
-def scenario(url: str, model: str, streams: int, requests: int, tokens: int, out: Path) -> dict[str, Any]:
+def scenario(
+    url: str, model: str, streams: int, requests: int, tokens: int, out: Path
+) -> dict[str, Any]:
     """The scenario file for this load: streaming chat, a closed loop of `streams`, one
     warm-up request per stream, then `requests` measured ones."""
-    return {"spec": {
-        "backend": {"kind": "openai_http", "target": url, "model": model, "request_format": "/v1/chat/completions"},
-        "profile": {"kind": "concurrent", "streams": streams, "warmup": {"value": streams, "mode": "requests"}},
-        "tokenizer": {"kind": "huggingface_auto", "model": tokenizer_dir()},
-        "data": [{"kind": "synthetic_text", "prompt_tokens": 32, "output_tokens": tokens}],
-        "constraints": [{"kind": "max_requests", "count": requests + streams}],
-        "outputs": [{"kind": "json", "path": str(out / REPORT)}],
-    }}
+    return {
+        "spec": {
+            "backend": {
+                "kind": "openai_http",
+                "target": url,
+                "model": model,
+                "request_format": "/v1/chat/completions",
+            },
+            "profile": {
+                "kind": "concurrent",
+                "streams": streams,
+                "warmup": {"value": streams, "mode": "requests"},
+            },
+            "tokenizer": {"kind": "huggingface_auto", "model": tokenizer_dir()},
+            "data": [{"kind": "synthetic_text", "prompt_tokens": 32, "output_tokens": tokens}],
+            "constraints": [{"kind": "max_requests", "count": requests + streams}],
+            "outputs": [{"kind": "json", "path": str(out / REPORT)}],
+        }
+    }
 
 
 def run(url: str, model: str, streams: int, requests: int, tokens: int) -> dict[str, Any]:
@@ -52,14 +65,23 @@ def run(url: str, model: str, streams: int, requests: int, tokens: int) -> dict[
         raise RuntimeError(f"guidellm not found (set {ENV} or put it on PATH)")
     with tempfile.TemporaryDirectory(prefix="cputax-guidellm-") as tmp:
         out = Path(tmp)
-        (out / "scenario.json").write_bytes(orjson.dumps(scenario(url, model, streams, requests, tokens, out)))
-        cpu = run_cli("guidellm", [exe, "run", "-c", str(out / "scenario.json"), "--disable-console-interactive"],
-                      out)
+        (out / "scenario.json").write_bytes(
+            orjson.dumps(scenario(url, model, streams, requests, tokens, out))
+        )
+        cpu = run_cli(
+            "guidellm",
+            [exe, "run", "-c", str(out / "scenario.json"), "--disable-console-interactive"],
+            out,
+        )
         found = parse_report(out / REPORT, Clock.measure())
     if not found["requests"]:
         raise RuntimeError("guidellm's report holds no requests")
     start, end, share = found.pop("start_ns"), found.pop("end_ns"), found.pop("share")
-    return {**found, "wall_ns": round((end - start) * share), "cpu_s": cpu.between(start, end) * share}
+    return {
+        **found,
+        "wall_ns": round((end - start) * share),
+        "cpu_s": cpu.between(start, end) * share,
+    }
 
 
 def parse_report(path: Path, clock: Clock) -> dict[str, Any]:
@@ -87,22 +109,45 @@ def parse_report(path: Path, clock: Clock) -> dict[str, Any]:
         for status in ("successful", "errored", "incomplete"):
             for r in groups.get(status) or []:
                 timings = (r.get("info") or {}).get("timings") or {}
-                t0, t1 = timings.get("request_start"), timings.get("request_end") or timings.get("resolve_end")
-                first, last = timings.get("first_token_iteration"), timings.get("last_token_iteration")
+                t0, t1 = (
+                    timings.get("request_start"),
+                    timings.get("request_end") or timings.get("resolve_end"),
+                )
+                first, last = (
+                    timings.get("first_token_iteration"),
+                    timings.get("last_token_iteration"),
+                )
                 if t0 is None or (begin is not None and t0 < begin):
                     if first is not None and last is not None:
-                        earlier.append((mono(first), mono(last), timings.get("token_iterations") or 0))
+                        earlier.append(
+                            (mono(first), mono(last), timings.get("token_iterations") or 0)
+                        )
                     continue
                 start = min(start or mono(t0), mono(t0))
                 if t1 is not None:
                     end = max(end or mono(t1), mono(t1))
-                requests.append({"key": r.get("response_id"), "ok": status == "successful",
-                                 "error": r.get("error") or (None if status == "successful" else status),
-                                 "first": mono(first) if first is not None else None, "first_kernel": None,
-                                 "tokens": [], "tokens_kernel": [], "n_tokens": timings.get("token_iterations") or 0})
+                requests.append(
+                    {
+                        "key": r.get("response_id"),
+                        "ok": status == "successful",
+                        "error": r.get("error") or (None if status == "successful" else status),
+                        "first": mono(first) if first is not None else None,
+                        "first_kernel": None,
+                        "tokens": [],
+                        "tokens_kernel": [],
+                        "n_tokens": timings.get("token_iterations") or 0,
+                    }
+                )
     start, end = start or 0, end or 0
     measured = sum(r.pop("n_tokens") for r in requests)
-    overlap = sum(n * max(0, min(last, end) - max(first, start)) / (last - first)
-                  for first, last, n in earlier if last > first)
-    return {"requests": requests, "start_ns": start, "end_ns": end,
-            "share": measured / (measured + overlap) if measured else 1.0}
+    overlap = sum(
+        n * max(0, min(last, end) - max(first, start)) / (last - first)
+        for first, last, n in earlier
+        if last > first
+    )
+    return {
+        "requests": requests,
+        "start_ns": start,
+        "end_ns": end,
+        "share": measured / (measured + overlap) if measured else 1.0,
+    }

@@ -50,7 +50,9 @@ class TreeCPU(threading.Thread):
         super().__init__(daemon=True, name="cputax-peer-cpu")
         self.root = psutil.Process(pid)
         self.samples: list[tuple[int, float]] = []  # (monotonic ns, CPU seconds of the tree so far)
-        self._seen: dict[int, tuple[psutil.Process, float]] = {}  # pid -> (process, its last reading)
+        self._seen: dict[
+            int, tuple[psutil.Process, float]
+        ] = {}  # pid -> (process, its last reading)
         self._done = threading.Event()
 
     def run(self) -> None:
@@ -104,8 +106,14 @@ def run_cli(name: str, cmd: list[str], workdir: Path, env: dict[str, str] | None
     RuntimeError with the last lines of its output when it fails."""
     log_path = workdir / f"{name}.out"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(
+            cmd,
+            cwd=workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+        )
         sampler = TreeCPU(proc.pid)
         sampler.start()
         try:

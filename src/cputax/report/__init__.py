@@ -24,13 +24,15 @@ __all__ = ["render", "write_report"]
 
 def render(results: Results) -> str:
     """report.md's text."""
-    sections = [server_phases_section(results.summary),
-                agentic_section(results.summary, results.info),
-                render_telemetry(results.correlation) if results.correlation else None,
-                emulated_section(results.summary, results.correlation),
-                profiling_section(results), nodes_section(results)]
-    return render_report(results.summary, results.info, [s for s in sections if s],
-                         results.growth)
+    sections = [
+        server_phases_section(results.summary),
+        agentic_section(results.summary, results.info),
+        render_telemetry(results.correlation) if results.correlation else None,
+        emulated_section(results.summary, results.correlation),
+        profiling_section(results),
+        nodes_section(results),
+    ]
+    return render_report(results.summary, results.info, [s for s in sections if s], results.growth)
 
 
 def write_report(run: RunDir, results: Results) -> Path:
@@ -41,5 +43,7 @@ def write_report(run: RunDir, results: Results) -> Path:
     run.plots.mkdir(exist_ok=True)
     for name, png in figures.items():
         (run.plots / f"{name}.png").write_bytes(png)
-    run.report_html.write_text(render_html(markdown, figures, results.views, f"cputax report: {results.name}"))
+    run.report_html.write_text(
+        render_html(markdown, figures, results.views, f"cputax report: {results.name}")
+    )
     return run.report_html

@@ -7,7 +7,12 @@ from typing import Any
 from cputax.report.format import fraction, instant, ms, number, pct, table
 from cputax.results.summary import Summary, TurnParts
 
-PART_LABELS = {"think": "Think", "client": "Client build", "front_end": "Server front end", "engine": "Server engine"}
+PART_LABELS = {
+    "think": "Think",
+    "client": "Client build",
+    "front_end": "Server front end",
+    "engine": "Server engine",
+}
 
 HOW_TO_READ = """\
 A turn runs from the agent's previous response to this response: **Think** is the
@@ -32,22 +37,50 @@ def agentic_section(summary: Summary, info: dict[str, Any]) -> str | None:
     turn_rows = []
     for k in part_names:
         st = getattr(turns.ms, k)
-        turn_rows.append([PART_LABELS[k], ms(st.mean), ms(st.p50), ms(st.p99),
-                          pct(getattr(turn_share, k) if turn_share else None)])
-    turn_rows.append(["Turn cycle", ms(turns.cycle_ms.mean), ms(turns.cycle_ms.p50),
-                      ms(turns.cycle_ms.p99), "100%"])
+        turn_rows.append(
+            [
+                PART_LABELS[k],
+                ms(st.mean),
+                ms(st.p50),
+                ms(st.p99),
+                pct(getattr(turn_share, k) if turn_share else None),
+            ]
+        )
+    turn_rows.append(
+        [
+            "Turn cycle",
+            ms(turns.cycle_ms.mean),
+            ms(turns.cycle_ms.p50),
+            ms(turns.cycle_ms.p99),
+            "100%",
+        ]
+    )
     session_rows = []
     for s in agentic.sessions:
         path = s.critical_path
         share_pct = path.share_pct
         session_rows.append(
-            [s.session, f"{s.requests - s.errors}/{s.requests}", str(s.subagents),
-             f"{path.wall_s:,.1f}", " > ".join(path.chain), str(path.turns)]
-            + [pct(getattr(share_pct, k) if share_pct else None) for k in part_names])
+            [
+                s.session,
+                f"{s.requests - s.errors}/{s.requests}",
+                str(s.subagents),
+                f"{path.wall_s:,.1f}",
+                " > ".join(path.chain),
+                str(path.turns),
+            ]
+            + [pct(getattr(share_pct, k) if share_pct else None) for k in part_names]
+        )
     conc = agentic.concurrency
     span = conc.timeline[-1].t_s if conc.timeline else None
-    timeline_rows = [[instant(b.t_s, span), number(b.agents, 1), number(b.requests, 1),
-                      number(b.subagent_requests, 1)] for b in conc.timeline]
+    timeline_rows = [
+        [
+            instant(b.t_s, span),
+            number(b.agents, 1),
+            number(b.requests, 1),
+            number(b.subagent_requests, 1),
+        ]
+        for b in conc.timeline
+    ]
     cache = agentic.prefix_cache
     skipped, dropped = agentic.skipped_over_context, agentic.dropped_by_limit
     lines = [
@@ -72,8 +105,11 @@ def agentic_section(summary: Summary, info: dict[str, Any]) -> str | None:
         "",
         "### Sessions: critical path",
         "",
-        table(["Session", "OK/requests", "Sub-agents", "Wall s", "Critical path", "Turns on it"]
-               + [f"{PART_LABELS[k]} %" for k in part_names], session_rows),
+        table(
+            ["Session", "OK/requests", "Sub-agents", "Wall s", "Critical path", "Turns on it"]
+            + [f"{PART_LABELS[k]} %" for k in part_names],
+            session_rows,
+        ),
         "",
         "### Effective concurrency over time",
         "",
@@ -81,13 +117,20 @@ def agentic_section(summary: Summary, info: dict[str, Any]) -> str | None:
         f"flight: mean {conc.requests_mean:.1f}, max {conc.requests_max} (sub-agents' "
         f"requests: max {conc.subagent_requests_max}).",
         "",
-        table(["from s", "agents active", "requests in flight", "of them sub-agents'"], timeline_rows),
+        table(
+            ["from s", "agents active", "requests in flight", "of them sub-agents'"], timeline_rows
+        ),
         "",
         "### Prefix-cache hit rate",
         "",
-        table(["trace file (all its requests)", "requests replayed (ideal cache)", "server (its counters)"],
-               [[fraction(cache.trace_file), fraction(cache.replayed_ideal),
-                 fraction(cache.server)]]),
+        table(
+            [
+                "trace file (all its requests)",
+                "requests replayed (ideal cache)",
+                "server (its counters)",
+            ],
+            [[fraction(cache.trace_file), fraction(cache.replayed_ideal), fraction(cache.server)]],
+        ),
         "",
         HOW_TO_READ,
     ]

@@ -8,10 +8,18 @@ from cputax.results.comparison import Delta, RunComparison
 
 __all__ = ["render_compare"]
 
-LABELS = {"serialize": "Serialize", "http_overhead": "HTTP OH", "prefill": "Prefill",
-          "decode": "Decode", "response_parse": "Parse", "total": "Total", "cpu_pct": "CPU%",
-          "gpu_pct": "GPU%", "gpu_busy_pct": "GPU busy % (telemetry)",
-          "gpu_stall_pct": "Stall % of wall (telemetry)"}
+LABELS = {
+    "serialize": "Serialize",
+    "http_overhead": "HTTP OH",
+    "prefill": "Prefill",
+    "decode": "Decode",
+    "response_parse": "Parse",
+    "total": "Total",
+    "cpu_pct": "CPU%",
+    "gpu_pct": "GPU%",
+    "gpu_busy_pct": "GPU busy % (telemetry)",
+    "gpu_stall_pct": "Stall % of wall (telemetry)",
+}
 
 
 def _is_pct(component: str) -> bool:
@@ -44,8 +52,10 @@ def render_compare(result: RunComparison) -> str:
     a, b = result.names
     parts = [f"# cputax comparison: {a} vs {b}", ""]
     for name, path, run in zip(result.names, result.runs, result.run_info, strict=True):
-        parts.append(f"- **{name}**: `{path}` (model `{run.model}`, endpoint `{run.endpoint}`, "
-                     f"profile `{run.profile}`)")
+        parts.append(
+            f"- **{name}**: `{path}` (model `{run.model}`, endpoint `{run.endpoint}`, "
+            f"profile `{run.profile}`)"
+        )
     parts += ["", "## CPU% per scenario (the study's comparison)", ""]
     rows = []
     for s in result.scenarios:
@@ -58,16 +68,28 @@ def render_compare(result: RunComparison) -> str:
         for r in s.components:
             c = r.component
             relative = "" if r.delta_pct is None else signed_pct(r.delta_pct)
-            rows.append([s.name, LABELS.get(c, c), _value(c, r.a) + _quantiles(r.p50_a, r.p99_a),
-                         _value(c, r.b) + _quantiles(r.p50_b, r.p99_b), _delta(c, r.delta),
-                         relative, _note(r)])
+            rows.append(
+                [
+                    s.name,
+                    LABELS.get(c, c),
+                    _value(c, r.a) + _quantiles(r.p50_a, r.p99_a),
+                    _value(c, r.b) + _quantiles(r.p50_b, r.p99_b),
+                    _delta(c, r.delta),
+                    relative,
+                    _note(r),
+                ]
+            )
     parts += [table(["Scenario", "Component", a, b, "Delta", "Delta %", "Note"], rows), ""]
     for only, label in ((result.only_in_a, a), (result.only_in_b, b)):
         if only:
             parts.append(f"- only in {label}: {', '.join(only)}")
     slices = f"{result.groups} consecutive slices" if result.groups else "consecutive slices"
-    parts += ["", f"Spread: the range of a component over each run's closed-loop batches (or "
-              f"{slices} of an open-loop scenario); a delta no larger than the larger of the two "
-              "runs' spreads is inside it and is not a measured difference. CPU% and GPU% are "
-              "the study's wall-time ratios.", ""]
+    parts += [
+        "",
+        f"Spread: the range of a component over each run's closed-loop batches (or "
+        f"{slices} of an open-loop scenario); a delta no larger than the larger of the two "
+        "runs' spreads is inside it and is not a measured difference. CPU% and GPU% are "
+        "the study's wall-time ratios.",
+        "",
+    ]
     return "\n".join(parts)

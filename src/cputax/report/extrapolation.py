@@ -36,10 +36,12 @@ def render(result: Extrapolation, run_dir: Path) -> str:
         "| Scenario | Conc | Prompt tok | HTTP OH ms | fitted | CPU% | fitted |",
         "|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {q.name} | {q.concurrency} | {q.prompt_tokens:,.0f} | "
-              f"{q.http_overhead_ms:,.1f} | {q.fitted_ms:,.1f} | {q.cpu_pct:.1f}% | "
-              f"{q.fitted_cpu_pct:.1f}% |"
-              for q in result.points]
+    lines += [
+        f"| {q.name} | {q.concurrency} | {q.prompt_tokens:,.0f} | "
+        f"{q.http_overhead_ms:,.1f} | {q.fitted_ms:,.1f} | {q.cpu_pct:.1f}% | "
+        f"{q.fitted_cpu_pct:.1f}% |"
+        for q in result.points
+    ]
     lines += [
         "",
         f"## Users x sub-agents at {ctx:,} prompt tokens (largest measured concurrency: "
@@ -50,8 +52,10 @@ def render(result: Extrapolation, run_dir: Path) -> str:
     ]
     for r in result.table:
         mark = " ⚠" if r.beyond else ("" if not r.measured_range else " (within measured)")
-        lines.append(f"| {r.users} | {r.subagents} | {r.concurrency}{mark} | {r.cpu_pct:.1f}% | "
-                     f"{r.http_overhead_ms:,.0f} ms |")
+        lines.append(
+            f"| {r.users} | {r.subagents} | {r.concurrency}{mark} | {r.cpu_pct:.1f}% | "
+            f"{r.http_overhead_ms:,.0f} ms |"
+        )
     lines += [""] + [f"- {w}" for w in result.warnings]
     lines += [f"- left out: {x}" for x in result.left_out]
     return "\n".join(lines).rstrip() + "\n"

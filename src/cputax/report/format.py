@@ -7,8 +7,20 @@ import re
 
 from cputax.results.summary import ScenarioSummary
 
-__all__ = ["ABSENT", "WITHHELD", "fraction", "instant", "ms", "number", "pct", "ratio_cell",
-           "scenario_cell", "share", "signed_pct", "table"]
+__all__ = [
+    "ABSENT",
+    "WITHHELD",
+    "fraction",
+    "instant",
+    "ms",
+    "number",
+    "pct",
+    "ratio_cell",
+    "scenario_cell",
+    "share",
+    "signed_pct",
+    "table",
+]
 
 ABSENT = "absent"
 WITHHELD = "withheld"  # a ratio of a scenario whose records break the run's invariants
@@ -74,7 +86,11 @@ _NUMERIC = re.compile(r"^(?:[-+~]?[\d.,]+\S*(?:\s+\S+)?|absent|-|)$")
 
 def _numeric(rows: list[list[str]], column: int) -> bool:
     cells = [row[column].strip() for row in rows if column < len(row)]
-    return bool(cells) and all(_NUMERIC.match(c) for c in cells) and any(c[:1].isdigit() for c in cells)
+    return (
+        bool(cells)
+        and all(_NUMERIC.match(c) for c in cells)
+        and any(c[:1].isdigit() for c in cells)
+    )
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

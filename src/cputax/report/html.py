@@ -39,13 +39,16 @@ def image(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def render_figures(summary: Summary, corr: CorrelationResult | None,
-                   growth: list[GrowthRow]) -> dict[str, bytes]:
+def render_figures(
+    summary: Summary, corr: CorrelationResult | None, growth: list[GrowthRow]
+) -> dict[str, bytes]:
     """Every figure of the report, by file stem."""
     scenarios = summary.scenarios
-    figures = {"decomposition": plots.decomposition_bars(scenarios),
-               "http_overhead_vs_concurrency": plots.http_overhead_plot(scenarios, growth),
-               "server_phases_split": plots.split_plot(scenarios)}
+    figures = {
+        "decomposition": plots.decomposition_bars(scenarios),
+        "http_overhead_vs_concurrency": plots.http_overhead_plot(scenarios, growth),
+        "server_phases_split": plots.split_plot(scenarios),
+    }
     for s in corr.scenarios if corr else []:
         if s.timeline is not None:
             figures[f"timeline_{_slug(s.name)}"] = plots.timeline_plot(s.name, s.timeline)
@@ -59,29 +62,44 @@ def _figure(png: bytes, name: str) -> str:
 AFTER_DECOMPOSITION = "<h2>Client side</h2>"  # the study's figures go right after its table
 
 
-def render_html(markdown_text: str, figures: dict[str, bytes], profiles: list[str], title: str) -> str:
+def render_html(
+    markdown_text: str, figures: dict[str, bytes], profiles: list[str], title: str
+) -> str:
     """The page: the report's own order (title, the short answer, the study's table), the
     decomposition figures after that table, the timelines after the rest, then the links."""
     body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown_text)
-    body = body.replace("<p><strong>In short</strong>", '<p class="summary"><strong>In short</strong>', 1)
-    top = "".join(_figure(figures[n], n) for n in ("decomposition", "http_overhead_vs_concurrency",
-                                                    "server_phases_split") if n in figures)
+    body = body.replace(
+        "<p><strong>In short</strong>", '<p class="summary"><strong>In short</strong>', 1
+    )
+    top = "".join(
+        _figure(figures[n], n)
+        for n in ("decomposition", "http_overhead_vs_concurrency", "server_phases_split")
+        if n in figures
+    )
     if top and AFTER_DECOMPOSITION in body:
         body = body.replace(AFTER_DECOMPOSITION, top + AFTER_DECOMPOSITION, 1)
     elif top:
         body += top
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'>"
-             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>", body]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
+        body,
+    ]
     timelines = [n for n in figures if n.startswith("timeline_")]
     if timelines:
-        parts.append("<h2>Timelines</h2><p>Per scenario: GPU busy, server CPU, requests in flight by phase, "
-                     "on one clock; red spans are stalls (GPU idle while requests were in flight).</p>")
+        parts.append(
+            "<h2>Timelines</h2><p>Per scenario: GPU busy, server CPU, requests in flight by phase, "
+            "on one clock; red spans are stalls (GPU idle while requests were in flight).</p>"
+        )
         parts += [_figure(figures[n], n) for n in timelines]
     parts.append("<h2>Flamegraphs</h2>")
     if profiles:
-        parts.append("<ul>" + "".join(f'<li><a href="{html.escape(p)}">{html.escape(p)}</a></li>'
-                                      for p in profiles) + "</ul>")
+        parts.append(
+            "<ul>"
+            + "".join(f'<li><a href="{html.escape(p)}">{html.escape(p)}</a></li>' for p in profiles)
+            + "</ul>"
+        )
     else:
         parts.append("<p>none in this run (run with py-spy sampling to get them)</p>")
     parts.append("</body></html>")

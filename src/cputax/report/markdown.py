@@ -16,9 +16,20 @@ from cputax.results.summary import (
 )
 from cputax.workload.prompts import TOOL_MODES
 
-STUDY_COLUMNS = (("http_overhead", "HTTP OH"), ("prefill", "Prefill"), ("decode", "Decode"), ("total", "Total"))
+STUDY_COLUMNS = (
+    ("http_overhead", "HTTP OH"),
+    ("prefill", "Prefill"),
+    ("decode", "Decode"),
+    ("total", "Total"),
+)
 CLIENT_COLUMNS = (("serialize", "Serialize"), ("response_parse", "Parse"))
-SERVER_COLUMNS = (("queue", "Queue"), ("prefill", "Prefill"), ("decode", "Decode"), ("ttft", "TTFT"), ("e2e", "E2E"))
+SERVER_COLUMNS = (
+    ("queue", "Queue"),
+    ("prefill", "Prefill"),
+    ("decode", "Decode"),
+    ("ttft", "TTFT"),
+    ("e2e", "E2E"),
+)
 
 PHASE_NOTES = """\
 What each phase contains (boundaries as vLLM really has them):
@@ -53,8 +64,10 @@ What each phase contains (boundaries as vLLM really has them):
 
 def _phase(s: ScenarioSummary, key: str) -> str:
     """mean (p50 / p99)."""
-    return (f"{ms(getattr(s.mean_ms, key))} ({ms(getattr(s.p50_ms, key))} / "
-            f"{ms(getattr(s.p99_ms, key))})")
+    return (
+        f"{ms(getattr(s.mean_ms, key))} ({ms(getattr(s.p50_ms, key))} / "
+        f"{ms(getattr(s.p99_ms, key))})"
+    )
 
 
 def _ctx(s: ScenarioSummary) -> str:
@@ -83,20 +96,35 @@ def study_table(scenarios: list[ScenarioSummary]) -> str:
 
 def client_table(scenarios: list[ScenarioSummary]) -> str:
     header = ["Scenario"] + [f"{label} ms mean (p50 / p99)" for _, label in CLIENT_COLUMNS]
-    header += ["build CPU ms", "parse µs/chunk", "stamps", "client lag ms p50 / p99",
-               "shared stamps", "achieved conc", "req/s", "output tok/s",
-               "schedule lag ms p50 / p99"]
+    header += [
+        "build CPU ms",
+        "parse µs/chunk",
+        "stamps",
+        "client lag ms p50 / p99",
+        "shared stamps",
+        "achieved conc",
+        "req/s",
+        "output tok/s",
+        "schedule lag ms p50 / p99",
+    ]
     rows = []
     for s in scenarios:
         thr = s.throughput or Throughput()
         lag = s.client_lag_ms
         rows.append(
-            [s.name] + [_phase(s, key) for key, _ in CLIENT_COLUMNS]
-            + [number(s.client_cpu_ms.build, 2), number(s.client_cpu_ms.parse_per_chunk_us, 1),
-               s.clock or "loop", "absent" if lag is None else f"{lag.p50:.2f} / {lag.p99:.2f}",
-               pct(s.shared_stamps_pct),
-               number(s.achieved_concurrency, 1), number(thr.requests_per_s, 2),
-               number(thr.output_tokens_per_s, 0), _schedule_lag(s)]
+            [s.name]
+            + [_phase(s, key) for key, _ in CLIENT_COLUMNS]
+            + [
+                number(s.client_cpu_ms.build, 2),
+                number(s.client_cpu_ms.parse_per_chunk_us, 1),
+                s.clock or "loop",
+                "absent" if lag is None else f"{lag.p50:.2f} / {lag.p99:.2f}",
+                pct(s.shared_stamps_pct),
+                number(s.achieved_concurrency, 1),
+                number(thr.requests_per_s, 2),
+                number(thr.output_tokens_per_s, 0),
+                _schedule_lag(s),
+            ]
         )
     return table(header, rows)
 
@@ -116,8 +144,13 @@ def server_table(scenarios: list[ScenarioSummary]) -> str | None:
     if not with_server:
         return None
     header = ["Scenario", "Client HTTP OH"] + [f"Server {label} ms" for _, label in SERVER_COLUMNS]
-    header += ["Client prefill", "Prefix hit", "Running mean/max", "Waiting mean/max",
-               "API CPU s/req"]
+    header += [
+        "Client prefill",
+        "Prefix hit",
+        "Running mean/max",
+        "Waiting mean/max",
+        "API CPU s/req",
+    ]
     rows = []
     for s in with_server:
         srv = s.server
@@ -139,8 +172,17 @@ def growth_table(rows: list[GrowthRow]) -> str | None:
         return None
     return table(
         ["Ctx", "Conc", "Scenario", "HTTP OH ms", "p99 ms", "Growth"],
-        [[number(r.context_tokens), str(r.concurrency), r.scenario, ms(r.http_overhead_ms),
-          ms(r.p99_ms), "absent" if r.growth is None else f"{r.growth:.1f}x"] for r in rows],
+        [
+            [
+                number(r.context_tokens),
+                str(r.concurrency),
+                r.scenario,
+                ms(r.http_overhead_ms),
+                ms(r.p99_ms),
+                "absent" if r.growth is None else f"{r.growth:.1f}x",
+            ]
+            for r in rows
+        ],
     )
 
 
@@ -149,25 +191,33 @@ def _notes(summary: Summary, info: dict[str, Any]) -> list[str]:
     requests and the findings analysis made of it (analysis.findings)."""
     notes = []
     if info.get("target", {}).get("emulated_gpu"):
-        notes.append("- The embedded vLLM served an emulated GPU (first lines): its model steps "
-                     "took modelled time and no CPU, while everything else of vLLM and the client "
-                     f"shared this machine's {info.get('host', {}).get('cpus', '?')} CPUs.")
+        notes.append(
+            "- The embedded vLLM served an emulated GPU (first lines): its model steps "
+            "took modelled time and no CPU, while everything else of vLLM and the client "
+            f"shared this machine's {info.get('host', {}).get('cpus', '?')} CPUs."
+        )
     elif info.get("target", {}).get("kind") == "embedded":
         cpus = info.get("host", {}).get("cpus", "?")
-        notes.append(f"- The embedded target ran on this machine's {cpus} CPUs beside the client: "
-                     "its \"GPU\" phases are CPU work, and Serialize / Parse include waiting for a "
-                     "core. It shows the shape of the decomposition, not a GPU server's numbers.")
+        notes.append(
+            f"- The embedded target ran on this machine's {cpus} CPUs beside the client: "
+            'its "GPU" phases are CPU work, and Serialize / Parse include waiting for a '
+            "core. It shows the shape of the decomposition, not a GPU server's numbers."
+        )
     for skipped in summary.skipped:
         notes.append(f"- **{skipped.name}**: not measured: {skipped.reason}.")
     for s in summary.scenarios:
         notes += [f"- **{s.name}**: {f.text}." for f in summary.findings if f.scenario == s.name]
         if s.errors:
             kinds = ", ".join(f"{k} ({n})" for k, n in s.error_kinds.items())
-            notes.append(f"- **{s.name}**: {s.errors} of {s.requests} requests failed: {kinds}. "
-                         "Failed requests are left out of every phase statistic.")
+            notes.append(
+                f"- **{s.name}**: {s.errors} of {s.requests} requests failed: {kinds}. "
+                "Failed requests are left out of every phase statistic."
+            )
         if "chunks" in s.output_tokens_source:
-            notes.append(f"- **{s.name}**: the server sent no usage chunk for some requests; their "
-                         "output tokens are counted from chunks.")
+            notes.append(
+                f"- **{s.name}**: the server sent no usage chunk for some requests; their "
+                "output tokens are counted from chunks."
+            )
     notes += [f"- {f.text}." for f in summary.findings if f.scenario is None]
     return notes
 
@@ -180,26 +230,38 @@ def _server_lines(info: dict[str, Any]) -> list[str]:
     name = server.get("name") or target.get("server")
     if server.get("version") or name:
         version = f" {server['version']}" if server.get("version") else ""
-        lines.append(f"- server: {name or 'unknown type'}{version}"
-                     + (f", started in {target['startup_s']:.0f} s" if target.get("startup_s") else ""))
+        lines.append(
+            f"- server: {name or 'unknown type'}{version}"
+            + (f", started in {target['startup_s']:.0f} s" if target.get("startup_s") else "")
+        )
     if server.get("command"):
-        lines.append(f"- server command ({server.get('source', '?')}): `{' '.join(server['command'])}`")
+        lines.append(
+            f"- server command ({server.get('source', '?')}): `{' '.join(server['command'])}`"
+        )
     tools = info.get("tools") or {}
     if tools.get("mode"):
-        lines.append(f"- tool definitions: {TOOL_MODES.get(tools['mode'], tools['mode'])}"
-                     + (f"; the probe saw: {tools['refused']}" if tools.get("refused") else ""))
+        lines.append(
+            f"- tool definitions: {TOOL_MODES.get(tools['mode'], tools['mode'])}"
+            + (f"; the probe saw: {tools['refused']}" if tools.get("refused") else "")
+        )
     return lines
 
 
 def _interrupted_banner(stopped: Interrupted) -> str:
     where = f" during {', '.join(stopped.scenarios)}" if stopped.scenarios else ""
-    return (f"**Interrupted**: the run was stopped by {stopped.signal or 'a signal'}{where}. "
-            "What finished is below; requests in flight are counted as failed (`cancelled`), "
-            "and the scenarios after it did not run.")
+    return (
+        f"**Interrupted**: the run was stopped by {stopped.signal or 'a signal'}{where}. "
+        "What finished is below; requests in flight are counted as failed (`cancelled`), "
+        "and the scenarios after it did not run."
+    )
 
 
-def render_report(summary: Summary, info: dict[str, Any], sections: list[str] | None = None,
-                  growth: list[GrowthRow] | None = None) -> str:
+def render_report(
+    summary: Summary,
+    info: dict[str, Any],
+    sections: list[str] | None = None,
+    growth: list[GrowthRow] | None = None,
+) -> str:
     """The report; `sections` are extra markdown sections (profiling, telemetry...) placed
     before the notes."""
     scenarios = summary.scenarios
@@ -229,21 +291,34 @@ def render_report(summary: Summary, info: dict[str, Any], sections: list[str] | 
     ]
     server = server_table(scenarios)
     parts += ["## Server side (its own Prometheus metrics, per-scenario deltas)", ""]
-    parts += [server if server else "_the server exported no metrics: nothing to show here (absent, not zero)_", ""]
+    parts += [
+        server
+        if server
+        else "_the server exported no metrics: nothing to show here (absent, not zero)_",
+        "",
+    ]
     grown = growth_table(growth or [])
     if grown:
         parts += ["## HTTP overhead growth with concurrency", "", grown, ""]
     for section in sections or []:
         parts += [section.rstrip(), ""]
     notes = _notes(summary, info)
-    notes += [f"- **{line.split(': ', 1)[0]}**: {line.split(': ', 1)[1]}."
-              for line in summary.shard_failures]
+    notes += [
+        f"- **{line.split(': ', 1)[0]}**: {line.split(': ', 1)[1]}."
+        for line in summary.shard_failures
+    ]
     if summary.clock_steps:
-        notes.append(f"- **clock**: the wall clock was set {summary.clock_steps} time(s) "
-                     "during the run (NTP, a "
-                     "virtual machine's time sync). The kernel's receive stamps are wall-clock times: their "
-                     "conversion was read again each time, and the stamps of the moment before it was noticed "
-                     "(at most a second) may be off by the step.")
-    parts += ["## Notes", ""] + (notes or ["- nothing unusual: every request finished and prompts were on size."]) + [""]
+        notes.append(
+            f"- **clock**: the wall clock was set {summary.clock_steps} time(s) "
+            "during the run (NTP, a "
+            "virtual machine's time sync). The kernel's receive stamps are wall-clock times: their "
+            "conversion was read again each time, and the stamps of the moment before it was noticed "
+            "(at most a second) may be off by the step."
+        )
+    parts += (
+        ["## Notes", ""]
+        + (notes or ["- nothing unusual: every request finished and prompts were on size."])
+        + [""]
+    )
     parts += ["## How to read this", "", PHASE_NOTES]
     return "\n".join(parts)

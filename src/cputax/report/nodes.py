@@ -30,15 +30,22 @@ def _clock_line(clock: NodeClock | None) -> str:
     if clock is None:
         return "_no clock estimate: this node's times could not be converted_"
     if not clock.converted:
-        return ("_this node's times were not converted (the run stopped before its clock was "
-                "estimated)_")
+        return (
+            "_this node's times were not converted (the run stopped before its clock was "
+            "estimated)_"
+        )
     if clock.same_machine:
         return "Clock: the driver's own machine (one kernel, one clock): no conversion error."
     drift, spread = clock.drift_ppm, clock.drift_error_ppm
-    drift_text = (f", drift {drift:+.2f} ± {spread:.2f} ppm"
-                  if drift is not None and spread is not None else "")
-    return (f"Clock: offset {(clock.offset_ns or 0) / 1e6:+.3f} ms to the driver, error bound "
-            f"± {(clock.error_ns or 0) / 1e3:.0f} µs{drift_text}.")
+    drift_text = (
+        f", drift {drift:+.2f} ± {spread:.2f} ppm"
+        if drift is not None and spread is not None
+        else ""
+    )
+    return (
+        f"Clock: offset {(clock.offset_ns or 0) / 1e6:+.3f} ms to the driver, error bound "
+        f"± {(clock.error_ns or 0) / 1e3:.0f} µs{drift_text}."
+    )
 
 
 def nodes_section(results: Results) -> str | None:
@@ -49,8 +56,10 @@ def nodes_section(results: Results) -> str | None:
         clock = node.clock
         parts += [f"### Node {name}", "", _clock_line(clock), ""]
         if clock is not None and clock.error:
-            parts += [f"_The node agent stopped ({clock.error}); what it shipped before is "
-                      "below._", ""]
+            parts += [
+                f"_The node agent stopped ({clock.error}); what it shipped before is below._",
+                "",
+            ]
         if node.correlation and (telemetry := render_telemetry(node.correlation)):
             parts += [_demote(telemetry), ""]
         attribution = node.attribution

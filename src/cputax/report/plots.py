@@ -14,10 +14,18 @@ from matplotlib.figure import Figure
 from cputax.results.correlation import Timeline
 from cputax.results.summary import GrowthRow, ScenarioSummary
 
-WALL_PHASES = (("serialize", "Serialize (client)", "#9ecae1"), ("http_overhead", "HTTP OH (front end)", "#fd8d3c"),
-               ("prefill", "Prefill (queue + prefill)", "#74c476"), ("decode", "Decode", "#31a354"))
-INFLIGHT = (("client", "client side", "#9ecae1"), ("front_end", "front end", "#fd8d3c"),
-            ("prefill", "prefill / queue", "#74c476"), ("decode", "decode", "#31a354"))
+WALL_PHASES = (
+    ("serialize", "Serialize (client)", "#9ecae1"),
+    ("http_overhead", "HTTP OH (front end)", "#fd8d3c"),
+    ("prefill", "Prefill (queue + prefill)", "#74c476"),
+    ("decode", "Decode", "#31a354"),
+)
+INFLIGHT = (
+    ("client", "client side", "#9ecae1"),
+    ("front_end", "front end", "#fd8d3c"),
+    ("prefill", "prefill / queue", "#74c476"),
+    ("decode", "decode", "#31a354"),
+)
 STALL_COLOR = "#d62728"
 
 
@@ -45,8 +53,14 @@ def decomposition_bars(scenarios: list[ScenarioSummary]) -> bytes | None:
         cpu = "" if s.cpu_pct is None else f"CPU {s.cpu_pct:.1f}%\n"
         if s.withheld and s.invariants is not None:
             cpu = f"INVALID {s.invariants.broken}/{s.invariants.checked}\nCPU% withheld\n"
-        ax.text(i, min(bottom[i], 100.0) + 1, f"{cpu}{s.mean_ms.total:,.0f} ms", ha="center",
-                va="bottom", fontsize=8)
+        ax.text(
+            i,
+            min(bottom[i], 100.0) + 1,
+            f"{cpu}{s.mean_ms.total:,.0f} ms",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax.set_xticks(list(x), [s.name for s in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 118)
     ax.set_ylabel("% of mean request time")
@@ -56,8 +70,9 @@ def decomposition_bars(scenarios: list[ScenarioSummary]) -> bytes | None:
     return _png(fig)
 
 
-def http_overhead_plot(scenarios: list[ScenarioSummary],
-                       growth_rows: list[GrowthRow]) -> bytes | None:
+def http_overhead_plot(
+    scenarios: list[ScenarioSummary], growth_rows: list[GrowthRow]
+) -> bytes | None:
     """HTTP overhead (mean, p99 dashed) against concurrency, one line per context size
     (`growth_rows`: analysis.decompose.http_overhead_growth)."""
     rows = [s for s in scenarios if s.mean_ms.http_overhead is not None and s.concurrency]
@@ -67,17 +82,29 @@ def http_overhead_plot(scenarios: list[ScenarioSummary],
     fig = Figure(figsize=(6.5, 4.0))
     ax = fig.subplots()
     for ctx in sorted({s.context_tokens or 0 for s in rows}):
-        group = sorted((s for s in rows if (s.context_tokens or 0) == ctx),
-                       key=lambda s: s.concurrency)
+        group = sorted(
+            (s for s in rows if (s.context_tokens or 0) == ctx), key=lambda s: s.concurrency
+        )
         conc = [s.concurrency for s in group]
-        line = ax.plot(conc, [s.mean_ms.http_overhead for s in group], marker="o",
-                       label=f"{ctx:,} tokens")[0]
-        ax.plot(conc, [s.p99_ms.http_overhead for s in group], linestyle="--",
-                color=line.get_color(), alpha=0.6)
+        line = ax.plot(
+            conc, [s.mean_ms.http_overhead for s in group], marker="o", label=f"{ctx:,} tokens"
+        )[0]
+        ax.plot(
+            conc,
+            [s.p99_ms.http_overhead for s in group],
+            linestyle="--",
+            color=line.get_color(),
+            alpha=0.6,
+        )
         for s in group:
             if growth.get(s.name):
-                ax.annotate(f"{growth[s.name]:.1f}x", (s.concurrency, s.mean_ms.http_overhead),
-                            textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.annotate(
+                    f"{growth[s.name]:.1f}x",
+                    (s.concurrency, s.mean_ms.http_overhead),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                )
     ax.set_xscale("log", base=2)
     levels = sorted({s.concurrency for s in rows})
     ax.set_xticks(levels, [str(c) for c in levels])
@@ -105,7 +132,15 @@ def timeline_plot(name: str, t: Timeline) -> bytes:
         ax.set_ylim(-5, 105)
         ax.set_ylabel("GPU busy %")
     else:
-        ax.text(0.5, 0.5, "no GPU telemetry", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.text(
+            0.5,
+            0.5,
+            "no GPU telemetry",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="grey",
+        )
         ax.set_yticks([])
     ax = axes[1]
     if t.cpu:
@@ -120,14 +155,25 @@ def timeline_plot(name: str, t: Timeline) -> bytes:
         ax.legend(fontsize=7, loc="upper right", ncols=2, frameon=False)
         ax.set_ylabel(f"server CPU (cores)\nby {t.cpu_by}")
     else:
-        ax.text(0.5, 0.5, "no server CPU data (remote server, no py-spy)", ha="center", va="center",
-                transform=ax.transAxes, color="grey")
+        ax.text(
+            0.5,
+            0.5,
+            "no server CPU data (remote server, no py-spy)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="grey",
+        )
         ax.set_yticks([])
     ax = axes[2]
     present = [(k, label, color) for k, label, color in INFLIGHT if k in t.inflight]
-    ax.stackplot(x, [edges(t.inflight[k]) for k, _, _ in present],
-                 labels=[label for _, label, _ in present],
-                 colors=[c for _, _, c in present], step="post")
+    ax.stackplot(
+        x,
+        [edges(t.inflight[k]) for k, _, _ in present],
+        labels=[label for _, label, _ in present],
+        colors=[c for _, _, c in present],
+        step="post",
+    )
     ax.set_ylabel("requests in flight")
     ax.set_xlabel("seconds since the scenario started")
     ax.legend(fontsize=7, loc="upper right", ncols=4, frameon=False)
@@ -139,8 +185,12 @@ def timeline_plot(name: str, t: Timeline) -> bytes:
     return _png(fig)
 
 
-def sweep_bars(title: str, unit: str, scenarios: list[str],
-               series: list[tuple[str, list[float | None], list[float | None]]]) -> bytes | None:
+def sweep_bars(
+    title: str,
+    unit: str,
+    scenarios: list[str],
+    series: list[tuple[str, list[float | None], list[float | None]]],
+) -> bytes | None:
     """One measurement per scenario, the configurations side by side; the whiskers span each
     configuration's run-to-run spread (centred on its mean). `series`: (configuration,
     values per scenario, spreads per scenario)."""
@@ -157,27 +207,40 @@ def sweep_bars(title: str, unit: str, scenarios: list[str],
     ax.set_xticks(list(range(len(scenarios))), scenarios, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(unit)
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncols=min(3, len(series)), frameon=False)
+    ax.legend(
+        fontsize=8,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.25),
+        ncols=min(3, len(series)),
+        frameon=False,
+    )
     return _png(fig)
 
 
-SPLIT = (("http_in", "HTTP in", "#fdd0a2"), ("front_end", "front end", "#fd8d3c"),
-         ("engine_queue", "engine queue", "#a63603"))
+SPLIT = (
+    ("http_in", "HTTP in", "#fdd0a2"),
+    ("front_end", "front end", "#fd8d3c"),
+    ("engine_queue", "engine queue", "#a63603"),
+)
 
 
 def split_plot(scenarios: list[ScenarioSummary]) -> bytes | None:
     """HTTP in, front end and engine queue (p50, stacked; p99 of their sum dashed) against
     concurrency, one panel per context size: the study's HTTP overhead, measured."""
-    rows = [s for s in scenarios if s.concurrency
-            and s.server_phases is not None and s.server_phases.phases_ms.front_end]
+    rows = [
+        s
+        for s in scenarios
+        if s.concurrency and s.server_phases is not None and s.server_phases.phases_ms.front_end
+    ]
     if not rows:
         return None
     contexts = sorted({s.context_tokens or 0 for s in rows})
     fig = Figure(figsize=(6.5 * len(contexts), 4.0))
     axes = fig.subplots(1, len(contexts), squeeze=False)[0]
     for ax, ctx in zip(axes, contexts, strict=True):
-        group = sorted((s for s in rows if (s.context_tokens or 0) == ctx),
-                       key=lambda s: s.concurrency)
+        group = sorted(
+            (s for s in rows if (s.context_tokens or 0) == ctx), key=lambda s: s.concurrency
+        )
         x = range(len(group))
         bottom = [0.0] * len(group)
         for key, label, color in SPLIT:

@@ -60,14 +60,19 @@ def _busy(r: ThreadRow) -> str:
     return f"{share(active, '0%')} [{share(lo, '0%')}-{share(hi, '0%')}]{mark}"
 
 
-def thread_table(rows: list[ThreadRow], cols: list[str],
-                 views: dict[str, str] | None = None) -> str:
+def thread_table(
+    rows: list[ThreadRow], cols: list[str], views: dict[str, str] | None = None
+) -> str:
     """One row per thread: samples, busy share, a column per category in `cols` (those that
     matter, analysis.attribution.columns)."""
     gil = any(r.gil is not None for r in rows)
     waits = any(r.gil_wait is not None for r in rows)
-    header = ["Process", "Thread", "Samples", "Busy", *cols] + (["GIL held"] if gil else []) \
-        + (["GIL wait (est.)"] if waits else []) + (["Views"] if views else [])
+    header = (
+        ["Process", "Thread", "Samples", "Busy", *cols]
+        + (["GIL held"] if gil else [])
+        + (["GIL wait (est.)"] if waits else [])
+        + (["Views"] if views else [])
+    )
     body, shown = [], set()
     for r in rows:
         thread = r.thread + (f" ({r.role})" if r.role else "")
@@ -75,8 +80,13 @@ def thread_table(rows: list[ThreadRow], cols: list[str],
             few = f"too few samples ({r.samples})"
             cells = [r.process, thread, _samples(r), few, *(few for _ in cols)]
         else:
-            cells = [r.process, thread, _samples(r), _busy(r),
-                     *(share(r.categories.get(c)) for c in cols)]
+            cells = [
+                r.process,
+                thread,
+                _samples(r),
+                _busy(r),
+                *(share(r.categories.get(c)) for c in cols),
+            ]
         if gil:
             cells.append(share(r.gil, "0%"))
         if waits:
@@ -92,9 +102,12 @@ VIEWS = (("svg", "flamegraph"), ("speedscope", "speedscope"), ("chrometrace", "t
 
 
 def _views(window: Window) -> dict[str, str]:
-    return {p.process: " · ".join(f"[{label}]({p.files[key]})" for key, label in VIEWS
-                                  if key in p.files)
-            for p in window.processes}
+    return {
+        p.process: " · ".join(
+            f"[{label}]({p.files[key]})" for key, label in VIEWS if key in p.files
+        )
+        for p in window.processes
+    }
 
 
 def _headline(window: Window) -> str | None:
@@ -103,8 +116,10 @@ def _headline(window: Window) -> str | None:
     if best is None:
         return None
     role = f" ({best.role.split(':')[0]})" if best.role else ""
-    return (f"During {window.name}, the {best.process} thread {best.thread}{role} spent "
-            f"{100 * best.share:.0f}% of its time in {best.category}.")
+    return (
+        f"During {window.name}, the {best.process} thread {best.thread}{role} spent "
+        f"{100 * best.share:.0f}% of its time in {best.category}."
+    )
 
 
 def _warnings(window: Window, rate: float) -> list[str]:
@@ -114,12 +129,16 @@ def _warnings(window: Window, rate: float) -> list[str]:
             out.append(f"- {p.process}: {p.message}")
         if p.fell_behind:
             late = f", up to {p.behind_s:.1f} s late" if p.behind_s else ""
-            out.append(f"- {p.process}: py-spy took {number(p.effective_rate, 0)} samples/s per "
-                       f"thread of the {rate:g} asked{late} (CPU saturated, or too high a rate): "
-                       "shares are still estimates of time, with fewer samples")
+            out.append(
+                f"- {p.process}: py-spy took {number(p.effective_rate, 0)} samples/s per "
+                f"thread of the {rate:g} asked{late} (CPU saturated, or too high a rate): "
+                "shares are still estimates of time, with fewer samples"
+            )
         if p.partial and p.coverage is not None:
-            out.append(f"- {p.process}: sampled {100 * p.coverage:.0f}% of the window "
-                       "(py-spy attaches after the scenario starts)")
+            out.append(
+                f"- {p.process}: sampled {100 * p.coverage:.0f}% of the window "
+                "(py-spy attaches after the scenario starts)"
+            )
     return out
 
 
@@ -129,34 +148,47 @@ def finding_text(finding: Finding) -> str:
         case WorkerWait():
             queued = ""
             if finding.queue_ms is not None:
-                queued = (f", while the engine's own queue time averaged {ms(finding.queue_ms)} "
-                          "ms: requests waited for batch capacity (the running batch's model "
-                          "steps), not for scheduler CPU")
-            return (f"- **{finding.process} {finding.thread}**: {100 * finding.wait:.0f}% of its "
-                    "time waiting for its workers' model step (`worker_wait`; vLLM waits by "
-                    "spinning on shared memory, so this is CPU busy, not idle), "
-                    f"{100 * finding.scheduling:.1f}% scheduling and managing the KV cache"
-                    f"{queued}.")
+                queued = (
+                    f", while the engine's own queue time averaged {ms(finding.queue_ms)} "
+                    "ms: requests waited for batch capacity (the running batch's model "
+                    "steps), not for scheduler CPU"
+                )
+            return (
+                f"- **{finding.process} {finding.thread}**: {100 * finding.wait:.0f}% of its "
+                "time waiting for its workers' model step (`worker_wait`; vLLM waits by "
+                "spinning on shared memory, so this is CPU busy, not idle), "
+                f"{100 * finding.scheduling:.1f}% scheduling and managing the KV cache"
+                f"{queued}."
+            )
         case StepWait():
-            return (f"- **{finding.process} {finding.thread}**: {100 * finding.share:.0f}% of "
-                    "its time waiting for the engine's next step (`step_wait`, also a spin): "
-                    "the model had nothing to run then.")
+            return (
+                f"- **{finding.process} {finding.thread}**: {100 * finding.share:.0f}% of "
+                "its time waiting for the engine's next step (`step_wait`, also a spin): "
+                "the model had nothing to run then."
+            )
         case OwnMetrics():
-            shares = ", ".join(f"{100 * v:.1f}% of {process} {thread}"
-                               for process, thread, v in finding.threads)
-            return ("- The server's own request instrumentation (`metrics`: Prometheus "
-                    f"middleware, stat loggers) took {shares}.")
+            shares = ", ".join(
+                f"{100 * v:.1f}% of {process} {thread}" for process, thread, v in finding.threads
+            )
+            return (
+                "- The server's own request instrumentation (`metrics`: Prometheus "
+                f"middleware, stat loggers) took {shares}."
+            )
         case GilInIdleFrames():
             frames = ", ".join(f"`{f}`" for f in finding.frames)
-            return (f"- **{finding.process} {finding.thread}** held the GIL "
-                    f"{100 * finding.gil:.0f}% of the time, {100 * finding.in_idle:.0f} points "
-                    f"of it in frames the rules call idle ({frames}): the event loop's own C "
-                    "code holds the GIL while it dispatches callbacks, so GIL held can exceed "
-                    "Busy.")
+            return (
+                f"- **{finding.process} {finding.thread}** held the GIL "
+                f"{100 * finding.gil:.0f}% of the time, {100 * finding.in_idle:.0f} points "
+                f"of it in frames the rules call idle ({frames}): the event loop's own C "
+                "code holds the GIL while it dispatches callbacks, so GIL held can exceed "
+                "Busy."
+            )
         case ScrapeCost():
-            return (f"- Answering cputax's {finding.polls} gauge polls of /metrics "
-                    f"(`metrics_scrape`) took {1000 * finding.thread_s:,.0f} ms of server thread "
-                    f"time, {1000 * finding.per_poll_s:,.1f} ms a scrape.")
+            return (
+                f"- Answering cputax's {finding.polls} gauge polls of /metrics "
+                f"(`metrics_scrape`) took {1000 * finding.thread_s:,.0f} ms of server thread "
+                f"time, {1000 * finding.per_poll_s:,.1f} ms a scrape."
+            )
     raise TypeError(f"not a finding: {finding!r}")
 
 
@@ -166,9 +198,12 @@ def window_text(window: Window, rate: float, links: bool = True) -> str:
         parts += [headline, ""]
     if window.findings:
         parts += [*map(finding_text, window.findings), ""]
-    parts += [thread_table(window.threads, window.columns, _views(window) if links else None)
-              if window.threads
-              else "_no samples in this window_", ""]
+    parts += [
+        thread_table(window.threads, window.columns, _views(window) if links else None)
+        if window.threads
+        else "_no samples in this window_",
+        "",
+    ]
     parts += _warnings(window, rate)
     return "\n".join(parts).rstrip()
 
@@ -186,8 +221,10 @@ def other_text(other_top: list[FrameCount]) -> str | None:
     if not other_top:
         return None
     frames = "\n".join(f"- `{frame}`: {n:,} samples" for frame, n in other_top[:5])
-    return ("Innermost frames of samples no rule matched (`other`; extend the table to place "
-            f"them):\n\n{frames}")
+    return (
+        "Innermost frames of samples no rule matched (`other`; extend the table to place "
+        f"them):\n\n{frames}"
+    )
 
 
 def _core(core: float | None, cores: float | None, cpus: int | None) -> str:
@@ -201,25 +238,51 @@ def overhead_text(overhead: SamplingOverhead | None) -> str | None:
     judged them (analysis.profiling_findings.sampling_overhead)."""
     if overhead is None or not overhead.pairs:
         return None
-    rows = [[p.name, f"{number(p.tps_on, 1)} / {number(p.tps_off, 1)}",
-             signed_pct(p.tps_change_pct), f"{ms(p.ttft_on_ms)} / {ms(p.ttft_off_ms)}",
-             signed_pct(p.ttft_change_pct),
-             _core(p.pyspy_core_pct, p.pyspy_cores_pct, overhead.cpus)]
-            for p in overhead.pairs]
-    text = table(["Scenario", "output tok/s sampled / not", "Δ", "TTFT ms sampled / not", "Δ",
-                  "py-spy CPU: % of one core (of all cores)"], rows)
-    parts = ["### Sampling overhead", "",
-             f"Each scenario ran twice, with and without py-spy (`NAME{CONTROL_SUFFIX}`, the "
-             "order alternating). TTFT = serialize + HTTP OH + prefill, means.", "", text, ""]
+    rows = [
+        [
+            p.name,
+            f"{number(p.tps_on, 1)} / {number(p.tps_off, 1)}",
+            signed_pct(p.tps_change_pct),
+            f"{ms(p.ttft_on_ms)} / {ms(p.ttft_off_ms)}",
+            signed_pct(p.ttft_change_pct),
+            _core(p.pyspy_core_pct, p.pyspy_cores_pct, overhead.cpus),
+        ]
+        for p in overhead.pairs
+    ]
+    text = table(
+        [
+            "Scenario",
+            "output tok/s sampled / not",
+            "Δ",
+            "TTFT ms sampled / not",
+            "Δ",
+            "py-spy CPU: % of one core (of all cores)",
+        ],
+        rows,
+    )
+    parts = [
+        "### Sampling overhead",
+        "",
+        f"Each scenario ran twice, with and without py-spy (`NAME{CONTROL_SUFFIX}`, the "
+        "order alternating). TTFT = serialize + HTTP OH + prefill, means.",
+        "",
+        text,
+        "",
+    ]
     o = overhead
     if o.tps_mean_pct is not None:
         ttft = f", TTFT {o.ttft_mean_pct:+.1f}%" if o.ttft_mean_pct is not None else ""
-        cost = (f"; py-spy itself used {o.pyspy_core_pct:.1f}% of one core"
-                if o.pyspy_core_pct is not None else "")
-        parts.append(f"Mean over {o.pairs_measured} pairs: throughput {o.tps_mean_pct:+.1f}% "
-                     f"(pairs from {o.tps_min_pct:+.1f}% to {o.tps_max_pct:+.1f}%){ttft}{cost}. "
-                     f"The budget is {o.budget_pct:g}%; a mean inside the spread of the pairs is "
-                     "noise, not overhead: repeat the scenarios (or lengthen them) to narrow it.")
+        cost = (
+            f"; py-spy itself used {o.pyspy_core_pct:.1f}% of one core"
+            if o.pyspy_core_pct is not None
+            else ""
+        )
+        parts.append(
+            f"Mean over {o.pairs_measured} pairs: throughput {o.tps_mean_pct:+.1f}% "
+            f"(pairs from {o.tps_min_pct:+.1f}% to {o.tps_max_pct:+.1f}%){ttft}{cost}. "
+            f"The budget is {o.budget_pct:g}%; a mean inside the spread of the pairs is "
+            "noise, not overhead: repeat the scenarios (or lengthen them) to narrow it."
+        )
     return "\n".join(parts).rstrip()
 
 
@@ -236,8 +299,15 @@ def profiling_section(results: Results) -> str | None:
         return "\n".join(parts + [f"_No profiles: {why}._"])
     config = (monitor or {}).get("config") or {}
     described = SamplerConfig(**config).describe() if config else f"{result.rate:g} Hz"
-    parts += [HOW.format(version=(monitor or {}).get("pyspy") or "", config=described,
-                         rules=result.rules, alignment=result.alignment_ms), ""]
+    parts += [
+        HOW.format(
+            version=(monitor or {}).get("pyspy") or "",
+            config=described,
+            rules=result.rules,
+            alignment=result.alignment_ms,
+        ),
+        "",
+    ]
     for window in result.windows:
         parts += [window_text(window, result.rate), ""]
     if other := other_text(result.other_top):
@@ -268,11 +338,18 @@ def attribution_text(result: AttributionResult, out: Path) -> str:
 
 def file_text(result: FileAttribution) -> str:
     """`cputax attribute`'s terminal output (markdown)."""
-    overall = ", ".join(f"{c} {share(v)}" for c, v in
-                        sorted(result.categories.items(), key=lambda kv: -kv[1]) if share(v))
+    overall = ", ".join(
+        f"{c} {share(v)}"
+        for c, v in sorted(result.categories.items(), key=lambda kv: -kv[1])
+        if share(v)
+    )
     server = result.server or "not recognised (common rules only)"
-    parts = [f"server: {server}; {result.source}", f"all threads: {overall}", "",
-             thread_table(result.threads, result.columns)]
+    parts = [
+        f"server: {server}; {result.source}",
+        f"all threads: {overall}",
+        "",
+        thread_table(result.threads, result.columns),
+    ]
     if other := other_text(result.other_top):
         parts += ["", other]
     return "\n".join(parts)

@@ -112,8 +112,9 @@ def _means_table(scenarios: list[tuple[ScenarioSummary, ScenarioServerPhases]]) 
     rows = []
     for s, sp in scenarios:
         mine, prom = sp.per_request_mean_ms, sp.prometheus_mean_ms
-        rows.append([s.name] + [f"{ms(getattr(mine, k))} / {ms(getattr(prom, k))}"
-                                for k, _ in MEANS])
+        rows.append(
+            [s.name] + [f"{ms(getattr(mine, k))} / {ms(getattr(prom, k))}" for k, _ in MEANS]
+        )
     return table(header, rows)
 
 
@@ -121,13 +122,17 @@ def _clock_line(clock: SpanClock | None, error_ns: int | None) -> str | None:
     """Which clock the span times were put on, and how well."""
     if clock is None or clock.lo_ns is None or clock.hi_ns is None:
         return None
-    bounds = (f"the {clock.requests} joined requests bound its offset to "
-              f"[{clock.lo_ns / 1e6:+.3f}, {clock.hi_ns / 1e6:+.3f}] ms")
+    bounds = (
+        f"the {clock.requests} joined requests bound its offset to "
+        f"[{clock.lo_ns / 1e6:+.3f}, {clock.hi_ns / 1e6:+.3f}] ms"
+    )
     error = "" if error_ns is None else f"; clock error {error_ns / 1e6:.3f} ms"
     if clock.on_this_host:
         return f"Span clock: the server is on this host (one clock, no offset applied); {bounds}."
-    return (f"Span clock: the server is on another host; {bounds} (arrival between the send and "
-            f"the headers); applied {clock.applied_ns / 1e6:+.3f} ms{error}.")
+    return (
+        f"Span clock: the server is on another host; {bounds} (arrival between the send and "
+        f"the headers); applied {clock.applied_ns / 1e6:+.3f} ms{error}."
+    )
 
 
 def server_phases_section(summary: Summary) -> str | None:
@@ -138,8 +143,11 @@ def server_phases_section(summary: Summary) -> str | None:
     parts = ["## Server phases per request (the server's own account, joined by request id)", ""]
     if run.note:
         return "\n".join(parts + [f"_{run.note}_", ""])
-    scenarios = [(s, s.server_phases) for s in summary.scenarios
-                 if s.server_phases is not None and s.server_phases.records]
+    scenarios = [
+        (s, s.server_phases)
+        for s in summary.scenarios
+        if s.server_phases is not None and s.server_phases.records
+    ]
     parts += [
         f"Source: {run.source}; spans received {number(run.spans_received)}, joined "
         f"{number(run.spans_matched)}; records without a span {run.records_without_span}; "

@@ -16,9 +16,21 @@ from cputax.rundir import SweepDir
 
 __all__ = ["figures", "render_sweep", "summary_lines", "write_sweep_report"]
 
-CATEGORY_ROWS = ("schedule", "kv_cache", "worker_wait", "model_execute", "tokenize", "detokenize",
-                 "sse", "http", "output_process", "ipc", "prefix_hash", "metrics",
-                 "metrics_scrape")
+CATEGORY_ROWS = (
+    "schedule",
+    "kv_cache",
+    "worker_wait",
+    "model_execute",
+    "tokenize",
+    "detokenize",
+    "sse",
+    "http",
+    "output_process",
+    "ipc",
+    "prefix_hash",
+    "metrics",
+    "metrics_scrape",
+)
 ROLES = ("api_server", "engine_core", "worker")
 
 
@@ -68,15 +80,20 @@ def _comparison(comparison: SweepComparison) -> list[str]:
         cat_rows = []
         for role in ROLES:
             for cat in CATEGORY_ROWS:
-                found = [(s.roles.get(role) if (s := c.scenarios.get(name)) else None)
-                         for c in configs]
+                found = [
+                    (s.roles.get(role) if (s := c.scenarios.get(name)) else None) for c in configs
+                ]
                 values = [None if roles is None else roles.get(cat, 0.0) for roles in found]
                 if any(v for v in values):
                     cat_rows.append([f"{role}: {cat}", *(_value(v, "") for v in values)])
         if cat_rows:
-            parts += ["Server CPU by process and category (py-spy, % of one core, summed over "
-                      "the role's processes and threads):", "",
-                      table(["Where", *[c.name for c in configs]], cat_rows), ""]
+            parts += [
+                "Server CPU by process and category (py-spy, % of one core, summed over "
+                "the role's processes and threads):",
+                "",
+                table(["Where", *[c.name for c in configs]], cat_rows),
+                "",
+            ]
     return parts
 
 
@@ -89,8 +106,11 @@ def render_sweep(info: Sweep, comparison: SweepComparison) -> str:
         f"- profile: `{info.profile}`; {len(configs)} configurations x {info.repeat} "
         "repeat(s), the order alternating between repeats",
         f"- server: {info.target} {(server.version if server else None) or ''}"
-        + (f", your command `{info.serve_cmd}`" if info.serve_cmd
-           else " (the embedded target, started for each configuration)"),
+        + (
+            f", your command `{info.serve_cmd}`"
+            if info.serve_cmd
+            else " (the embedded target, started for each configuration)"
+        ),
         f"- baseline: `{comparison.baseline}`; every other configuration is compared with it",
         *[f"- note on `{flag}`: {note}" for flag, note in info.notes.items()],
         "",
@@ -100,10 +120,17 @@ def render_sweep(info: Sweep, comparison: SweepComparison) -> str:
         "",
         "## Configurations",
         "",
-        table(["Configuration", "Runs", "Outcome"],
-              [[c.name, ", ".join(f"`{f}/`" for f in c.folders) or "-",
-                "; ".join(f"{s.status}: {s.message or ''}" for s in c.failed) or "measured"]
-               for c in configs]),
+        table(
+            ["Configuration", "Runs", "Outcome"],
+            [
+                [
+                    c.name,
+                    ", ".join(f"`{f}/`" for f in c.folders) or "-",
+                    "; ".join(f"{s.status}: {s.message or ''}" for s in c.failed) or "measured",
+                ]
+                for c in configs
+            ],
+        ),
         "",
         "## The comparison",
         "",
@@ -127,10 +154,14 @@ def figures(info: Sweep, comparison: SweepComparison) -> dict[str, bytes]:
         label, unit, _ = METRICS.get(key, (key, "", False))
         series = []
         for c in configs:
-            found = [(s.metrics.get(key) if (s := c.scenarios.get(n)) else None)
-                     for n in scenarios]
-            series.append((c.name, [m.value if m else None for m in found],
-                           [m.spread if m else None for m in found]))
+            found = [(s.metrics.get(key) if (s := c.scenarios.get(n)) else None) for n in scenarios]
+            series.append(
+                (
+                    c.name,
+                    [m.value if m else None for m in found],
+                    [m.spread if m else None for m in found],
+                )
+            )
         png = plots.sweep_bars(f"{flag}: {label}", unit, scenarios, series)
         if png:
             out[f"sweep_{flag}"] = png
@@ -152,7 +183,8 @@ def write_sweep_report(sweep: SweepDir, comparison: SweepComparison) -> None:
         "<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' "
         f"content='width=device-width, initial-scale=1'><title>{html.escape(title)}</title>"
         f"<style>{STYLE}</style></head><body>{body}<h2>Figures</h2>"
-        f"{figures_html or '<p>no knob with a plot in this sweep</p>'}</body></html>")
+        f"{figures_html or '<p>no knob with a plot in this sweep</p>'}</body></html>"
+    )
 
 
 def summary_lines(comparison: SweepComparison) -> list[str]:
@@ -160,8 +192,11 @@ def summary_lines(comparison: SweepComparison) -> list[str]:
     claim."""
     lines = []
     for c in comparison.configurations:
-        state = ("measured" if c.scenarios
-                 else "; ".join(s.message or s.status for s in c.failed) or "no data")
+        state = (
+            "measured"
+            if c.scenarios
+            else "; ".join(s.message or s.status for s in c.failed) or "no data"
+        )
         lines.append(f"{c.name}: {state}")
     for claim in comparison.claims:
         lines.append(f"- {claim.study}: {claim.sentence}")

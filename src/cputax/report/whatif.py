@@ -14,6 +14,7 @@ from cputax.rundir import WhatIfDir
 
 __all__ = ["render_whatif", "summary_lines", "write_whatif_report"]
 
+
 def _signed(v: float | None, digits: int = 2) -> str:
     return ABSENT if v is None else f"{v:+.{digits}f}"
 
@@ -91,8 +92,13 @@ def _claim_cells(c: Claim) -> list[str]:
     if c.effect is None:
         return [c.claim, c.scenario, ABSENT, "-", c.sentence]
     e = c.effect
-    return [c.claim, c.scenario, f"{_signed(e.pct, 1)}%",
-            f"{_signed(e.pct_lo, 1)}% to {_signed(e.pct_hi, 1)}%", c.sentence]
+    return [
+        c.claim,
+        c.scenario,
+        f"{_signed(e.pct, 1)}%",
+        f"{_signed(e.pct_lo, 1)}% to {_signed(e.pct_hi, 1)}%",
+        c.sentence,
+    ]
 
 
 def _placebo_line(scenario: str, p: Placebo) -> str:

@@ -168,8 +168,9 @@ class Ceiling(msgspec.Struct, kw_only=True):
     @classmethod
     def load(cls, path: Path) -> Ceiling:
         """Read calibration.json (versions READS); another version is one CputaxError line."""
-        return result_format.load(path, cls, READS,
-                                  "run `cputax calibrate` to measure the ceiling again")
+        return result_format.load(
+            path, cls, READS, "run `cputax calibrate` to measure the ceiling again"
+        )
 
     def dump(self, path: Path) -> None:
         """Write calibration.json (atomically)."""

@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import msgspec
 
-__all__ = ["Extrapolation", "FitPoint", "FrontEndModel", "FrontEndParams", "LeaveOneOut",
-           "TableRow"]
+__all__ = [
+    "Extrapolation",
+    "FitPoint",
+    "FrontEndModel",
+    "FrontEndParams",
+    "LeaveOneOut",
+    "TableRow",
+]
 
 
 class FrontEndParams(msgspec.Struct, kw_only=True):

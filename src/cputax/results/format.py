@@ -66,8 +66,10 @@ def load(path: Path, kind: type[T], accepts: tuple[int, ...], rebuild: str) -> T
         raise CputaxError(f"{path}: not a {kind.__name__} file ({exc})") from exc
     if version not in accepts:
         known = ", ".join(map(str, accepts))
-        raise CputaxError(f"{path}: {kind.__name__} format version {version}; this cputax reads "
-                          f"{known}: {rebuild}")
+        raise CputaxError(
+            f"{path}: {kind.__name__} format version {version}; this cputax reads "
+            f"{known}: {rebuild}"
+        )
     try:
         return msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:

@@ -423,9 +423,12 @@ class Summary(msgspec.Struct, kw_only=True):
     @classmethod
     def load(cls, path: Path) -> Summary:
         """Read summary.json (versions READS); another version is one CputaxError line."""
-        return result_format.load(path, cls, READS,
-                                  f"remove it and run `cputax report {path.parent}` to rebuild "
-                                  "it from the run's records")
+        return result_format.load(
+            path,
+            cls,
+            READS,
+            f"remove it and run `cputax report {path.parent}` to rebuild it from the run's records",
+        )
 
     @classmethod
     def check_version(cls, path: Path) -> None:
@@ -433,8 +436,9 @@ class Summary(msgspec.Struct, kw_only=True):
         not read (a newer cputax's); a file that is not JSON at all passes (a rebuild
         replaces it)."""
         try:
-            version = msgspec.json.decode(path.read_bytes(),
-                                          type=result_format.Versioned).format_version
+            version = msgspec.json.decode(
+                path.read_bytes(), type=result_format.Versioned
+            ).format_version
         except (msgspec.DecodeError, msgspec.ValidationError):
             return
         if version not in READS:

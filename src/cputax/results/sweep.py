@@ -206,9 +206,9 @@ class Sweep(msgspec.Struct, kw_only=True):
     @classmethod
     def load(cls, path: Path) -> Sweep:
         """Read sweep.json (versions READS); another version is one CputaxError line."""
-        return result_format.load(path, cls, READS,
-                                  "run the sweep again with this cputax (its run directories "
-                                  "are kept)")
+        return result_format.load(
+            path, cls, READS, "run the sweep again with this cputax (its run directories are kept)"
+        )
 
     def dump(self, path: Path) -> None:
         """Write sweep.json (atomically)."""

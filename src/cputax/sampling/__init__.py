@@ -28,7 +28,25 @@ from cputax.sampling.pyspy_monitor import PROFILE_WINDOW, Discovery, PyspyMonito
 from cputax.sampling.stacks import ThreadId, Timeline, clip, collapse, read_chrometrace, read_raw
 
 __all__ = [
-    "DEFAULT_RATE", "INSTALL_HINT", "PROFILE_WINDOW", "Classifier", "Discovery", "Frame", "PyspyMonitor",
-    "PyspyOptions", "SamplerConfig", "Stack", "ThreadId", "Timeline", "classifier_for", "clip", "collapse",
-    "detect_server", "find_pyspy", "ptrace_problem", "read_chrometrace", "read_raw", "short_path",
+    "DEFAULT_RATE",
+    "INSTALL_HINT",
+    "PROFILE_WINDOW",
+    "Classifier",
+    "Discovery",
+    "Frame",
+    "PyspyMonitor",
+    "PyspyOptions",
+    "SamplerConfig",
+    "Stack",
+    "ThreadId",
+    "Timeline",
+    "classifier_for",
+    "clip",
+    "collapse",
+    "detect_server",
+    "find_pyspy",
+    "ptrace_problem",
+    "read_chrometrace",
+    "read_raw",
+    "short_path",
 ]

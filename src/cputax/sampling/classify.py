@@ -23,7 +23,15 @@ from typing import NamedTuple
 
 from cputax.servers import COMMON_RULES, OTHER, SERVERS, Rule, rules_for
 
-__all__ = ["Classifier", "Frame", "Stack", "classifier_for", "detect_server", "parse_frame", "short_path"]
+__all__ = [
+    "Classifier",
+    "Frame",
+    "Stack",
+    "classifier_for",
+    "detect_server",
+    "parse_frame",
+    "short_path",
+]
 
 _SITE = re.compile(r".*/(?:site|dist)-packages/")
 _STDLIB = re.compile(r".*/lib/python\d+(?:\.\d+)?t?/")
@@ -45,7 +53,7 @@ def short_path(path: str) -> str:
     """A file name as py-spy shows it without --full-filenames: the package-relative part."""
     for prefix in (_SITE, _STDLIB):
         if m := prefix.match(path):
-            return path[m.end():]
+            return path[m.end() :]
     return path
 
 
@@ -124,7 +132,10 @@ def classifier_for(server: str | None) -> Classifier:
 
 def detect_server(stacks: Iterable[Mapping[Stack, float]]) -> str | None:
     """The server whose code the stacks run (most samples in its marker paths), or None."""
-    markers = {name: Classifier([Rule(OTHER, glob) for glob in table.markers]) for name, table in SERVERS.items()}
+    markers = {
+        name: Classifier([Rule(OTHER, glob) for glob in table.markers])
+        for name, table in SERVERS.items()
+    }
     scores: Counter[str] = Counter()
     for counter in stacks:
         for stack, weight in counter.items():

@@ -42,6 +42,8 @@ _BEHIND = re.compile(r"([\d.]+)\s*(ms|s|µs|us)\s+behind in sampling")
 _WROTE = re.compile(r"Samples: (\d+) Errors: (\d+)")
 _UNITS = {"s": 1.0, "ms": 1e-3, "µs": 1e-6, "us": 1e-6}
 _PTRACE_CAP = 19  # CAP_SYS_PTRACE
+
+
 def _sampler_child() -> None:
     """In py-spy's process before exec: SIGINT is how it is told to write what it has and
     exit, also when cputax dies (never sample forever). A parent that ignores or blocks
@@ -55,18 +57,24 @@ def _sampler_child() -> None:
 class SamplerConfig:
     rate: int = DEFAULT_RATE
     gil: bool = False  # also sample the GIL holder (a second py-spy per process)
-    native: bool = False  # C/C++ frames too; py-spy then has to pause the process (no --nonblocking)
+    native: bool = (
+        False  # C/C++ frames too; py-spy then has to pause the process (no --nonblocking)
+    )
     nonblocking: bool = True
 
     def __post_init__(self) -> None:
         if self.rate <= 0:
             raise CputaxError(f"--rate must be positive, got {self.rate}")
         if self.native:
-            self.nonblocking = False  # "Can't get native stack traces with the --nonblocking option"
+            self.nonblocking = (
+                False  # "Can't get native stack traces with the --nonblocking option"
+            )
 
     def describe(self) -> str:
         mode = "nonblocking" if self.nonblocking else "blocking (pauses the process per sample)"
-        extra = "".join(f", {x}" for x, on in (("--gil", self.gil), ("--native", self.native)) if on)
+        extra = "".join(
+            f", {x}" for x, on in (("--gil", self.gil), ("--native", self.native)) if on
+        )
         return f"{self.rate} Hz, {mode}, --threads --idle{extra}"
 
 
@@ -81,15 +89,19 @@ def find_pyspy() -> str:
 
 def pyspy_version(exe: str) -> str:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        return subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            [exe, "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     return "py-spy (version unknown)"
 
 
 def ptrace_fix(scope: str | None = None) -> str:
     scope = scope if scope is not None else _read("/proc/sys/kernel/yama/ptrace_scope")
     now = f" (now {scope})" if scope is not None else ""
-    return ("run cputax as root, or give it CAP_SYS_PTRACE (docker run --cap-add SYS_PTRACE) and "
-            f"allow ptrace with `sysctl kernel.yama.ptrace_scope=0`{now}")
+    return (
+        "run cputax as root, or give it CAP_SYS_PTRACE (docker run --cap-add SYS_PTRACE) and "
+        f"allow ptrace with `sysctl kernel.yama.ptrace_scope=0`{now}"
+    )
 
 
 def ptrace_problem(pids: list[int]) -> str | None:
@@ -152,9 +164,14 @@ def read_log(text: str, returncode: int | None) -> PyspyLog:
     elif "Check that the process is running" in text or "No such process" in text:
         log.status, log.message = "gone", "the process was gone before py-spy attached"
     elif "process exited" in text or "process ended" in text:
-        log.status, log.message = "exited", "the process exited while sampled: its partial data is kept"
+        log.status, log.message = (
+            "exited",
+            "the process exited while sampled: its partial data is kept",
+        )
     elif log.samples is None:
-        last = [line for line in text.splitlines() if line.strip()][-1:] or [f"exit status {returncode}"]
+        last = [line for line in text.splitlines() if line.strip()][-1:] or [
+            f"exit status {returncode}"
+        ]
         log.status, log.message = "failed", last[0].strip()[:300]
     return log
 
@@ -178,8 +195,20 @@ class PyspyProcess:
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def command(self) -> list[str]:
-        cmd = [self.exe, "record", "--pid", str(self.pid), "--rate", str(self.config.rate),
-               "--format", self.fmt, "--output", str(self.output), "--threads", "--nolineno"]
+        cmd = [
+            self.exe,
+            "record",
+            "--pid",
+            str(self.pid),
+            "--rate",
+            str(self.config.rate),
+            "--format",
+            self.fmt,
+            "--output",
+            str(self.output),
+            "--threads",
+            "--nolineno",
+        ]
         cmd += ["--gil"] if self.gil_only else ["--idle"]
         if self.config.nonblocking:
             cmd.append("--nonblocking")
@@ -193,8 +222,13 @@ class PyspyProcess:
             log.write(("$ " + " ".join(self.command()) + "\n").encode())
             log.flush()
             self.t_launch_ns = time.monotonic_ns()
-            self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, preexec_fn=_sampler_child)
+            self._proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_sampler_child,
+            )
             self.t_launched_ns = time.monotonic_ns()
 
     def signal_stop(self) -> None:
@@ -249,8 +283,15 @@ def stop_all(samplers: list[PyspyProcess]) -> None:
 def meta(sampler: PyspyProcess) -> dict[str, Any]:
     """The manifest fields of one sampler."""
     log = sampler.log
-    return {"t_launch_ns": sampler.t_launch_ns, "t_launched_ns": sampler.t_launched_ns,
-            "t_stop_ns": sampler.t_stop_ns, "status": log.status, "message": log.message,
-            "samples": log.samples, "errors": log.errors, "behind_s": log.behind_s,
-            "behind_warnings": log.behind_warnings, "cpu_s": sampler.cpu_s}
-
+    return {
+        "t_launch_ns": sampler.t_launch_ns,
+        "t_launched_ns": sampler.t_launched_ns,
+        "t_stop_ns": sampler.t_stop_ns,
+        "status": log.status,
+        "message": log.message,
+        "samples": log.samples,
+        "errors": log.errors,
+        "behind_s": log.behind_s,
+        "behind_warnings": log.behind_warnings,
+        "cpu_s": sampler.cpu_s,
+    }

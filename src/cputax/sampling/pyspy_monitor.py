@@ -79,8 +79,12 @@ class PyspyMonitor:
 
     name = "pyspy"
 
-    def __init__(self, config: SamplerConfig | None = None, discovery: Discovery | None = None,
-                 console: Console | None = None) -> None:
+    def __init__(
+        self,
+        config: SamplerConfig | None = None,
+        discovery: Discovery | None = None,
+        console: Console | None = None,
+    ) -> None:
         self.config = config or SamplerConfig()
         self.discovery = discovery or Discovery()
         self.console = console or Console(stderr=True)
@@ -113,8 +117,10 @@ class PyspyMonitor:
         self._version = pyspy_version(self._exe)
         self._manifest = JsonlWriter(run.pyspy_manifest)
         roles = ", ".join(f"{p.role} {p.pid}" for p in procs)
-        self.console.print(f"py-spy: sampling {self.server or 'unrecognised server'} ({roles}) "
-                           f"during every scenario, {self.config.describe()}")
+        self.console.print(
+            f"py-spy: sampling {self.server or 'unrecognised server'} ({roles}) "
+            f"during every scenario, {self.config.describe()}"
+        )
 
     def scenario_start(self, scenario: str, t_ns: int) -> None:
         if self.problem or self._run is None or is_control(scenario):
@@ -130,7 +136,11 @@ class PyspyMonitor:
         for proc in procs:
             stem = self._run.pyspy_stem(scenario, proc.role, proc.pid)
             main = self._sampler(proc.pid, stem, "chrometrace.json", "log", "chrometrace", False)
-            gil = self._sampler(proc.pid, stem, "gil.txt", "gil.log", "raw", True) if self.config.gil else None
+            gil = (
+                self._sampler(proc.pid, stem, "gil.txt", "gil.log", "raw", True)
+                if self.config.gil
+                else None
+            )
             self._sampled.append(_Sampled(proc, stem, main, gil))
         for s in self._sampled:
             for sampler in (s.main, s.gil):
@@ -156,8 +166,13 @@ class PyspyMonitor:
         if self._manifest:
             self._manifest.close()
             self._manifest = None
-        return {"server": self.server, "config": dataclasses.asdict(self.config), "pyspy": self._version,
-                "problem": self.problem, "notes": self.notes}
+        return {
+            "server": self.server,
+            "config": dataclasses.asdict(self.config),
+            "pyspy": self._version,
+            "problem": self.problem,
+            "notes": self.notes,
+        }
 
     # --- helpers -------------------------------------------------------------------------------
     def _find(self) -> tuple[str | None, list[ServerProcess]]:
@@ -170,16 +185,30 @@ class PyspyMonitor:
             return find_server(d.server, roots=roots)
         if d.server != "auto":
             return find_server(d.server)
-        where = (f"the server at {target['endpoint']} is not on this host (or nothing here listens on its port)"
-                 if target.get("endpoint") else "no server to sample was named")
-        raise CputaxError(f"{where}: py-spy must run where the server runs. Run `cputax profile` there, or "
-                          "pass --pid, --port or --target")
+        where = (
+            f"the server at {target['endpoint']} is not on this host (or nothing here listens on its port)"
+            if target.get("endpoint")
+            else "no server to sample was named"
+        )
+        raise CputaxError(
+            f"{where}: py-spy must run where the server runs. Run `cputax profile` there, or "
+            "pass --pid, --port or --target"
+        )
 
-    def _sampler(self, pid: int, stem: Path, suffix: str, log: str, fmt: str, gil: bool) -> PyspyProcess:
+    def _sampler(
+        self, pid: int, stem: Path, suffix: str, log: str, fmt: str, gil: bool
+    ) -> PyspyProcess:
         assert self._run is not None
         base = self._run.path / stem
-        return PyspyProcess(self._exe, pid, Path(f"{base}.{suffix}"), Path(f"{base}.{log}"), self.config,
-                            fmt=fmt, gil_only=gil)
+        return PyspyProcess(
+            self._exe,
+            pid,
+            Path(f"{base}.{suffix}"),
+            Path(f"{base}.{log}"),
+            self.config,
+            fmt=fmt,
+            gil_only=gil,
+        )
 
     def _record(self, window: str, s: _Sampled) -> None:
         assert self._run is not None
@@ -187,15 +216,29 @@ class PyspyMonitor:
         files = {"chrometrace": f"{s.stem}.chrometrace.json", "log": f"{s.stem}.log"}
         if s.gil and s.gil.output.exists():
             files["gil"] = f"{s.stem}.gil.txt"
-        entry = {"window": window, "pid": s.process.pid, "role": s.process.role, "server": self.server,
-                 "cmdline": s.process.cmdline[:500], "rate": self.config.rate, "files": files,
-                 **meta(s.main)}
+        entry = {
+            "window": window,
+            "pid": s.process.pid,
+            "role": s.process.role,
+            "server": self.server,
+            "cmdline": s.process.cmdline[:500],
+            "rate": self.config.rate,
+            "files": files,
+            **meta(s.main),
+        }
         if s.gil:
             entry["gil_sampler"] = meta(s.gil)
         if s.main.output.exists():
             try:
-                files.update(write_views(self._run.path, s.stem, self.server, f"{window}: {s.process.role} {s.process.pid}",
-                                         self.config.rate))
+                files.update(
+                    write_views(
+                        self._run.path,
+                        s.stem,
+                        self.server,
+                        f"{window}: {s.process.role} {s.process.pid}",
+                        self.config.rate,
+                    )
+                )
             except CputaxError as exc:
                 entry["status"], entry["message"] = "failed", str(exc)
         if self._manifest:
@@ -206,8 +249,10 @@ class PyspyMonitor:
         elif status != "ok":
             self._note(f"{window}: {name}: {message}")
         if s.main.log.behind_warnings:
-            self._note(f"{window}: {name}: py-spy fell behind (up to {s.main.log.behind_s:.1f} s late); "
-                       "lower --pyspy-rate")
+            self._note(
+                f"{window}: {name}: py-spy fell behind (up to {s.main.log.behind_s:.1f} s late); "
+                "lower --pyspy-rate"
+            )
 
     def _disable(self, problem: str) -> None:
         if self.problem is None:
@@ -219,11 +264,17 @@ class PyspyMonitor:
         self.console.print(f"[yellow]py-spy: {note}[/]")
 
 
-def write_views(run_dir: Path, stem: Path, server: str | None, title: str, rate: float) -> dict[str, str]:
+def write_views(
+    run_dir: Path, stem: Path, server: str | None, title: str, rate: float
+) -> dict[str, str]:
     """Collapsed stacks, flamegraph SVG and speedscope file from one chrometrace."""
     timeline = read_chrometrace(Path(f"{run_dir / stem}.chrometrace.json"))
     stacks = {thread: collapse(spans, rate) for thread, spans in timeline.items()}
-    files = {"collapsed": f"{stem}.collapsed.txt", "svg": f"{stem}.svg", "speedscope": f"{stem}.speedscope.json"}
+    files = {
+        "collapsed": f"{stem}.collapsed.txt",
+        "svg": f"{stem}.svg",
+        "speedscope": f"{stem}.speedscope.json",
+    }
     write_collapsed(run_dir / files["collapsed"], stacks)
     classifier = classifier_for(server)
     labels: dict[str, str | None] = {}

@@ -106,7 +106,9 @@ def read_raw(path: Path) -> dict[ThreadId, Counter[Stack]]:
         try:
             weight = float(count)
         except ValueError as exc:
-            raise CputaxError(f"{path}:{number}: not a collapsed-stack line (`frame;frame COUNT`)") from exc
+            raise CputaxError(
+                f"{path}:{number}: not a collapsed-stack line (`frame;frame COUNT`)"
+            ) from exc
         parts = text.split(";")
         pid = None
         if m := _PROCESS.match(parts[0]):
@@ -142,11 +144,16 @@ def write_collapsed(path: Path, stacks: Mapping[ThreadId, Counter[Stack]]) -> No
     for thread in sorted(stacks):
         for stack, weight in sorted(stacks[thread].items(), key=lambda kv: -kv[1]):
             if round(weight) >= 1:
-                lines.append(";".join([thread_root(thread), *(f.text() for f in stack)]) + f" {round(weight)}")
+                lines.append(
+                    ";".join([thread_root(thread), *(f.text() for f in stack)])
+                    + f" {round(weight)}"
+                )
     path.write_text("\n".join(lines) + ("\n" if lines else ""))
 
 
-def _close(open_: list[Frame], depth: int, at: int, index: dict[Frame, int], events: list[dict]) -> None:
+def _close(
+    open_: list[Frame], depth: int, at: int, index: dict[Frame, int], events: list[dict]
+) -> None:
     while len(open_) > depth:
         events.append({"type": "C", "frame": index[open_.pop()], "at": at})
 
@@ -174,10 +181,25 @@ def write_speedscope(path: Path, timeline: Timeline, name: str) -> None:
                 open_.append(frame)
             last = t1
         _close(open_, 0, last, index, events)
-        profiles.append({"type": "evented", "name": f"{thread.label} (tid {thread.tid})", "unit": "microseconds",
-                         "startValue": spans[0][0], "endValue": last, "events": events})
+        profiles.append(
+            {
+                "type": "evented",
+                "name": f"{thread.label} (tid {thread.tid})",
+                "unit": "microseconds",
+                "startValue": spans[0][0],
+                "endValue": last,
+                "events": events,
+            }
+        )
     frames = [{"name": f.func, "file": f.path} for f in index]
-    path.write_bytes(orjson.dumps({
-        "$schema": "https://www.speedscope.app/file-format-schema.json",
-        "shared": {"frames": frames}, "profiles": profiles, "name": name, "exporter": "cputax",
-    }))
+    path.write_bytes(
+        orjson.dumps(
+            {
+                "$schema": "https://www.speedscope.app/file-format-schema.json",
+                "shared": {"frames": frames},
+                "profiles": profiles,
+                "name": name,
+                "exporter": "cputax",
+            }
+        )
+    )

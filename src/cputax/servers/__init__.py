@@ -28,14 +28,35 @@ from cputax.servers.base import (
 from cputax.servers.common import COMMON_RULES
 
 __all__ = [
-    "CATEGORIES", "COMMON_RULES", "IDLE", "MEANINGS", "OTHER", "SERVERS", "SERVER_NAMES", "WAITS",
-    "Capabilities", "Component", "Function", "Launch", "MetricNames", "Preset", "Rule",
-    "ServerTable", "Tracing", "embedded_names", "get",
-    "metric_names", "process_role", "role_in", "rules_for",
+    "CATEGORIES",
+    "COMMON_RULES",
+    "IDLE",
+    "MEANINGS",
+    "OTHER",
+    "SERVERS",
+    "SERVER_NAMES",
+    "WAITS",
+    "Capabilities",
+    "Component",
+    "Function",
+    "Launch",
+    "MetricNames",
+    "Preset",
+    "Rule",
+    "ServerTable",
+    "Tracing",
+    "embedded_names",
+    "get",
+    "metric_names",
+    "process_role",
+    "role_in",
+    "rules_for",
 ]
 
 # Real servers first: `auto` discovery and metric lookup try them in this order.
-SERVERS: dict[str, ServerTable] = {t.name: t for t in (vllm.TABLE, sglang.TABLE, transformers.TABLE)}
+SERVERS: dict[str, ServerTable] = {
+    t.name: t for t in (vllm.TABLE, sglang.TABLE, transformers.TABLE)
+}
 SERVER_NAMES = tuple(SERVERS)
 STUB = stub.TABLE
 
@@ -77,5 +98,7 @@ def metric_names() -> MetricNames:
     for table in SERVERS.values():
         for kind, names in merged.items():
             for quantity, found in getattr(table.metrics, kind).items():
-                names[quantity] = names.get(quantity, ()) + tuple(n for n in found if n not in names.get(quantity, ()))
+                names[quantity] = names.get(quantity, ()) + tuple(
+                    n for n in found if n not in names.get(quantity, ())
+                )
     return MetricNames(**merged)

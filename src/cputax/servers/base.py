@@ -18,10 +18,28 @@ from pathlib import Path
 
 # Where a server's CPU time goes. The order is the report's column order.
 CATEGORIES = (
-    "http", "chat_template", "tokenize", "preprocess", "ipc", "schedule", "kv_cache",
-    "prefix_hash", "model_execute", "gpu_wait", "worker_wait", "step_wait", "sample",
-    "output_process", "detokenize", "sse", "metrics", "metrics_scrape", "kv_connector", "gc",
-    "idle", "other",
+    "http",
+    "chat_template",
+    "tokenize",
+    "preprocess",
+    "ipc",
+    "schedule",
+    "kv_cache",
+    "prefix_hash",
+    "model_execute",
+    "gpu_wait",
+    "worker_wait",
+    "step_wait",
+    "sample",
+    "output_process",
+    "detokenize",
+    "sse",
+    "metrics",
+    "metrics_scrape",
+    "kv_connector",
+    "gc",
+    "idle",
+    "other",
 )
 IDLE = "idle"
 OTHER = "other"
@@ -38,10 +56,14 @@ MEANINGS = {
     "prefix_hash": "hashing prompt blocks for prefix caching",
     "model_execute": "preparing inputs and running the forward pass, as Python sees it (on a GPU: launching kernels)",
     "gpu_wait": "the CPU waiting for the GPU: synchronize, copying results back",
-    "worker_wait": ("the engine loop waiting for its workers' model step; vLLM waits by spinning on "
-                    "shared memory (sched_yield), so this is CPU busy, not idle"),
-    "step_wait": ("a worker waiting for the engine's next step; vLLM spins here too for a second "
-                  "after each step: CPU busy while the model (the GPU) has nothing to do"),
+    "worker_wait": (
+        "the engine loop waiting for its workers' model step; vLLM waits by spinning on "
+        "shared memory (sched_yield), so this is CPU busy, not idle"
+    ),
+    "step_wait": (
+        "a worker waiting for the engine's next step; vLLM spins here too for a second "
+        "after each step: CPU busy while the model (the GPU) has nothing to do"
+    ),
     "sample": "logits processing and sampling",
     "output_process": "turning engine outputs into per-request outputs",
     "detokenize": "incremental detokenization",
@@ -81,7 +103,9 @@ class Rule:
 class MetricNames:
     """Prometheus names per quantity cputax reads; the first name a scrape has wins."""
 
-    histograms: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # queue, prefill, ttft, ...
+    histograms: Mapping[str, tuple[str, ...]] = field(
+        default_factory=dict
+    )  # queue, prefill, ttft, ...
     counters: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # prefix_cache_hits, ...
     gauges: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # running, waiting, ...
 
@@ -123,7 +147,9 @@ class Capabilities:
     # refuse it. cputax probes once and falls back to tool_choice "none" (tools still rendered).
     auto_tool_choice: bool = True
     lists_models: bool = True  # /v1/models lists the served model
-    usage_in_stream: str = "on_request"  # "on_request" (stream_options.include_usage) or "final" (always)
+    usage_in_stream: str = (
+        "on_request"  # "on_request" (stream_options.include_usage) or "final" (always)
+    )
     role_chunk: str = "with_first_token"  # "with_first_token" (vLLM) or "at_headers"
     tracing: Tracing | None = None  # per-request spans / metrics; None: the server has neither
 
@@ -217,6 +243,8 @@ class ServerTable:
     # what the report says about this server's categories beyond MEANINGS
     notes: Mapping[str, str] = field(default_factory=dict)
     presets: Mapping[str, Preset] = field(default_factory=dict)  # `cputax sweep --vary NAME`
-    fixed_port: int | None = None  # a user's command that names its own port (`--serve-cmd ... --port N`)
+    fixed_port: int | None = (
+        None  # a user's command that names its own port (`--serve-cmd ... --port N`)
+    )
     # `cputax whatif --component NAME`: the parts of the server a what-if can slow
     components: Mapping[str, Component] = field(default_factory=dict)

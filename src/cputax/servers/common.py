@@ -42,7 +42,11 @@ COMMON_RULES = (
     # Answering GET /metrics (a scraper's cost, cputax's included) apart from the server's own
     # per-request instrumentation (middleware, stat loggers: `metrics`).
     Rule("metrics_scrape", "prometheus_client/exposition.py", "generate_latest*"),
-    Rule("metrics_scrape", "prometheus_client/*", within=("prometheus_client/exposition.py", "generate_latest*")),
+    Rule(
+        "metrics_scrape",
+        "prometheus_client/*",
+        within=("prometheus_client/exposition.py", "generate_latest*"),
+    ),
     Rule("metrics_scrape", "prometheus_fastapi_instrumentator/*", "*expose*"),
     Rule("metrics", "prometheus_fastapi_instrumentator/*"),
     Rule("metrics", "prometheus_client/*"),

@@ -27,8 +27,13 @@ TABLE = ServerTable(
         ("detokenizer", "MainThread", "detokenizer loop"),
     ),
     rules=(
-        Rule("gpu_wait", "threading.py", "*wait*", leaf=True,
-             within=(_S + "managers/tp_worker_overlap_thread.py", "*resolve*")),
+        Rule(
+            "gpu_wait",
+            "threading.py",
+            "*wait*",
+            leaf=True,
+            within=(_S + "managers/tp_worker_overlap_thread.py", "*resolve*"),
+        ),
         Rule("gpu_wait", _S + "managers/overlap_utils.py", "*resolve*"),
         Rule("sample", _S + "layers/sampler.py"),
         Rule("sample", _S + "sampling/*"),
@@ -62,11 +67,17 @@ TABLE = ServerTable(
         Rule("tokenize", _S + "managers/async_dynamic_batch_tokenizer.py"),
         Rule("chat_template", _S + "entrypoints/openai/serving_chat.py", "*_apply_jinja_template*"),
         Rule("chat_template", _S + "entrypoints/openai/serving_chat.py", "*_process_messages*"),
-        Rule("chat_template", _S + "entrypoints/openai/serving_chat.py", "*_apply_conversation_template*"),
+        Rule(
+            "chat_template",
+            _S + "entrypoints/openai/serving_chat.py",
+            "*_apply_conversation_template*",
+        ),
         Rule("chat_template", _S + "conversation.py"),
         Rule("chat_template", _S + "jinja_template_utils.py"),
         Rule("sse", _S + "entrypoints/openai/serving_chat.py", "*_generate_chat_stream*"),
-        Rule("sse", _S + "entrypoints/openai/serving_completions.py", "*_generate_completion_stream*"),
+        Rule(
+            "sse", _S + "entrypoints/openai/serving_completions.py", "*_generate_completion_stream*"
+        ),
         Rule("sse", _S + "function_call/*"),
         Rule("sse", _S + "reasoning_parser.py"),
         Rule("metrics", _S + "metrics/*"),

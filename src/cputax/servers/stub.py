@@ -23,5 +23,7 @@ TABLE = ServerTable(
     ),
     markers=("cputax/targets/stub/*",),
     metrics=vllm.TABLE.metrics,
-    capabilities=Capabilities(tokenize_path="/tokenize", auto_tool_choice=vllm.TABLE.capabilities.auto_tool_choice),
+    capabilities=Capabilities(
+        tokenize_path="/tokenize", auto_tool_choice=vllm.TABLE.capabilities.auto_tool_choice
+    ),
 )

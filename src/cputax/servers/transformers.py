@@ -19,9 +19,12 @@ from cputax.servers.base import Capabilities, Launch, Rule, ServerTable
 MODEL_DTYPE = "float32"
 SERVE_FLAGS = (
     "--continuous-batching",
-    "--device", "cpu",
-    "--dtype", MODEL_DTYPE,
-    "--log-level", "warning",
+    "--device",
+    "cpu",
+    "--dtype",
+    MODEL_DTYPE,
+    "--log-level",
+    "warning",
 )
 # Continuous batching sizes itself from RAM on a CPU (60% of the NUMA node) and then fails
 # its own footprint check on the first request, so fix both sizes. A block holds 256 tokens
@@ -29,8 +32,10 @@ SERVE_FLAGS = (
 # On the CPU attention is dense SDPA with a [batch tokens x cached tokens] mask, whose
 # buffer (max batch tokens x cache tokens x 4 B, 1.2 GB here) is the biggest allocation.
 CB_FLAGS = (
-    "--cb-num-blocks", "1100",
-    "--cb-max-batch-tokens", "1024",
+    "--cb-num-blocks",
+    "1100",
+    "--cb-max-batch-tokens",
+    "1024",
 )
 SERVE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -44,8 +49,21 @@ SERVE_ENV = {
 def _command(model_dir: Path, host: str, port: int, extra: tuple[str, ...]) -> list[str]:
     # Beside this interpreter first: a virtual environment need not be on PATH.
     beside = Path(sys.executable).parent / "transformers"
-    exe = str(beside) if os.access(beside, os.X_OK) else (shutil.which("transformers") or str(beside))
-    return [exe, "serve", str(model_dir), *SERVE_FLAGS, *CB_FLAGS, *extra, "--host", host, "--port", str(port)]
+    exe = (
+        str(beside) if os.access(beside, os.X_OK) else (shutil.which("transformers") or str(beside))
+    )
+    return [
+        exe,
+        "serve",
+        str(model_dir),
+        *SERVE_FLAGS,
+        *CB_FLAGS,
+        *extra,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
 
 
 # --- transformers serve --continuous-batching (5.x) -----------------------------------------
@@ -83,7 +101,9 @@ TABLE = ServerTable(
         Rule("model_execute", "transformers/modeling_*"),
         Rule("model_execute", "transformers/masking_utils.py"),
         Rule("schedule", _CB + "scheduler.py"),
-        Rule("schedule", _CB + "continuous_api.py", "ContinuousBatchProcessor.*"),  # prepare_next_batch, update_batch
+        Rule(
+            "schedule", _CB + "continuous_api.py", "ContinuousBatchProcessor.*"
+        ),  # prepare_next_batch, update_batch
         Rule("schedule", _CB + "continuous_api.py", "*_generation_loop*"),
         Rule("preprocess", _CB + "continuous_api.py", "ContinuousBatchingManager.add_request*"),
         Rule("preprocess", _SRV + "utils.py", "*generate_streaming"),

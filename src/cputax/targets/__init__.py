@@ -17,12 +17,22 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "EmbeddedServer": "embedded", "command_table": "embedded", "server_help": "embedded",
-    "default_cache_dir": "model", "ensure_model": "model", "model_dir": "model",
-    "ServerProcess": "processes", "find_server": "processes", "is_local_host": "processes",
-    "listener_pids": "processes", "server_command": "processes", "server_pids": "processes",
+    "EmbeddedServer": "embedded",
+    "command_table": "embedded",
+    "server_help": "embedded",
+    "default_cache_dir": "model",
+    "ensure_model": "model",
+    "model_dir": "model",
+    "ServerProcess": "processes",
+    "find_server": "processes",
+    "is_local_host": "processes",
+    "listener_pids": "processes",
+    "server_command": "processes",
+    "server_pids": "processes",
     "server_roots": "processes",
-    "StubConfig": "stub", "StubServer": "stub", "serve_stub": "stub",
+    "StubConfig": "stub",
+    "StubServer": "stub",
+    "serve_stub": "stub",
 }
 __all__ = sorted(_WHERE)
 

@@ -55,16 +55,28 @@ class EmbeddedServer:
     `steps_path`.
     """
 
-    def __init__(self, table: ServerTable, host: str = "127.0.0.1", port: int | None = None,
-                 log_path: Path | None = None, cache_dir: Path | None = None,
-                 extra_args: tuple[str, ...] = (), progress: Callable[[float], None] | None = None,
-                 extra_env: Mapping[str, str] | None = None,
-                 emulation: TimingModel | None = None, steps_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        table: ServerTable,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        log_path: Path | None = None,
+        cache_dir: Path | None = None,
+        extra_args: tuple[str, ...] = (),
+        progress: Callable[[float], None] | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        emulation: TimingModel | None = None,
+        steps_path: Path | None = None,
+    ) -> None:
         if table.launch is None:
-            raise CputaxError(f"cputax cannot start {table.name} itself; start it and pass --endpoint")
+            raise CputaxError(
+                f"cputax cannot start {table.name} itself; start it and pass --endpoint"
+            )
         if emulation is not None and table.launch.emulation_flags is None:
-            raise CputaxError(f"the embedded {table.name} target cannot host the emulated GPU: "
-                              "use the vllm target or --emulate-gpu none")
+            raise CputaxError(
+                f"the embedded {table.name} target cannot host the emulated GPU: "
+                "use the vllm target or --emulate-gpu none"
+            )
         self.table = table
         self.launch = table.launch
         self.host = host
@@ -102,7 +114,9 @@ class EmbeddedServer:
         """A CputaxError naming the fix when what the server needs is not importable."""
         missing = [m for m in self.launch.modules if importlib.util.find_spec(m) is None]
         if missing:
-            raise CputaxError(f"the embedded {self.name} target needs {', '.join(missing)}: {self.launch.install_hint}")
+            raise CputaxError(
+                f"the embedded {self.name} target needs {', '.join(missing)}: {self.launch.install_hint}"
+            )
 
     def __enter__(self) -> EmbeddedServer:
         self.check_installed()
@@ -112,7 +126,9 @@ class EmbeddedServer:
         if self.port is None:
             self.port = free_port(self.host)
         elif not port_is_free(self.host, self.port):
-            raise CputaxError(f"port {self.port} on {self.host} is in use: stop what holds it or pick another port")
+            raise CputaxError(
+                f"port {self.port} on {self.host} is in use: stop what holds it or pick another port"
+            )
         env = dict(self.launch.env)
         extra = self.extra_args
         if self.emulation is not None and self.launch.emulation_flags is not None:
@@ -122,15 +138,18 @@ class EmbeddedServer:
                 try:
                     env.update(self.launch.emulation_env(self.layout or DEFAULT_LAYOUT))
                 except KeyError:
-                    raise CputaxError(f"{LAYOUT_ENV}={self.layout}: the layouts are uni "
-                                      "(the default) and mp") from None
+                    raise CputaxError(
+                        f"{LAYOUT_ENV}={self.layout}: the layouts are uni (the default) and mp"
+                    ) from None
             env[EMULATE_ENV] = self.emulation.to_env()
             if self.steps_path is not None:
                 env[LOG_ENV] = str(self.steps_path)
         else:
             self.model_dir = ensure_model(self.cache_dir) if self.launch.needs_model else None
         if self.log_path is None:
-            self.log_path = (self.cache_dir or default_cache_dir()) / "logs" / f"{self.name}-{self.port}.log"
+            self.log_path = (
+                (self.cache_dir or default_cache_dir()) / "logs" / f"{self.name}-{self.port}.log"
+            )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.command = self.launch.command(self.model_dir or Path(), self.host, self.port, extra)
         started = time.monotonic()
@@ -142,9 +161,13 @@ class EmbeddedServer:
             # by their recent load, so the mostly idle client waited up to 160 ms for a CPU
             # inside one send() while the server's group spun (docs/invariants.md).
             self._proc = subprocess.Popen(
-                self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 env={**_without_emulation(os.environ), **env, **self.extra_env},
-                process_group=0, preexec_fn=_server_child,
+                process_group=0,
+                preexec_fn=_server_child,
             )
         try:
             self._wait_ready(started)
@@ -154,8 +177,12 @@ class EmbeddedServer:
         self.startup_s = time.monotonic() - started
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     def stop(self) -> None:
@@ -190,10 +217,13 @@ class EmbeddedServer:
             return "".join(deque(f, maxlen=lines))
 
     def failure(self, what: str) -> CputaxError:
-        return CputaxError(f"{self.name} {what} (log {self.log_path}); last lines:\n{self.log_tail()}")
+        return CputaxError(
+            f"{self.name} {what} (log {self.log_path}); last lines:\n{self.log_tail()}"
+        )
 
-    def _request(self, method: str, path: str, body: dict | None = None,
-                 timeout: float = 5.0) -> tuple[int, dict]:
+    def _request(
+        self, method: str, path: str, body: dict | None = None, timeout: float = 5.0
+    ) -> tuple[int, dict]:
         conn = http.client.HTTPConnection(client_host(self.host), self.port, timeout=timeout)
         try:
             payload = None if body is None else json.dumps(body).encode()
@@ -222,7 +252,9 @@ class EmbeddedServer:
                 pass
             now = time.monotonic()
             if now > deadline:
-                raise self.failure(f"did not answer {self.launch.ready_path} within {self.launch.ready_timeout_s:.0f} s")
+                raise self.failure(
+                    f"did not answer {self.launch.ready_path} within {self.launch.ready_timeout_s:.0f} s"
+                )
             if self.progress and now >= next_report:
                 self.progress(now - started)
                 next_report = now + 5.0
@@ -240,7 +272,11 @@ class EmbeddedServer:
         raise self.failure(f"listed no model at {MODELS_PATH} (HTTP {status})")
 
     def _first_completion(self) -> None:
-        probe = {"model": self.model, "messages": [{"role": "user", "content": "Ready?"}], "max_tokens": 2}
+        probe = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": "Ready?"}],
+            "max_tokens": 2,
+        }
         result: list[tuple[int, dict]] = []
         errors: list[OSError] = []
 
@@ -255,12 +291,16 @@ class EmbeddedServer:
         while asker.is_alive():
             asker.join(POLL_S)
             if self._proc is not None and self._proc.poll() is not None:
-                raise self.failure(f"exited with status {self._proc.returncode} on its first completion")
+                raise self.failure(
+                    f"exited with status {self._proc.returncode} on its first completion"
+                )
         if errors:
             raise self.failure(f"did not answer its first completion ({errors[0]})") from errors[0]
         status, answer = result[0]
         if status != 200 or answer.get("usage", {}).get("completion_tokens") != 2:
-            raise self.failure(f"failed its first completion (HTTP {status}: {json.dumps(answer)[:300]})")
+            raise self.failure(
+                f"failed its first completion (HTTP {status}: {json.dumps(answer)[:300]})"
+            )
 
 
 # The embedded server shares this machine's CPUs with the measuring client: a little lower
@@ -281,21 +321,34 @@ def command_table(table: ServerTable, template: str) -> ServerTable:
     `{args}` becomes the configuration's flags and `{port}` a free port (or the command's
     own `--port N`); the server's type, rules and metrics stay the table's."""
     if "{args}" not in template:
-        raise CputaxError("--serve-cmd must contain {args}, where each configuration's flags go, e.g. "
-                          "'vllm serve MODEL --port {port} {args}'")
+        raise CputaxError(
+            "--serve-cmd must contain {args}, where each configuration's flags go, e.g. "
+            "'vllm serve MODEL --port {port} {args}'"
+        )
     fixed = re.search(r"--port[= ](\d+)", template)
     if "{port}" not in template and fixed is None:
         raise CputaxError("--serve-cmd must contain {port} (cputax picks a free one) or --port N")
 
     def command(model_dir: Path, host: str, port: int, extra: tuple[str, ...]) -> list[str]:
-        text = template.replace("{args}", shlex.join(extra)).replace("{port}", str(port)).replace("{host}", host)
+        text = (
+            template.replace("{args}", shlex.join(extra))
+            .replace("{port}", str(port))
+            .replace("{host}", host)
+        )
         return shlex.split(text)
 
     base = table.launch
-    launch = Launch(command=command, env={"PYTHONUNBUFFERED": "1"}, modules=(), install_hint="",
-                    description=f"your command: {template}", ready_path="/v1/models",
-                    ready_timeout_s=base.ready_timeout_s if base else 600.0,
-                    stop_grace_s=base.stop_grace_s if base else 20.0, needs_model=False)
+    launch = Launch(
+        command=command,
+        env={"PYTHONUNBUFFERED": "1"},
+        modules=(),
+        install_hint="",
+        description=f"your command: {template}",
+        ready_path="/v1/models",
+        ready_timeout_s=base.ready_timeout_s if base else 600.0,
+        stop_grace_s=base.stop_grace_s if base else 20.0,
+        needs_model=False,
+    )
     return dataclasses.replace(table, launch=launch, fixed_port=int(fixed[1]) if fixed else None)
 
 
@@ -310,10 +363,18 @@ def server_help(table: ServerTable) -> str:
         raise CputaxError(f"cputax cannot ask {table.name} for its flags")
     missing = [m for m in launch.modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise CputaxError(f"the embedded {table.name} target needs {', '.join(missing)}: {launch.install_hint}")
+        raise CputaxError(
+            f"the embedded {table.name} target needs {', '.join(missing)}: {launch.install_hint}"
+        )
     try:
-        proc = subprocess.run(launch.help_command(), capture_output=True, text=True, timeout=HELP_TIMEOUT_S,
-                              env={**os.environ, **launch.env}, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            launch.help_command(),
+            capture_output=True,
+            text=True,
+            timeout=HELP_TIMEOUT_S,
+            env={**os.environ, **launch.env},
+            stdin=subprocess.DEVNULL,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise CputaxError(f"{table.name} --help failed: {exc}") from exc
     if proc.returncode != 0 or "--" not in proc.stdout:

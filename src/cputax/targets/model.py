@@ -17,8 +17,15 @@ from pathlib import Path
 
 from cputax.errors import CputaxError
 
-__all__ = ["EOS_TOKEN", "MODEL_DTYPE", "default_cache_dir", "emulated_model_dir",
-           "ensure_emulated_model", "ensure_model", "model_dir"]
+__all__ = [
+    "EOS_TOKEN",
+    "MODEL_DTYPE",
+    "default_cache_dir",
+    "emulated_model_dir",
+    "ensure_emulated_model",
+    "ensure_model",
+    "model_dir",
+]
 
 # Bump MODEL_VERSION whenever anything below changes what is written: it names the cache folder.
 MODEL_VERSION = "v2"
@@ -103,11 +110,16 @@ def _write_model(folder: Path) -> None:
     tok_path = default_tokenizer_path()
     raw = Tokenizer.from_file(str(tok_path))
     if raw.get_vocab_size() > MODEL_DIMS["vocab_size"]:
-        raise CputaxError(f"{tok_path} has {raw.get_vocab_size()} tokens, more than the model's vocabulary")
+        raise CputaxError(
+            f"{tok_path} has {raw.get_vocab_size()} tokens, more than the model's vocabulary"
+        )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_file=str(tok_path),
-        bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
-        model_max_length=MODEL_DIMS["max_position_embeddings"], clean_up_tokenization_spaces=False,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=MODEL_DIMS["max_position_embeddings"],
+        clean_up_tokenization_spaces=False,
     )
     tokenizer.chat_template = chat_template()
     tokenizer.save_pretrained(folder)  # tokenizer.json, tokenizer_config.json, chat_template.jinja
@@ -117,15 +129,24 @@ def _write_model(folder: Path) -> None:
     tok_config["chat_template"] = chat_template()
     config_file.write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
 
-    ids = {name: raw.token_to_id(tok) for name, tok in (("bos", BOS_TOKEN), ("eos", EOS_TOKEN), ("pad", PAD_TOKEN))}
+    ids = {
+        name: raw.token_to_id(tok)
+        for name, tok in (("bos", BOS_TOKEN), ("eos", EOS_TOKEN), ("pad", PAD_TOKEN))
+    }
     config = LlamaConfig(
-        **MODEL_DIMS, bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"], dtype=MODEL_DTYPE,
+        **MODEL_DIMS,
+        bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"],
+        pad_token_id=ids["pad"],
+        dtype=MODEL_DTYPE,
     )
     torch.manual_seed(MODEL_SEED)
     model = LlamaForCausalLM(config).to(getattr(torch, MODEL_DTYPE)).eval()
     with torch.no_grad():
         model.lm_head.weight[_unemittable_ids(raw, config.vocab_size)] = 0.0
-    model.generation_config = GenerationConfig(bos_token_id=ids["bos"], pad_token_id=ids["pad"], do_sample=False)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["bos"], pad_token_id=ids["pad"], do_sample=False
+    )
     model.save_pretrained(folder, safe_serialization=True)
 
 
@@ -150,10 +171,21 @@ def _unemittable_ids(tokenizer, vocab_size: int) -> list[int]:
 # vLLM loads it with --load-format dummy.
 EMULATED_VERSION = "v1"
 EMULATED_VOCAB = 1024
-EMULATED_DIMS = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-                 "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 64}
-_COPIED = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-           "special_tokens_map.json", "generation_config.json")
+EMULATED_DIMS = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 1,
+    "num_key_value_heads": 1,
+    "head_dim": 64,
+}
+_COPIED = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 
 
 def emulated_model_dir(cache_dir: Path | None = None) -> Path:
@@ -176,9 +208,14 @@ def ensure_emulated_model(cache_dir: Path | None = None) -> Path:
                 shutil.copy(tiny / name, tmp / name)
         tiny_config = json.loads((tiny / "config.json").read_text())
         config = {
-            "architectures": [ARCHITECTURE], "model_type": "llama", "vocab_size": EMULATED_VOCAB,
-            **EMULATED_DIMS, "max_position_embeddings": MODEL_DIMS["max_position_embeddings"],
-            "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
+            "architectures": [ARCHITECTURE],
+            "model_type": "llama",
+            "vocab_size": EMULATED_VOCAB,
+            **EMULATED_DIMS,
+            "max_position_embeddings": MODEL_DIMS["max_position_embeddings"],
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0,
+            "tie_word_embeddings": False,
             **{k: tiny_config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
             "torch_dtype": MODEL_DTYPE,
             "cputax_text_tokens": _word_ids(EMULATED_VOCAB),

@@ -43,8 +43,13 @@ def is_local_host(host: str) -> bool:
 def listener_pids(port: int) -> list[int]:
     """Processes listening on a TCP port (several with SO_REUSEPORT); those we may not see are left out."""
     with contextlib.suppress(psutil.Error, OSError):
-        return sorted({c.pid for c in psutil.net_connections(kind="tcp")
-                       if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid})
+        return sorted(
+            {
+                c.pid
+                for c in psutil.net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid
+            }
+        )
     return []
 
 
@@ -74,8 +79,10 @@ def server_command(target: dict[str, Any]) -> list[str] | None:
 
 # --- a server's processes by type, pid or port (py-spy sampling) ------------------------------
 # Children no server work runs in: left out of sampling.
-IGNORED_CMDLINES = re.compile(r"multiprocessing\.(resource_tracker|semaphore_tracker|forkserver)|"
-                              r"torch\._inductor\.compile_worker")
+IGNORED_CMDLINES = re.compile(
+    r"multiprocessing\.(resource_tracker|semaphore_tracker|forkserver)|"
+    r"torch\._inductor\.compile_worker"
+)
 
 
 @dataclass(frozen=True)
@@ -142,8 +149,12 @@ def _by_title(tables: list[ServerTable]) -> list[int]:
     return sorted(pid for pid in found if _ppid(pid) not in found)
 
 
-def find_server(server: str = "auto", pid: int | None = None, port: int | None = None,
-                roots: list[int] | None = None) -> tuple[str | None, list[ServerProcess]]:
+def find_server(
+    server: str = "auto",
+    pid: int | None = None,
+    port: int | None = None,
+    roots: list[int] | None = None,
+) -> tuple[str | None, list[ServerProcess]]:
     """The server's type and processes: `pid`, the listener on `port`, `roots`, or (none of
     them) every process whose cmdline matches the server's titles; each with all its
     descendants. The type is `server`, else the first table that knows a process's title,
@@ -156,14 +167,18 @@ def find_server(server: str = "auto", pid: int | None = None, port: int | None =
     elif port is not None:
         roots = server_roots(listener_pids(port), tables)
         if not roots:
-            raise CputaxError(f"--port {port}: no process on this host listens there "
-                              "(or it belongs to another user: run as root)")
+            raise CputaxError(
+                f"--port {port}: no process on this host listens there "
+                "(or it belongs to another user: run as root)"
+            )
     elif not roots:
         roots = _by_title(tables)
         if not roots:
             names = " or ".join(t.name for t in tables)
-            raise CputaxError(f"no {names} server process found on this host (matched against "
-                              "/proc/PID/cmdline); pass --pid PID or --port PORT")
+            raise CputaxError(
+                f"no {names} server process found on this host (matched against "
+                "/proc/PID/cmdline); pass --pid PID or --port PORT"
+            )
     pids = list(dict.fromkeys(p for root in roots for p in (root, *_descendants(root))))
     cmds = {p: c for p in pids if (c := cmdline(p)) is not None}
     table = next((t for t in tables if any(role_in(c, t) for c in cmds.values())), None)

@@ -47,7 +47,9 @@ def _check_torch_extras() -> str | None:
             continue
         try:
             __import__(name)
-        except Exception as exc:  # RuntimeError("operator torchvision::nms does not exist"), OSError
+        except (
+            Exception
+        ) as exc:  # RuntimeError("operator torchvision::nms does not exist"), OSError
             return f"{name} is installed but cannot load beside this torch ({type(exc).__name__}: {exc}); fix: {FIX}"
     return None
 

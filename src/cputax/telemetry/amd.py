@@ -31,7 +31,11 @@ from cputax.telemetry.base import (
 from cputax.util import average
 
 INSTALL = "pip install 'cputax[amd]' (amdsmi) and ROCm's libamd_smi.so (package amd-smi-lib)"
-INVALID = {0xFFFF, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF}  # amdsmi fills unsupported fields with max values
+INVALID = {
+    0xFFFF,
+    0xFFFFFFFF,
+    0xFFFFFFFFFFFFFFFF,
+}  # amdsmi fills unsupported fields with max values
 
 
 @sample_kind
@@ -46,7 +50,8 @@ class Activity(Sample, tag="activity"):
     xcp_gfx: list[float | None] | None = None
     avg_gfx: float | None = None
     busy_series: ClassVar[BusySeries] = BusySeries(
-        field="gfx", label="amdsmi gfx activity accumulators", series="activity", rank=4)
+        field="gfx", label="amdsmi gfx activity accumulators", series="activity", rank=4
+    )
 
 
 @sample_kind
@@ -57,16 +62,24 @@ class ActivityAvg(Sample, tag="activity_avg"):
     gfx: float | None = None
     umc: float | None = None
     busy_series: ClassVar[BusySeries] = BusySeries(
-        field="gfx", label="amdsmi average gfx activity", series="activity_avg", rank=5,
-        covers="held")
+        field="gfx",
+        label="amdsmi average gfx activity",
+        series="activity_avg",
+        rank=5,
+        covers="held",
+    )
 
 
 def import_amdsmi() -> Any:
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # it prints its load failure; keep stdout clean
+        with contextlib.redirect_stdout(
+            sys.stderr
+        ):  # it prints its load failure; keep stdout clean
             import amdsmi
     except (ImportError, OSError, KeyError) as exc:
-        raise TelemetryUnavailable(f"amd: amdsmi cannot load ({type(exc).__name__}: {exc})", INSTALL) from exc
+        raise TelemetryUnavailable(
+            f"amd: amdsmi cannot load ({type(exc).__name__}: {exc})", INSTALL
+        ) from exc
     return amdsmi
 
 
@@ -110,7 +123,9 @@ class AmdPoller:
             smi.amdsmi_init(smi.AmdSmiInitFlags.INIT_AMD_GPUS)
             handles = smi.amdsmi_get_processor_handles()
         except error as exc:
-            raise TelemetryUnavailable(f"amd: amdsmi cannot start ({exc})", "is the amdgpu driver loaded?") from exc
+            raise TelemetryUnavailable(
+                f"amd: amdsmi cannot start ({exc})", "is the amdgpu driver loaded?"
+            ) from exc
         if not handles:
             smi.amdsmi_shut_down()
             raise TelemetryUnavailable("amd: amdsmi found no GPU")
@@ -125,7 +140,10 @@ class AmdPoller:
         out: list[Sample] = []
         for dev in self.devices:
             t0 = time.monotonic_ns()
-            m = self.guard.read(f"metrics.{dev.index}", lambda dev=dev: self.amdsmi.amdsmi_get_gpu_metrics_info(dev.handle))
+            m = self.guard.read(
+                f"metrics.{dev.index}",
+                lambda dev=dev: self.amdsmi.amdsmi_get_gpu_metrics_info(dev.handle),
+            )
             t = (t0 + time.monotonic_ns()) // 2
             if m is None:
                 out += self._activity_fallback(dev, t)
@@ -149,7 +167,9 @@ class AmdPoller:
 
     def _pct(self, d_acc: float, d_count: float) -> float:
         pct = self.acc_scale * d_acc / d_count
-        if pct > 105.0 and self.acc_scale == 100.0:  # impossible as a fraction: the counters count percent
+        if (
+            pct > 105.0 and self.acc_scale == 100.0
+        ):  # impossible as a fraction: the counters count percent
             self.acc_scale = 1.0
             pct = d_acc / d_count
         return min(pct, 100.0)
@@ -164,9 +184,15 @@ class AmdPoller:
             a, b = value(prev.get(acc)), value(m.get(acc))
             if a is not None and b is not None:
                 pct[key] = self._pct(b - a, d_count)
-        return Activity(t_ns=t, t0_ns=dev.prev_ns, src="amd", dev=dev.index, **pct,
-                        xcp_gfx=self._xcp(prev, m, d_count) or None,
-                        avg_gfx=value(m.get("average_gfx_activity")))
+        return Activity(
+            t_ns=t,
+            t0_ns=dev.prev_ns,
+            src="amd",
+            dev=dev.index,
+            **pct,
+            xcp_gfx=self._xcp(prev, m, d_count) or None,
+            avg_gfx=value(m.get("average_gfx_activity")),
+        )
 
     def _xcp(self, prev: dict[str, Any], m: dict[str, Any], d_count: float) -> list[float | None]:
         """Per-partition busy %: the mean over its XCCs of each accumulator's interval average."""
@@ -176,27 +202,41 @@ class AmdPoller:
         for p, (a, b) in enumerate(zip(before, after, strict=False)):
             if parts is not None and p >= parts:
                 break
-            pcts = [self._pct(y - x, d_count) for x, y in zip(a.get("gfx_busy_acc", []), b.get("gfx_busy_acc", []), strict=False)
-                    if value(x) is not None and value(y) is not None]
+            pcts = [
+                self._pct(y - x, d_count)
+                for x, y in zip(a.get("gfx_busy_acc", []), b.get("gfx_busy_acc", []), strict=False)
+                if value(x) is not None and value(y) is not None
+            ]
             out.append(sum(pcts) / len(pcts) if pcts else None)
         return out if any(v is not None for v in out) else []
 
     def _average(self, dev: _Device, m: dict[str, Any], t: int) -> Sample:
         """No accumulators (older metrics table): the firmware's own short average."""
-        sample = ActivityAvg(t_ns=t, src="amd", dev=dev.index,
-                             gfx=value(m.get("average_gfx_activity")),
-                             umc=value(m.get("average_umc_activity")))
+        sample = ActivityAvg(
+            t_ns=t,
+            src="amd",
+            dev=dev.index,
+            gfx=value(m.get("average_gfx_activity")),
+            umc=value(m.get("average_umc_activity")),
+        )
         if sample.gfx is not None:
             self.changes.observe(f"{dev.index}.activity_avg", t, sample.gfx)
         return sample
 
     def _activity_fallback(self, dev: _Device, t: int) -> list[Sample]:
         """No metrics table at all: amdsmi_get_gpu_activity (instantaneous %)."""
-        act = self.guard.read(f"activity.{dev.index}", lambda: self.amdsmi.amdsmi_get_gpu_activity(dev.handle))
+        act = self.guard.read(
+            f"activity.{dev.index}", lambda: self.amdsmi.amdsmi_get_gpu_activity(dev.handle)
+        )
         if not act:
             return []
-        sample = ActivityAvg(t_ns=t, src="amd", dev=dev.index, gfx=value(act.get("gfx_activity")),
-                             umc=value(act.get("umc_activity")))
+        sample = ActivityAvg(
+            t_ns=t,
+            src="amd",
+            dev=dev.index,
+            gfx=value(act.get("gfx_activity")),
+            umc=value(act.get("umc_activity")),
+        )
         if sample.gfx is not None:
             self.changes.observe(f"{dev.index}.activity_avg", t, sample.gfx)
         return [sample]
@@ -204,11 +244,20 @@ class AmdPoller:
     def _slow(self, dev: _Device, m: dict[str, Any], t: int) -> Sample:
         clocks = m.get("current_gfxclks")  # one per XCC where the table has them
         gfxclk = average(value(v) for v in clocks) if clocks else value(m.get("current_gfxclk"))
-        vram = self.guard.read("vram", lambda: self.amdsmi.amdsmi_get_gpu_vram_usage(dev.handle)) or {}
+        vram = (
+            self.guard.read("vram", lambda: self.amdsmi.amdsmi_get_gpu_vram_usage(dev.handle)) or {}
+        )
         power = value(m.get("current_socket_power")) or value(m.get("average_socket_power"))
-        return Power(t_ns=t, src="amd", dev=dev.index, power_w=power, gfx_mhz=gfxclk,
-                     mem_mhz=value(m.get("current_uclk")), vram_used_mb=value(vram.get("vram_used")),
-                     vram_total_mb=value(vram.get("vram_total")))
+        return Power(
+            t_ns=t,
+            src="amd",
+            dev=dev.index,
+            power_w=power,
+            gfx_mhz=gfxclk,
+            mem_mhz=value(m.get("current_uclk")),
+            vram_used_mb=value(vram.get("vram_used")),
+            vram_total_mb=value(vram.get("vram_total")),
+        )
 
     def close(self) -> dict[str, Any]:
         self.guard.read("shutdown", self.amdsmi.amdsmi_shut_down)
@@ -220,9 +269,13 @@ class AmdPoller:
                 if f"{dev.index}.{name}" in self.changes.summary():
                     ms, basis = self.changes.resolution_ms(f"{dev.index}.{name}", floor)
                     series[str(dev.index)][name] = {"resolution_ms": ms, "basis": basis}
-        return {"devices": [{"index": d.index, "name": d.name} for d in self.devices],
-                "interval_ms": floor, "slow_interval_ms": self.slow_interval_s * 1e3,
-                "accumulator_scale": "fraction (x100)" if self.acc_scale == 100.0 else "percent",
-                "alignment_ms": None,  # polled on the monotonic clock: the poll's own duration
-                "series": series, "changes": self.changes.summary(), "dropped": dict(self.guard.dropped)}
-
+        return {
+            "devices": [{"index": d.index, "name": d.name} for d in self.devices],
+            "interval_ms": floor,
+            "slow_interval_ms": self.slow_interval_s * 1e3,
+            "accumulator_scale": "fraction (x100)" if self.acc_scale == 100.0 else "percent",
+            "alignment_ms": None,  # polled on the monotonic clock: the poll's own duration
+            "series": series,
+            "changes": self.changes.summary(),
+            "dropped": dict(self.guard.dropped),
+        }

@@ -28,9 +28,26 @@ import msgspec
 
 from cputax.util import percentile
 
-__all__ = ["KINDS", "SOURCES", "BusySeries", "ChangeTracker", "Clock", "Guard", "Poller",
-           "PollStats", "Power", "Sample", "TelemetryUnavailable", "busy_kinds", "decode", "kind_of",
-           "load_all", "register_source", "run_pollers", "sample_kind"]
+__all__ = [
+    "KINDS",
+    "SOURCES",
+    "BusySeries",
+    "ChangeTracker",
+    "Clock",
+    "Guard",
+    "Poller",
+    "PollStats",
+    "Power",
+    "Sample",
+    "TelemetryUnavailable",
+    "busy_kinds",
+    "decode",
+    "kind_of",
+    "load_all",
+    "register_source",
+    "run_pollers",
+    "sample_kind",
+]
 
 MIN_CHANGES = 5  # fewer value changes than this: the resolution was not measured
 
@@ -197,9 +214,12 @@ class ChangeTracker:
         for key, reads in self._reads.items():
             times = self._changes.get(key, [])
             gaps = [(b - a) / 1e6 for a, b in pairwise(times)]
-            out[key] = {"reads": reads, "changes": len(times),
-                        "change_gap_ms_p10": percentile(gaps, 10) if gaps else None,
-                        "change_gap_ms_p50": percentile(gaps, 50) if gaps else None}
+            out[key] = {
+                "reads": reads,
+                "changes": len(times),
+                "change_gap_ms_p10": percentile(gaps, 10) if gaps else None,
+                "change_gap_ms_p50": percentile(gaps, 50) if gaps else None,
+            }
         return out
 
     def resolution_ms(self, key: str, floor_ms: float) -> tuple[float, str]:
@@ -208,9 +228,14 @@ class ChangeTracker:
         stats = self.summary().get(key)
         if not stats or stats["changes"] < MIN_CHANGES:
             changes = stats["changes"] if stats else 0
-            return floor_ms, f"not measured ({changes} value changes); using the {floor_ms:.0f} ms floor"
+            return (
+                floor_ms,
+                f"not measured ({changes} value changes); using the {floor_ms:.0f} ms floor",
+            )
         measured = stats["change_gap_ms_p10"]
-        return max(measured, floor_ms), f"measured: {stats['changes']} value changes, p10 gap {measured:.0f} ms"
+        return max(
+            measured, floor_ms
+        ), f"measured: {stats['changes']} value changes, p10 gap {measured:.0f} ms"
 
 
 @dataclass
@@ -240,11 +265,18 @@ class PollStats:
 
     def summary(self) -> dict[str, Any]:
         d = self.durations_ms
-        return {"polls": len(d), "late": self.late, "error": self.error,
-                "poll_ms_p50": percentile(d, 50) if d else None, "poll_ms_max": max(d) if d else None}
+        return {
+            "polls": len(d),
+            "late": self.late,
+            "error": self.error,
+            "poll_ms_p50": percentile(d, 50) if d else None,
+            "poll_ms_max": max(d) if d else None,
+        }
 
 
-def run_pollers(pollers: list[Poller], sink: Callable[[Sample], None], stop: threading.Event) -> dict[str, PollStats]:
+def run_pollers(
+    pollers: list[Poller], sink: Callable[[Sample], None], stop: threading.Event
+) -> dict[str, PollStats]:
     """Poll each poller at its own interval on absolute deadlines until `stop` is set.
 
     One thread for all of them: a poll that overruns delays the next (counted as late)

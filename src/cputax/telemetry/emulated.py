@@ -39,8 +39,12 @@ class EmulatedBusy(Sample, tag="emulated"):
     busy: float
     # the best GPU source of all: a run that has it uses only it
     busy_series: ClassVar[BusySeries] = BusySeries(
-        field="busy", label="emulated GPU steps (emulated-gpu.jsonl)", series="steps", rank=0,
-        exclusive=True)
+        field="busy",
+        label="emulated GPU steps (emulated-gpu.jsonl)",
+        series="steps",
+        rank=0,
+        exclusive=True,
+    )
 
 
 class EmulatedPoller:

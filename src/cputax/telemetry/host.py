@@ -93,7 +93,9 @@ class HostPoller:
         self.interval_s = interval_s
         self.roots = dict(pids or {})  # pid -> role ("server", "client")
         self.procs: dict[int, tuple[psutil.Process, str]] = {}
-        self.threads: dict[int, dict[int, tuple[int, int, int]]] = {}  # pid -> tid -> last schedstat
+        self.threads: dict[
+            int, dict[int, tuple[int, int, int]]
+        ] = {}  # pid -> tid -> last schedstat
         self.schedstat = Path("/proc/self/schedstat").exists()
         self.gaps_ms: list[float] = []  # between polls: the interval really achieved
         self._last_poll = 0
@@ -104,8 +106,14 @@ class HostPoller:
         missing = [pid for pid in self.roots if not psutil.pid_exists(pid)]
         for pid in missing:
             del self.roots[pid]  # system CPU alone is still worth recording
-        return {"cpus": psutil.cpu_count(), "roots": {str(p): r for p, r in self.roots.items()}, "missing": missing,
-                "thread_cpu": "schedstat ns" if self.schedstat else f"ticks of {1000 / os.sysconf('SC_CLK_TCK'):.0f} ms"}
+        return {
+            "cpus": psutil.cpu_count(),
+            "roots": {str(p): r for p, r in self.roots.items()},
+            "missing": missing,
+            "thread_cpu": "schedstat ns"
+            if self.schedstat
+            else f"ticks of {1000 / os.sysconf('SC_CLK_TCK'):.0f} ms",
+        }
 
     def _refresh(self) -> list[Sample]:
         """Add new descendants of the root processes; describe each process once."""
@@ -117,14 +125,18 @@ class HostPoller:
             except psutil.Error:
                 continue
             for p in family:
-                if p.pid in self.procs or p.pid == os.getpid():  # not the poller itself: see its cost
+                if (
+                    p.pid in self.procs or p.pid == os.getpid()
+                ):  # not the poller itself: see its cost
                     continue
                 try:
                     info = {"name": p.name(), "ppid": p.ppid(), "cmdline": redact(p.cmdline())}
                 except psutil.Error:
                     continue
                 self.procs[p.pid] = (p, role)
-                out.append(ProcInfo(t_ns=time.monotonic_ns(), src="host", pid=p.pid, role=role, **info))
+                out.append(
+                    ProcInfo(t_ns=time.monotonic_ns(), src="host", pid=p.pid, role=role, **info)
+                )
         return out
 
     def poll(self) -> list[Sample]:
@@ -147,19 +159,40 @@ class HostPoller:
                 self.gone.append(pid)
                 continue
             t = time.monotonic_ns()
-            out.append(Proc(t_ns=t, src="host", pid=pid, role=role, cpu_s=cpu.user + cpu.system,
-                            user_s=cpu.user, sys_s=cpu.system, ctx_vol=ctx.voluntary,
-                            ctx_invol=ctx.involuntary, threads=threads))
+            out.append(
+                Proc(
+                    t_ns=t,
+                    src="host",
+                    pid=pid,
+                    role=role,
+                    cpu_s=cpu.user + cpu.system,
+                    user_s=cpu.user,
+                    sys_s=cpu.system,
+                    ctx_vol=ctx.voluntary,
+                    ctx_invol=ctx.involuntary,
+                    threads=threads,
+                )
+            )
             if names:
                 out.append(ThreadNames(t_ns=t, src="host", pid=pid, names=names))
         cpu = psutil.cpu_times()
         total = sum(cpu) - getattr(cpu, "guest", 0.0) - getattr(cpu, "guest_nice", 0.0)
         idle = cpu.idle + getattr(cpu, "iowait", 0.0)
-        out.append(System(t_ns=time.monotonic_ns(), src="host", busy_s=total - idle, total_s=total,
-                          ctx=psutil.cpu_stats().ctx_switches, cpus=psutil.cpu_count()))
+        out.append(
+            System(
+                t_ns=time.monotonic_ns(),
+                src="host",
+                busy_s=total - idle,
+                total_s=total,
+                ctx=psutil.cpu_stats().ctx_switches,
+                cpus=psutil.cpu_count(),
+            )
+        )
         return out
 
-    def _threads(self, pid: int, p: psutil.Process) -> tuple[dict[str, list[int | None]], dict[str, str]]:
+    def _threads(
+        self, pid: int, p: psutil.Process
+    ) -> tuple[dict[str, list[int | None]], dict[str, str]]:
         """Threads whose CPU moved since the last poll: tid -> [run_ns, wait_ns, slices]; new names."""
         last = self.threads.setdefault(pid, {})
         changed: dict[str, list[int | None]] = {}
@@ -182,8 +215,12 @@ class HostPoller:
 
     def close(self) -> dict[str, Any]:
         gaps = self.gaps_ms
-        return {"interval_ms": self.interval_s * 1e3, "poll_gap_ms_p50": percentile(gaps, 50) if gaps else None,
-                "poll_gap_ms_max": max(gaps, default=None),
-                "process_cpu_quantum_ms": 1000 / os.sysconf("SC_CLK_TCK"),
-                "thread_cpu": "schedstat ns" if self.schedstat else "ticks",
-                "processes": len(self.procs) + len(self.gone), "exited": self.gone}
+        return {
+            "interval_ms": self.interval_s * 1e3,
+            "poll_gap_ms_p50": percentile(gaps, 50) if gaps else None,
+            "poll_gap_ms_max": max(gaps, default=None),
+            "process_cpu_quantum_ms": 1000 / os.sysconf("SC_CLK_TCK"),
+            "thread_cpu": "schedstat ns" if self.schedstat else "ticks",
+            "processes": len(self.procs) + len(self.gone),
+            "exited": self.gone,
+        }

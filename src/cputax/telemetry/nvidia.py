@@ -36,9 +36,13 @@ SAMPLES_FLOOR_MS = 100.0  # until the driver's own sample period is seen
 RATES_HEARTBEAT_NS = 1_000_000_000  # rates are written on change, and at least this often
 # graphics util = % of time any kernel ran (the "busy" that stall detection needs); SM util
 # and occupancy say how full the GPU was while busy
-GPM_METRICS = {"gr_util": "NVML_GPM_METRIC_GRAPHICS_UTIL", "sm_util": "NVML_GPM_METRIC_SM_UTIL",
-               "sm_occupancy": "NVML_GPM_METRIC_SM_OCCUPANCY", "tensor_util": "NVML_GPM_METRIC_ANY_TENSOR_UTIL",
-               "dram_bw_util": "NVML_GPM_METRIC_DRAM_BW_UTIL"}
+GPM_METRICS = {
+    "gr_util": "NVML_GPM_METRIC_GRAPHICS_UTIL",
+    "sm_util": "NVML_GPM_METRIC_SM_UTIL",
+    "sm_occupancy": "NVML_GPM_METRIC_SM_OCCUPANCY",
+    "tensor_util": "NVML_GPM_METRIC_ANY_TENSOR_UTIL",
+    "dram_bw_util": "NVML_GPM_METRIC_DRAM_BW_UTIL",
+}
 
 
 @sample_kind
@@ -53,7 +57,8 @@ class Gpm(Sample, tag="gpm"):
     tensor_util: float | None = None
     dram_bw_util: float | None = None
     busy_series: ClassVar[BusySeries] = BusySeries(
-        field="gr_util", label="NVML GPM graphics util", series="gpm", rank=1)
+        field="gr_util", label="NVML GPM graphics util", series="gpm", rank=1
+    )
 
 
 @sample_kind
@@ -63,8 +68,12 @@ class Util(Sample, tag="util"):
     dev: int
     gpu: float
     busy_series: ClassVar[BusySeries] = BusySeries(
-        field="gpu", label="NVML utilization samples", series="samples", rank=2,
-        covers="since_previous")
+        field="gpu",
+        label="NVML utilization samples",
+        series="samples",
+        rank=2,
+        covers="since_previous",
+    )
 
 
 @sample_kind
@@ -75,7 +84,8 @@ class Rates(Sample, tag="rates"):
     gpu: float
     mem: float | None = None
     busy_series: ClassVar[BusySeries] = BusySeries(
-        field="gpu", label="NVML utilization rates", series="rates", rank=3, covers="held")
+        field="gpu", label="NVML utilization rates", series="rates", rank=3, covers="held"
+    )
 
 
 @sample_kind
@@ -157,8 +167,10 @@ class NvidiaPoller:
         try:
             nvml.nvmlInit()
         except nvml.NVMLError as exc:
-            raise TelemetryUnavailable(f"nvidia: NVML cannot start ({exc})",
-                                       "install the NVIDIA driver (libnvidia-ml.so.1)") from exc
+            raise TelemetryUnavailable(
+                f"nvidia: NVML cannot start ({exc})",
+                "install the NVIDIA driver (libnvidia-ml.so.1)",
+            ) from exc
         count = nvml.nvmlDeviceGetCount()
         if not count:
             nvml.nvmlShutdown()
@@ -169,7 +181,10 @@ class NvidiaPoller:
             dev = _Device(i, h, _text(nvml.nvmlDeviceGetName(h)), uuid, self._gpm_supported(h))
             if dev.gpm:
                 try:
-                    dev.gpm_prev, dev.gpm_next = nvml.nvmlGpmSampleAlloc(), nvml.nvmlGpmSampleAlloc()
+                    dev.gpm_prev, dev.gpm_next = (
+                        nvml.nvmlGpmSampleAlloc(),
+                        nvml.nvmlGpmSampleAlloc(),
+                    )
                     dev.gpm_prev_ns = self._gpm_sample(dev, dev.gpm_prev)
                 except nvml.NVMLError as exc:
                     dev.gpm = False
@@ -182,7 +197,9 @@ class NvidiaPoller:
     def _gpm_supported(self, handle: Any) -> bool:
         if not hasattr(self.nvml, "nvmlGpmQueryDeviceSupport"):
             return False  # an nvidia-ml-py older than GPM
-        support = self.guard.read("gpm_support", lambda: self.nvml.nvmlGpmQueryDeviceSupport(handle))
+        support = self.guard.read(
+            "gpm_support", lambda: self.nvml.nvmlGpmQueryDeviceSupport(handle)
+        )
         return bool(support and support.isSupportedDevice)
 
     def _gpm_sample(self, dev: _Device, sample: Any) -> int:
@@ -217,9 +234,13 @@ class NvidiaPoller:
         if "samples" in self.guard.dropped:
             return []
         try:
-            _, samples = nvml.nvmlDeviceGetSamples(dev.handle, nvml.NVML_GPU_UTILIZATION_SAMPLES, dev.last_sample_us)
+            _, samples = nvml.nvmlDeviceGetSamples(
+                dev.handle, nvml.NVML_GPU_UTILIZATION_SAMPLES, dev.last_sample_us
+            )
         except nvml.NVMLError as exc:
-            if getattr(exc, "value", None) != nvml.NVML_ERROR_NOT_FOUND:  # NOT_FOUND: none new (idle)
+            if (
+                getattr(exc, "value", None) != nvml.NVML_ERROR_NOT_FOUND
+            ):  # NOT_FOUND: none new (idle)
                 self.guard.dropped["samples"] = f"{type(exc).__name__}: {exc}"
             return []
         out = []
@@ -251,7 +272,11 @@ class NvidiaPoller:
             t = self._gpm_sample(dev, dev.gpm_next)
             mg = nvml.c_nvmlGpmMetricsGet_t()
             mg.version = nvml.NVML_GPM_METRICS_GET_VERSION
-            metrics = {key: getattr(nvml, const) for key, const in GPM_METRICS.items() if hasattr(nvml, const)}
+            metrics = {
+                key: getattr(nvml, const)
+                for key, const in GPM_METRICS.items()
+                if hasattr(nvml, const)
+            }
             mg.numMetrics = len(metrics)
             mg.sample1, mg.sample2 = dev.gpm_prev, dev.gpm_next
             for i, metric_id in enumerate(metrics.values()):
@@ -261,8 +286,11 @@ class NvidiaPoller:
             dev.gpm = False
             self.guard.dropped[f"gpm.{dev.index}"] = f"{type(exc).__name__}: {exc}"
             return []
-        values = {key: float(mg.metrics[i].value) for i, key in enumerate(metrics)
-                  if getattr(mg.metrics[i], "nvmlReturn", 0) == 0}
+        values = {
+            key: float(mg.metrics[i].value)
+            for i, key in enumerate(metrics)
+            if getattr(mg.metrics[i], "nvmlReturn", 0) == 0
+        }
         sample = Gpm(t_ns=t, t0_ns=dev.gpm_prev_ns, src="nvidia", dev=dev.index, **values)
         if sample.gr_util is not None:
             self.changes.observe(f"{dev.index}.gpm", t, round(sample.gr_util))
@@ -274,12 +302,15 @@ class NvidiaPoller:
         mw = read("power", lambda: nvml.nvmlDeviceGetPowerUsage(h))
         mem = read("memory", lambda: nvml.nvmlDeviceGetMemoryInfo(h))
         sample = Power(
-            t_ns=now, src="nvidia", dev=dev.index,
+            t_ns=now,
+            src="nvidia",
+            dev=dev.index,
             power_w=None if mw is None else mw / 1000.0,
             sm_mhz=read("sm_clock", lambda: nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM)),
             mem_mhz=read("mem_clock", lambda: nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_MEM)),
             mem_used_mb=None if mem is None else mem.used / 2**20,
-            mem_total_mb=None if mem is None else mem.total / 2**20)
+            mem_total_mb=None if mem is None else mem.total / 2**20,
+        )
         return [sample, *self._process_util(dev)]
 
     def _process_util(self, dev: _Device) -> list[Sample]:
@@ -289,15 +320,25 @@ class NvidiaPoller:
         try:
             procs = nvml.nvmlDeviceGetProcessUtilization(dev.handle, dev.last_proc_us)
         except nvml.NVMLError as exc:
-            if getattr(exc, "value", None) != nvml.NVML_ERROR_NOT_FOUND:  # NOT_FOUND: no process ran
+            if (
+                getattr(exc, "value", None) != nvml.NVML_ERROR_NOT_FOUND
+            ):  # NOT_FOUND: no process ran
                 self.guard.dropped["process_util"] = f"{type(exc).__name__}: {exc}"
             return []
         out = []
         for p in procs:
             if p.timeStamp <= dev.last_proc_us:
                 continue
-            out.append(ProcUtil(t_ns=self.clock.to_monotonic(p.timeStamp), src="nvidia",
-                                dev=dev.index, pid=p.pid, sm=p.smUtil, mem=p.memUtil))
+            out.append(
+                ProcUtil(
+                    t_ns=self.clock.to_monotonic(p.timeStamp),
+                    src="nvidia",
+                    dev=dev.index,
+                    pid=p.pid,
+                    sm=p.smUtil,
+                    mem=p.memUtil,
+                )
+            )
         dev.last_proc_us = max([dev.last_proc_us] + [p.timeStamp for p in procs])
         return out
 
@@ -310,13 +351,17 @@ class NvidiaPoller:
                 if s is not None:
                     self.guard.read("gpm_free", lambda s=s: nvml.nvmlGpmSampleFree(s))
         self.guard.read("shutdown", nvml.nvmlShutdown)
-        return {"devices": [self._describe(d) for d in self.devices],
-                "interval_ms": self.interval_s * 1e3, "gpm_interval_ms": self.gpm_interval_s * 1e3,
-                "slow_interval_ms": self.slow_interval_s * 1e3,
-                # NVML stamps are wall clock: the conversion's error, plus any NTP step during the run
-                "alignment_ms": (self.clock.error_ns + drift_ns) / 1e6,
-                "series": {str(d.index): self._resolutions(d) for d in self.devices},
-                "changes": self.changes.summary(), "dropped": dict(self.guard.dropped)}
+        return {
+            "devices": [self._describe(d) for d in self.devices],
+            "interval_ms": self.interval_s * 1e3,
+            "gpm_interval_ms": self.gpm_interval_s * 1e3,
+            "slow_interval_ms": self.slow_interval_s * 1e3,
+            # NVML stamps are wall clock: the conversion's error, plus any NTP step during the run
+            "alignment_ms": (self.clock.error_ns + drift_ns) / 1e6,
+            "series": {str(d.index): self._resolutions(d) for d in self.devices},
+            "changes": self.changes.summary(),
+            "dropped": dict(self.guard.dropped),
+        }
 
     def _resolutions(self, dev: _Device) -> dict[str, dict[str, Any]]:
         """How fine each series is. Driver samples: their own period, read from their stamps.
@@ -324,12 +369,22 @@ class NvidiaPoller:
         value changes (an upper bound: a steady load changes nothing), never under 1/6 s."""
         gaps = sorted((b - a) / 1e3 for a, b in pairwise(dev.sample_stamps))
         period = gaps[len(gaps) // 2] if gaps else None
-        out = {"samples": {"resolution_ms": period or SAMPLES_FLOOR_MS, "period_ms": period,
-                           "basis": f"driver sample period, median of {len(gaps)} gaps" if gaps
-                           else f"no driver samples; using the {SAMPLES_FLOOR_MS:.0f} ms floor"}}
-        ms, basis = self.changes.resolution_ms(f"{dev.index}.rates", max(RATES_FLOOR_MS, self.interval_s * 1e3))
+        out = {
+            "samples": {
+                "resolution_ms": period or SAMPLES_FLOOR_MS,
+                "period_ms": period,
+                "basis": f"driver sample period, median of {len(gaps)} gaps"
+                if gaps
+                else f"no driver samples; using the {SAMPLES_FLOOR_MS:.0f} ms floor",
+            }
+        }
+        ms, basis = self.changes.resolution_ms(
+            f"{dev.index}.rates", max(RATES_FLOOR_MS, self.interval_s * 1e3)
+        )
         out["rates"] = {"resolution_ms": ms, "basis": basis}
         if dev.gpm:
-            out["gpm"] = {"resolution_ms": self.gpm_interval_s * 1e3,
-                          "basis": "GPM window; its counters move about every 100 ms (measured on an H200)"}
+            out["gpm"] = {
+                "resolution_ms": self.gpm_interval_s * 1e3,
+                "basis": "GPM window; its counters move about every 100 ms (measured on an H200)",
+            }
         return out

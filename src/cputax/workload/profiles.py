@@ -45,7 +45,9 @@ class Scenario:
     users: int = 0  # >0: requests are grouped into user sessions sharing a session prefix
     subagents_per_user: int = 0  # with users: each batch is users x (1 parent + N sub-agents)
     session_prefix_share: float = 0.85  # fraction of a sub-agent's context shared with its parent
-    ignore_eos: bool = True  # ask for exactly max_tokens (vLLM's ignore_eos); off for strict servers
+    ignore_eos: bool = (
+        True  # ask for exactly max_tokens (vLLM's ignore_eos); off for strict servers
+    )
 
     @property
     def shared_prefix(self) -> int:
@@ -70,11 +72,22 @@ class Scenario:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Scenario)}
 _TYPES: dict[str, tuple[type, ...]] = {
-    "name": (str,), "concurrency": (int,), "context_tokens": (int,), "max_tokens": (int,),
-    "batches": (int,), "duration_s": (int, float), "arrival": (str,), "rate": (int, float),
-    "burst_size": (int,), "burst_every_s": (int, float), "shared_prefix_tokens": (int,),
-    "warmup": (int,), "users": (int,), "subagents_per_user": (int,),
-    "session_prefix_share": (int, float), "ignore_eos": (bool,),
+    "name": (str,),
+    "concurrency": (int,),
+    "context_tokens": (int,),
+    "max_tokens": (int,),
+    "batches": (int,),
+    "duration_s": (int, float),
+    "arrival": (str,),
+    "rate": (int, float),
+    "burst_size": (int,),
+    "burst_every_s": (int, float),
+    "shared_prefix_tokens": (int,),
+    "warmup": (int,),
+    "users": (int,),
+    "subagents_per_user": (int,),
+    "session_prefix_share": (int, float),
+    "ignore_eos": (bool,),
 }
 
 
@@ -108,10 +121,15 @@ def _validate(raw: dict[str, Any], where: _Where) -> Scenario:
     if users:
         derived = users * (1 + subagents)
         if data.setdefault("concurrency", derived) != derived:
-            raise where.fail("concurrency", f"users x (1 + subagents_per_user) = {derived}; drop concurrency or make it match")
+            raise where.fail(
+                "concurrency",
+                f"users x (1 + subagents_per_user) = {derived}; drop concurrency or make it match",
+            )
     for key in ("name", "concurrency", "context_tokens"):
         if key not in data:
-            raise where.fail(key, "missing (every scenario needs name, concurrency, context_tokens)")
+            raise where.fail(
+                key, "missing (every scenario needs name, concurrency, context_tokens)"
+            )
     for key in ("concurrency", "context_tokens", "max_tokens", "batches", "burst_size"):
         if key in data and data[key] <= 0:
             raise where.fail(key, f"must be positive, got {data[key]}")
@@ -127,7 +145,9 @@ def _validate(raw: dict[str, Any], where: _Where) -> Scenario:
         raise where.fail("arrival", f"must be one of {', '.join(ARRIVALS)}, got {arrival!r}")
     if "duration_s" in data:
         if "batches" in data:
-            raise where.fail("batches", "give batches (closed-loop batches) or duration_s, not both")
+            raise where.fail(
+                "batches", "give batches (closed-loop batches) or duration_s, not both"
+            )
     else:
         if arrival != "closed":
             raise where.fail("arrival", f"arrival {arrival!r} needs duration_s")
@@ -158,7 +178,9 @@ def load_profile(path: Path) -> list[Scenario]:
         raise CputaxError(f"{path}: not valid TOML ({exc})") from exc
     extra = set(raw) - {"defaults", "scenario"}
     if extra:
-        raise CputaxError(f"{path}: unknown top-level table(s) {sorted(extra)}: use [defaults] and [[scenario]]")
+        raise CputaxError(
+            f"{path}: unknown top-level table(s) {sorted(extra)}: use [defaults] and [[scenario]]"
+        )
     defaults = raw.get("defaults", {})
     if not isinstance(defaults, dict):
         raise CputaxError(f"{path}: [defaults] must be a table")
@@ -201,7 +223,9 @@ def select(scenarios: list[Scenario], names: list[str] | None, path: Path) -> li
     known = {s.name for s in scenarios}
     missing = [n for n in names if n not in known]
     if missing:
-        raise CputaxError(f"{path}: no scenario named {', '.join(missing)} (has: {', '.join(sorted(known))})")
+        raise CputaxError(
+            f"{path}: no scenario named {', '.join(missing)} (has: {', '.join(sorted(known))})"
+        )
     return [s for s in scenarios if s.name in names]
 
 

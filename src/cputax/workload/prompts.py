@@ -35,8 +35,8 @@ UNIQUE_HEAD_TOKENS = 24
 # and how the run's console and report say it: the one definition of the modes.
 TOOL_MODES = {
     "auto": "sent as `tools`",
-    "none": "sent with `tool_choice: \"none\"`: the server refused them as \"auto\" "
-            "(the tools are still rendered into the prompt)",
+    "none": 'sent with `tool_choice: "none"`: the server refused them as "auto" '
+    "(the tools are still rendered into the prompt)",
     "in_prompt": "written into the system prompt as text: the server took no `tools` field",
 }
 # The unique head's text comes from a pool made in prepare(): making corpus text costs about
@@ -56,17 +56,31 @@ def local_counter(tokenizer: LoadedTokenizer) -> CountFn:
 
 def tools_text(tools: list[dict[str, Any]]) -> str:
     """Tool definitions as system-prompt text, for a server that takes no `tools` field."""
-    return "You can call these tools (OpenAI function format):\n" + "\n".join(
-        orjson.dumps(t).decode() for t in tools) + "\n\n"
+    return (
+        "You can call these tools (OpenAI function format):\n"
+        + "\n".join(orjson.dumps(t).decode() for t in tools)
+        + "\n\n"
+    )
 
 
-def chat_payload(model: str, messages: list[Message], tools: list[dict[str, Any]] | None,
-                 max_tokens: int, api: str = "chat", ignore_eos: bool = False,
-                 tool_mode: str = "auto") -> dict[str, Any]:
+def chat_payload(
+    model: str,
+    messages: list[Message],
+    tools: list[dict[str, Any]] | None,
+    max_tokens: int,
+    api: str = "chat",
+    ignore_eos: bool = False,
+    tool_mode: str = "auto",
+) -> dict[str, Any]:
     """One streamed request's body: chat messages, or for /v1/completions the rendered prompt.
     In "in_prompt" tool mode the caller has put the tools into the messages already."""
-    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "stream": True,
-                            "stream_options": {"include_usage": True}, "temperature": 0.0}
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0.0,
+    }
     if ignore_eos:
         body["ignore_eos"] = True
     if api == "chat":
@@ -102,8 +116,16 @@ class _Text:
 class ScenarioPrompts:
     """Builds request i's messages (untimed) and payload (timed: the client's serialize)."""
 
-    def __init__(self, scenario: Scenario, tokenizer: LoadedTokenizer, model: str,
-                 api: str = "chat", run_seed: int = 0, ignore_eos: bool = True, tool_mode: str = "auto"):
+    def __init__(
+        self,
+        scenario: Scenario,
+        tokenizer: LoadedTokenizer,
+        model: str,
+        api: str = "chat",
+        run_seed: int = 0,
+        ignore_eos: bool = True,
+        tool_mode: str = "auto",
+    ):
         if tool_mode not in TOOL_MODES:
             raise ValueError(f"tool_mode must be one of {tuple(TOOL_MODES)}, got {tool_mode!r}")
         self.scenario = scenario
@@ -136,7 +158,12 @@ class ScenarioPrompts:
         tools_tokens = 0
         for tool in tools:
             if self.tool_mode == "in_prompt":
-                n = await count([{"role": "system", "content": tools_text([*chosen, tool])}, empty[1]], None) - base
+                n = (
+                    await count(
+                        [{"role": "system", "content": tools_text([*chosen, tool])}, empty[1]], None
+                    )
+                    - base
+                )
             else:
                 n = await count(empty, [*chosen, tool]) - base
             if n > 0.8 * shared:
@@ -144,12 +171,16 @@ class ScenarioPrompts:
             chosen, tools_tokens = [*chosen, tool], n
         self.tools = chosen or None
         system_tokens = max(0, shared - tools_tokens)
-        self.system = make_corpus(system_tokens, self.tokenizer, seed=self.seed + 1) if system_tokens else ""
+        self.system = (
+            make_corpus(system_tokens, self.tokenizer, seed=self.seed + 1) if system_tokens else ""
+        )
         skeleton = await count(self._messages(""), self.sent_tools)
         self.user_tokens = max(UNIQUE_HEAD_TOKENS + 1, sc.context_tokens - skeleton)
         self._body = _Text.make(self.user_tokens, self.tokenizer, seed=self.seed + 2)
-        self._heads = [make_corpus(UNIQUE_HEAD_TOKENS, self.tokenizer, seed=self.seed * 131 + 7 + k)
-                       for k in range(HEAD_POOL)]
+        self._heads = [
+            make_corpus(UNIQUE_HEAD_TOKENS, self.tokenizer, seed=self.seed * 131 + 7 + k)
+            for k in range(HEAD_POOL)
+        ]
         # One correction from a full prompt: joins at the seams can add or merge a token.
         error = await count(self._join(self._parts(0)), self.sent_tools) - sc.context_tokens
         self.user_tokens = max(UNIQUE_HEAD_TOKENS + 1, self.user_tokens - error)
@@ -182,7 +213,9 @@ class ScenarioPrompts:
         """A user's conversation so far, shared by the parent and its sub-agents."""
         if user not in self._sessions:
             n = int(self.user_tokens * self.scenario.session_prefix_share)
-            self._sessions[user] = make_corpus(max(1, n), self.tokenizer, seed=self.seed * 7919 + 101 + user)
+            self._sessions[user] = make_corpus(
+                max(1, n), self.tokenizer, seed=self.seed * 7919 + 101 + user
+            )
         return self._sessions[user]
 
     def session_of(self, index: int) -> tuple[int | None, int | None]:
@@ -197,7 +230,9 @@ class ScenarioPrompts:
     def _parts(self, index: int) -> tuple[str, str, int]:
         """Request `index`'s own part: (session prefix, unique head, tokens of the body after)."""
         assert self._body is not None and self._heads, "prepare() first"
-        tag = hashlib.blake2b(f"{self.scenario.name}/{self.seed}/{index}".encode(), digest_size=8).hexdigest()
+        tag = hashlib.blake2b(
+            f"{self.scenario.name}/{self.seed}/{index}".encode(), digest_size=8
+        ).hexdigest()
         head = f"Task {tag}: " + self._heads[int(tag, 16) % len(self._heads)]
         remaining = self.user_tokens - self.tokenizer.count(head) - 1
         user, _role = self.session_of(index)
@@ -238,13 +273,22 @@ class ScenarioPrompts:
 
     # --- the timed part: what the client does per request --------------------
     def payload(self, messages: list[Message]) -> dict[str, Any]:
-        return chat_payload(self.model, messages, self.tools, self.scenario.max_tokens, self.api, self.ignore_eos,
-                            self.tool_mode)
+        return chat_payload(
+            self.model,
+            messages,
+            self.tools,
+            self.scenario.max_tokens,
+            self.api,
+            self.ignore_eos,
+            self.tool_mode,
+        )
 
     def record(self, index: int, batch: int | None) -> RequestRecord:
         user, role = self.session_of(index)
         return RequestRecord(
-            scenario=self.scenario.name, index=index, batch=batch,
+            scenario=self.scenario.name,
+            index=index,
+            batch=batch,
             target_prompt_tokens=self.scenario.context_tokens,
             session=None if user is None else f"user{user}",
             subagent=None if not role else f"sub{role}",
@@ -263,8 +307,16 @@ class ReplayPrompts:
     starts (`prepare`), so a request's client-side building is a join and a JSON encode.
     """
 
-    def __init__(self, tokenizer: LoadedTokenizer, model: str, api: str = "chat",
-                 ignore_eos: bool = True, max_output: int | None = None, seed: int = 0, tool_mode: str = "auto"):
+    def __init__(
+        self,
+        tokenizer: LoadedTokenizer,
+        model: str,
+        api: str = "chat",
+        ignore_eos: bool = True,
+        max_output: int | None = None,
+        seed: int = 0,
+        tool_mode: str = "auto",
+    ):
         self.tokenizer = tokenizer
         self.tool_mode = tool_mode
         self.model = model
@@ -289,7 +341,9 @@ class ReplayPrompts:
     async def prepare(self, count: CountFn, conversations: list[Conversation]) -> None:
         """Count the template around a user message and a block as the server does, then
         make the text of every block and tail."""
-        synthesized = [c for c in conversations if any(r.messages is None for _, _, r in c.timeline())]
+        synthesized = [
+            c for c in conversations if any(r.messages is None for _, _, r in c.timeline())
+        ]
         if not synthesized:
             return
         text = self._text(synthesized[0].block_size)
@@ -321,5 +375,12 @@ class ReplayPrompts:
 
     def payload(self, messages: list[Message], request: TraceRequest) -> dict[str, Any]:
         # A recorded conversation's own tools: sent as the server takes them (in_prompt: left out).
-        return chat_payload(self.model, messages, request.tools, self.max_tokens(request),
-                            self.api, self.ignore_eos, self.tool_mode)
+        return chat_payload(
+            self.model,
+            messages,
+            request.tools,
+            self.max_tokens(request),
+            self.api,
+            self.ignore_eos,
+            self.tool_mode,
+        )

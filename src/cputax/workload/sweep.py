@@ -17,8 +17,17 @@ from dataclasses import dataclass
 from cputax.errors import CputaxError
 from cputax.servers import Preset
 
-__all__ = ["OWN_KNOBS", "Configuration", "Knob", "ServerFlags", "Step", "configurations",
-           "parse_help", "parse_vary", "plan"]
+__all__ = [
+    "OWN_KNOBS",
+    "Configuration",
+    "Knob",
+    "ServerFlags",
+    "Step",
+    "configurations",
+    "parse_help",
+    "parse_vary",
+    "plan",
+]
 
 # Knobs cputax applies itself (RunOptions fields: the emulated GPU), not server flags
 OWN_KNOBS = {"gpu-speed": "gpu_speed", "emulate-gpu": "emulate_gpu"}
@@ -57,7 +66,12 @@ class Configuration:
     @property
     def slug(self) -> str:
         """A folder name: the knobs' values, readable and safe."""
-        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "__".join(k.label for k in self.knobs)).replace("=", "-") or "_"
+        return (
+            re.sub(r"[^A-Za-z0-9_.=-]+", "_", "__".join(k.label for k in self.knobs)).replace(
+                "=", "-"
+            )
+            or "_"
+        )
 
     def args(self) -> tuple[str, ...]:
         """The server's flags (cputax's own knobs left out)."""
@@ -72,8 +86,9 @@ class Configuration:
                 try:
                     out["gpu_speed"] = float(k.value)
                 except ValueError:
-                    raise CputaxError(f"--vary gpu-speed: {k.value!r} is not a number "
-                                      "(inf allowed)") from None
+                    raise CputaxError(
+                        f"--vary gpu-speed: {k.value!r} is not a number (inf allowed)"
+                    ) from None
             elif k.flag in OWN_KNOBS:
                 out[OWN_KNOBS[k.flag]] = k.value
         return out
@@ -88,7 +103,11 @@ class Step:
 
     @property
     def folder(self) -> str:
-        return self.configuration.slug if self.repeat == 0 else f"{self.configuration.slug}-r{self.repeat}"
+        return (
+            self.configuration.slug
+            if self.repeat == 0
+            else f"{self.configuration.slug}-r{self.repeat}"
+        )
 
 
 @dataclass(frozen=True)
@@ -106,11 +125,16 @@ class ServerFlags:
 
 def parse_help(text: str) -> ServerFlags:
     """Flags and their {a,b,c} choices from an argparse --help text."""
-    choices = {m[1]: tuple(c.strip() for c in m[2].split(",") if c.strip()) for m in _CHOICES.finditer(text)}
+    choices = {
+        m[1]: tuple(c.strip() for c in m[2].split(",") if c.strip())
+        for m in _CHOICES.finditer(text)
+    }
     return ServerFlags(frozenset(_FLAG.findall(text)), choices)
 
 
-def parse_vary(text: str, presets: Mapping[str, Preset], flags: ServerFlags | None = None) -> tuple[list[Knob], Preset | None]:
+def parse_vary(
+    text: str, presets: Mapping[str, Preset], flags: ServerFlags | None = None
+) -> tuple[list[Knob], Preset | None]:
     """`--vary KNOB=V1,V2[,...]` or `--vary PRESET`: the knob's values, and the preset if it was one.
 
     A preset that takes its values from the server's --help keeps those of its values the
@@ -118,19 +142,23 @@ def parse_vary(text: str, presets: Mapping[str, Preset], flags: ServerFlags | No
     if "=" not in text:
         preset = presets.get(text)
         if preset is None:
-            raise CputaxError(f"--vary {text}: not a preset ({', '.join(presets)}) and not KNOB=V1,V2")
+            raise CputaxError(
+                f"--vary {text}: not a preset ({', '.join(presets)}) and not KNOB=V1,V2"
+            )
         values = preset.values
         if preset.from_help and flags is not None and preset.flag in flags.choices:
             listed = flags.choices[preset.flag]
             keep = [v for v in values if v in listed]
-            values = tuple((keep + [c for c in listed if c not in keep])[:max(2, len(keep))])
+            values = tuple((keep + [c for c in listed if c not in keep])[: max(2, len(keep))])
         return [Knob(preset.flag, v) for v in values], preset
     flag, _, raw = text.partition("=")
     flag = flag.strip().removeprefix("--")
     values = [v.strip() for v in raw.split(",") if v.strip()]
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", flag) or len(values) < 1:
-        raise CputaxError(f"--vary {text}: expected KNOB=V1,V2 (a server flag without --, e.g. "
-                          "api-server-count=1,2) or a preset name")
+        raise CputaxError(
+            f"--vary {text}: expected KNOB=V1,V2 (a server flag without --, e.g. "
+            "api-server-count=1,2) or a preset name"
+        )
     preset = next((p for p in presets.values() if p.flag == flag), None)
     return [Knob(flag, v) for v in values], preset
 
@@ -141,7 +169,9 @@ def configurations(varies: list[list[Knob]]) -> list[Configuration]:
         raise CputaxError("a sweep needs at least one --vary")
     flags = [v[0].flag for v in varies]
     if len(set(flags)) != len(flags):
-        raise CputaxError(f"--vary names a knob twice: {', '.join(sorted(f for f in flags if flags.count(f) > 1))}")
+        raise CputaxError(
+            f"--vary names a knob twice: {', '.join(sorted(f for f in flags if flags.count(f) > 1))}"
+        )
     return [Configuration(tuple(combo)) for combo in itertools.product(*varies)]
 
 

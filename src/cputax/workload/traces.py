@@ -115,7 +115,9 @@ def trace_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(TRACE_SUFFIXES))
         if not files:
-            raise CputaxError(f"{path}: no trace files ({', '.join(TRACE_SUFFIXES)}) in this folder")
+            raise CputaxError(
+                f"{path}: no trace files ({', '.join(TRACE_SUFFIXES)}) in this folder"
+            )
         return files
     if not path.exists():
         raise CputaxError(f"{path}: no such file or folder")
@@ -132,7 +134,9 @@ def _read_bytes(path: Path) -> bytes:
     return raw
 
 
-def load_conversations(paths: list[Path], tokenizer: LoadedTokenizer) -> tuple[list[Conversation], list[str]]:
+def load_conversations(
+    paths: list[Path], tokenizer: LoadedTokenizer
+) -> tuple[list[Conversation], list[str]]:
     """Every conversation of every file, and one error line per file that could not be used."""
     conversations: list[Conversation] = []
     errors: list[str] = []
@@ -141,7 +145,9 @@ def load_conversations(paths: list[Path], tokenizer: LoadedTokenizer) -> tuple[l
         try:
             raw = _read_bytes(path)
             jsonl = path.name.endswith((".jsonl", ".jsonl.gz"))
-            found = parse_jsonl(raw, path.name, tokenizer) if jsonl else [parse_trace(raw, path.name)]
+            found = (
+                parse_jsonl(raw, path.name, tokenizer) if jsonl else [parse_trace(raw, path.name)]
+            )
         except TraceError as exc:
             errors.append(str(exc))
             continue
@@ -164,15 +170,25 @@ class _Where:
         self.source, self.path = source, path
 
     def at(self, index: int) -> _Where:
-        return _Where(self.source, f"{self.path}.requests[{index}]" if self.path else f"requests[{index}]")
+        return _Where(
+            self.source, f"{self.path}.requests[{index}]" if self.path else f"requests[{index}]"
+        )
 
     def fail(self, key: str, why: str) -> TraceError:
         where = f"request {self.path}" if self.path else "top level"
         return TraceError(f"{self.source}: {where}: field {key!r}: {why}")
 
 
-def _number(obj: dict[str, Any], key: str, where: _Where, *, required: bool = True,
-            default: float | None = None, integer: bool = False, minimum: float = 0) -> Any:
+def _number(
+    obj: dict[str, Any],
+    key: str,
+    where: _Where,
+    *,
+    required: bool = True,
+    default: float | None = None,
+    integer: bool = False,
+    minimum: float = 0,
+) -> Any:
     if key not in obj or obj[key] is None:
         if required:
             raise where.fail(key, "missing")
@@ -194,13 +210,19 @@ def parse_trace(raw: bytes, source: str) -> Conversation:
         raise TraceError(f"{source}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise TraceError(f"{source}: top level: expected a JSON object, got {type(data).__name__}")
-    block_size = _number(data, "block_size", top, required=False, default=DEFAULT_BLOCK_SIZE,
-                         integer=True, minimum=1)
+    block_size = _number(
+        data, "block_size", top, required=False, default=DEFAULT_BLOCK_SIZE, integer=True, minimum=1
+    )
     scope = data.get("hash_id_scope", "local")
     conv_id = data.get("id") or source.split(".")[0]
     main = _agent(data, None, top, block_size)
-    return Conversation(id=str(conv_id), source=source, block_size=block_size,
-                        scope="global" if scope == "global" else str(conv_id), main=main)
+    return Conversation(
+        id=str(conv_id),
+        source=source,
+        block_size=block_size,
+        scope="global" if scope == "global" else str(conv_id),
+        main=main,
+    )
 
 
 def _agent(obj: dict[str, Any], agent_id: str | None, where: _Where, block_size: int) -> Agent:
@@ -217,7 +239,9 @@ def _agent(obj: dict[str, Any], agent_id: str | None, where: _Where, block_size:
         if entry.get("type") == "subagent":
             sub_id = str(entry.get("agent_id") or f"{agent_id or 'sub'}.{index}")
             anchor = 0.0 if previous is None else previous.t + (previous.api_s or 0.0)
-            agent.steps.append(SubAgent(t, max(0.0, t - anchor), _agent(entry, sub_id, here, block_size)))
+            agent.steps.append(
+                SubAgent(t, max(0.0, t - anchor), _agent(entry, sub_id, here, block_size))
+            )
             continue
         request = _request(entry, here, len(agent.requests()), block_size, previous)
         agent.steps.append(request)
@@ -225,16 +249,22 @@ def _agent(obj: dict[str, Any], agent_id: str | None, where: _Where, block_size:
     return agent
 
 
-def _request(entry: dict[str, Any], where: _Where, turn: int, block_size: int,
-             previous: TraceRequest | None) -> TraceRequest:
+def _request(
+    entry: dict[str, Any], where: _Where, turn: int, block_size: int, previous: TraceRequest | None
+) -> TraceRequest:
     in_tokens = _number(entry, "in", where, integer=True, minimum=1)
     out_tokens = _number(entry, "out", where, integer=True)
     hash_ids = entry.get("hash_ids")
-    if not isinstance(hash_ids, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in hash_ids):
+    if not isinstance(hash_ids, list) or not all(
+        isinstance(h, int) and not isinstance(h, bool) for h in hash_ids
+    ):
         raise where.fail("hash_ids", f"expected a list of integers, got {str(hash_ids)[:60]}")
     if len(hash_ids) * block_size > in_tokens + block_size - 1:
-        raise where.fail("hash_ids", f"{len(hash_ids)} blocks of {block_size} tokens do not fit in "
-                         f"'in' = {in_tokens} tokens")
+        raise where.fail(
+            "hash_ids",
+            f"{len(hash_ids)} blocks of {block_size} tokens do not fit in "
+            f"'in' = {in_tokens} tokens",
+        )
     t = _number(entry, "t", where)
     api_s = _number(entry, "api_time", where, required=False)
     if "think_time" in entry:
@@ -243,8 +273,15 @@ def _request(entry: dict[str, Any], where: _Where, turn: int, block_size: int,
         think = 0.0
     else:  # older traces: the gap between the previous response (or request) and this one
         think = max(0.0, t - previous.t - (previous.api_s or 0.0))
-    return TraceRequest(turn=turn, t=float(t), in_tokens=in_tokens, out_tokens=out_tokens,
-                        hash_ids=hash_ids, think_s=think, api_s=None if api_s is None else float(api_s))
+    return TraceRequest(
+        turn=turn,
+        t=float(t),
+        in_tokens=in_tokens,
+        out_tokens=out_tokens,
+        hash_ids=hash_ids,
+        think_s=think,
+        api_s=None if api_s is None else float(api_s),
+    )
 
 
 # --- JSONL of OpenAI messages -----------------------------------------------------------------
@@ -252,8 +289,9 @@ def _request(entry: dict[str, Any], where: _Where, turn: int, block_size: int,
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def parse_jsonl(raw: bytes, source: str, tokenizer: LoadedTokenizer,
-                block_size: int = DEFAULT_BLOCK_SIZE) -> list[Conversation]:
+def parse_jsonl(
+    raw: bytes, source: str, tokenizer: LoadedTokenizer, block_size: int = DEFAULT_BLOCK_SIZE
+) -> list[Conversation]:
     """One conversation per line: a list of messages, or {"messages": [...], "id", "tools",
     "think_time"}. Block ids come from tokenizing each prompt, so prefix sharing is measured."""
     conversations = []
@@ -286,15 +324,27 @@ def parse_jsonl(raw: bytes, source: str, tokenizer: LoadedTokenizer,
             if not any(m["role"] != "assistant" for m in prompt):
                 continue  # an assistant message with nothing before it is not a request
             answer = messages[end] if end < len(messages) else None
-            ids = tokenizer.tokenizer.encode(render_chat(prompt, tools), add_special_tokens=False).ids
+            ids = tokenizer.tokenizer.encode(
+                render_chat(prompt, tools), add_special_tokens=False
+            ).ids
             out = _answer_tokens(answer, tokenizer) if answer else DEFAULT_OUTPUT_TOKENS
-            agent.steps.append(TraceRequest(
-                turn=len(agent.steps), t=0.0, in_tokens=len(ids), out_tokens=out,
-                hash_ids=_chain_ids(ids, block_size, chains), think_s=0.0 if not agent.steps else float(think),
-                messages=prompt, tools=tools))
+            agent.steps.append(
+                TraceRequest(
+                    turn=len(agent.steps),
+                    t=0.0,
+                    in_tokens=len(ids),
+                    out_tokens=out,
+                    hash_ids=_chain_ids(ids, block_size, chains),
+                    think_s=0.0 if not agent.steps else float(think),
+                    messages=prompt,
+                    tools=tools,
+                )
+            )
         if not agent.steps:
             raise TraceError(f"{where}: field 'messages': no user or tool message to answer")
-        conversations.append(Conversation(conv_id, f"{source}:{number}", block_size, conv_id, agent))
+        conversations.append(
+            Conversation(conv_id, f"{source}:{number}", block_size, conv_id, agent)
+        )
     if not conversations:
         raise TraceError(f"{source}: no conversations (one JSON list of messages per line)")
     return conversations
@@ -306,10 +356,14 @@ def _check_messages(messages: Any, where: str) -> None:
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else m
         if role not in ROLES:
-            raise TraceError(f"{where}: messages[{i}]: field 'role': expected one of {', '.join(ROLES)}, got {role!r}")
+            raise TraceError(
+                f"{where}: messages[{i}]: field 'role': expected one of {', '.join(ROLES)}, got {role!r}"
+            )
         content = m.get("content")
         if content is not None and not isinstance(content, (str, list)):
-            raise TraceError(f"{where}: messages[{i}]: field 'content': expected a string or a list of parts")
+            raise TraceError(
+                f"{where}: messages[{i}]: field 'content': expected a string or a list of parts"
+            )
 
 
 def _answer_tokens(message: Message, tokenizer: LoadedTokenizer) -> int:
@@ -320,11 +374,13 @@ def _answer_tokens(message: Message, tokenizer: LoadedTokenizer) -> int:
     return max(1, tokenizer.count(text))
 
 
-def _chain_ids(ids: list[int], block_size: int, chains: dict[tuple[int, tuple[int, ...]], int]) -> list[int]:
+def _chain_ids(
+    ids: list[int], block_size: int, chains: dict[tuple[int, tuple[int, ...]], int]
+) -> list[int]:
     """One id per full block, equal only when the whole prefix up to that block is equal."""
     out, previous = [], 0
     for start in range(0, len(ids) - block_size + 1, block_size):
-        key = (previous, tuple(ids[start:start + block_size]))
+        key = (previous, tuple(ids[start : start + block_size]))
         previous = chains.setdefault(key, len(chains) + 1)
         out.append(previous)
     return out
@@ -380,7 +436,9 @@ def trace_hit_rate(conv: Conversation) -> float | None:
     return hit / total if total else None
 
 
-def iter_requests(conversations: list[Conversation]) -> Iterator[tuple[Conversation, Agent, TraceRequest]]:
+def iter_requests(
+    conversations: list[Conversation],
+) -> Iterator[tuple[Conversation, Agent, TraceRequest]]:
     for conv in conversations:
         for _, agent, request in conv.timeline():
             yield conv, agent, request

@@ -15,7 +15,9 @@ __all__ = ["StubConfig"]
 class StubConfig:
     """Injected delays (ms) and shape of each answer; `fault` breaks streams on purpose for tests."""
 
-    headers_delay_ms: float = 0.0  # A: arrival -> response headers (vLLM: parse + template + tokenize)
+    headers_delay_ms: float = (
+        0.0  # A: arrival -> response headers (vLLM: parse + template + tokenize)
+    )
     first_token_delay_ms: float = 0.0  # B: headers -> role chunk + first token (queue + prefill)
     inter_token_delay_ms: float = 0.0  # C: between tokens (decode)
     output_tokens: int = 64  # tokens per answer, fewer if the request's max_tokens says so
@@ -26,7 +28,9 @@ class StubConfig:
     # vLLM without --enable-auto-tool-choice refuses `tools` unless tool_choice is "none"
     # (servers.stub.TABLE copies this from vLLM's table; tests check it against the real one)
     auto_tool_choice: bool = STUB.capabilities.auto_tool_choice
-    token_truth: bool = False  # keep every token's send time in the truth (calibration's inter-token error)
+    token_truth: bool = (
+        False  # keep every token's send time in the truth (calibration's inter-token error)
+    )
 
     def __post_init__(self) -> None:
         if self.fault is not None and self.fault not in FAULTS:

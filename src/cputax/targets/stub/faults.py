@@ -27,10 +27,14 @@ MIDSTREAM = ("error_event", "malformed_sse", "non_json_data", "reset_midstream")
 
 def error_body(status: int, message: str, kind: str) -> bytes:
     """vLLM's error object."""
-    return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}})
+    return orjson.dumps(
+        {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    )
 
 
-async def break_stream(request: web.Request, response: web.StreamResponse, fault: str) -> web.StreamResponse:
+async def break_stream(
+    request: web.Request, response: web.StreamResponse, fault: str
+) -> web.StreamResponse:
     """End a stream the way `fault` says (one of MIDSTREAM), after its first token."""
     if fault == "reset_midstream":
         transport = request.transport
@@ -41,8 +45,11 @@ async def break_stream(request: web.Request, response: web.StreamResponse, fault
             transport.abort()
         return response
     if fault == "error_event":
-        await response.write(b"data: " + error_body(500, "stub fault: injected engine error",
-                                                     "InternalServerError") + b"\n\n")
+        await response.write(
+            b"data: "
+            + error_body(500, "stub fault: injected engine error", "InternalServerError")
+            + b"\n\n"
+        )
     elif fault == "malformed_sse":
         await response.write(b"this line is not server-sent events\n\n")
     else:

@@ -38,8 +38,10 @@ async def _start(config: StubConfig, host: str, port: int) -> tuple[web.AppRunne
 
 
 def _describe(config: StubConfig) -> str:
-    return (f"headers {config.headers_delay_ms:g} ms, first token +{config.first_token_delay_ms:g} ms, "
-            f"every {config.inter_token_delay_ms:g} ms, {config.output_tokens} tokens, model {config.model}")
+    return (
+        f"headers {config.headers_delay_ms:g} ms, first token +{config.first_token_delay_ms:g} ms, "
+        f"every {config.inter_token_delay_ms:g} ms, {config.output_tokens} tokens, model {config.model}"
+    )
 
 
 def serve_stub(host: str, port: int, config: StubConfig) -> int:
@@ -72,8 +74,15 @@ class StubServer:
     Python work does not queue behind the client's; it still shares the CPUs.
     """
 
-    def __init__(self, config: StubConfig | None = None, *, host: str = "127.0.0.1", port: int = 0,
-                 process: bool = False, start_timeout_s: float = 60.0):
+    def __init__(
+        self,
+        config: StubConfig | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        process: bool = False,
+        start_timeout_s: float = 60.0,
+    ):
         self.config = config or StubConfig()
         self.host = host
         self.port = port
@@ -126,7 +135,9 @@ class StubServer:
             finally:
                 await runner.cleanup()
 
-        self._thread = threading.Thread(target=asyncio.run, args=(main(),), name="cputax-stub", daemon=True)
+        self._thread = threading.Thread(
+            target=asyncio.run, args=(main(),), name="cputax-stub", daemon=True
+        )
         self._thread.start()
         ready.wait()
         if failure:
@@ -135,9 +146,12 @@ class StubServer:
             raise failure[0]
 
     def _start_process(self) -> None:
-        config = orjson.dumps({**dataclasses.asdict(self.config), "host": self.host, "port": self.port})
-        self._child = subprocess.Popen([sys.executable, "-m", "cputax.targets.stub", config.decode()],
-                                       stdout=subprocess.PIPE)
+        config = orjson.dumps(
+            {**dataclasses.asdict(self.config), "host": self.host, "port": self.port}
+        )
+        self._child = subprocess.Popen(
+            [sys.executable, "-m", "cputax.targets.stub", config.decode()], stdout=subprocess.PIPE
+        )
         assert self._child.stdout is not None
         ready, _, _ = select.select([self._child.stdout], [], [], self.start_timeout_s)
         line = self._child.stdout.readline().decode() if ready else ""
@@ -145,8 +159,11 @@ class StubServer:
         if not found:
             code = self._child.wait(5) if not line else self._child.poll()  # EOF: it is exiting
             self.__exit__()
-            why = (f"exited with code {code} (its error is above)" if code is not None
-                   else f"printed no URL within {self.start_timeout_s:g} s (got {line.strip()!r})")
+            why = (
+                f"exited with code {code} (its error is above)"
+                if code is not None
+                else f"printed no URL within {self.start_timeout_s:g} s (got {line.strip()!r})"
+            )
             raise CputaxError(f"the stub process {why}")
         self.url = found.group(0)
 
