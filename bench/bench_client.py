@@ -1,4 +1,5 @@
-"""Load clients side by side against the stub: cputax, vLLM's own benchmark client, AIPerf, guidellm.
+"""Load clients side by side against the stub: cputax, vLLM's own benchmark client, AIPerf,
+guidellm.
 
 Each client runs in a process of its own against one timed stub (first token after
 20 ms, a token every 5 ms, 64 tokens, its send times kept) and one zero-delay stub (the

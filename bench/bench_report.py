@@ -164,7 +164,8 @@ def main() -> int:
         print(f"  built in {time.perf_counter() - t:.0f} s", flush=True)
     size = run.requests.stat().st_size / 2**20
     print(
-        f"cputax report on {expected} requests ({size:.0f} MiB of requests.jsonl), CPU: {cpu_model() or 'unknown'}, "
+        f"cputax report on {expected} requests ({size:.0f} MiB of requests.jsonl), "
+        f"CPU: {cpu_model() or 'unknown'}, "
         f"{os.cpu_count()} CPUs"
     )
     runs = [time_report(run) for _ in range(args.repeat)]

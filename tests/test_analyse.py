@@ -208,8 +208,8 @@ def test_report_renders_the_hand_computed_figures(run):
         "230 (230 / 304) | 8.7% | 91.3% | 1/3 |"
     ) in text
     assert (
-        "| s | 15.0 | 150 | 50.0 | absent | absent | absent | 60.0 | 25.0% | 1.5 / 2 | 0.0 / 0 | 0.250 |"
-        in text
+        "| s | 15.0 | 150 | 50.0 | absent | absent | absent | 60.0 | "
+        "25.0% | 1.5 / 2 | 0.0 / 0 | 0.250 |" in text
     )
     assert "- **bad**: not measured: warm-up request failed: HTTP 400: too long." in text
     html = write_report(run, results)

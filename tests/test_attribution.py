@@ -711,7 +711,8 @@ def test_attribute_raw_file(tmp_path):
         f"sdpa_attention_forward (transformers/integrations/sdpa_attention.py:182) 30\n"
         "thread (11): Thread-3 (_run_generation_loop);Thread._bootstrap (threading.py:1002);"
         "Condition.wait (threading.py:331) 10\n"
-        "thread (10): MainThread;<module> (transformers:6);EpollSelector.select (selectors.py:468) 40\n"
+        "thread (10): MainThread;<module> (transformers:6);"
+        "EpollSelector.select (selectors.py:468) 40\n"
     )
     result = attribute_file(raw)
     assert result.server == "transformers"

@@ -113,9 +113,12 @@ def check_page(browser, page_path: Path) -> dict[int, dict]:
         )
         page.on("pageerror", lambda e, errors=errors: errors.append(str(e)))
         page.goto(page_path.resolve().as_uri())
-        images = page.evaluate("""Array.from(document.images).map(i => ({alt: i.alt, complete: i.complete,
-            natural: i.naturalWidth, shown: i.getBoundingClientRect().width,
-            visible: getComputedStyle(i).display !== 'none' && getComputedStyle(i).visibility !== 'hidden'}))""")
+        images = page.evaluate(
+            "Array.from(document.images).map(i => ({alt: i.alt, complete: i.complete,\n"
+            "            natural: i.naturalWidth, shown: i.getBoundingClientRect().width,\n"
+            "            visible: getComputedStyle(i).display !== 'none' && "
+            "getComputedStyle(i).visibility !== 'hidden'}))"
+        )
         links = page.evaluate("Array.from(document.links).map(a => a.getAttribute('href'))")
         found[width] = {
             "errors": errors,

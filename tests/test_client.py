@@ -64,7 +64,10 @@ STREAM = (
     + chunk({"content": "Hello"})
     + b"event: message\n"
     + chunk({"content": " world"})
-    + b'data: {"id":"chatcmpl-1","choices":[],"usage":{"prompt_tokens":7,"total_tokens":9,"completion_tokens":2}}\n\n'
+    + (
+        b'data: {"id":"chatcmpl-1","choices":[],'
+        b'"usage":{"prompt_tokens":7,"total_tokens":9,"completion_tokens":2}}\n\n'
+    )
     + b"data: [DONE]\n\n"
 )
 

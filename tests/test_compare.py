@@ -124,8 +124,8 @@ def test_markdown_has_the_studys_table_and_notes(runs):
     md = render_compare(compare_runs(*runs, names=("HBM", "LMCache")))
     assert "| Scenario | HBM CPU% | LMCache CPU% | Delta | Note |" in md
     assert (
-        "| conc4 | HTTP OH | 50.0 (50.0 / 50.0) | 80.0 (80.0 / 80.0) | +30.0 ms | +60.0% | beyond the run-to-run spread"
-        in md
+        "| conc4 | HTTP OH | 50.0 (50.0 / 50.0) | 80.0 (80.0 / 80.0) | +30.0 ms | "
+        "+60.0% | beyond the run-to-run spread" in md
     )
     assert "| conc4 | Prefill |" in md and "inside the run-to-run spread (20.0 ms)" in md
     assert "Stall % of wall (telemetry)" in md

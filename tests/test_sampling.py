@@ -54,7 +54,7 @@ def ev(ph, name, file, ts, tid=1, pid=9):
     }
 
 
-# --- formats ----------------------------------------------------------------------------------------
+# --- formats -------------------------------------------------------------------------------------
 def test_chrometrace_to_spans(tmp_path):
     root = "thread (42): Thread-3 (_run_generation_loop)"
     events = [
@@ -89,7 +89,8 @@ def test_chrometrace_to_spans(tmp_path):
 def test_raw_roundtrip_and_roots(tmp_path):
     raw = tmp_path / "raw.txt"
     raw.write_text(
-        'process 77:"python srv.py";thread (5): Thread-1 (worker);run (srv.py:3);work (srv.py:9) 4\n'
+        'process 77:"python srv.py";thread (5): Thread-1 (worker);'
+        "run (srv.py:3);work (srv.py:9) 4\n"
         "thread (6): MainThread;<module> (srv.py:1) 2\n\n"
     )
     stacks = read_raw(raw)
@@ -137,20 +138,23 @@ def test_flamegraph_svg_is_valid():
     assert any(t.startswith("b <&> (m.py) — 30 samples (75.0%)") for t in titles)
 
 
-# --- py-spy's messages ------------------------------------------------------------------------------
+# --- py-spy's messages ---------------------------------------------------------------------------
 def test_read_log():
     ok = read_log(
-        "py-spy> Stopped sampling because Control-C pressed\npy-spy> Wrote chrome trace to 'x'. Samples: 450 Errors: 1\n",
+        "py-spy> Stopped sampling because Control-C pressed\n"
+        "py-spy> Wrote chrome trace to 'x'. Samples: 450 Errors: 1\n",
         0,
     )
     assert (ok.status, ok.samples, ok.errors) == ("ok", 450, 1)
     exited = read_log(
-        "py-spy> Stopped sampling because process exited\npy-spy> Wrote chrome trace to 'x'. Samples: 227 Errors: 0",
+        "py-spy> Stopped sampling because process exited\n"
+        "py-spy> Wrote chrome trace to 'x'. Samples: 227 Errors: 0",
         0,
     )
     assert exited.status == "exited" and "partial data is kept" in exited.message
     denied = read_log(
-        "Permission Denied: Try running again with elevated permissions by going 'sudo env \"PATH=$PATH\" !!'",
+        "Permission Denied: Try running again with elevated permissions by going "
+        "'sudo env \"PATH=$PATH\" !!'",
         1,
     )
     assert (
@@ -163,7 +167,8 @@ def test_read_log():
         == "not_python"
     )
     behind = read_log(
-        "py-spy> 1.52s behind in sampling, results may be inaccurate. Try reducing the sampling rate\n"
+        "py-spy> 1.52s behind in sampling, results may be inaccurate. "
+        "Try reducing the sampling rate\n"
         "py-spy> 250.3ms behind in sampling, results may be inaccurate.\nSamples: 9 Errors: 0",
         0,
     )
@@ -215,11 +220,12 @@ def test_controls_alternate():
     assert is_control("b" + CONTROL_SUFFIX) and not is_control("b")
 
 
-# --- process discovery ------------------------------------------------------------------------------
+# --- process discovery ---------------------------------------------------------------------------
 FAKE_VLLM = textwrap.dedent("""\
     import socket, subprocess, sys, time
     s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
-    child = subprocess.Popen(["bash", "-c", 'exec -a VLLM::EngineCore_DP0 "$0" -c "import time; time.sleep(60)"', sys.executable])
+    child = subprocess.Popen(["bash", "-c", 'exec -a VLLM::EngineCore_DP0 "$0" -c \
+"import time; time.sleep(60)"', sys.executable])
     print(s.getsockname()[1], child.pid, flush=True)
     time.sleep(60)
 """)

@@ -1,4 +1,5 @@
-"""The calibration stub over real HTTP: vLLM's wire format, its side endpoints, its recorded truth."""
+"""The calibration stub over real HTTP: vLLM's wire format, its side endpoints, its recorded
+truth."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ MESSAGES = [{"role": "user", "content": "List the files in src/ and explain the 
 
 
 def post_raw(config: StubConfig, path: str, body: dict) -> tuple[int, str, bytes, dict]:
-    """POST with a bare aiohttp session, so the test sees the bytes as sent; plus the stub's truth."""
+    """POST with a bare aiohttp session, so the test sees the bytes as sent; plus the stub's
+    truth."""
     with StubServer(config) as stub:
 
         async def go() -> tuple[int, str, bytes, dict]:

@@ -298,7 +298,8 @@ def _target_args(p: argparse.ArgumentParser, tokenizer_help: str) -> None:
         "--gpu",
         choices=("auto", "amd", "nvidia", "none"),
         default="auto",
-        help="GPU telemetry backend (default auto: NVML, else amdsmi, else none); host telemetry is always on",
+        help="GPU telemetry backend (default auto: NVML, else amdsmi, else none); host telemetry "
+        "is always on",
     )
     p.add_argument(
         "--gpu-interval-ms",
@@ -622,10 +623,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--peers",
         action="store_true",
-        help="also run vLLM's own benchmark client (and AIPerf, guidellm where found: $CPUTAX_AIPERF, "
-        "$CPUTAX_GUIDELLM, or on PATH) against the "
-        "same stub, each in its own process, the order alternating: CPU per chunk, TTFT and ITL error, "
-        "the most chunks/s, as ratios to cputax",
+        help="also run vLLM's own benchmark client (and AIPerf, guidellm where found: "
+        "$CPUTAX_AIPERF, $CPUTAX_GUIDELLM, or on PATH) against the same stub, each in its own "
+        "process, the order alternating: CPU per chunk, TTFT and ITL error, the most chunks/s, as "
+        "ratios to cputax",
     )
     p.add_argument(
         "--requests",
@@ -639,8 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="drive a server through scenarios and decompose every request",
-        description="Run a load profile against an OpenAI-compatible endpoint (default: "
-        "start the embedded target) and write requests.jsonl, summary.json, report.md and report.html.",
+        description="Run a load profile against an OpenAI-compatible endpoint (default: start the "
+        "embedded target) and write requests.jsonl, summary.json, report.md and report.html.",
     )
     _target_args(p, TOKENIZER_HELP + " (used when the server has no /tokenize)")
     p.add_argument("--profile", help="load profile TOML (default: profiles/smoke.toml)")
@@ -648,7 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pyspy-overhead",
         action="store_true",
-        help="with --pyspy: also run every scenario unsampled (NAME-nopyspy) and report the difference",
+        help="with --pyspy: also run every scenario unsampled (NAME-nopyspy) and report the "
+        "difference",
     )
     p.set_defaults(func=cmd_run)
 
@@ -774,9 +776,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "extrapolate",
         help="fit HTTP overhead and CPU%% to concurrency; the sub-agent table",
-        description="Fit how the front end's time to headers and CPU%% grow with concurrency over a "
-        "run's measured scenarios, and estimate users x sub-agents from it (the study's sub-agent "
-        "table, from your own measurements).",
+        description="Fit how the front end's time to headers and CPU%% grow with concurrency over "
+        "a run's measured scenarios, and estimate users x sub-agents from it (the study's "
+        "sub-agent table, from your own measurements).",
     )
     p.add_argument("run_dir")
     p.add_argument("--users", type=_csv_ints, default=[4, 8], help="comma-separated (default 4,8)")

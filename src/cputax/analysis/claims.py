@@ -33,7 +33,9 @@ HASHING_NEGLIGIBLE_PCT = 2.0  # prefix hashing under this share of EngineCore bu
 
 CLAIMS = {
     "scheduling": "scheduling + queue wait is 94% of the CPU overhead",
-    "async_scheduling": "pipelining scheduling with GPU execution (async scheduling) removes the overhead",
+    "async_scheduling": (
+        "pipelining scheduling with GPU execution (async scheduling) removes the overhead"
+    ),
     "tokenization": "move tokenization off the main event loop",
     "gil": "the GIL is the elephant in the room",
     "hashing": "(LMCache) prefix hashing is negligible",
@@ -127,14 +129,14 @@ def scheduling(base: Configuration) -> Claim:
     )
     if loop.worker_wait > LOOP_WAITS_X * max(loop.schedule, 1e-9):
         sentence = (
-            "Not supported: the scheduler's own CPU is a few percent of the engine loop, which spends "
-            "most of its time waiting for the model step; the queue time is requests waiting for batch "
-            "capacity, not for scheduler CPU."
+            "Not supported: the scheduler's own CPU is a few percent of the engine loop, which "
+            "spends most of its time waiting for the model step; the queue time is requests "
+            "waiting for batch capacity, not for scheduler CPU."
         )
     else:
         sentence = (
-            "Partly: scheduling is a sizeable share of the engine loop here; compare it with the queue "
-            "time before calling it the bottleneck."
+            "Partly: scheduling is a sizeable share of the engine loop here; compare it with the "
+            "queue time before calling it the bottleneck."
         )
     return _row(
         "scheduling",
@@ -215,10 +217,13 @@ def tokenization(configs: list[Configuration], base: Configuration) -> Claim:
             False,
         )
     name, scenario = heaviest
-    finding = f"{name}: API server tokenize {api.get('tokenize', 0):.1f}% of a core, sse {api.get('sse', 0):.1f}%"
+    finding = (
+        f"{name}: API server tokenize {api.get('tokenize', 0):.1f}% of a core, "
+        f"sse {api.get('sse', 0):.1f}%"
+    )
     sentence = (
-        "vLLM already tokenizes off the event loop (its renderer pool); what is left on the loop is "
-        "streaming (sse), HTTP and detokenizing."
+        "vLLM already tokenizes off the event loop (its renderer pool); what is left on the loop "
+        "is streaming (sse), HTTP and detokenizing."
     )
     two = _varied(configs, "api-server-count")
     data: dict[str, Any] = {"tokenize_pct_of_core": api.get("tokenize", 0.0)}

@@ -45,7 +45,8 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     run = RunDir(run_dir)
     if not run.summary.exists():
         raise CputaxError(
-            f"{run_dir}: no summary.json; is it a run directory? (`cputax report {run_dir}` rebuilds it)"
+            f"{run_dir}: no summary.json; is it a run directory? "
+            f"(`cputax report {run_dir}` rebuilds it)"
         )
     return {
         "dir": run_dir,

@@ -318,7 +318,8 @@ def host_usage(host: HostSeries, window: tuple[int, int]) -> HostUsage:
     processes = []
     for pid, intervals in host.cpu.items():
         if not any(iv.t0_ns < w1 and iv.t1_ns > w0 for iv in intervals):
-            continue  # did not live in this window (a py-spy of another scenario, a restarted child)
+            # did not live in this window (a py-spy of another scenario, a restarted child)
+            continue
         cpu_s = whole.sums(intervals)[0] / 1e9
         threads = sorted(
             (

@@ -73,9 +73,9 @@ def scenario_findings(s: ScenarioSummary, info: dict[str, Any]) -> list[Finding]
                 s,
                 "schedule_lag",
                 (
-                    f"open loop; requests started {lag.p99:.2f} ms (p99) after their schedule; from the "
-                    f"intended start, TTFT p99 {_ms(lag.ttft_from_intended_p99)} ms, total p99 "
-                    f"{_ms(lag.total_from_intended_p99)} ms"
+                    f"open loop; requests started {lag.p99:.2f} ms (p99) after their schedule; "
+                    f"from the intended start, TTFT p99 {_ms(lag.ttft_from_intended_p99)} ms, "
+                    f"total p99 {_ms(lag.total_from_intended_p99)} ms"
                 ),
             )
         )
@@ -99,10 +99,10 @@ def scenario_findings(s: ScenarioSummary, info: dict[str, Any]) -> list[Finding]
                 s,
                 "client_ceiling",
                 (
-                    f"{s.throughput.chunks_per_s:,.0f} chunks/s, past {share:.0%} of what this machine's "
-                    "client took in when `cputax calibrate` measured it "
-                    f"({ceiling.max_chunks_per_s:,} chunks/s): the client's own lag is in the loop's "
-                    "stamps, and in the kernel's once it is a token behind (shared stamps)"
+                    f"{s.throughput.chunks_per_s:,.0f} chunks/s, past {share:.0%} of what this "
+                    "machine's client took in when `cputax calibrate` measured it "
+                    f"({ceiling.max_chunks_per_s:,} chunks/s): the client's own lag is in the "
+                    "loop's stamps, and in the kernel's once it is a token behind (shared stamps)"
                 ),
                 share,
             )
@@ -113,10 +113,10 @@ def scenario_findings(s: ScenarioSummary, info: dict[str, Any]) -> list[Finding]
                 s,
                 "shared_stamps",
                 (
-                    f"{s.shared_stamps_pct:.1f}% of the tokens shared a read's stamp with a later token: "
-                    "the client fell a token behind, or the server wrote tokens together; their times "
-                    "are upper bounds. More client processes (`--client-procs`) or a bigger client "
-                    "machine help in the first case"
+                    f"{s.shared_stamps_pct:.1f}% of the tokens shared a read's stamp with a later "
+                    "token: the client fell a token behind, or the server wrote tokens together; "
+                    "their times are upper bounds. More client processes (`--client-procs`) or a "
+                    "bigger client machine help in the first case"
                 ),
                 SHARED_STAMPS_PCT,
             )
@@ -128,9 +128,9 @@ def scenario_findings(s: ScenarioSummary, info: dict[str, Any]) -> list[Finding]
                 s,
                 "api_cpu_absent",
                 (
-                    "the server exported no process_cpu_seconds_total (vLLM drops it with more than "
-                    "one API server): API CPU per request is absent; the host telemetry table has "
-                    "every API server process's CPU"
+                    "the server exported no process_cpu_seconds_total (vLLM drops it with more "
+                    "than one API server): API CPU per request is absent; the host telemetry table "
+                    "has every API server process's CPU"
                 ),
             )
         )
@@ -151,9 +151,9 @@ def _server_vs_client(s: ScenarioSummary) -> list[Finding]:
                 s,
                 "http_oh_over_queue",
                 (
-                    f"HTTP OH ({_ms(oh)} ms) is far above the engine's own queue time ({_ms(queue)} ms): "
-                    "the wait is in the front end (template, tokenization, event loop), not in the "
-                    "scheduler"
+                    f"HTTP OH ({_ms(oh)} ms) is far above the engine's own queue time "
+                    f"({_ms(queue)} ms): the wait is in the front end (template, tokenization, "
+                    "event loop), not in the scheduler"
                 ),
                 HTTP_OH_OVER_QUEUE,
             )
@@ -170,8 +170,8 @@ def _server_vs_client(s: ScenarioSummary) -> list[Finding]:
                 "ttft_disagreement",
                 (
                     f"the client saw TTFT {_ms(client_ttft)} ms (send -> first token), the server "
-                    f"reports {_ms(ttft)} ms; the difference is time outside the server's clock (front "
-                    "end before arrival is stamped, transit, client)"
+                    f"reports {_ms(ttft)} ms; the difference is time outside the server's clock "
+                    "(front end before arrival is stamped, transit, client)"
                 ),
                 TTFT_DISAGREEMENT,
             )

@@ -69,7 +69,9 @@ CAUSES = {
     "client_lag": "the client read its response more than {stall_ms:g} ms after the kernel had it",
     "schedule_lag": "started more than {stall_ms:g} ms after its intended (open-loop) start",
     "serialize_p99": "beyond build + {p99_ms:g} ms, and the scenario's p99 is too",
-    "client_lag_p99": "read more than {p99_ms:g} ms after the kernel had it, and the scenario's p99 is too",
+    "client_lag_p99": (
+        "read more than {p99_ms:g} ms after the kernel had it, and the scenario's p99 is too"
+    ),
     "schedule_lag_p99": "started more than {p99_ms:g} ms late, and the scenario's p99 is too",
 }
 RECEIVED = ("t_headers", "t_first_data", "t_first_token", "t_last_token", "t_end")

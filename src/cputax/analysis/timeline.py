@@ -90,7 +90,8 @@ class Grid:
         return (np.diff(opened) / np.diff(edges)).tolist()
 
     def occupancy(self, spans: Iterable[tuple[int, int, str]]) -> dict[str, list[float]]:
-        """Mean number of labelled spans open per bin (requests in flight, threads in a category)."""
+        """Mean number of labelled spans open per bin (requests in flight, threads in a
+        category)."""
         out: dict[str, list[float]] = {}
         for t0, t1, label in spans:
             row = out.setdefault(label, [0.0] * self.n)

@@ -86,11 +86,13 @@ def agentic_section(summary: Summary, info: dict[str, Any]) -> str | None:
     lines = [
         "## Agentic replay",
         "",
-        f"- conversations: {len(replay.get('conversations', []))}, at most {replay.get('users')} at once, "
+        f"- conversations: {len(replay.get('conversations', []))}, "
+        f"at most {replay.get('users')} at once, "
         f"time scale {replay.get('time_scale')}; {turns.count} requests sent"
         + (f", {skipped} skipped over --max-context {replay.get('max_context')}" if skipped else "")
         + (f", {dropped} past --limit-requests {replay.get('limit_requests')}" if dropped else ""),
-        f"- prompt text: {replay.get('blocks', 0):,} blocks of {'/'.join(map(str, replay.get('block_sizes', [])))} "
+        f"- prompt text: {replay.get('blocks', 0):,} blocks of "
+        f"{'/'.join(map(str, replay.get('block_sizes', [])))} "
         "tokens made in "
         f"{replay.get('prepare_s', 0):.1f} s before the clock started; a block is "
         f"{number(replay.get('server_block_tokens'))} tokens to the server's counter",

@@ -73,7 +73,8 @@ def signed_pct(value: float | None) -> str:
 
 
 def share(value: float | None, zero: str = "") -> str:
-    """A share (0..1) of a thread's time for a table cell: blank when None, `zero` when under 0.5%."""
+    """A share (0..1) of a thread's time for a table cell: blank when None, `zero` when under
+    0.5%."""
     if value is None:
         return ""
     if value < 0.005:

@@ -16,9 +16,11 @@ from cputax.results.summary import GrowthRow, Summary
 # Readable from a phone (390 px) to a desktop: wide tables scroll inside themselves
 # rather than pushing the page sideways, and figures take the column's width.
 STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 1.5em auto; padding: 0 1em; color: #222;
+body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 1.5em auto; \
+padding: 0 1em; color: #222;
        line-height: 1.45; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; display: block; overflow-x: auto;
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; display: block; \
+overflow-x: auto;
         max-width: 100%; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; }
@@ -36,7 +38,10 @@ def _slug(name: str) -> str:
 
 def image(png: bytes, alt: str) -> str:
     """An <img> with the PNG embedded: the page needs no other file."""
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+    return (
+        f'<img alt="{html.escape(alt)}" '
+        f'src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+    )
 
 
 def render_figures(

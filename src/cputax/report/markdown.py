@@ -274,10 +274,17 @@ def render_report(
         *emulated_banner(info),
         *([_interrupted_banner(stopped), ""] if stopped else []),
         *([short, ""] if short else []),
-        f"- endpoint: `{info.get('endpoint')}` ({info.get('target', {}).get('kind', 'external')}), model `{info.get('model')}`, API `{info.get('api')}`",
+        f"- endpoint: `{info.get('endpoint')}` ({info.get('target', {}).get('kind', 'external')}), "
+        f"model `{info.get('model')}`, API `{info.get('api')}`",
         f"- profile: `{info.get('profile')}`; prompts sized by {info.get('prompt_counter')}",
-        f"- client host: {host.get('cpu_model', '?')}, {host.get('cpus', '?')} CPUs, Python {host.get('python', '?')}",
-        f"- server metrics: {'scraped from /metrics' if info.get('server_metrics') else 'none exported (server-side columns absent)'}",
+        f"- client host: {host.get('cpu_model', '?')}, {host.get('cpus', '?')} CPUs, "
+        f"Python {host.get('python', '?')}",
+        "- server metrics: "
+        + (
+            "scraped from /metrics"
+            if info.get("server_metrics")
+            else "none exported (server-side columns absent)"
+        ),
         *_server_lines(info),
         "",
         "## Decomposition (the study's table, measured at vLLM's real boundaries)",
@@ -309,11 +316,10 @@ def render_report(
     ]
     if summary.clock_steps:
         notes.append(
-            f"- **clock**: the wall clock was set {summary.clock_steps} time(s) "
-            "during the run (NTP, a "
-            "virtual machine's time sync). The kernel's receive stamps are wall-clock times: their "
-            "conversion was read again each time, and the stamps of the moment before it was noticed "
-            "(at most a second) may be off by the step."
+            f"- **clock**: the wall clock was set {summary.clock_steps} time(s) during the run "
+            "(NTP, a virtual machine's time sync). The kernel's receive stamps are wall-clock "
+            "times: their conversion was read again each time, and the stamps of the moment before "
+            "it was noticed (at most a second) may be off by the step."
         )
     parts += (
         ["## Notes", ""]

@@ -1,4 +1,5 @@
-"""What `cputax run` and `cputax report` print on the terminal: the decomposition as a rich table."""
+"""What `cputax run` and `cputax report` print on the terminal: the decomposition as a rich
+table."""
 
 from __future__ import annotations
 

@@ -35,7 +35,8 @@ _TOOL_SPECS = (
     ),
     (
         "edit_file",
-        "Replace an exact string in a file with a new string; fails if the old string is not unique.",
+        "Replace an exact string in a file with a new string; "
+        "fails if the old string is not unique.",
         {"path": "string", "old_string": "string", "new_string": "string"},
     ),
     (

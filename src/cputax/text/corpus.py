@@ -118,7 +118,8 @@ class TextGen:
         name, arg1, arg2 = self.ident(), self.ident(), self.ident()
         lines = [
             f"def {name}({arg1}: {r.choice(TYPES_PY)}, {arg2}: {r.choice(TYPES_PY)} = None):",
-            f'    """{r.choice(VERBS).title()} the {r.choice(ADJECTIVES)} {r.choice(NOUNS)} for {arg1}."""',
+            f'    """{r.choice(VERBS).title()} the {r.choice(ADJECTIVES)} '
+            f'{r.choice(NOUNS)} for {arg1}."""',
         ]
         for _ in range(r.randint(3, 9)):
             kind = r.random()
@@ -128,14 +129,16 @@ class TextGen:
             elif kind < 0.6:
                 lines.append(f"    if {var} is None or {var} > {self.num(1000)}:")
                 lines.append(
-                    f'        raise {r.choice(EXCEPTIONS)}(f"{r.choice(NOUNS)} {{{var}!r}} is {r.choice(ADJECTIVES)}")'
+                    f'        raise {r.choice(EXCEPTIONS)}(f"{r.choice(NOUNS)} '
+                    f'{{{var}!r}} is {r.choice(ADJECTIVES)}")'
                 )
             elif kind < 0.8:
                 lines.append(f"    for {var} in {self.expr()}:")
                 lines.append(f"        {self.ident()}.append({var})")
             else:
                 lines.append(
-                    f'    logger.debug("{r.choice(VERBS)} %s took %.3f ms", {var}, {self.num(90)}.{self.num(999)})'
+                    f'    logger.debug("{r.choice(VERBS)} %s took %.3f ms", {var}, '
+                    f"{self.num(90)}.{self.num(999)})"
                 )
         lines.append(f"    return {self.expr()}")
         return "\n".join(lines)
@@ -144,18 +147,23 @@ class TextGen:
         r = self.r
         name, ty = self.ident(), self.ident("pascal")
         lines = [
-            f"pub fn {name}(&mut self, {self.ident()}: {r.choice(TYPES_RS)}) -> Result<{r.choice(TYPES_RS)}, {ty}> {{"
+            f"pub fn {name}(&mut self, {self.ident()}: {r.choice(TYPES_RS)}) "
+            f"-> Result<{r.choice(TYPES_RS)}, {ty}> {{"
         ]
         for _ in range(r.randint(3, 8)):
             var = self.ident()
             lines.append(
                 r.choice(
                     (
-                        f"    let {var} = self.{self.ident()}.get({self.num(128)}).ok_or({ty}::Missing)?;",
-                        f"    if {var}.len() > {self.num(4096)} {{ return Err({ty}::TooLarge({var}.len())); }}",
+                        f"    let {var} = self.{self.ident()}.get({self.num(128)})"
+                        f".ok_or({ty}::Missing)?;",
+                        f"    if {var}.len() > {self.num(4096)} "
+                        f"{{ return Err({ty}::TooLarge({var}.len())); }}",
                         f"    self.{self.ident()}.insert({var}.clone(), {self.num(65535)});",
-                        f"    for {var} in self.{self.ident()}.iter().take({self.num(64)}) {{ {self.ident()}.push(*{var}); }}",
-                        f'    tracing::debug!({self.ident()} = {self.num(999)}, "{r.choice(VERBS)} {r.choice(NOUNS)}");',
+                        f"    for {var} in self.{self.ident()}.iter().take({self.num(64)}) "
+                        f"{{ {self.ident()}.push(*{var}); }}",
+                        f"    tracing::debug!({self.ident()} = {self.num(999)}, "
+                        f'"{r.choice(VERBS)} {r.choice(NOUNS)}");',
                     )
                 )
             )
@@ -167,16 +175,22 @@ class TextGen:
         r = self.r
         recv, name = self.ident("pascal"), self.ident("pascal")
         lines = [
-            f"func (s *{recv}) {name}(ctx context.Context, {self.ident('camel')} {r.choice(TYPES_GO)}) ({r.choice(TYPES_GO)}, error) {{"
+            f"func (s *{recv}) {name}(ctx context.Context, "
+            f"{self.ident('camel')} {r.choice(TYPES_GO)}) "
+            f"({r.choice(TYPES_GO)}, error) {{"
         ]
         for _ in range(r.randint(3, 8)):
             var = self.ident("camel")
             lines.append(
                 r.choice(
                     (
-                        f"\t{var}, err := s.{self.ident('camel')}.{self.ident('pascal')}(ctx, {self.num(512)})",
-                        f'\tif err != nil {{\n\t\treturn nil, fmt.Errorf("{r.choice(VERBS)} {r.choice(NOUNS)} %d: %w", {self.num(99)}, err)\n\t}}',
-                        f"\ts.{self.ident('camel')}[{var}] = append(s.{self.ident('camel')}[{var}], {self.num(4096)})",
+                        f"\t{var}, err := "
+                        f"s.{self.ident('camel')}.{self.ident('pascal')}(ctx, {self.num(512)})",
+                        f"\tif err != nil {{\n\t\treturn nil, "
+                        f'fmt.Errorf("{r.choice(VERBS)} {r.choice(NOUNS)} %d: %w", '
+                        f"{self.num(99)}, err)\n\t}}",
+                        f"\ts.{self.ident('camel')}[{var}] = "
+                        f"append(s.{self.ident('camel')}[{var}], {self.num(4096)})",
                         f"\tdefer s.{self.ident('camel')}.Unlock()",
                     )
                 )
@@ -189,16 +203,21 @@ class TextGen:
         r = self.r
         name = self.ident("camel")
         lines = [
-            f"export async function {name}({self.ident('camel')}: {r.choice(TYPES_TS)}): Promise<{r.choice(TYPES_TS)}> {{"
+            f"export async function {name}({self.ident('camel')}: {r.choice(TYPES_TS)}): "
+            f"Promise<{r.choice(TYPES_TS)}> {{"
         ]
         for _ in range(r.randint(3, 8)):
             var = self.ident("camel")
             lines.append(
                 r.choice(
                     (
-                        f"  const {var} = await this.{self.ident('camel')}.{r.choice(VERBS)}({self.num(256)});",
-                        f"  if (!{var}) throw new Error(`{r.choice(NOUNS)} ${{{var}}} is {r.choice(ADJECTIVES)}`);",
-                        f'  {self.ident("camel")}.set({var}, {{ {r.choice(NOUNS)}: {self.num(999)}, {r.choice(NOUNS)}: "{self.ident()}" }});',
+                        f"  const {var} = await "
+                        f"this.{self.ident('camel')}.{r.choice(VERBS)}({self.num(256)});",
+                        f"  if (!{var}) throw "
+                        f"new Error(`{r.choice(NOUNS)} ${{{var}}} is {r.choice(ADJECTIVES)}`);",
+                        f"  {self.ident('camel')}.set({var}, "
+                        f"{{ {r.choice(NOUNS)}: {self.num(999)}, "
+                        f'{r.choice(NOUNS)}: "{self.ident()}" }});',
                     )
                 )
             )
@@ -218,9 +237,12 @@ class TextGen:
             lines.append(
                 r.choice(
                     (
-                        f"\tuint32_t {var} = {self.ident()}[{self.num(255)}] >> {r.randint(1, 24)};",
-                        f"\tif ({var} < 0 || {var} >= {self.num(4096)})\n\t\treturn -E{r.choice(('INVAL', 'NOMEM', 'AGAIN', 'IO'))};",
-                        f"\tmemcpy({var}, {self.ident()} + {self.num(64)}, sizeof(*{var}) * {self.num(16)});",
+                        f"\tuint32_t {var} = {self.ident()}[{self.num(255)}] "
+                        f">> {r.randint(1, 24)};",
+                        f"\tif ({var} < 0 || {var} >= {self.num(4096)})\n\t\t"
+                        f"return -E{r.choice(('INVAL', 'NOMEM', 'AGAIN', 'IO'))};",
+                        f"\tmemcpy({var}, {self.ident()} + {self.num(64)}, "
+                        f"sizeof(*{var}) * {self.num(16)});",
                     )
                 )
             )
@@ -233,8 +255,10 @@ class TextGen:
         rows = [f"$ ls -la {r.choice(DIRS)}/{r.choice(NOUNS)}", f"total {self.num(900)}"]
         for _ in range(r.randint(5, 14)):
             rows.append(
-                f"-rw-r--r-- 1 dev dev {self.num(90000):>6} {r.choice(('Jan', 'Mar', 'Jun', 'Sep', 'Nov'))} "
-                f"{r.randint(1, 28):>2} {r.randint(0, 23):02d}:{r.randint(0, 59):02d} {self.ident()}{r.choice(EXTS)}"
+                f"-rw-r--r-- 1 dev dev {self.num(90000):>6} "
+                f"{r.choice(('Jan', 'Mar', 'Jun', 'Sep', 'Nov'))} "
+                f"{r.randint(1, 28):>2} {r.randint(0, 23):02d}:{r.randint(0, 59):02d} "
+                f"{self.ident()}{r.choice(EXTS)}"
             )
         return "\n".join(rows)
 
@@ -252,10 +276,13 @@ class TextGen:
         for _ in range(r.randint(5, 14)):
             status = r.choices(("PASSED", "FAILED", "SKIPPED"), (8, 2, 1))[0]
             rows.append(
-                f"tests/test_{self.ident()}.py::test_{self.ident()}[{r.choice(NOUNS)}-{self.num(64)}] {status} [{self.num(100):>3}%]"
+                f"tests/test_{self.ident()}.py::test_{self.ident()}"
+                f"[{r.choice(NOUNS)}-{self.num(64)}] "
+                f"{status} [{self.num(100):>3}%]"
             )
         rows.append(
-            f"===== {self.num(40)} failed, {self.num(400)} passed in {self.num(90)}.{self.num(99):02d}s ====="
+            f"===== {self.num(40)} failed, {self.num(400)} passed "
+            f"in {self.num(90)}.{self.num(99):02d}s ====="
         )
         return "\n".join(rows)
 
@@ -268,7 +295,8 @@ class TextGen:
             )
             rows.append(f"    {self.ident()} = {self.expr()}")
         rows.append(
-            f"{r.choice(EXCEPTIONS)}: {r.choice(ADJECTIVES)} {r.choice(NOUNS)} {self.num(99999)} not found in {self.ident()}"
+            f"{r.choice(EXCEPTIONS)}: {r.choice(ADJECTIVES)} {r.choice(NOUNS)} "
+            f"{self.num(99999)} not found in {self.ident()}"
         )
         return "\n".join(rows)
 
@@ -277,7 +305,8 @@ class TextGen:
         items = []
         for _ in range(r.randint(3, 8)):
             items.append(
-                f'    {{"id": "{self.ident()}-{self.num(99999)}", "{r.choice(NOUNS)}": {self.num(100000)}, '
+                f'    {{"id": "{self.ident()}-{self.num(99999)}", '
+                f'"{r.choice(NOUNS)}": {self.num(100000)}, '
                 f'"status": "{r.choice(ADJECTIVES)}", "path": "{self.path()}"}}'
             )
         return (

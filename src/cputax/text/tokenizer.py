@@ -51,7 +51,8 @@ class LoadedTokenizer:
 
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(spec: str | None = None) -> LoadedTokenizer:
-    """`spec`: None (offline default), a tokenizer.json path, a directory holding one, or a hub id."""
+    """`spec`: None (offline default), a tokenizer.json path, a directory holding one, or a hub
+    id."""
     if spec is None or spec == DEFAULT_NAME:
         path = default_tokenizer_path()
         return LoadedTokenizer(Tokenizer.from_file(str(path)), DEFAULT_NAME, str(path))
