@@ -323,7 +323,8 @@ class _Builder:
     def add(
         self, rows: list[_Row] | list[RequestRecord], record: Callable[[int], RequestRecord]
     ) -> None:
-        """A block of rows; record(i) makes the i-th one's full record when it is a replay's turn."""
+        """A block of rows; record(i) makes the i-th one's full record when it is a replay's
+        turn."""
         block = np.array(list(map(self._numeric_of, rows)), dtype=np.float64).reshape(
             -1, len(_NUMERIC)
         )

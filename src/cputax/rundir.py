@@ -166,7 +166,8 @@ class RunDir:
 
     # --- what analysis derives and report renders -----------------------------------------
     def node_dir(self, node: str) -> Path:
-        """nodes/<node>/: a server node's files (a Ray run's node agent), in a run directory's layout."""
+        """nodes/<node>/: a server node's files (a Ray run's node agent), in a run directory's
+        layout."""
         return self.path / "nodes" / safe_name(node)
 
     def nodes(self) -> list[RunDir]:
@@ -320,7 +321,8 @@ class SweepDir:
         sweep = cls(out or Path("runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
         if sweep.info_path.exists():
             raise CputaxError(
-                f"{sweep.path} already holds a sweep; choose another --out (nothing was overwritten)"
+                f"{sweep.path} already holds a sweep; choose another --out "
+                "(nothing was overwritten)"
             )
         sweep.path.mkdir(parents=True, exist_ok=True)
         return sweep

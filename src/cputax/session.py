@@ -771,7 +771,8 @@ def exit_status(results: Results | None, console: Console | None = None) -> int:
         return 0
     console = console or Console(stderr=True)
     console.print(
-        f"[red]{len(problems)} scenario(s) had errors; everything measured is in the run directory:[/]"
+        f"[red]{len(problems)} scenario(s) had errors; "
+        "everything measured is in the run directory:[/]"
     )
     for line in problems:
         console.print(f"  {line}", markup=False)

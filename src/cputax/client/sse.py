@@ -40,7 +40,8 @@ def response_phases(metrics: dict[str, Any], usage: dict[str, Any]) -> dict[str,
 
 
 class StreamError(Exception):
-    """The stream broke the protocol or carried an error; the message goes into RequestRecord.error."""
+    """The stream broke the protocol or carried an error; the message goes into
+    RequestRecord.error."""
 
 
 def _quote(raw: bytes) -> str:
@@ -49,7 +50,8 @@ def _quote(raw: bytes) -> str:
 
 
 class SSEDecoder:
-    """Split a byte stream into complete lines (LF, CRLF or CR endings), keeping a partial last line.
+    """Split a byte stream into complete lines (LF, CRLF or CR endings), keeping a partial
+    last line.
 
     A line that spans many reads is collected as a list and joined once, so a
     100k-token line costs O(n), not O(n^2).
@@ -83,7 +85,8 @@ class SSEDecoder:
 
 
 def data_payload(line: bytes) -> bytes | None:
-    """The payload of a `data:` line; None for blank lines, comments (`: keep-alive`) and other fields."""
+    """The payload of a `data:` line; None for blank lines, comments (`: keep-alive`) and
+    other fields."""
     if not line or line[0] == 0x3A:  # ":" starts a comment
         return None
     if line.startswith(b"data:"):

@@ -84,7 +84,8 @@ def _connect_reason(exc: aiohttp.ClientConnectorError) -> str:
 
 
 def _error_text(raw: bytes) -> str:
-    """The message of an HTTP error body: the JSON error's message if there is one, else the text."""
+    """The message of an HTTP error body: the JSON error's message if there is one, else
+    the text."""
     try:
         message = error_message(orjson.loads(raw))
     except orjson.JSONDecodeError:
@@ -213,7 +214,10 @@ class StreamingClient:
                 + (url.path or "/").encode()
                 + b" HTTP/1.1\r\nHost: "
                 + host
-                + b"\r\nUser-Agent: cputax\r\nAccept: text/event-stream\r\nContent-Type: application/json\r\n"
+                + (
+                    b"\r\nUser-Agent: cputax\r\nAccept: text/event-stream\r\n"
+                    b"Content-Type: application/json\r\n"
+                )
                 + auth
             )
         return self
@@ -247,7 +251,8 @@ class StreamingClient:
 
     @property
     def kernel_stamps(self) -> bool:
-        """Whether records get the kernel's receive stamps (plain HTTP, and the socket took SO_TIMESTAMPNS)."""
+        """Whether records get the kernel's receive stamps (plain HTTP, and the socket took
+        SO_TIMESTAMPNS)."""
         return self._pool is not None and self._pool.kernel_stamps
 
     @property
@@ -351,7 +356,8 @@ class StreamingClient:
             content_type = resp.headers.get("Content-Type", "")
             if not content_type.startswith("text/event-stream"):
                 raise StreamError(
-                    f"expected a text/event-stream response, got {content_type or 'no content type'!r}"
+                    "expected a text/event-stream response, got "
+                    f"{content_type or 'no content type'!r}"
                 )
             parser = StreamParser(record, self.api, keep_chunks=self.keep_chunks)
             async for data in resp.content.iter_any():
@@ -364,7 +370,8 @@ class StreamingClient:
             record.ok = True
 
     async def get_json(self, path: str) -> Any:
-        """GET a JSON document (e.g. /v1/models); CputaxError if the server fails or answers non-2xx."""
+        """GET a JSON document (e.g. /v1/models); CputaxError if the server fails or answers
+        non-2xx."""
         status, raw = await self._request("GET", path)
         if status >= 300:
             raise CputaxError(f"GET {self.endpoint}{path}: HTTP {status}: {_error_text(raw)}")

@@ -104,7 +104,8 @@ class NodeAgent:
         return out
 
     def _skewed(self, rel: str, data: bytes) -> bytes:
-        """A skewed test node's files read its clock too: their monotonic times moved by the skew."""
+        """A skewed test node's files read its clock too: their monotonic times moved by the
+        skew."""
         if not self.skew or rel not in CONVERTED:
             return data
         ahead = NodeClock("", Offset(-self.skew, 0, 0, 0))
@@ -147,7 +148,8 @@ class NodesMonitor:
         ray = self.cluster.ray
         actor = ray.remote(num_cpus=0, max_restarts=0)(NodeAgent)
         server = target.get("server") or (self.pyspy.discovery.server if self.pyspy else "auto")
-        # found there as a local run finds its server: the listener on the port, else by process titles
+        # found there as a local run finds its server: the listener on the port, else by
+        # process titles
         pyspy = PyspyOptions(self.pyspy.config, Discovery(server)) if self.pyspy else None
         for node in self.nodes:
             node_target = _node_target(target, server, self.ports.get(node.name))
@@ -161,7 +163,8 @@ class NodesMonitor:
             self.notes[node.name] = agent
             self.clocks[node.name] = self._clock(node)
             self.console.print(
-                f"node agent on {node.ip}: clock offset {self.clocks[node.name].start.offset_ns / 1e6:+.3f} ms "
+                f"node agent on {node.ip}: clock offset "
+                f"{self.clocks[node.name].start.offset_ns / 1e6:+.3f} ms "
                 f"± {self.clocks[node.name].error_ns / 1e3:.0f} µs"
                 + (f"; {'; '.join(agent)}" if agent else "")
             )

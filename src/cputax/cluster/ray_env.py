@@ -136,7 +136,8 @@ class Cluster:
             if not match or (port and not port.isdigit()):
                 known = ", ".join(f"{n.ip} ({n.id[:8]})" for n in nodes)
                 raise CputaxError(
-                    f"--server-nodes {entry}: no such live node in the Ray cluster (nodes: {known}); "
+                    f"--server-nodes {entry}: no such live node in the Ray cluster "
+                    f"(nodes: {known}); "
                     "give a node's IP or id, optionally :PORT"
                 )
             found += [

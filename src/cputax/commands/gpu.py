@@ -145,7 +145,8 @@ def gpu_monitor(
         for dev, series in info.get("series", {}).items():
             for name, res in series.items():
                 console.print(
-                    f"{p.name} {dev} {name}: resolution {res['resolution_ms']:.0f} ms ({res['basis']})"
+                    f"{p.name} {dev} {name}: resolution {res['resolution_ms']:.0f} ms "
+                    f"({res['basis']})"
                 )
         if stats.get(p.name):
             cost = stats[p.name].summary()

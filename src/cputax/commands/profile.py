@@ -92,8 +92,8 @@ def _profile_nodes(
         nodes = cluster.server_nodes()
         if not nodes:
             raise CputaxError(
-                "no server nodes: give --server-nodes NODE[:PORT],... or start the server nodes' Ray "
-                "with --resources '{\"cputax-server\": 1}'"
+                "no server nodes: give --server-nodes NODE[:PORT],... or start the server "
+                "nodes' Ray with --resources '{\"cputax-server\": 1}'"
             )
         target = {
             "kind": "external",
@@ -106,8 +106,8 @@ def _profile_nodes(
         )
         monitor.start(run, target)
         console.print(
-            f"sampling {len(nodes)} node(s) for {duration_s:g} s (Ctrl-C stops early and keeps what was "
-            "sampled)..."
+            f"sampling {len(nodes)} node(s) for {duration_s:g} s (Ctrl-C stops early "
+            "and keeps what was sampled)..."
         )
         t0, t1 = _sample(monitor, duration_s, console)
         run.windows.write_bytes(

@@ -173,7 +173,8 @@ async def _replay(
     sizes = {c.block_size for c in conversations}
     if prompts.server_block_tokens is not None and prompts.server_block_tokens not in sizes:
         session.console.print(
-            f"[yellow]the server counts a {min(sizes)}-token block as {prompts.server_block_tokens} "
+            f"[yellow]the server counts a {min(sizes)}-token block as "
+            f"{prompts.server_block_tokens} "
             "tokens: pass --tokenizer with the served model's tokenizer for exact sizes[/]"
         )
     replayed = session.run.info()["replay"]

@@ -41,7 +41,8 @@ def serve_local(
         )
     assert table.launch is not None
     print(
-        f"cputax serve-local: starting {table.launch.description} on {host}:{port} (tiny random Llama)...",
+        f"cputax serve-local: starting {table.launch.description} on {host}:{port} "
+        "(tiny random Llama)...",
         file=sys.stderr,
         flush=True,
     )

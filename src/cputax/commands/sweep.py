@@ -110,8 +110,8 @@ def sweep(opts: SweepOptions) -> int:
     )
     out.write_info(info)
     console.print(
-        f"sweep directory: {out}; {len(configs)} configurations x {opts.repeat} = {len(steps)} runs "
-        f"of {profile.name}"
+        f"sweep directory: {out}; {len(configs)} configurations x {opts.repeat} = "
+        f"{len(steps)} runs of {profile.name}"
     )
     for note in dict.fromkeys(notes.values()):
         console.print(f"[yellow]note: {note}[/]")

@@ -70,8 +70,9 @@ def burn_released(ns: int) -> int:
 
     Most of the time goes in one call (sized by the hashing rate measured so far) so the
     GIL is released and taken back about once, as the tokenizer does; at most two more
-    sized calls and a few small chunks finish it. Chunk by chunk throughout, every chunk would ask for the GIL back and force the
-    thread holding it to let go each switch interval: a cost the tokenizer does not have.
+    sized calls and a few small chunks finish it. Chunk by chunk throughout, every chunk
+    would ask for the GIL back and force the thread holding it to let go each switch
+    interval: a cost the tokenizer does not have.
     """
     start = time.perf_counter_ns()
     end = start + ns

@@ -44,7 +44,8 @@ def event(
     finish_reason: str | None = None,
     usage: dict[str, int] | None = None,
 ) -> bytes:
-    """One SSE event as vLLM writes it (pydantic's compact JSON; choices empty on the usage chunk)."""
+    """One SSE event as vLLM writes it (pydantic's compact JSON; choices empty on the usage
+    chunk)."""
     chunk: dict[str, Any] = {
         "id": COMPLETION_ID,
         "object": "chat.completion.chunk",

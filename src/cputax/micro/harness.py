@@ -102,7 +102,8 @@ def _runs_here(args: Any, index: int) -> bool:
 def run_suite(
     suite: str, argv: Sequence[str] | None = None, program_args: tuple[str, ...] | None = None
 ) -> None:
-    """Run one suite under pyperf; `argv` holds pyperf options plus --tokenizer and --input-cache."""
+    """Run one suite under pyperf; `argv` holds pyperf options plus --tokenizer and
+    --input-cache."""
     runner = pyperf.Runner(
         processes=PROCESSES, program_args=program_args, add_cmdline_args=_worker_args
     )

@@ -1,4 +1,5 @@
-"""Load clients side by side against one stub: cputax, vLLM's own benchmark client, AIPerf, guidellm.
+"""Load clients side by side against one stub: cputax, vLLM's own benchmark client,
+AIPerf, guidellm.
 
 Each client runs in a process of its own (`python -m cputax.peers.clients CLIENT ...`),
 a closed loop of `streams` workers, and prints what it saw: per request, the stub's key

@@ -126,7 +126,8 @@ class Classifier:
 
 
 def classifier_for(server: str | None) -> Classifier:
-    """The rule table of a server type (its own rules, then the shared ones); shared only when unknown."""
+    """The rule table of a server type (its own rules, then the shared ones); shared only
+    when unknown."""
     return Classifier(rules_for(server) if server else COMMON_RULES)
 
 

@@ -82,7 +82,8 @@ def render_svg(
                     else (label[: chars - 2] + ".." if chars > 3 else "")
                 )
                 boxes.append(
-                    f'<g><title>{escape(tip)}</title><rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{ROW - 1}" '
+                    f'<g><title>{escape(tip)}</title><rect x="{x:.1f}" y="{y}" '
+                    f'width="{w:.1f}" height="{ROW - 1}" '
                     f'fill="{PALETTE.get(category(label), PALETTE[None])}" rx="2"/>'
                     + (f'<text x="{x + 3:.1f}" y="{y + 12}">{escape(text)}</text>' if text else "")
                     + "</g>"
@@ -101,7 +102,10 @@ def render_svg(
             f'viewBox="0 0 {WIDTH} {height}" font-family="monospace" font-size="11">',
             '<rect width="100%" height="100%" fill="white"/>',
             f'<text x="{PAD}" y="18" font-size="14">{escape(title)} — {total:,.0f} samples</text>',
-            f'<text x="{PAD}" y="33" fill="#666">callers on top; colour = category of the frame\'s rule; hover for samples</text>',
+            (
+                f'<text x="{PAD}" y="33" fill="#666">callers on top; colour = category of the '
+                "frame's rule; hover for samples</text>"
+            ),
             *boxes,
             f'<text x="{PAD}" y="{height - 8}" fill="#666" font-size="9">{legend}</text>',
             "</svg>",

@@ -142,7 +142,9 @@ def _has_cap(bit: int) -> bool:
 class PyspyLog:
     """What py-spy printed, digested."""
 
-    status: str = "ok"  # ok, exited (the process ended while sampled: data kept), permission, not_python, gone, failed
+    # ok, exited (the process ended while sampled: data kept), permission, not_python,
+    # gone, failed
+    status: str = "ok"
     samples: int | None = None  # thread stacks recorded (one per thread per sample)
     errors: int | None = None
     behind_s: float = 0.0  # the worst lag py-spy reported (it warns past 1 s)

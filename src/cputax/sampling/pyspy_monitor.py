@@ -186,7 +186,8 @@ class PyspyMonitor:
         if d.server != "auto":
             return find_server(d.server)
         where = (
-            f"the server at {target['endpoint']} is not on this host (or nothing here listens on its port)"
+            f"the server at {target['endpoint']} is not on this host "
+            "(or nothing here listens on its port)"
             if target.get("endpoint")
             else "no server to sample was named"
         )

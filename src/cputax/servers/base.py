@@ -50,11 +50,17 @@ MEANINGS = {
     "chat_template": "rendering the chat template (Jinja)",
     "tokenize": "tokenizing the prompt",
     "preprocess": "turning a request into an engine request (input processing, validation)",
-    "ipc": "moving requests and outputs between processes (serialization, sockets, shared memory copies)",
+    "ipc": (
+        "moving requests and outputs between processes (serialization, sockets, shared "
+        "memory copies)"
+    ),
     "schedule": "choosing the next batch, request bookkeeping, the engine loop's own glue",
     "kv_cache": "allocating and managing KV-cache blocks",
     "prefix_hash": "hashing prompt blocks for prefix caching",
-    "model_execute": "preparing inputs and running the forward pass, as Python sees it (on a GPU: launching kernels)",
+    "model_execute": (
+        "preparing inputs and running the forward pass, as Python sees it (on a GPU: "
+        "launching kernels)"
+    ),
     "gpu_wait": "the CPU waiting for the GPU: synchronize, copying results back",
     "worker_wait": (
         "the engine loop waiting for its workers' model step; vLLM waits by spinning on "
@@ -72,8 +78,14 @@ MEANINGS = {
     "metrics_scrape": "answering GET /metrics (cputax's own scrapes and gauge polls)",
     "kv_connector": "KV transfer and offload connectors (LMCache, disaggregation)",
     "gc": "the garbage collector (visible only with --pyspy-native)",
-    "idle": "waiting: the innermost Python frame is a known wait (select, a queue or condition wait, a zmq poll)",
-    "other": "no rule matched; the report lists these stacks' innermost frames so the table can be extended",
+    "idle": (
+        "waiting: the innermost Python frame is a known wait (select, a queue or condition "
+        "wait, a zmq poll)"
+    ),
+    "other": (
+        "no rule matched; the report lists these stacks' innermost frames so the table can "
+        "be extended"
+    ),
 }
 # Categories that are waits for another part of the server rather than work of their own.
 WAITS = ("gpu_wait", "worker_wait", "step_wait")

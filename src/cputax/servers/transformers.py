@@ -1,4 +1,5 @@
-"""`transformers serve --continuous-batching` (5.x): threads, frame rules, capabilities, how to start it.
+"""`transformers serve --continuous-batching` (5.x): threads, frame rules, capabilities, how
+to start it.
 
 Read from its source and checked on live stacks of the embedded target.
 """
@@ -117,7 +118,8 @@ TABLE = ServerTable(
         metrics_path=None,  # no Prometheus /metrics
         tokenize_path=None,  # no /tokenize: count with the same tokenizer.json
         ignore_eos=False,  # unknown fields (ignore_eos, min_tokens) -> 422
-        usage_in_stream="final",  # usage rides on the finish_reason chunk, always; stream_options ignored
+        # usage rides on the finish_reason chunk, always; stream_options ignored
+        usage_in_stream="final",
         role_chunk="at_headers",  # role-only chunk sent with the headers, before any token
         lists_models=False,  # 5.19 lists the Hugging Face cache, not the folder it serves
     ),

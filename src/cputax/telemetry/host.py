@@ -193,7 +193,8 @@ class HostPoller:
     def _threads(
         self, pid: int, p: psutil.Process
     ) -> tuple[dict[str, list[int | None]], dict[str, str]]:
-        """Threads whose CPU moved since the last poll: tid -> [run_ns, wait_ns, slices]; new names."""
+        """Threads whose CPU moved since the last poll: tid -> [run_ns, wait_ns, slices]; new
+        names."""
         last = self.threads.setdefault(pid, {})
         changed: dict[str, list[int | None]] = {}
         names: dict[str, str] = {}

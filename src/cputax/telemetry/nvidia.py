@@ -108,7 +108,8 @@ def import_nvml() -> Any:
 
 @dataclass
 class WallClock:
-    """Converts NVML's wall-clock µs stamps to the run's monotonic ns, with the error of doing so."""
+    """Converts NVML's wall-clock µs stamps to the run's monotonic ns, with the error of doing
+    so."""
 
     offset_ns: int = 0  # time_ns - monotonic_ns
     error_ns: int = 0

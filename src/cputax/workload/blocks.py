@@ -79,7 +79,8 @@ class BlockTexts:
                 return found
         raise CputaxError(
             f"cannot make {n}-token text blocks that tokenize the same alone and in sequence with "
-            f"tokenizer {self.tokenizer.name}; replay needs a byte-level BPE tokenizer (most served models have one)"
+            f"tokenizer {self.tokenizer.name}; replay needs a byte-level BPE tokenizer "
+            "(most served models have one)"
         )
 
     def _cut(self, stream: Iterator[str], n: int, seam: bool) -> str | None:

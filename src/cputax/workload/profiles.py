@@ -66,7 +66,10 @@ class Scenario:
         if self.arrival == "poisson":
             return f"poisson {self.rate}/s for {self.duration_s:g}s"
         if self.arrival == "burst":
-            return f"bursts of {self.burst_size} every {self.burst_every_s:g}s for {self.duration_s:g}s"
+            return (
+                f"bursts of {self.burst_size} every {self.burst_every_s:g}s "
+                f"for {self.duration_s:g}s"
+            )
         return f"closed loop x {self.concurrency} for {self.duration_s:g}s"
 
 

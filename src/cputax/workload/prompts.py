@@ -1,4 +1,5 @@
-"""Prompts of a scenario (ScenarioPrompts) and of a replayed trace (ReplayPrompts), sized in server tokens.
+"""Prompts of a scenario (ScenarioPrompts) and of a replayed trace (ReplayPrompts), sized
+in server tokens.
 
 A scenario's prompts are a shared agent prefix plus a unique suffix.
 

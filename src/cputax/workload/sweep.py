@@ -112,7 +112,8 @@ class Step:
 
 @dataclass(frozen=True)
 class ServerFlags:
-    """What the server's --help says it takes: its flags, and the choices of those that list them."""
+    """What the server's --help says it takes: its flags, and the choices of those that list
+    them."""
 
     flags: frozenset[str]
     choices: Mapping[str, tuple[str, ...]]
@@ -135,7 +136,8 @@ def parse_help(text: str) -> ServerFlags:
 def parse_vary(
     text: str, presets: Mapping[str, Preset], flags: ServerFlags | None = None
 ) -> tuple[list[Knob], Preset | None]:
-    """`--vary KNOB=V1,V2[,...]` or `--vary PRESET`: the knob's values, and the preset if it was one.
+    """`--vary KNOB=V1,V2[,...]` or `--vary PRESET`: the knob's values, and the preset if it
+    was one.
 
     A preset that takes its values from the server's --help keeps those of its values the
     server lists (vLLM before 0.19 has no xxhash)."""
@@ -170,7 +172,8 @@ def configurations(varies: list[list[Knob]]) -> list[Configuration]:
     flags = [v[0].flag for v in varies]
     if len(set(flags)) != len(flags):
         raise CputaxError(
-            f"--vary names a knob twice: {', '.join(sorted(f for f in flags if flags.count(f) > 1))}"
+            "--vary names a knob twice: "
+            f"{', '.join(sorted(f for f in flags if flags.count(f) > 1))}"
         )
     return [Configuration(tuple(combo)) for combo in itertools.product(*varies)]
 

@@ -357,7 +357,8 @@ def _check_messages(messages: Any, where: str) -> None:
         role = m.get("role") if isinstance(m, dict) else m
         if role not in ROLES:
             raise TraceError(
-                f"{where}: messages[{i}]: field 'role': expected one of {', '.join(ROLES)}, got {role!r}"
+                f"{where}: messages[{i}]: field 'role': expected one of {', '.join(ROLES)}, "
+                f"got {role!r}"
             )
         content = m.get("content")
         if content is not None and not isinstance(content, (str, list)):

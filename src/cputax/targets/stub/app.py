@@ -307,7 +307,8 @@ class StubApp:
         return self.tokenizer.count(prompt)
 
     async def _prompt_tokens(self, body: dict[str, Any], raw: bytes, chat: bool) -> int:
-        """Count like vLLM's front end; cached per body (calibration repeats one), big ones off the loop."""
+        """Count like vLLM's front end; cached per body (calibration repeats one), big ones off
+        the loop."""
         count = self._counts.get(raw)
         if count is None:
             if len(raw) < _INLINE_COUNT_BYTES:

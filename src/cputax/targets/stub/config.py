@@ -13,7 +13,8 @@ __all__ = ["StubConfig"]
 
 @dataclass
 class StubConfig:
-    """Injected delays (ms) and shape of each answer; `fault` breaks streams on purpose for tests."""
+    """Injected delays (ms) and shape of each answer; `fault` breaks streams on purpose for
+    tests."""
 
     headers_delay_ms: float = (
         0.0  # A: arrival -> response headers (vLLM: parse + template + tokenize)

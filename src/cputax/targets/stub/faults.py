@@ -14,11 +14,13 @@ __all__ = ["FAULTS", "MIDSTREAM", "break_stream", "error_body"]
 
 FAULTS = (
     "http_500",  # 500 with a vLLM error body instead of a stream
-    "error_event",  # after one token, a `data: {"error": ...}` line then [DONE], as vLLM on an engine error
+    # after one token, a `data: {"error": ...}` line then [DONE], as vLLM on an engine error
+    "error_event",
     "malformed_sse",  # after one token, a line that is not SSE
     "non_json_data",  # after one token, `data: {not json`
     "reset_midstream",  # after one token, a TCP reset
-    "truncated",  # after half the tokens, the stream ends cleanly without finish_reason, usage or [DONE]
+    # after half the tokens, the stream ends cleanly without finish_reason, usage or [DONE]
+    "truncated",
     "no_usage",  # no usage chunk even when stream_options.include_usage asks for one
 )
 # the faults that break a stream after its first token (break_stream)

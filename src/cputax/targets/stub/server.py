@@ -40,12 +40,14 @@ async def _start(config: StubConfig, host: str, port: int) -> tuple[web.AppRunne
 def _describe(config: StubConfig) -> str:
     return (
         f"headers {config.headers_delay_ms:g} ms, first token +{config.first_token_delay_ms:g} ms, "
-        f"every {config.inter_token_delay_ms:g} ms, {config.output_tokens} tokens, model {config.model}"
+        f"every {config.inter_token_delay_ms:g} ms, {config.output_tokens} tokens, "
+        f"model {config.model}"
     )
 
 
 def serve_stub(host: str, port: int, config: StubConfig) -> int:
-    """Serve in the foreground until Ctrl-C; the first stdout line carries the URL (StubServer reads it)."""
+    """Serve in the foreground until Ctrl-C; the first stdout line carries the URL (StubServer
+    reads it)."""
 
     async def main() -> None:
         runner, url = await _start(config, host, port)
@@ -66,7 +68,8 @@ def serve_stub(host: str, port: int, config: StubConfig) -> int:
 
 
 class StubServer:
-    """Run the stub on host:port (0 = a free port) for the length of a `with` block; `.url` is its base URL.
+    """Run the stub on host:port (0 = a free port) for the length of a `with` block; `.url`
+    is its base URL.
 
     process=False (tests): a background thread with its own event loop, cheap to
     start, but it shares the GIL with the client. process=True (calibration): a
