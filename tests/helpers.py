@@ -8,6 +8,9 @@ process (the `stub` fixture of conftest.py, configured by the module's STUB).
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,9 @@ from cputax.targets.stub import StubConfig
 from cputax.workload.profiles import Scenario
 from cputax.workload.prompts import ScenarioPrompts, local_counter
 
-__all__ = ["expected_exit", "prepared_prompts"]
+__all__ = ["expected_exit", "prepared_prompts", "start_run"]
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def prepared_prompts(
@@ -42,3 +47,32 @@ def expected_exit(out: Path) -> int:
     summary = orjson.loads((out / "summary.json").read_bytes())
     assert all(s["errors"] == 0 for s in summary["scenarios"]), summary["scenarios"]
     return 0 if all(s["invariants"]["ok"] for s in summary["scenarios"]) else 1
+
+
+def start_run(endpoint: str, profile: Path, out: Path, *args: str) -> subprocess.Popen[str]:
+    """`cputax run` against `endpoint` as a user starts it from a terminal: its own process
+    (and session, so a test can send the terminal's Ctrl-C to the whole group), this
+    checkout's code, pipes for its output, `--gpu none`, and `args` after."""
+    command = [
+        sys.executable,
+        "-m",
+        "cputax",
+        "run",
+        "--endpoint",
+        endpoint,
+        "--profile",
+        str(profile),
+        "--out",
+        str(out),
+        "--gpu",
+        "none",
+        *args,
+    ]
+    return subprocess.Popen(
+        command,
+        env={**os.environ, "PYTHONPATH": SRC},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )

@@ -20,6 +20,7 @@ from pathlib import Path
 import orjson
 import pytest
 from faultserver import MODEL, FaultServer, answer, chunk, events, hang, probe_or, reset, stream
+from helpers import start_run
 
 from cputax.analysis import analyse
 from cputax.client.probes import probe
@@ -415,29 +416,7 @@ def test_an_interrupted_run_keeps_every_request_and_says_so(sig, procs, tmp_path
     profile.write_text(PROFILE)
     out = tmp_path / "o"
     with FaultServer({"/v1/chat/completions": probe_or(SLOW)}) as server:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cputax",
-                "run",
-                "--endpoint",
-                server.url,
-                "--profile",
-                str(profile),
-                "--out",
-                str(out),
-                "--gpu",
-                "none",
-                "--client-procs",
-                procs,
-            ],
-            env={**os.environ, "PYTHONPATH": SRC},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+        proc = start_run(server.url, profile, out, "--client-procs", procs)
         deadline = time.monotonic() + 240
         while len(server.measured()) < 8 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)  # the second batch of "first" is in flight
@@ -512,28 +491,7 @@ def test_a_shard_killed_mid_scenario_loses_nothing_it_finished(tmp_path):
     profile.write_text(PROFILE)
     out = tmp_path / "o"
     with FaultServer({"/v1/chat/completions": probe_or(SLOW)}) as server:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cputax",
-                "run",
-                "--endpoint",
-                server.url,
-                "--profile",
-                str(profile),
-                "--out",
-                str(out),
-                "--gpu",
-                "none",
-                "--client-procs",
-                "2",
-            ],
-            env={**os.environ, "PYTHONPATH": SRC},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = start_run(server.url, profile, out, "--client-procs", "2")
         deadline = time.monotonic() + 240
         while len(server.measured()) < 8 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)

@@ -292,43 +292,17 @@ def test_ctrl_c_on_cputax_run_with_ray_keeps_every_request_and_says_so(tmp_path)
     whole process group: cputax, the local Ray cluster it started, the shards) while the
     second batch streams: exit 128 + SIGINT, no traceback, every request a record (the
     second batch's `cancelled`), the run and its report say so, and the cluster is gone."""
-    import subprocess
-    import sys
     import time
-    from pathlib import Path
 
     import psutil
+    from helpers import start_run
 
     slow = StubConfig(inter_token_delay_ms=50.0, output_tokens=100)  # 5 s a request
     profile = tmp_path / "p.toml"
     profile.write_text(PROFILE.replace("max_tokens = 8", "max_tokens = 100"))
     out = tmp_path / "out"
-    src = str(Path(__file__).resolve().parents[1] / "src")
     with StubServer(slow, process=True) as server:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cputax",
-                "run",
-                "--endpoint",
-                server.url,
-                "--profile",
-                str(profile),
-                "--out",
-                str(out),
-                "--gpu",
-                "none",
-                "--client-procs",
-                "2",
-                "--ray",
-            ],
-            env={**os.environ, "PYTHONPATH": src},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+        proc = start_run(server.url, profile, out, "--client-procs", "2", "--ray")
         deadline = time.monotonic() + 300
         done = out / "requests.jsonl"
         while time.monotonic() < deadline and proc.poll() is None:  # the first batch is in
