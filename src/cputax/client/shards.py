@@ -295,12 +295,26 @@ def _child(
     signal.set_wakeup_fd(-1)
     code = 0
     try:
-        asyncio.run(_shard_main(client, share, work, data_fd, control_fd))
+        asyncio.run(_quiet_at_exit(_shard_main(client, share, work, data_fd, control_fd)))
     except BaseException as exc:  # reported to the parent, which names the shard
         with contextlib.suppress(OSError):
             os.write(data_fd, f"X {type(exc).__name__}: {exc}".replace("\n", " ").encode() + b"\n")
         code = 1
     os._exit(code)  # no atexit handlers or buffers inherited from the parent
+
+
+async def _quiet_at_exit(main: Awaitable[None]) -> None:
+    """Run the shard, then ignore further signals before its loop closes. Ctrl-C reaches a
+    shard twice (the terminal's SIGINT to the group, then the parent's SIGTERM): a second one
+    while the loop closes its wakeup pipe printed "Exception ignored ... Bad file
+    descriptor" with a traceback. The shard has nothing left to stop by then."""
+    try:
+        await main
+    finally:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)  # the last one also detaches the wakeup fd
+            signal.signal(sig, signal.SIG_IGN)
 
 
 async def _shard_main(
