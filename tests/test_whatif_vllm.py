@@ -88,8 +88,13 @@ def test_the_placebo_shows_nothing(experiment):
     assert w.placebo["conc8"].added_ms > 0  # it was slowed...
     # ...and the latency a request sees did not move. Throughput over two short repeats on
     # a shared 2-core machine swung by up to 28% (interval clear of zero) in 1 of 3 full
-    # suite runs: the tool reports that as "do not conclude"; the test checks e2e p50
-    assert w.placebo["conc8"].effects["e2e_p50"].zero_inside, w.placebo["conc8"]
+    # suite runs: the tool reports that as "do not conclude"; the test checks e2e p50. Its
+    # 95% interval misses zero by chance now and then (seen: -13 ms, [-25, -2], on a
+    # ~300 ms e2e); a placebo that really moved requests moves them by more than a tenth
+    effect = w.placebo["conc8"].effects["e2e_p50"]
+    base = _result(w, "schedule").metrics["e2e_p50"].base
+    assert base is not None and base > 0
+    assert effect.zero_inside or abs(effect.value) < 0.1 * base, (w.placebo["conc8"], base)
 
 
 def test_the_back_test_holds(experiment):
